@@ -1,0 +1,55 @@
+# Two commands matter on a fresh machine: `make demo` and `make test`.
+# Each builds its virtualenv from the pinned lock files when it is missing or older than them.
+PYTHON ?= python3
+VENV := .venv
+DEVICE_VENV := .venv-device
+HOST_PY := $(VENV)/bin/python
+DEVICE_PY := $(DEVICE_VENV)/bin/python
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo test test-fast test-arm venv device-venv data clean
+
+demo: $(VENV)/.installed data
+	$(VENV)/bin/edge-ft demo
+
+test: $(VENV)/.installed $(DEVICE_VENV)/.installed data
+	$(HOST_PY) -m pytest -q
+
+test-fast: $(VENV)/.installed $(DEVICE_VENV)/.installed data
+	$(HOST_PY) -m pytest -q -m "not slow"
+
+test-arm: $(VENV)/.installed data
+	bash tools/test-arm.sh
+
+venv: $(VENV)/.installed
+device-venv: $(DEVICE_VENV)/.installed
+
+# Host half: torch (CPU), onnx, onnxruntime-training, plots, test tools.
+$(VENV)/.installed: requirements/host.txt pyproject.toml
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(HOST_PY) -m pip install -q --upgrade pip
+	$(HOST_PY) -m pip install -q -r requirements/host.txt
+	$(HOST_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# Device half: standard onnxruntime only, exactly what `pip install 'edge-ft[device]'` gives a Pi.
+$(DEVICE_VENV)/.installed: requirements/device.txt pyproject.toml
+	rm -rf $(DEVICE_VENV)
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_PY) -m pip install -q --upgrade pip
+	$(DEVICE_PY) -m pip install -q -r requirements/device.txt
+	$(DEVICE_PY) -m pip install -q --no-deps .
+	touch $@
+
+# Fashion-MNIST ships in a Debian package (MIT); install it where it is missing and we may.
+data:
+	@if [ ! -f $(FASHION) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) ; \
+	  else echo "note: Fashion-MNIST not found at $(FASHION); install the Debian package dataset-fashion-mnist"; fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache runs

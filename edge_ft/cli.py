@@ -1,0 +1,51 @@
+"""The `edge-ft` command line.
+
+Each sub-command lives in edge_ft/commands/<name>.py with a `register(subparsers)` function. Command modules
+import only the standard library and torch-free parts of edge_ft at module level, so device commands
+(`train`, `adapter`, `analyze`, ...) run on a device-only install; host commands import torch inside their handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from edge_ft import __version__
+from edge_ft.errors import UserError
+
+# Order here is the order in `edge-ft --help`.
+COMMAND_MODULES = [
+    "analyze",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-ft",
+        description="Measure and run full fine-tuning, linear probing and LoRA of LeNet-5 on the device.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-ft {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"edge_ft.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"edge-ft {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"edge-ft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `edge-ft analyze | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

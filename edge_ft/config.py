@@ -1,0 +1,67 @@
+"""Fine-tuning method configuration shared by the host (torch) and the device (numpy) halves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("full", "probe", "lora")
+LINEAR_LAYERS = ("fc1", "fc2", "fc3")
+CONV_LAYERS = ("conv1", "conv2")
+LAYERS = CONV_LAYERS + LINEAR_LAYERS  # in forward order
+LORA_BIAS = ("none", "all", "lora_only")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    method: str = "lora"  # full | probe | lora
+    rank: int = 2  # LoRA rank r (lora only)
+    alpha: float = 4.0  # LoRA alpha; the update is scaled by alpha / r
+    targets: tuple[str, ...] = LINEAR_LAYERS  # layers that get a LoRA adapter
+    bias: str = "none"  # LoRA bias training: none | all | lora_only (PEFT semantics)
+    num_classes: int = 10  # classes of the target task (the head is re-initialised if it changes)
+
+    def __post_init__(self):
+        from edge_ft.errors import UserError
+
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.num_classes < 2:
+            raise UserError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.method == "lora":
+            if self.rank < 1:
+                raise UserError(f"LoRA rank must be a positive integer, got {self.rank}")
+            if not self.alpha > 0:
+                raise UserError(f"LoRA alpha must be positive, got {self.alpha}")
+            if not self.targets:
+                raise UserError("LoRA needs at least one target layer (--targets fc1,fc2,fc3)")
+            bad = [t for t in self.targets if t not in LAYERS]
+            if bad:
+                raise UserError(f"unknown LoRA target {bad[0]!r}: choose from {', '.join(LINEAR_LAYERS)}")
+            if any(t in CONV_LAYERS for t in self.targets):
+                raise UserError("LoRA targets must be linear layers (fc1, fc2, fc3); conv layers are not supported")
+            if self.bias not in LORA_BIAS:
+                raise UserError(f"unknown LoRA bias mode {self.bias!r}: choose one of {', '.join(LORA_BIAS)}")
+            # Keep targets in forward order so names and costs never depend on how the user listed them.
+            object.__setattr__(self, "targets", tuple(t for t in LINEAR_LAYERS if t in self.targets))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        d = {"method": self.method, "num_classes": self.num_classes}
+        if self.method == "lora":
+            d.update(rank=self.rank, alpha=self.alpha, targets=list(self.targets), bias=self.bias)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodConfig":
+        kw = dict(d)
+        if "targets" in kw:
+            kw["targets"] = tuple(kw["targets"])
+        return cls(**kw)
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """'fc1,fc2' -> ('fc1', 'fc2'); validation happens in MethodConfig."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())

@@ -1,0 +1,65 @@
+"""The `.npz` data format the device side consumes: x uint8 (N,28,28), y int64 (N,). No pickle, ever."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from edge_ft.atomic import atomic_open
+from edge_ft.errors import UserError
+
+IMAGE_SHAPE = (28, 28)
+
+
+def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray) -> None:
+    x, y = validate_xy(np.asarray(x), np.asarray(y), str(path))
+    with atomic_open(path, "wb") as f:
+        np.savez_compressed(f, x=x, y=y.astype(np.int64))
+
+
+def validate_xy(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | None = None):
+    """Check shapes, dtypes and label range; return (x uint8 (N,28,28), y int64 (N,))."""
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
+        raise UserError(f"{source}: x must have shape (N, 28, 28), got {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise UserError(f"{source}: y must have shape ({len(x)},) to match x, got {y.shape}")
+    if len(x) == 0:
+        raise UserError(f"{source}: the data set is empty")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+            raise UserError(f"{source}: x contains NaN/Inf or non-numeric values; pixels must be uint8 0..255")
+        if x.min() < 0 or x.max() > 255:
+            raise UserError(f"{source}: pixel values must lie in 0..255, got {x.min()}..{x.max()}")
+        x = x.astype(np.uint8)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{source}: labels y must be integers, got dtype {y.dtype}")
+    if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
+        hi = "" if num_classes is None else f" and < {num_classes}"
+        raise UserError(f"{source}: labels must be >= 0{hi}, got {y.min()}..{y.max()}")
+    return x, y.astype(np.int64)
+
+
+def load_npz(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load and validate a data file; every failure is a one-line UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such data file (create one with `edge-ft data export TASK`)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z.files or "y" not in z.files:
+                raise UserError(f"{path}: expected arrays 'x' and 'y', found {sorted(z.files)}")
+            x, y = z["x"], z["y"]
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{path}: not a readable .npz data file ({e}); re-export it with `edge-ft data export`") from None
+    return validate_xy(x, y, str(path), num_classes)
+
+
+def to_float(x: np.ndarray) -> np.ndarray:
+    """uint8 (N,28,28) -> float32 (N,1,28,28) in [0,1]: the one input normalisation used everywhere."""
+    return (x.astype(np.float32) / 255.0)[:, None, :, :]
