@@ -65,3 +65,33 @@ class MethodConfig:
 def parse_targets(text: str) -> tuple[str, ...]:
     """'fc1,fc2' -> ('fc1', 'fc2'); validation happens in MethodConfig."""
     return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+OPTIMIZERS = ("sgd", "sgd-momentum", "adamw")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"  # sgd | sgd-momentum | adamw (torch.optim semantics for each)
+    lr: float = 1e-3  # learning rate at step 0 (schedules scale it)
+    momentum: float = 0.9  # sgd-momentum only
+    weight_decay: float = 0.01  # adamw only (decoupled), torch's default
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
+    eps: float = 1e-8  # adamw only
+
+    def __post_init__(self):
+        from edge_ft.errors import UserError
+
+        if self.name not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.name!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if not self.lr > 0:
+            raise UserError(f"learning rate must be positive, got {self.lr}")
+
+    @property
+    def state_per_param(self) -> int:
+        """Optimizer state tensors kept per trainable tensor: momentum buffer, or Adam's two moments."""
+        return {"sgd": 0, "sgd-momentum": 1, "adamw": 2}[self.name]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "betas": list(self.betas), "eps": self.eps}

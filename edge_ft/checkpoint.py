@@ -1,0 +1,70 @@
+"""Base-model checkpoints: `NAME.safetensors` (state-dict keys, float32) beside `NAME.json` (provenance).
+
+Torch-free on purpose: the device side reads base weights to check adapters against them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edge_ft.atomic import atomic_save_safetensors, atomic_write_json
+from edge_ft.errors import UserError
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def meta_path(weights: str | Path) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def save_base(path: str | Path, state: dict[str, np.ndarray], meta: dict) -> dict:
+    """Write weights then their JSON (task, accuracy, seed, ...); the JSON gets the weights' sha256."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: base weights must be written to a .safetensors file")
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+    atomic_save_safetensors(path, arrays, metadata={"format": "edge-ft-base"})
+    meta = dict(meta, sha256=sha256_file(path), num_classes=int(arrays["fc3.bias"].shape[0]))
+    atomic_write_json(meta_path(path), meta)
+    return meta
+
+
+def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a safetensors file into numpy; a missing or corrupt file is a one-line UserError."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e}); re-create or re-copy it") from None
+
+
+def load_base(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Base weights and their provenance (empty dict when the JSON is absent)."""
+    state = load_safetensors(path)
+    if "fc3.bias" not in state:
+        raise UserError(f"{path}: not a LeNet-5 checkpoint (no fc3.bias); use the output of `edge-ft pretrain`")
+    meta: dict = {}
+    mp = meta_path(path)
+    if mp.is_file():
+        try:
+            meta = json.loads(mp.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{mp}: corrupt JSON ({e}); re-run `edge-ft pretrain`") from None
+    meta.setdefault("sha256", sha256_file(path))
+    meta.setdefault("num_classes", int(state["fc3.bias"].shape[0]))
+    return state, meta
