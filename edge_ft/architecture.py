@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from edge_ft.config import LINEAR_LAYERS, MethodConfig
 
+INPUT_SHAPE = (1, 28, 28)  # C, H, W of one example
+POOL = 2  # each conv is followed by ReLU and a 2x2, stride-2 average pool
+
 # name -> (kind, in, out, kernel); conv spatial sizes follow from the 28x28 input.
 LAYER_SPECS = {
     "conv1": ("conv", 1, 6, 5),  # (B,1,28,28) -> (B,6,24,24), pooled to 12x12
@@ -22,6 +25,24 @@ def layer_dims(layer: str, num_classes: int) -> tuple[int, int]:
     """(in_features or in_channels, out_features or out_channels)."""
     _, fan_in, fan_out, _ = LAYER_SPECS[layer]
     return fan_in, (num_classes if fan_out is None else fan_out)
+
+
+def layer_io_shapes(num_classes: int = 10) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per-example (input, output) shape of each layer's conv/linear op, in forward order.
+
+    {"conv1": ((1,28,28), (6,24,24)), "conv2": ((6,12,12), (16,8,8)), "fc1": ((256,), (120,)), ...}
+    """
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    c, h, w = INPUT_SHAPE
+    for layer, (kind, _, _, k) in LAYER_SPECS.items():
+        fan_in, fan_out = layer_dims(layer, num_classes)
+        if kind == "conv":
+            out = (fan_out, h - k + 1, w - k + 1)  # valid convolution, stride 1
+            shapes[layer] = ((c, h, w), out)
+            c, h, w = fan_out, out[1] // POOL, out[2] // POOL
+        else:
+            shapes[layer] = ((fan_in,), (fan_out,))
+    return shapes
 
 
 def base_param_shapes(num_classes: int = 10) -> dict[str, tuple[int, ...]]:
@@ -92,12 +113,15 @@ def lowest_trainable_layer(cfg: MethodConfig) -> str:
 
 
 __all__ = [
+    "INPUT_SHAPE",
     "LAYER_SPECS",
+    "POOL",
     "LINEAR_LAYERS",
     "base_param_shapes",
     "count_params",
     "frozen_names",
     "layer_dims",
+    "layer_io_shapes",
     "lowest_trainable_layer",
     "numel",
     "param_shapes",

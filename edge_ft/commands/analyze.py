@@ -1,0 +1,303 @@
+"""`edge-ft analyze`: parameters, FLOPs and memory of one training step for full, probe and LoRA, from the cost model.
+
+Runs on a device install (no torch): everything comes from edge_ft.costmodel. The pros/cons text is built from the
+numbers so it stays true when --rank, --targets, --batch, ... change; `pros_and_cons` and `recommendation` are
+importable for reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import textwrap
+
+from edge_ft.architecture import count_params, lowest_trainable_layer
+from edge_ft.config import CONV_LAYERS, LINEAR_LAYERS, LORA_BIAS, OPTIMIZERS, MethodConfig, parse_targets
+from edge_ft.costmodel import DTYPES, CostEstimate, estimate_all, input_grad_layers, layer_macs
+
+BASE_CLASSES = 10  # class count of the pretrained base model the seed describes
+WIDTH = 110  # prose wraps here; tables are as wide as their columns
+CHEAP_ENOUGH = 1.5  # LoRA is recommended when it costs at most this many times a probing step (FLOPs and memory)
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= low (argparse prefixes the message with the option's name)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse prints the usage block before an error; a user needs only the one line that names the option."""
+
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="parameters, FLOPs and memory per training step of full, probe and LoRA (no torch needed)",
+        description="Analytical cost of one training step of LeNet-5 under full fine-tuning, linear probing and "
+        "LoRA, with pros and cons derived from the numbers. FLOPs follow torch.utils.flop_counter "
+        "(2 x multiply-accumulates of conv and linear ops).",
+    )
+    p.add_argument("--num-classes", type=_int_at_least(2), default=10, help="classes of the task")
+    p.add_argument("--rank", type=_int_at_least(1), default=2, help="LoRA rank r (default 2)")
+    p.add_argument("--alpha", type=_positive_float, default=4.0, help="LoRA alpha (default 4)")
+    p.add_argument("--targets", type=parse_targets, default=LINEAR_LAYERS, help="LoRA target layers (fc1,fc2,fc3)")
+    p.add_argument("--bias", choices=LORA_BIAS, default="none", help="LoRA bias training (default none)")
+    p.add_argument("--batch", type=_int_at_least(1), default=32, help="examples per step (default 32)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer (default adamw)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="bytes per stored value (default float32)")
+    p.add_argument("--per-layer", action="store_true", help="also print each method's FLOPs layer by layer")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    _one_line_errors(p)
+    p.set_defaults(func=handler)
+
+
+def handler(args) -> int:
+    lora = MethodConfig("lora", rank=args.rank, alpha=args.alpha, targets=tuple(args.targets), bias=args.bias,
+                        num_classes=args.num_classes)
+    estimates = estimate_all(lora, args.batch, args.optimizer, args.dtype)
+    if args.json:
+        print(json.dumps(to_json(estimates), indent=2))
+    else:
+        sys.stdout.write(render(estimates, per_layer=args.per_layer))
+    return 0
+
+
+def to_json(estimates: dict[str, CostEstimate]) -> dict:
+    lora = estimates["lora"]
+    base = count_params(MethodConfig("full", num_classes=lora.config.num_classes))
+    return {
+        "model": {"name": "LeNet-5", "num_classes": lora.config.num_classes, "total_params": base["total"]},
+        "settings": {"batch": lora.batch, "optimizer": lora.optimizer, "dtype": lora.dtype,
+                     "lora": lora.config.to_dict(),
+                     "flops_convention": "torch.utils.flop_counter: 2 x multiply-accumulates of conv/linear ops"},
+        "methods": {name: est.to_dict() for name, est in estimates.items()},
+        "pros_and_cons": pros_and_cons(estimates),
+        "recommendation": recommendation(estimates),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """First column left-aligned, the rest right-aligned, two spaces between columns."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = []
+    for row in [headers, *rows]:
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def _kib(nbytes: int) -> str:
+    return f"{nbytes / 1024:,.1f}"
+
+
+def _pct(part: float, whole: float, digits: int = 1) -> str:
+    return f"{100 * part / whole:.{digits}f}%" if whole else "n/a"
+
+
+def _mflops(x: int) -> str:
+    return f"{x / 1e6:,.2f} MFLOPs" if x >= 1_000_000 else f"{x:,} FLOPs"
+
+
+def _names(layers) -> str:
+    layers = list(layers)
+    return layers[0] if len(layers) == 1 else ", ".join(layers[:-1]) + " and " + layers[-1]
+
+
+def render(estimates: dict[str, CostEstimate], per_layer: bool = False) -> str:
+    full, lora = estimates["full"], estimates["lora"]
+    cfg = lora.config
+    base_total = full.params["total"]
+    out = [
+        f"LeNet-5 fine-tuning, one training step: batch {lora.batch}, {cfg.num_classes} classes, {lora.optimizer}, "
+        f"{lora.dtype}",
+        f"LoRA: rank {cfg.rank}, alpha {cfg.alpha:g}, targets {','.join(cfg.targets)}, bias {cfg.bias}. FLOPs count "
+        "2 x multiply-accumulates of conv/linear ops (torch.utils.flop_counter).",
+        "",
+        f"1a. Parameters (LeNet-5 has {_n(base_total)})",
+        format_table(
+            ["method", "trainable", "% of LeNet-5", "frozen", "all params"],
+            [[m, _n(e.params["trainable"]), _pct(e.params["trainable"], base_total, 2), _n(e.params["frozen"]),
+              _n(e.params["total"])] for m, e in estimates.items()],
+        ),
+        "",
+        f"1b. FLOPs per training step (batch {lora.batch})",
+        format_table(
+            ["method", "forward", "backward input", "backward weight", "backward", "total", "vs full"],
+            [[m, *(_n(e.flops[k]) for k in ("forward", "backward_input", "backward_weight", "backward", "total")),
+              _pct(e.flops["total"], full.flops["total"])] for m, e in estimates.items()],
+        ),
+        "",
+        f"1b. Memory for training (KiB, {lora.dtype})",
+        format_table(
+            ["method", "weights", "gradients", "optimizer state", "activations", "total", "vs full"],
+            [[m, *(_kib(e.memory[k]) for k in ("weights", "gradients", "optimizer_state", "activations", "total")),
+              _pct(e.memory["total"], full.memory["total"])] for m, e in estimates.items()],
+        ),
+    ]
+    if per_layer:
+        for m, e in estimates.items():
+            out += ["", f"FLOPs by layer: {m}", format_table(
+                ["layer", "forward", "backward input", "backward weight"],
+                [[r.layer, _n(r.forward), _n(r.backward_input), _n(r.backward_weight)] for r in e.layers],
+            )]
+    out += ["", "2a. Pros and cons"]
+    for m, text in pros_and_cons(estimates).items():
+        out += [textwrap.fill(f"{m}: {text}", WIDTH, subsequent_indent="  ", break_on_hyphens=False)]
+    out += ["", textwrap.fill(f"2b. {recommendation(estimates)}", WIDTH, subsequent_indent="  ", break_on_hyphens=False)]
+    if cfg.num_classes != BASE_CLASSES and "fc3" in cfg.targets:
+        out += ["", textwrap.fill(f"Note: a {BASE_CLASSES}-class base model gets a fresh {cfg.num_classes}-class head, which a frozen "
+                "fc3 with an adapter cannot learn (`edge-ft finetune` refuses it); use --targets fc1,fc2 for LoRA.", WIDTH,
+                                  break_on_hyphens=False)]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------ pros and cons (2a, 2b)
+
+
+def _saved_kib(est: CostEstimate, prefixes: tuple[str, ...]) -> int:
+    return sum(b for name, b in est.saved.items() if name.startswith(prefixes))
+
+
+def _state_text(est: CostEstimate) -> str:
+    state = est.memory["optimizer_state"]
+    return f"{_kib(state)} KiB of {est.optimizer} state" if state else f"no {est.optimizer} state"
+
+
+def pros_and_cons(estimates: dict[str, CostEstimate]) -> dict[str, str]:
+    """One paragraph per method whose every figure comes from the estimates."""
+    full, probe, lora = estimates["full"], estimates["probe"], estimates["lora"]
+    base_total = full.params["total"]
+    ff, pf, lf = full.flops, probe.flops, lora.flops
+    fm, pm, lm = full.memory, probe.memory, lora.memory
+    texts = {}
+
+    texts["full"] = (
+        f"trains all {_n(full.params['trainable'])} parameters, so every layer, the convolutions included, can adapt "
+        f"to the new task and inference costs nothing extra. It is the most expensive: a step costs "
+        f"{_mflops(ff['total'])}, {ff['total'] / ff['forward']:.1f}x a forward pass, because every weight gets a "
+        f"gradient ({_mflops(ff['backward_weight'])}) and every layer above conv1 passes an input gradient down "
+        f"({_mflops(ff['backward_input'])}). It needs {_kib(fm['total'])} KiB, {_pct(fm['activations'], fm['total'])} "
+        f"of it activations kept for backward (conv1 and conv2 alone {_kib(_saved_kib(full, CONV_LAYERS))} KiB), "
+        f"plus {_kib(fm['gradients'])} KiB of gradients and {_state_text(full)}; every task ships a whole "
+        f"{_kib(fm['weights'])} KiB copy of the weights."
+    )
+
+    head = probe.layers[-1]
+    cached_step = head.forward + head.backward_input + head.backward_weight
+    texts["probe"] = (
+        f"trains only fc3's {_n(probe.params['trainable'])} parameters "
+        f"({_pct(probe.params['trainable'], base_total, 2)} of LeNet-5). Its backward is fc3's weight gradient alone "
+        f"({_mflops(pf['backward'])}, {_pct(pf['backward'], ff['backward'])} of full fine-tuning's backward), so a "
+        f"step costs {_mflops(pf['total'])} ({_pct(pf['total'], ff['total'])} of full), "
+        f"{_pct(pf['forward'], pf['total'])} of it the frozen forward. Memory drops to {_kib(pm['total'])} KiB "
+        f"({_pct(pm['total'], fm['total'])} of full): only fc3's input and the log-probabilities are kept "
+        f"({_kib(pm['activations'])} KiB). Since nothing below fc3 changes, the 84-wide fc2 features can be computed "
+        f"once and cached, and a step then costs {_mflops(cached_step)}, {pf['total'] / cached_step:,.0f}x less. "
+        f"The price is capacity: the features stay those of the base task, so accuracy is capped by how well they "
+        f"separate the new classes."
+    )
+
+    cfg = lora.config
+    grad_layers = input_grad_layers(cfg)
+    lowest = lowest_trainable_layer(cfg)
+    if grad_layers:
+        through_frozen = sum(2 * lora.batch * layer_macs(layer, cfg.num_classes) for layer in grad_layers)
+        backward_text = (
+            f"Its backward still runs through {_names(reversed(grad_layers))} to reach {lowest} "
+            f"({_mflops(lf['backward_input'])} of input gradients, {_pct(through_frozen, lf['backward_input'])} of "
+            f"them through frozen weights), so a step costs "
+            f"{_mflops(lf['total'])}: {_pct(lf['total'], ff['total'])} of full fine-tuning's and "
+            f"{lf['total'] / pf['total']:.2f}x probing's."
+        )
+    else:
+        backward_text = (
+            f"Only {lowest} trains, so the backward stops there and a step costs {_mflops(lf['total'])}: "
+            f"{_pct(lf['total'], ff['total'])} of full fine-tuning's and {lf['total'] / pf['total']:.2f}x probing's."
+        )
+    conv_saved = _saved_kib(lora, CONV_LAYERS)
+    act_reason = (f"a trained conv bias makes autograd keep the conv activations too ({_kib(conv_saved)} KiB)"
+                  if conv_saved else "the frozen convolutions keep nothing for backward")
+    biases = {"none": "", "all": " plus every bias", "lora_only": " plus their biases"}[cfg.bias]
+    adapter_bytes = lm["gradients"]  # the trained tensors are exactly what a task ships
+    conv_forward = sum(r.forward for r in full.layers if r.layer in CONV_LAYERS)
+    texts["lora"] = (
+        f"trains {_n(lora.params['trainable'])} parameters ({_pct(lora.params['trainable'], base_total, 2)} of "
+        f"LeNet-5; {lora.params['trainable'] / lora.params['total']:.2%} of all {_n(lora.params['total'])} with the "
+        f"adapters, as PEFT reports it): rank-{cfg.rank} adapters on {_names(cfg.targets)}{biases}. {backward_text} "
+        f"Gradients and optimizer state shrink to {_kib(lm['gradients'] + lm['optimizer_state'])} KiB (full: "
+        f"{_kib(fm['gradients'] + fm['optimizer_state'])} KiB) and activations to {_kib(lm['activations'])} KiB, "
+        f"because {act_reason}; in all {_kib(lm['total'])} KiB, {_pct(lm['total'], fm['total'])} of full. The "
+        f"unmerged adapters add {_mflops(lf['forward'] - ff['forward'])} to each forward "
+        f"({_pct(lf['forward'] - ff['forward'], ff['forward'])}), which merging removes for inference, and a task "
+        f"ships a {_kib(adapter_bytes)} KiB adapter instead of a model. The convolution weights, "
+        f"{_pct(conv_forward, ff['forward'])} of the forward FLOPs, stay frozen, and rank {cfg.rank} bounds how far "
+        f"the adapted layers can move."
+    )
+    return texts
+
+
+def _lora_cost_driver(lora: CostEstimate) -> str:
+    if _saved_kib(lora, CONV_LAYERS):
+        return ("here most of its cost comes from the trained conv biases (--bias all), which pull the backward "
+                "down to conv2 and keep the conv activations; --bias none or lora_only avoids that")
+    return f"a smaller rank than {lora.config.rank} or fewer targets brings its cost closer to probing's"
+
+
+def recommendation(estimates: dict[str, CostEstimate]) -> str:
+    """Seed question 2b from the numbers: LoRA if it costs at most CHEAP_ENOUGH x probing, else probing."""
+    full, probe, lora = estimates["full"], estimates["probe"], estimates["lora"]
+    flops_ratio = lora.flops["total"] / probe.flops["total"]
+    memory_ratio = lora.memory["total"] / probe.memory["total"]
+    question = "Limited compute and memory but reasonable accuracy: "
+    measured = "Measured accuracies: `edge-ft finetune --all`, then `edge-ft report`."
+    if flops_ratio <= CHEAP_ENOUGH and memory_ratio <= CHEAP_ENOUGH:
+        return (
+            f"{question}LoRA. A LoRA step costs {flops_ratio:.2f}x a probing step in FLOPs and {memory_ratio:.2f}x "
+            f"in memory ({_pct(lora.flops['total'], full.flops['total'])} and "
+            f"{_pct(lora.memory['total'], full.memory['total'])} of full fine-tuning), yet it adapts "
+            f"{_n(lora.params['trainable'])} parameters in {_names(lora.config.targets)} where probing can only move "
+            f"the head, so it can reshape the features probing must take as they are. Full fine-tuning costs "
+            f"{full.flops['total'] / lora.flops['total']:.1f}x LoRA's FLOPs and "
+            f"{full.memory['total'] / lora.memory['total']:.1f}x its memory. {measured}"
+        )
+    return (
+        f"{question}linear probing. Here LoRA costs {flops_ratio:.2f}x a probing step in FLOPs and "
+        f"{memory_ratio:.2f}x in memory, more than the {CHEAP_ENOUGH}x this advice allows, while probing needs "
+        f"{_pct(probe.flops['total'], full.flops['total'])} of full fine-tuning's FLOPs and "
+        f"{_pct(probe.memory['total'], full.memory['total'])} of its memory (less with cached features). "
+        f"If its accuracy falls short, LoRA is the next step; {_lora_cost_driver(lora)}. {measured}"
+    )

@@ -1,0 +1,116 @@
+"""`edge-ft analyze`: the seed's tables, JSON that matches the cost model, one-line errors, no torch needed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_ft.cli import main
+from edge_ft.config import MethodConfig
+from edge_ft.costmodel import estimate
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE_PYTHON = REPO / ".venv-device" / "bin" / "python"
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main(["analyze", *argv])
+    except SystemExit as e:  # argparse exits on its own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_has_the_seed_numbers_and_matches_the_cost_model(capsys):
+    code, out, _ = run(capsys, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["model"]["total_params"] == 44_426
+    methods = doc["methods"]
+    assert set(methods) == {"full", "probe", "lora"}
+    assert methods["full"]["trainable_params"] == 44_426
+    assert methods["probe"]["trainable_params"] == 850
+    assert (methods["lora"]["trainable_params"], methods["lora"]["total_params"]) == (1_348, 45_774)
+    for name, cfg in {"full": MethodConfig("full"), "probe": MethodConfig("probe"),
+                      "lora": MethodConfig("lora")}.items():
+        est = estimate(cfg, 32, "adamw", "float32")
+        assert methods[name]["flops"] == est.flops
+        assert methods[name]["memory_bytes"] == est.memory
+        assert set(methods[name]["flops"]) >= {"forward", "backward_input", "backward_weight", "backward", "total"}
+        assert set(methods[name]["memory_bytes"]) >= {"weights", "gradients", "optimizer_state", "activations",
+                                                      "total"}
+        assert all(type(v) is int for v in [*methods[name]["flops"].values(), *methods[name]["memory_bytes"].values()])
+
+
+def test_options_reach_the_estimate(capsys):
+    code, out, _ = run(capsys, "--json", "--num-classes", "4", "--rank", "8", "--alpha", "16", "--targets", "fc2,fc1",
+                       "--bias", "lora_only", "--batch", "8", "--optimizer", "sgd-momentum", "--dtype", "bfloat16")
+    assert code == 0
+    doc = json.loads(out)
+    lora = MethodConfig("lora", rank=8, alpha=16, targets=("fc1", "fc2"), bias="lora_only", num_classes=4)
+    for name, cfg in {"full": MethodConfig("full", num_classes=4), "probe": MethodConfig("probe", num_classes=4),
+                      "lora": lora}.items():
+        assert doc["methods"][name] == estimate(cfg, 8, "sgd-momentum", "bfloat16").to_dict()
+    assert doc["methods"]["lora"]["config"]["targets"] == ["fc1", "fc2"]
+
+
+def test_tables_and_discussion(capsys):
+    code, out, _ = run(capsys)
+    assert code == 0
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method  trainable"))
+    rows = {line.split()[0]: line.split() for line in lines[header + 1:header + 4]}
+    assert rows["full"][1:3] == ["44,426", "100.00%"]
+    assert rows["probe"][1:3] == ["850", "1.91%"]
+    assert rows["lora"][1:3] == ["1,348", "3.03%"] and rows["lora"][-1] == "45,774"
+    # Columns line up: the last column is right-aligned, so every row of each table is as long as its header.
+    for start in [i for i, line in enumerate(lines) if line.startswith("method  ")]:
+        assert len({len(line) for line in lines[start:start + 4]}) == 1, lines[start:start + 4]
+    full_flops = f"{estimate(MethodConfig('full')).flops['total']:,}"
+    assert full_flops in out
+    for method in ("full:", "probe:", "lora:"):
+        assert any(line.startswith(method) for line in lines)
+    assert "through fc3 and fc2 to reach fc1" in out  # derived from which layers need input gradients
+    assert "2b. Limited compute and memory but reasonable accuracy: LoRA." in out
+    assert "edge-ft report" in out
+
+
+def test_per_layer_breakdown(capsys):
+    code, out, _ = run(capsys, "--per-layer")
+    assert code == 0
+    rows = estimate(MethodConfig("lora")).layers
+    for r in rows:
+        assert f"{r.forward:,}" in out and f"{r.backward_input:,}" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["--batch", "0"], ["--batch", "x"], ["--batch"], ["--rank", "0"], ["--rank", "two"], ["--alpha", "-1"],
+    ["--targets", "fc9"], ["--targets", "conv1"], ["--targets", ","], ["--bias", "some"], ["--optimizer", "rmsprop"],
+    ["--dtype", "float8"], ["--num-classes", "1"],
+])
+def test_bad_values_end_with_one_line(capsys, argv):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("edge-ft analyze: error:")
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(not DEVICE_PYTHON.exists(), reason="device venv not built (make device-venv)")
+def test_runs_on_a_device_install_without_torch():
+    code = ("import sys; from edge_ft.cli import main; rc = main(['analyze']); "
+            "assert 'torch' not in sys.modules and 'onnx' not in sys.modules; sys.exit(rc)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([str(DEVICE_PYTHON), "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "1,348" in proc.stdout
+
+
+def test_module_imports_no_torch():
+    code = "import sys, edge_ft.commands.analyze, edge_ft.costmodel; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
