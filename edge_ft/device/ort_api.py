@@ -1,0 +1,102 @@
+"""onnxruntime for the device side, imported so that torch and onnx never load.
+
+Two traps in the onnxruntime-training wheel (upstream issue microsoft/onnxruntime#22070):
+  * `import onnxruntime` probes `onnxruntime.training.ortmodule`, whose first line is `import torch`;
+  * `onnxruntime.training.api` sits in a package whose __init__ imports `artifacts` (onnx) and `ortmodule`.
+The api modules themselves need only numpy and onnxruntime.capi. So we block the ortmodule probe while
+onnxruntime loads (a None entry in sys.modules is Python's documented "do not import this"), and give
+`onnxruntime.training` an empty package module with the real __path__, so `onnxruntime.training.api` imports
+without running the package __init__. On a standard onnxruntime (a Raspberry Pi) neither trap exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+
+from edge_ft.errors import UserError
+
+_ORTMODULE = "onnxruntime.training.ortmodule"
+_TRAINING = "onnxruntime.training"
+
+# Measured with `edge-ft train` on LeNet-5 (see README): the arena costs RSS and buys no speed at this size.
+_mem_arena = {"default": False}
+LOG_ERRORS_ONLY = 3  # onnxruntime severity: 0 verbose ... 3 error, 4 fatal
+
+
+def import_onnxruntime():
+    """`import onnxruntime` without the training wheel's torch probe; every device module imports it this way."""
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"]
+    blocked = _ORTMODULE not in sys.modules
+    if blocked:
+        sys.modules[_ORTMODULE] = None  # the probe catches the ImportError and carries on without ORTModule
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise UserError(f"onnxruntime is not installed ({e}): pip install 'edge-ft[device]'") from None
+    finally:
+        if blocked and sys.modules.get(_ORTMODULE, 0) is None:
+            del sys.modules[_ORTMODULE]
+    onnxruntime.set_default_logger_severity(LOG_ERRORS_ONLY)
+    return onnxruntime
+
+
+def load_training_api():
+    """The `onnxruntime.training.api` module (CheckpointState, Module, Optimizer), torch-free."""
+    ort = import_onnxruntime()
+    if _TRAINING not in sys.modules:
+        folders = list(importlib.util.find_spec("onnxruntime").submodule_search_locations or [])
+        spec = importlib.util.find_spec("onnxruntime.training.api") if _has_training(folders) else None
+        if spec is None:
+            raise UserError(
+                f"onnxruntime {ort.__version__} here has no training API: the ort-training engine needs the "
+                "onnxruntime-training wheel (x86_64 Linux/Windows); export the bundle with --engine ort-step instead"
+            )
+    return importlib.import_module("onnxruntime.training.api")
+
+
+def _has_training(folders: list[str]) -> bool:
+    """Register a bare `onnxruntime.training` package (real __path__, no __init__ run) if the wheel ships one."""
+    paths = [os.path.join(f, "training") for f in folders if os.path.isdir(os.path.join(f, "training", "api"))]
+    if not paths:
+        return False
+    spec = importlib.machinery.ModuleSpec(_TRAINING, loader=None, is_package=True)
+    spec.submodule_search_locations = paths
+    package = types.ModuleType(_TRAINING, "onnxruntime.training, loaded without its torch-importing __init__")
+    package.__spec__, package.__path__, package.__package__ = spec, paths, _TRAINING
+    sys.modules[_TRAINING] = package
+    setattr(sys.modules["onnxruntime"], "training", package)
+    return True
+
+
+def set_mem_arena(enabled: bool) -> None:
+    """Process-wide choice of onnxruntime's CPU memory arena for every session made after this call."""
+    _mem_arena["default"] = bool(enabled)
+
+
+def session_options(threads: int = 0, mem_arena: bool | None = None):
+    """The SessionOptions every device session uses: intra-op threads (0 = onnxruntime's choice), arena, quiet."""
+    ort = import_onnxruntime()
+    if threads < 0:
+        raise UserError(f"--threads must be 0 (automatic) or a positive count, got {threads}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1  # LeNet-5's graphs are chains: no parallel branches to run
+    options.enable_cpu_mem_arena = _mem_arena["default"] if mem_arena is None else mem_arena
+    options.log_severity_level = LOG_ERRORS_ONLY
+    return options
+
+
+def inference_session(path, threads: int = 0, mem_arena: bool | None = None):
+    """A CPU InferenceSession for a forward graph (features, inference model)."""
+    ort = import_onnxruntime()
+    options = session_options(threads, mem_arena)
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        raise UserError(f"{path}: onnxruntime cannot load this model ({str(e).splitlines()[0]})") from None

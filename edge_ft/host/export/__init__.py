@@ -1,0 +1,121 @@
+"""`edge-ft export`: base weights + method + optimizer -> a bundle folder the device trains without torch.
+
+Each engine is one module here with `build(model, cfg, opt, out_dir) -> dict` that writes its graphs and state
+into out_dir and returns extra manifest fields; everything else (model preparation, the inference and features
+graphs, the probe's head-only bundle, hashes, manifest.json) is shared and lives in this package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch.nn as nn
+
+from edge_ft import __version__
+from edge_ft.atomic import atomic_write_json
+from edge_ft.checkpoint import load_base
+from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.device.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_files
+from edge_ft.errors import UserError
+from edge_ft.host.export.common import (
+    HEAD_FOLDER,
+    Head,
+    check_base,
+    input_shape_of,
+    parameter_split,
+    prepare_model,
+    write_features_graph,
+    write_inference_base,
+)
+
+ENGINE_MODULES = {"ort-training": "ort_training", "ort-step": "ort_step"}
+
+
+def export_bundle(
+    cfg: MethodConfig, opt: OptimizerConfig, base_path: str | Path, out_dir: str | Path, engine: str = "ort-training",
+    seed: int = 0,
+) -> dict:
+    """Write a complete bundle to out_dir (replacing a previous bundle there) and return its manifest."""
+    if engine not in ENGINE_MODULES:
+        raise UserError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINE_MODULES)}")
+    base_path, out_dir = Path(base_path), Path(out_dir)
+    base_state, base_meta = load_base(base_path)
+    check_base(base_state, base_path)
+    _check_target(out_dir)
+    build = importlib.import_module(f"edge_ft.host.export.{ENGINE_MODULES[engine]}").build
+    model = prepare_model(cfg, base_state, seed)
+    common = {
+        "engine": engine,
+        "method": cfg.to_dict(),
+        "optimizer": opt.to_dict(),
+        "num_classes": cfg.num_classes,
+        "seed": seed,
+        "base": {"file": base_path.name, "sha256": base_meta["sha256"], "num_classes": base_meta["num_classes"]},
+        "versions": _versions(),
+    }
+    # Build in a hidden sibling folder and rename it into place: the device never sees half a bundle.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        extra = {"inference": write_inference_base(model, cfg.num_classes, staging)}
+        if cfg.method == "probe":
+            extra["features"] = write_features_graph(model, staging)
+            head = Head(model.fc3)
+            (staging / HEAD_FOLDER).mkdir()
+            _write_bundle(head, cfg, opt, staging / HEAD_FOLDER, build, common)
+        manifest = _write_bundle(model, cfg, opt, staging, build, {**common, **extra})
+        _swap_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write_bundle(model: nn.Module, cfg, opt, folder: Path, build, fields: dict) -> dict:
+    trainable, frozen = parameter_split(model)
+    engine_fields = build(model, cfg, opt, folder)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **fields,
+        "input_shape": list(input_shape_of(model)),
+        "trainable": trainable,
+        "frozen": frozen,
+        **engine_fields,
+        "files": list_files(folder),  # last: hashes everything written above, the head bundle included
+    }
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def _check_target(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file())):
+        raise UserError(f"{out_dir}: exists and is not an edge-ft bundle; choose a new or empty folder for --out")
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    staging.chmod(0o755)  # mkdtemp creates 0700
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _versions() -> dict[str, str]:
+    """Versions that shape the graphs; the onnxruntime entry names the wheel (training vs standard)."""
+    versions = {"edge-ft": __version__}
+    providers = importlib.metadata.packages_distributions()
+    for module in ("torch", "onnx", "onnxruntime"):
+        for dist in providers.get(module, [module]):
+            try:
+                versions[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+    return versions
