@@ -32,6 +32,7 @@ Conventions (the tests hold them against torch.utils.flop_counter and autograd's
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -165,8 +166,13 @@ class CostEstimate:
 def estimate(cfg: MethodConfig, batch: int = 32, optimizer: OptimizerConfig | str = "adamw",
              dtype: str = "float32") -> CostEstimate:
     """Parameters, FLOPs per training step and memory of training LeNet-5 with `cfg` at `batch`."""
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise UserError(f"batch size must be a positive integer, got {batch!r}")
+    batch_arg = batch
+    try:
+        batch = -1 if isinstance(batch, bool) else operator.index(batch)  # ints, numpy ints; not 2.5, "32", True
+    except TypeError:
+        batch = -1
+    if batch < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_arg!r}")
     if dtype not in DTYPE_BYTES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     opt = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer)

@@ -64,12 +64,14 @@ def register(subparsers) -> None:
         "LoRA, with pros and cons derived from the numbers. FLOPs follow torch.utils.flop_counter "
         "(2 x multiply-accumulates of conv and linear ops).",
     )
-    p.add_argument("--num-classes", type=_int_at_least(2), default=10, help="classes of the task")
-    p.add_argument("--rank", type=_int_at_least(1), default=2, help="LoRA rank r (default 2)")
-    p.add_argument("--alpha", type=_positive_float, default=4.0, help="LoRA alpha (default 4)")
-    p.add_argument("--targets", type=parse_targets, default=LINEAR_LAYERS, help="LoRA target layers (fc1,fc2,fc3)")
+    p.add_argument("--num-classes", type=_int_at_least(2), default=10, metavar="N",
+                   help="classes of the task (default 10)")
+    p.add_argument("--rank", type=_int_at_least(1), default=2, metavar="R", help="LoRA rank r (default 2)")
+    p.add_argument("--alpha", type=_positive_float, default=4.0, metavar="A", help="LoRA alpha (default 4)")
+    p.add_argument("--targets", type=parse_targets, default=LINEAR_LAYERS, metavar="LAYERS",
+                   help="LoRA target layers, comma-separated (default fc1,fc2,fc3)")
     p.add_argument("--bias", choices=LORA_BIAS, default="none", help="LoRA bias training (default none)")
-    p.add_argument("--batch", type=_int_at_least(1), default=32, help="examples per step (default 32)")
+    p.add_argument("--batch", type=_int_at_least(1), default=32, metavar="N", help="examples per step (default 32)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer (default adamw)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="bytes per stored value (default float32)")
     p.add_argument("--per-layer", action="store_true", help="also print each method's FLOPs layer by layer")
