@@ -213,7 +213,8 @@ def test_default_split_by_hand():
     assert rows["fc3"].backward_input == 2 * (84 * 10 + 10 * 2 + 2 * 84)
 
 
-@pytest.mark.parametrize("kw", [dict(batch=0), dict(batch=2.5), dict(batch=True), dict(batch="32"), dict(dtype="float8"), dict(optimizer="rmsprop")])
+@pytest.mark.parametrize("kw", [dict(batch=0), dict(batch=2.5), dict(batch=True), dict(batch="32"),
+                                dict(dtype="float8"), dict(optimizer="rmsprop")])
 def test_bad_arguments_are_user_errors(kw):
     with pytest.raises(UserError):
         estimate(MethodConfig("full"), **kw)

@@ -139,6 +139,10 @@ def _names(layers) -> str:
     return layers[0] if len(layers) == 1 else ", ".join(layers[:-1]) + " and " + layers[-1]
 
 
+def _wrap(paragraph: str) -> str:
+    return textwrap.fill(paragraph, WIDTH, subsequent_indent="  ", break_on_hyphens=False)
+
+
 def render(estimates: dict[str, CostEstimate], per_layer: bool = False) -> str:
     full, lora = estimates["full"], estimates["lora"]
     cfg = lora.config
@@ -177,13 +181,12 @@ def render(estimates: dict[str, CostEstimate], per_layer: bool = False) -> str:
                 [[r.layer, _n(r.forward), _n(r.backward_input), _n(r.backward_weight)] for r in e.layers],
             )]
     out += ["", "2a. Pros and cons"]
-    for m, text in pros_and_cons(estimates).items():
-        out += [textwrap.fill(f"{m}: {text}", WIDTH, subsequent_indent="  ", break_on_hyphens=False)]
-    out += ["", textwrap.fill(f"2b. {recommendation(estimates)}", WIDTH, subsequent_indent="  ", break_on_hyphens=False)]
+    out += [_wrap(f"{m}: {text}") for m, text in pros_and_cons(estimates).items()]
+    out += ["", _wrap(f"2b. {recommendation(estimates)}")]
     if cfg.num_classes != BASE_CLASSES and "fc3" in cfg.targets:
-        out += ["", textwrap.fill(f"Note: a {BASE_CLASSES}-class base model gets a fresh {cfg.num_classes}-class head, which a frozen "
-                "fc3 with an adapter cannot learn (`edge-ft finetune` refuses it); use --targets fc1,fc2 for LoRA.", WIDTH,
-                                  break_on_hyphens=False)]
+        out += ["", _wrap(f"Note: a {BASE_CLASSES}-class base model gets a fresh {cfg.num_classes}-class head, which a "
+                          "frozen fc3 with an adapter cannot learn (`edge-ft finetune` refuses it); use --targets "
+                          "fc1,fc2 for LoRA.")]
     return "\n".join(out) + "\n"
 
 
