@@ -20,13 +20,20 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block before an error; a user needs only the line naming the option."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="edge-ft",
         description="Measure and run full fine-tuning, linear probing and LoRA of LeNet-5 on the device.",
     )
     parser.add_argument("--version", action="version", version=f"edge-ft {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"edge_ft.commands.{name}").register(sub)
     return parser

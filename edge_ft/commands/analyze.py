@@ -47,15 +47,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _one_line_errors(parser: argparse.ArgumentParser) -> None:
-    """argparse prints the usage block before an error; a user needs only the one line that names the option."""
-
-    def error(message: str):
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-    parser.error = error  # type: ignore[method-assign]
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "analyze",
@@ -76,7 +67,6 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="bytes per stored value (default float32)")
     p.add_argument("--per-layer", action="store_true", help="also print each method's FLOPs layer by layer")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    _one_line_errors(p)
     p.set_defaults(func=handler)
 
 
