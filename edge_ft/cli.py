@@ -17,6 +17,10 @@ from edge_ft.errors import UserError
 # Order here is the order in `edge-ft --help`.
 COMMAND_MODULES = [
     "analyze",
+    "export",
+    "train",
+    "adapter",
+    "profile",
 ]
 
 

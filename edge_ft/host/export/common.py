@@ -90,26 +90,31 @@ def input_shape_of(model: nn.Module) -> tuple[int, ...]:
 def onnx_bytes(model: nn.Module, training: bool, output: str = LOGITS) -> bytes:
     """TorchScript export (dynamo=False): initializer names equal parameter names, batch axis dynamic.
 
-    Training mode keeps every parameter an initializer (no constant folding), which ORT's gradient builder and
-    our weight offsets rely on.
+    No constant folding: every parameter stays an initializer under its own name, which ORT's gradient builder
+    and the inference graph's weight offsets rely on.
     """
     example = torch.zeros(2, *input_shape_of(model))
     buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, but it is the one ORT training reads
-        warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (example,),
-            buffer,
-            dynamo=False,
-            export_params=True,
-            opset_version=OPSET,
-            training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
-            do_constant_folding=False,
-            input_names=[INPUT],
-            output_names=[output],
-            dynamic_axes={INPUT: {0: "batch"}, output: {0: "batch"}},
-        )
+    was_training = model.training
+    model.train(training)  # the exporter's default TrainingMode.PRESERVE exports the mode set here
+    try:
+        with warnings.catch_warnings():  # the TorchScript exporter is deprecated, but it is what ORT training reads
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+            torch.onnx.export(
+                model,
+                (example,),
+                buffer,
+                dynamo=False,
+                export_params=True,
+                opset_version=OPSET,
+                do_constant_folding=False,
+                input_names=[INPUT],
+                output_names=[output],
+                dynamic_axes={INPUT: {0: "batch"}, output: {0: "batch"}},
+            )
+    finally:
+        model.train(was_training)
     return buffer.getvalue()
 
 

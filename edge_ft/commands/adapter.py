@@ -1,0 +1,60 @@
+"""`edge-ft adapter export|apply|merge`: ship only the trained tensors, load them into a bundle, or merge them."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "adapter",
+        help="export a run's trained tensors as a PEFT-style adapter, apply one to a bundle, or merge it (no torch)",
+        description="Adapters hold only what training changed: LoRA A/B (PEFT layout, loadable with "
+        "PeftModel.from_pretrained), a probed head, or trained biases.",
+    )
+    sub = p.add_subparsers(dest="adapter_command", metavar="ACTION", required=True)
+
+    e = sub.add_parser("export", help="RUN -> adapter folder (adapter_model.safetensors + adapter_config.json)")
+    e.add_argument("run", metavar="RUN", help="run folder from `edge-ft train`")
+    e.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="adapter folder to write")
+    e.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="stored precision (default float32; float16 halves the file)")
+    e.set_defaults(func=_export)
+
+    a = sub.add_parser("apply", help="load an adapter into a bundle: training and inference start from it")
+    a.add_argument("bundle", metavar="BUNDLE")
+    a.add_argument("adapter", metavar="ADAPTER_DIR")
+    a.set_defaults(func=_apply)
+
+    m = sub.add_parser("merge", help="fold an adapter into the weights: one plain forward-only ONNX model")
+    m.add_argument("bundle", metavar="BUNDLE")
+    m.add_argument("adapter", metavar="ADAPTER_DIR")
+    m.add_argument("--out", required=True, metavar="MODEL.onnx", help="merged model to write")
+    m.set_defaults(func=_merge)
+
+
+def _export(args) -> int:
+    from pathlib import Path
+
+    from edge_ft.device.adapter import WEIGHTS, export_adapter
+
+    config = export_adapter(args.run, args.out, args.dtype)
+    size = (Path(args.out) / WEIGHTS).stat().st_size
+    print(f"{args.out}: {config['edge_ft']['method']} adapter, {args.dtype}, {WEIGHTS} {size:,} bytes")
+    return 0
+
+
+def _apply(args) -> int:
+    from edge_ft.device.adapter import apply_adapter
+    from edge_ft.device.bundle import load_bundle
+
+    target = apply_adapter(load_bundle(args.bundle), args.adapter)
+    print(f"{args.bundle}: adapter applied ({target.name}); `edge-ft train` and inference now start from it")
+    return 0
+
+
+def _merge(args) -> int:
+    from edge_ft.device.adapter import merge_adapter
+    from edge_ft.device.bundle import load_bundle
+
+    merge_adapter(load_bundle(args.bundle), args.adapter, args.out)
+    print(f"{args.out}: merged forward-only model")
+    return 0

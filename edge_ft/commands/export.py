@@ -1,0 +1,60 @@
+"""`edge-ft export`: turn base weights + a method + an optimizer into a bundle the device trains without torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_ft.architecture import numel
+from edge_ft.commands.analyze import _int_at_least, _positive_float
+from edge_ft.config import LINEAR_LAYERS, LORA_BIAS, METHODS, OPTIMIZERS, parse_targets
+from edge_ft.errors import require_host
+
+ENGINES = ("ort-training", "ort-step")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a training bundle (graphs, weights, manifest) for on-device fine-tuning (host)",
+        description="Build the method's model on the base weights and export the bundle an engine trains on the "
+        "device: for ort-training ONNX Runtime training artifacts, for ort-step one ai.onnx graph per step. "
+        "Probe bundles also carry features.onnx and a head-only bundle for `edge-ft train --cache-features`.",
+    )
+    p.add_argument("--method", choices=METHODS, required=True, help="full | probe | lora")
+    p.add_argument("--base", required=True, metavar="BASE.safetensors", help="base weights (from `edge-ft pretrain`)")
+    p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write, e.g. export/lora-r2")
+    p.add_argument("--engine", choices=ENGINES, default="ort-training", help="device engine (default ort-training)")
+    p.add_argument("--rank", type=_int_at_least(1), default=2, metavar="R", help="LoRA rank r (default 2)")
+    p.add_argument("--alpha", type=_positive_float, default=4.0, metavar="A", help="LoRA alpha (default 4)")
+    p.add_argument("--targets", type=parse_targets, default=LINEAR_LAYERS, metavar="LAYERS",
+                   help="LoRA target layers, comma-separated (default fc1,fc2,fc3)")
+    p.add_argument("--bias", choices=LORA_BIAS, default="none", help="LoRA bias training (default none)")
+    p.add_argument("--num-classes", type=_int_at_least(2), default=None, metavar="N",
+                   help="classes of the target task (default: the base's; a new count re-initialises the head)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="optimizer (default: the method's recipe, adamw); ort-training offers sgd and adamw")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate stored in the bundle (default: the method's recipe)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed of LoRA A / a new head (default 0)")
+    p.set_defaults(func=handler)
+
+
+def handler(args) -> int:
+    require_host("edge-ft export")
+    from edge_ft.checkpoint import load_base
+    from edge_ft.config import MethodConfig, OptimizerConfig
+    from edge_ft.host.export import export_bundle
+    from edge_ft.training_defaults import DEFAULTS
+
+    _, meta = load_base(args.base)
+    cfg = MethodConfig(args.method, rank=args.rank, alpha=args.alpha, targets=args.targets, bias=args.bias,
+                       num_classes=args.num_classes or meta["num_classes"])
+    recipe = DEFAULTS[args.method]
+    opt = OptimizerConfig(args.optimizer or recipe.optimizer, lr=args.lr or recipe.lr, weight_decay=args.weight_decay)
+    manifest = export_bundle(cfg, opt, args.base, args.out, engine=args.engine, seed=args.seed)
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    trainable = sum(numel(s) for s in manifest["trainable"].values())
+    print(f"{Path(args.out)}: {args.engine} bundle, {cfg.method}, {trainable:,} trainable values, "
+          f"{len(manifest['files'])} files, {total / 1024:.1f} KiB")
+    return 0

@@ -1,0 +1,77 @@
+"""`edge-ft train`: fine-tune an exported bundle on the device (numpy + onnxruntime only, never torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_ft.commands.analyze import _int_at_least, _positive_float
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a bundle on this device and measure it (no torch needed)",
+        description="Train an `edge-ft export` bundle with the engine its manifest names. Writes the trained "
+        "tensors, engine checkpoints, a forward-only model.onnx and results.json (losses, accuracy, ms/step, "
+        "peak RSS, artifact sizes) to --out. Defaults come from the method's recipe.",
+    )
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle folder from `edge-ft export`")
+    p.add_argument("--data", required=True, metavar="TRAIN.npz", help="training data (x uint8 (N,28,28), y)")
+    p.add_argument("--eval", metavar="TEST.npz", help="held-out data for accuracy after each epoch")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_int_at_least(1), metavar="N", help="passes over the data (default: recipe)")
+    length.add_argument("--steps", type=_int_at_least(1), metavar="N", help="exact number of optimizer steps")
+    p.add_argument("--batch", type=_int_at_least(1), metavar="N", help="examples per step (default: recipe)")
+    p.add_argument("--lr", type=_positive_float, help="learning rate (default: the bundle's)")
+    p.add_argument("--schedule", choices=("constant", "cosine", "step"), help="per-epoch schedule (default: recipe)")
+    p.add_argument("--threads", type=_int_at_least(0), metavar="N",
+                   help="onnxruntime intra-op threads (default: --profile's, else 0 = onnxruntime decides)")
+    p.add_argument("--profile", metavar="NAME", help="device profile whose thread count to use (edge-ft profile)")
+    p.add_argument("--mem-arena", choices=("on", "off"), help="onnxruntime CPU memory arena (default off)")
+    p.add_argument("--seed", type=int, default=0, help="batch-order seed (default 0)")
+    p.add_argument("--checkpoint-every", type=_int_at_least(0), default=0, metavar="N",
+                   help="save the training state every N steps into OUT/checkpoints (default: only at the end)")
+    p.add_argument("--cache-features", action="store_true",
+                   help="probe bundles: run the frozen backbone once, then train fc3 on the cached features")
+    p.add_argument("--out", metavar="RUN", help="run folder (default runs/<bundle name>)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=handler)
+
+
+def handler(args) -> int:
+    from edge_ft.data.npz import load_npz
+    from edge_ft.device import ort_api
+    from edge_ft.device.bundle import load_bundle
+    from edge_ft.device.trainer import TrainSettings, train
+    from edge_ft.training_defaults import DEFAULTS
+
+    bundle = load_bundle(args.bundle)
+    recipe = DEFAULTS[bundle.method.method]
+    threads = args.threads
+    if threads is None and args.profile:
+        from edge_ft.bench.profiles import load_profile
+
+        threads = load_profile(args.profile).threads
+    if args.mem_arena:
+        ort_api.set_mem_arena(args.mem_arena == "on")
+    settings = TrainSettings(
+        batch=args.batch or recipe.batch,
+        epochs=args.epochs or recipe.epochs,
+        steps=args.steps,
+        lr=args.lr or bundle.optimizer.lr,
+        schedule=args.schedule or recipe.schedule,
+        seed=args.seed,
+        threads=threads or 0,
+        checkpoint_every=args.checkpoint_every,
+        cache_features=args.cache_features,
+        quiet=args.quiet,
+    )
+    data = load_npz(args.data, bundle.num_classes)
+    eval_data = load_npz(args.eval, bundle.num_classes) if args.eval else None
+    out = Path(args.out or Path("runs") / bundle.path.resolve().name)
+    r = train(bundle, data, eval_data, settings, out)
+    if not args.quiet:
+        acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
+        print(f"{out}: {r['steps']} steps, final loss {r['losses'][-1]:.4f}{acc}, "
+              f"{r['step_latency_ms']['p50']:.2f} ms/step (p50), peak RSS {r['memory_mb']['peak_rss_sampled']:.0f} MB")
+    return 0

@@ -1,0 +1,213 @@
+"""`edge-ft train`: fine-tune a bundle on the device with whichever engine its manifest names, and measure it.
+
+A run folder gets:
+  model.onnx             forward-only model with the trained weights (plain onnxruntime runs it)
+  trained.safetensors    the trainable tensors alone (what `edge-ft adapter export` ships)
+  final.state            engine state (weights + optimizer) after the last step
+  checkpoints/step-N.state  every --checkpoint-every steps
+  results.json           settings, per-step losses, per-epoch times, accuracy, latency, memory, artifact sizes
+With --cache-features (probe bundles) the frozen backbone runs once over the data and the bundle's head-only
+bundle trains fc3 on the cached 84-d features: the same steps on the same numbers, far less compute per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_ft.atomic import atomic_save_safetensors, atomic_write_json
+from edge_ft.data.batches import epoch_batch_indices
+from edge_ft.data.npz import to_float
+from edge_ft.device.bundle import Bundle
+from edge_ft.device.engines import engine_class
+from edge_ft.device.inference import accuracy, predict, session_runner, write_inference_model
+from edge_ft.device.metrics import MB, PeakRSS, file_sizes, latency_ms, rss_bytes, ru_maxrss_bytes
+from edge_ft.device.ort_api import import_onnxruntime, inference_session
+from edge_ft.errors import UserError
+from edge_ft.training_defaults import SCHEDULES as EPOCH_SCHEDULES
+from edge_ft.training_defaults import epoch_lr
+
+SCHEDULES = (*EPOCH_SCHEDULES, "step")
+STEP_GAMMA = 0.1  # step schedule: factor applied every `step_every` epochs (torch's StepLR default gamma)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    batch: int = 32  # examples per optimizer step
+    epochs: int = 1  # passes over the data (ignored when steps is set)
+    steps: int | None = None  # exact optimizer steps, crossing epochs as needed
+    lr: float = 1e-3  # learning rate of epoch 0
+    schedule: str = "constant"  # constant | cosine (per epoch, as the host reference loop) | step
+    step_every: int = 0  # step schedule: epochs per decay (0 = a third of the run)
+    seed: int = 0  # batch order: edge_ft.data.batches, the same order the host loop uses
+    threads: int = 0  # onnxruntime intra-op threads (0 = its default)
+    checkpoint_every: int = 0  # save the engine state every N steps (0 = only at the end)
+    cache_features: bool = False  # probe only: train the head on cached backbone features
+    quiet: bool = False  # no progress bar
+
+    def __post_init__(self):
+        if self.batch < 1 or self.epochs < 1 or (self.steps is not None and self.steps < 1):
+            raise UserError("--batch, --epochs and --steps must be positive integers")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if not self.lr > 0:
+            raise UserError(f"learning rate must be positive, got {self.lr}")
+        if self.checkpoint_every < 0:
+            raise UserError("--checkpoint-every must be 0 (off) or a positive step count")
+
+
+def lr_for_epoch(s: TrainSettings, epoch: int, epochs: int) -> float:
+    if s.schedule == "step":
+        return s.lr * STEP_GAMMA ** (epoch // (s.step_every or max(epochs // 3, 1)))
+    return epoch_lr(s.lr, epoch, epochs, s.schedule)
+
+
+class _Progress:
+    """tqdm when it is installed (host installs), a line per epoch otherwise (tqdm is not a device dependency)."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.bar, self.quiet = None, quiet
+        if not quiet:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
+            except ImportError:
+                pass
+
+    def step(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def epoch(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        elif not self.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _feature_cache(bundle: Bundle, threads: int, *xs: np.ndarray) -> list[np.ndarray]:
+    """Run the frozen backbone (features.onnx) once over each image set: uint8 (N,28,28) -> float32 (N,84)."""
+    session = inference_session(bundle.file(bundle.manifest["features"]["file"]), threads)
+    run = session_runner(session)
+    return [predict(run, x) if len(x) else np.zeros((0, bundle.manifest["features"]["dim"]), np.float32) for x in xs]
+
+
+def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[np.ndarray, np.ndarray] | None,
+          s: TrainSettings, out: str | Path) -> dict:
+    """Fine-tune `bundle` on data (x uint8 (N,28,28), y int64 (N,)); write the run folder; return results."""
+    out = Path(out)
+    x, y = data
+    x_eval, y_eval = eval_data if eval_data is not None else (x[:0], y[:0])
+    train_bundle = bundle
+    if s.cache_features:
+        if bundle.method.method != "probe" or "features" not in bundle.manifest:
+            raise UserError(f"{bundle.path}: --cache-features needs a probe bundle (only fc3 trains); "
+                            f"this one is {bundle.method.method}")
+        train_bundle = bundle.head
+    engine_cls = engine_class(train_bundle.engine)
+    import_onnxruntime()
+    rss_after_imports = rss_bytes()  # the runtime libraries, before any session or data work
+
+    per_epoch = math.ceil(len(x) / s.batch)
+    total = s.steps or s.epochs * per_epoch
+    epochs = math.ceil(total / per_epoch)
+    started = time.perf_counter()
+    with PeakRSS() as peak:
+        feature_seconds = None
+        if s.cache_features:
+            t0 = time.perf_counter()
+            inputs, eval_inputs = _feature_cache(bundle, s.threads, x, x_eval)
+            feature_seconds = time.perf_counter() - t0
+        engine = engine_cls(train_bundle, threads=s.threads)
+        applied = bundle.applied_adapter()  # the head bundle of a probe shares its parent's applied adapter
+        if applied:
+            engine.load_trainable(applied)
+
+        def batch_x(idx: np.ndarray) -> np.ndarray:
+            return inputs[idx] if s.cache_features else to_float(x[idx])
+
+        def eval_accuracy() -> float | None:
+            if not len(y_eval):
+                return None
+            run = engine.logits
+            logits = predict(run, eval_inputs, images=False) if s.cache_features else predict(run, x_eval)
+            return accuracy(logits, y_eval)
+
+        losses, step_seconds, epoch_log = [], [], []
+        progress = _Progress(total, s.quiet)
+        step = 0
+        for epoch in range(epochs):
+            lr = lr_for_epoch(s, epoch, epochs)
+            t_epoch, hits, seen, epoch_losses = time.perf_counter(), 0, 0, []
+            for idx in epoch_batch_indices(len(x), s.batch, s.seed, epoch):
+                if step == total:
+                    break
+                xb, yb = batch_x(idx), y[idx]
+                t0 = time.perf_counter()
+                loss, logits = engine.train_step(xb, yb, lr)
+                step_seconds.append(time.perf_counter() - t0)
+                if not math.isfinite(loss):
+                    raise UserError(f"training diverged at step {step} (loss {loss}); lower --lr")
+                losses.append(loss)
+                epoch_losses.append(loss)
+                if logits is not None:
+                    hits, seen = hits + int((logits.argmax(1) == yb).sum()), seen + len(yb)
+                step += 1
+                progress.step(loss)
+                if s.checkpoint_every and step % s.checkpoint_every == 0:
+                    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+                    engine.save_state(str(out / "checkpoints" / f"step-{step:06d}.state"))
+            seconds = time.perf_counter() - t_epoch
+            acc = eval_accuracy()
+            epoch_log.append({"epoch": epoch, "steps": len(epoch_losses), "seconds": round(seconds, 4), "lr": lr,
+                              "mean_loss": float(np.mean(epoch_losses)),
+                              "train_accuracy": hits / seen if seen else None, "eval_accuracy": acc})
+            progress.epoch(f"epoch {epoch + 1}/{epochs}: loss {np.mean(epoch_losses):.4f}  {seconds:.2f} s"
+                           + ("" if acc is None else f"  eval accuracy {acc:.4f}"))
+        progress.close()
+        train_seconds = time.perf_counter() - started
+
+        trained = engine.trainable_state()
+        engine.save_state(str(out / "final.state"))
+        atomic_save_safetensors(out / "trained.safetensors", trained, metadata={"format": "edge-ft-trained"})
+        if s.cache_features:  # the head bundle knows only fc3: write the whole network from the inference graph
+            write_inference_model(bundle, trained, out / "model.onnx")
+        else:
+            engine.export_inference(str(out / "model.onnx"))
+        # Score the exported file itself with plain onnxruntime: what a user deploys is what we report.
+        final_accuracy = None
+        if len(y_eval):
+            final_accuracy = accuracy(predict(session_runner(inference_session(out / "model.onnx", s.threads)),
+                                              x_eval), y_eval)
+
+    results = {
+        "bundle": {"path": str(bundle.path), "engine": bundle.engine, "method": bundle.manifest["method"],
+                   "optimizer": bundle.manifest["optimizer"], "num_classes": bundle.num_classes,
+                   "base": bundle.manifest["base"], "trainable": {k: list(v) for k, v in bundle.trainable.items()},
+                   "applied_adapter": bundle.manifest.get("applied_adapter")},
+        "settings": {**asdict(s), "train_examples": len(x), "eval_examples": len(y_eval)},
+        "steps": step,
+        "epochs": epoch_log,
+        "losses": [round(v, 7) for v in losses],
+        "accuracy": final_accuracy,
+        "step_latency_ms": latency_ms(step_seconds),
+        "train_seconds": round(train_seconds, 4),
+        "feature_cache_seconds": None if feature_seconds is None else round(feature_seconds, 4),
+        "memory_mb": {"rss_after_imports": round(rss_after_imports / MB, 2), "peak_rss_sampled": round(peak.bytes / MB, 2),
+                      "ru_maxrss": round(ru_maxrss_bytes() / MB, 2)},
+        "bundle_bytes": file_sizes(bundle.path),
+    }
+    results["artifact_bytes"] = file_sizes(out)  # before results.json itself exists
+    atomic_write_json(out / "results.json", results)
+    return results
