@@ -1,0 +1,46 @@
+"""Bundle files for the ort-step engine: a training-step graph, a forward graph and the state they read.
+
+  train_step.onnx     (input, labels, lr, params..., optimizer state...) -> (loss, logits, next.<each>...)
+  forward.onnx        (input, params...) -> logits; the device bakes weights into it for export_inference
+  state.safetensors   every model tensor and the zero optimizer state (keys: edge_ft.device.engines.ort_step)
+Graphs hold no weights, so they stay tens of kB and the state file is the only thing training changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from edge_ft.atomic import atomic_save_safetensors
+from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.device.engines.ort_step import INPUT, LABELS, LOGITS, STATE_FORMAT, optimizer_keys
+from edge_ft.host.export import common
+from edge_ft.host.export.step_trace import export_onnx, initial_state, make_forward, make_step, train_io_names
+
+TRAIN_GRAPH = "train_step.onnx"
+FORWARD_GRAPH = "forward.onnx"
+STATE_FILE = "state.safetensors"
+assert (INPUT, LABELS, LOGITS) == (common.INPUT, common.LABELS, common.LOGITS), "one set of names for all bundles"
+
+
+def build(model: torch.nn.Module, cfg: MethodConfig, opt: OptimizerConfig, out_dir) -> dict:
+    """Write the three files into out_dir; return the manifest's "ort_step" entry."""
+    out_dir = Path(out_dir)
+    trainable, frozen = (list(names) for names in common.parameter_split(model))
+    weights = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
+    opt_state = initial_state(opt, {n: weights[n] for n in trainable})
+    opt_keys = optimizer_keys(opt.name, trainable)
+    assert list(opt_state) == opt_keys, "exporter and engine disagree on the state layout"
+    input_shape = common.input_shape_of(model)
+
+    tensors = [weights[n] for n in trainable + frozen] + [opt_state[k] for k in opt_keys]
+    inputs, outputs = train_io_names(trainable, frozen, opt_keys)
+    export_onnx(make_step(model, trainable, frozen, opt_keys, opt), input_shape, tensors, inputs, outputs,
+                out_dir / TRAIN_GRAPH, labels=True)
+    names = list(weights)
+    export_onnx(make_forward(model, names), input_shape, [weights[n] for n in names], [INPUT, *names], [LOGITS],
+                out_dir / FORWARD_GRAPH, labels=False)
+    atomic_save_safetensors(out_dir / STATE_FILE, {k: v.numpy() for k, v in {**weights, **opt_state}.items()},
+                            metadata={"format": STATE_FORMAT, "optimizer": opt.name})
+    return {"ort_step": {"train_graph": TRAIN_GRAPH, "forward_graph": FORWARD_GRAPH, "state": STATE_FILE}}

@@ -1,0 +1,181 @@
+"""Trace a whole training step (forward, cross-entropy, backward, optimizer update) into plain ONNX.
+
+torch.export cannot trace torch.func.grad inside a module, so the step is first traced by make_fx, which runs
+autograd eagerly and records the backward as ordinary aten ops, then re-exported with a dynamic batch and
+translated by the dynamo ONNX exporter. Two backward ops have no ONNX translation; `decompositions()` rewrites
+them into forward ops that do (Conv, ConvTranspose, ReduceSum).
+
+The optimizer update is written out here functionally with torch.optim's arithmetic, so a graph step and a
+torch.optim step agree to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch._decomp import core_aten_decompositions
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from edge_ft.config import OptimizerConfig
+from edge_ft.device.engines.ort_step import INPUT, LABELS, LOGITS, LOSS, LR, OPT_BUFFERS, STEP_KEY, next_name
+
+aten = torch.ops.aten
+OPSET = 21  # highest opset onnxruntime-training 1.19.2 runs; standard onnxruntime runs it too
+MAX_BATCH = 1 << 16
+
+
+def _convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dilation, transposed,
+                          output_padding, groups, output_mask):
+    """aten.convolution_backward as forward convolutions; only the gradients in output_mask are computed."""
+    if transposed or groups != 1:
+        raise NotImplementedError("step export supports plain (groups=1, non-transposed) convolutions only")
+    grad_in = grad_w = grad_b = None
+    if output_mask[0]:  # dL/dx: the transposed convolution of the output gradient with the same kernel
+        extra = [i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)  # rows a strided conv dropped at the border
+                 for i, o, s, p, d, k in zip(inp.shape[2:], grad_out.shape[2:], stride, padding, dilation,
+                                             weight.shape[2:])]
+        grad_in = aten.convolution(grad_out, weight, None, stride, padding, dilation, True, extra, 1)
+    if output_mask[1]:  # dL/dW: batch becomes the channel axis; (Cin,B,H,W) conv (Cout,B,h,w) -> (Cin,Cout,k,k)
+        grad_w = aten.convolution(inp.transpose(0, 1), grad_out.transpose(0, 1), None, dilation, padding, stride,
+                                  False, [0, 0], 1)
+        grad_w = grad_w[:, :, : weight.shape[2], : weight.shape[3]].transpose(0, 1)
+    if output_mask[2]:
+        grad_b = grad_out.sum(dim=(0, 2, 3))
+    return grad_in, grad_w, grad_b
+
+
+def _avg_pool2d_backward(grad_out, inp, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor):
+    """Non-overlapping average pooling's backward: spread each gradient evenly over its k x k window."""
+    kh, kw = kernel_size
+    if list(stride or kernel_size) != [kh, kw] or any(padding) or ceil_mode or divisor:
+        raise NotImplementedError("step export supports non-overlapping, unpadded average pooling only")
+    grad = grad_out.repeat_interleave(kh, dim=2).repeat_interleave(kw, dim=3) / (kh * kw)
+    return F.pad(grad, (0, inp.shape[3] - grad.shape[3], 0, inp.shape[2] - grad.shape[2]))
+
+
+def decompositions() -> dict:
+    table = dict(core_aten_decompositions())
+    table[aten.convolution_backward.default] = _convolution_backward
+    table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    return table
+
+
+def optimizer_update(opt: OptimizerConfig, params: dict, grads: dict, state: dict, lr: torch.Tensor):
+    """One torch.optim step, functionally: (params, state) -> (new params, new state), same keys.
+
+    lr is a 0-d float32 tensor (a graph input, so schedules need no re-export). AdamW's step count and bias
+    corrections run in float64, as torch.optim computes them in Python floats.
+    """
+    new_params, new_state = {}, {}
+    if opt.name == "adamw":
+        beta1, beta2 = opt.betas
+        step = state[STEP_KEY] + 1  # int64 0-d
+        new_state[STEP_KEY] = step
+        lr64, step64 = lr.double(), step.double()
+        bias_correction1 = 1 - beta1 ** step64
+        bias_correction2_sqrt = (1 - beta2 ** step64).sqrt()
+        step_size = (lr64 / bias_correction1).float()
+        decay = (1 - lr64 * opt.weight_decay).float()
+    for name, p in params.items():
+        g = grads[name]
+        if opt.name == "sgd":
+            new_params[name] = p - lr * g
+        elif opt.name == "sgd-momentum":  # dampening 0, no Nesterov; the first buffer is g itself (0 * m + g)
+            buf = state[f"momentum.{name}"] * opt.momentum + g
+            new_state[f"momentum.{name}"] = buf
+            new_params[name] = p - lr * buf
+        else:
+            p = p * decay  # decoupled weight decay first, as torch.optim.AdamW does
+            m = state[f"exp_avg.{name}"]
+            m = m + (1 - beta1) * (g - m)  # exp_avg.lerp_(g, 1 - beta1)
+            v = state[f"exp_avg_sq.{name}"] * beta2 + (1 - beta2) * g * g
+            denom = v.sqrt() / bias_correction2_sqrt.float() + opt.eps  # this eps is what keeps 0/0 out
+            new_state[f"exp_avg.{name}"], new_state[f"exp_avg_sq.{name}"] = m, v
+            new_params[name] = p - step_size * m / denom
+    return new_params, new_state
+
+
+def initial_state(opt: OptimizerConfig, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero buffers (each its own tensor: tracing merges aliased inputs into one) and step 0."""
+    state = {f"{buf}.{n}": torch.zeros_like(p) for buf in OPT_BUFFERS[opt.name] for n, p in params.items()}
+    if opt.name == "adamw":
+        state[STEP_KEY] = torch.zeros((), dtype=torch.int64)
+    return state
+
+
+def make_step(model: torch.nn.Module, trainable: list[str], frozen: list[str], state_keys: list[str],
+              opt: OptimizerConfig) -> Callable:
+    """step(x, y, lr, *trainable, *frozen, *state) -> (loss, logits, *new trainable, *new state)."""
+    n_train, n_frozen = len(trainable), len(frozen)
+
+    def step(x, y, lr, *tensors):
+        params = dict(zip(trainable, tensors[:n_train]))
+        fixed = dict(zip(frozen, tensors[n_train:n_train + n_frozen]))
+        state = dict(zip(state_keys, tensors[n_train + n_frozen:]))
+
+        def loss_fn(params):
+            logits = torch.func.functional_call(model, {**params, **fixed}, (x,))
+            return F.cross_entropy(logits, y), logits
+
+        # Only `params` is differentiated: autograd never builds gradients for frozen tensors or the input.
+        grads, (loss, logits) = torch.func.grad_and_value(loss_fn, has_aux=True)(params)
+        new_params, new_state = optimizer_update(opt, params, grads, state, lr)
+        return (loss, logits, *(new_params[n] for n in trainable), *(new_state[k] for k in state_keys))
+
+    return step
+
+
+def make_forward(model: torch.nn.Module, names: list[str]) -> Callable:
+    """forward(x, *weights) -> logits, with every model tensor a graph input."""
+
+    def forward(x, *weights):
+        return torch.func.functional_call(model, dict(zip(names, weights)), (x,))
+
+    return forward
+
+
+def example_batch(tensors: list[torch.Tensor]) -> int:
+    """A batch size equal to no weight dimension: symbolic tracing would otherwise tie the two together."""
+    dims = {d for t in tensors for d in t.shape}
+    return next(b for b in range(61, MAX_BATCH) if b not in dims)
+
+
+def export_onnx(fn: Callable, input_shape: tuple[int, ...], tensors: list[torch.Tensor], input_names: list[str],
+                output_names: list[str], path, labels: bool) -> None:
+    """Trace fn(x, [y, lr,] *tensors) with a dynamic batch and write it as a plain ai.onnx model at `path`."""
+    import onnx
+
+    batch = example_batch(tensors)
+    x = torch.rand(batch, *input_shape)
+    head = [x, torch.zeros(batch, dtype=torch.int64), torch.tensor(0.01)] if labels else [x]
+    args = tuple(head + [t.detach().clone().contiguous() for t in tensors])
+    gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="symbolic")(*args)
+    dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    dynamic = tuple([{0: dim}] * (2 if labels else 1) + [None] * (len(args) - (2 if labels else 1)))
+    ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
+    # optimize=True constant-folds with a tolerance and deletes AdamW's `+ eps` (then 0/0 = NaN): keep it off.
+    program = torch.onnx.export(ep, args, dynamo=True, optimize=False, opset_version=OPSET,
+                                input_names=input_names, output_names=output_names, verbose=False)
+    model = program.model_proto
+    batch_symbol = model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    for value in [*model.graph.input, *model.graph.output]:  # one readable name for the batch axis everywhere
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param == batch_symbol:
+                d.dim_param = "batch"
+    del model.graph.value_info[:]  # symbolic intermediate shapes: ORT re-infers them
+    for node in model.graph.node:  # the exporter's per-node FX provenance is ~80% of the file
+        del node.metadata_props[:]
+    model.ir_version = min(model.ir_version, 10)
+    model.producer_name, model.producer_version = "edge-ft", ""
+    onnx.checker.check_model(model, full_check=True)
+    from edge_ft.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, model.SerializeToString())
+
+
+def train_io_names(trainable: list[str], frozen: list[str], state_keys: list[str]) -> tuple[list[str], list[str]]:
+    inputs = [INPUT, LABELS, LR, *trainable, *frozen, *state_keys]
+    outputs = [LOSS, LOGITS, *(next_name(k) for k in [*trainable, *state_keys])]
+    return inputs, outputs

@@ -1,0 +1,225 @@
+"""The ort-step engine: one plain-ONNX training-step graph run by a standard InferenceSession.
+
+Parity: 20 steps on real MNIST batches against a plain torch loop with torch.optim, for every method with
+SGD-momentum and AdamW. Portability: the same bundle trained by standard onnxruntime 1.32 in .venv-device
+(no torch, no onnx) gives the host's losses.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ort_step_support as support
+from edge_ft.config import METHODS, MethodConfig, OptimizerConfig
+from edge_ft.device.bundle import load_bundle
+from edge_ft.device.engines import open_engine
+from edge_ft.device.engines.onnx_wire import bake_weights
+from edge_ft.errors import UserError
+from edge_ft.host.methods import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE_PYTHON = REPO / ".venv-device" / "bin" / "python"
+LR = {"sgd": 0.05, "sgd-momentum": 0.05, "adamw": 2e-3}
+# Largest parameter difference after 20 steps. AdamW divides by sqrt(v): where a gradient entry is nearly
+# cancelled to zero, float32 summation order alone moves m / sqrt(v), so its bound is looser than SGD's.
+PARAM_ATOL = {"sgd-momentum": 2e-6, "adamw": 5e-5}
+
+
+def reference_model(cfg: MethodConfig) -> torch.nn.Module:
+    """The plain torch model (nn.AvgPool2d, unmerged LoRA) the bundle was exported from."""
+    state = {k: torch.from_numpy(v.copy()) for k, v in support.base_state().items()}
+    return build_model(cfg, state, seed=support.EXPORT_SEED)
+
+
+def torch_optimizer(params, opt: OptimizerConfig) -> torch.optim.Optimizer:
+    if opt.name == "adamw":
+        return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum if opt.name == "sgd-momentum" else 0)
+
+
+def schedule(opt: OptimizerConfig, step: int) -> float:
+    return opt.lr * (1 - step / 40)  # a decaying rate: lr is a graph input, not a constant baked into the graph
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adamw"])
+@pytest.mark.parametrize("method", METHODS)
+def test_twenty_steps_match_torch_optim(method, optimizer):
+    cfg, opt = MethodConfig(method), OptimizerConfig(optimizer, lr=LR[optimizer])
+    engine = open_engine(load_bundle(support.bundle_path(cfg, opt)))
+    start = engine.parameters()
+    model = reference_model(cfg)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    torch_opt = torch_optimizer(trained, opt)
+    for step, (x, y) in enumerate(support.mnist_batches()):
+        lr = schedule(opt, step)
+        loss, logits = engine.train_step(x, y, lr)
+        for group in torch_opt.param_groups:
+            group["lr"] = lr
+        torch_opt.zero_grad()
+        ref_logits = model(torch.from_numpy(x))
+        ref_loss = F.cross_entropy(ref_logits, torch.from_numpy(y))
+        ref_loss.backward()
+        torch_opt.step()
+        assert loss == pytest.approx(ref_loss.item(), rel=2e-5), f"step {step}"
+        np.testing.assert_allclose(logits, ref_logits.detach().numpy(), atol=1e-4)
+    assert len(x) == 5  # the last batch was short: the batch axis is dynamic
+
+    after = engine.parameters()
+    for name, p in model.named_parameters():
+        assert np.isfinite(after[name]).all(), name  # AdamW's eps survived export (LoRA's dA is 0 at step 1)
+        np.testing.assert_allclose(after[name], p.detach().numpy(), rtol=0, atol=PARAM_ATOL[optimizer], err_msg=name)
+        if p.requires_grad:
+            assert not np.array_equal(after[name], start[name]), f"{name} did not train"
+        else:
+            np.testing.assert_array_equal(after[name], start[name], err_msg=f"frozen {name} moved")
+    assert set(engine.trainable_state()) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_export_inference_is_a_standalone_plain_model(tmp_path):
+    cfg, opt = MethodConfig("lora"), OptimizerConfig("adamw", lr=LR["adamw"])
+    engine = open_engine(load_bundle(support.bundle_path(cfg, opt)))
+    for x, y in support.mnist_batches()[:5]:
+        engine.train_step(x, y, opt.lr)
+    engine.export_inference(tmp_path / "model.onnx")
+
+    model = onnx.load(tmp_path / "model.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["input"]
+    session = ort.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
+    x = support.mnist_batches()[7][0]
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], engine.logits(x), rtol=0, atol=1e-6)
+
+    reference = reference_model(cfg)  # the engine's weights in torch give the same logits
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in engine.parameters().items()})
+    np.testing.assert_allclose(engine.logits(x), reference(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_continues_bit_identically(tmp_path):
+    cfg, opt = MethodConfig("probe"), OptimizerConfig("adamw", lr=LR["adamw"])
+    bundle = load_bundle(support.bundle_path(cfg, opt))
+    batches = support.mnist_batches()
+    engine = open_engine(bundle)
+    for x, y in batches[:5]:
+        engine.train_step(x, y, opt.lr)
+    engine.save_state(tmp_path / "resume.safetensors")
+    straight = [engine.train_step(x, y, opt.lr)[0] for x, y in batches[5:10]]
+
+    resumed = open_engine(bundle)
+    resumed.load_state(tmp_path / "resume.safetensors")
+    assert [resumed.train_step(x, y, opt.lr)[0] for x, y in batches[5:10]] == straight
+
+    other = load_bundle(support.bundle_path(MethodConfig("lora"), opt))
+    with pytest.raises(UserError, match="missing tensor 'fc1.lora_A'"):
+        open_engine(other).load_state(tmp_path / "resume.safetensors")
+
+
+@pytest.mark.slow
+def test_graphs_are_small_portable_and_weightless():
+    opt = OptimizerConfig("adamw", lr=LR["adamw"])
+    folder = support.bundle_path(MethodConfig("full"), opt)
+    for name in ("train_step.onnx", "forward.onnx"):
+        model = onnx.load(folder / name)
+        assert model.ir_version <= 10
+        assert {(o.domain, o.version) for o in model.opset_import} == {("", 21)}
+        assert not model.graph.initializer and all(n.domain == "" for n in model.graph.node)
+        assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+        assert (folder / name).stat().st_size < 64_000
+    train = onnx.load(folder / "train_step.onnx")
+    assert [o.name for o in train.graph.output[:3]] == ["loss", "logits", "next.conv1.weight"]
+    assert [i.name for i in train.graph.input][-1] == "step"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEVICE_PYTHON.exists(), reason="the device venv is built by `make test`")
+def test_standard_onnxruntime_trains_the_same_bundle(tmp_path):
+    """.venv-device: onnxruntime 1.32, no torch, no onnx; the current source on PYTHONPATH."""
+    cfg, opt = MethodConfig("lora"), OptimizerConfig("adamw", lr=LR["adamw"])
+    folder = support.bundle_path(cfg, opt)
+    batches = support.mnist_batches()[:10]
+    np.savez(tmp_path / "batches.npz", **{f"x{i}": x for i, (x, _) in enumerate(batches)},
+             **{f"y{i}": y for i, (_, y) in enumerate(batches)})
+    script = (
+        "import json, sys, numpy as np\n"
+        "from edge_ft.device.bundle import load_bundle\n"
+        "from edge_ft.device.engines import open_engine\n"
+        "engine = open_engine(load_bundle(sys.argv[1]))\n"
+        "data = np.load(sys.argv[2], allow_pickle=False)\n"
+        f"losses = [engine.train_step(data[f'x{{i}}'], data[f'y{{i}}'], {opt.lr})[0] for i in range({len(batches)})]\n"
+        "import onnxruntime\n"
+        "print(json.dumps({'losses': losses, 'ort': onnxruntime.__version__,\n"
+        "                  'torch': 'torch' in sys.modules, 'onnx': 'onnx' in sys.modules}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([str(DEVICE_PYTHON), "-c", script, str(folder), str(tmp_path / "batches.npz")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    device = json.loads(run.stdout)
+    assert device["ort"] != ort.__version__ and not device["torch"] and not device["onnx"]
+
+    host = open_engine(load_bundle(folder))
+    host_losses = [host.train_step(x, y, opt.lr)[0] for x, y in batches]
+    np.testing.assert_allclose(device["losses"], host_losses, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_engine_validates_what_it_hands_to_onnxruntime():
+    opt = OptimizerConfig("sgd-momentum", lr=LR["sgd-momentum"])
+    bundle = load_bundle(support.bundle_path(MethodConfig("probe"), opt)).head  # head-only: quick to export
+    engine = open_engine(bundle)
+    features = np.random.default_rng(0).random((4, 84), dtype=np.float32)
+    loss, logits = engine.train_step(features, np.array([0, 1, 2, 9]), 0.1)
+    assert np.isfinite(loss) and logits.shape == (4, 10)
+    with pytest.raises(UserError, match="float32 \\(B, 84\\)"):
+        engine.train_step(features[:, :80], np.zeros(4, np.int64), 0.1)
+    with pytest.raises(UserError, match="labels must lie in 0..9"):
+        engine.train_step(features, np.array([0, 1, 2, 10]), 0.1)
+    with pytest.raises(UserError, match="labels must have shape"):
+        engine.train_step(features, np.zeros(3, np.int64), 0.1)
+    with pytest.raises(UserError, match="not a trainable tensor"):
+        engine.load_trainable({"fc2.weight": np.zeros((84, 120), np.float32)})
+
+
+def test_baked_weights_make_a_valid_model(tmp_path):
+    """onnx_wire against the onnx package: inputs become initializers, everything else is copied through."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [3, 2]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+    )
+    raw = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10).SerializeToString()
+    w, b = np.arange(6, dtype=np.float32).reshape(3, 2) / 7, np.array([1e-30, -2.5], np.float32)
+    baked = bake_weights(raw, {"w": w, "b": b})
+    model = onnx.load_from_string(baked)
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["input"]
+    x = np.random.default_rng(0).random((5, 3), dtype=np.float32)
+    out = ort.InferenceSession(baked, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(out, (x @ w + b).astype(np.float32))
+    with pytest.raises(UserError, match="no input named 'bias'"):
+        bake_weights(raw, {"bias": b})
+    with pytest.raises(UserError, match="not a valid ONNX model"):
+        bake_weights(raw[: len(raw) // 2], {"w": w})  # a truncated copy
+
+
+def test_device_engine_imports_neither_torch_nor_onnx():
+    code = ("import sys; import edge_ft.device.engines.ort_step, edge_ft.device.engines.onnx_wire; "
+            "print(sorted(m for m in ('torch', 'onnx') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
