@@ -1,0 +1,285 @@
+"""The cgroups one confined run lives in: create, let the child join, watch, remove.
+
+Layout (cgroup v1, one folder per controller, nested under the cgroup this process already lives in, so a job
+can never escape limits placed on its caller):
+  memory/<own>/edge-ft.<pid>.<n>/          memory.limit_in_bytes (+ memory.memsw.limit_in_bytes: no swap either)
+  cpuset/<own>/edge-ft.<pid>.<n>/          cpuset.cpus, cpuset.mems
+  cpu/<own>/edge-ft.<pid>.<n>/             cpu.cfs_quota_us = all device cores' worth of CPU
+  cpu/<own>/edge-ft.<pid>.<n>/t<k>/        cpu.cfs_quota_us = one device core's worth, one leaf per thread
+CFS bandwidth control caps a group, not a thread: with one shared quota a single-threaded phase would run `cores`
+times faster than on the device and spinning pool threads would eat the worker's share. Giving every thread its own
+leaf (v1 accepts single thread ids in `tasks`) caps each thread at one device core, as the hardware does. New threads
+start in their creator's leaf; `split_threads()`, called every sampling tick, moves them into leaves of their own.
+
+cgroup v2 (unified, /sys/fs/cgroup/cgroup.controllers present): one folder with memory.max, memory.swap.max,
+cpuset.cpus and an aggregate cpu.max; per-thread leaves are not attempted there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import time
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PREFIX = "edge-ft."
+_counter = itertools.count()
+
+
+class CgroupUnavailable(Exception):
+    """Cgroups cannot confine a job here (not root, read-only, controller missing); the message says why."""
+
+
+def parse_cpulist(text: str) -> list[int]:
+    """'0-2,5' -> [0, 1, 2, 5]."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def _write(path: Path, value) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def _read(path: Path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _own_paths() -> dict[str, str]:
+    """controller -> this process's cgroup path, from /proc/self/cgroup ('' is the v2 hierarchy)."""
+    paths = {}
+    for line in _read(Path("/proc/self/cgroup")).splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            paths[c] = path
+    return paths
+
+
+def _v1_mount(controller: str) -> Path | None:
+    """The v1 hierarchy carrying `controller` (/sys/fs/cgroup/cpu or a co-mount like cpu,cpuacct)."""
+    if not CGROUP_ROOT.is_dir():
+        return None
+    for d in sorted(CGROUP_ROOT.iterdir()):
+        if controller in d.name.split(",") and (d / "tasks").exists():
+            return d
+    return None
+
+
+def _mkdir(path: Path, made: list[Path]) -> None:
+    path.mkdir()
+    made.append(path)
+
+
+def _events(path: Path, key: str) -> int:
+    """A counter from a flat-keyed file (memory.oom_control, memory.events)."""
+    with contextlib.suppress(OSError):
+        for line in _read(path).splitlines():
+            k, _, v = line.partition(" ")
+            if k == key:
+                return int(v)
+    return 0
+
+
+def _remove_tree(path: Path) -> None:
+    """rmdir a cgroup and its leaves (cgroups are removed with rmdir, never rm -r); ignore what is gone."""
+    if path.is_dir():
+        for leaf in path.iterdir():
+            if leaf.is_dir():
+                with contextlib.suppress(OSError):
+                    leaf.rmdir()
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CgroupJob:
+    """The cgroups of one confined run. Build with `create`, hand `entry_files` to the child, `remove` at the end."""
+
+    def __init__(self, version: int, dirs: dict[str, Path]):
+        self.version = version
+        self.dirs = dirs  # "memory" / "cpuset" / "cpu" -> job folder (all the same folder under v2)
+        self.leaves: list[Path] = []  # v1 per-thread cpu leaves
+        self.thread_quota_us: int | None = None
+        self.period_us: int | None = None
+        self._next_leaf = itertools.count()
+        self._oom_before = 0
+
+    @classmethod
+    def create(cls, memory_bytes: int, cpus: list[int], thread_quota: float | None, total_quota: float | None,
+               period_us: int) -> "CgroupJob":
+        """Quotas are fractions of one of this machine's CPUs (None: no cap). Raises CgroupUnavailable."""
+        if os.geteuid() != 0:
+            raise CgroupUnavailable("not running as root, so cgroups cannot be created")
+        own = _own_paths()
+        name = f"{PREFIX}{os.getpid()}.{next(_counter)}"
+        made: list[Path] = []
+        try:
+            if (CGROUP_ROOT / "cgroup.controllers").exists():
+                job = cls._create_v2(CGROUP_ROOT / own.get("", "/").lstrip("/") / name, made,
+                                     memory_bytes, cpus, total_quota, period_us)
+            else:
+                job = cls._create_v1(own, name, made, memory_bytes, cpus, thread_quota, total_quota, period_us)
+        except OSError as e:
+            for path in reversed(made):
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            where = e.filename or "cgroup files"
+            raise CgroupUnavailable(f"cannot set up cgroups ({where}: {e.strerror or e})") from None
+        job._oom_before = job.oom_kills()
+        return job
+
+    @classmethod
+    def _create_v1(cls, own, name, made, memory_bytes, cpus, thread_quota, total_quota, period_us) -> "CgroupJob":
+        dirs = {}
+        for controller in ("memory", "cpuset", "cpu"):
+            mount = _v1_mount(controller)
+            if mount is None:
+                raise CgroupUnavailable(f"no cgroup v1 '{controller}' hierarchy under {CGROUP_ROOT}")
+            parent = mount / own.get(controller, "/").lstrip("/")
+            remove_stale(parent)
+            dirs[controller] = parent / name
+        mem, cpuset, cpu = dirs["memory"], dirs["cpuset"], dirs["cpu"]
+        _mkdir(mem, made)
+        _write(mem / "memory.limit_in_bytes", memory_bytes)
+        if (mem / "memory.memsw.limit_in_bytes").exists():  # only with swap accounting; stops swapping past the cap
+            _write(mem / "memory.memsw.limit_in_bytes", memory_bytes)
+        _mkdir(cpuset, made)
+        _write(cpuset / "cpuset.cpus", ",".join(map(str, cpus)))
+        _write(cpuset / "cpuset.mems", _read(cpuset.parent / "cpuset.effective_mems").strip()
+               or _read(cpuset.parent / "cpuset.mems").strip())
+        _mkdir(cpu, made)
+        _write(cpu / "cpu.cfs_period_us", period_us)
+        if total_quota is not None:
+            _write(cpu / "cpu.cfs_quota_us", max(1000, round(total_quota * period_us)))
+        job = cls(1, dirs)
+        job.period_us = period_us
+        if thread_quota is not None:
+            job.thread_quota_us = max(1000, round(thread_quota * period_us))
+        job.leaves.append(job._new_leaf(made))
+        return job
+
+    @classmethod
+    def _create_v2(cls, path, made, memory_bytes, cpus, total_quota, period_us) -> "CgroupJob":
+        parent = path.parent
+        remove_stale(parent)
+        wanted = {"memory", "cpu", "cpuset"}
+        enabled = set(_read(parent / "cgroup.subtree_control").split())
+        if not wanted <= enabled:
+            try:
+                _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(wanted - enabled)))
+            except OSError as e:
+                raise CgroupUnavailable(
+                    f"cgroup v2: cannot enable {', '.join(sorted(wanted - enabled))} below {parent} "
+                    f"({e.strerror}); run inside a delegated cgroup (e.g. systemd-run --scope -p Delegate=yes)"
+                ) from None
+        _mkdir(path, made)
+        _write(path / "memory.max", memory_bytes)
+        if (path / "memory.swap.max").exists():
+            _write(path / "memory.swap.max", 0)
+        _write(path / "cpuset.cpus", ",".join(map(str, cpus)))
+        if total_quota is not None:
+            _write(path / "cpu.max", f"{max(1000, round(total_quota * period_us))} {period_us}")
+        return cls(2, {"memory": path, "cpuset": path, "cpu": path})
+
+    def _new_leaf(self, made: list[Path] | None = None) -> Path:
+        leaf = self.dirs["cpu"] / f"t{next(self._next_leaf)}"
+        leaf.mkdir()
+        if made is not None:
+            made.append(leaf)
+        _write(leaf / "cpu.cfs_period_us", self.period_us)
+        if self.thread_quota_us is not None:
+            _write(leaf / "cpu.cfs_quota_us", self.thread_quota_us)
+        return leaf
+
+    def entry_files(self) -> list[str]:
+        """The cgroup.procs files a child writes its own pid into before it execs the job."""
+        if self.version == 2:
+            return [str(self.dirs["memory"] / "cgroup.procs")]
+        return [str(self.dirs["memory"] / "cgroup.procs"), str(self.dirs["cpuset"] / "cgroup.procs"),
+                str(self.leaves[0] / "cgroup.procs")]
+
+    def split_threads(self) -> None:
+        """Give every thread of the job its own one-core leaf (v1); drop leaves whose thread has ended."""
+        if self.version != 1:
+            return
+        for leaf in list(self.leaves):
+            try:
+                tids = _read(leaf / "tasks").split()
+            except OSError:
+                continue
+            if not tids and leaf is not self.leaves[0]:  # leaf 0 is empty until the child joins it
+                with contextlib.suppress(OSError):
+                    leaf.rmdir()
+                    self.leaves.remove(leaf)
+                continue
+            for tid in tids[1:]:
+                new = self._new_leaf()
+                try:
+                    _write(new / "tasks", tid)
+                    self.leaves.append(new)
+                except OSError:  # the thread ended in between
+                    with contextlib.suppress(OSError):
+                        new.rmdir()
+
+    def pids(self) -> list[int]:
+        with contextlib.suppress(OSError):
+            return [int(p) for p in _read(self.dirs["memory"] / "cgroup.procs").split()]
+        return []
+
+    def memory_peak(self) -> int | None:
+        """Highest memory charged to the job (RSS + page cache), or None where the kernel does not keep it."""
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        with contextlib.suppress(OSError, ValueError):
+            return int(_read(self.dirs["memory"] / name))
+        return None
+
+    def oom_kills(self) -> int:
+        if self.version == 1:
+            return _events(self.dirs["memory"] / "memory.oom_control", "oom_kill")
+        return _events(self.dirs["memory"] / "memory.events", "oom_kill")
+
+    def oom_killed(self) -> bool:
+        return self.oom_kills() > self._oom_before
+
+    def kill(self, wait: float = 2.0) -> None:
+        """SIGKILL every process still in the job and wait (bounded) until the group is empty."""
+        deadline = time.monotonic() + wait
+        while (pids := self.pids()) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    def remove(self) -> None:
+        self.kill()
+        for path in {p for p in self.dirs.values()}:
+            _remove_tree(path)
+
+
+def remove_stale(parent: Path) -> None:
+    """Remove empty edge-ft cgroups left behind by runs whose parent process died (a crash, a SIGKILL)."""
+    with contextlib.suppress(OSError):
+        for path in parent.glob(f"{PREFIX}*"):
+            try:
+                owner = int(path.name.split(".")[1])
+            except (IndexError, ValueError):
+                continue
+            if owner != os.getpid() and not _pid_alive(owner):
+                _remove_tree(path)

@@ -1,0 +1,260 @@
+"""Run a measured job as a child process confined to a device profile, and record how it went.
+
+    result = run_confined(["python", "-m", "edge_ft.cli", "train", ...], load_profile("rpi-3b"))
+    result.status  # "ok" | "out_of_memory" | "timeout" | "failed"
+
+How the profile is imposed (result.emulation says which path ran):
+  cgroup  memory cap = profile budget (no swap), cpuset = min(profile cores, CPUs here), every thread capped at
+          one device core's speed (cpu_speed / host_speed of one CPU here) and the whole job at `cores` of them.
+          Times are scaled: wall time approximates the device's.
+  rlimit  where cgroups cannot be written: RLIMIT_DATA = budget (heap and private mappings; RLIMIT_AS would also
+          count reserved-but-untouched address space such as thread stacks and allocator arenas and reject jobs
+          that fit), CPU affinity, thread counts. Times are this machine's, not the device's (time_scaled False).
+  native  the profile is this machine (`host`, or measuring on the real board): thread counts only.
+In every mode the thread variables below are set before the child starts, so numpy's BLAS, OpenMP and the trainer's
+onnxruntime session (EDGE_FT_THREADS -> intra_op_num_threads) size their pools for the device.
+Running out of memory is a result ("does not fit in 512 MB"), never an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.bench.profiles import DeviceProfile
+from edge_ft.errors import UserError
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+               "NUMEXPR_NUM_THREADS", "EDGE_FT_THREADS")
+MODES = ("auto", "cgroup", "rlimit", "native")
+_ENTER = Path(__file__).with_name("enter.py")
+# How a process that ran out of memory without being OOM-killed says so (Python, numpy, C++/onnxruntime, glibc).
+_OOM_TEXT = re.compile(r"MemoryError|Unable to allocate|std::bad_alloc|Failed to allocate|Cannot allocate memory|"
+                       r"out of memory", re.IGNORECASE)
+_CHILD_RESCAN = 25  # outside a cgroup, look for new child processes every 25 samples (a /proc walk is not free)
+
+
+@dataclass
+class ConfinedResult:
+    argv: list[str]  # the job's command line
+    profile: str  # profile name
+    emulation: str  # how the limits were imposed: native | cgroup | rlimit
+    exit_code: int | None  # the job's exit status; negative: killed by that signal
+    oom_killed: bool  # the kernel's OOM killer ended (part of) the job inside its memory cap
+    timed_out: bool  # killed after `timeout` seconds
+    wall_seconds: float  # start to exit, as seen by the parent
+    cpu_seconds: float  # user + system CPU time of the job (and the children it waited for)
+    peak_rss_bytes: int  # max(sampled_rss_bytes, ru_maxrss_bytes)
+    sampled_rss_bytes: int  # highest total RSS over the job's processes, sampled every ~20 ms
+    ru_maxrss_bytes: int  # the kernel's RSS high-water mark of the job process
+    cgroup_peak_bytes: int | None  # highest memory charged to the job's cgroup (RSS + page cache); cgroup only
+    memory_limit_bytes: int | None  # the cap imposed (None: native)
+    cpus: list[int] | None  # CPUs the job was allowed on (None: all)
+    threads: int  # thread count given to BLAS/OpenMP/onnxruntime
+    cpu_quota: float | None  # share of one CPU here that each thread may use (None: uncapped)
+    time_scaled: bool  # wall time approximates the device's (a CPU quota was applied)
+    notes: list[str] = field(default_factory=list)  # caveats about this emulation
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.timed_out:
+            return "timeout"
+        if self.oom_killed:
+            return "out_of_memory"
+        if self.exit_code == 0:
+            return "ok"
+        if self.emulation != "cgroup" and _OOM_TEXT.search(self.stderr_tail):
+            return "out_of_memory"
+        return "failed"
+
+    @property
+    def fits(self) -> bool:
+        """False when the job needed more memory than the profile's budget."""
+        return self.status != "out_of_memory"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "status": self.status, "fits": self.fits}
+
+
+def thread_env(threads: int, base: dict | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update({var: str(threads) for var in THREAD_VARS})
+    return env
+
+
+def usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def plan_cpus(profile: DeviceProfile) -> list[int]:
+    """The last `cores` CPUs this process may use (CPU 0 usually takes most interrupts)."""
+    here = usable_cpus()
+    return here[-min(profile.cores, len(here)):]
+
+
+def quota_period_us(share: float) -> int:
+    """A short CFS period keeps throttling smooth; the kernel wants quota >= 1 ms, so slow cores get longer ones."""
+    return min(1_000_000, max(20_000, math.ceil(1000 / share)))
+
+
+def run_confined(argv: list[str], profile: DeviceProfile, env: dict | None = None, timeout: float | None = None,
+                 *, mode: str = "auto", threads: int | None = None, host_speed: float = 1.0,
+                 cwd: str | os.PathLike | None = None, sample_interval: float = 0.02,
+                 tail_chars: int = 4000) -> ConfinedResult:
+    """Run `argv` under `profile`'s limits and measure it.
+
+    mode: auto (native for native profiles, else cgroup, else rlimit) | cgroup | rlimit | native.
+    threads: override the profile's thread count (calibration runs one thread).
+    host_speed: this machine's core speed relative to the reference core (`edge-ft profile calibrate`); the CPU
+    quota per thread is profile.cpu_speed / host_speed.
+    """
+    if mode not in MODES:
+        raise UserError(f"unknown emulation mode {mode!r}: choose one of {', '.join(MODES)}")
+    if not host_speed > 0:
+        raise UserError(f"host speed must be positive, got {host_speed}")
+    threads = threads or profile.threads
+    notes: list[str] = []
+    if mode == "auto":
+        mode = "native" if profile.native else "cgroup"
+    share = profile.cpu_speed / host_speed
+    cpus = None if mode == "native" else plan_cpus(profile)
+    job = None
+    if mode == "cgroup":
+        thread_share = share if share < 1 else None
+        try:
+            job = CgroupJob.create(profile.budget_bytes, cpus, thread_share,
+                                   share * profile.cores if thread_share else None, quota_period_us(min(share, 1)))
+        except CgroupUnavailable as e:
+            notes.append(f"cgroups unavailable ({e}); fell back to rlimit: memory cap via RLIMIT_DATA, "
+                         "times are this machine's")
+            mode = "rlimit"
+    if job is not None:
+        notes += _cgroup_notes(profile, share, cpus, threads)
+    elif mode == "rlimit" and share < 1:
+        notes.append(f"not time-scaled: the device core is ~{share:.2f}x this one; wall times are this machine's")
+    spec = {"procs": job.entry_files() if job else [],
+            "rlimit_data": profile.budget_bytes if mode == "rlimit" else None,
+            "cpus": cpus if mode == "rlimit" else None}
+    child_env = thread_env(threads, env)
+    child_env.update(EDGE_FT_PROFILE=profile.name, EDGE_FT_EMULATION=mode)
+    try:
+        run = _run_and_watch([sys.executable, "-I", "-S", str(_ENTER), _json(spec), "--", *argv], child_env,
+                             cwd, timeout, job, sample_interval, tail_chars)
+    finally:
+        if job is not None:
+            job.remove()
+    return ConfinedResult(
+        argv=list(argv), profile=profile.name, emulation=mode, threads=threads, cpus=cpus,
+        memory_limit_bytes=None if mode == "native" else profile.budget_bytes,
+        cpu_quota=share if job is not None and share < 1 else None,
+        time_scaled=job is not None and share < 1, notes=notes, **run)
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj)
+
+
+def _cgroup_notes(profile: DeviceProfile, share: float, cpus: list[int], threads: int) -> list[str]:
+    notes = []
+    if share >= 1:
+        notes.append("the device core is at least as fast as this one: no CPU cap, times are this machine's")
+    if profile.cores > len(cpus):
+        notes.append(f"the profile has {profile.cores} cores, this machine {len(cpus)}: its threads share them")
+    needed = share * min(threads, profile.cores)
+    if share < 1 and needed > len(cpus):
+        notes.append(f"{threads} busy threads need {needed:.2f} CPUs here but {len(cpus)} exist: "
+                     "parallel phases run slower than on the device")
+    if profile.cpu_speed_is_estimate:
+        notes.append("the profile's cpu_speed is an estimate; measure the board with `edge-ft profile calibrate`")
+    return notes
+
+
+def _run_and_watch(cmd, env, cwd, timeout, job: CgroupJob | None, interval: float, tail_chars: int) -> dict:
+    """Start the child, sample its memory (and split its threads) until it exits; return the measured fields."""
+    import psutil
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # its own process group: a timeout kills all of it
+        sampled, timed_out, tick, procs = 0, False, 0, {}
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if job is not None:
+                    job.split_threads()
+                    pids = job.pids() or [proc.pid]
+                else:
+                    pids = _process_tree(proc.pid) if tick % _CHILD_RESCAN == 0 else list(procs) or [proc.pid]
+                sampled = max(sampled, _total_rss(pids, procs, psutil))
+                if timeout is not None and not timed_out and time.perf_counter() - t0 > timeout:
+                    timed_out = True
+                    _kill(proc.pid, job)
+                tick += 1
+                time.sleep(interval)
+            wall = time.perf_counter() - t0
+        except BaseException:
+            _kill(proc.pid, job)
+            with contextlib.suppress(ChildProcessError):
+                os.wait4(proc.pid, 0)
+            proc.returncode = -9
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return {
+            "exit_code": proc.returncode, "timed_out": timed_out, "wall_seconds": wall,
+            "oom_killed": job.oom_killed() if job is not None else False,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "sampled_rss_bytes": sampled, "ru_maxrss_bytes": usage.ru_maxrss * 1024,
+            "peak_rss_bytes": max(sampled, usage.ru_maxrss * 1024),
+            "cgroup_peak_bytes": job.memory_peak() if job is not None else None,
+            "stdout_tail": _tail(out, tail_chars), "stderr_tail": _tail(err, tail_chars),
+        }
+
+
+def _process_tree(pid: int) -> list[int]:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    return [pid]
+
+
+def _total_rss(pids: list[int], cache: dict, psutil) -> int:
+    """Sum of RSS over `pids`; psutil.Process objects are cached so each sample is one /proc read per process."""
+    total = 0
+    for pid in pids:
+        try:
+            p = cache.get(pid) or cache.setdefault(pid, psutil.Process(pid))
+            total += p.memory_info().rss
+        except psutil.Error:
+            cache.pop(pid, None)
+    return total
+
+
+def _kill(pid: int, job: CgroupJob | None) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(pid, 9)
+    if job is not None:
+        job.kill()
+
+
+def _tail(f, chars: int) -> str:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(max(0, size - 4 * chars))
+    return f.read().decode("utf-8", "replace")[-chars:]

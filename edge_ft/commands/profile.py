@@ -1,0 +1,162 @@
+"""`edge-ft profile`: list and show device profiles, calibrate this CPU, run a command as a profile's device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from edge_ft.commands.analyze import _int_at_least, _positive_float
+from edge_ft.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="device profiles: list, show, calibrate this CPU, run a command confined to a device",
+        description="Device profiles describe a target board (cores, memory left to the application, per-core "
+        "speed). Shipped profiles live in device_profiles/; $EDGE_FT_PROFILES adds folders searched first.",
+    )
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    ls = sub.add_parser("list", help="table of the known profiles")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.set_defaults(func=list_handler)
+
+    show = sub.add_parser("show", help="every field of one profile")
+    show.add_argument("name", metavar="NAME|PATH", help="profile name (see `list`) or path to a .toml file")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=show_handler)
+
+    cal = sub.add_parser(
+        "calibrate", help="measure this CPU core against the reference core (the cpu_speed a profile wants)",
+        description="Times a fixed single-threaded workload (numpy GEMM, a numpy LeNet-5 training step, an "
+        "interpreter loop) in a child process and prints its speed relative to the reference core the shipped "
+        "cpu_speed values use. Run it on the real board and write the figure into its profile. With --profile "
+        "the workload runs confined to that profile, which shows how well the emulation matches it.")
+    cal.add_argument("--repeats", type=_int_at_least(1), default=3, metavar="N",
+                     help="timed runs per part; the fastest counts (default 3)")
+    cal.add_argument("--profile", metavar="NAME|PATH", help="run confined to this profile (check the emulation)")
+    cal.add_argument("--mode", choices=("auto", "cgroup", "rlimit"), default="auto",
+                     help="how to confine with --profile (default auto: cgroup, else rlimit)")
+    cal.add_argument("--host-speed", type=_positive_float, default=1.0, metavar="X",
+                     help="this machine's speed from an earlier calibrate, to scale the emulation (default 1.0)")
+    cal.add_argument("--json", action="store_true", help="print JSON")
+    cal.add_argument("--quiet", action="store_true", help="no progress message")
+    cal.set_defaults(func=calibrate_handler)
+
+    run = sub.add_parser(
+        "run", help="run a command confined to a profile and report time, peak memory and whether it fit",
+        description="Runs COMMAND as the profile's device: memory capped at the profile's budget, cores and "
+        "per-core speed limited through cgroups (else RLIMIT_DATA + CPU affinity), thread counts set. "
+        "Example: edge-ft profile run rpi-3b -- edge-ft train BUNDLE --data d.npz --out runs/x")
+    run.add_argument("name", metavar="NAME|PATH", help="profile name or path")
+    run.add_argument("command", nargs="+", metavar="COMMAND", help="the command to run, after `--`")
+    run.add_argument("--timeout", type=_positive_float, metavar="S", help="kill the command after S seconds")
+    run.add_argument("--mode", choices=("auto", "cgroup", "rlimit", "native"), default="auto",
+                     help="how to impose the profile (default auto)")
+    run.add_argument("--host-speed", type=_positive_float, default=1.0, metavar="X",
+                     help="this machine's speed from `edge-ft profile calibrate` (default 1.0)")
+    run.add_argument("--json", action="store_true", help="print the full result as JSON")
+    run.set_defaults(func=run_handler)
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MB"
+
+
+def list_handler(args) -> int:
+    from edge_ft.bench.profiles import list_profiles
+
+    profiles = list_profiles()
+    if args.json:
+        print(json.dumps([p.to_dict() for p in profiles], indent=2))
+        return 0
+    rows = [("name", "board", "arch", "cores", "RAM MB", "budget MB", "threads", "cpu_speed")]
+    for p in profiles:
+        speed = "native" if p.native else f"{p.cpu_speed:g} ({'est.' if p.cpu_speed_is_estimate else 'measured'})"
+        rows.append((p.name, p.description, p.arch, str(p.cores), str(p.ram_mb), str(p.budget_mb), str(p.threads),
+                     speed))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("\ncpu_speed: one core relative to the reference core (edge-ft profile calibrate); est. = estimate")
+    return 0
+
+
+def show_handler(args) -> int:
+    from edge_ft.bench.profiles import load_profile
+
+    p = load_profile(args.name)
+    d = p.to_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    width = max(map(len, d))
+    for key, value in d.items():
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def calibrate_handler(args) -> int:
+    from edge_ft.bench.calibrate import PARTS, REFERENCE
+    from edge_ft.bench.emulate import run_confined
+    from edge_ft.bench.profiles import load_profile
+
+    profile = load_profile(args.profile or "host")
+    mode = args.mode if args.profile else "native"
+    if not args.quiet:
+        print(f"timing the calibration workload ({args.repeats} runs of {len(PARTS)} parts, one thread"
+              f"{', as ' + profile.name if args.profile else ''}) ...", file=sys.stderr, flush=True)
+    argv = [sys.executable, "-m", "edge_ft.bench.calibrate", "--repeats", str(args.repeats)]
+    result = run_confined(argv, profile, mode=mode, threads=1, host_speed=args.host_speed)
+    if result.status != "ok":
+        last = (result.stderr_tail.strip().splitlines() or [result.status])[-1]
+        raise UserError(f"the calibration workload did not finish ({result.status}: {last})")
+    measured = json.loads(result.stdout_tail.strip().splitlines()[-1])
+    measured["emulation"] = result.emulation
+    if args.profile:
+        measured["profile"] = {"name": profile.name, "cpu_speed": profile.cpu_speed, "notes": result.notes}
+    if args.json:
+        print(json.dumps(measured, indent=2))
+        return 0
+    print(f"reference: {REFERENCE['machine']} (measured {REFERENCE['date']})")
+    print(f"{'part':<12}{'seconds':>10}{'reference':>11}{'speed':>8}")
+    for part in PARTS:
+        print(f"{part:<12}{measured['seconds'][part]:>10.4f}{REFERENCE['seconds'][part]:>11.4f}"
+              f"{measured['per_part'][part]:>8.3f}")
+    speed = measured["speed"]
+    if args.profile:
+        print(f"cpu_speed under {profile.name} ({result.emulation}) = {speed:.3f}; "
+              f"the profile asks for {profile.cpu_speed:g} (per-part spread is expected: a quota slows every "
+              "part alike, a real core does not)")
+        for note in result.notes:
+            print(f"note: {note}")
+    else:
+        print(f"cpu_speed = {speed:.3f}  (geometric mean; one core of this machine relative to the reference)")
+        print(f'to record it: cpu_speed = {speed:.3g} and cpu_speed_source = "measured: edge-ft profile '
+              f'calibrate, <date>, <board>" in the board\'s profile')
+    return 0
+
+
+def run_handler(args) -> int:
+    from edge_ft.bench.emulate import run_confined
+    from edge_ft.bench.profiles import load_profile
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UserError("no command given: edge-ft profile run NAME [options] -- COMMAND ...")
+    profile = load_profile(args.name)
+    r = run_confined(command, profile, timeout=args.timeout, mode=args.mode, host_speed=args.host_speed)
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2))
+    else:
+        sys.stdout.write(r.stdout_tail)
+        sys.stderr.write(r.stderr_tail)
+        fit = "does not fit" if not r.fits else r.status
+        print(f"{profile.name} ({r.emulation}): {fit} in {_mb(r.memory_limit_bytes)}, exit {r.exit_code}, "
+              f"{r.wall_seconds:.2f} s wall, {r.cpu_seconds:.2f} s CPU, peak RSS {_mb(r.peak_rss_bytes)}"
+              f"{', cgroup peak ' + _mb(r.cgroup_peak_bytes) if r.cgroup_peak_bytes else ''}", file=sys.stderr)
+        for note in r.notes:
+            print(f"note: {note}", file=sys.stderr)
+    return 0 if r.status == "ok" else 1
