@@ -1,0 +1,189 @@
+"""Adapters: PEFT layout and size, loading into Hugging Face PEFT, apply and merge on the device, refusals."""
+
+import json
+import shutil
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_ft.checkpoint import load_safetensors
+from edge_ft.cli import main
+from edge_ft.config import MethodConfig
+from edge_ft.device.adapter import CONFIG, WEIGHTS, apply_adapter, load_adapter, merge_adapter
+from edge_ft.device.bundle import load_bundle
+from edge_ft.device.engines import open_engine
+from edge_ft.device.ort_api import inference_session
+from edge_ft.errors import UserError
+from edge_ft.host.model import LeNet5
+from tests.ort_training_support import ADAMW, METHODS, ROOT, base_state, bundle, fresh_bundle, mnist, npz_pair
+
+LORA_R2_MAX_BYTES = 6500  # the shipped file for rank 2 on fc1..fc3 in float32
+
+
+@lru_cache(maxsize=None)
+def trained_adapter(method: str, dtype: str = "float32") -> tuple[Path, Path]:
+    """(run folder, adapter folder): 60 AdamW steps on real digits, then `edge-ft adapter export`."""
+    train, test = npz_pair()
+    run, adapter = ROOT / f"adapter-run-{method}", ROOT / f"adapter-{method}-{dtype}"
+    if not run.exists():
+        assert main(["train", str(bundle(METHODS[method])), "--data", str(train), "--steps", "60", "--batch", "32",
+                     "--lr", "0.01", "--threads", "1", "--out", str(run), "--quiet"]) == 0
+    assert main(["adapter", "export", str(run), "--out", str(adapter), "--dtype", dtype]) == 0
+    return run, adapter
+
+
+def images(n: int = 128) -> np.ndarray:
+    return mnist()[0][-n:, None].astype(np.float32) / 255
+
+
+def run_model(path: Path, x: np.ndarray) -> np.ndarray:
+    return inference_session(path, threads=1).run(None, {"input": x})[0]
+
+
+def test_lora_adapter_follows_peft_layout_and_size():
+    _, adapter = trained_adapter("lora")
+    tensors = load_safetensors(adapter / WEIGHTS)
+    assert {k: v.shape for k, v in tensors.items()} == {
+        f"base_model.model.{layer}.lora_{ab}.weight": shape
+        for layer, (fan_in, fan_out) in {"fc1": (256, 120), "fc2": (120, 84), "fc3": (84, 10)}.items()
+        for ab, shape in (("A", (2, fan_in)), ("B", (fan_out, 2)))
+    }
+    assert all(v.dtype == np.float32 for v in tensors.values())
+    assert (adapter / WEIGHTS).stat().st_size <= LORA_R2_MAX_BYTES
+    config = json.loads((adapter / CONFIG).read_text())
+    assert {k: config[k] for k in ("peft_type", "r", "lora_alpha", "target_modules", "bias", "task_type")} == {
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4.0, "target_modules": ["fc1", "fc2", "fc3"], "bias": "none",
+        "task_type": None}
+    assert config["edge_ft"]["base_sha256"] == load_bundle(bundle(METHODS["lora"])).base_sha256
+    assert config["edge_ft"]["num_classes"] == 10
+
+
+def test_float16_halves_the_adapter():
+    _, full = trained_adapter("lora")
+    _, half = trained_adapter("lora", "float16")
+    a, b = load_safetensors(full / WEIGHTS), load_safetensors(half / WEIGHTS)
+    assert sum(v.nbytes for v in b.values()) * 2 == sum(v.nbytes for v in a.values())
+    assert (half / WEIGHTS).stat().st_size < 0.6 * (full / WEIGHTS).stat().st_size
+    for key in a:
+        np.testing.assert_allclose(b[key].astype(np.float32), a[key], rtol=1e-3, atol=1e-4)
+
+
+def test_peft_loads_the_device_adapter_with_the_device_logits():
+    """PeftModel.from_pretrained on the torch LeNet-5 computes what the device's model.onnx computes."""
+    from peft import PeftModel
+
+    run, adapter = trained_adapter("lora")
+    model = LeNet5()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in base_state().items()})
+    with warnings.catch_warnings():  # PEFT notes the "edge_ft" block of adapter_config.json and ignores it
+        warnings.filterwarnings("ignore", "Unexpected keyword arguments", UserWarning)
+        peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    x = images()
+    with torch.no_grad():
+        expected = peft_model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run_model(run / "model.onnx", x), expected, rtol=0, atol=1e-5)
+    assert not np.allclose(expected, LeNet5().eval()(torch.from_numpy(x)).detach().numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["lora", "probe"])
+def test_merged_model_equals_the_trained_model(method, tmp_path):
+    run, adapter = trained_adapter(method)
+    out = tmp_path / "merged.onnx"
+    assert main(["adapter", "merge", str(bundle(METHODS[method])), str(adapter), "--out", str(out)]) == 0
+    x = images()
+    np.testing.assert_allclose(run_model(out, x), run_model(run / "model.onnx", x), rtol=0, atol=1e-5)
+    assert out.stat().st_size < (run / "model.onnx").stat().st_size or method == "probe"  # no LoRA tensors left
+
+
+def test_probe_adapter_ships_the_head():
+    _, adapter = trained_adapter("probe")
+    tensors = load_safetensors(adapter / WEIGHTS)
+    assert {k: v.shape for k, v in tensors.items()} == {"base_model.model.fc3.weight": (10, 84),
+                                                         "base_model.model.fc3.bias": (10,)}
+    assert json.loads((adapter / CONFIG).read_text())["edge_ft"]["method"] == "probe"
+
+
+def test_applied_adapter_is_where_training_and_inference_start(tmp_path):
+    run, adapter = trained_adapter("lora")
+    path = fresh_bundle(METHODS["lora"])
+    assert main(["adapter", "apply", str(path), str(adapter)]) == 0
+    b = load_bundle(path)  # the manifest now lists the adapter file with its hash
+    engine = open_engine(b, threads=1)
+    tensors, _ = load_adapter(adapter)
+    for name, value in engine.trainable_state().items():
+        np.testing.assert_array_equal(value, tensors[name])
+    np.testing.assert_allclose(engine.logits(images()), run_model(run / "model.onnx", images()), rtol=0, atol=1e-5)
+    train, _ = npz_pair()
+    assert main(["train", str(path), "--data", str(train), "--steps", "5", "--lr", "0.001", "--out",
+                 str(tmp_path / "run"), "--quiet"]) == 0
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert r["bundle"]["applied_adapter"]["file"] == "applied_adapter.safetensors"
+    first = json.loads((run / "results.json").read_text())["losses"][0]
+    assert r["losses"][0] < first - 0.05  # starts from the trained adapter, not from B = 0
+
+
+def _tamper(adapter: Path, tmp_path: Path, config=None, tensors=None) -> Path:
+    out = tmp_path / "tampered"
+    shutil.copytree(adapter, out)
+    if config:
+        data = json.loads((out / CONFIG).read_text())
+        config(data)
+        (out / CONFIG).write_text(json.dumps(data))
+    if tensors:
+        from safetensors.numpy import load_file, save_file
+
+        data = load_file(str(out / WEIGHTS))
+        tensors(data)
+        save_file(data, str(out / WEIGHTS))
+    return out
+
+
+@pytest.mark.parametrize(
+    "change, target, message",
+    [
+        (dict(config=lambda c: c.update(r=4)), "lora", "rank r=4"),
+        (dict(config=lambda c: c.update(target_modules=["fc1", "fc2"])), "lora", "adapter targets"),
+        (dict(config=lambda c: c["edge_ft"].update(base_sha256="0" * 64)), "lora", "different base model"),
+        (dict(config=lambda c: c["edge_ft"].update(dtype="float16")), "lora", "the config says float16"),
+        (dict(tensors=lambda t: t.update({"base_model.model.fc1.lora_A.weight": np.zeros((2, 255), np.float32)})),
+         "lora", "has shape (2, 255)"),
+        (dict(tensors=lambda t: t.pop("base_model.model.fc2.lora_B.weight")), "lora", "'fc2.lora_B' is missing"),
+        ({}, "probe", "adapter is for method lora"),
+        ({}, "other-base", "different base model"),
+        ({}, "probe-5-classes", "adapter has 10 classes, the bundle 5"),
+    ],
+)
+def test_mismatched_adapters_are_refused_in_one_line(change, target, message, tmp_path, capsys):
+    _, adapter = trained_adapter("probe" if target == "probe-5-classes" else "lora")
+    adapter = _tamper(adapter, tmp_path, **change) if change else adapter
+    if target == "probe-5-classes":
+        path = fresh_bundle(MethodConfig("probe", num_classes=5), ADAMW)
+    else:
+        path = fresh_bundle(METHODS["lora" if target == "other-base" else target], ADAMW,
+                            base_seed=2 if target == "other-base" else 1)
+    before = (path / "manifest.json").read_bytes()
+    for argv in (["apply", str(path), str(adapter)], ["merge", str(path), str(adapter), "--out", str(tmp_path / "m")]):
+        assert main(["adapter", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert (path / "manifest.json").read_bytes() == before and not (tmp_path / "m").exists()
+
+
+def test_adapter_export_needs_a_finished_run(tmp_path, capsys):
+    assert main(["adapter", "export", str(tmp_path), "--out", str(tmp_path / "a")]) == 2
+    assert "not a finished run" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+def test_apply_then_load_bundle_detects_a_swapped_adapter_file(tmp_path):
+    _, adapter = trained_adapter("lora")
+    path = fresh_bundle(METHODS["lora"])
+    apply_adapter(load_bundle(path), adapter)
+    (path / "applied_adapter.safetensors").write_bytes((adapter / WEIGHTS).read_bytes())
+    with pytest.raises(UserError, match="applied_adapter.safetensors: contents do not match"):
+        load_bundle(path)
+    with pytest.raises(UserError, match="no such file|not an adapter folder"):
+        merge_adapter(load_bundle(bundle(METHODS["lora"])), tmp_path / "nothing", tmp_path / "m.onnx")
