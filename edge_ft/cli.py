@@ -16,6 +16,9 @@ from edge_ft.errors import UserError
 
 # Order here is the order in `edge-ft --help`.
 COMMAND_MODULES = [
+    "data",
+    "pretrain",
+    "finetune",
     "analyze",
     "export",
     "train",

@@ -1,0 +1,25 @@
+"""Session-wide fixtures shared by the test files."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory):
+    """Path of a small LeNet-5 base (.safetensors + .json) pretrained once per session on the MNIST 5k subset.
+
+    Two epochs on 2000 examples, one thread: a few seconds, ~0.85 held-out, good enough to fine-tune from.
+    """
+    from edge_ft.checkpoint import save_base
+    from edge_ft.data.tasks import Split, source_split
+    from edge_ft.host.train import pretrain
+    from edge_ft.training_defaults import PRETRAIN, RecipeDefaults
+
+    full = source_split()
+    split = Split(full.x_train[:2000], full.y_train[:2000], full.x_test, full.y_test, dict(full.info, n_train=2000))
+    recipe = RecipeDefaults(PRETRAIN.optimizer, PRETRAIN.lr, 2, PRETRAIN.batch, PRETRAIN.schedule)
+    state, meta = pretrain(split, recipe, seed=0, threads=1, quiet=True)
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    save_base(path, state, meta)
+    return path
