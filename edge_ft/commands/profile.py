@@ -127,9 +127,9 @@ def calibrate_handler(args) -> int:
               f"{measured['per_part'][part]:>8.3f}")
     speed = measured["speed"]
     if args.profile:
-        print(f"cpu_speed under {profile.name} ({result.emulation}) = {speed:.3f}; "
-              f"the profile asks for {profile.cpu_speed:g} (per-part spread is expected: a quota slows every "
-              "part alike, a real core does not)")
+        target = profile.cpu_speed / args.host_speed
+        print(f"cpu_speed under {profile.name} ({result.emulation}) = {speed:.3f}; the quota allows {target:.3g} "
+              "(less here means contention or cache refills after each throttled slice)")
         for note in result.notes:
             print(f"note: {note}")
     else:

@@ -1,0 +1,181 @@
+"""Confined runs: memory caps end in a 'does not fit' result, cpusets and per-thread CPU quotas hold, thread
+counts reach the child, the rlimit fallback works, and no cgroup is left behind."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_ft.bench import cgroups
+from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.bench.emulate import THREAD_VARS, run_confined
+from edge_ft.bench.profiles import load_profile, load_profile_file
+from edge_ft.cli import main
+
+PY = sys.executable
+MB = 2**20
+
+
+def _cgroup_reason() -> str | None:
+    try:
+        CgroupJob.create(64 * MB, [sorted(os.sched_getaffinity(0))[0]], 0.5, 0.5, 20_000).remove()
+    except CgroupUnavailable as e:
+        return str(e)
+    return None
+
+
+CGROUP_REASON = _cgroup_reason()
+needs_cgroups = pytest.mark.skipif(CGROUP_REASON is not None, reason=f"cgroups not writable: {CGROUP_REASON}")
+
+
+def make_profile(tmp_path: Path, name="box", cores=1, budget_mb=128, threads=None, cpu_speed=0.5):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'description = "test box"\narch = "x86_64"\ncpu = "test"\ncores = {cores}\nram_mb = {2 * budget_mb}\n'
+        f"budget_mb = {budget_mb}\nthreads = {threads or cores}\ncpu_speed = {cpu_speed}\n"
+        'cpu_speed_source = "chosen for a test"\n')
+    return load_profile_file(path)
+
+
+def alloc(mb: int) -> list[str]:
+    """A child that touches `mb` MiB of fresh memory (np.ones writes every page), then reports its CPUs."""
+    return [PY, "-c", f"import numpy as np, os; a = np.ones({mb} * 2**20 // 8); "
+            "print(sorted(os.sched_getaffinity(0)))"]
+
+
+def busy(threads: int, cpu_seconds: float) -> list[str]:
+    """A child running `threads` GIL-free busy threads (sha256 of 1 MiB releases the GIL) until each has used
+    `cpu_seconds` of CPU; prints the job's CPU time / wall time, i.e. the share of one CPU it obtained."""
+    code = f"""
+import hashlib, threading, time
+data = b"x" * (1 << 20)
+def spin():
+    t = time.thread_time()
+    while time.thread_time() - t < {cpu_seconds}:
+        hashlib.sha256(data).digest()
+ts = [threading.Thread(target=spin) for _ in range({threads})]
+w, c = time.perf_counter(), time.process_time()
+[t.start() for t in ts]; [t.join() for t in ts]
+print((time.process_time() - c) / (time.perf_counter() - w))
+"""
+    return [PY, "-c", code]
+
+
+def leftover_cgroups() -> list[Path]:
+    own = cgroups._own_paths()
+    found = []
+    for controller in ("memory", "cpu", "cpuset"):
+        mount = cgroups._v1_mount(controller)
+        if mount is not None:
+            found += (mount / own.get(controller, "/").lstrip("/")).glob(f"{cgroups.PREFIX}{os.getpid()}.*")
+    return found
+
+
+@needs_cgroups
+def test_cgroup_allocation_beyond_cap_does_not_fit(tmp_path):
+    r = run_confined(alloc(300), make_profile(tmp_path, budget_mb=128), timeout=60)
+    assert r.emulation == "cgroup"
+    assert r.oom_killed and r.exit_code == -9
+    assert r.status == "out_of_memory" and not r.fits
+    assert r.cgroup_peak_bytes == r.memory_limit_bytes == 128 * MB  # it reached the cap and went no further
+    assert not leftover_cgroups()
+
+
+@needs_cgroups
+def test_cgroup_allocation_within_cap_succeeds_on_its_cpuset(tmp_path):
+    r = run_confined(alloc(40), make_profile(tmp_path, budget_mb=150), timeout=60)
+    assert r.status == "ok" and r.fits and not r.oom_killed and r.emulation == "cgroup"
+    assert json.loads(r.stdout_tail) == r.cpus and len(r.cpus) == 1  # cpuset: the child sees one CPU
+    assert 40 * MB < r.cgroup_peak_bytes <= 150 * MB
+    assert r.peak_rss_bytes >= r.sampled_rss_bytes > 40 * MB and r.ru_maxrss_bytes > 40 * MB
+    assert r.time_scaled and r.cpu_quota == pytest.approx(0.5)
+    assert not leftover_cgroups()
+
+
+@needs_cgroups
+def test_threads_env_reaches_the_child(tmp_path):
+    code = f"import os, json; print(json.dumps({{v: os.environ.get(v) for v in {THREAD_VARS!r} + ('EDGE_FT_PROFILE',)}}))"
+    profile = make_profile(tmp_path, name="duo", cores=2, threads=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "64"}  # the profile wins over the caller's environment
+    seen = json.loads(run_confined([PY, "-c", code], profile, env=env).stdout_tail)
+    assert seen == {**{v: "2" for v in THREAD_VARS}, "EDGE_FT_PROFILE": "duo"}
+    seen = json.loads(run_confined([PY, "-c", code], profile, threads=1).stdout_tail)
+    assert seen["OPENBLAS_NUM_THREADS"] == seen["EDGE_FT_THREADS"] == "1"
+
+
+@needs_cgroups
+def test_quota_caps_every_thread_at_one_device_core(tmp_path):
+    # A 2-core device at 0.1 of a core here. One shared quota would give a single thread 0.2 (both cores' worth);
+    # per-thread leaves hold it at 0.1, and two threads get 0.1 each (the second is moved to its own leaf).
+    profile = make_profile(tmp_path, cores=2, cpu_speed=0.1)
+    native = float(run_confined(busy(1, 0.1), profile, mode="native").stdout_tail)
+    one = float(run_confined(busy(1, 0.15), profile, timeout=30).stdout_tail)
+    two = float(run_confined(busy(2, 0.15), profile, timeout=30).stdout_tail)
+    assert 0.05 < one < 0.13, one
+    assert native > 2 * one, (native, one)  # the same loop unconfined, measured alongside on this busy machine
+    assert 0.15 < two < 0.26, two
+
+
+@needs_cgroups
+def test_stale_cgroups_of_dead_runs_are_removed():
+    dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    mount = cgroups._v1_mount("cpu")
+    parent = mount / cgroups._own_paths().get("cpu", "/").lstrip("/")
+    stale = parent / f"{cgroups.PREFIX}{pid}.0"
+    stale.mkdir()
+    (stale / "t0").mkdir()
+    cgroups.remove_stale(parent)
+    assert not stale.exists()
+
+
+def test_rlimit_fallback_fails_cleanly_beyond_cap(tmp_path):
+    profile = make_profile(tmp_path, budget_mb=128)
+    r = run_confined(alloc(300), profile, mode="rlimit", timeout=60)
+    assert r.emulation == "rlimit" and not r.time_scaled and r.cpu_quota is None
+    assert r.exit_code == 1 and not r.oom_killed
+    assert r.status == "out_of_memory" and not r.fits and "Unable to allocate" in r.stderr_tail
+    ok = run_confined(alloc(40), profile, mode="rlimit", timeout=60)
+    assert ok.status == "ok" and json.loads(ok.stdout_tail) == ok.cpus and len(ok.cpus) == 1  # affinity
+
+
+def test_auto_falls_back_to_rlimit_when_cgroups_are_unavailable(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise CgroupUnavailable("not running as root, so cgroups cannot be created")
+
+    monkeypatch.setattr(CgroupJob, "create", refuse)
+    r = run_confined(alloc(10), make_profile(tmp_path), timeout=60)
+    assert r.emulation == "rlimit" and r.status == "ok" and not r.time_scaled
+    assert any("fell back to rlimit" in n for n in r.notes)
+
+
+def test_host_profile_runs_native_and_reports_failures_and_timeouts():
+    host = load_profile("host")
+    r = run_confined([PY, "-c", "import sys; print('hi'); sys.exit(3)"], host)
+    assert (r.emulation, r.exit_code, r.status, r.stdout_tail) == ("native", 3, "failed", "hi\n")
+    assert r.memory_limit_bytes is None and r.cpus is None
+    slow = run_confined([PY, "-c", "import time; time.sleep(30)"], host, timeout=0.5)
+    assert slow.status == "timeout" and slow.exit_code == -9 and slow.wall_seconds < 5
+    missing = run_confined(["/nonexistent/program"], host)
+    assert missing.exit_code == 127 and "cannot run" in missing.stderr_tail
+
+
+@needs_cgroups
+def test_cli_run_reports_does_not_fit(tmp_path, capsys):
+    profile = make_profile(tmp_path, budget_mb=100)
+    assert main(["profile", "run", str(profile.path), "--timeout", "60", "--", *alloc(250)]) == 1
+    assert "does not fit in 100 MB" in capsys.readouterr().err
+    assert main(["profile", "run", str(profile.path), "--json", "--", *alloc(20)]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "ok"
+
+
+@needs_cgroups
+def test_calibrate_under_a_profile_reports_its_speed(tmp_path, capsys):
+    profile = make_profile(tmp_path, cpu_speed=0.25)
+    assert main(["profile", "calibrate", "--profile", str(profile.path), "--repeats", "1", "--json", "--quiet"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["emulation"] == "cgroup"
+    assert 0.12 < r["speed"] < 0.3, r["speed"]  # capped at 0.25 of a core; a busy machine only lowers it
