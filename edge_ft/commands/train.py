@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=_int_at_least(0), metavar="N",
                    help="onnxruntime intra-op threads (default: --profile's, else 0 = onnxruntime decides)")
     p.add_argument("--profile", metavar="NAME", help="device profile whose thread count to use (edge-ft profile)")
-    p.add_argument("--mem-arena", choices=("on", "off"), help="onnxruntime CPU memory arena (default off)")
+    p.add_argument("--mem-arena", choices=("on", "off"), help="onnxruntime CPU memory arena (default on)")
     p.add_argument("--seed", type=int, default=0, help="batch-order seed (default 0)")
     p.add_argument("--checkpoint-every", type=_int_at_least(0), default=0, metavar="N",
                    help="save the training state every N steps into OUT/checkpoints (default: only at the end)")
@@ -42,7 +42,7 @@ def handler(args) -> int:
     from edge_ft.data.npz import load_npz
     from edge_ft.device import ort_api
     from edge_ft.device.bundle import load_bundle
-    from edge_ft.device.trainer import TrainSettings, train
+    from edge_ft.device.trainer import TrainSettings, load_runtime, train
     from edge_ft.training_defaults import DEFAULTS
 
     bundle = load_bundle(args.bundle)
@@ -66,10 +66,11 @@ def handler(args) -> int:
         cache_features=args.cache_features,
         quiet=args.quiet,
     )
+    rss_after_imports = load_runtime(bundle.engine)
     data = load_npz(args.data, bundle.num_classes)
     eval_data = load_npz(args.eval, bundle.num_classes) if args.eval else None
     out = Path(args.out or Path("runs") / bundle.path.resolve().name)
-    r = train(bundle, data, eval_data, settings, out)
+    r = train(bundle, data, eval_data, settings, out, rss_after_imports)
     if not args.quiet:
         acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
         print(f"{out}: {r['steps']} steps, final loss {r['losses'][-1]:.4f}{acc}, "

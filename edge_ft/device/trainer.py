@@ -103,9 +103,19 @@ def _feature_cache(bundle: Bundle, threads: int, *xs: np.ndarray) -> list[np.nda
     return [predict(run, x) if len(x) else np.zeros((0, bundle.manifest["features"]["dim"]), np.float32) for x in xs]
 
 
+def load_runtime(engine: str) -> int:
+    """Import the engine and onnxruntime; return the RSS then: what the runtime costs before any data or session."""
+    engine_class(engine)
+    import_onnxruntime()
+    return rss_bytes()
+
+
 def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[np.ndarray, np.ndarray] | None,
-          s: TrainSettings, out: str | Path) -> dict:
-    """Fine-tune `bundle` on data (x uint8 (N,28,28), y int64 (N,)); write the run folder; return results."""
+          s: TrainSettings, out: str | Path, rss_after_imports: int | None = None) -> dict:
+    """Fine-tune `bundle` on data (x uint8 (N,28,28), y int64 (N,)); write the run folder; return results.
+
+    rss_after_imports: measured by the caller with load_runtime() before it loaded the data (else measured here).
+    """
     out = Path(out)
     x, y = data
     x_eval, y_eval = eval_data if eval_data is not None else (x[:0], y[:0])
@@ -116,8 +126,8 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
                             f"this one is {bundle.method.method}")
         train_bundle = bundle.head
     engine_cls = engine_class(train_bundle.engine)
-    import_onnxruntime()
-    rss_after_imports = rss_bytes()  # the runtime libraries, before any session or data work
+    if rss_after_imports is None:
+        rss_after_imports = load_runtime(train_bundle.engine)
 
     per_epoch = math.ceil(len(x) / s.batch)
     total = s.steps or s.epochs * per_epoch
@@ -204,8 +214,8 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
         "step_latency_ms": latency_ms(step_seconds),
         "train_seconds": round(train_seconds, 4),
         "feature_cache_seconds": None if feature_seconds is None else round(feature_seconds, 4),
-        "memory_mb": {"rss_after_imports": round(rss_after_imports / MB, 2), "peak_rss_sampled": round(peak.bytes / MB, 2),
-                      "ru_maxrss": round(ru_maxrss_bytes() / MB, 2)},
+        "memory_mb": {"rss_after_imports": round(rss_after_imports / MB, 2),
+                      "peak_rss_sampled": round(peak.bytes / MB, 2), "ru_maxrss": round(ru_maxrss_bytes() / MB, 2)},
         "bundle_bytes": file_sizes(bundle.path),
     }
     results["artifact_bytes"] = file_sizes(out)  # before results.json itself exists

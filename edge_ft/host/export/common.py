@@ -133,7 +133,8 @@ def write_inference_base(model: nn.Module, num_classes: int, out_dir: Path) -> d
     net = LeNet5(num_classes).eval()
     weights = base_named_state(model, num_classes)
     rng = np.random.default_rng(0)
-    placeholders = {k: torch.from_numpy(rng.standard_normal(tuple(v.shape)).astype(np.float32)) for k, v in weights.items()}
+    placeholders = {k: torch.from_numpy(rng.standard_normal(tuple(v.shape)).astype(np.float32))
+                    for k, v in weights.items()}
     net.load_state_dict(placeholders)
     data = bytearray(onnx_bytes(net, training=False))
     offsets = {}
