@@ -223,3 +223,43 @@ def test_device_engine_imports_neither_torch_nor_onnx():
             "print(sorted(m for m in ('torch', 'onnx') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
+
+
+class StridedNet(torch.nn.Module):
+    """Exercises the decompositions LeNet-5 does not reach: a strided, padded conv and nn.AvgPool2d over an
+    odd-sized map (13x13: the last row and column get no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 3, 3)  # -> (B,3,26,26)
+        self.conv2 = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)  # -> (B,4,13,13)
+        self.pool = torch.nn.AvgPool2d(2)  # -> (B,4,6,6)
+        self.fc = torch.nn.Linear(144, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.slow
+def test_decompositions_match_autograd_beyond_lenet(tmp_path):
+    from edge_ft.device.engines.ort_step import optimizer_keys
+    from edge_ft.host.export.step_trace import export_onnx, make_step, train_io_names
+
+    torch.manual_seed(0)
+    model, opt = StridedNet(), OptimizerConfig("sgd", lr=0.1)
+    names = [n for n, _ in model.named_parameters()]
+    tensors = [p.detach().clone() for p in model.parameters()]
+    inputs, outputs = train_io_names(names, [], optimizer_keys(opt.name, names))
+    export_onnx(make_step(model, names, [], [], opt), (1, 28, 28), tensors, inputs, outputs,
+                tmp_path / "step.onnx", labels=True)
+    x, y = support.mnist_batches()[0]
+    feeds = {"input": x, "labels": y, "lr": np.array(opt.lr, np.float32),
+             **{n: t.numpy() for n, t in zip(names, tensors)}}
+    loss, _, *updated = ort.InferenceSession(tmp_path / "step.onnx").run(None, feeds)
+
+    torch_loss = F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+    torch_loss.backward()
+    assert loss == pytest.approx(torch_loss.item(), rel=1e-6)
+    for name, p, new in zip(names, model.parameters(), updated):
+        np.testing.assert_allclose(new, (p - opt.lr * p.grad).detach().numpy(), rtol=0, atol=1e-6, err_msg=name)

@@ -11,7 +11,10 @@ torch.optim step agree to float rounding.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import logging
+import warnings
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -154,10 +157,11 @@ def export_onnx(fn: Callable, input_shape: tuple[int, ...], tensors: list[torch.
     gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="symbolic")(*args)
     dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     dynamic = tuple([{0: dim}] * (2 if labels else 1) + [None] * (len(args) - (2 if labels else 1)))
-    ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
-    # optimize=True constant-folds with a tolerance and deletes AdamW's `+ eps` (then 0/0 = NaN): keep it off.
-    program = torch.onnx.export(ep, args, dynamo=True, optimize=False, opset_version=OPSET,
-                                input_names=input_names, output_names=output_names, verbose=False)
+    with _quiet_exporter():
+        ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
+        # optimize=True constant-folds with a tolerance and deletes AdamW's `+ eps` (then 0/0 = NaN): keep it off.
+        program = torch.onnx.export(ep, args, dynamo=True, optimize=False, opset_version=OPSET,
+                                    input_names=input_names, output_names=output_names, verbose=False)
     model = program.model_proto
     batch_symbol = model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
     for value in [*model.graph.input, *model.graph.output]:  # one readable name for the batch axis everywhere
@@ -173,6 +177,20 @@ def export_onnx(fn: Callable, input_shape: tuple[int, ...], tensors: list[torch.
     from edge_ft.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, model.SerializeToString())
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide the exporter's notes that are no user's concern (no torchvision, pytree deprecations)."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        registry.setLevel(level)
 
 
 def train_io_names(trainable: list[str], frozen: list[str], state_keys: list[str]) -> tuple[list[str], list[str]]:
