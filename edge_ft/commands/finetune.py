@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--shots", type=int, default=None, help="training examples per class (default: the task's)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order (default: 0)")
     p.add_argument("--seeds", type=int, default=3, help="--all: number of seeds, 0..N-1 (default: 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, fastest for LeNet-5)")
     p.add_argument("--out", type=Path, default=None,
                    help="run folder (default: runs/finetune/TASK-METHOD-sSEED; --all: runs/table)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

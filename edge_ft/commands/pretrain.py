@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", type=Path, default=None,
                    help="folder with MNIST's train/t10k IDX files (also <root>/MNIST/raw/)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: reproducible across machines)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; LeNet-5 is too small to gain from more, and they fight on shared cores")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

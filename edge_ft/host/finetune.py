@@ -13,7 +13,7 @@ from edge_ft.atomic import atomic_save_safetensors, atomic_write_json
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.data.tasks import Split
 from edge_ft.host.methods import adapter_state, build_model, count_trainable
-from edge_ft.host.train import accuracy, set_determinism, state_to_numpy, train_epochs
+from edge_ft.host.train import DEFAULT_THREADS, accuracy, set_determinism, state_to_numpy, train_epochs
 
 WEIGHTS_FILE = "weights.safetensors"  # LoRA: the adapter alone; probe: the head alone; full: every weight
 RESULTS_FILE = "results.json"
@@ -39,7 +39,7 @@ def finetune(
     epochs: int,
     batch: int,
     seed: int = 0,
-    threads: int | None = None,
+    threads: int | None = DEFAULT_THREADS,
     quiet: bool = False,
     schedule: str = "constant",
     eval_each_epoch: bool = True,

@@ -15,7 +15,7 @@ from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.data.tasks import TASKS, Task, target_split
 from edge_ft.host.finetune import finetune, method_label
 from edge_ft.host.methods import build_model
-from edge_ft.host.train import accuracy
+from edge_ft.host.train import DEFAULT_THREADS, accuracy
 from edge_ft.training_defaults import DEFAULTS
 
 TABLE_SEEDS = (0, 1, 2)
@@ -33,7 +33,7 @@ def run_table(
     tasks: tuple[Task, ...] = TASKS,
     seeds=TABLE_SEEDS,
     ranks=TABLE_RANKS,
-    threads: int | None = None,
+    threads: int | None = DEFAULT_THREADS,
     quiet: bool = False,
 ) -> dict:
     """Fine-tune every method on every task with each seed using the default recipes; return the table as a dict."""
