@@ -187,3 +187,18 @@ def test_apply_then_load_bundle_detects_a_swapped_adapter_file(tmp_path):
         load_bundle(path)
     with pytest.raises(UserError, match="no such file|not an adapter folder"):
         merge_adapter(load_bundle(bundle(METHODS["lora"])), tmp_path / "nothing", tmp_path / "m.onnx")
+
+
+def test_cached_feature_training_starts_from_an_applied_probe_adapter(tmp_path):
+    _, adapter = trained_adapter("probe")
+    path = fresh_bundle(METHODS["probe"])
+    apply_adapter(load_bundle(path), adapter)
+    train, _ = npz_pair()
+    first = {}
+    for name, bundle_path, extra in [("plain", path, []), ("cached", path, ["--cache-features"]),
+                                     ("fresh", bundle(METHODS["probe"]), ["--cache-features"])]:
+        assert main(["train", str(bundle_path), "--data", str(train), "--steps", "1", "--threads", "1",
+                     "--out", str(tmp_path / name), "--quiet", *extra]) == 0
+        first[name] = json.loads((tmp_path / name / "results.json").read_text())["losses"][0]
+    assert first["cached"] == pytest.approx(first["plain"], abs=1e-5)
+    assert first["cached"] < first["fresh"] - 0.01  # the trained head, not the exported one (random base: small gap)

@@ -23,12 +23,13 @@ from edge_ft.device.engines import open_engine
 from edge_ft.device.inference import accuracy, predict, session_runner
 from edge_ft.device.ort_api import inference_session
 from edge_ft.host.methods import build_model
-from edge_ft.training_defaults import DEFAULTS, epoch_lr
+from edge_ft.training_defaults import epoch_lr
 from tests.ort_training_support import ADAMW, EXPORT_SEED, METHODS, ROOT, SGD, base_state, bundle, mnist, npz_pair
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_PYTHON = REPO / ".venv-device" / "bin" / "python"
-LOSS_TOL = 1e-5  # per-step loss, ORT vs torch; measured max 7.2e-7 (see README)
+LOSS_TOL = 1e-5  # per-step loss, ORT vs torch; measured max 4.8e-7 (SGD), 1.1e-6 (AdamW)
+ADAMW_LR = {"full": 3e-3, "probe": 3e-2, "lora": 2e-2}  # the methods' recipe rates (training_defaults) when tuned
 
 
 @lru_cache(maxsize=None)
@@ -63,12 +64,12 @@ def torch_reference(cfg, opt, steps):
 def test_twenty_steps_match_torch(method, opt):
     """Same base, batches and optimizer: every step's loss agrees, frozen tensors come back bit-identical.
 
-    AdamW runs at the method's recipe rate: at 10x that rate full fine-tuning is chaotic enough that rounding
+    AdamW runs at the methods' tuned rates: at 1e-2 full fine-tuning is chaotic enough that rounding
     differences between ORT's and torch's conv gradients grow to 5e-4 by step 18 (see README).
     """
     cfg = METHODS[method]
     b = load_bundle(bundle(cfg, opt))
-    opt = replace(opt, lr=DEFAULTS[method].lr) if opt.name == "adamw" else opt
+    opt = replace(opt, lr=ADAMW_LR[method]) if opt.name == "adamw" else opt
     engine = open_engine(b, threads=1)
     losses = [engine.train_step(x, y, opt.lr)[0] for x, y in batches()]
     expected, state = torch_reference(cfg, opt, batches())
