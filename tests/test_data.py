@@ -269,3 +269,37 @@ def test_random_shifts_move_whole_images():
         assert any(np.array_equal(dst, padded[2 - dy : 30 - dy, 2 - dx : 30 - dx])
                    for dy in range(-2, 3) for dx in range(-2, 3))
     assert random_shifts(x, 0, 0, 0) is x
+
+
+def test_pretraining_uses_full_mnist_idx_under_data_root(tmp_path):
+    """A torchvision-style MNIST tree (written here from the 5k subset: MNIST itself is not committed)."""
+    import struct
+
+    x, y = read_mnist_5k()
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, sl in (("train", slice(0, 300)), ("t10k", slice(300, 400))):
+        for kind, arr, rank in (("images", x[sl], 3), ("labels", y[sl].astype(np.uint8), 1)):
+            header = bytes([0, 0, 8, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+            (raw / f"{prefix}-{kind}-idx{rank}-ubyte").write_bytes(header + arr.tobytes())
+    split = source_split(tmp_path)
+    assert np.array_equal(split.x_train, x[:300]) and np.array_equal(split.y_test, y[300:400])
+    assert "official" in split.info["source"] and split.info["n_train"] == 300
+
+
+def test_data_modules_never_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class NoTorch:\n"  # any `import torch...` now raises ImportError
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError('torch imported')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "import edge_ft.data.batches, edge_ft.data.readers, edge_ft.data.tasks, edge_ft.training_defaults\n"
+            "import edge_ft.commands.data, edge_ft.commands.pretrain, edge_ft.commands.finetune\n"
+            "from edge_ft.data.tasks import target_split; print(len(target_split('mnist-digits', shots=2).y_train))\n"
+            "assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "20"
