@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import textwrap
 
+from edge_ft.commands.argtypes import int_at_least, positive_float
 from edge_ft.architecture import count_params, lowest_trainable_layer
 from edge_ft.config import CONV_LAYERS, LINEAR_LAYERS, LORA_BIAS, OPTIMIZERS, MethodConfig, parse_targets
 from edge_ft.costmodel import DTYPES, CostEstimate, estimate_all, input_grad_layers, layer_macs
@@ -20,31 +20,6 @@ from edge_ft.costmodel import DTYPES, CostEstimate, estimate_all, input_grad_lay
 BASE_CLASSES = 10  # class count of the pretrained base model the seed describes
 WIDTH = 110  # prose wraps here; tables are as wide as their columns
 CHEAP_ENOUGH = 1.5  # LoRA is recommended when it costs at most this many times a probing step (FLOPs and memory)
-
-
-def _int_at_least(low: int):
-    """argparse type: an integer >= low (argparse prefixes the message with the option's name)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -55,14 +30,14 @@ def register(subparsers) -> None:
         "LoRA, with pros and cons derived from the numbers. FLOPs follow torch.utils.flop_counter "
         "(2 x multiply-accumulates of conv and linear ops).",
     )
-    p.add_argument("--num-classes", type=_int_at_least(2), default=10, metavar="N",
+    p.add_argument("--num-classes", type=int_at_least(2), default=10, metavar="N",
                    help="classes of the task (default 10)")
-    p.add_argument("--rank", type=_int_at_least(1), default=2, metavar="R", help="LoRA rank r (default 2)")
-    p.add_argument("--alpha", type=_positive_float, default=4.0, metavar="A", help="LoRA alpha (default 4)")
+    p.add_argument("--rank", type=int_at_least(1), default=2, metavar="R", help="LoRA rank r (default 2)")
+    p.add_argument("--alpha", type=positive_float, default=4.0, metavar="A", help="LoRA alpha (default 4)")
     p.add_argument("--targets", type=parse_targets, default=LINEAR_LAYERS, metavar="LAYERS",
                    help="LoRA target layers, comma-separated (default fc1,fc2,fc3)")
     p.add_argument("--bias", choices=LORA_BIAS, default="none", help="LoRA bias training (default none)")
-    p.add_argument("--batch", type=_int_at_least(1), default=32, metavar="N", help="examples per step (default 32)")
+    p.add_argument("--batch", type=int_at_least(1), default=32, metavar="N", help="examples per step (default 32)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer (default adamw)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="bytes per stored value (default float32)")
     p.add_argument("--per-layer", action="store_true", help="also print each method's FLOPs layer by layer")

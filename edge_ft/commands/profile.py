@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from edge_ft.commands.analyze import _int_at_least, _positive_float
+from edge_ft.commands.argtypes import int_at_least, positive_float
 from edge_ft.errors import UserError
 
 
@@ -34,12 +34,12 @@ def register(subparsers) -> None:
         "interpreter loop) in a child process and prints its speed relative to the reference core the shipped "
         "cpu_speed values use. Run it on the real board and write the figure into its profile. With --profile "
         "the workload runs confined to that profile, which shows how well the emulation matches it.")
-    cal.add_argument("--repeats", type=_int_at_least(1), default=3, metavar="N",
+    cal.add_argument("--repeats", type=int_at_least(1), default=3, metavar="N",
                      help="timed runs per part; the fastest counts (default 3)")
     cal.add_argument("--profile", metavar="NAME|PATH", help="run confined to this profile (check the emulation)")
     cal.add_argument("--mode", choices=("auto", "cgroup", "rlimit"), default="auto",
                      help="how to confine with --profile (default auto: cgroup, else rlimit)")
-    cal.add_argument("--host-speed", type=_positive_float, default=1.0, metavar="X",
+    cal.add_argument("--host-speed", type=positive_float, default=1.0, metavar="X",
                      help="this machine's speed from an earlier calibrate, to scale the emulation (default 1.0)")
     cal.add_argument("--json", action="store_true", help="print JSON")
     cal.add_argument("--quiet", action="store_true", help="no progress message")
@@ -52,10 +52,10 @@ def register(subparsers) -> None:
         "Example: edge-ft profile run rpi-3b -- edge-ft train BUNDLE --data d.npz --out runs/x")
     run.add_argument("name", metavar="NAME|PATH", help="profile name or path")
     run.add_argument("command", nargs="+", metavar="COMMAND", help="the command to run, after `--`")
-    run.add_argument("--timeout", type=_positive_float, metavar="S", help="kill the command after S seconds")
+    run.add_argument("--timeout", type=positive_float, metavar="S", help="kill the command after S seconds")
     run.add_argument("--mode", choices=("auto", "cgroup", "rlimit", "native"), default="auto",
                      help="how to impose the profile (default auto)")
-    run.add_argument("--host-speed", type=_positive_float, default=1.0, metavar="X",
+    run.add_argument("--host-speed", type=positive_float, default=1.0, metavar="X",
                      help="this machine's speed from `edge-ft profile calibrate` (default 1.0)")
     run.add_argument("--json", action="store_true", help="print the full result as JSON")
     run.set_defaults(func=run_handler)

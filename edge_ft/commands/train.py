@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_ft.commands.analyze import _int_at_least, _positive_float
+from edge_ft.commands.argtypes import int_at_least, positive_float
 
 
 def register(subparsers) -> None:
@@ -19,17 +19,17 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, metavar="TRAIN.npz", help="training data (x uint8 (N,28,28), y)")
     p.add_argument("--eval", metavar="TEST.npz", help="held-out data for accuracy after each epoch")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_int_at_least(1), metavar="N", help="passes over the data (default: recipe)")
-    length.add_argument("--steps", type=_int_at_least(1), metavar="N", help="exact number of optimizer steps")
-    p.add_argument("--batch", type=_int_at_least(1), metavar="N", help="examples per step (default: recipe)")
-    p.add_argument("--lr", type=_positive_float, help="learning rate (default: the bundle's)")
+    length.add_argument("--epochs", type=int_at_least(1), metavar="N", help="passes over the data (default: recipe)")
+    length.add_argument("--steps", type=int_at_least(1), metavar="N", help="exact number of optimizer steps")
+    p.add_argument("--batch", type=int_at_least(1), metavar="N", help="examples per step (default: recipe)")
+    p.add_argument("--lr", type=positive_float, help="learning rate (default: the bundle's)")
     p.add_argument("--schedule", choices=("constant", "cosine", "step"), help="per-epoch schedule (default: recipe)")
-    p.add_argument("--threads", type=_int_at_least(0), metavar="N",
+    p.add_argument("--threads", type=int_at_least(0), metavar="N",
                    help="onnxruntime intra-op threads (default: --profile's, else 0 = onnxruntime decides)")
     p.add_argument("--profile", metavar="NAME", help="device profile whose thread count to use (edge-ft profile)")
     p.add_argument("--mem-arena", choices=("on", "off"), help="onnxruntime CPU memory arena (default on)")
     p.add_argument("--seed", type=int, default=0, help="batch-order seed (default 0)")
-    p.add_argument("--checkpoint-every", type=_int_at_least(0), default=0, metavar="N",
+    p.add_argument("--checkpoint-every", type=int_at_least(0), default=0, metavar="N",
                    help="save the training state every N steps into OUT/checkpoints (default: only at the end)")
     p.add_argument("--cache-features", action="store_true",
                    help="probe bundles: run the frozen backbone once, then train fc3 on the cached features")
