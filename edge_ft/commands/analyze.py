@@ -7,7 +7,6 @@ importable for reports.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import textwrap
