@@ -138,6 +138,7 @@ def test_finetune_cli_on_exported_task(base_checkpoint, tmp_path, capsys):
     (["--method", "lora", "--task", "mnist-digits", "--rank", "0"], "rank"),
     (["--method", "lora", "--task", "mnist-digits", "--epochs", "0"], "--epochs"),
     (["--task", "mnist-digits"], "--method"),
+    (["--all", "--lr", "0.1"], "default recipe"),
 ])
 def test_finetune_cli_errors_are_one_line(base_checkpoint, capsys, argv, message):
     if "--base" not in argv:

@@ -77,7 +77,7 @@ def run_one(args) -> int:
     split = resolve_split(args.task, args.shots)
     cfg = _method_config(args, split.num_classes)
     recipe = DEFAULTS[cfg.method]
-    opt = OptimizerConfig(args.optimizer or recipe.optimizer, lr=args.lr or recipe.lr)
+    opt = OptimizerConfig(args.optimizer or recipe.optimizer, lr=recipe.lr if args.lr is None else args.lr)
     weights, results = finetune(split, base_state, cfg, opt, args.epochs or recipe.epochs, args.batch or recipe.batch,
                                 args.seed, args.threads, args.quiet, recipe.schedule)
     results["base"] = {"path": str(args.base), "sha256": base_meta.get("sha256"), "accuracy": base_meta.get("accuracy")}
@@ -96,8 +96,12 @@ def run_table(args) -> int:
 
     if args.method is not None:
         raise UserError("--all runs every method; drop --method (or drop --all for a single run)")
+    overridden = [f"--{n}" for n in ("epochs", "batch", "lr", "optimizer") if getattr(args, n) is not None]
+    if overridden:
+        raise UserError(f"--all uses each method's default recipe; drop {', '.join(overridden)}")
     tasks = (get_task(args.task),) if args.task else TASKS
-    table = build(args.base, tasks, seeds=tuple(range(args.seeds)), threads=args.threads, quiet=args.quiet)
+    table = build(args.base, tasks, seeds=tuple(range(args.seeds)), shots=args.shots, threads=args.threads,
+                  quiet=args.quiet)
     md, js = write_table(table, args.out or Path("runs/table"))
     print(to_markdown(table), end="")
     print(f"-> {md}, {js}")

@@ -33,13 +33,14 @@ def run_table(
     tasks: tuple[Task, ...] = TASKS,
     seeds=TABLE_SEEDS,
     ranks=TABLE_RANKS,
+    shots: int | None = None,
     threads: int | None = DEFAULT_THREADS,
     quiet: bool = False,
 ) -> dict:
     """Fine-tune every method on every task with each seed using the default recipes; return the table as a dict."""
     base_state, base_meta = load_base(base_path)
     start = time.perf_counter()
-    splits = {task.slug: target_split(task) for task in tasks}
+    splits = {task.slug: target_split(task, shots) for task in tasks}  # shots=None: task default
     runs = [(task, cfg, seed) for task in tasks
             for cfg in table_methods(splits[task.slug].num_classes, ranks) for seed in seeds]
     rows: dict[str, dict] = {}
@@ -88,8 +89,8 @@ def to_markdown(table: dict) -> str:
     head = ["task", "zero-shot"] + [lbl.replace("lora-r", "LoRA r=") for lbl in labels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table["tasks"]:
-        shots = "all" if row["shots"] is None else f"{row['shots']}/class"
-        cells = [f"{row['task']} ({row['n_train']} train, {shots}; {row['n_test']} test)",
+        shots = "whole pool" if row["shots"] is None else f"{row['shots']}/class"
+        cells = [f"{row['task']} ({row['n_train']} train = {shots}, {row['n_test']} test)",
                  "n/a" if row["zero_shot"] is None else f"{row['zero_shot']:.3f}"]
         cells += [f"{m['mean']:.3f} ± {m['std']:.3f} ({m['trainable_params']:,} p)" for m in row["methods"]]
         lines.append("| " + " | ".join(cells) + " |")
