@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_json
@@ -45,6 +46,7 @@ def finetune(
     eval_each_epoch: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Fine-tune and return (the trained tensors only, results with accuracy before/after and costs)."""
+    rss_after_imports = psutil.Process().memory_info().rss  # torch and the data loaded, nothing trained yet
     set_determinism(seed, threads)
     model = build_model(method, {k: torch.from_numpy(v) for k, v in base_state.items()}, seed=seed)
     before = accuracy(model, split.x_test, split.y_test)  # zero-shot, or a fresh head when classes changed
@@ -67,6 +69,7 @@ def finetune(
         "trainable_params": trainable,
         "total_params": total,
         **history.summary(),
+        "rss_after_imports_mb": round(rss_after_imports / 2**20, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),

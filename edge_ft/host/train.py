@@ -110,6 +110,8 @@ class History:
             "steps": len(ms),
             "ms_per_step_p50": round(float(np.median(ms)), 4) if len(ms) else None,
             "ms_per_step_p90": round(float(np.percentile(ms, 90)), 4) if len(ms) else None,
+            "ms_per_step_p95": round(float(np.percentile(ms, 95)), 4) if len(ms) else None,
+            "ms_per_step_mean": round(float(ms.mean()), 4) if len(ms) else None,
             "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
             "wall_time_s": round(self.wall_seconds, 3),
         }
@@ -154,9 +156,11 @@ def train_epochs(
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", refresh=False)
 
+            t_epoch = time.perf_counter()
             losses = run_steps(model, batches, opt_cfg, optimizer, on_step)
             history.epochs.append({
                 "epoch": epoch + 1,
+                "seconds": round(time.perf_counter() - t_epoch, 4),  # training only, evaluation excluded
                 "lr": lr,
                 "loss": round(float(np.mean(losses)), 6),
                 "train_accuracy": round(hits / len(split.y_train), 6),  # during the epoch, as weights moved
