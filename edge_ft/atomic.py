@@ -6,6 +6,7 @@ Write to a temporary file in the same folder, flush, fsync, rename over the targ
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -28,27 +29,77 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+TEMP_SUFFIX = ".tmp"
+# errno values that mean "the disk or the folder is the problem", not a bug: full, over quota, read-only, too big.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def _cannot_write(path: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write {path}: {e.strerror or e}; choose a writable folder with free space")
+
+
+def ensure_dir(folder: str | os.PathLike) -> Path:
+    """mkdir -p, with a one-line error when a path component is a file or the folder is not writable."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"cannot create folder {folder}: a file of that name exists; choose another path") from None
+    except OSError as e:
+        raise UserError(f"cannot create folder {folder}: {e.strerror or e}; choose a writable path") from None
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """`with atomic_open(p, "w") as f: f.write(...)`: the file appears whole at `path` or not at all."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; give a file name")
+    ensure_dir(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=folder)
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from None
+        raise _cannot_write(path, e) from None
     try:
         with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            try:
+                yield f
+            except OSError as e:
+                if e.errno in _ENVIRONMENT_ERRNOS:  # the caller's f.write hit a full or failing disk
+                    raise _cannot_write(path, e) from None
+                raise
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise _cannot_write(path, e) from None
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _cannot_write(path, e) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of writes that a killed process (kill -9, OOM killer, power cut) never finished.
+
+    Only atomic_open's own pattern (.NAME.XXXXXXXX.tmp) matches; call it where one process owns the folder.
+    """
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.glob(f".*{TEMP_SUFFIX}"):
+            if p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

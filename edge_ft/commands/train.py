@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--cache-features", action="store_true",
                    help="probe bundles: run the frozen backbone once, then train fc3 on the cached features")
     p.add_argument("--out", metavar="RUN", help="run folder (default runs/<bundle name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (same bundle, data and options; "
+                   "starts from step 0 when it has none)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=handler)
 
@@ -45,6 +48,9 @@ def handler(args) -> int:
     from edge_ft.device.trainer import TrainSettings, load_runtime, train
     from edge_ft.training_defaults import DEFAULTS
 
+    from edge_ft.validate import writable_folder
+
+    out = writable_folder(args.out or Path("runs") / Path(args.bundle).resolve().name)
     bundle = load_bundle(args.bundle)
     recipe = DEFAULTS[bundle.method.method]
     threads = args.threads
@@ -69,8 +75,7 @@ def handler(args) -> int:
     rss_after_imports = load_runtime(bundle.engine)
     data = load_npz(args.data, bundle.num_classes)
     eval_data = load_npz(args.eval, bundle.num_classes) if args.eval else None
-    out = Path(args.out or Path("runs") / bundle.path.resolve().name)
-    r = train(bundle, data, eval_data, settings, out, rss_after_imports)
+    r = train(bundle, data, eval_data, settings, out, rss_after_imports, resume=args.resume)
     if not args.quiet:
         acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
         print(f"{out}: {r['steps']} steps, final loss {r['losses'][-1]:.4f}{acc}, "

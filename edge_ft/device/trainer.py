@@ -4,8 +4,9 @@ A run folder gets:
   model.onnx             forward-only model with the trained weights (plain onnxruntime runs it)
   trained.safetensors    the trainable tensors alone (what `edge-ft adapter export` ships)
   final.state            engine state (weights + optimizer) after the last step
-  checkpoints/step-N.state  every --checkpoint-every steps
-  results.json           settings, per-step losses, per-epoch times, accuracy, latency, memory, artifact sizes
+  checkpoints/step-N.state  every --checkpoint-every steps, each committed by resume.json (edge_ft.device.resume)
+  results.json           settings, per-step losses, per-epoch times, accuracy, latency, memory, artifact sizes;
+                         written last, so a run folder with results.json is a finished run
 With --cache-features (probe bundles) the frozen backbone runs once over the data and the bundle's head-only
 bundle trains fc3 on the cached 84-d features: the same steps on the same numbers, far less compute per epoch.
 """
@@ -23,11 +24,12 @@ import numpy as np
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_json
 from edge_ft.data.batches import epoch_batch_indices
 from edge_ft.data.npz import to_float
-from edge_ft.device.bundle import Bundle
+from edge_ft.device.bundle import MANIFEST, Bundle
 from edge_ft.device.engines import engine_class
 from edge_ft.device.inference import accuracy, predict, session_runner, write_inference_model
 from edge_ft.device.metrics import MB, PeakRSS, file_sizes, latency_ms, rss_bytes, ru_maxrss_bytes
 from edge_ft.device.ort_api import import_onnxruntime, inference_session
+from edge_ft.device.resume import run_identity, save_checkpoint, start
 from edge_ft.errors import UserError
 from edge_ft.training_defaults import SCHEDULES as EPOCH_SCHEDULES
 from edge_ft.training_defaults import epoch_lr
@@ -70,13 +72,13 @@ def lr_for_epoch(s: TrainSettings, epoch: int, epochs: int) -> float:
 class _Progress:
     """tqdm when it is installed (host installs), a line per epoch otherwise (tqdm is not a device dependency)."""
 
-    def __init__(self, total: int, quiet: bool):
+    def __init__(self, total: int, quiet: bool, done: int = 0):
         self.bar, self.quiet = None, quiet
         if not quiet:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
+                self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, leave=False)
             except ImportError:
                 pass
 
@@ -111,10 +113,11 @@ def load_runtime(engine: str) -> int:
 
 
 def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[np.ndarray, np.ndarray] | None,
-          s: TrainSettings, out: str | Path, rss_after_imports: int | None = None) -> dict:
+          s: TrainSettings, out: str | Path, rss_after_imports: int | None = None, resume: bool = False) -> dict:
     """Fine-tune `bundle` on data (x uint8 (N,28,28), y int64 (N,)); write the run folder; return results.
 
     rss_after_imports: measured by the caller with load_runtime() before it loaded the data (else measured here).
+    resume: continue from the run folder's last checkpoint (same bundle, data and settings), if it has one.
     """
     out = Path(out)
     x, y = data
@@ -128,6 +131,8 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
     engine_cls = engine_class(train_bundle.engine)
     if rss_after_imports is None:
         rss_after_imports = load_runtime(train_bundle.engine)
+    identity = run_identity(bundle.path / MANIFEST, x, y, s)
+    pos, resume_state = start(out, identity, resume)
 
     per_epoch = math.ceil(len(x) / s.batch)
     total = s.steps or s.epochs * per_epoch
@@ -143,6 +148,8 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
         applied = bundle.applied_adapter()  # the head bundle of a probe shares its parent's applied adapter
         if applied:
             engine.load_trainable(applied)
+        if resume_state is not None:  # rebuilds the engine's state whole: nothing of the old one is written to
+            engine.load_state(str(resume_state))
 
         def batch_x(idx: np.ndarray) -> np.ndarray:
             return inputs[idx] if s.cache_features else to_float(x[idx])
@@ -154,39 +161,42 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
             logits = predict(run, eval_inputs, images=False) if s.cache_features else predict(run, x_eval)
             return accuracy(logits, y_eval)
 
-        losses, step_seconds, epoch_log = [], [], []
-        progress = _Progress(total, s.quiet)
-        step = 0
-        for epoch in range(epochs):
+        progress = _Progress(total, s.quiet, done=pos.step)
+        earlier_seconds = pos.train_seconds  # training time of the processes before a resume
+        for epoch in range(pos.epoch, epochs):
             lr = lr_for_epoch(s, epoch, epochs)
-            t_epoch, hits, seen, epoch_losses = time.perf_counter(), 0, 0, []
-            for idx in epoch_batch_indices(len(x), s.batch, s.seed, epoch):
-                if step == total:
+            if epoch != pos.epoch:
+                pos.epoch, pos.batch, pos.epoch_losses, pos.epoch_seconds, pos.hits, pos.seen = epoch, 0, [], 0.0, 0, 0
+            t_epoch = time.perf_counter() - pos.epoch_seconds
+            for idx in epoch_batch_indices(len(x), s.batch, s.seed, epoch)[pos.batch:]:
+                if pos.step == total:
                     break
                 xb, yb = batch_x(idx), y[idx]
                 t0 = time.perf_counter()
                 loss, logits = engine.train_step(xb, yb, lr)
-                step_seconds.append(time.perf_counter() - t0)
+                pos.step_seconds.append(time.perf_counter() - t0)
                 if not math.isfinite(loss):
-                    raise UserError(f"training diverged at step {step} (loss {loss}); lower --lr")
-                losses.append(loss)
-                epoch_losses.append(loss)
+                    raise UserError(f"training diverged at step {pos.step} (loss {loss}); lower --lr")
+                pos.losses.append(loss)
+                pos.epoch_losses.append(loss)
                 if logits is not None:
-                    hits, seen = hits + int((logits.argmax(1) == yb).sum()), seen + len(yb)
-                step += 1
+                    pos.hits, pos.seen = pos.hits + int((logits.argmax(1) == yb).sum()), pos.seen + len(yb)
+                pos.step, pos.batch = pos.step + 1, pos.batch + 1
                 progress.step(loss)
-                if s.checkpoint_every and step % s.checkpoint_every == 0:
-                    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-                    engine.save_state(str(out / "checkpoints" / f"step-{step:06d}.state"))
+                if s.checkpoint_every and pos.step % s.checkpoint_every == 0:
+                    pos.epoch_seconds = time.perf_counter() - t_epoch
+                    pos.train_seconds = earlier_seconds + time.perf_counter() - started
+                    save_checkpoint(engine, out, identity, pos)
             seconds = time.perf_counter() - t_epoch
             acc = eval_accuracy()
-            epoch_log.append({"epoch": epoch, "steps": len(epoch_losses), "seconds": round(seconds, 4), "lr": lr,
-                              "mean_loss": float(np.mean(epoch_losses)),
-                              "train_accuracy": hits / seen if seen else None, "eval_accuracy": acc})
-            progress.epoch(f"epoch {epoch + 1}/{epochs}: loss {np.mean(epoch_losses):.4f}  {seconds:.2f} s"
+            pos.epoch_log.append({"epoch": epoch, "steps": len(pos.epoch_losses), "seconds": round(seconds, 4),
+                                  "lr": lr, "mean_loss": float(np.mean(pos.epoch_losses)),
+                                  "train_accuracy": pos.hits / pos.seen if pos.seen else None, "eval_accuracy": acc})
+            progress.epoch(f"epoch {epoch + 1}/{epochs}: loss {np.mean(pos.epoch_losses):.4f}  {seconds:.2f} s"
                            + ("" if acc is None else f"  eval accuracy {acc:.4f}"))
         progress.close()
-        train_seconds = time.perf_counter() - started
+        train_seconds = earlier_seconds + time.perf_counter() - started
+        step, losses, step_seconds, epoch_log = pos.step, pos.losses, pos.step_seconds, pos.epoch_log
 
         trained = engine.trainable_state()
         engine.save_state(str(out / "final.state"))
@@ -208,6 +218,7 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
                    "applied_adapter": bundle.manifest.get("applied_adapter")},
         "settings": {**asdict(s), "train_examples": len(x), "eval_examples": len(y_eval)},
         "steps": step,
+        "resumed_from": pos.resumed_from,
         "epochs": epoch_log,
         "losses": [round(v, 7) for v in losses],
         "accuracy": final_accuracy,

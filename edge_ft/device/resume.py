@@ -1,0 +1,130 @@
+"""Resumable `edge-ft train` runs: kill -9 or a power cut loses at most the steps since the last checkpoint.
+
+A checkpoint is two writes, each atomic (edge_ft.atomic):
+  checkpoints/step-N.state  the engine's state (trainable tensors + optimizer moments/step count)
+  resume.json               the commit point, written second: which state file, its sha256, the run's identity
+                            (bundle manifest, data, settings) and the trainer's progress (step, epoch, position in
+                            the epoch, losses and timings so far)
+A crash between the two leaves resume.json naming the previous state file, which is still there. Batch order
+comes from (seed, epoch) and the learning rate from the epoch, so step + position are all the trainer needs;
+the device trainer draws no other random numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_ft.atomic import atomic_write_json, remove_stale_temps
+from edge_ft.checkpoint import sha256_file
+from edge_ft.errors import UserError
+
+RESUME = "resume.json"
+CHECKPOINTS = "checkpoints"
+RESULTS = "results.json"
+FORMAT = "edge-ft-resume"
+# Settings that change which numbers training produces; threads, progress output and --checkpoint-every do not.
+RUN_SETTINGS = ("batch", "epochs", "steps", "lr", "schedule", "step_every", "seed", "cache_features")
+
+
+@dataclass
+class Progress:
+    """Where the trainer is: `step` steps done, the next batch is batch `batch` of epoch `epoch`."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch in progress
+    batch: int = 0  # batches of `epoch` done (== batches per epoch: its steps ran, its evaluation did not)
+    losses: list[float] = field(default_factory=list)  # every step's loss so far
+    step_seconds: list[float] = field(default_factory=list)  # every step's time so far
+    epoch_log: list[dict] = field(default_factory=list)  # finished epochs, as results.json lists them
+    epoch_losses: list[float] = field(default_factory=list)  # losses of the epoch in progress
+    epoch_seconds: float = 0.0  # time spent in the epoch in progress before the checkpoint
+    hits: int = 0  # correct training predictions in the epoch in progress
+    seen: int = 0  # training examples scored in the epoch in progress
+    train_seconds: float = 0.0  # training time before the checkpoint (all earlier processes)
+    resumed_from: list[int] = field(default_factory=list)  # steps this run was resumed at
+
+
+def run_identity(manifest_path: Path, x: np.ndarray, y: np.ndarray, settings) -> dict:
+    """What must be equal for a checkpoint to continue this run: the bundle, the data and the settings."""
+    data = hashlib.sha256(np.ascontiguousarray(x).tobytes())
+    data.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    return {"bundle_manifest_sha256": sha256_file(manifest_path), "data_sha256": data.hexdigest(),
+            "settings": {k: getattr(settings, k) for k in RUN_SETTINGS}}
+
+
+def state_path(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step:06d}.state"
+
+
+def save_checkpoint(engine, out: Path, identity: dict, progress: Progress) -> Path:
+    """Engine state first, then resume.json naming it: resume.json only ever names a complete state file."""
+    path = state_path(out, progress.step)
+    engine.save_state(str(path))
+    atomic_write_json(out / RESUME, {"format": FORMAT, "format_version": 1, "state": path.relative_to(out).as_posix(),
+                                     "state_sha256": sha256_file(path), "run": identity,
+                                     "progress": asdict(progress)})
+    return path
+
+
+def start(out: Path, identity: dict, resume: bool) -> tuple[Progress, Path | None]:
+    """(progress, state file to load) for a run writing to `out`.
+
+    Fresh runs (resume False) refuse a folder holding an unfinished run, so its training is never overwritten
+    by accident; a finished run's record and checkpoints are replaced. Either way, temp files that a killed
+    process left behind are removed.
+    """
+    for folder in (out, out / CHECKPOINTS):
+        remove_stale_temps(folder)
+    record_path = out / RESUME
+    if not resume:
+        if record_path.is_file() and not (out / RESULTS).is_file():
+            raise UserError(f"{out}: holds an unfinished run (resume.json); add --resume to continue it, "
+                            "or choose another --out")
+        for stale in [record_path, out / RESULTS, *sorted((out / CHECKPOINTS).glob("step-*.state"))]:
+            stale.unlink(missing_ok=True)
+        return Progress(), None
+    if not record_path.is_file():
+        return Progress(), None
+    record = _read_record(record_path)
+    _check_identity(record_path, record["run"], identity)
+    state = out / record["state"]
+    if not state.is_file() or sha256_file(state) != record["state_sha256"]:
+        raise UserError(f"{state}: missing or does not match {record_path}; the run folder was changed by hand, "
+                        "start it again without --resume")
+    progress = record["progress"]
+    progress.resumed_from = [*progress.resumed_from, progress.step]
+    return progress, state
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format") != FORMAT or record.get("format_version") != 1:
+            raise ValueError(f"format {record.get('format')!r} version {record.get('format_version')!r}")
+        record["progress"] = Progress(**record["progress"])
+        for key in ("state", "state_sha256", "run"):
+            record[key]  # noqa: B018 - presence check
+        if not isinstance(record["state"], str) or ".." in Path(record["state"]).parts:
+            raise ValueError("state must be a path inside the run folder")
+        return record
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a readable resume record ({e}); start the run again without --resume "
+                        "or with another --out") from None
+
+
+def _check_identity(path: Path, saved: dict, current: dict) -> None:
+    what = {"bundle_manifest_sha256": "the bundle (manifest.json) changed", "data_sha256": "the --data file changed"}
+    for key, why in what.items():
+        if saved.get(key) != current[key]:
+            raise UserError(f"{path}: {why} since this run started; resume with the same inputs or choose "
+                            "another --out")
+    settings = saved.get("settings") or {}
+    for key, value in current["settings"].items():
+        if settings.get(key) != value:
+            raise UserError(f"{path}: the run started with {key}={settings.get(key)!r}, this command gives "
+                            f"{value!r}; resume with the same options or choose another --out")

@@ -1,0 +1,209 @@
+"""`edge-ft train --resume` after kill -9: the resumed run ends bit-identical to an uninterrupted one, and no file
+in the run folder is ever half-written.
+
+Kills land at exact points of the trainer's atomic writes (a sitecustomize wraps edge_ft.atomic's os/tempfile in
+the child only): right after a checkpoint is committed, halfway through writing a state file (a truncated temp
+file stays behind), after a state file but before resume.json names it, inside the final outputs, plus seeded
+random points (any write, a random fraction of its bytes). After every kill each file in the run folder loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ort_step_support as support
+from edge_ft.checkpoint import load_safetensors
+from edge_ft.cli import main
+from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.data.npz import save_npz
+from edge_ft.data.readers import read_mnist_5k
+from edge_ft.device.bundle import load_bundle
+from edge_ft.device.engines import open_engine
+from edge_ft.device.ort_api import inference_session
+
+REPO = Path(__file__).resolve().parents[1]
+LORA, ADAMW = MethodConfig("lora"), OptimizerConfig("adamw", lr=2e-3)  # shared with test_ort_step's exports
+EPOCHS, BATCH, N_TRAIN, EVERY = 3, 16, 200, 5  # 13 steps per epoch, 39 in all, a checkpoint every 5
+
+KILLER = textwrap.dedent("""
+    # Loaded at start-up through PYTHONPATH: SIGKILLs this process at one point of edge_ft.atomic's writes.
+    import fnmatch, json, os, signal, tempfile
+
+    plan = json.loads(os.environ["EDGE_FT_KILL_PLAN"])  # {"when": before|after|mid, "name": glob, "nth": n, "frac": f}
+    import edge_ft.atomic as atomic
+
+    seen, paths = [0], {}
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def hit(path):
+        name = os.path.basename(path)
+        if fnmatch.fnmatch(name, plan["name"]):
+            seen[0] += 1
+            return seen[0] == plan["nth"]
+        return False
+
+    class HalfFile:
+        def __init__(self, f): self.f = f
+        def __getattr__(self, attr): return getattr(self.f, attr)
+        def __enter__(self): return self
+        def __exit__(self, *exc): return self.f.__exit__(*exc)
+        def write(self, data):
+            self.f.write(data[: int(len(data) * plan["frac"])])
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            die()
+
+    class TempfileShim:
+        def __getattr__(self, attr): return getattr(tempfile, attr)
+        def mkstemp(self, prefix="", suffix="", dir=None):
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=dir)
+            paths[fd] = os.path.join(dir, prefix[1:-1])  # ".NAME." -> NAME: the target the temp file becomes
+            return fd, tmp
+
+    class OsShim:
+        def __getattr__(self, attr): return getattr(os, attr)
+        def fdopen(self, fd, mode="r"):
+            f = os.fdopen(fd, mode)
+            return HalfFile(f) if plan["when"] == "mid" and hit(paths.pop(fd, "")) else f
+        def replace(self, src, dst):
+            if plan["when"] != "mid" and hit(str(dst)):
+                if plan["when"] == "after":
+                    os.replace(src, dst)
+                die()
+            os.replace(src, dst)
+
+    atomic.os, atomic.tempfile = OsShim(), TempfileShim()
+""")
+
+# (when, file name glob, n-th matching write in that process, fraction of its bytes written before the kill)
+EARLY_KILLS = [
+    ("after", "resume.json", 2, 1.0),  # right after the step-10 checkpoint was committed
+    ("mid", "step-*.state", 2, 0.5),  # half of a state file written: a truncated temp file remains
+    ("before", "resume.json", 2, 1.0),  # a complete state file that resume.json does not name yet
+    ("mid", "resume.json", 1, 0.3),  # a truncated resume.json temp file beside the committed one
+]
+LATE_KILLS = [
+    ("mid", "model.onnx", 1, 0.7),  # inside the final outputs: final.state and trained.safetensors are new
+    ("before", "results.json", 1, 1.0),  # everything written but the record that says the run is finished
+]
+
+
+def random_kills(n: int, seed: int = 0) -> list[tuple]:
+    """Any write (the n-th, at most 4: even a run resumed at step 35 makes 4 more), any point in it."""
+    rng = random.Random(seed)
+    return [(rng.choice(["before", "after", "mid"]), "*", rng.randint(1, 4), round(rng.random(), 3))
+            for _ in range(n)]
+
+
+@lru_cache(maxsize=None)
+def inputs() -> tuple[Path, Path, Path]:
+    """(bundle, train.npz, eval.npz): the shared LoRA/AdamW ort-step bundle and real MNIST digits."""
+    x, y = read_mnist_5k()
+    order = np.random.default_rng(0).permutation(len(x))
+    folder = Path(support._ROOT) / "resume-data"
+    folder.mkdir(exist_ok=True)
+    save_npz(folder / "train.npz", x[order[:N_TRAIN]], y[order[:N_TRAIN]])
+    save_npz(folder / "eval.npz", x[order[-100:]], y[order[-100:]])
+    return support.bundle_path(LORA, ADAMW), folder / "train.npz", folder / "eval.npz"
+
+
+def train_argv(out: Path, *extra: str) -> list[str]:
+    bundle, train, test = inputs()
+    return ["train", str(bundle), "--data", str(train), "--eval", str(test), "--epochs", str(EPOCHS), "--batch",
+            str(BATCH), "--lr", "0.01", "--schedule", "cosine", "--threads", "1", "--checkpoint-every", str(EVERY),
+            "--quiet", "--out", str(out), *extra]
+
+
+def run_killed(out: Path, plan: tuple, site: Path) -> subprocess.CompletedProcess:
+    when, name, nth, frac = plan
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}",
+           "EDGE_FT_KILL_PLAN": json.dumps({"when": when, "name": name, "nth": nth, "frac": frac})}
+    return subprocess.run([sys.executable, "-m", "edge_ft.cli", *train_argv(out, "--resume")], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_every_file_loads(out: Path) -> None:
+    """Committed files are whole: JSON parses, states load into the engine, the model runs. Temp files aside."""
+    engine = open_engine(load_bundle(inputs()[0]), threads=1)
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".state":
+            engine.load_state(str(path))  # checks every tensor's name, shape and dtype
+        elif path.suffix == ".safetensors":
+            assert load_safetensors(path)
+        elif path.suffix == ".onnx":
+            x = np.zeros((2, 1, 28, 28), np.float32)
+            assert inference_session(path, threads=1).run(None, {"input": x})[0].shape == (2, 10)
+        else:
+            raise AssertionError(f"unexpected file {path}")
+    record = json.loads((out / "resume.json").read_text()) if (out / "resume.json").exists() else None
+    if record:  # the commit point never names a state file that is missing or different
+        from edge_ft.checkpoint import sha256_file
+
+        assert sha256_file(out / record["state"]) == record["state_sha256"]
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    assert main(train_argv(reference)) == 0
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(KILLER)
+
+    plans = EARLY_KILLS + random_kills(3) + LATE_KILLS
+    for plan in plans:
+        done = run_killed(out, plan, site)
+        assert done.returncode == -9, (plan, done.returncode, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr
+        assert_every_file_loads(out)
+    assert main(train_argv(out, "--resume")) == 0  # the last run goes uninterrupted
+    assert not [p for p in out.rglob("*.tmp")], "temp files of killed writes are cleaned up on resume"
+    assert_every_file_loads(out)
+
+    expected, got = (json.loads((d / "results.json").read_text()) for d in (reference, out))
+    assert got["losses"] == expected["losses"] and got["steps"] == expected["steps"] == EPOCHS * 13
+    assert [e["lr"] for e in got["epochs"]] == [e["lr"] for e in expected["epochs"]]
+    assert [e["eval_accuracy"] for e in got["epochs"]] == [e["eval_accuracy"] for e in expected["epochs"]]
+    assert got["accuracy"] == expected["accuracy"] and got["step_latency_ms"]["n"] == EPOCHS * 13
+    # Resumes that reached a checkpoint or the end are recorded (a run killed before its next write left none).
+    assert got["resumed_from"][0] == 10 and got["resumed_from"] == sorted(got["resumed_from"])
+    for name in ("trained.safetensors", "final.state"):  # bit-identical weights and optimizer state
+        a, b = load_safetensors(reference / name), load_safetensors(out / name)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
+    assert (out / "model.onnx").read_bytes() == (reference / "model.onnx").read_bytes()
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_settings_and_protects_unfinished_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv(out)
+    steps = argv.index("--epochs")
+    short = argv[:steps] + ["--steps", "12"] + argv[steps + 2:]  # stops at step 12, after the step-10 checkpoint
+    assert main(short) == 0
+    (out / "results.json").unlink()  # as if killed before the end
+    capsys.readouterr()
+    assert main(train_argv(out)) == 2  # a fresh start would overwrite the unfinished training
+    assert "unfinished run" in capsys.readouterr().err
+    assert main(train_argv(out, "--resume", "--batch", "32")) == 2
+    err = capsys.readouterr().err
+    assert "started with batch=16, this command gives 32" in err and len(err.strip().splitlines()) == 1
+    assert main([*short, "--resume"]) == 0  # same options: continues from step 10
+    assert json.loads((out / "results.json").read_text())["resumed_from"] == [10]
+    fresh = tmp_path / "fresh"
+    assert main(train_argv(fresh, "--resume")) == 0  # nothing to resume: starts at step 0
+    assert json.loads((fresh / "results.json").read_text())["resumed_from"] == []
