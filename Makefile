@@ -18,7 +18,7 @@ test: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 test-fast: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(HOST_PY) -m pytest -q -m "not slow"
 
-test-arm: $(VENV)/.installed data
+test-arm: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	bash tools/test-arm.sh
 
 venv: $(VENV)/.installed
