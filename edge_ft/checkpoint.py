@@ -54,10 +54,16 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def load_base(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Base weights and their provenance (empty dict when the JSON is absent)."""
+    """Base weights and their provenance (empty dict when the JSON is absent).
+
+    The JSON is written after the weights and records their sha256: a mismatch means an interrupted save or
+    files from two different runs, and the JSON's task and accuracy would describe other weights.
+    """
     state = load_safetensors(path)
-    if "fc3.bias" not in state:
-        raise UserError(f"{path}: not a LeNet-5 checkpoint (no fc3.bias); use the output of `edge-ft pretrain`")
+    head = state.get("fc3.bias")
+    if head is None or head.ndim != 1 or head.shape[0] < 2:
+        raise UserError(f"{path}: not a LeNet-5 checkpoint (no 1-d fc3.bias with 2+ classes); "
+                        "use the output of `edge-ft pretrain`")
     meta: dict = {}
     mp = meta_path(path)
     if mp.is_file():
@@ -65,6 +71,11 @@ def load_base(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
             meta = json.loads(mp.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{mp}: corrupt JSON ({e}); re-run `edge-ft pretrain`") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{mp}: not a checkpoint record (a JSON object); re-run `edge-ft pretrain`")
+        if "sha256" in meta and meta["sha256"] != sha256_file(path):
+            raise UserError(f"{mp}: its sha256 does not match {Path(path).name} (an interrupted save or files of "
+                            "two runs); copy both files again or re-run `edge-ft pretrain`")
     meta.setdefault("sha256", sha256_file(path))
-    meta.setdefault("num_classes", int(state["fc3.bias"].shape[0]))
+    meta.setdefault("num_classes", int(head.shape[0]))
     return state, meta

@@ -35,7 +35,9 @@ def _export(args) -> int:
     from pathlib import Path
 
     from edge_ft.device.adapter import WEIGHTS, export_adapter
+    from edge_ft.validate import writable_folder
 
+    writable_folder(args.out)
     config = export_adapter(args.run, args.out, args.dtype)
     size = (Path(args.out) / WEIGHTS).stat().st_size
     print(f"{args.out}: {config['edge_ft']['method']} adapter, {args.dtype}, {WEIGHTS} {size:,} bytes")
@@ -54,7 +56,9 @@ def _apply(args) -> int:
 def _merge(args) -> int:
     from edge_ft.device.adapter import merge_adapter
     from edge_ft.device.bundle import load_bundle
+    from edge_ft.validate import writable_file
 
+    writable_file(args.out)
     merge_adapter(load_bundle(args.bundle), args.adapter, args.out)
     print(f"{args.out}: merged forward-only model")
     return 0

@@ -54,10 +54,11 @@ def handler(args) -> int:
     bundle = load_bundle(args.bundle)
     recipe = DEFAULTS[bundle.method.method]
     threads = args.threads
-    if threads is None and args.profile:
+    if args.profile:  # read even when --threads overrides it: a broken profile is refused, never ignored
         from edge_ft.bench.profiles import load_profile
 
-        threads = load_profile(args.profile).threads
+        profile_threads = load_profile(args.profile).threads
+        threads = profile_threads if threads is None else threads
     if args.mem_arena:
         ort_api.set_mem_arena(args.mem_arena == "on")
     settings = TrainSettings(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+import tokenize
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,19 +46,46 @@ def validate_xy(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | No
     return x, y.astype(np.int64)
 
 
+# What numpy and zipfile raise on a damaged .npz: bad zip structure or CRC, inflate errors, a header that does not
+# parse (literal_eval/tokenize), encrypted or unsupported members, short reads.
+_DAMAGED = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, struct.error, SyntaxError,
+            tokenize.TokenError, NotImplementedError, RuntimeError)
+
+
+def _check_sizes(path: Path) -> None:
+    """Each array's header must declare no more bytes than its zip member holds, so a corrupt header saying
+    (10**9, 28, 28) is refused here instead of numpy allocating it."""
+    with zipfile.ZipFile(path) as archive:
+        for name in ("x.npy", "y.npy"):
+            if name not in archive.namelist():
+                continue
+            info = archive.getinfo(name)
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f"unsupported .npy version {version}")
+                shape, _, dtype = read_header(member)
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared > info.file_size:
+                    raise ValueError(f"{name} declares {declared} bytes of data but holds {info.file_size}")
+
+
 def load_npz(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load and validate a data file; every failure is a one-line UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such data file (create one with `edge-ft data export TASK`)")
     try:
+        _check_sizes(path)
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z.files or "y" not in z.files:
                 raise UserError(f"{path}: expected arrays 'x' and 'y', found {sorted(z.files)}")
             x, y = z["x"], z["y"]
     except UserError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    except _DAMAGED as e:
         raise UserError(f"{path}: not a readable .npz data file ({e}); re-export it with `edge-ft data export`") from None
     return validate_xy(x, y, str(path), num_classes)
 

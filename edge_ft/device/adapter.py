@@ -16,7 +16,7 @@ import numpy as np
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_json
 from edge_ft.checkpoint import load_safetensors, sha256_file
 from edge_ft.config import MethodConfig
-from edge_ft.device.bundle import APPLIED_ADAPTER, MANIFEST, Bundle, file_entry
+from edge_ft.device.bundle import APPLIED_ADAPTER, MANIFEST, PENDING_ADAPTER, Bundle, file_entry, finish_adapter_apply
 from edge_ft.device.inference import base_weights, write_inference_model
 from edge_ft.errors import UserError
 
@@ -54,6 +54,7 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32") -> 
     tensors = {peft_key(n): np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in trained.items()}
     atomic_save_safetensors(out / WEIGHTS, tensors, metadata={"format": "pt"})  # PEFT/transformers read "pt"
     config = adapter_config(cfg, info["base"], dtype)
+    config["edge_ft"]["weights_sha256"] = sha256_file(out / WEIGHTS)  # the config, written last, commits them
     atomic_write_json(out / CONFIG, config)
     return config
 
@@ -77,6 +78,8 @@ def load_adapter(folder: str | Path) -> tuple[dict[str, np.ndarray], dict]:
         raise UserError(f"{config_path}: missing; {folder} is not an adapter folder (`edge-ft adapter export`)")
     try:
         config = json.loads(config_path.read_text())
+        if not isinstance(config["edge_ft"], dict):
+            raise TypeError("the edge_ft block must be a JSON object")
         config["edge_ft"]["method"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{config_path}: not an edge-ft adapter config ({e!r}); re-export the adapter") from None
@@ -102,13 +105,14 @@ def check_adapter(bundle: Bundle, tensors: dict[str, np.ndarray], config: dict, 
     if cfg.method == "lora":
         if config.get("r") != cfg.rank:
             refuse(f"adapter rank r={config.get('r')}, the bundle's LoRA rank is {cfg.rank}")
-        if sorted(config.get("target_modules") or []) != sorted(cfg.targets):
+        targets = config.get("target_modules")
+        if not isinstance(targets, list) or sorted(map(str, targets)) != sorted(cfg.targets):
             refuse(f"adapter targets {config.get('target_modules')}, the bundle's are {list(cfg.targets)}")
         if config.get("lora_alpha") != cfg.alpha or config.get("bias") != cfg.bias:
             refuse(f"adapter lora_alpha/bias {config.get('lora_alpha')}/{config.get('bias')}, "
                    f"the bundle's are {cfg.alpha}/{cfg.bias}")
     dtype = extras.get("dtype")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         refuse(f"adapter dtype {dtype!r} is not float32 or float16")
     if set(tensors) != set(bundle.trainable):
         missing, extra = sorted(set(bundle.trainable) - set(tensors)), sorted(set(tensors) - set(bundle.trainable))
@@ -120,21 +124,31 @@ def check_adapter(bundle: Bundle, tensors: dict[str, np.ndarray], config: dict, 
             refuse(f"{name} has shape {tuple(value.shape)}, the bundle needs {bundle.trainable[name]}")
         if not np.all(np.isfinite(value)):
             refuse(f"{name} contains NaN or Inf")
+    # Last, as the most general refusal: weights that fit but are not the ones the config was written for.
+    expected, weights = extras.get("weights_sha256"), Path(source) / WEIGHTS
+    if expected is not None and weights.is_file() and sha256_file(weights) != expected:
+        raise UserError(f"{weights}: does not match adapter_config.json (an interrupted or mixed copy); "
+                        "export or copy the adapter again")
 
 
 def apply_adapter(bundle: Bundle, folder: str | Path) -> Path:
-    """Store the adapter's tensors (float32) in the bundle: training and inference then start from them."""
+    """Store the adapter's tensors (float32) in the bundle: training and inference then start from them.
+
+    Crash-safe: the tensors go to a .pending file, manifest.json (the commit point) then names their hash, and
+    only then the pending file is renamed into place; load_bundle finishes or drops an interrupted apply.
+    """
     tensors, config = load_adapter(folder)
     check_adapter(bundle, tensors, config, folder)
-    target = bundle.file(APPLIED_ADAPTER)
-    atomic_save_safetensors(target, {k: v.astype(np.float32) for k, v in tensors.items()},
+    pending = bundle.file(PENDING_ADAPTER)
+    atomic_save_safetensors(pending, {k: v.astype(np.float32) for k, v in tensors.items()},
                             metadata={"format": "edge-ft-applied-adapter"})
     manifest = dict(bundle.manifest)
     manifest["applied_adapter"] = {"file": APPLIED_ADAPTER, "source": str(Path(folder).resolve()),
                                    "adapter_sha256": sha256_file(Path(folder) / WEIGHTS)}
-    manifest["files"] = {**manifest["files"], APPLIED_ADAPTER: file_entry(target)}
+    manifest["files"] = {**manifest["files"], APPLIED_ADAPTER: file_entry(pending)}
     atomic_write_json(bundle.file(MANIFEST), manifest)
-    return target
+    finish_adapter_apply(bundle.path, manifest)
+    return bundle.file(APPLIED_ADAPTER)
 
 
 def merged_weights(bundle: Bundle, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ so a truncated copy or a file from another export is caught here, before onnxrun
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ FORMAT = "edge-ft-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 APPLIED_ADAPTER = "applied_adapter.safetensors"  # written by `edge-ft adapter apply`
+PENDING_ADAPTER = APPLIED_ADAPTER + ".pending"  # its next contents, until manifest.json names them
 REQUIRED = ("engine", "method", "optimizer", "num_classes", "input_shape", "trainable", "frozen", "base", "files")
 
 
@@ -74,10 +76,12 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise UserError(f"{manifest_path}: missing field {missing[0]!r}; re-export the bundle")
+    check_file_table(manifest, manifest_path)
+    finish_adapter_apply(path, manifest)
     if verify:
         verify_files(path, manifest["files"])
     try:
-        return Bundle(
+        bundle = Bundle(
             path=path,
             manifest=manifest,
             engine=str(manifest["engine"]),
@@ -85,12 +89,97 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             optimizer=OptimizerConfig(**{**manifest["optimizer"], "betas": tuple(manifest["optimizer"]["betas"])}),
             num_classes=int(manifest["num_classes"]),
             input_shape=tuple(int(d) for d in manifest["input_shape"]),
-            trainable={k: tuple(v) for k, v in manifest["trainable"].items()},
-            frozen={k: tuple(v) for k, v in manifest["frozen"].items()},
+            trainable=_shapes(manifest["trainable"]),
+            frozen=_shapes(manifest["frozen"]),
             base_sha256=str(manifest["base"]["sha256"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{manifest_path}: malformed field ({e!r}); re-export the bundle") from None
+    check_model(bundle, manifest_path)
+    return bundle
+
+
+def check_model(bundle: Bundle, manifest_path: Path) -> None:
+    """The manifest describes LeNet-5 under its method (edge_ft.architecture): input shape, every tensor's name
+    and shape, which ones train. Engines size what they hand onnxruntime from these fields."""
+    from edge_ft.architecture import INPUT_SHAPE, layer_dims, param_shapes, trainable_names
+
+    cfg, head_in = bundle.method, layer_dims("fc3", bundle.num_classes)[0]
+    if bundle.num_classes != cfg.num_classes:
+        raise UserError(f"{manifest_path}: num_classes {bundle.num_classes} differs from the method's "
+                        f"{cfg.num_classes}; re-export the bundle")
+    if bundle.input_shape == INPUT_SHAPE:
+        shapes, trainable = param_shapes(cfg), trainable_names(cfg)
+    elif bundle.input_shape == (head_in,) and cfg.method == "probe":  # a probe's head-only bundle
+        shapes = {n: s for n, s in param_shapes(cfg).items() if n.startswith("fc3.")}
+        trainable = list(shapes)
+    else:
+        raise UserError(f"{manifest_path}: input_shape {list(bundle.input_shape)} is not LeNet-5's "
+                        f"{list(INPUT_SHAPE)}; re-export the bundle")
+    described = {**bundle.trainable, **bundle.frozen}
+    if described != shapes or sorted(bundle.trainable) != sorted(trainable):
+        wrong = next((n for n in shapes if described.get(n) != shapes[n]), None) or next(
+            (n for n in described if n not in shapes), None) or "the trainable set"
+        raise UserError(f"{manifest_path}: {wrong} does not match a {cfg.method} LeNet-5 "
+                        f"({bundle.num_classes} classes); re-export the bundle")
+
+def finish_adapter_apply(folder: Path, manifest: dict) -> None:
+    """Complete or undo an `edge-ft adapter apply` that was cut short: rename its pending tensors into place if
+    manifest.json (the commit point) already names their hash, else delete them."""
+    pending = folder / PENDING_ADAPTER
+    if not pending.is_file():
+        return
+    entry = manifest["files"].get(APPLIED_ADAPTER)
+    try:
+        if isinstance(entry, dict) and file_entry(pending) == {"sha256": entry["sha256"], "bytes": entry["bytes"]}:
+            os.replace(pending, folder / APPLIED_ADAPTER)
+        else:
+            pending.unlink()
+    except OSError:
+        pass  # a read-only copy: verify_files says what is wrong with it
+
+
+def _referenced_files(manifest: dict) -> list[str]:
+    """Every file the engines and the device read, by the manifest's own entries (all must be hash-checked)."""
+    names = [v for entry in (manifest.get("ort_step"), manifest.get("ort_training")) if isinstance(entry, dict)
+             for k, v in entry.items() if k != "outputs"]
+    for key in ("inference", "features", "applied_adapter"):
+        if isinstance(manifest.get(key), dict) and "file" in manifest[key]:
+            names.append(manifest[key]["file"])
+    return names
+
+
+def check_file_table(manifest: dict, manifest_path: Path) -> None:
+    """The "files" table is {relative path: {"sha256": hex, "bytes": int}}, stays inside the bundle, and covers
+    every file the manifest points an engine at: nothing reaches onnxruntime unverified."""
+    from edge_ft.device.engines import ENGINES
+
+    if manifest.get("engine") not in ENGINES:
+        raise UserError(f"{manifest_path}: unknown engine {manifest.get('engine')!r} (this edge-ft runs "
+                        f"{', '.join(ENGINES)}); export the bundle with this edge-ft version")
+    files = manifest["files"]
+    ok = isinstance(files, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and type(e.get("bytes")) is int
+        for e in files.values())
+    if not ok:
+        raise UserError(f"{manifest_path}: malformed field 'files' (want name -> sha256 and bytes); "
+                        "re-export the bundle")
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise UserError(f"{manifest_path}: file {name!r} lies outside the bundle folder; re-export the bundle")
+    for name in _referenced_files(manifest):
+        if not isinstance(name, str) or name not in files:
+            raise UserError(f"{manifest_path}: {name} is not listed in 'files', so it cannot be verified; "
+                            "re-export the bundle")
+
+
+def _shapes(table: dict) -> dict[str, tuple[int, ...]]:
+    """{name: [d0, d1, ...]} -> {name: (d0, d1, ...)}; anything but lists of non-negative ints is malformed."""
+    shapes = {str(k): tuple(v) for k, v in table.items()}
+    if not all(type(d) is int and d >= 0 for shape in shapes.values() for d in shape):
+        raise ValueError("tensor shapes must be lists of non-negative integers")
+    return shapes
+
 
 def verify_files(folder: Path, files: dict[str, dict]) -> None:
     """Every listed file exists with the recorded size and sha256 (size first: it is free)."""

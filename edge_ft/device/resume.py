@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,9 +107,11 @@ def _read_record(path: Path) -> dict:
         record = json.loads(path.read_text())
         if record.get("format") != FORMAT or record.get("format_version") != 1:
             raise ValueError(f"format {record.get('format')!r} version {record.get('format_version')!r}")
-        record["progress"] = Progress(**record["progress"])
-        for key in ("state", "state_sha256", "run"):
-            record[key]  # noqa: B018 - presence check
+        record["progress"] = _progress(record["progress"])
+        if not isinstance(record["run"], dict) or not isinstance(record["run"].get("settings"), dict):
+            raise ValueError("'run' must hold the bundle, data and settings the run started with")
+        if not isinstance(record["state_sha256"], str):
+            raise ValueError("'state_sha256' must be a string")
         if not isinstance(record["state"], str) or ".." in Path(record["state"]).parts:
             raise ValueError("state must be a path inside the run folder")
         return record
@@ -117,13 +120,37 @@ def _read_record(path: Path) -> dict:
                         "or with another --out") from None
 
 
+def _is_count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _progress(raw: dict) -> Progress:
+    """Progress(**raw) with every field's type and the counts' consistency checked."""
+    p = Progress(**raw)
+    ok = (all(_is_count(v) for v in (p.step, p.epoch, p.batch, p.hits, p.seen))
+          and all(_is_number(v) for v in (p.epoch_seconds, p.train_seconds))
+          and all(isinstance(v, list) for v in (p.losses, p.step_seconds, p.epoch_log, p.epoch_losses,
+                                               p.resumed_from))
+          and all(_is_number(v) for v in (*p.losses, *p.step_seconds, *p.epoch_losses))
+          and all(_is_count(v) for v in p.resumed_from) and all(isinstance(e, dict) for e in p.epoch_log)
+          and len(p.losses) == len(p.step_seconds) == p.step and len(p.epoch_log) == p.epoch
+          and len(p.epoch_losses) == p.batch and p.seen >= p.hits)
+    if not ok:
+        raise ValueError("progress fields of the wrong type or inconsistent counts")
+    return p
+
+
 def _check_identity(path: Path, saved: dict, current: dict) -> None:
     what = {"bundle_manifest_sha256": "the bundle (manifest.json) changed", "data_sha256": "the --data file changed"}
     for key, why in what.items():
         if saved.get(key) != current[key]:
             raise UserError(f"{path}: {why} since this run started; resume with the same inputs or choose "
                             "another --out")
-    settings = saved.get("settings") or {}
+    settings = saved["settings"]
     for key, value in current["settings"].items():
         if settings.get(key) != value:
             raise UserError(f"{path}: the run started with {key}={settings.get(key)!r}, this command gives "
