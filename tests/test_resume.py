@@ -207,3 +207,93 @@ def test_resume_refuses_other_settings_and_protects_unfinished_runs(tmp_path, ca
     fresh = tmp_path / "fresh"
     assert main(train_argv(fresh, "--resume")) == 0  # nothing to resume: starts at step 0
     assert json.loads((fresh / "results.json").read_text())["resumed_from"] == []
+
+
+def _cgroups_unavailable() -> str | None:
+    from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
+
+    try:
+        CgroupJob.create(64 * 2**20, [sorted(os.sched_getaffinity(0))[0]], None, None, 20_000).remove()
+    except CgroupUnavailable as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+def test_out_of_memory_under_a_profile_is_a_result_and_leaves_no_files(tmp_path, capsys):
+    """The OOM killer ends `edge-ft train` under a 24 MB board: a 'does not fit' result, no run folder at all;
+    the same run then completes outside the cap."""
+    reason = _cgroups_unavailable()
+    if reason:
+        pytest.skip(f"cgroups not writable: {reason}")
+    board = tmp_path / "tiny-board.toml"
+    board.write_text('description = "24 MB board"\narch = "x86_64"\ncpu = "test"\ncores = 1\nram_mb = 64\n'
+                     'budget_mb = 24\nthreads = 1\ncpu_speed = 1.0\ncpu_speed_source = "chosen for a test"\n')
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "edge_ft.cli", *train_argv(out)]
+    assert main(["profile", "run", str(board), "--timeout", "120", "--json", "--", *argv]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "out_of_memory" and not result["fits"] and result["exit_code"] == -9
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()], "no partial files"
+    assert main(train_argv(out, "--resume")) == 0
+    assert_every_file_loads(out)
+
+
+def _adapter_after(tmp_path: Path, steps: int) -> Path:
+    run, adapter = tmp_path / f"run-{steps}", tmp_path / f"adapter-{steps}"
+    bundle, train, _ = inputs()
+    assert main(["train", str(bundle), "--data", str(train), "--steps", str(steps), "--threads", "1", "--quiet",
+                 "--out", str(run)]) == 0
+    assert main(["adapter", "export", str(run), "--out", str(adapter)]) == 0
+    return adapter
+
+
+def _run_cli_killed(argv: list[str], plan: tuple, site: Path) -> subprocess.CompletedProcess:
+    when, name, nth, frac = plan
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}",
+           "EDGE_FT_KILL_PLAN": json.dumps({"when": when, "name": name, "nth": nth, "frac": frac})}
+    return subprocess.run([sys.executable, "-m", "edge_ft.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.slow
+def test_killed_adapter_apply_and_export_leave_the_old_or_the_new_never_a_mix(tmp_path):
+    from edge_ft.device.adapter import load_adapter
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(KILLER)
+    old, new = _adapter_after(tmp_path, 2), _adapter_after(tmp_path, 5)
+    old_tensors, new_tensors = load_adapter(old)[0], load_adapter(new)[0]
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+    for plan in [("mid", "*.pending", 1, 0.5), ("before", "manifest.json", 1, 1.0), ("after", "manifest.json", 1, 1.0),
+                 ("mid", "manifest.json", 1, 0.4)]:
+        bundle = tmp_path / "bundle"
+        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.copytree(inputs()[0], bundle)
+        assert main(["adapter", "apply", str(bundle), str(old)]) == 0
+        assert _run_cli_killed(["adapter", "apply", str(bundle), str(new)], plan, site).returncode == -9
+        applied = load_bundle(bundle).applied_adapter()  # verifies every hash; finishes a committed apply
+        committed = plan[0] == "after"
+        assert same(applied, new_tensors if committed else old_tensors), plan
+        assert not list(bundle.glob("*.pending"))
+        assert main(["adapter", "apply", str(bundle), str(new)]) == 0  # and the bundle takes the next apply
+        assert same(load_bundle(bundle).applied_adapter(), new_tensors) and not list(bundle.glob(".*.tmp"))
+
+    run = tmp_path / "run-5"
+    for plan in [("mid", "adapter_model.safetensors", 1, 0.5), ("mid", "adapter_config.json", 1, 0.5),
+                 ("before", "adapter_config.json", 1, 1.0)]:
+        folder = tmp_path / "shipped"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(old, folder)
+        assert _run_cli_killed(["adapter", "export", str(run), "--out", str(folder)], plan, site).returncode == -9
+        mixed = plan[1] == "adapter_config.json"  # new weights beside the old config: refused, never used
+        assert main(["adapter", "merge", str(inputs()[0]), str(folder), "--out", str(tmp_path / "m.onnx")]) == (
+            2 if mixed else 0), plan
+        if not mixed:
+            assert same(load_adapter(folder)[0], old_tensors)
+        assert main(["adapter", "export", str(run), "--out", str(folder)]) == 0  # re-export repairs it
+        assert same(load_adapter(folder)[0], new_tensors)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ft.atomic import atomic_save_safetensors, atomic_write_json
+from edge_ft.atomic import atomic_save_safetensors, atomic_write_json, remove_stale_temps
 from edge_ft.checkpoint import load_safetensors, sha256_file
 from edge_ft.config import MethodConfig
 from edge_ft.device.bundle import APPLIED_ADAPTER, MANIFEST, PENDING_ADAPTER, Bundle, file_entry, finish_adapter_apply
@@ -139,6 +139,7 @@ def apply_adapter(bundle: Bundle, folder: str | Path) -> Path:
     """
     tensors, config = load_adapter(folder)
     check_adapter(bundle, tensors, config, folder)
+    remove_stale_temps(bundle.path)  # of an apply that was killed mid-write
     pending = bundle.file(PENDING_ADAPTER)
     atomic_save_safetensors(pending, {k: v.astype(np.float32) for k, v in tensors.items()},
                             metadata={"format": "edge-ft-applied-adapter"})
