@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -121,3 +122,40 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
     from safetensors.numpy import save
 
     atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the finished folder `staging` (a sibling of `target`) at `target`, replacing what was there.
+
+    An existing target is swapped out in one atomic step where Linux allows it, so a crash leaves the old folder
+    or the new one at `target`, never neither; elsewhere it is moved aside to .NAME.old for the instant between
+    two renames. The old folder is deleted afterwards.
+    """
+    staging, target = Path(staging), Path(target)
+    try:
+        if not target.exists():
+            staging.rename(target)
+        elif _exchange(staging, target):
+            shutil.rmtree(staging, ignore_errors=True)  # it holds the old folder now
+        else:
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"cannot replace {target}: {e.strerror or e}; choose a writable folder") from None
+    _fsync_dir(target.parent)

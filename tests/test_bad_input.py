@@ -331,6 +331,8 @@ def test_out_is_a_file_or_under_a_file(kit, capsys, tmp_path):
     one_line_error(capsys, ["adapter", "export", str(kit.run), "--out", str(a_file / "adapter")], a_file, "is a file")
     one_line_error(capsys, ["adapter", "merge", str(kit.bundle), str(kit.adapter), "--out", str(tmp_path)],
                    tmp_path, "is a folder")
+    one_line_error(capsys, ["export", "--method", "lora", "--base", str(support.base_path()), "--out",
+                            str(a_file / "bundle"), "--engine", "ort-step"], a_file, "is a file")
     assert a_file.read_text() == "not a folder"
 
 

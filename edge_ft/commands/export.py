@@ -42,6 +42,9 @@ def register(subparsers) -> None:
 
 def handler(args) -> int:
     require_host("edge-ft export")
+    from edge_ft.validate import writable_folder
+
+    writable_folder(args.out)
     from edge_ft.checkpoint import load_base
     from edge_ft.config import MethodConfig, OptimizerConfig
     from edge_ft.host.export import export_bundle

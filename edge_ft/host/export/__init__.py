@@ -16,7 +16,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from edge_ft import __version__
-from edge_ft.atomic import atomic_write_json
+from edge_ft.atomic import atomic_write_json, ensure_dir, replace_folder
 from edge_ft.checkpoint import load_base
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.device.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_files
@@ -58,7 +58,7 @@ def export_bundle(
         "versions": _versions(),
     }
     # Build in a hidden sibling folder and rename it into place: the device never sees half a bundle.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         extra = {"inference": write_inference_base(model, cfg.num_classes, staging)}
@@ -97,15 +97,8 @@ def _check_target(out_dir: Path) -> None:
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
     staging.chmod(0o755)  # mkdtemp creates 0700
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, out_dir)
 
 
 def _versions() -> dict[str, str]:
