@@ -31,6 +31,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 TEMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import: mkstemp makes 0600 files, we give them the mode open() would have
 # errno values that mean "the disk or the folder is the problem", not a bug: full, over quota, read-only, too big.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM}
 
@@ -65,6 +67,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise _cannot_write(path, e) from None
     try:
         with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
             try:
                 yield f
             except OSError as e:
