@@ -109,35 +109,33 @@ def random_kills(n: int, seed: int = 0) -> list[tuple]:
 
 
 @lru_cache(maxsize=None)
-def inputs() -> tuple[Path, Path, Path]:
-    """(bundle, train.npz, eval.npz): the shared LoRA/AdamW ort-step bundle and real MNIST digits."""
+def inputs(engine: str = "ort-step") -> tuple[Path, Path, Path]:
+    """(bundle, train.npz, eval.npz): a LoRA/AdamW bundle shared with the engine's own tests, real MNIST digits."""
     x, y = read_mnist_5k()
     order = np.random.default_rng(0).permutation(len(x))
     folder = Path(support._ROOT) / "resume-data"
     folder.mkdir(exist_ok=True)
     save_npz(folder / "train.npz", x[order[:N_TRAIN]], y[order[:N_TRAIN]])
     save_npz(folder / "eval.npz", x[order[-100:]], y[order[-100:]])
-    return support.bundle_path(LORA, ADAMW), folder / "train.npz", folder / "eval.npz"
+    if engine == "ort-training":
+        import ort_training_support
+
+        bundle = ort_training_support.bundle(ort_training_support.METHODS["lora"], ort_training_support.ADAMW)
+    else:
+        bundle = support.bundle_path(LORA, ADAMW)
+    return bundle, folder / "train.npz", folder / "eval.npz"
 
 
-def train_argv(out: Path, *extra: str) -> list[str]:
-    bundle, train, test = inputs()
+def train_argv(out: Path, *extra: str, engine: str = "ort-step") -> list[str]:
+    bundle, train, test = inputs(engine)
     return ["train", str(bundle), "--data", str(train), "--eval", str(test), "--epochs", str(EPOCHS), "--batch",
             str(BATCH), "--lr", "0.01", "--schedule", "cosine", "--threads", "1", "--checkpoint-every", str(EVERY),
             "--quiet", "--out", str(out), *extra]
 
 
-def run_killed(out: Path, plan: tuple, site: Path) -> subprocess.CompletedProcess:
-    when, name, nth, frac = plan
-    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}",
-           "EDGE_FT_KILL_PLAN": json.dumps({"when": when, "name": name, "nth": nth, "frac": frac})}
-    return subprocess.run([sys.executable, "-m", "edge_ft.cli", *train_argv(out, "--resume")], env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def assert_every_file_loads(out: Path) -> None:
+def assert_every_file_loads(out: Path, engine_name: str = "ort-step") -> None:
     """Committed files are whole: JSON parses, states load into the engine, the model runs. Temp files aside."""
-    engine = open_engine(load_bundle(inputs()[0]), threads=1)
+    engine = open_engine(load_bundle(inputs(engine_name)[0]), threads=1)
     for path in sorted(p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
         if path.suffix == ".json":
             json.loads(path.read_text())
@@ -158,22 +156,24 @@ def assert_every_file_loads(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("engine", ["ort-step", "ort-training"])
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, engine):
+    """Both engines: every loss, the weights, the optimizer state and model.onnx come out bit-identical."""
     reference, out = tmp_path / "reference", tmp_path / "killed"
-    assert main(train_argv(reference)) == 0
+    assert main(train_argv(reference, engine=engine)) == 0
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(KILLER)
 
-    plans = EARLY_KILLS + random_kills(3) + LATE_KILLS
+    plans = EARLY_KILLS + random_kills(3, seed=len(engine)) + LATE_KILLS
     for plan in plans:
-        done = run_killed(out, plan, site)
+        done = _run_cli_killed(train_argv(out, "--resume", engine=engine), plan, site)
         assert done.returncode == -9, (plan, done.returncode, done.stderr[-2000:])
         assert "Traceback" not in done.stderr
-        assert_every_file_loads(out)
-    assert main(train_argv(out, "--resume")) == 0  # the last run goes uninterrupted
+        assert_every_file_loads(out, engine)
+    assert main(train_argv(out, "--resume", engine=engine)) == 0  # the last run goes uninterrupted
     assert not [p for p in out.rglob("*.tmp")], "temp files of killed writes are cleaned up on resume"
-    assert_every_file_loads(out)
+    assert_every_file_loads(out, engine)
 
     expected, got = (json.loads((d / "results.json").read_text()) for d in (reference, out))
     assert got["losses"] == expected["losses"] and got["steps"] == expected["steps"] == EPOCHS * 13
@@ -182,10 +182,10 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     assert got["accuracy"] == expected["accuracy"] and got["step_latency_ms"]["n"] == EPOCHS * 13
     # Resumes that reached a checkpoint or the end are recorded (a run killed before its next write left none).
     assert got["resumed_from"][0] == 10 and got["resumed_from"] == sorted(got["resumed_from"])
-    for name in ("trained.safetensors", "final.state"):  # bit-identical weights and optimizer state
-        a, b = load_safetensors(reference / name), load_safetensors(out / name)
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
-    assert (out / "model.onnx").read_bytes() == (reference / "model.onnx").read_bytes()
+    a, b = load_safetensors(reference / "trained.safetensors"), load_safetensors(out / "trained.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # bit-identical weights
+    for name in ("final.state", "model.onnx"):  # optimizer moments and step count too, and the deployed model
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
 @pytest.mark.slow
