@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: demo test test-fast test-arm venv device-venv data clean
 
-demo: $(VENV)/.installed data
+demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(VENV)/bin/edge-ft demo
 
 test: $(VENV)/.installed $(DEVICE_VENV)/.installed data

@@ -24,6 +24,10 @@ COMMAND_MODULES = [
     "train",
     "adapter",
     "profile",
+    "bench",
+    "report",
+    "recommend",
+    "demo",
 ]
 
 

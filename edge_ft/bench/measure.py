@@ -1,0 +1,271 @@
+"""One measured job: a fine-tuning run in a child process confined to a device profile, turned into a record.
+
+    job = Job(task="mnist→digits", label="lora", engine="ort-step", profile=load_profile("rpi-zero-2w"),
+              settings=SweepSettings(epochs=3))
+    record = measure(job, prepared, timeout=900)   # never raises for OOM, timeout or a failed child
+
+The child is `edge-ft finetune --engine torch` (host interpreter) or `edge-ft train BUNDLE` (ort-training in the
+host interpreter, ort-step in the device one), always with the profile's thread count passed explicitly
+(onnxruntime's default ignores the cpuset). Its peak RSS is sampled by the parent (plus ru_maxrss), the rest
+comes from the run's results.json; the shipped adapter is written by `edge-ft adapter export`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edge_ft.architecture import count_params
+from edge_ft.bench.emulate import ConfinedResult, run_confined
+from edge_ft.bench.prepare import Prepared, installable
+from edge_ft.bench.profiles import MB, DeviceProfile
+from edge_ft.bench.records import SCHEMA, run_key
+from edge_ft.config import MethodConfig
+from edge_ft.costmodel import estimate
+from edge_ft.data.tasks import get_task
+from edge_ft.training_defaults import DEFAULTS
+
+ENGINES = ("torch", "ort-training", "ort-step")
+TORCH_WEIGHTS = "weights.safetensors"  # edge_ft.host.finetune.WEIGHTS_FILE; that module imports torch
+# Method tokens of a sweep -> (method, train on cached backbone features).
+LABELS = {"full": ("full", False), "probe": ("probe", False), "probe-cached": ("probe", True), "lora": ("lora", False)}
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    epochs: int | None = None  # passes over the train set (None: the method's recipe, unless steps is set)
+    steps: int | None = None  # exact optimizer steps (ORT engines only; torch trains whole epochs)
+    batch: int | None = None  # examples per step (None: the recipe's)
+    seed: int = 0  # batch order (and LoRA/head init of the torch engine)
+    rank: int = 2  # LoRA rank
+    alpha: float = 4.0  # LoRA alpha
+    host_speed: float = 1.0  # this machine's core speed vs the reference core (scales the CPU quota)
+    target_accuracy: float = 0.9  # time-to-accuracy threshold (derived from per-epoch figures, not part of the key)
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "target_accuracy"}
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str  # canonical task name, e.g. "mnist→digits"
+    label: str  # full | probe | probe-cached | lora
+    engine: str  # torch | ort-training | ort-step
+    profile: DeviceProfile
+    settings: SweepSettings
+    base_sha256: str = ""  # the base every run starts from (part of the key)
+
+    @property
+    def method(self) -> str:
+        return LABELS[self.label][0]
+
+    @property
+    def cache_features(self) -> bool:
+        return LABELS[self.label][1]
+
+    @property
+    def key(self) -> str:
+        return run_key({"task": self.task, "label": self.label, "engine": self.engine,
+                        "profile": profile_identity(self.profile), "settings": self.settings.identity(),
+                        "base": self.base_sha256})
+
+    def method_config(self, num_classes: int) -> MethodConfig:
+        s = self.settings
+        return MethodConfig(self.method, rank=s.rank, alpha=s.alpha, num_classes=num_classes)
+
+    def run_dir(self, root: Path) -> Path:
+        return root / "runs" / self.profile.name / get_task(self.task).slug / f"{self.label}-{self.engine}"
+
+
+def profile_identity(p: DeviceProfile) -> dict:
+    """What makes two measurements under a profile comparable; a native profile's budget is read live, so not it."""
+    d = {"name": p.name, "cores": p.cores, "threads": p.threads, "cpu_speed": p.cpu_speed}
+    return d if p.native else {**d, "budget_mb": p.budget_mb}
+
+
+def job_argv(job: Job, prep: Prepared, bundle: Path | None, data: Path, run_dir: Path) -> list[str]:
+    s, threads = job.settings, str(job.profile.threads)
+    python = prep.python_for(job.engine)
+    if job.engine == "torch":
+        argv = [python, "-m", "edge_ft.cli", "finetune", "--engine", "torch", "--method", job.method,
+                "--task", str(data), "--base", str(prep.base), "--seed", str(s.seed), "--threads", threads,
+                "--quiet", "--out", str(run_dir)]
+        if job.method == "lora":
+            argv += ["--rank", str(s.rank), "--alpha", f"{s.alpha:g}"]
+    else:
+        argv = [python, "-m", "edge_ft.cli", "train", str(bundle), "--data", str(data / "train.npz"),
+                "--eval", str(data / "test.npz"), "--seed", str(s.seed), "--threads", threads, "--quiet",
+                "--out", str(run_dir)]
+        if job.cache_features:
+            argv.append("--cache-features")
+        if s.steps:
+            argv += ["--steps", str(s.steps)]
+    if s.epochs and not s.steps:
+        argv += ["--epochs", str(s.epochs)]
+    if s.batch:
+        argv += ["--batch", str(s.batch)]
+    return argv
+
+
+def measure(job: Job, prep: Prepared, bundle: Path | None, data: Path, num_classes: int,
+            timeout: float | None = None, mode: str = "auto") -> dict:
+    """Run the job confined to its profile and return its record (every outcome is a record)."""
+    run_dir = job.run_dir(prep.root)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted earlier left files that are not this run's
+    argv = job_argv(job, prep, bundle, data, run_dir)
+    started, spawner_peak = time.time(), own_peak_rss()
+    result = run_confined(argv, job.profile, env=prep.child_env(), timeout=timeout, mode=mode,
+                          host_speed=job.settings.host_speed)
+    record = base_record(job, prep, num_classes, result, spawner_peak)
+    record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
+    if result.status == "ok":
+        try:
+            record.update(torch_fields(run_dir) if job.engine == "torch" else device_fields(run_dir))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            record.update(status="failed", fits=False, verdict=f"failed: unreadable run output ({e!r})")
+            return record
+        record["time_to_accuracy_s"] = time_to_accuracy(record, job.settings.target_accuracy)
+    record.update(verdict_fields(record, job.profile, result, timeout))
+    return record
+
+
+def own_peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child_peak_rss(r: ConfinedResult, spawner_peak: int) -> int:
+    """The job's own peak RSS. Linux carries the RSS high-water mark across fork and exec, so a ru_maxrss no
+    higher than the spawner's own peak may be the spawner's: then only the sampled figure is the job's."""
+    return max(r.sampled_rss_bytes, r.ru_maxrss_bytes) if r.ru_maxrss_bytes > spawner_peak else r.sampled_rss_bytes
+
+
+def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, spawner_peak: int) -> dict:
+    cfg = job.method_config(num_classes)
+    est = estimate(cfg, job.settings.batch or DEFAULTS[job.method].batch, DEFAULTS[job.method].optimizer)
+    flops = est.flops["total"]
+    if job.cache_features:  # the head alone trains on cached 84-d features: fc3's forward and weight gradient
+        fc3 = est.layers[-1]
+        flops = fc3.forward + fc3.backward_weight
+    p = job.profile
+    return {
+        "schema": SCHEMA, "key": job.key,
+        "task": job.task, "method": job.method, "label": job.label, "cache_features": job.cache_features,
+        "engine": job.engine, "profile": p.name, "arch": p.arch, "budget_mb": p.budget_mb, "native": p.native,
+        "installable_on_device": installable(job.engine, p.arch),
+        "emulation": r.emulation, "time_scaled": r.time_scaled, "cpu_quota": r.cpu_quota, "threads": r.threads,
+        "cpus": r.cpus, "status": r.status, "exit_code": r.exit_code,
+        "settings": asdict(job.settings), "base_sha256": job.base_sha256,
+        "accuracy": None, "epochs": [], "steps": None,
+        "ms_per_step_p50": None, "ms_per_step_p95": None, "ms_per_step_mean": None,
+        "epoch_seconds_mean": None, "epoch_seconds_later": None, "time_to_accuracy_s": None,
+        "feature_cache_seconds": None,
+        "peak_rss_bytes": child_peak_rss(r, spawner_peak), "sampled_rss_bytes": r.sampled_rss_bytes,
+        "ru_maxrss_bytes": r.ru_maxrss_bytes, "cgroup_peak_bytes": r.cgroup_peak_bytes,
+        "rss_after_imports_bytes": None, "train_peak_rss_bytes": None,
+        "wall_seconds": round(r.wall_seconds, 3), "cpu_seconds": round(r.cpu_seconds, 3),
+        "flops_per_step": flops, "trainable_params": est.params["trainable"],
+        "total_params": count_params(cfg)["total"],
+        "bundle_bytes": None, "payload_bytes": None, "payload_files": {}, "merged_model_bytes": None,
+        "versions": prep.versions(job.engine),
+        "notes": list(r.notes), "stderr_tail": r.stderr_tail[-600:] if r.status != "ok" else "",
+    }
+
+
+def _epochs(epochs: list[dict], accuracy_key: str) -> tuple[list[dict], dict]:
+    rows = [{"seconds": e["seconds"], "accuracy": e.get(accuracy_key)} for e in epochs]
+    secs = [e["seconds"] for e in rows]
+    later = secs[1:] or secs  # the first epoch carries warm-up (graph optimisation, allocator growth)
+    return rows, {"epoch_seconds_mean": round(sum(secs) / len(secs), 4) if secs else None,
+                  "epoch_seconds_later": round(sum(later) / len(later), 4) if later else None}
+
+
+def device_fields(run_dir: Path) -> dict:
+    """Fields from an `edge-ft train` run, plus the adapter `edge-ft adapter export` makes of it."""
+    from edge_ft.device.adapter import CONFIG, WEIGHTS, export_adapter
+
+    r = json.loads((run_dir / "results.json").read_text())
+    rows, epoch_stats = _epochs(r["epochs"], "eval_accuracy")
+    export_adapter(run_dir, run_dir / "adapter")
+    adapter = {name: (run_dir / "adapter" / name).stat().st_size for name in (WEIGHTS, CONFIG)}
+    lat, mem = r["step_latency_ms"], r["memory_mb"]
+    return {
+        "accuracy": r["accuracy"], "epochs": rows, "steps": r["steps"], **epoch_stats,
+        "ms_per_step_p50": lat["p50"], "ms_per_step_p95": lat["p95"], "ms_per_step_mean": lat["mean"],
+        "feature_cache_seconds": r.get("feature_cache_seconds"),
+        "rss_after_imports_bytes": round(mem["rss_after_imports"] * MB),
+        "train_peak_rss_bytes": round(mem["peak_rss_sampled"] * MB),
+        "bundle_bytes": sum(r["bundle_bytes"].values()),
+        "payload_bytes": adapter[WEIGHTS], "payload_files": adapter,
+        "merged_model_bytes": r["artifact_bytes"].get("model.onnx"),
+    }
+
+
+def torch_fields(run_dir: Path) -> dict:
+    """Fields from an `edge-ft finetune --engine torch` run; its weights file is what it would ship."""
+    r = json.loads((run_dir / "results.json").read_text())
+    rows, epoch_stats = _epochs(r["epochs"], "test_accuracy")
+    weights = (run_dir / TORCH_WEIGHTS).stat().st_size
+    rss = r.get("rss_after_imports_mb")
+    return {
+        "accuracy": r["accuracy_after"], "epochs": rows, "steps": r["steps"], **epoch_stats,
+        "ms_per_step_p50": r["ms_per_step_p50"], "ms_per_step_p95": r.get("ms_per_step_p95"),
+        "ms_per_step_mean": r.get("ms_per_step_mean"),
+        "rss_after_imports_bytes": None if rss is None else round(rss * MB),
+        "train_peak_rss_bytes": round(r["peak_rss_mb"] * MB),
+        "payload_bytes": weights, "payload_files": {TORCH_WEIGHTS: weights},
+    }
+
+
+def time_to_accuracy(record: dict, target: float) -> float | None:
+    """Training seconds (feature caching included) until the first epoch whose held-out accuracy >= target."""
+    elapsed = record.get("feature_cache_seconds") or 0.0
+    for e in record["epochs"]:
+        elapsed += e["seconds"]
+        if e["accuracy"] is not None and e["accuracy"] >= target:
+            return round(elapsed, 4)
+    return None
+
+
+def verdict_fields(record: dict, profile: DeviceProfile, r: ConfinedResult, timeout: float | None) -> dict:
+    """fits + one line saying why: a run counts as fitting only if it finished and its RSS stayed in budget.
+
+    The cgroup charges shared-library pages to whoever read them first (often another process here) and evicts
+    the job's own file pages at the cap, so a job can finish under the cap with its RSS above the budget; on the
+    board it would be paging its libraries from the SD card, so it does not count as fitting.
+    """
+    budget, peak = profile.budget_mb, record["peak_rss_bytes"] / MB
+    status = record["status"]
+    if status == "out_of_memory":
+        return {"fits": False, "verdict": f"does not fit in {budget} MB (killed at the cap)"}
+    if status == "timeout":
+        return {"fits": False, "verdict": f"timed out after {timeout:g} s"}
+    if status != "ok":
+        last = (r.stderr_tail.strip().splitlines() or [f"exit {r.exit_code}"])[-1]
+        return {"fits": False, "verdict": f"failed: {last[:200]}"}
+    if not profile.native and peak > budget:
+        return {"fits": False, "verdict": f"does not fit in {budget} MB (peak RSS {peak:.0f} MB; finished only by "
+                                          "evicting its library pages)"}
+    if profile.native:
+        return {"fits": True, "verdict": f"ok: peak RSS {peak:.0f} MB"}
+    return {"fits": True, "verdict": f"fits: peak RSS {peak:.0f} of {budget} MB"}
+
+
+def mb(nbytes: float | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / MB:.0f}"
+
+
+def fmt_ms(record: dict) -> str:
+    """The step time to quote: the mean under a CPU quota (p50 is uneven there), p50 otherwise."""
+    value = step_ms(record)
+    return "-" if value is None else (f"{value:.1f}" if value < 100 else f"{value:.0f}")
+
+
+def step_ms(record: dict) -> float | None:
+    key = "ms_per_step_mean" if record.get("time_scaled") else "ms_per_step_p50"
+    value = record.get(key)
+    return None if value is None or not math.isfinite(value) else value

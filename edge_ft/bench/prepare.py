@@ -1,0 +1,230 @@
+"""Host-side preparation for a sweep, done once, unconfined, and cached next to the results file.
+
+    <results folder>/prep/base.safetensors             `edge-ft pretrain` (when no --base is given)
+    <results folder>/prep/data/<task>/{train,test}.npz `edge-ft data export`
+    <results folder>/prep/bundles/<base>/<engine>-<m>  `edge-ft export` per method and ORT engine
+    <results folder>/prep/pythonpath/edge_ft            link to this edge_ft, put first on the children's path
+Each step is skipped when its output is there and matches (same base sha256, same method settings), so an
+interrupted sweep resumes where it stopped. The commands run in one child process (`prepare_in_child`): one torch
+import for the lot, and the sweep process itself never loads torch. That matters for memory figures: Linux keeps
+a process's RSS high-water mark across fork and exec, so every job's ru_maxrss starts at its spawner's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import edge_ft
+from edge_ft.config import MethodConfig
+from edge_ft.errors import UserError
+
+DEVICE_PYTHON_ENV = "EDGE_FT_DEVICE_PYTHON"
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-training-cpu", "onnxruntime-training")  # whichever is installed
+# Wheels that exist per engine: torch publishes x86_64 and aarch64; onnxruntime-training only x86_64 (Linux,
+# Windows); standard onnxruntime x86_64 and aarch64 (not 32-bit ARM).
+INSTALLABLE_ARCHES = {"torch": ("x86_64", "aarch64"), "ort-training": ("x86_64",), "ort-step": ("x86_64", "aarch64")}
+
+
+def installable(engine: str, arch: str) -> bool:
+    return arch in INSTALLABLE_ARCHES[engine]
+
+
+@dataclass
+class Prepared:
+    root: Path  # the results folder
+    base: Path  # base weights every run starts from
+    base_sha256: str
+    device_python: str  # interpreter for ort-step runs (standard onnxruntime, what a board installs)
+    host_python: str  # interpreter for torch and ort-training runs (the onnxruntime-training wheel)
+    data: dict[str, Path] = field(default_factory=dict)  # task name -> folder with train.npz / test.npz
+    bundles: dict[tuple[str, str], Path] = field(default_factory=dict)  # (method label, engine) -> bundle
+    _versions: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def prep(self) -> Path:
+        return self.root / "prep"
+
+    def python_for(self, engine: str) -> str:
+        return self.device_python if engine == "ort-step" else self.host_python
+
+    def child_env(self) -> dict[str, str]:
+        """The parent's environment with this edge_ft first on the path: an interpreter whose site-packages hold
+        an older installed copy (the device venv installs a snapshot) still runs the code under test."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath_shim(self.prep)), env.get("PYTHONPATH"))
+                                            if p)
+        env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+        return env
+
+    def versions(self, engine: str) -> dict:
+        """Python, numpy and the engine's runtime in the interpreter that runs `engine` (asked once each)."""
+        python = self.python_for(engine)
+        if python not in self._versions:
+            self._versions[python] = runtime_versions(python)
+        runtime = self._versions[python]
+        wanted = ("torch",) if engine == "torch" else ORT_DISTRIBUTIONS
+        return {"python": runtime.get("python"), "numpy": runtime.get("numpy"), "edge_ft": edge_ft.__version__,
+                "interpreter": python, **{k: runtime[k] for k in wanted if runtime.get(k)}}
+
+
+def runtime_versions(python: str) -> dict:
+    """Installed distributions the interpreter sees, read from metadata (nothing heavy is imported)."""
+    code = ("import importlib.metadata as m, json, platform\nout = {'python': platform.python_version()}\n"
+            "for d in ('numpy', 'torch', 'onnxruntime', 'onnxruntime-training-cpu', 'onnxruntime-training'):\n"
+            "    try: out[d] = m.version(d)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(out))")
+    try:
+        done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        return json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError):
+        return {}
+
+
+def pythonpath_shim(prep: Path) -> Path:
+    """A folder holding only a link named edge_ft to this package (nothing else leaks onto the child's path)."""
+    folder = prep / "pythonpath"
+    link = folder / "edge_ft"
+    target = Path(edge_ft.__file__).resolve().parent
+    if not (link.is_symlink() and Path(os.readlink(link)) == target):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".edge_ft.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target, target_is_directory=True)
+        os.replace(tmp, link)
+    return folder
+
+
+def find_device_python(explicit: str | None = None) -> str:
+    """--device-python, else $EDGE_FT_DEVICE_PYTHON, else the checkout's .venv-device, else this interpreter."""
+    for candidate in (explicit, os.environ.get(DEVICE_PYTHON_ENV)):
+        if candidate:
+            if not Path(candidate).is_file():
+                raise UserError(f"device python {candidate}: no such file (build it with `make device-venv`)")
+            return candidate
+    for root in (Path(edge_ft.__file__).resolve().parents[1], Path.cwd()):
+        python = root / ".venv-device" / "bin" / "python"
+        if python.is_file():
+            return str(python)
+    return sys.executable
+
+
+def _cli(argv: list[str]) -> None:
+    """Run an edge-ft command in this process; its one-line error becomes ours."""
+    from edge_ft.cli import main
+
+    if main(argv) != 0:
+        raise UserError(f"`edge-ft {' '.join(argv)}` failed (see the message above)")
+
+
+def default_base(root: Path) -> Path:
+    return root / "prep" / "base.safetensors"
+
+
+def base_sha256(base: Path) -> str:
+    """The base's sha256 from its provenance JSON (hashing the file when the JSON is absent); '' if no base."""
+    from edge_ft.checkpoint import meta_path, sha256_file
+
+    if not base.is_file():
+        return ""
+    try:
+        return str(json.loads(meta_path(base).read_text())["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return sha256_file(base)
+
+
+def ensure_base(root: Path, base: str | Path | None, pretrain_epochs: int | None, quiet: bool) -> tuple[Path, str]:
+    """(base weights, their sha256): the given --base, or one pretrained on MNIST once and kept under prep/."""
+    from edge_ft.checkpoint import load_base, meta_path
+
+    if base is not None:
+        base = Path(base)
+        if not base.is_file():
+            raise UserError(f"--base {base}: no such file; create it with `edge-ft pretrain --out {base}`")
+    else:
+        base = default_base(root)
+        if not (base.is_file() and meta_path(base).is_file()):
+            if not quiet:
+                print(f"pretraining the base model on MNIST -> {base}", file=sys.stderr, flush=True)
+            extra = ["--epochs", str(pretrain_epochs)] if pretrain_epochs else []
+            _cli(["pretrain", "--out", str(base), *extra, *(["--quiet"] if quiet else [])])
+    load_base(base)  # a corrupt or foreign file fails here with one line, not inside a child
+    return base, base_sha256(base)
+
+
+def ensure_data(root: Path, task: str) -> tuple[Path, int]:
+    """(folder with the task's train.npz and test.npz, class count), exported once."""
+    from edge_ft.data.tasks import get_task
+
+    folder = root / "prep" / "data" / get_task(task).slug
+    info = folder / "task.json"
+    if not all((folder / f).is_file() for f in ("train.npz", "test.npz", "task.json")):
+        _cli(["data", "export", task, "--out", str(folder)])
+    try:
+        return folder, int(json.loads(info.read_text())["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{info}: unreadable ({e}); delete {folder} and re-run") from None
+
+
+def ensure_bundle(root: Path, base: Path, base_sha: str, cfg: MethodConfig, engine: str) -> Path:
+    """The `edge-ft export` bundle of cfg for engine on base, exported unless an identical one is there."""
+    name = f"{engine}-{cfg.method}" + (f"-r{cfg.rank}-a{cfg.alpha:g}" if cfg.method == "lora" else "")
+    folder = root / "prep" / "bundles" / f"{base_sha[:12]}-c{cfg.num_classes}" / name
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if manifest["base"]["sha256"] == base_sha and manifest["method"] == cfg.to_dict():
+            return folder
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    argv = ["export", "--engine", engine, "--method", cfg.method, "--base", str(base), "--out", str(folder),
+            "--num-classes", str(cfg.num_classes)]
+    if cfg.method == "lora":
+        argv += ["--rank", str(cfg.rank), "--alpha", f"{cfg.alpha:g}"]
+    _cli(argv)
+    return folder
+
+
+def prepare_all(spec: dict) -> dict:
+    """Everything a sweep needs, from a JSON-ready spec (see prepare_in_child); returns JSON-ready paths."""
+    root = Path(spec["root"])
+    base, sha = ensure_base(root, spec.get("base"), spec.get("pretrain_epochs"), spec.get("quiet", False))
+    data = {task: ensure_data(root, task) for task in spec["tasks"]}
+    bundles = []
+    for label, method, engine, task in spec["bundles"]:
+        cfg = MethodConfig(method, rank=spec["rank"], alpha=spec["alpha"], num_classes=data[task][1])
+        bundles.append([label, engine, task, str(ensure_bundle(root, base, sha, cfg, engine))])
+    return {"base": str(base), "base_sha256": sha, "data": {t: [str(f), n] for t, (f, n) in data.items()},
+            "bundles": bundles}
+
+
+def prepare_in_child(spec: dict) -> dict:
+    """prepare_all in a fresh interpreter (its output lines reach the user; the answer comes back as a file)."""
+    from edge_ft.atomic import atomic_write_json
+
+    folder = Path(spec["root"]) / "prep"
+    spec_file, answer = folder / "spec.json", folder / "prepared.json"
+    atomic_write_json(spec_file, spec)
+    answer.unlink(missing_ok=True)
+    code = subprocess.run([sys.executable, "-m", "edge_ft.bench.prepare", str(spec_file), str(answer)]).returncode
+    if code != 0 or not answer.is_file():
+        raise UserError(f"preparing the sweep under {folder} failed (exit {code}; see the message above)")
+    return json.loads(answer.read_text())
+
+
+def main(argv: list[str]) -> int:
+    from edge_ft.atomic import atomic_write_json
+
+    spec_file, answer = argv
+    try:
+        atomic_write_json(answer, prepare_all(json.loads(Path(spec_file).read_text())))
+    except UserError as e:
+        print(f"edge-ft bench: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

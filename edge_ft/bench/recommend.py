@@ -1,0 +1,157 @@
+"""Which method and engine on this device: a choice made from measured records, with the figures that decide it.
+
+    rec = recommend(records, load_profile("rpi-zero-2w"), "mnist→digits", Constraints(max_step_ms=200))
+    rec.choice      # the chosen record, or None when nothing is feasible
+    rec.lines       # a few lines that cite accuracy, step time, peak RSS and payload, and what ruled out the rest
+
+Rule: a run is feasible when its engine installs on the profile's architecture, it finished, its peak RSS is within
+the memory limit (the profile's budget unless --max-rss), its step time within --max-step-ms and its accuracy at
+least --min-accuracy. Among feasible runs, those within `tolerance` of the best feasible accuracy compete on step
+time, then peak RSS, then shipped bytes: on a small board a method that is as good but cheaper wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edge_ft.bench.measure import fmt_ms, mb, step_ms
+from edge_ft.bench.prepare import installable
+from edge_ft.bench.profiles import MB, DeviceProfile
+
+ARCH_WHY = {"ort-training": "the onnxruntime-training wheel exists only for x86_64",
+            "torch": "no PyTorch wheel for this architecture",
+            "ort-step": "no onnxruntime wheel for this architecture"}
+
+
+@dataclass(frozen=True)
+class Constraints:
+    max_rss_mb: float | None = None  # peak RSS limit (None: the profile's budget; no limit on a native profile)
+    max_step_ms: float | None = None  # step-time limit (mean under a CPU quota, p50 natively)
+    min_accuracy: float | None = None  # held-out accuracy floor
+    tolerance: float = 0.02  # accuracy a cheaper run may give up against the most accurate feasible one
+
+
+@dataclass
+class Recommendation:
+    profile: str
+    task: str
+    choice: dict | None  # the chosen record
+    feasible: list[dict] = field(default_factory=list)
+    excluded: list[tuple[dict, str, str, str]] = field(default_factory=list)  # (record, kind, reason, figure)
+    lines: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        pick = self.choice
+        return {"profile": self.profile, "task": self.task,
+                "choice": None if pick is None else {k: pick[k] for k in ("label", "engine", "key")},
+                "feasible": [f"{r['label']}/{r['engine']}" for r in self.feasible],
+                "excluded": [{"run": f"{r['label']}/{r['engine']}", "kind": kind, "reason": why, "figure": fig}
+                             for r, kind, why, fig in self.excluded],
+                "explanation": self.lines}
+
+
+def latest_runs(records: list[dict], profile: str, task: str | None) -> list[dict]:
+    """The last record per (method label, engine) for the profile (and task), in first-seen order."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in records:
+        if r["profile"] == profile and (task is None or r["task"] == task):
+            out[r.get("label", r["method"]), r["engine"]] = r
+    return list(out.values())
+
+
+def exclusion(r: dict, profile: DeviceProfile, c: Constraints) -> tuple[str, str, str] | None:
+    """(kind, reason, this run's figure) that rules the run out, or None when it is feasible."""
+    if not installable(r["engine"], profile.arch):
+        return "arch", f"not installable on {profile.arch} ({ARCH_WHY[r['engine']]})", ""
+    if r["status"] == "out_of_memory":
+        return "memory", f"does not fit in {r['budget_mb']} MB", "killed at the cap"
+    if r["status"] == "ok" and r.get("fits") is False:
+        return "memory", f"does not fit in {r['budget_mb']} MB", f"peak RSS {mb(r['peak_rss_bytes'])} MB"
+    if r["status"] != "ok" or r.get("accuracy") is None:
+        return r["status"], r.get("verdict") or r["status"], ""
+    limit = c.max_rss_mb if c.max_rss_mb is not None else (None if profile.native else profile.budget_mb)
+    if limit is not None and r["peak_rss_bytes"] > limit * MB:
+        return "rss", f"peak RSS above {limit:g} MB", f"{mb(r['peak_rss_bytes'])} MB"
+    ms = step_ms(r)
+    if c.max_step_ms is not None and (ms is None or ms > c.max_step_ms):
+        return "step", f"slower than {c.max_step_ms:g} ms/step", f"{fmt_ms(r)} ms"
+    if c.min_accuracy is not None and r["accuracy"] < c.min_accuracy:
+        return "accuracy", f"accuracy below {c.min_accuracy:g}", f"{r['accuracy']:.3f}"
+    return None
+
+
+def name(r: dict) -> str:
+    return f"{r.get('label', r['method'])} on {r['engine']}"
+
+
+def recommend(records: list[dict], profile: DeviceProfile, task: str | None, c: Constraints = Constraints()
+              ) -> Recommendation:
+    runs = latest_runs(records, profile.name, task)
+    rec = Recommendation(profile.name, task or "any", None)
+    for r in runs:
+        why = exclusion(r, profile, c)
+        if why is None:
+            rec.feasible.append(r)
+        else:
+            rec.excluded.append((r, *why))
+    if not runs:
+        rec.lines = [f"{profile.name}: no measurements for {task or 'any task'}; run `edge-ft bench --profiles "
+                     f"{profile.name}`"]
+        return rec
+    if rec.feasible:
+        best = max(rec.feasible, key=lambda r: r["accuracy"])
+        near = [r for r in rec.feasible if r["accuracy"] >= best["accuracy"] - c.tolerance]
+        rec.choice = min(near, key=lambda r: (step_ms(r) or float("inf"), r["peak_rss_bytes"],
+                                              r.get("payload_bytes") or 0))
+        rec.lines = explain_choice(rec.choice, best, near, profile, c)
+        faster = [r for r in rec.feasible if r not in near and (step_ms(r) or 0) < (step_ms(rec.choice) or 0)]
+        if faster:
+            f = min(faster, key=lambda r: step_ms(r) or 0)
+            rec.lines.append(f"  faster but {best['accuracy'] - f['accuracy']:.3f} below the best accuracy (more than "
+                             f"the {c.tolerance:g} tolerance): {name(f)}, {f['accuracy']:.3f}, {fmt_ms(f)} ms/step")
+    else:
+        rec.lines = [f"{profile.name}: no method/engine meets the constraints ({describe(c, profile)})."]
+    rec.lines += explain_exclusions(rec.excluded)
+    return rec
+
+
+def describe(c: Constraints, profile: DeviceProfile) -> str:
+    parts = [f"peak RSS <= {c.max_rss_mb:g} MB" if c.max_rss_mb is not None
+             else ("" if profile.native else f"peak RSS <= budget {profile.budget_mb} MB")]
+    if c.max_step_ms is not None:
+        parts.append(f"step <= {c.max_step_ms:g} ms")
+    if c.min_accuracy is not None:
+        parts.append(f"accuracy >= {c.min_accuracy:g}")
+    return ", ".join(p for p in parts if p) or "no limits"
+
+
+def explain_choice(r: dict, best: dict, near: list[dict], profile: DeviceProfile, c: Constraints) -> list[str]:
+    timing = "mean under the CPU quota" if r.get("time_scaled") else "p50"
+    budget = "" if profile.native else f" of the {profile.budget_mb} MB budget"
+    lines = [f"{profile.name}: {name(r)}.",
+             f"  accuracy {r['accuracy']:.3f} after {r['steps']} steps"
+             + ("" if best is r else f" (most accurate feasible: {name(best)}, {best['accuracy']:.3f}; within the "
+                                     f"{c.tolerance:g} tolerance the faster run wins)"),
+             f"  {fmt_ms(r)} ms/step ({timing}), peak RSS {mb(r['peak_rss_bytes'])} MB{budget}, "
+             f"ships {r['payload_bytes']:,} bytes" + (f" (bundle {r['bundle_bytes']:,} bytes)"
+                                                     if r.get("bundle_bytes") else "")]
+    others = sorted((o for o in near if o is not r), key=lambda o: step_ms(o) or float("inf"))
+    if others:
+        o = others[0]
+        ratio = (step_ms(o) or 0) / (step_ms(r) or 1)
+        lines.append(f"  runner-up: {name(o)}, accuracy {o['accuracy']:.3f}, {fmt_ms(o)} ms/step "
+                     f"({ratio:.1f}x the time), peak RSS {mb(o['peak_rss_bytes'])} MB")
+    return lines
+
+
+def explain_exclusions(excluded: list[tuple[dict, str, str, str]]) -> list[str]:
+    """One line per engine and reason: 'ruled out: torch (full, probe, lora): does not fit in 320 MB (full: ...)'."""
+    groups: dict[tuple[str, str], list[tuple[dict, str]]] = {}
+    for r, _, reason, figure in excluded:
+        groups.setdefault((r["engine"], reason), []).append((r, figure))
+    lines = []
+    for (engine, reason), items in groups.items():
+        labels = ", ".join(r.get("label", r["method"]) for r, _ in items)
+        figures = ", ".join(f"{r.get('label', r['method'])} {fig}" for r, fig in items if fig)
+        lines.append(f"  ruled out: {engine} ({labels}): {reason}" + (f" ({figures})" if figures else ""))
+    return lines

@@ -1,0 +1,109 @@
+"""`edge-ft bench`: measure every method x engine x device profile, each run confined to its profile (host)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edge_ft.commands.argtypes import int_at_least, positive_float
+
+DEFAULT_RESULTS = Path("runs/bench/results.jsonl")
+DEFAULT_PROFILES = "host,rpi-zero-2w"
+DEFAULT_METHODS = "full,probe,probe-cached,lora"
+DEFAULT_ENGINES = "torch,ort-training,ort-step"
+
+
+def comma_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("must name at least one item (comma-separated)")
+    return list(dict.fromkeys(items))
+
+
+def accuracy_fraction(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
+def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT_PROFILES) -> None:
+    """The options that say what to measure and how; shared by `bench`, `recommend` and `demo`."""
+    if profiles is not None:
+        p.add_argument("--profiles", type=comma_list, default=comma_list(profiles), metavar="P1,P2",
+                       help=f"device profiles (edge-ft profile list; default {profiles})")
+    p.add_argument("--methods", type=comma_list, default=comma_list(DEFAULT_METHODS), metavar="M1,M2",
+                   help=f"full, probe, probe-cached (probe on cached backbone features), lora "
+                        f"(default {DEFAULT_METHODS})")
+    p.add_argument("--engines", type=comma_list, default=comma_list(DEFAULT_ENGINES), metavar="E1,E2",
+                   help=f"torch, ort-training, ort-step (default {DEFAULT_ENGINES})")
+    p.add_argument("--task", type=comma_list, default=["mnist→digits"], metavar="TASK",
+                   help="transfer task(s): mnist→digits (mnist-digits), mnist→fashion (default mnist→digits)")
+    p.add_argument("--base", metavar="BASE.safetensors",
+                   help="base weights (default: pretrain once into the results folder's prep/)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int_at_least(1), metavar="N", help="passes over the data (default: recipe)")
+    length.add_argument("--steps", type=int_at_least(1), metavar="N",
+                        help="exact optimizer steps (ORT engines only)")
+    p.add_argument("--batch", type=int_at_least(1), metavar="N", help="examples per step (default: recipe)")
+    p.add_argument("--seed", type=int, default=0, help="batch-order seed (default 0)")
+    p.add_argument("--rank", type=int_at_least(1), default=2, metavar="R", help="LoRA rank (default 2)")
+    p.add_argument("--alpha", type=positive_float, default=4.0, metavar="A", help="LoRA alpha (default 4)")
+    p.add_argument("--target-accuracy", type=accuracy_fraction, default=0.9, metavar="F",
+                   help="time-to-accuracy threshold (default 0.9)")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, metavar="FILE.jsonl",
+                   help=f"results file, appended to (default {DEFAULT_RESULTS}); prep/ and runs/ go beside it")
+    p.add_argument("--timeout", type=positive_float, default=1800.0, metavar="S",
+                   help="seconds per measured run before it counts as a timeout (default 1800)")
+    p.add_argument("--mode", choices=("auto", "cgroup", "rlimit"), default="auto",
+                   help="how confined profiles are imposed (default auto: cgroup, else rlimit)")
+    p.add_argument("--parallel", type=int_at_least(0), default=0, metavar="N",
+                   help="CPU-quota-limited runs side by side (default 0: as many as fit in half the CPUs, max 4)")
+    p.add_argument("--host-speed", type=positive_float, default=1.0, metavar="X",
+                   help="this machine's core speed from `edge-ft profile calibrate` (default 1.0)")
+    p.add_argument("--device-python", metavar="PYTHON",
+                   help="interpreter with standard onnxruntime for ort-step runs (default .venv-device/bin/python "
+                        "when present, else this one)")
+    p.add_argument("--pretrain-epochs", type=int_at_least(1), metavar="N",
+                   help="epochs when the base is pretrained here (default: the pretraining recipe)")
+    p.add_argument("--force", action="store_true", help="re-measure runs already in the results file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-run lines")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="measure accuracy, memory, step time and payload of every method x engine x device profile",
+        description="Fine-tunes every combination of --methods, --engines and --profiles, each run a child process "
+        "confined to its profile (memory cap, cores, per-core speed; `host` runs natively), and appends one JSON "
+        "record per run to --results. Runs already recorded are skipped, so an interrupted sweep resumes. "
+        "An out-of-memory kill or a timeout is a result, not an error. Summarise with `edge-ft report`.",
+    )
+    add_sweep_options(p)
+    p.set_defaults(func=handler)
+
+
+def sweep_from_args(args, profiles: list[str]):
+    """(jobs, options) for the sweep the arguments describe."""
+    from edge_ft.bench.measure import SweepSettings
+    from edge_ft.bench.profiles import load_profile
+    from edge_ft.bench.sweep import SweepOptions, plan
+
+    settings = SweepSettings(epochs=args.epochs, steps=args.steps, batch=args.batch, seed=args.seed, rank=args.rank,
+                             alpha=args.alpha, host_speed=args.host_speed, target_accuracy=args.target_accuracy)
+    jobs = plan(args.task, args.methods, args.engines, [load_profile(p) for p in profiles], settings)
+    opts = SweepOptions(base=args.base, pretrain_epochs=args.pretrain_epochs, force=args.force,
+                        timeout=args.timeout, mode=args.mode, parallel=args.parallel,
+                        device_python=args.device_python, quiet=args.quiet)
+    return jobs, opts
+
+
+def handler(args) -> int:
+    from edge_ft.bench.sweep import run_sweep, summarize
+
+    jobs, opts = sweep_from_args(args, args.profiles)
+    records = run_sweep(jobs, args.results, opts)
+    if records and not args.quiet:
+        print(summarize(records))
+        print(f"-> {args.results}; summarise with `edge-ft report {args.results} --out DIR`")
+    return 0

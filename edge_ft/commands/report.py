@@ -1,0 +1,44 @@
+"""`edge-ft report`: turn a results file from `edge-ft bench` into report.md with tables, plots and goals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="write report.md with tables, PNG plots, the performance goals and a recommendation",
+        description="Reads RESULTS.jsonl (from `edge-ft bench`; the latest record of each run counts) and writes "
+        "DIR/report.md with one table per device profile, the measured goal ratios, a recommendation per "
+        "profile, and PNG plots: accuracy vs shipped bytes, peak RSS against the budget, ms/step, epoch time, "
+        "and analytical FLOPs vs measured step time.",
+    )
+    p.add_argument("results", type=Path, metavar="RESULTS.jsonl", help="results file from `edge-ft bench`")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for report.md and the plots")
+    p.add_argument("--task", metavar="TASK", help="only this task's runs (default: all)")
+    p.set_defaults(func=handler)
+
+
+def handler(args) -> int:
+    import importlib.util
+
+    from edge_ft.bench.records import read_records
+    from edge_ft.errors import UserError
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError("edge-ft report draws its plots with matplotlib: pip install 'edge-ft[host]'")
+    from edge_ft.bench.report import write_report
+
+    records = read_records(args.results, missing_ok=False)
+    if args.task:
+        from edge_ft.data.tasks import get_task
+
+        task = get_task(args.task).name
+        records = [r for r in records if r["task"] == task]
+    if not records:
+        raise UserError(f"{args.results}: no benchmark records{' for ' + args.task if args.task else ''}; "
+                        "run `edge-ft bench` first")
+    path = write_report(records, args.out, source=str(args.results))
+    print(f"{path} ({len(list(args.out.glob('*.png')))} plots)")
+    return 0
