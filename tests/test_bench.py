@@ -1,0 +1,167 @@
+"""The sweep: real confined runs produce complete records, a report with decodable plots, resumable re-runs,
+an out-of-memory kill recorded as a result while the sweep carries on, and torn-line-proof appends."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from edge_ft.architecture import count_params
+from edge_ft.bench import sweep as sweep_module
+from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.bench.measure import SweepSettings
+from edge_ft.bench.profiles import load_profile, load_profile_file
+from edge_ft.bench.records import REQUIRED, append_record, latest, read_records
+from edge_ft.bench.sweep import SweepOptions, plan, run_sweep
+from edge_ft.cli import main
+from edge_ft.config import MethodConfig
+from edge_ft.costmodel import estimate
+from edge_ft.errors import UserError
+
+MB = 2**20
+TASK = "mnist→digits"
+STEPS = 6  # enough to train, evaluate and export; the figures' size is not what is tested here
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _cgroup_reason():
+    try:
+        CgroupJob.create(64 * MB, [sorted(os.sched_getaffinity(0))[0]], 0.5, 0.5, 20_000).remove()
+    except CgroupUnavailable as e:
+        return str(e)
+    return None
+
+
+needs_cgroups = pytest.mark.skipif(_cgroup_reason() is not None, reason="cgroups not writable here")
+
+
+def make_profile(folder: Path, name: str, budget_mb: int, cpu_speed: float = 0.5):
+    """An x86 board with one core at `cpu_speed` of this machine's and `budget_mb` for the application."""
+    path = folder / f"{name}.toml"
+    path.write_text(f'description = "test board"\narch = "x86_64"\ncpu = "test"\ncores = 1\nram_mb = {2 * budget_mb}\n'
+                    f'budget_mb = {budget_mb}\nthreads = 1\ncpu_speed = {cpu_speed}\n'
+                    'cpu_speed_source = "chosen for a test"\n')
+    return load_profile_file(path)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, base_checkpoint):
+    """One small sweep: probe-cached and LoRA on ort-training, natively and as a 1-core 512 MB board."""
+    root = tmp_path_factory.mktemp("bench")
+    board = make_profile(root, "board", 512)
+    jobs = plan([TASK], ["probe-cached", "lora"], ["ort-training"], [board, load_profile("host")],
+                SweepSettings(steps=STEPS))
+    opts = SweepOptions(base=str(base_checkpoint), timeout=300, quiet=True)
+    records = run_sweep(jobs, root / "results.jsonl", opts)
+    return root, jobs, opts, records
+
+
+@pytest.mark.slow
+def test_sweep_records_carry_every_measurement(swept, base_checkpoint):
+    root, jobs, _, records = swept
+    assert [(r["profile"], r["label"]) for r in records] == [
+        ("host", "probe-cached"), ("host", "lora"), ("board", "probe-cached"), ("board", "lora")]  # native first
+    for r in records:
+        assert set(REQUIRED) <= set(r)
+        assert r["status"] == "ok" and r["fits"] is True, r["verdict"]
+        assert r["emulation"] == ("native" if r["profile"] == "host" else "cgroup" if _cgroup_reason() is None
+                                  else "rlimit")
+        assert r["steps"] == STEPS and 0 < r["accuracy"] <= 1
+        cfg = MethodConfig(r["method"])
+        assert r["trainable_params"] == count_params(cfg)["trainable"] == {"probe": 850, "lora": 1348}[r["method"]]
+        run = root / "runs" / r["profile"] / "mnist-digits" / f"{r['label']}-ort-training"
+        assert r["payload_bytes"] == (run / "adapter" / "adapter_model.safetensors").stat().st_size
+        assert r["merged_model_bytes"] == (run / "model.onnx").stat().st_size
+        assert r["rss_after_imports_bytes"] < r["train_peak_rss_bytes"] <= r["peak_rss_bytes"] + MB
+        assert r["ms_per_step_p50"] > 0 and r["ms_per_step_p95"] >= r["ms_per_step_p50"]
+        assert r["installable_on_device"] is True and r["versions"]["onnxruntime-training-cpu"]
+    lora = next(r for r in records if r["label"] == "lora")
+    assert lora["flops_per_step"] == estimate(MethodConfig("lora"), 32).flops["total"]
+    cached = next(r for r in records if r["label"] == "probe-cached")
+    assert cached["flops_per_step"] == 2 * 32 * 84 * 10 * 2  # fc3 forward + weight gradient on cached features
+    assert cached["feature_cache_seconds"] > 0
+    board = [r for r in records if r["profile"] == "board"]
+    assert all(r["time_scaled"] and r["cpu_quota"] == pytest.approx(0.5) for r in board) or _cgroup_reason()
+    lines = (root / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line)["key"] for line in lines)
+
+
+@pytest.mark.slow
+def test_rerun_skips_done_work_and_force_appends(swept, monkeypatch):
+    root, jobs, opts, records = swept
+    results = root / "results.jsonl"
+    before = results.read_text()
+    monkeypatch.setattr(sweep_module, "prepare_in_child", lambda spec: pytest.fail("re-run prepared again"))
+    again = run_sweep(jobs, results, opts)
+    assert results.read_text() == before
+    assert [r["key"] for r in again] == [r["key"] for r in records]
+    monkeypatch.undo()
+    forced = run_sweep(jobs[:1], results, SweepOptions(**{**opts.__dict__, "force": True}))
+    lines = results.read_text().splitlines()
+    assert len(lines) == 5 and json.loads(lines[-1])["key"] == forced[0]["key"] == records[0]["key"]
+    assert latest(read_records(results))[records[0]["key"]]["started"] == forced[0]["started"]
+
+
+@pytest.mark.slow
+def test_report_from_the_sweep_writes_decodable_plots(swept, tmp_path, capsys):
+    import matplotlib.image as mpimg
+
+    root, *_ = swept
+    assert main(["report", str(root / "results.jsonl"), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "### host" in text and "### board" in text and "## Goals" in text and "## Recommendation" in text
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == ["accuracy_vs_payload.png", "epoch_time.png", "flops_vs_time.png",
+                                      "peak_rss.png", "step_time.png"]
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        assert f"]({png.name})" in text
+        h, w, channels = mpimg.imread(png).shape
+        assert h >= 300 and w >= 500 and channels in (3, 4)
+
+
+@needs_cgroups
+@pytest.mark.slow
+def test_out_of_memory_is_a_result_and_the_sweep_continues(swept, base_checkpoint):
+    root, *_ = swept
+    tiny, board = make_profile(root, "tiny", 40), make_profile(root, "board", 512)
+    jobs = plan([TASK], ["lora"], ["ort-training"], [tiny, board], SweepSettings(steps=STEPS))
+    results = root / "oom.jsonl"
+    records = run_sweep(jobs, results, SweepOptions(base=str(base_checkpoint), timeout=300, quiet=True))
+    first, second = records
+    assert (first["profile"], first["status"], first["fits"]) == ("tiny", "out_of_memory", False)
+    assert first["verdict"].startswith("does not fit in 40 MB") and first["accuracy"] is None
+    assert (second["profile"], second["status"]) == ("board", "ok")
+    assert len(read_records(results)) == 2
+
+
+def test_a_torn_last_line_is_skipped_and_never_glued_to_the_next(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_record(path, {"key": "a", "n": 1})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "n"')  # a writer killed mid-line
+    append_record(path, {"key": "c", "n": 3})
+    assert [r["key"] for r in read_records(path)] == ["a", "c"]
+    assert path.read_text().splitlines()[-1] == '{"key": "c", "n": 3}'
+
+
+def test_plan_leaves_out_what_does_not_exist_and_refuses_what_is_wrong():
+    host = load_profile("host")
+    jobs = plan([TASK], ["probe", "probe-cached"], ["torch", "ort-step"], [host], SweepSettings(epochs=1))
+    assert [(j.label, j.engine) for j in jobs] == [("probe", "torch"), ("probe", "ort-step"),
+                                                   ("probe-cached", "ort-step")]  # torch has no cached features
+    assert len({j.key for j in jobs}) == 3
+    with pytest.raises(UserError, match="--steps applies to the ORT engines"):
+        plan([TASK], ["lora"], ["torch"], [host], SweepSettings(steps=5))
+    with pytest.raises(UserError, match="unknown method or engine 'adapter'"):
+        plan([TASK], ["adapter"], ["ort-step"], [host], SweepSettings())
+
+
+def test_run_key_changes_with_settings_and_board_limits(tmp_path):
+    a = plan([TASK], ["lora"], ["ort-step"], [make_profile(tmp_path, "b", 256)], SweepSettings(epochs=1))[0]
+    b = plan([TASK], ["lora"], ["ort-step"], [make_profile(tmp_path, "b", 128)], SweepSettings(epochs=1))[0]
+    c = plan([TASK], ["lora"], ["ort-step"], [make_profile(tmp_path, "b", 256)], SweepSettings(epochs=2))[0]
+    d = plan([TASK], ["lora"], ["ort-step"], [make_profile(tmp_path, "b", 256)],
+             SweepSettings(epochs=1, target_accuracy=0.5))[0]
+    assert len({a.key, b.key, c.key}) == 3 and a.key == d.key  # the target only changes a derived figure
