@@ -17,9 +17,12 @@ from edge_ft.errors import UserError
 
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e}); check the path and its permissions") from None
     return h.hexdigest()
 
 
@@ -69,7 +72,7 @@ def load_base(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     if mp.is_file():
         try:
             meta = json.loads(mp.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
             raise UserError(f"{mp}: corrupt JSON ({e}); re-run `edge-ft pretrain`") from None
         if not isinstance(meta, dict):
             raise UserError(f"{mp}: not a checkpoint record (a JSON object); re-run `edge-ft pretrain`")

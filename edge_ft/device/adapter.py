@@ -48,7 +48,7 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32") -> 
     try:
         info = json.loads(results_path.read_text())["bundle"]
         cfg = MethodConfig.from_dict(info["method"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
         raise UserError(f"{results_path}: unreadable run record ({e!r}); re-run `edge-ft train`") from None
     trained = load_safetensors(run / "trained.safetensors")
     tensors = {peft_key(n): np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in trained.items()}
@@ -81,7 +81,7 @@ def load_adapter(folder: str | Path) -> tuple[dict[str, np.ndarray], dict]:
         if not isinstance(config["edge_ft"], dict):
             raise TypeError("the edge_ft block must be a JSON object")
         config["edge_ft"]["method"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
         raise UserError(f"{config_path}: not an edge-ft adapter config ({e!r}); re-export the adapter") from None
     tensors = load_safetensors(folder / WEIGHTS)
     if not all(k.startswith(PREFIX) for k in tensors):

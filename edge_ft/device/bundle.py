@@ -63,7 +63,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise UserError(f"{manifest_path}: missing; {path} is not an edge-ft bundle (re-run `edge-ft export`)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{manifest_path}: corrupt JSON ({e}); re-export the bundle") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{manifest_path}: not an edge-ft bundle manifest; re-export the bundle")
@@ -146,6 +146,8 @@ def _referenced_files(manifest: dict) -> list[str]:
     for key in ("inference", "features", "applied_adapter"):
         if isinstance(manifest.get(key), dict) and "file" in manifest[key]:
             names.append(manifest[key]["file"])
+    if isinstance(manifest.get("features"), dict) and "head" in manifest["features"]:  # the head-only bundle
+        names.append(f"{manifest['features']['head']}/{MANIFEST}")
     return names
 
 

@@ -115,7 +115,8 @@ def _read_record(path: Path) -> dict:
         if not isinstance(record["state"], str) or ".." in Path(record["state"]).parts:
             raise ValueError("state must be a path inside the run folder")
         return record
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError,
+            OSError) as e:
         raise UserError(f"{path}: not a readable resume record ({e}); start the run again without --resume "
                         "or with another --out") from None
 
