@@ -8,6 +8,10 @@ class UserError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str):
+        # One line, whatever a damaged file put into a quoted value: a newline in it must not split the message.
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 def require_host(feature: str = "this command") -> None:
     """Fail with one line when the host extra (torch, onnx, onnxruntime-training) is not installed."""

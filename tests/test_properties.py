@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -34,7 +35,9 @@ from edge_ft.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 LORA, ADAMW = MethodConfig("lora"), OptimizerConfig("adamw", lr=2e-3)  # shared with test_ort_step's exports
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 60 examples per loader in the suite; EDGE_FT_FUZZ_EXAMPLES=1000 for a deeper run by hand.
+FUZZ = settings(max_examples=int(os.environ.get("EDGE_FT_FUZZ_EXAMPLES", 60)), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 PROFILE = (REPO / "edge_ft" / "bench" / "device_profiles" / "rpi-3b.toml").read_bytes()
 
 

@@ -156,7 +156,7 @@ def check_file_table(manifest: dict, manifest_path: Path) -> None:
     every file the manifest points an engine at: nothing reaches onnxruntime unverified."""
     from edge_ft.device.engines import ENGINES
 
-    if manifest.get("engine") not in ENGINES:
+    if not isinstance(manifest.get("engine"), str) or manifest["engine"] not in ENGINES:
         raise UserError(f"{manifest_path}: unknown engine {manifest.get('engine')!r} (this edge-ft runs "
                         f"{', '.join(ENGINES)}); export the bundle with this edge-ft version")
     files = manifest["files"]
