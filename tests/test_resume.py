@@ -301,3 +301,26 @@ def test_killed_adapter_apply_and_export_leave_the_old_or_the_new_never_a_mix(tm
             assert same(load_adapter(folder)[0], old_tensors)
         assert main(["adapter", "export", str(run), "--out", str(folder)]) == 0  # re-export repairs it
         assert same(load_adapter(folder)[0], new_tensors)
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_a_sweep_is_recorded_and_leaves_no_partial_files(tmp_path, base_checkpoint):
+    """The sweep's OOM job: a record saying it does not fit, and its run folder holds no file (not even a temp)."""
+    from edge_ft.bench.measure import SweepSettings
+    from edge_ft.bench.profiles import load_profile_file
+    from edge_ft.bench.records import read_records
+    from edge_ft.bench.sweep import SweepOptions, plan, run_sweep
+
+    reason = _cgroups_unavailable()
+    if reason:
+        pytest.skip(f"cgroups not writable: {reason}")
+    board = tmp_path / "tiny.toml"
+    board.write_text('description = "24 MB board"\narch = "x86_64"\ncpu = "test"\ncores = 1\nram_mb = 64\n'
+                     'budget_mb = 24\nthreads = 1\ncpu_speed = 1.0\ncpu_speed_source = "chosen for a test"\n')
+    jobs = plan(["mnist→digits"], ["lora"], ["ort-step"], [load_profile_file(board)], SweepSettings(steps=4))
+    records = run_sweep(jobs, tmp_path / "results.jsonl", SweepOptions(base=str(base_checkpoint), timeout=120,
+                                                                        quiet=True))
+    assert [(r["status"], r["fits"]) for r in records] == [("out_of_memory", False)]
+    assert read_records(tmp_path / "results.jsonl") == records
+    run_dir = jobs[0].run_dir(tmp_path)
+    assert not run_dir.exists() or not [p for p in run_dir.rglob("*") if p.is_file()], "no partial files"
