@@ -296,6 +296,36 @@ def test_resume_record_mutations(data):
             assert isinstance(progress, Progress) and (state is None or state.is_file())
 
 
+@lru_cache(maxsize=None)
+def finished_run() -> Path:
+    """A real `edge-ft train` run folder (2 steps) of bundle_dir(), for `edge-ft adapter export`."""
+    from edge_ft.cli import main
+
+    x, y = read_mnist_5k()
+    folder = Path(tempfile.mkdtemp(dir=support._ROOT))
+    save_npz(folder / "d.npz", x[:40], y[:40])
+    assert main(["train", str(bundle_dir()), "--data", str(folder / "d.npz"), "--steps", "2", "--threads", "1",
+                 "--quiet", "--out", str(folder / "run")]) == 0
+    return folder / "run"
+
+
+@FUZZ
+@given(data=st.data())
+def test_run_record_mutations_for_adapter_export(data):
+    from edge_ft.device.adapter import export_adapter
+
+    record = json.loads((finished_run() / "results.json").read_text())
+    mutated = json.dumps(data.draw(document_edits({"bundle": record["bundle"]})))
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        shutil.copytree(finished_run(), run)
+        (run / "results.json").write_text(mutated)
+        config = loads_or_refuses(lambda: export_adapter(run, Path(tmp) / "adapter"))
+        if config is not None:  # what was written loads back and fits the bundle it came from
+            tensors, loaded = load_adapter(Path(tmp) / "adapter")
+            assert loaded == config and set(tensors) == set(load_bundle(bundle_dir()).trainable)
+
+
 # ------------------------------------------------------------------------------------------------ no pickle
 PICKLE = re.compile(r"^\s*(import|from)\s+(pickle|cPickle|dill|joblib|shelve)\b|\bpickle\.(load|loads|Unpickler)\b|"
                     r"torch\.load\(|allow_pickle\s*=\s*True|np\.load\((?![^)]*allow_pickle=False)")

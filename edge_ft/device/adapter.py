@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ft.architecture import param_shapes, trainable_names
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_json, remove_stale_temps
 from edge_ft.checkpoint import load_safetensors, sha256_file
 from edge_ft.config import MethodConfig
@@ -48,9 +49,15 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32") -> 
     try:
         info = json.loads(results_path.read_text())["bundle"]
         cfg = MethodConfig.from_dict(info["method"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
+        if not isinstance(info["base"], dict) or not isinstance(info["base"]["sha256"], str):
+            raise TypeError("bundle.base must record the base's sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, OSError) as e:
         raise UserError(f"{results_path}: unreadable run record ({e!r}); re-run `edge-ft train`") from None
     trained = load_safetensors(run / "trained.safetensors")
+    expected = {n: param_shapes(cfg)[n] for n in trainable_names(cfg)}
+    if {n: tuple(v.shape) for n, v in trained.items()} != expected:
+        raise UserError(f"{run / 'trained.safetensors'}: its tensors are not what a {cfg.method} run trains "
+                        f"(results.json); the run folder mixes two runs, re-run `edge-ft train`")
     tensors = {peft_key(n): np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in trained.items()}
     atomic_save_safetensors(out / WEIGHTS, tensors, metadata={"format": "pt"})  # PEFT/transformers read "pt"
     config = adapter_config(cfg, info["base"], dtype)
