@@ -324,3 +324,33 @@ def test_out_of_memory_in_a_sweep_is_recorded_and_leaves_no_partial_files(tmp_pa
     assert read_records(tmp_path / "results.jsonl") == records
     run_dir = jobs[0].run_dir(tmp_path)
     assert not run_dir.exists() or not [p for p in run_dir.rglob("*") if p.is_file()], "no partial files"
+
+
+RELOAD_CYCLE = textwrap.dedent("""
+    import gc, sys
+    import numpy as np
+    from edge_ft.device.bundle import load_bundle
+    from edge_ft.device.engines import open_engine
+
+    bundle = load_bundle(sys.argv[1])
+    engine = open_engine(bundle, threads=1)
+    x, y = np.zeros((4, 1, 28, 28), np.float32), np.arange(4, dtype=np.int64)
+    engine.train_step(x, y, 1e-3)
+    engine.save_state(sys.argv[2])
+    for _ in range(3):  # resume-style reloads, each followed by writes into the (new) state and a step
+        engine.load_state(sys.argv[2])
+        gc.collect()  # the replaced Module and state are gone now
+        engine.load_trainable({k: v + 1 for k, v in engine.trainable_state().items()})
+        engine.train_step(x, y, 1e-3)
+    print("ok", float(engine.train_step(x, y, 1e-3)[0]))
+""")
+
+
+@pytest.mark.slow
+def test_ort_training_state_is_never_written_after_its_module_is_gone(tmp_path):
+    """Writing parameters into a CheckpointState whose Module was destroyed segfaults onnxruntime; reloading
+    a state rebuilds state, Module and Optimizer together, so every later write reaches a live trio."""
+    done = subprocess.run([sys.executable, "-c", RELOAD_CYCLE, str(inputs("ort-training")[0]),
+                           str(tmp_path / "s.state")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and done.stdout.startswith("ok "), (done.returncode, done.stderr[-2000:])
