@@ -238,6 +238,7 @@ DATA_DAMAGE = {
     "Inf pixels": (lambda p: _raw_npz(p, x=np.full((4, 28, 28), np.inf, np.float32), y=np.zeros(4, np.int64)),
                    "NaN/Inf"),
     "pixels out of range": (lambda p: _raw_npz(p, x=_digits()[0] * 300.0, y=_digits()[1]), "0..255"),
+    "pixels normalised to 0..1": (lambda p: _raw_npz(p, x=_digits()[0] / 255.0, y=_digits()[1]), "whole numbers"),
     "text pixels": (lambda p: _raw_npz(p, x=np.full((2, 28, 28), "a"), y=np.zeros(2, np.int64)), "non-numeric"),
     "labels above the class range": (lambda p: _raw_npz(p, x=_digits()[0], y=_digits()[1] + 10), "< 10"),
     "negative labels": (lambda p: _raw_npz(p, x=_digits()[0], y=-_digits()[1] - 1), "labels must be >= 0"),
@@ -289,8 +290,10 @@ def test_bad_profile(kit, capsys, tmp_path, case):
     one_line_error(capsys, train_argv(kit, None, None, "--profile", str(path)), path, message)
 
 
-def test_unknown_profile_name(kit, capsys):
+def test_unknown_profile_name_or_path(kit, capsys, tmp_path):
     one_line_error(capsys, ["profile", "run", "no-such-board", "--", "true"], "no device profile named")
+    one_line_error(capsys, train_argv(kit, None, None, "--profile", str(tmp_path / "gone.toml")), "gone.toml",
+                   "no such profile file")
 
 
 # ---------------------------------------------------------------------------------------------------- paths

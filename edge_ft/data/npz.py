@@ -37,6 +37,9 @@ def validate_xy(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | No
             raise UserError(f"{source}: x contains NaN/Inf or non-numeric values; pixels must be uint8 0..255")
         if x.min() < 0 or x.max() > 255:
             raise UserError(f"{source}: pixel values must lie in 0..255, got {x.min()}..{x.max()}")
+        if np.any(x != np.round(x)):  # uint8 would floor 0..1-normalised images to black, silently
+            raise UserError(f"{source}: pixels must be whole numbers 0..255, got fractions (images normalised "
+                            "to 0..1?); save x as uint8, e.g. (x * 255).round().astype('uint8')")
         x = x.astype(np.uint8)
     if not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"{source}: labels y must be integers, got dtype {y.dtype}")
