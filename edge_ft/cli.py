@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"edge-ft {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except MemoryError:  # under a memory cap (ulimit, `edge-ft profile run`'s rlimit) Python raises, not dies
+        print(f"edge-ft {args.command}: error: out of memory (MemoryError); use a smaller --batch or less data, "
+              "or a device with more free RAM", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"edge-ft {args.command}: interrupted", file=sys.stderr)
         return 130

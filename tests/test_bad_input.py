@@ -353,3 +353,16 @@ def test_base_checkpoint_damage_is_one_line(kit, capsys, tmp_path):
     base.with_suffix(".json").unlink()
     one_line_error(capsys, argv, base, "fc3.bias")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_running_out_of_memory_is_one_line(kit, capsys, monkeypatch):
+    """Under a memory cap Python raises MemoryError (an rlimit, `ulimit -v`): one line the emulator classifies."""
+    import edge_ft.data.npz
+    from edge_ft.bench.emulate import _OOM_TEXT
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(edge_ft.data.npz, "load_npz", no_memory)
+    line = one_line_error(capsys, train_argv(kit), "out of memory", "--batch")
+    assert _OOM_TEXT.search(line)
