@@ -344,7 +344,8 @@ def test_base_checkpoint_damage_is_one_line(kit, capsys, tmp_path):
     base = tmp_path / "base.safetensors"
     shutil.copy(support.base_path(), base)
     shutil.copy(support.base_path().with_suffix(".json"), base.with_suffix(".json"))
-    argv = ["export", "--method", "lora", "--base", str(base), "--out", str(tmp_path / "bundle"), "--engine", "ort-step"]
+    argv = ["export", "--method", "lora", "--base", str(base), "--out", str(tmp_path / "bundle"),
+            "--engine", "ort-step"]
     flip_byte(base, -5)
     one_line_error(capsys, argv, "base.json", "does not match")
     truncate(base)

@@ -54,7 +54,8 @@ def byte_mutations(data: bytes) -> st.SearchStrategy[bytes]:
     return st.one_of(
         st.integers(0, n - 1).map(lambda k: data[:k]),  # cut short in transfer
         st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, 7)), min_size=1, max_size=8).map(flip),
-        st.tuples(st.integers(0, n), st.binary(min_size=1, max_size=16)).map(lambda t: data[:t[0]] + t[1] + data[t[0]:]),
+        st.tuples(st.integers(0, n), st.binary(min_size=1, max_size=16)).map(
+            lambda t: data[:t[0]] + t[1] + data[t[0]:]),  # bytes inserted
         st.binary(max_size=4096),  # not the file at all
     )
 
@@ -273,6 +274,9 @@ def test_profile_mutations(data):
 @FUZZ
 @given(data=st.data())
 def test_resume_record_mutations(data):
+    from dataclasses import asdict
+
+    from edge_ft.checkpoint import sha256_file
     from edge_ft.device.resume import RESUME, Progress, start
 
     identity = {"bundle_manifest_sha256": "a" * 64, "data_sha256": "b" * 64, "settings": {"batch": 16}}
@@ -280,9 +284,6 @@ def test_resume_record_mutations(data):
         out = Path(tmp)
         (out / "checkpoints").mkdir()
         (out / "checkpoints" / "step-000005.state").write_bytes(b"state")
-        from edge_ft.checkpoint import sha256_file
-        from dataclasses import asdict
-
         record = {"format": "edge-ft-resume", "format_version": 1, "state": "checkpoints/step-000005.state",
                   "state_sha256": sha256_file(out / "checkpoints" / "step-000005.state"), "run": identity,
                   "progress": asdict(Progress(step=5, batch=5, losses=[1.0] * 5))}
