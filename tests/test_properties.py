@@ -342,3 +342,28 @@ def test_no_pickle_on_any_load_path():
     assert all(PICKLE.search(bad) for bad in ("x = np.load(path)", "import pickle", "torch.load(f)",
                                               "np.load(p, allow_pickle=True)", "pickle.loads(b)"))
     assert not PICKLE.search("np.load(path, allow_pickle=False)")
+
+
+WRITE = re.compile(r"(?<!atomic_)open\([^)]*['\"][wax]b?\+?['\"]|\.write_(text|bytes)\(|np\.save(z|z_compressed)?\((?!f,)|"
+                   r"\bsave_file\(|onnx\.save\(|torch\.save\(|savefig\((?!buf)|json\.dump\((?!.*sys\.stdout)")
+# Writes that are not files a user keeps: each one says why it may bypass edge_ft.atomic.
+WRITE_ALLOWED = {
+    "edge_ft/atomic.py": "the atomic writers themselves",
+    "edge_ft/bench/records.py": "results.jsonl is an fsynced append-only journal; a torn last line is skipped",
+    "edge_ft/bench/cgroups.py": "cgroup control files are kernel interfaces, not files",
+    "edge_ft/bench/enter.py": "writes its pid into a cgroup's procs file",
+    "edge_ft/host/export/ort_training.py": "edits a temp copy that is then written into the bundle atomically",
+}
+
+
+def test_every_file_write_goes_through_atomic():
+    """A crash must leave the previous good file: writes go through edge_ft.atomic (temp file, fsync, rename)."""
+    hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}"
+            for p in sorted((REPO / "edge_ft").rglob("*.py")) if p.relative_to(REPO).as_posix() not in WRITE_ALLOWED
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if WRITE.search(line) and not line.lstrip().startswith("#")]
+    assert not hits, "\n".join(hits)
+    assert all(WRITE.search(bad) for bad in ('open(p, "w")', "p.write_text(s)", "np.savez(path, x=x)",
+                                              "onnx.save(m, p)", "fig.savefig(path)", "json.dump(d, f)"))
+    assert not any(WRITE.search(ok) for ok in ('with atomic_open(path, "wb") as f:', "np.savez_compressed(f, x=x)",
+                                               "fig.savefig(buf, format='png')", "json.dump(r, sys.stdout)"))
