@@ -234,9 +234,9 @@ def time_to_accuracy(record: dict, target: float) -> float | None:
 def verdict_fields(record: dict, profile: DeviceProfile, r: ConfinedResult, timeout: float | None) -> dict:
     """fits + one line saying why: a run counts as fitting only if it finished and its RSS stayed in budget.
 
-    The cgroup charges shared-library pages to whoever read them first (often another process here) and evicts
-    the job's own file pages at the cap, so a job can finish under the cap with its RSS above the budget; on the
-    board it would be paging its libraries from the SD card, so it does not count as fitting.
+    The cgroup charges shared-library pages to whoever read them first (often another process here), so a job can
+    finish under the cap with its RSS above the budget; on the board those pages take RAM like any other (or are
+    paged from the SD card over and over), so it does not count as fitting.
     """
     budget, peak = profile.budget_mb, record["peak_rss_bytes"] / MB
     status = record["status"]
@@ -248,11 +248,23 @@ def verdict_fields(record: dict, profile: DeviceProfile, r: ConfinedResult, time
         last = (r.stderr_tail.strip().splitlines() or [f"exit {r.exit_code}"])[-1]
         return {"fits": False, "verdict": f"failed: {last[:200]}"}
     if not profile.native and peak > budget:
-        return {"fits": False, "verdict": f"does not fit in {budget} MB (peak RSS {peak:.0f} MB; finished only by "
-                                          "evicting its library pages)"}
+        return {"fits": False, "verdict": f"does not fit in {budget} MB (peak RSS {peak:.0f} MB; the cap did not "
+                                          "count its shared library pages, which the board must hold too)"}
     if profile.native:
         return {"fits": True, "verdict": f"ok: peak RSS {peak:.0f} MB"}
     return {"fits": True, "verdict": f"fits: peak RSS {peak:.0f} of {budget} MB"}
+
+
+SHORT_STATUS = {"out_of_memory": "OOM", "timeout": "timeout", "failed": "failed"}
+
+
+def short_result(r: dict) -> str:
+    """'fits', 'over budget (328 MB)', 'OOM', 'timeout' or 'failed': the verdict in a table cell."""
+    if r.get("fits"):
+        return "fits"
+    if r["status"] == "ok":
+        return f"over budget ({mb(r['peak_rss_bytes'])} MB)"
+    return SHORT_STATUS.get(r["status"], r["status"])
 
 
 def mb(nbytes: float | None) -> str:

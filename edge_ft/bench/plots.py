@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from edge_ft.atomic import atomic_write_bytes
-from edge_ft.bench.measure import ENGINES, LABELS, step_ms
+from edge_ft.bench.measure import ENGINES, LABELS, SHORT_STATUS, step_ms
 from edge_ft.bench.profiles import MB
 
 ENGINE_COLOURS = {"torch": "#d62728", "ort-training": "#1f77b4", "ort-step": "#2ca02c"}
@@ -157,7 +157,7 @@ def _engine_legend(fig, engines: list[str]) -> None:
 
 
 def _short_status(r: dict) -> str:
-    return {"out_of_memory": "OOM", "timeout": "timeout", "failed": "failed"}.get(r["status"], "over budget")
+    return SHORT_STATUS.get(r["status"], "over budget")
 
 
 def peak_rss(records: list[dict], path: Path) -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_ft.atomic import atomic_write_text
-from edge_ft.bench.measure import mb
+from edge_ft.bench.measure import mb, short_result
 from edge_ft.bench.recommend import Constraints, recommend
 from edge_ft.bench.records import latest
 
@@ -131,17 +131,6 @@ def _n(v, fmt: str = ",") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-SHORT_STATUS = {"out_of_memory": "OOM", "timeout": "timeout", "failed": "failed"}
-
-
-def short_result(r: dict) -> str:
-    if r.get("fits"):
-        return "fits"
-    if r["status"] == "ok":
-        return f"over budget ({mb(r['peak_rss_bytes'])} MB)"
-    return SHORT_STATUS.get(r["status"], r["status"])
-
-
 def results_table(rows: list[dict]) -> str:
     headers = ["method", "engine", "result", "accuracy", "ms/step p50", "mean", "p95", "s/epoch", "time to acc. s",
                "peak RSS MB", "RSS after import MB", "MFLOPs/step", "trainable", "payload B", "bundle B",
@@ -232,7 +221,9 @@ def settings_text(records: list[dict]) -> str:
     lines = [f"- training: {length}, batch {s.get('batch') or 'recipe'}, seed {s['seed']}, LoRA r={s['rank']} "
              f"alpha={s['alpha']:g}; base sha256 {records[0]['base_sha256'][:12]}; time-to-accuracy target "
              f"{s['target_accuracy']:g}",
-             f"- host speed {s['host_speed']:g} (the reference core = 1)"]
+             f"- host speed {s['host_speed']:g} (the reference core = 1); native runs: the lowest-p50 of "
+             f"{max((len(r.get('repeats_ms_per_step_p50') or [0]) for r in records if r.get('native')), default=1)} "
+             "repetitions (training is deterministic, only the timing differs); runs under a CPU quota: one"]
     for engine, v in versions.items():
         runtime = ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("interpreter",))
         lines.append(f"- {engine}: {runtime} ({v.get('interpreter', '?')})")

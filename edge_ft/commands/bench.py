@@ -59,6 +59,9 @@ def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT
                    help="how confined profiles are imposed (default auto: cgroup, else rlimit)")
     p.add_argument("--parallel", type=int_at_least(0), default=0, metavar="N",
                    help="CPU-quota-limited runs side by side (default 0: as many as fit in half the CPUs, max 4)")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, metavar="N",
+                   help="native runs: measure N times and keep the least disturbed (lowest p50) one; runs under "
+                        "a CPU quota run once (default 3)")
     p.add_argument("--host-speed", type=positive_float, default=1.0, metavar="X",
                    help="this machine's core speed from `edge-ft profile calibrate` (default 1.0)")
     p.add_argument("--device-python", metavar="PYTHON",
@@ -94,6 +97,7 @@ def sweep_from_args(args, profiles: list[str]):
     jobs = plan(args.task, args.methods, args.engines, [load_profile(p) for p in profiles], settings)
     opts = SweepOptions(base=args.base, pretrain_epochs=args.pretrain_epochs, force=args.force,
                         timeout=args.timeout, mode=args.mode, parallel=args.parallel,
+                        repeats=args.repeats,
                         device_python=args.device_python, quiet=args.quiet)
     return jobs, opts
 
