@@ -45,23 +45,21 @@ def run_demo(s: DemoSettings) -> int:
     from edge_ft.bench.sweep import SweepOptions, plan, run_sweep, summarize
 
     started = time.perf_counter()
-    say = (lambda line: None) if s.quiet else (lambda line: print(line, flush=True))
     results = s.out / "results.jsonl"
     profiles = [load_profile(p) for p in s.profiles]
-    say(f"edge-ft demo: fine-tune LeNet-5 on {s.task} with {', '.join(LABELS)} on the engines "
-        f"{', '.join(ENGINES)}, measured as {', '.join(p.name for p in profiles)}; everything goes to {s.out}/")
+    if not s.quiet:
+        print(f"edge-ft demo: fine-tune LeNet-5 on {s.task} with {', '.join(LABELS)} on the engines "
+              f"{', '.join(ENGINES)}, measured as {', '.join(p.name for p in profiles)}; everything goes to "
+              f"{s.out}/", flush=True)
     jobs = plan([s.task], list(LABELS), list(ENGINES), profiles, SweepSettings(epochs=s.epochs))
     records = run_sweep(jobs, results, SweepOptions(pretrain_epochs=s.pretrain_epochs, timeout=s.timeout,
                                                     quiet=s.quiet))
     report = write_report(records, s.out, source=str(results))
-    say("")
-    say(summarize(records))
-    say("")
     board = next((p for p in profiles if p.name == SMALL_BOARD), profiles[-1])
     rec = recommend(records, board, jobs[0].task, Constraints())
-    say("Recommendation (edge-ft recommend --profile " + board.name + f" --results {results}):")
-    say("\n".join(rec.lines))
-    say("")
-    say(f"report: {report} (plots beside it); results: {results}; {time.perf_counter() - started:.0f} s")
+    # The table and the recommendation are the demo's answer: printed even with --quiet.
+    print(f"\n{summarize(records)}\n\nRecommendation (edge-ft recommend --profile {board.name} --results "
+          f"{results}):\n" + "\n".join(rec.lines) + f"\n\nreport: {report} (plots beside it); results: {results}; "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
     return 0
 
