@@ -73,7 +73,9 @@ def test_sweep_records_carry_every_measurement(swept, base_checkpoint):
         run = root / "runs" / r["profile"] / "mnist-digits" / f"{r['label']}-ort-training"
         assert r["payload_bytes"] == (run / "adapter" / "adapter_model.safetensors").stat().st_size
         assert r["merged_model_bytes"] == (run / "model.onnx").stat().st_size
-        assert r["rss_after_imports_bytes"] < r["train_peak_rss_bytes"] <= r["peak_rss_bytes"] + MB
+        assert r["rss_after_imports_bytes"] < r["train_peak_rss_bytes"] <= r["peak_rss_bytes"]
+        assert r["peak_rss_bytes"] == max(r["sampled_rss_bytes"], r["train_peak_rss_bytes"]) or \
+            r["peak_rss_bytes"] == r["ru_maxrss_bytes"]  # the pytest parent is large, so usually not ru_maxrss
         assert r["ms_per_step_p50"] > 0 and r["ms_per_step_p95"] >= r["ms_per_step_p50"]
         assert r["installable_on_device"] is True and r["versions"]["onnxruntime-training-cpu"]
         repeats = r["repeats_ms_per_step_p50"]  # native runs twice, keeping the faster; a quota-limited run once
