@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from edge_ft.commands.argtypes import positive_float
 from edge_ft.commands.bench import accuracy_fraction, add_sweep_options
 from edge_ft.errors import UserError
+
+
+def tolerance(text: str) -> float:
+    """argparse type: an accuracy difference in [0, 1] (0: only the most accurate runs compete)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -23,10 +35,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-rss", type=positive_float, metavar="MB", help="peak RSS limit (default: profile budget)")
     p.add_argument("--max-step-ms", type=positive_float, metavar="MS", help="step-time limit in milliseconds")
     p.add_argument("--min-accuracy", type=accuracy_fraction, metavar="F", help="held-out accuracy floor, e.g. 0.93")
-    p.add_argument("--tolerance", type=accuracy_fraction, default=0.02, metavar="F",
+    p.add_argument("--tolerance", type=tolerance, default=0.02, metavar="F",
                    help="accuracy a faster choice may give up against the most accurate feasible one (default 0.02)")
-    p.add_argument("--measure", action="store_true", help="run the sweep for the profile first (skips what is done)")
-    p.add_argument("--no-measure", action="store_true", help="never run measurements; answer from the file only")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--measure", action="store_true", help="run the sweep for the profile first (skips what is done)")
+    when.add_argument("--no-measure", action="store_true", help="never run measurements; answer from the file only")
     p.add_argument("--json", action="store_true", help="print the choice and the reasons as JSON")
     add_sweep_options(p, profiles=None)
     p.set_defaults(func=handler)
