@@ -276,7 +276,9 @@ def mb(nbytes: float | None) -> str:
 def fmt_ms(record: dict) -> str:
     """The step time to quote: the mean under a CPU quota (p50 is uneven there), p50 otherwise."""
     value = step_ms(record)
-    return "-" if value is None else (f"{value:.1f}" if value < 100 else f"{value:.0f}")
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 1 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
 def step_ms(record: dict) -> float | None:
