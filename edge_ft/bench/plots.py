@@ -65,19 +65,23 @@ def accuracy_vs_payload(records: list[dict], path: Path) -> Path:
         ax.scatter(r["payload_bytes"], r["accuracy"], s=90 if r["engine"] == "torch" else 45,
                    marker=LABEL_MARKERS[r["label"]], facecolors="none" if r["engine"] == "torch" else
                    ENGINE_COLOURS[r["engine"]], edgecolors=ENGINE_COLOURS[r["engine"]], linewidths=1.5, zorder=3)
-    # One text per spot: engines train the same numbers, probe and probe-cached ship the same head.
-    spots: list[list] = []  # [payload, accuracy, names]
+    # One text per spot: engines train the same numbers, probe and probe-cached ship the same head. A method
+    # found at two spots (engines that round differently) names its engines there.
+    spots: list[list] = []  # [payload, accuracy, {label: [engines]}]
     for r in records:
         if r.get("accuracy") is None or not r.get("payload_bytes"):
             continue
         spot = next((sp for sp in spots if abs(sp[1] - r["accuracy"]) < 5e-4
                      and max(sp[0], r["payload_bytes"]) / min(sp[0], r["payload_bytes"]) < 1.15), None)
         if spot is None:
-            spots.append([r["payload_bytes"], r["accuracy"], [r["label"]]])
-        elif r["label"] not in spot[2]:
-            spot[2].append(r["label"])
+            spots.append(spot := [r["payload_bytes"], r["accuracy"], {}])
+        engines = spot[2].setdefault(r["label"], [])
+        if r["engine"] not in engines:
+            engines.append(r["engine"])
+    split = {label for label in _labels(records) if sum(label in sp[2] for sp in spots) > 1}
     for x, y, names in spots:
-        ax.annotate(" / ".join(names), (x, y), textcoords="offset points", xytext=(9, 6), fontsize=9)
+        text = " / ".join(f"{label} ({', '.join(e)})" if label in split else label for label, e in names.items())
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(9, 6), fontsize=9)
     ax.set_xscale("log")
     ax.set_xlabel("shipped payload (adapter / head / weights file), bytes, log scale")
     ax.set_ylabel("held-out accuracy")

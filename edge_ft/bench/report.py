@@ -200,7 +200,8 @@ GOALS_NOTE = ("Speed compares p50 step times on `host`; the torch engine's 2-thr
 
 CAPTIONS = {
     "accuracy_vs_payload.png": "Held-out accuracy against the bytes a device sends back after training (filled: "
-    "ORT engines, hollow: torch; the engines train the same numbers, so their points coincide).",
+    "ORT engines, hollow: torch; the engines replay the same batches, so their points coincide or differ only by "
+    "rounding).",
     "peak_rss.png": "Peak RSS of the training process per method and engine; the dashed line is the profile's "
     "memory budget, hatched bars did not fit.",
     "step_time.png": "Time per training step (log scale). Under a CPU quota the mean is shown (see above).",
