@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_ft.atomic import atomic_write_text
-from edge_ft.bench.measure import mb, short_result
+from edge_ft.bench.measure import ENGINES, LABELS, mb, short_result
 from edge_ft.bench.recommend import Constraints, recommend
 from edge_ft.bench.records import latest
 
@@ -168,7 +168,8 @@ def write_report(records: list[dict], out: Path, source: str = "results.jsonl") 
              "onnxruntime, the torch engine's after importing torch and loading the data.", "",
              "## Settings", "", settings_text(records), "", "## Results"]
     for profile in dict.fromkeys(r["profile"] for r in records):
-        rows = [r for r in records if r["profile"] == profile]
+        rows = sorted((r for r in records if r["profile"] == profile),  # file order is completion order
+                      key=lambda r: (list(LABELS).index(r["label"]), ENGINES.index(r["engine"])))
         first = rows[0]
         scale = f", CPU quota {first['cpu_quota']:.3g} of a core per thread" if first.get("cpu_quota") else ""
         budget = "no limit" if first.get("native") else f"budget {first['budget_mb']} MB"
