@@ -34,12 +34,19 @@ $(VENV)/.installed: requirements/host.txt pyproject.toml
 	touch $@
 
 # Device half: standard onnxruntime only, exactly what `pip install 'edge-ft[device]'` gives a Pi.
-$(DEVICE_VENV)/.installed: requirements/device.txt pyproject.toml
+# The package is installed as a real (non-editable) copy, so it is refreshed whenever a source file changes.
+DEVICE_SOURCES := $(shell find edge_ft -name '*.py' -o -name '*.toml' 2>/dev/null)
+
+$(DEVICE_VENV)/.deps: requirements/device.txt pyproject.toml
 	rm -rf $(DEVICE_VENV)
 	$(PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_PY) -m pip install -q --upgrade pip
 	$(DEVICE_PY) -m pip install -q -r requirements/device.txt
-	$(DEVICE_PY) -m pip install -q --no-deps .
+	touch $@
+
+$(DEVICE_VENV)/.installed: $(DEVICE_VENV)/.deps $(DEVICE_SOURCES)
+	$(DEVICE_PY) -m pip install -q --no-deps --force-reinstall .
+	rm -rf build
 	touch $@
 
 # Fashion-MNIST ships in a Debian package (MIT); install it where it is missing and we may.
