@@ -117,10 +117,14 @@ echo
 cat "$WORK/smoke-table.txt"
 echo
 TRAIN_OK=1
-"$HOST_PY" "$REPO/tools/arm/compare.py" --machine "$MACHINE" "${CASES[@]}" || TRAIN_OK=0
-if [ "$SMOKE_OK" = 1 ] && [ "$TRAIN_OK" = 1 ]; then
-    echo "test-arm: PASS"
+"$HOST_PY" "$REPO/tools/arm/compare.py" --machine "$MACHINE" "${CASES[@]}" | tee "$WORK/train-table.txt" || TRAIN_OK=0
+# A closing line in the shape test runners print, counted from the rows of both tables.
+PASSED=$(cat "$WORK/smoke-table.txt" "$WORK/train-table.txt" | grep -cE '^[a-z]+ +[0-9]+ .* pass +' || true)
+FAILED=$(cat "$WORK/smoke-table.txt" "$WORK/train-table.txt" | grep -cE ' FAIL ' || true)
+if [ "$SMOKE_OK" = 1 ] && [ "$TRAIN_OK" = 1 ] && [ "$FAILED" = 0 ]; then
+    echo "test-arm: $PASSED passed, 0 failed"
 else
-    echo "test-arm: FAIL"
+    [ "$FAILED" = 0 ] && FAILED=1
+    echo "test-arm: $PASSED passed, $FAILED failed"
     exit 1
 fi
