@@ -11,11 +11,16 @@ LAYERS = CONV_LAYERS + LINEAR_LAYERS  # in forward order
 LORA_BIAS = ("none", "all", "lora_only")
 
 
+def default_alpha(rank: int) -> float:
+    """alpha = 2r keeps the LoRA update's scaling alpha / r at 2 for every rank (tuned in training_defaults)."""
+    return 2.0 * rank
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     method: str = "lora"  # full | probe | lora
     rank: int = 2  # LoRA rank r (lora only)
-    alpha: float = 4.0  # LoRA alpha; the update is scaled by alpha / r
+    alpha: float | None = None  # LoRA alpha; the update is scaled by alpha / r (None: default_alpha(rank))
     targets: tuple[str, ...] = LINEAR_LAYERS  # layers that get a LoRA adapter
     bias: str = "none"  # LoRA bias training: none | all | lora_only (PEFT semantics)
     num_classes: int = 10  # classes of the target task (the head is re-initialised if it changes)
@@ -23,6 +28,8 @@ class MethodConfig:
     def __post_init__(self):
         from edge_ft.errors import UserError
 
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", default_alpha(self.rank))
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.num_classes < 2:

@@ -11,9 +11,9 @@ import json
 import sys
 import textwrap
 
-from edge_ft.commands.argtypes import int_at_least, positive_float
+from edge_ft.commands.argtypes import add_lora_options, int_at_least
 from edge_ft.architecture import count_params, lowest_trainable_layer
-from edge_ft.config import CONV_LAYERS, LINEAR_LAYERS, LORA_BIAS, OPTIMIZERS, MethodConfig, parse_targets
+from edge_ft.config import CONV_LAYERS, OPTIMIZERS, MethodConfig
 from edge_ft.costmodel import DTYPES, CostEstimate, estimate_all, input_grad_layers, layer_macs
 
 BASE_CLASSES = 10  # class count of the pretrained base model the seed describes
@@ -31,11 +31,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--num-classes", type=int_at_least(2), default=10, metavar="N",
                    help="classes of the task (default 10)")
-    p.add_argument("--rank", type=int_at_least(1), default=2, metavar="R", help="LoRA rank r (default 2)")
-    p.add_argument("--alpha", type=positive_float, default=4.0, metavar="A", help="LoRA alpha (default 4)")
-    p.add_argument("--targets", type=parse_targets, default=LINEAR_LAYERS, metavar="LAYERS",
-                   help="LoRA target layers, comma-separated (default fc1,fc2,fc3)")
-    p.add_argument("--bias", choices=LORA_BIAS, default="none", help="LoRA bias training (default none)")
+    add_lora_options(p)
     p.add_argument("--batch", type=int_at_least(1), default=32, metavar="N", help="examples per step (default 32)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer (default adamw)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="bytes per stored value (default float32)")

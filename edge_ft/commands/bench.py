@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge_ft.commands.argtypes import int_at_least, positive_float
+from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
+from edge_ft.config import default_alpha
 
 DEFAULT_RESULTS = Path("runs/bench/results.jsonl")
 DEFAULT_PROFILES = "host,rpi-zero-2w"
@@ -47,8 +48,7 @@ def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT
                         help="exact optimizer steps (ORT engines only)")
     p.add_argument("--batch", type=int_at_least(1), metavar="N", help="examples per step (default: recipe)")
     p.add_argument("--seed", type=int, default=0, help="batch-order seed (default 0)")
-    p.add_argument("--rank", type=int_at_least(1), default=2, metavar="R", help="LoRA rank (default 2)")
-    p.add_argument("--alpha", type=positive_float, default=4.0, metavar="A", help="LoRA alpha (default 4)")
+    add_lora_options(p, layers=False)
     p.add_argument("--target-accuracy", type=accuracy_fraction, default=0.9, metavar="F",
                    help="time-to-accuracy threshold (default 0.9)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, metavar="FILE.jsonl",
@@ -93,7 +93,8 @@ def sweep_from_args(args, profiles: list[str]):
     from edge_ft.bench.sweep import SweepOptions, plan
 
     settings = SweepSettings(epochs=args.epochs, steps=args.steps, batch=args.batch, seed=args.seed, rank=args.rank,
-                             alpha=args.alpha, host_speed=args.host_speed, target_accuracy=args.target_accuracy)
+                             alpha=args.alpha if args.alpha is not None else default_alpha(args.rank),
+                             host_speed=args.host_speed, target_accuracy=args.target_accuracy)
     jobs = plan(args.task, args.methods, args.engines, [load_profile(p) for p in profiles], settings)
     opts = SweepOptions(base=args.base, pretrain_epochs=args.pretrain_epochs, force=args.force,
                         timeout=args.timeout, mode=args.mode, parallel=args.parallel,

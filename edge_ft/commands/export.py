@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_ft.architecture import numel
-from edge_ft.commands.argtypes import int_at_least, positive_float
-from edge_ft.config import LINEAR_LAYERS, LORA_BIAS, METHODS, OPTIMIZERS, parse_targets
+from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
+from edge_ft.config import METHODS, OPTIMIZERS
 from edge_ft.errors import require_host
 
 ENGINES = ("ort-training", "ort-step")
@@ -24,11 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--base", required=True, metavar="BASE.safetensors", help="base weights (from `edge-ft pretrain`)")
     p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write, e.g. export/lora-r2")
     p.add_argument("--engine", choices=ENGINES, default="ort-training", help="device engine (default ort-training)")
-    p.add_argument("--rank", type=int_at_least(1), default=2, metavar="R", help="LoRA rank r (default 2)")
-    p.add_argument("--alpha", type=positive_float, default=4.0, metavar="A", help="LoRA alpha (default 4)")
-    p.add_argument("--targets", type=parse_targets, default=LINEAR_LAYERS, metavar="LAYERS",
-                   help="LoRA target layers, comma-separated (default fc1,fc2,fc3)")
-    p.add_argument("--bias", choices=LORA_BIAS, default="none", help="LoRA bias training (default none)")
+    add_lora_options(p)
     p.add_argument("--num-classes", type=int_at_least(2), default=None, metavar="N",
                    help="classes of the target task (default: the base's; a new count re-initialises the head)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from edge_ft.commands.pretrain import DEFAULT_BASE
-from edge_ft.config import LINEAR_LAYERS, LORA_BIAS, METHODS, OPTIMIZERS
+from edge_ft.commands.argtypes import add_lora_options
+from edge_ft.config import METHODS, OPTIMIZERS
 from edge_ft.errors import UserError, require_host
 
 ENGINES = ("torch",)  # the ORT engines train exported bundles through `edge-ft train`
@@ -23,10 +23,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--all", action="store_true", help="build the accuracy table (all tasks unless --task is given)")
     p.add_argument("--method", choices=METHODS, default=None, help="full | probe | lora (required without --all)")
-    p.add_argument("--rank", type=int, default=2, help="LoRA rank r (default: 2)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2·rank, i.e. scaling alpha/r = 2)")
-    p.add_argument("--targets", default=",".join(LINEAR_LAYERS), help="LoRA target layers (default: fc1,fc2,fc3)")
-    p.add_argument("--bias", choices=LORA_BIAS, default="none", help="LoRA bias training (default: none)")
+    add_lora_options(p)
     p.add_argument("--task", default=None,
                    help="mnist-digits | mnist-fashion | a folder with train.npz + test.npz (`edge-ft data export`)")
     p.add_argument("--base", type=Path, default=DEFAULT_BASE, help=f"base weights (default: {DEFAULT_BASE})")
@@ -46,11 +43,10 @@ def register(subparsers) -> None:
 
 
 def _method_config(args, num_classes: int):
-    from edge_ft.config import MethodConfig, parse_targets
+    from edge_ft.config import MethodConfig
 
-    alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
-    return MethodConfig(args.method, rank=args.rank, alpha=alpha, targets=parse_targets(args.targets),
-                        bias=args.bias, num_classes=num_classes)
+    return MethodConfig(args.method, rank=args.rank, alpha=args.alpha, targets=args.targets, bias=args.bias,
+                        num_classes=num_classes)
 
 
 def run(args) -> int:
