@@ -129,13 +129,15 @@ def test_report_from_the_sweep_writes_decodable_plots(swept, tmp_path, capsys):
 @pytest.mark.slow
 def test_out_of_memory_is_a_result_and_the_sweep_continues(swept, base_checkpoint):
     root, *_ = swept
-    tiny, board = make_profile(root, "tiny", 40), make_profile(root, "board", 512)
+    # 16 MB: a cgroup charges shared-library pages to whoever read them first, so once onnxruntime's files sit in the
+    # page cache a child is charged little beyond its own heap; the cap must sit below that heap, not below its RSS.
+    tiny, board = make_profile(root, "tiny", 16), make_profile(root, "board", 512)
     jobs = plan([TASK], ["lora"], ["ort-training"], [tiny, board], SweepSettings(steps=STEPS))
     results = root / "oom.jsonl"
     records = run_sweep(jobs, results, SweepOptions(base=str(base_checkpoint), timeout=300, quiet=True))
     first, second = records
     assert (first["profile"], first["status"], first["fits"]) == ("tiny", "out_of_memory", False)
-    assert first["verdict"].startswith("does not fit in 40 MB") and first["accuracy"] is None
+    assert first["verdict"].startswith("does not fit in 16 MB") and first["accuracy"] is None
     assert (second["profile"], second["status"]) == ("board", "ok")
     assert len(read_records(results)) == 2
 
