@@ -223,16 +223,22 @@ def _cgroups_unavailable() -> str | None:
     return None
 
 
-@pytest.mark.slow
-def test_out_of_memory_under_a_profile_is_a_result_and_leaves_no_files(tmp_path, capsys):
-    """The OOM killer ends `edge-ft train` under a 16 MB board: a 'does not fit' result, no run folder at all;
-    the same run then completes outside the cap."""
+def tiny_board(tmp_path: Path) -> Path:
+    """A 16 MB board profile (skips the test where cgroups cannot be written): nothing edge-ft runs fits in it."""
     reason = _cgroups_unavailable()
     if reason:
         pytest.skip(f"cgroups not writable: {reason}")
     board = tmp_path / "tiny-board.toml"
     board.write_text('description = "16 MB board"\narch = "x86_64"\ncpu = "test"\ncores = 1\nram_mb = 64\n'
                      'budget_mb = 16\nthreads = 1\ncpu_speed = 1.0\ncpu_speed_source = "chosen for a test"\n')
+    return board
+
+
+@pytest.mark.slow
+def test_out_of_memory_under_a_profile_is_a_result_and_leaves_no_files(tmp_path, capsys):
+    """The OOM killer ends `edge-ft train` under a 16 MB board: a 'does not fit' result, no run folder at all;
+    the same run then completes outside the cap."""
+    board = tiny_board(tmp_path)
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "edge_ft.cli", *train_argv(out)]
     assert main(["profile", "run", str(board), "--timeout", "120", "--json", "--", *argv]) == 1
@@ -311,12 +317,7 @@ def test_out_of_memory_in_a_sweep_is_recorded_and_leaves_no_partial_files(tmp_pa
     from edge_ft.bench.records import read_records
     from edge_ft.bench.sweep import SweepOptions, plan, run_sweep
 
-    reason = _cgroups_unavailable()
-    if reason:
-        pytest.skip(f"cgroups not writable: {reason}")
-    board = tmp_path / "tiny.toml"
-    board.write_text('description = "16 MB board"\narch = "x86_64"\ncpu = "test"\ncores = 1\nram_mb = 64\n'
-                     'budget_mb = 16\nthreads = 1\ncpu_speed = 1.0\ncpu_speed_source = "chosen for a test"\n')
+    board = tiny_board(tmp_path)
     jobs = plan(["mnist→digits"], ["lora"], ["ort-step"], [load_profile_file(board)], SweepSettings(steps=4))
     records = run_sweep(jobs, tmp_path / "results.jsonl", SweepOptions(base=str(base_checkpoint), timeout=120,
                                                                         quiet=True))
