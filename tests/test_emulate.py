@@ -90,7 +90,8 @@ def test_cgroup_allocation_within_cap_succeeds_on_its_cpuset(tmp_path):
     assert r.status == "ok" and r.fits and not r.oom_killed and r.emulation == "cgroup"
     assert json.loads(r.stdout_tail) == r.cpus and len(r.cpus) == 1  # cpuset: the child sees one CPU
     assert 40 * MB < r.cgroup_peak_bytes <= 150 * MB
-    assert r.peak_rss_bytes >= r.sampled_rss_bytes > 40 * MB and r.ru_maxrss_bytes > 40 * MB
+    # The kernel's high-water marks saw the 40 MB; the 20 ms sampler may miss a child this short-lived.
+    assert r.peak_rss_bytes >= r.ru_maxrss_bytes > 40 * MB and r.peak_rss_bytes >= r.sampled_rss_bytes
     assert r.time_scaled and r.cpu_quota == pytest.approx(0.5)
     assert not leftover_cgroups()
 
