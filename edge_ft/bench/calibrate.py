@@ -8,6 +8,10 @@ Three parts, each a stand-in for something on-device training spends time on:
 The speed is the geometric mean of reference_seconds / seconds over the parts, so 0.5 means "half as fast as the
 reference core". Each part is timed `repeats` times and the fastest run counts, which rejects noise from other
 processes. Run it in a child with one BLAS thread: `python -m edge_ft.bench.calibrate` prints JSON.
+
+`--rate SECONDS` runs the same three parts in small interleaved units (about 16 ms on the reference core) for that
+many wall seconds and prints units per second: under a CPU quota, where a part can straddle throttled periods, the
+rate over many units is what measures how much work the quota really lets through (edge_ft.bench.hostspeed).
 """
 
 from __future__ import annotations
@@ -44,9 +48,13 @@ def _matmul() -> None:
 
 
 def _python() -> int:
+    return _python_loop(PYTHON_ITERS)
+
+
+def _python_loop(iters: int) -> int:
     table: dict[int, int] = {}
     x = 1
-    for i in range(PYTHON_ITERS):
+    for i in range(iters):
         x = (x * 1103515245 + 12345) & 0x7FFFFFFF
         key = x & 1023
         table[key] = table.get(key, 0) + (i if x & 1 else -i)
@@ -153,6 +161,38 @@ def _lenet_step() -> None:
 WORKLOADS = {"matmul": _matmul, "lenet_step": _lenet_step, "python": _python}
 
 
+# One rate unit: about 5 ms of each part on the reference core.
+RATE_UNIT = {"lenet_steps": 1, "matmuls": 7, "python_iters": 30_000}
+
+
+def work_rate(seconds: float, stamps: bool = False) -> dict:
+    """Rate units completed per wall second over `seconds` (after one warm-up unit); with `stamps`, also every
+    unit's end time (time.perf_counter, the system-wide monotonic clock a parent process can compare with)."""
+    import numpy as np
+
+    net, (x, y) = NumpyLeNet(), synthetic_batch()
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((MATMUL_SIZE, MATMUL_SIZE), dtype=np.float32)
+    out = np.empty_like(a)
+
+    def unit() -> None:
+        net.step(x, y, lr=0.0)  # lr 0: the same arithmetic every unit, no drift
+        for _ in range(RATE_UNIT["matmuls"]):
+            np.matmul(a, a, out=out)
+        _python_loop(RATE_UNIT["python_iters"])
+
+    unit()
+    units, t0, c0, ends = 0, time.perf_counter(), time.process_time(), []
+    print(json.dumps({"started": t0}), flush=True)  # the parent starts its clock on this line
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        unit()
+        units += 1
+        if stamps:
+            ends.append(time.perf_counter())
+    out = {"units": units, "wall_seconds": elapsed, "cpu_seconds": time.process_time() - c0, "rate": units / elapsed}
+    return {**out, "ends": ends} if stamps else out
+
+
 def measure(repeats: int = 3) -> dict[str, float]:
     """Fastest wall time of each part over `repeats` runs (after one warm-up run of each)."""
     best = {}
@@ -187,8 +227,10 @@ def report(repeats: int = 3) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Time the calibration workload; prints JSON.")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rate", type=float, metavar="SECONDS", help="print the work rate over SECONDS instead")
+    ap.add_argument("--stamps", action="store_true", help="with --rate: every unit's end time too")
     args = ap.parse_args(argv)
-    json.dump(report(max(1, args.repeats)), sys.stdout)
+    json.dump(work_rate(args.rate, args.stamps) if args.rate else report(max(1, args.repeats)), sys.stdout)
     print()
     return 0
 

@@ -120,6 +120,7 @@ class CgroupJob:
         self.period_us: int | None = None
         self._next_leaf = itertools.count()
         self._oom_before = 0
+        self._total_quota_us: int | None = None  # the whole job's cap, as written at creation
 
     @classmethod
     def create(cls, memory_bytes: int, cpus: list[int], thread_quota: float | None, total_quota: float | None,
@@ -170,6 +171,7 @@ class CgroupJob:
             _write(cpu / "cpu.cfs_quota_us", max(1000, round(total_quota * period_us)))
         job = cls(1, dirs)
         job.period_us = period_us
+        job._total_quota_us = max(1000, round(total_quota * period_us)) if total_quota is not None else None
         if thread_quota is not None:
             job.thread_quota_us = max(1000, round(thread_quota * period_us))
         job.leaves.append(job._new_leaf(made))
@@ -196,7 +198,10 @@ class CgroupJob:
         _write(path / "cpuset.cpus", ",".join(map(str, cpus)))
         if total_quota is not None:
             _write(path / "cpu.max", f"{max(1000, round(total_quota * period_us))} {period_us}")
-        return cls(2, {"memory": path, "cpuset": path, "cpu": path})
+        job = cls(2, {"memory": path, "cpuset": path, "cpu": path})
+        job.period_us = period_us
+        job._total_quota_us = max(1000, round(total_quota * period_us)) if total_quota is not None else None
+        return job
 
     def _new_leaf(self, made: list[Path] | None = None) -> Path:
         leaf = self.dirs["cpu"] / f"t{next(self._next_leaf)}"
@@ -207,6 +212,25 @@ class CgroupJob:
         if self.thread_quota_us is not None:
             _write(leaf / "cpu.cfs_quota_us", self.thread_quota_us)
         return leaf
+
+    def set_cpu_cap(self, capped: bool) -> None:
+        """Lift the CPU quota (capped=False) or restore it, without moving the job: `profile check` and the quota
+        correction compare a job's speed with and without its cap inside one running process. v1 refuses a
+        child quota above its parent's, so leaves are capped before the parent and lifted after it."""
+        if self.version == 2:
+            quota = self._total_quota_us if capped and self._total_quota_us else "max"
+            _write(self.dirs["cpu"] / "cpu.max", f"{quota} {self.period_us}")
+            return
+        leaves = [leaf for leaf in self.leaves if leaf.is_dir()]
+        total = self.dirs["cpu"] / "cpu.cfs_quota_us"
+        if capped:
+            for leaf in leaves:
+                _write(leaf / "cpu.cfs_quota_us", self.thread_quota_us or -1)
+            _write(total, self._total_quota_us or -1)
+        else:
+            _write(total, -1)
+            for leaf in leaves:
+                _write(leaf / "cpu.cfs_quota_us", -1)
 
     def entry_files(self) -> list[str]:
         """The cgroup.procs files a child writes its own pid into before it execs the job."""

@@ -35,10 +35,12 @@ class DemoSettings:
     epochs: int = DEMO_EPOCHS
     pretrain_epochs: int | None = None  # None: the pretraining recipe
     timeout: float = 900.0  # per measured run
+    host_speed: float | None = None  # this machine's core vs the reference (None: measured once, cached)
     quiet: bool = False
 
 
 def run_demo(s: DemoSettings) -> int:
+    from edge_ft.bench.hostspeed import HostSpeed
     from edge_ft.bench.profiles import load_profile
     from edge_ft.bench.recommend import Constraints, recommend
     from edge_ft.bench.report import write_report
@@ -51,9 +53,12 @@ def run_demo(s: DemoSettings) -> int:
         print(f"edge-ft demo: fine-tune LeNet-5 on {s.task} with {', '.join(LABELS)} on the engines "
               f"{', '.join(ENGINES)}, measured as {', '.join(p.name for p in profiles)}; everything goes to "
               f"{s.out}/", flush=True)
-    jobs = plan([s.task], list(LABELS), list(ENGINES), profiles, SweepSettings(epochs=s.epochs))
+    host = HostSpeed.resolve(s.host_speed, quiet=s.quiet)
+    if not s.quiet:
+        print(f"this machine's core: {host.describe()}; every board's CPU quota is scaled by it", flush=True)
+    jobs = plan([s.task], list(LABELS), list(ENGINES), profiles, SweepSettings(epochs=s.epochs, host_speed=host.speed))
     records = run_sweep(jobs, results, SweepOptions(pretrain_epochs=s.pretrain_epochs, timeout=s.timeout,
-                                                    quiet=s.quiet))
+                                                    quiet=s.quiet, host=host))
     report = write_report(records, s.out, source=str(results))
     board = next((p for p in profiles if p.name == SMALL_BOARD), profiles[-1])
     rec = recommend(records, board, jobs[0].task, Constraints())

@@ -5,8 +5,9 @@
 
 How the profile is imposed (result.emulation says which path ran):
   cgroup  memory cap = profile budget (no swap), cpuset = min(profile cores, CPUs here), every thread capped at
-          one device core's speed (cpu_speed / host_speed of one CPU here) and the whole job at `cores` of them.
-          Times are scaled: wall time approximates the device's.
+          one device core's speed (cpu_speed / host speed of one CPU here, raised by the measured throttling loss:
+          edge_ft.bench.hostspeed) and the whole job at what its threads achieve together on the board
+          (profile.thread_speedup: 4 threads on a Pi are 1.4-1.9x one, not 4x). Wall time approximates the device's.
   rlimit  where cgroups cannot be written: RLIMIT_DATA = budget (heap and private mappings; RLIMIT_AS would also
           count reserved-but-untouched address space such as thread stacks and allocator arenas and reject jobs
           that fit), CPU affinity, thread counts. Times are this machine's, not the device's (time_scaled False).
@@ -30,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.bench.hostspeed import HostSpeed
 from edge_ft.bench.profiles import DeviceProfile
 from edge_ft.errors import UserError
 
@@ -61,6 +63,10 @@ class ConfinedResult:
     cpus: list[int] | None  # CPUs the job was allowed on (None: all)
     threads: int  # thread count given to BLAS/OpenMP/onnxruntime
     cpu_quota: float | None  # share of one CPU here that each thread may use (None: uncapped)
+    total_quota: float | None  # share of one CPU here the whole job may use (None: uncapped)
+    quota_efficiency: float | None  # measured work per CPU-second under the quota; the quota was raised by 1/it
+    host_speed: float  # this machine's core vs the reference core, used to scale the quota
+    host_speed_source: str  # measured | cached | given | reference
     time_scaled: bool  # wall time approximates the device's (a CPU quota was applied)
     notes: list[str] = field(default_factory=list)  # caveats about this emulation
     stdout_tail: str = ""
@@ -109,38 +115,39 @@ def quota_period_us(share: float) -> int:
 
 
 def run_confined(argv: list[str], profile: DeviceProfile, env: dict | None = None, timeout: float | None = None,
-                 *, mode: str = "auto", threads: int | None = None, host_speed: float = 1.0,
+                 *, mode: str = "auto", threads: int | None = None, host: HostSpeed | None = None,
                  cwd: str | os.PathLike | None = None, sample_interval: float = 0.02,
                  tail_chars: int = 4000) -> ConfinedResult:
     """Run `argv` under `profile`'s limits and measure it.
 
     mode: auto (native for native profiles, else cgroup, else rlimit) | cgroup | rlimit | native.
     threads: override the profile's thread count (calibration runs one thread).
-    host_speed: this machine's core speed relative to the reference core (`edge-ft profile calibrate`); the CPU
-    quota per thread is profile.cpu_speed / host_speed.
+    host: this machine's speed (HostSpeed.resolve(): cached or measured); None treats this machine as the
+    reference core with no throttling correction, so a profile's cpu_speed is its share of a CPU here.
     """
     if mode not in MODES:
         raise UserError(f"unknown emulation mode {mode!r}: choose one of {', '.join(MODES)}")
-    if not host_speed > 0:
-        raise UserError(f"host speed must be positive, got {host_speed}")
+    host = host or HostSpeed.reference()
     threads = threads or profile.threads
     notes: list[str] = []
     if mode == "auto":
         mode = "native" if profile.native else "cgroup"
-    share = profile.cpu_speed / host_speed
+    share = host.share(profile.cpu_speed)
     cpus = None if mode == "native" else plan_cpus(profile)
-    job = None
+    job, thread_share, total_share, efficiency = None, None, None, None
+    if mode == "cgroup" and share < 1:
+        thread_share, efficiency = host.thread_quota(profile.cpu_speed, cpus)
+        total_share = thread_share * profile.thread_speedup(threads)
     if mode == "cgroup":
-        thread_share = share if share < 1 else None
         try:
-            job = CgroupJob.create(profile.budget_bytes, cpus, thread_share,
-                                   share * profile.cores if thread_share else None, quota_period_us(min(share, 1)))
+            job = CgroupJob.create(profile.budget_bytes, cpus, thread_share, total_share,
+                                   quota_period_us(min(thread_share or 1, 1)))
         except CgroupUnavailable as e:
             notes.append(f"cgroups unavailable ({e}); fell back to rlimit: memory cap via RLIMIT_DATA, "
                          "times are this machine's")
             mode = "rlimit"
     if job is not None:
-        notes += _cgroup_notes(profile, share, cpus, threads)
+        notes += _cgroup_notes(profile, share, total_share, cpus, threads)
     elif mode == "rlimit" and share < 1:
         notes.append(f"not time-scaled: the device core is ~{share:.2f}x this one; wall times are this machine's")
     spec = {"procs": job.entry_files() if job else [],
@@ -154,11 +161,13 @@ def run_confined(argv: list[str], profile: DeviceProfile, env: dict | None = Non
     finally:
         if job is not None:
             job.remove()
+    scaled = job is not None and thread_share is not None
     return ConfinedResult(
         argv=list(argv), profile=profile.name, emulation=mode, threads=threads, cpus=cpus,
         memory_limit_bytes=None if mode == "native" else profile.budget_bytes,
-        cpu_quota=share if job is not None and share < 1 else None,
-        time_scaled=job is not None and share < 1, notes=notes, **run)
+        cpu_quota=thread_share if scaled else None, total_quota=total_share if scaled else None,
+        quota_efficiency=efficiency if scaled else None, host_speed=host.speed, host_speed_source=host.source,
+        time_scaled=scaled, notes=notes, **run)
 
 
 def _json(obj) -> str:
@@ -167,13 +176,14 @@ def _json(obj) -> str:
     return json.dumps(obj)
 
 
-def _cgroup_notes(profile: DeviceProfile, share: float, cpus: list[int], threads: int) -> list[str]:
+def _cgroup_notes(profile: DeviceProfile, share: float, total_share: float | None, cpus: list[int],
+                  threads: int) -> list[str]:
     notes = []
     if share >= 1:
         notes.append("the device core is at least as fast as this one: no CPU cap, times are this machine's")
     if profile.cores > len(cpus):
         notes.append(f"the profile has {profile.cores} cores, this machine {len(cpus)}: its threads share them")
-    needed = share * min(threads, profile.cores)
+    needed = total_share or 0.0
     if share < 1 and needed > len(cpus):
         notes.append(f"{threads} busy threads need {needed:.2f} CPUs here but {len(cpus)} exist: "
                      "parallel phases run slower than on the device")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from edge_ft.architecture import count_params
 from edge_ft.bench.emulate import ConfinedResult, run_confined
+from edge_ft.bench.hostspeed import HostSpeed
 from edge_ft.bench.prepare import Prepared, installable
 from edge_ft.bench.profiles import MB, DeviceProfile
 from edge_ft.bench.records import SCHEMA, run_key
@@ -113,14 +114,13 @@ def job_argv(job: Job, prep: Prepared, bundle: Path | None, data: Path, run_dir:
 
 
 def measure(job: Job, prep: Prepared, bundle: Path | None, data: Path, num_classes: int,
-            timeout: float | None = None, mode: str = "auto") -> dict:
+            timeout: float | None = None, mode: str = "auto", host: HostSpeed | None = None) -> dict:
     """Run the job confined to its profile and return its record (every outcome is a record)."""
     run_dir = job.run_dir(prep.root)
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted earlier left files that are not this run's
     argv = job_argv(job, prep, bundle, data, run_dir)
     started, spawner_peak = time.time(), own_peak_rss()
-    result = run_confined(argv, job.profile, env=prep.child_env(), timeout=timeout, mode=mode,
-                          host_speed=job.settings.host_speed)
+    result = run_confined(argv, job.profile, env=prep.child_env(), timeout=timeout, mode=mode, host=host)
     record = base_record(job, prep, num_classes, result, spawner_peak)
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
     if result.status == "ok":
@@ -160,6 +160,8 @@ def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, s
         "engine": job.engine, "profile": p.name, "arch": p.arch, "budget_mb": p.budget_mb, "native": p.native,
         "installable_on_device": installable(job.engine, p.arch),
         "emulation": r.emulation, "time_scaled": r.time_scaled, "cpu_quota": r.cpu_quota, "threads": r.threads,
+        "total_quota": r.total_quota, "quota_efficiency": r.quota_efficiency, "host_speed": r.host_speed,
+        "host_speed_source": r.host_speed_source,
         "cpus": r.cpus, "status": r.status, "exit_code": r.exit_code,
         "settings": asdict(job.settings), "base_sha256": job.base_sha256,
         "accuracy": None, "epochs": [], "steps": None,

@@ -44,6 +44,8 @@ class DeviceProfile:
     threads: int  # worker threads to run with (BLAS/OpenMP pools, ORT intra-op); at most `cores`
     cpu_speed: float  # one core's speed relative to the reference core (edge-ft profile calibrate prints it)
     cpu_speed_source: str  # where cpu_speed comes from: "estimate: ..." or "measured: ..."
+    thread_scaling: tuple[float, ...] = ()  # speed-up of 1, 2, ... `cores` threads over one (empty: linear)
+    thread_scaling_source: str = ""  # where thread_scaling comes from
     native: bool = False  # True: the profile *is* the machine we run on, so runs are never confined
     notes: str = ""  # anything a user should know (OS image assumed, caveats)
     path: Path | None = field(default=None, compare=False)  # the file it came from
@@ -52,19 +54,25 @@ class DeviceProfile:
     def budget_bytes(self) -> int:
         return self.budget_mb * MB
 
+    def thread_speedup(self, threads: int) -> float:
+        """How much faster `threads` busy threads go than one on this board (shared L2 and memory bandwidth)."""
+        n = max(1, min(threads, self.cores))
+        return self.thread_scaling[n - 1] if self.thread_scaling else float(n)
+
     @property
     def cpu_speed_is_estimate(self) -> bool:
         return not self.cpu_speed_source.lower().startswith("measured")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}
+        d["thread_scaling"] = list(self.thread_scaling)
         d["path"] = str(self.path) if self.path else None
         return d
 
 
 _REQUIRED = {"description": str, "arch": str, "cpu": str, "cores": int, "ram_mb": int, "budget_mb": int,
              "threads": int, "cpu_speed": float, "cpu_speed_source": str}
-_OPTIONAL = {"native": bool, "notes": str}
+_OPTIONAL = {"native": bool, "notes": str, "thread_scaling": list, "thread_scaling_source": str}
 
 
 def shipped_profiles_dir() -> Path:
@@ -185,3 +193,20 @@ def _check_values(path: Path, v: dict) -> None:
     for key in ("description", "cpu", "cpu_speed_source"):
         if not v[key].strip():
             bad(key, "must not be empty")
+    if "thread_scaling" in v:
+        _check_thread_scaling(path, v)
+
+
+def _check_thread_scaling(path: Path, v: dict) -> None:
+    """thread_scaling = [1.0, s2, ..., s_cores]: starts at 1, never falls, n threads at most n times one."""
+    scaling = v["thread_scaling"]
+    ok = (len(scaling) == v["cores"] and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                             and math.isfinite(x) for x in scaling))
+    ok = ok and scaling[0] == 1 and all(b >= a for a, b in zip(scaling, scaling[1:]))
+    ok = ok and all(x <= n for n, x in enumerate(scaling, start=1))
+    if not ok:
+        raise UserError(f"{path}: key 'thread_scaling' = {scaling!r} must list the speed-up of 1..cores "
+                        f"({v['cores']}) threads over one: starting at 1.0, never decreasing, n threads at most n")
+    if not v.get("thread_scaling_source", "").strip():
+        raise UserError(f"{path}: key 'thread_scaling' needs a 'thread_scaling_source' saying where it comes from")
+    v["thread_scaling"] = tuple(float(x) for x in scaling)

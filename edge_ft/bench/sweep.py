@@ -14,10 +14,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from edge_ft.bench.emulate import usable_cpus
+from edge_ft.bench.emulate import plan_cpus, usable_cpus
+from edge_ft.bench.hostspeed import HostSpeed
 from edge_ft.bench.measure import (ENGINES, LABELS, Job, SweepSettings, fmt_ms, mb, measure,
                                    short_result)
 from edge_ft.bench.prepare import Prepared, base_sha256, default_base, find_device_python, prepare_in_child
@@ -39,6 +40,7 @@ class SweepOptions:
     repeats: int = 3  # native runs: measure this often, keep the least disturbed (lowest p50) repetition
     device_python: str | None = None  # interpreter for ort-step runs (default: .venv-device when present)
     quiet: bool = False  # no progress bar or per-run lines
+    host: HostSpeed = field(default_factory=HostSpeed.reference)  # this machine's speed (scales every quota)
 
 
 def plan(tasks: list[str], labels: list[str], engines: list[str], profiles: list[DeviceProfile],
@@ -115,7 +117,7 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
             # deterministic, so repetitions differ only in timing and the fastest is the machine's own figure.
             # Quota-limited runs are capped below what the machine offers, so one run is representative.
             reps = [measure(job, prep, paths["bundles"].get((job.label, job.engine, job.task)),
-                            *paths["data"][job.task], timeout=opts.timeout, mode=opts.mode)
+                            *paths["data"][job.task], timeout=opts.timeout, mode=opts.mode, host=opts.host)
                     for _ in range(opts.repeats if job.profile.native else 1)]
             ok = [r for r in reps if r["status"] == "ok"]
             best = min(ok, key=lambda r: r["ms_per_step_p50"]) if ok else reps[-1]
@@ -123,7 +125,7 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
             return best
 
         for profile, group in _by_profile(todo):
-            width = parallel_width(profile, opts, group[0].settings.host_speed)
+            width = parallel_width(profile, opts)
             if width == 1:
                 for job in group:
                     bar.set_description(f"{profile.name} {job.label} {job.engine}")
@@ -153,13 +155,16 @@ def _by_profile(jobs: list[Job]):
         yield group[0].profile, sorted(group, key=lambda j: j.engine != "torch")
 
 
-def parallel_width(profile: DeviceProfile, opts: SweepOptions, host_speed: float = 1.0) -> int:
+def parallel_width(profile: DeviceProfile, opts: SweepOptions) -> int:
     """How many of this profile's runs may share the machine: only quota-limited (time-scaled) ones, and only as
-    many as keep their summed quotas (share x cores each, the job cgroup's cap) under half of the CPUs here."""
-    share = profile.cpu_speed / host_speed
-    if profile.native or opts.mode in ("native", "rlimit") or share >= 1 or opts.parallel == 1 or not _cgroups_work():
+    many as keep their summed quotas (each job cgroup's cap) under half of the CPUs here. Measures the quota's
+    throttling correction first (cached), so parallel runs never measure it side by side."""
+    host = opts.host
+    if (profile.native or opts.mode in ("native", "rlimit") or host.share(profile.cpu_speed) >= 1
+            or opts.parallel == 1 or not _cgroups_work()):
         return 1
-    fit = int(0.5 * len(usable_cpus()) / (share * profile.cores))
+    thread_share, _ = host.thread_quota(profile.cpu_speed, plan_cpus(profile))
+    fit = int(0.5 * len(usable_cpus()) / (thread_share * profile.thread_speedup(profile.threads)))
     return max(1, min(fit, opts.parallel or MAX_PARALLEL, MAX_PARALLEL))
 
 

@@ -28,6 +28,12 @@ def accuracy_fraction(text: str) -> float:
     return value
 
 
+def add_host_speed_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host-speed", type=positive_float, metavar="X",
+                   help="this machine's core speed relative to the reference core, which scales every CPU quota "
+                        "(default: measured once per machine and cached; `edge-ft profile check` shows it)")
+
+
 def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT_PROFILES) -> None:
     """The options that say what to measure and how; shared by `bench`, `recommend` and `demo`."""
     if profiles is not None:
@@ -62,8 +68,7 @@ def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT
     p.add_argument("--repeats", type=int_at_least(1), default=3, metavar="N",
                    help="native runs: measure N times and keep the least disturbed (lowest p50) one; runs under "
                         "a CPU quota run once (default 3)")
-    p.add_argument("--host-speed", type=positive_float, default=1.0, metavar="X",
-                   help="this machine's core speed from `edge-ft profile calibrate` (default 1.0)")
+    add_host_speed_option(p)
     p.add_argument("--device-python", metavar="PYTHON",
                    help="interpreter with standard onnxruntime for ort-step runs (default .venv-device/bin/python "
                         "when present, else this one)")
@@ -92,14 +97,17 @@ def sweep_from_args(args, profiles: list[str]):
     from edge_ft.bench.profiles import load_profile
     from edge_ft.bench.sweep import SweepOptions, plan
 
+    from edge_ft.bench.hostspeed import HostSpeed
+
+    host = HostSpeed.resolve(args.host_speed, quiet=args.quiet)
     settings = SweepSettings(epochs=args.epochs, steps=args.steps, batch=args.batch, seed=args.seed, rank=args.rank,
                              alpha=args.alpha if args.alpha is not None else default_alpha(args.rank),
-                             host_speed=args.host_speed, target_accuracy=args.target_accuracy)
+                             host_speed=host.speed, target_accuracy=args.target_accuracy)
     jobs = plan(args.task, args.methods, args.engines, [load_profile(p) for p in profiles], settings)
     opts = SweepOptions(base=args.base, pretrain_epochs=args.pretrain_epochs, force=args.force,
                         timeout=args.timeout, mode=args.mode, parallel=args.parallel,
                         repeats=args.repeats,
-                        device_python=args.device_python, quiet=args.quiet)
+                        device_python=args.device_python, quiet=args.quiet, host=host)
     return jobs, opts
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from edge_ft.commands.argtypes import int_at_least, positive_float
+from edge_ft.commands.bench import add_host_speed_option
 from edge_ft.errors import UserError
 
 
@@ -39,11 +39,30 @@ def register(subparsers) -> None:
     cal.add_argument("--profile", metavar="NAME|PATH", help="run confined to this profile (check the emulation)")
     cal.add_argument("--mode", choices=("auto", "cgroup", "rlimit"), default="auto",
                      help="how to confine with --profile (default auto: cgroup, else rlimit)")
-    cal.add_argument("--host-speed", type=positive_float, default=1.0, metavar="X",
-                     help="this machine's speed from an earlier calibrate, to scale the emulation (default 1.0)")
+    add_host_speed_option(cal)
     cal.add_argument("--json", action="store_true", help="print JSON")
     cal.add_argument("--quiet", action="store_true", help="no progress message")
     cal.set_defaults(func=calibrate_handler)
+
+    chk = sub.add_parser(
+        "check", help="measure how well this machine emulates each profile: speed, threads, memory cap",
+        description="For every profile (or --profiles), runs the calibration workload confined to it and prints "
+        "the speed it achieved against the profile's cpu_speed (goal: within 10%), the speed-up its threads get "
+        "together against the profile's thread_scaling, and the largest allocation that survived its memory cap. "
+        "This machine's speed and the quota correction are measured once and cached.")
+    chk.add_argument("--profiles", default="all", metavar="P1,P2",
+                     help="profiles to check (default all confined ones)")
+    chk.add_argument("--cycles", type=int_at_least(1), default=5, metavar="N",
+                     help="capped/uncapped cycles of the speed measurement per profile; the median counts "
+                          "(default 5)")
+    chk.add_argument("--mode", choices=("auto", "cgroup", "rlimit"), default="auto",
+                     help="how to confine (default auto: cgroup, else rlimit)")
+    add_host_speed_option(chk)
+    chk.add_argument("--refresh", action="store_true", help="re-measure this machine's speed and quota correction")
+    chk.add_argument("--no-memory", action="store_true", help="skip the memory-cap probe")
+    chk.add_argument("--json", action="store_true", help="print JSON")
+    chk.add_argument("--quiet", action="store_true", help="no progress lines")
+    chk.set_defaults(func=check_handler)
 
     run = sub.add_parser(
         "run", help="run a command confined to a profile and report time, peak memory and whether it fit",
@@ -55,8 +74,7 @@ def register(subparsers) -> None:
     run.add_argument("--timeout", type=positive_float, metavar="S", help="kill the command after S seconds")
     run.add_argument("--mode", choices=("auto", "cgroup", "rlimit", "native"), default="auto",
                      help="how to impose the profile (default auto)")
-    run.add_argument("--host-speed", type=positive_float, default=1.0, metavar="X",
-                     help="this machine's speed from `edge-ft profile calibrate` (default 1.0)")
+    add_host_speed_option(run)
     run.add_argument("--json", action="store_true", help="print the full result as JSON")
     run.set_defaults(func=run_handler)
 
@@ -103,13 +121,16 @@ def calibrate_handler(args) -> int:
     from edge_ft.bench.emulate import run_confined
     from edge_ft.bench.profiles import load_profile
 
+    from edge_ft.bench.hostspeed import HostSpeed
+
     profile = load_profile(args.profile or "host")
     mode = args.mode if args.profile else "native"
+    host = HostSpeed.resolve(args.host_speed, quiet=args.quiet) if args.profile else HostSpeed.reference()
     if not args.quiet:
         print(f"timing the calibration workload ({args.repeats} runs of {len(PARTS)} parts, one thread"
               f"{', as ' + profile.name if args.profile else ''}) ...", file=sys.stderr, flush=True)
     argv = [sys.executable, "-m", "edge_ft.bench.calibrate", "--repeats", str(args.repeats)]
-    result = run_confined(argv, profile, mode=mode, threads=1, host_speed=args.host_speed)
+    result = run_confined(argv, profile, mode=mode, threads=1, host=host)
     if result.status != "ok":
         last = (result.stderr_tail.strip().splitlines() or [result.status])[-1]
         raise UserError(f"the calibration workload did not finish ({result.status}: {last})")
@@ -117,6 +138,8 @@ def calibrate_handler(args) -> int:
     measured["emulation"] = result.emulation
     if args.profile:
         measured["profile"] = {"name": profile.name, "cpu_speed": profile.cpu_speed, "notes": result.notes}
+        measured["host"] = {**host.to_record(), "cpu_quota": result.cpu_quota,
+                            "quota_efficiency": result.quota_efficiency}
     if args.json:
         print(json.dumps(measured, indent=2))
         return 0
@@ -127,9 +150,10 @@ def calibrate_handler(args) -> int:
               f"{measured['per_part'][part]:>8.3f}")
     speed = measured["speed"]
     if args.profile:
-        target = profile.cpu_speed / args.host_speed
-        print(f"cpu_speed under {profile.name} ({result.emulation}) = {speed:.3f}; the quota allows {target:.3g} "
-              "(less here means contention or cache refills after each throttled slice)")
+        print(f"cpu_speed under {profile.name} ({result.emulation}) = {speed:.3f}; the profile says "
+              f"{profile.cpu_speed:g} ({speed / profile.cpu_speed:.2f}x). This machine: {host.describe()}"
+              + (f"; quota {result.cpu_quota:.3g} of a CPU per thread, corrected for a measured throttling "
+                 f"efficiency of {result.quota_efficiency:.2f}" if result.cpu_quota else ""))
         for note in result.notes:
             print(f"note: {note}")
     else:
@@ -146,8 +170,12 @@ def run_handler(args) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UserError("no command given: edge-ft profile run NAME [options] -- COMMAND ...")
+    from edge_ft.bench.hostspeed import HostSpeed
+
     profile = load_profile(args.name)
-    r = run_confined(command, profile, timeout=args.timeout, mode=args.mode, host_speed=args.host_speed)
+    confined = not profile.native and args.mode in ("auto", "cgroup")
+    host = HostSpeed.resolve(args.host_speed) if confined else HostSpeed.reference()
+    r = run_confined(command, profile, timeout=args.timeout, mode=args.mode, host=host)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
     else:
@@ -157,6 +185,38 @@ def run_handler(args) -> int:
         print(f"{profile.name} ({r.emulation}): {fit} in {_mb(r.memory_limit_bytes)}, exit {r.exit_code}, "
               f"{r.wall_seconds:.2f} s wall, {r.cpu_seconds:.2f} s CPU, peak RSS {_mb(r.peak_rss_bytes)}"
               f"{', cgroup peak ' + _mb(r.cgroup_peak_bytes) if r.cgroup_peak_bytes else ''}", file=sys.stderr)
+        if r.time_scaled:
+            print(f"speed: {profile.cpu_speed:g} of the reference core; this machine's core is {host.describe()}, so "
+                  f"each thread gets {r.cpu_quota:.3g} of a CPU here (throttling efficiency {r.quota_efficiency:.2f})",
+                  file=sys.stderr)
         for note in r.notes:
             print(f"note: {note}", file=sys.stderr)
     return 0 if r.status == "ok" else 1
+
+
+def check_handler(args) -> int:
+    from edge_ft.bench.check import CHECK_HEADER, check_profile, check_table
+    from edge_ft.bench.hostspeed import HostSpeed
+    from edge_ft.bench.profiles import list_profiles, load_profile
+
+    if args.profiles == "all":
+        profiles = [p for p in list_profiles() if not p.native]
+    else:
+        profiles = [load_profile(name.strip()) for name in args.profiles.split(",") if name.strip()]
+    if not profiles or any(p.native for p in profiles):
+        raise UserError("profile check needs confined profiles (the native `host` profile is this machine)")
+    host = HostSpeed.resolve(args.host_speed, refresh=args.refresh, quiet=args.quiet)
+    checks = []
+    for p in profiles:
+        if not args.quiet:
+            print(f"checking {p.name} ...", file=sys.stderr, flush=True)
+        checks.append(check_profile(p, host, mode=args.mode, cycles=args.cycles, memory=not args.no_memory))
+    if args.json:
+        print(json.dumps({"host": host.to_record(), "checks": [c.to_dict() for c in checks]}, indent=2))
+        return 0
+    rows = [CHECK_HEADER] + check_table(checks)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"this machine: {host.describe()}")
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
