@@ -23,3 +23,19 @@ def base_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("base") / "base.safetensors"
     save_base(path, state, meta)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reference_host_speed(tmp_path_factory):
+    """Tests read and write a host-speed cache of their own, never the user's. It says this machine is the
+    reference core with no throttling correction, so a test profile's cpu_speed is its CPU share here and no
+    test waits for a calibration; tests of the calibration itself point EDGE_FT_CACHE_DIR elsewhere."""
+    from edge_ft.atomic import atomic_write_json
+    from edge_ft.bench import hostspeed
+
+    folder = tmp_path_factory.mktemp("cache")
+    entry = {"speed": 1.0, "measured": "reference for tests", "correct_quota": False}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(hostspeed.CACHE_ENV, str(folder))
+        atomic_write_json(hostspeed.cache_path(), {"machines": {hostspeed._key_text(hostspeed.machine_key()): entry}})
+        yield folder

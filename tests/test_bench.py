@@ -78,6 +78,7 @@ def test_sweep_records_carry_every_measurement(swept, base_checkpoint):
             r["peak_rss_bytes"] == r["ru_maxrss_bytes"]  # the pytest parent is large, so usually not ru_maxrss
         assert r["ms_per_step_p50"] > 0 and r["ms_per_step_p95"] >= r["ms_per_step_p50"]
         assert r["installable_on_device"] is True and r["versions"]["onnxruntime-training-cpu"]
+        assert (r["host_speed"], r["host_speed_source"]) == (1.0, "reference")  # the quota scale, stated
         repeats = r["repeats_ms_per_step_p50"]  # native runs twice, keeping the faster; a quota-limited run once
         assert len(repeats) == (2 if r["profile"] == "host" else 1) and r["ms_per_step_p50"] == min(repeats)
     lora = next(r for r in records if r["label"] == "lora")

@@ -38,7 +38,21 @@ def test_shipped_profiles_all_load():
     zero = profiles["rpi-zero-2w"]
     assert (zero.arch, zero.cores, zero.ram_mb, zero.native) == ("aarch64", 4, 512, False)
     assert zero.cpu_speed_is_estimate  # shipped speeds are estimates and must say so
+    for name in ("rpi-zero-2w", "rpi-3b", "rpi-4b-2gb", "rpi-5-4gb"):  # every Pi cites what its figures rest on
+        pi = profiles[name]
+        assert "ncnn" in pi.cpu_speed_source and "ncnn" in pi.thread_scaling_source
+        assert 1.4 <= pi.thread_speedup(4) <= 1.9 and pi.thread_speedup(9) == pi.thread_speedup(4)
+    assert profiles["cpu-1core-256mb"].thread_speedup(4) == 1.0  # one core: threads add nothing
     assert profiles["rpi-3b"].ram_mb == 1024 and profiles["cpu-1core-256mb"].cores == 1
+
+
+def test_thread_speedup_defaults_to_linear(tmp_path):
+    board = load_profile(str(write_profile(tmp_path, "linear")))
+    assert [board.thread_speedup(n) for n in (1, 2, 4)] == [1.0, 2.0, 4.0]
+    scaled = load_profile(str(write_profile(tmp_path, "scaled", thread_scaling="[1, 1.25, 1.5, 1.75]",
+                                            thread_scaling_source='"measured"')))
+    assert [scaled.thread_speedup(n) for n in (1, 2, 3, 4)] == [1.0, 1.25, 1.5, 1.75]
+    assert scaled.to_dict()["thread_scaling"] == [1.0, 1.25, 1.5, 1.75]
 
 
 def test_host_profile_reads_this_machine():
@@ -81,6 +95,13 @@ def test_load_by_path_and_env_override(tmp_path, monkeypatch):
     ({"threads": "true"}, "threads"),  # a bool is not a count
     ({"cpu_speed": '"auto"'}, "cpu_speed"),  # "auto" only where it can be measured
     ({"native": '"yes"'}, "native"),
+    ({"thread_scaling": "[1.0, 1.5]", "thread_scaling_source": '"x"'}, "thread_scaling"),  # not one per core
+    ({"thread_scaling": "[1.2, 1.5, 1.8, 2.0]", "thread_scaling_source": '"x"'}, "thread_scaling"),  # not from 1
+    ({"thread_scaling": "[1, 1.5, 1.4, 2.0]", "thread_scaling_source": '"x"'}, "thread_scaling"),  # falls
+    ({"thread_scaling": "[1, 2.5, 2.6, 2.7]", "thread_scaling_source": '"x"'}, "thread_scaling"),  # 2 threads > 2x
+    ({"thread_scaling": '[1, "a", 2, 3]', "thread_scaling_source": '"x"'}, "thread_scaling"),
+    ({"thread_scaling": "[1, 1.3, 1.6, 1.9]"}, "thread_scaling"),  # no source
+    ({"thread_scaling": "1.9", "thread_scaling_source": '"x"'}, "thread_scaling"),  # not a list
 ])
 def test_bad_profile_names_file_and_key(tmp_path, changes, key):
     path = write_profile(tmp_path, **changes)

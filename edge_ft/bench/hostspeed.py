@@ -4,7 +4,8 @@
     host.thread_quota(profile)             # share of one CPU here per device thread, corrected for throttling losses
 
 Two figures, both cached per machine in $EDGE_FT_CACHE_DIR (default ~/.cache/edge-ft)/host-speed.json, keyed by
-CPU model, usable cores and the versions of Python, numpy and its BLAS (any change re-measures):
+CPU model, usable cores and the versions of Python, numpy and its BLAS (any change re-measures; an entry with
+"correct_quota": false keeps the speed scaling and turns the throttling correction off):
 
 speed       the calibration workload (edge_ft.bench.calibrate) on one unconfined core here, relative to the
             reference core every shipped cpu_speed is stated against. A board at cpu_speed 0.035 on a host at
@@ -120,10 +121,11 @@ class HostSpeed:
         key = machine_key()
         entry = _load_cache()["machines"].get(_key_text(key), {})
         efficiency = {} if refresh else dict(entry.get("quota_efficiency", {}))
+        correct = entry.get("correct_quota", True) is not False  # false in the cache turns the correction off
         if given is not None:
-            return cls(given, "given", "", key, quiet=quiet, efficiency=efficiency)
+            return cls(given, "given", "", key, correct, quiet, efficiency)
         if entry.get("speed") and not refresh:
-            return cls(entry["speed"], "cached", entry.get("measured", ""), key, quiet=quiet, efficiency=efficiency)
+            return cls(entry["speed"], "cached", entry.get("measured", ""), key, correct, quiet, efficiency)
         _say(f"measuring this machine's core speed once (cached in {cache_path()}) ...", quiet)
         runs = sorted((calibrate_native(SPEED_REPEATS) for _ in range(SPEED_RUNS)), key=lambda r: r["speed"])
         result = runs[len(runs) // 2]

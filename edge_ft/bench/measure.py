@@ -122,6 +122,7 @@ def measure(job: Job, prep: Prepared, bundle: Path | None, data: Path, num_class
     started, spawner_peak = time.time(), own_peak_rss()
     result = run_confined(argv, job.profile, env=prep.child_env(), timeout=timeout, mode=mode, host=host)
     record = base_record(job, prep, num_classes, result, spawner_peak)
+    record.update((host or HostSpeed.reference()).to_record())  # the speed every quota of this run was scaled by
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
     if result.status == "ok":
         try:
@@ -160,8 +161,7 @@ def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, s
         "engine": job.engine, "profile": p.name, "arch": p.arch, "budget_mb": p.budget_mb, "native": p.native,
         "installable_on_device": installable(job.engine, p.arch),
         "emulation": r.emulation, "time_scaled": r.time_scaled, "cpu_quota": r.cpu_quota, "threads": r.threads,
-        "total_quota": r.total_quota, "quota_efficiency": r.quota_efficiency, "host_speed": r.host_speed,
-        "host_speed_source": r.host_speed_source,
+        "total_quota": r.total_quota, "quota_efficiency": r.quota_efficiency,
         "cpus": r.cpus, "status": r.status, "exit_code": r.exit_code,
         "settings": asdict(job.settings), "base_sha256": job.base_sha256,
         "accuracy": None, "epochs": [], "steps": None,

@@ -213,6 +213,19 @@ CAPTIONS = {
 }
 
 
+def host_speed_text(records: list[dict]) -> str:
+    """The host speed every quota was scaled by, where it came from, and the throttling correction applied."""
+    r = records[0]
+    source = r.get("host_speed_source", "not recorded")
+    when = f", measured {r['host_speed_measured']}" if r.get("host_speed_measured") else ""
+    text = f"host speed {r['settings']['host_speed']:g} of the reference core ({source}{when})"
+    effs = sorted({x["quota_efficiency"] for x in records if x.get("quota_efficiency")})
+    if effs:
+        span = f"{effs[0]:.2f}" if len(effs) == 1 else f"{effs[0]:.2f}-{effs[-1]:.2f}"
+        text += f"; CPU quotas raised by 1 / the measured throttling efficiency ({span})"
+    return text
+
+
 def settings_text(records: list[dict]) -> str:
     s = records[0]["settings"]
     length = f"{s['steps']} steps" if s.get("steps") else (f"{s['epochs']} epochs" if s.get("epochs")
@@ -223,7 +236,7 @@ def settings_text(records: list[dict]) -> str:
     lines = [f"- training: {length}, batch {s.get('batch') or 'recipe'}, seed {s['seed']}, LoRA r={s['rank']} "
              f"alpha={s['alpha']:g}; base sha256 {records[0]['base_sha256'][:12]}; time-to-accuracy target "
              f"{s['target_accuracy']:g}",
-             f"- host speed {s['host_speed']:g} (the reference core = 1); native runs: the lowest-p50 of "
+             f"- {host_speed_text(records)}; native runs: the lowest-p50 of "
              f"{max((len(r.get('repeats_ms_per_step_p50') or [0]) for r in records if r.get('native')), default=1)} "
              "repetitions (training is deterministic, only the timing differs); runs under a CPU quota: one"]
     for engine, v in versions.items():
