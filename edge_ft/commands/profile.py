@@ -90,15 +90,17 @@ def list_handler(args) -> int:
     if args.json:
         print(json.dumps([p.to_dict() for p in profiles], indent=2))
         return 0
-    rows = [("name", "board", "arch", "cores", "RAM MB", "budget MB", "threads", "cpu_speed")]
+    rows = [("name", "board", "arch", "cores", "RAM MB", "budget MB", "threads", "cpu_speed", "threads vs 1")]
     for p in profiles:
         speed = "native" if p.native else f"{p.cpu_speed:g} ({'est.' if p.cpu_speed_is_estimate else 'measured'})"
+        together = "-" if p.native or p.threads == 1 else f"{p.thread_speedup(p.threads):.2f}x"
         rows.append((p.name, p.description, p.arch, str(p.cores), str(p.ram_mb), str(p.budget_mb), str(p.threads),
-                     speed))
+                     speed, together))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("\ncpu_speed: one core relative to the reference core (edge-ft profile calibrate); est. = estimate")
+    print("\ncpu_speed: one core relative to the reference core (edge-ft profile calibrate); est. = estimate; "
+          "threads vs 1: how much faster the profile's threads go together than one (thread_scaling)")
     return 0
 
 
