@@ -41,6 +41,8 @@ SPEED_RUNS = 3  # whole calibrations; the median speed counts (this machine drif
 CAPPED_SECONDS = 2.5  # one capped phase of the work-rate run (125 quota periods at the shortest)
 FREE_SECONDS = 0.6  # one uncapped phase, before and after each capped one
 CYCLES = 4  # capped phases per measurement; the median counts
+MIN_UNITS = 6  # whole work units a phase must hold (0.05 of a CPU here needs ~5 s for them)
+MAX_RUN_SECONDS = 600  # the workload's own limit; the parent ends it when its phases are done
 _lock = threading.Lock()  # parallel sweep runs share one HostSpeed: measure each share once
 
 
@@ -233,34 +235,37 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
         job = CgroupJob.create(1 << 30, cpus, thread_share, thread_share, quota_period_us(min(thread_share, 1)))
     except CgroupUnavailable:
         return []
-    phases = [FREE_SECONDS] + [CAPPED_SECONDS, FREE_SECONDS] * cycles
     spec = {"procs": job.entry_files(), "rlimit_data": None, "cpus": None}
     cmd = [sys.executable, "-I", "-S", str(_ENTER), json.dumps(spec), "--", sys.executable, "-m",
-           "edge_ft.bench.calibrate", "--rate", str(sum(phases) + 0.5), "--stamps"]
+           "edge_ft.bench.calibrate", "--rate", str(MAX_RUN_SECONDS), "--stamps"]
+    ends: list[float] = []
     bounds = []
     try:
         job.set_cpu_cap(False)  # imports at full speed
-        proc = subprocess.Popen(cmd, env=thread_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, env=thread_env(1), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             proc.stdout.readline()  # {"started": ...}: the workload is warm and timing
-            for k, seconds in enumerate(phases):
-                job.set_cpu_cap(k % 2 == 1)
-                begin = time.perf_counter()
-                time.sleep(seconds)
-                bounds.append((begin, time.perf_counter(), k % 2 == 1))
-            job.set_cpu_cap(False)
-            out, err = proc.communicate(timeout=60)
+            reader = threading.Thread(target=_read_stamps, args=(proc.stdout, ends), daemon=True)
+            reader.start()
+            for k in range(2 * cycles + 1):
+                capped = k % 2 == 1
+                job.set_cpu_cap(capped)
+                begin, held = time.perf_counter(), len(ends)
+                # A phase lasts its time and at least MIN_UNITS whole units (a slow quota needs longer phases).
+                while proc.poll() is None and (time.perf_counter() - begin < (CAPPED_SECONDS if capped else
+                                                                              FREE_SECONDS)
+                                               or len(ends) - held < MIN_UNITS):
+                    time.sleep(0.05)
+                bounds.append((begin, time.perf_counter(), capped))
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            proc.kill()
+            proc.wait()
     finally:
         job.remove()
-    if proc.returncode != 0:
+    if not ends:
         from edge_ft.errors import UserError
 
-        raise UserError(f"the calibration workload failed: {(err.strip().splitlines() or ['?'])[-1]}")
-    ends = json.loads(out.strip().splitlines()[-1])["ends"]
+        raise UserError("the calibration workload (python -m edge_ft.bench.calibrate --rate) produced no timings")
     rates = [_phase_rate(ends, begin, end) for begin, end, _ in bounds]
     fractions = []
     for k in range(1, len(bounds), 2):
@@ -268,6 +273,12 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
         if rates[k] and free:
             fractions.append(rates[k] / (sum(free) / len(free)))
     return fractions
+
+
+def _read_stamps(stream, ends: list[float]) -> None:
+    for line in stream:
+        with contextlib.suppress(ValueError):
+            ends.append(float(line))
 
 
 def _phase_rate(ends: list[float], begin: float, end: float) -> float | None:
