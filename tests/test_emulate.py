@@ -198,3 +198,7 @@ def test_threads_share_what_the_board_s_threads_achieve_together(tmp_path):
     assert r.cpu_quota == pytest.approx(0.2) and r.total_quota == pytest.approx(0.26)
     two = float(r.stdout_tail)
     assert 0.15 < two < 0.31, two  # 0.26 of a CPU; linear scaling would give 0.4
+    # Under a shared job quota, OpenMP threads sleep instead of spinning away the worker's CPU time.
+    policy = [PY, "-c", "import os; print(os.environ.get('OMP_WAIT_POLICY'))"]
+    assert run_confined(policy, load_profile_file(path)).stdout_tail.strip() == "PASSIVE"
+    assert run_confined(policy, make_profile(tmp_path, cores=2)).stdout_tail.strip() == "None"  # linear: unchanged

@@ -182,3 +182,15 @@ def test_recommend_refuses_bad_limits_in_one_line(bad, capsys):
     with pytest.raises(SystemExit) as e:
         main(["recommend", "--profile", ZERO, *bad])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_report_states_the_host_speed_and_the_quota_correction():
+    from edge_ft.bench.report import host_speed_text
+
+    records = [record(ZERO, "lora", "ort-step", 0.95, 60, 93, 6_008, True, host_speed_source="cached",
+                      host_speed_measured="2026-11-29", quota_efficiency=q) for q in (0.66, 0.71)]
+    for r in records:
+        r["settings"]["host_speed"] = 0.57
+    assert host_speed_text(records) == ("host speed 0.57 of the reference core (cached, measured 2026-11-29); CPU "
+                                        "quotas raised by 1 / the measured throttling efficiency (0.66-0.71)")
+    assert "host speed 1 of the reference core (not recorded)" == host_speed_text(zero_records()[:1])

@@ -155,6 +155,10 @@ def run_confined(argv: list[str], profile: DeviceProfile, env: dict | None = Non
             "cpus": cpus if mode == "rlimit" else None}
     child_env = thread_env(threads, env)
     child_env.update(EDGE_FT_PROFILE=profile.name, EDGE_FT_EMULATION=mode)
+    if job is not None and total_share is not None and total_share < thread_share * min(threads, profile.cores):
+        # On the board an OpenMP thread spin-waiting for work occupies its own core and costs the worker nothing;
+        # under one shared job quota it would burn the worker's CPU time (torch ran 10x slower here). Sleep instead.
+        child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         run = _run_and_watch([sys.executable, "-I", "-S", str(_ENTER), _json(spec), "--", *argv], child_env,
                              cwd, timeout, job, sample_interval, tail_chars)
