@@ -55,6 +55,11 @@ def test_damaged_cache_is_measured_again(own_cache, monkeypatch):
     own_cache.write_text("{not json")
     assert HostSpeed.resolve(quiet=True).source == "measured"
     assert json.loads(own_cache.read_text())["machines"]
+    key = hostspeed._key_text(hostspeed.machine_key())
+    for entry in ({"speed": "fast"}, {"speed": -1}, [1, 2], {"speed": 0.5, "quota_efficiency": {"0.1": "x"}}):
+        own_cache.write_text(json.dumps({"machines": {key: entry}}))
+        host = HostSpeed.resolve(quiet=True)  # never a traceback: bad figures are measured again or dropped
+        assert host.speed == 0.5 and host.efficiency == {}
 
 
 def test_quota_is_the_board_share_raised_by_the_efficiency():

@@ -121,13 +121,17 @@ class HostSpeed:
     def resolve(cls, given: float | None = None, refresh: bool = False, quiet: bool = False) -> "HostSpeed":
         """--host-speed when given, else this machine's cached figure, else measure it now and cache it."""
         key = machine_key()
-        entry = _load_cache()["machines"].get(_key_text(key), {})
-        efficiency = {} if refresh else dict(entry.get("quota_efficiency", {}))
+        entry = _load_cache()["machines"].get(_key_text(key))
+        entry = entry if isinstance(entry, dict) else {}  # a hand-edited or damaged entry is measured again
+        stored = entry.get("quota_efficiency")
+        efficiency = {k: float(v) for k, v in (stored.items() if isinstance(stored, dict) and not refresh else [])
+                      if isinstance(v, (int, float)) and 0 < v <= 1}
         correct = entry.get("correct_quota", True) is not False  # false in the cache turns the correction off
+        speed = entry.get("speed")
         if given is not None:
             return cls(given, "given", "", key, correct, quiet, efficiency)
-        if entry.get("speed") and not refresh:
-            return cls(entry["speed"], "cached", entry.get("measured", ""), key, correct, quiet, efficiency)
+        if isinstance(speed, (int, float)) and speed > 0 and not refresh:
+            return cls(float(speed), "cached", str(entry.get("measured", "")), key, correct, quiet, efficiency)
         _say(f"measuring this machine's core speed once (cached in {cache_path()}) ...", quiet)
         runs = sorted((calibrate_native(SPEED_REPEATS) for _ in range(SPEED_RUNS)), key=lambda r: r["speed"])
         result = runs[len(runs) // 2]
@@ -154,18 +158,17 @@ class HostSpeed:
         bucket = f"{share:.4g}"
         with _lock:
             if bucket not in self.efficiency:
-                _say(f"measuring how much work a {share:.3g}-CPU quota lets through here (once, ~"
-                     f"{2 * CYCLES * (CAPPED_SECONDS + FREE_SECONDS) + 4:.0f} s) ...", self.quiet)
+                _say(f"measuring how much work a {share:.3g}-CPU quota lets through here (once per machine, "
+                     "30-60 s) ...", self.quiet)
                 self.efficiency[bucket] = solve_efficiency(share, cpus)
                 self._store_efficiency()
             return self.efficiency[bucket]
 
     def _store_efficiency(self) -> None:
         entry = _load_cache()["machines"].get(_key_text(self.key)) if self.key else None
-        if entry is None:
+        if not isinstance(entry, dict):
             return  # a given --host-speed on an uncached machine: keep the figures for this process only
-        entry.setdefault("quota_efficiency", {}).update(
-            {k: v for k, v in self.efficiency.items()})
+        entry["quota_efficiency"] = dict(self.efficiency)
         entry["quota_efficiency_measured"] = _today()
         _save_entry(self.key, entry)
 
