@@ -190,8 +190,9 @@ def work_rate(seconds: float, stamps: bool = False) -> dict:
         if stamps:
             ends.append(time.perf_counter())
             print(ends[-1], flush=True)  # live, so a parent can tell how many units a phase held
-    out = {"units": units, "wall_seconds": elapsed, "cpu_seconds": time.process_time() - c0, "rate": units / elapsed}
-    return {**out, "ends": ends} if stamps else out
+    result = {"units": units, "wall_seconds": elapsed, "cpu_seconds": time.process_time() - c0,
+              "rate": units / elapsed}
+    return {**result, "ends": ends} if stamps else result
 
 
 def measure(repeats: int = 3) -> dict[str, float]:

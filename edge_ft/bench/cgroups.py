@@ -88,6 +88,11 @@ def _events(path: Path, key: str) -> int:
     return 0
 
 
+def _quota_us(share: float | None, period_us: int) -> int | None:
+    """A share of one CPU as CFS quota microseconds per period (the kernel wants at least 1 ms); None: uncapped."""
+    return None if share is None else max(1000, round(share * period_us))
+
+
 def _remove_tree(path: Path) -> None:
     """rmdir a cgroup and its leaves (cgroups are removed with rmdir, never rm -r); ignore what is gone."""
     if path.is_dir():
@@ -167,13 +172,12 @@ class CgroupJob:
                or _read(cpuset.parent / "cpuset.mems").strip())
         _mkdir(cpu, made)
         _write(cpu / "cpu.cfs_period_us", period_us)
-        if total_quota is not None:
-            _write(cpu / "cpu.cfs_quota_us", max(1000, round(total_quota * period_us)))
         job = cls(1, dirs)
         job.period_us = period_us
-        job._total_quota_us = max(1000, round(total_quota * period_us)) if total_quota is not None else None
-        if thread_quota is not None:
-            job.thread_quota_us = max(1000, round(thread_quota * period_us))
+        job._total_quota_us = _quota_us(total_quota, period_us)
+        if job._total_quota_us is not None:
+            _write(cpu / "cpu.cfs_quota_us", job._total_quota_us)
+        job.thread_quota_us = _quota_us(thread_quota, period_us)
         job.leaves.append(job._new_leaf(made))
         return job
 
@@ -196,11 +200,11 @@ class CgroupJob:
         if (path / "memory.swap.max").exists():
             _write(path / "memory.swap.max", 0)
         _write(path / "cpuset.cpus", ",".join(map(str, cpus)))
-        if total_quota is not None:
-            _write(path / "cpu.max", f"{max(1000, round(total_quota * period_us))} {period_us}")
         job = cls(2, {"memory": path, "cpuset": path, "cpu": path})
         job.period_us = period_us
-        job._total_quota_us = max(1000, round(total_quota * period_us)) if total_quota is not None else None
+        job._total_quota_us = _quota_us(total_quota, period_us)
+        if job._total_quota_us is not None:
+            _write(path / "cpu.max", f"{job._total_quota_us} {period_us}")
         return job
 
     def _new_leaf(self, made: list[Path] | None = None) -> Path:

@@ -19,7 +19,6 @@ import statistics
 import sys
 from dataclasses import asdict, dataclass
 
-
 from edge_ft.bench.emulate import plan_cpus, run_confined
 from edge_ft.bench.hostspeed import HostSpeed, work_fractions
 from edge_ft.bench.profiles import DeviceProfile
@@ -98,11 +97,9 @@ def check_profile(profile: DeviceProfile, host: HostSpeed, mode: str = "auto", c
     cpus = plan_cpus(profile)
     # How the profile's single-thread quota would be set (and whether cgroups work at all), from a trivial job.
     cal = run_confined([py, "-c", "pass"], profile, mode=mode, threads=1, host=host)
-    accuracy = []
+    accuracy, speedup = [], None
     if cal.time_scaled:  # under rlimit, or for a board at least as fast as this machine, there is nothing to check
         accuracy = [round(f / intended, 4) for f in work_fractions(cal.cpu_quota, cpus[-1:], cycles)]
-    speedup = None
-    if cal.time_scaled:
         many = run_confined([py, "-c", _THREADS, str(profile.threads), str(THREAD_CPU_SECONDS)], profile, mode=mode,
                             host=host)
         if many.status == "ok":

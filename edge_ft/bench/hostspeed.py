@@ -1,6 +1,6 @@
 """This machine's speed, measured once and cached, so every emulated board runs at its profile's speed anywhere.
 
-    host = HostSpeed.resolve(given=None)   # cached figure for this machine, else measured now (~5 s), or --host-speed
+    host = HostSpeed.resolve(given=None)   # cached figure for this machine, else measured now (~20 s), or --host-speed
     host.thread_quota(profile)             # share of one CPU here per device thread, corrected for throttling losses
 
 Two figures, both cached per machine in $EDGE_FT_CACHE_DIR (default ~/.cache/edge-ft)/host-speed.json, keyed by
@@ -180,13 +180,23 @@ class HostSpeed:
         return {"host_speed": self.speed, "host_speed_source": self.source, "host_speed_measured": self.measured}
 
 
+def _last_cpu() -> list[int]:
+    return sorted(os.sched_getaffinity(0))[-1:]
+
+
+def _calibrate_cmd(spec: dict, argv: list[str]) -> list[str]:
+    """The calibration module as a child confined by emulate's entry program (`spec`: cgroup files or CPUs)."""
+    from edge_ft.bench.emulate import _ENTER
+
+    return [sys.executable, "-I", "-S", str(_ENTER), json.dumps(spec), "--", sys.executable, "-m",
+            "edge_ft.bench.calibrate", *argv]
+
+
 def _child(argv: list[str], cpus: list[int]) -> dict:
     """Run the calibration module in a child with one BLAS thread, pinned to `cpus`; its last line of JSON."""
-    from edge_ft.bench.emulate import _ENTER, thread_env
+    from edge_ft.bench.emulate import thread_env
 
-    spec = {"procs": [], "rlimit_data": None, "cpus": cpus}
-    cmd = [sys.executable, "-I", "-S", str(_ENTER), json.dumps(spec), "--", sys.executable, "-m",
-           "edge_ft.bench.calibrate", *argv]
+    cmd = _calibrate_cmd({"procs": [], "rlimit_data": None, "cpus": cpus}, argv)
     proc = subprocess.run(cmd, env=thread_env(1), capture_output=True, text=True)
     if proc.returncode != 0:
         from edge_ft.errors import UserError
@@ -198,7 +208,7 @@ def _child(argv: list[str], cpus: list[int]) -> dict:
 
 def calibrate_native(repeats: int, cpus: list[int] | None = None) -> dict:
     """The calibration report of one unconfined core here (pinned to the last usable CPU)."""
-    return _child(["--repeats", str(repeats)], cpus or sorted(os.sched_getaffinity(0))[-1:])
+    return _child(["--repeats", str(repeats)], cpus or _last_cpu())
 
 
 def solve_efficiency(share: float, cpus: list[int] | None = None) -> float:
@@ -231,18 +241,17 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
     capped run mixes that drift into the result. Toggling the cap on one process every few seconds does not.
     """
     from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
-    from edge_ft.bench.emulate import _ENTER, quota_period_us, thread_env
+    from edge_ft.bench.emulate import quota_period_us, thread_env
 
-    cpus = cpus or sorted(os.sched_getaffinity(0))[-1:]
     try:
-        job = CgroupJob.create(1 << 30, cpus, thread_share, thread_share, quota_period_us(min(thread_share, 1)))
+        job = CgroupJob.create(1 << 30, cpus or _last_cpu(), thread_share, thread_share,
+                               quota_period_us(min(thread_share, 1)))
     except CgroupUnavailable:
         return []
-    spec = {"procs": job.entry_files(), "rlimit_data": None, "cpus": None}
-    cmd = [sys.executable, "-I", "-S", str(_ENTER), json.dumps(spec), "--", sys.executable, "-m",
-           "edge_ft.bench.calibrate", "--rate", str(MAX_RUN_SECONDS), "--stamps"]
+    cmd = _calibrate_cmd({"procs": job.entry_files(), "rlimit_data": None, "cpus": None},
+                         ["--rate", str(MAX_RUN_SECONDS), "--stamps"])
     ends: list[float] = []
-    bounds = []
+    bounds: list[tuple[float, float]] = []  # (start, end) of each phase; odd phases are capped
     try:
         job.set_cpu_cap(False)  # imports at full speed
         proc = subprocess.Popen(cmd, env=thread_env(1), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -259,7 +268,7 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
                                                                               FREE_SECONDS)
                                                or len(ends) - held < MIN_UNITS):
                     time.sleep(0.05)
-                bounds.append((begin, time.perf_counter(), capped))
+                bounds.append((begin, time.perf_counter()))
         finally:
             proc.kill()
             proc.wait()
@@ -269,7 +278,7 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
         from edge_ft.errors import UserError
 
         raise UserError("the calibration workload (python -m edge_ft.bench.calibrate --rate) produced no timings")
-    rates = [_phase_rate(ends, begin, end) for begin, end, _ in bounds]
+    rates = [_phase_rate(ends, begin, end) for begin, end in bounds]
     fractions = []
     for k in range(1, len(bounds), 2):
         free = [r for r in (rates[k - 1], rates[k + 1]) if r]
