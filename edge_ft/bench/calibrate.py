@@ -189,7 +189,8 @@ def work_rate(seconds: float, stamps: bool = False) -> dict:
         units += 1
         if stamps:
             ends.append(time.perf_counter())
-            print(ends[-1], flush=True)  # live, so a parent can tell how many units a phase held
+            # live, so a parent can tell how many units a phase held; CPU time too, to rate uncapped phases by it
+            print(ends[-1], time.process_time(), flush=True)
     result = {"units": units, "wall_seconds": elapsed, "cpu_seconds": time.process_time() - c0,
               "rate": units / elapsed}
     return {**result, "ends": ends} if stamps else result

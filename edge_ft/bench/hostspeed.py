@@ -250,7 +250,7 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
         return []
     cmd = _calibrate_cmd({"procs": job.entry_files(), "rlimit_data": None, "cpus": None},
                          ["--rate", str(MAX_RUN_SECONDS), "--stamps"])
-    ends: list[float] = []
+    ends: list[tuple[float, float]] = []  # (wall, CPU) time at the end of every unit
     bounds: list[tuple[float, float]] = []  # (start, end) of each phase; odd phases are capped
     try:
         job.set_cpu_cap(False)  # imports at full speed
@@ -278,7 +278,9 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
         from edge_ft.errors import UserError
 
         raise UserError("the calibration workload (python -m edge_ft.bench.calibrate --rate) produced no timings")
-    rates = [_phase_rate(ends, begin, end) for begin, end in bounds]
+    # Capped phases by wall time (what the quota let through), uncapped ones by CPU time (what one core here does
+    # while the job runs), so a neighbour sharing the core in an uncapped phase does not inflate the fraction.
+    rates = [_phase_rate(ends, begin, end, by_cpu=k % 2 == 0) for k, (begin, end) in enumerate(bounds)]
     fractions = []
     for k in range(1, len(bounds), 2):
         free = [r for r in (rates[k - 1], rates[k + 1]) if r]
@@ -287,13 +289,18 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
     return fractions
 
 
-def _read_stamps(stream, ends: list[float]) -> None:
+def _read_stamps(stream, ends: list[tuple[float, float]]) -> None:
     for line in stream:
         with contextlib.suppress(ValueError):
-            ends.append(float(line))
+            wall, cpu = map(float, line.split())
+            ends.append((wall, cpu))
 
 
-def _phase_rate(ends: list[float], begin: float, end: float) -> float | None:
-    """Units per second between the first and last unit that ended inside [begin, end] (whole units only)."""
-    inside = [t for t in ends if begin <= t <= end]
-    return (len(inside) - 1) / (inside[-1] - inside[0]) if len(inside) >= 3 else None
+def _phase_rate(ends: list[tuple[float, float]], begin: float, end: float, by_cpu: bool) -> float | None:
+    """Units per wall second (or per CPU second) between the first and last unit that ended inside [begin, end]
+    (whole units only)."""
+    inside = [stamp for stamp in ends if begin <= stamp[0] <= end]
+    if len(inside) < 3:
+        return None
+    i = 1 if by_cpu else 0
+    return (len(inside) - 1) / (inside[-1][i] - inside[0][i])
