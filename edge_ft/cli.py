@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "export",
     "train",
     "adapter",
+    "predict",
     "profile",
     "bench",
     "report",

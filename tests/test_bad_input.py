@@ -249,7 +249,7 @@ DATA_DAMAGE = {
                         "not a readable .npz data file"),
     "truncated file": (lambda p: (save_npz(p, *_digits()), truncate(p)), "not a readable .npz data file"),
     "not a zip at all": (lambda p: p.write_bytes(b"x,y\n1,2\n"), "not a readable .npz data file"),
-    "a folder": (lambda p: p.mkdir(), "no such data file"),
+    "a folder": (lambda p: p.mkdir(), "is a folder, not a .npz data file"),
     "missing file": (lambda p: None, "no such data file"),
 }
 
@@ -364,6 +364,6 @@ def test_running_out_of_memory_is_one_line(kit, capsys, monkeypatch):
     def no_memory(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(edge_ft.data.npz, "load_npz", no_memory)
+    monkeypatch.setattr(edge_ft.data.npz, "load_labelled_npz", no_memory)
     line = one_line_error(capsys, train_argv(kit), "out of memory", "--batch")
     assert _OOM_TEXT.search(line)

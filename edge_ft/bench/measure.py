@@ -101,7 +101,7 @@ def job_argv(job: Job, prep: Prepared, bundle: Path | None, data: Path, run_dir:
     else:
         argv = [python, "-m", "edge_ft.cli", "train", str(bundle), "--data", str(data / "train.npz"),
                 "--eval", str(data / "test.npz"), "--seed", str(s.seed), "--threads", threads, "--quiet",
-                "--out", str(run_dir)]
+                "--force", "--out", str(run_dir)]
         if job.cache_features:
             argv.append("--cache-features")
         if s.steps:

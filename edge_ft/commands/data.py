@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from edge_ft.atomic import atomic_write_json
-from edge_ft.data.npz import save_npz
+from edge_ft.data.npz import parse_class_names, save_npz
 
 
 def register(subparsers) -> None:
@@ -28,10 +30,21 @@ def register(subparsers) -> None:
                    help="training examples per class (default: the task's own: all digits, 100 for fashion)")
     p.set_defaults(func=export)
 
-    p = sub.add_parser("convert", help="an IDX folder, a folder of class folders or a .npz -> one checked .npz")
+    p = sub.add_parser(
+        "convert", help="an IDX folder, a folder of class folders or a .npz -> a checked .npz (or a train/test pair)",
+        description="Images in SOURCE/<class name>/*.png (jpg, bmp, gif, pgm) become grey 28x28 white-on-black "
+        "examples; labels follow the sorted class-folder names, which are stored in the .npz as its class names. "
+        "With --test-fraction, --out is a folder that gets train.npz and test.npz (a split per class).")
     p.add_argument("source", type=Path, help="IDX folder (flat or <root>/<Name>/raw), class-folder tree, or .npz")
-    p.add_argument("--out", required=True, type=Path, help="the .npz file to write")
-    p.add_argument("--split", choices=("train", "test"), default="train", help="which IDX split (default: train)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="the .npz file to write (a folder with --test-fraction)")
+    p.add_argument("--split", choices=("train", "test"),
+                   help="which split of an IDX folder to read (IDX only; default train)")
+    p.add_argument("--classes", type=class_names, metavar="NAME,NAME,...",
+                   help="class names in label order (default: the folder names, or those the .npz carries)")
+    p.add_argument("--test-fraction", type=fraction, metavar="F",
+                   help="hold out this fraction of each class as test.npz (class folders and .npz only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --test-fraction split (default 0)")
     p.set_defaults(func=convert)
 
 
@@ -50,17 +63,81 @@ def export(args) -> int:
 
     task = get_task(args.task)
     split = target_split(task, args.shots)
-    save_npz(args.out / "train.npz", split.x_train, split.y_train)
-    save_npz(args.out / "test.npz", split.x_test, split.y_test)
-    atomic_write_json(args.out / "task.json", dict(split.info, slug=task.slug, num_classes=split.num_classes))
+    save_npz(args.out / "train.npz", split.x_train, split.y_train, task.classes)
+    save_npz(args.out / "test.npz", split.x_test, split.y_test, task.classes)
+    atomic_write_json(args.out / "task.json", dict(split.info, slug=task.slug, num_classes=split.num_classes,
+                                                   classes=list(task.classes)))
     print(f"{task.name}: {len(split.y_train)} train / {len(split.y_test)} test examples -> {args.out}/")
     return 0
 
 
-def convert(args) -> int:
-    from edge_ft.data.readers import read_any
+def class_names(text: str) -> list[str]:
+    """argparse type: comma-separated class names."""
+    from edge_ft.errors import UserError
 
-    x, y = read_any(args.source, args.split)
-    save_npz(args.out, x, y)
-    print(f"{args.source}: {len(y)} examples, {int(y.max()) + 1} classes -> {args.out}")
+    try:
+        return parse_class_names(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--classes: ")) from None
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def convert(args) -> int:
+    from edge_ft.data.readers import read_any, source_kind
+    from edge_ft.errors import UserError
+
+    kind = source_kind(args.source)
+    if args.split and kind != "idx":  # an option that does not apply is refused, never silently ignored
+        raise UserError(f"--split applies to IDX folders only; {args.source} is a {KIND_NAMES[kind]} "
+                        "(use --test-fraction to hold out a test set)")
+    if args.test_fraction and kind == "idx":
+        raise UserError(f"{args.source}: IDX data has its own test split; convert it with --split test")
+    x, y, classes = read_any(args.source, args.split or "train")
+    if args.classes:
+        if len(args.classes) <= y.max():
+            raise UserError(f"--classes names {len(args.classes)} classes, but {args.source} has labels up to "
+                            f"{y.max()}")
+        if classes is not None and len(args.classes) != len(classes):
+            raise UserError(f"--classes names {len(args.classes)} classes, {args.source} has {len(classes)}")
+        classes = args.classes
+    named = "" if classes is None else f": {', '.join(classes)}"
+    count = len(classes) if classes is not None else int(y.max()) + 1
+    if not args.test_fraction:
+        save_npz(args.out, x, y, classes)
+        print(f"{args.source}: {len(y)} examples, {count} classes{named} -> {args.out}")
+        return 0
+    if args.out.suffix == ".npz":
+        raise UserError(f"--out {args.out}: with --test-fraction, --out is a folder for train.npz and test.npz")
+    test = held_out(y, args.test_fraction, args.seed)
+    save_npz(args.out / "train.npz", x[~test], y[~test], classes)
+    save_npz(args.out / "test.npz", x[test], y[test], classes)
+    print(f"{args.source}: {int((~test).sum())} train / {int(test.sum())} test examples, {count} classes{named} "
+          f"-> {args.out}/train.npz, test.npz")
     return 0
+
+
+KIND_NAMES = {"npz": ".npz file", "idx": "IDX folder", "images": "folder of class folders"}
+
+
+def held_out(y: np.ndarray, fraction: float, seed: int):
+    """Boolean mask (N,) of a per-class test split: round(fraction * n) of each class, at least 1, never all."""
+    from edge_ft.errors import UserError
+
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        if len(members) < 2:
+            raise UserError(f"class {c} has {len(members)} example; --test-fraction needs at least 2 per class")
+        test[members[: min(len(members) - 1, max(1, round(fraction * len(members))))]] = True
+    return test

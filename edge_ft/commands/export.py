@@ -7,7 +7,7 @@ from pathlib import Path
 from edge_ft.architecture import numel
 from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
 from edge_ft.config import METHODS, OPTIMIZERS
-from edge_ft.errors import require_host
+from edge_ft.errors import UserError, require_host
 
 ENGINES = ("ort-training", "ort-step")
 
@@ -23,10 +23,15 @@ def register(subparsers) -> None:
     p.add_argument("--method", choices=METHODS, required=True, help="full | probe | lora")
     p.add_argument("--base", required=True, metavar="BASE.safetensors", help="base weights (from `edge-ft pretrain`)")
     p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write, e.g. export/lora-r2")
-    p.add_argument("--engine", choices=ENGINES, default="ort-training", help="device engine (default ort-training)")
+    p.add_argument("--engine", choices=ENGINES, default="ort-step",
+                   help="device engine (default ort-step: plain onnxruntime, runs on every board; ort-training "
+                   "needs the onnxruntime-training wheel, x86_64 only)")
     add_lora_options(p)
     p.add_argument("--num-classes", type=int_at_least(2), default=None, metavar="N",
                    help="classes of the target task (default: the base's; a new count re-initialises the head)")
+    p.add_argument("--classes", metavar="NAME,NAME,...|DATA.npz",
+                   help="class names of the target task, or a .npz that carries them (sets --num-classes; "
+                   "default: the base's names when the count is the base's)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="optimizer (default: the method's recipe, adamw); ort-training offers sgd and adamw")
     p.add_argument("--lr", type=positive_float, default=None,
@@ -47,13 +52,31 @@ def handler(args) -> int:
     from edge_ft.training_defaults import DEFAULTS
 
     _, meta = load_base(args.base)
+    classes = task_classes(args.classes) if args.classes else None
+    if classes and args.num_classes and args.num_classes != len(classes):
+        raise UserError(f"--num-classes {args.num_classes} but --classes names {len(classes)} classes")
+    num_classes = len(classes) if classes else args.num_classes or meta["num_classes"]
+    if classes is None and num_classes == meta["num_classes"]:
+        classes = meta.get("classes")  # same head: the base's names still hold
     cfg = MethodConfig(args.method, rank=args.rank, alpha=args.alpha, targets=args.targets, bias=args.bias,
-                       num_classes=args.num_classes or meta["num_classes"])
+                       num_classes=num_classes)
     recipe = DEFAULTS[args.method]
     opt = OptimizerConfig(args.optimizer or recipe.optimizer, lr=args.lr or recipe.lr, weight_decay=args.weight_decay)
-    manifest = export_bundle(cfg, opt, args.base, args.out, engine=args.engine, seed=args.seed)
+    manifest = export_bundle(cfg, opt, args.base, args.out, engine=args.engine, seed=args.seed, classes=classes)
     total = sum(f["bytes"] for f in manifest["files"].values())
     trainable = sum(numel(s) for s in manifest["trainable"].values())
     print(f"{Path(args.out)}: {args.engine} bundle, {cfg.method}, {trainable:,} trainable values, "
           f"{len(manifest['files'])} files, {total / 1024:.1f} KiB")
     return 0
+
+
+def task_classes(text: str) -> list[str]:
+    """--classes: 'a,b,c', or a .npz whose class names to use."""
+    from edge_ft.data.npz import load_labelled_npz, parse_class_names
+
+    if not text.endswith(".npz"):
+        return parse_class_names(text)
+    classes = load_labelled_npz(text)[2]
+    if classes is None:
+        raise UserError(f"--classes {text}: the file names no classes; give them as --classes NAME,NAME,...")
+    return classes

@@ -37,7 +37,7 @@ def run(args) -> int:
     from dataclasses import replace
 
     from edge_ft.checkpoint import save_base
-    from edge_ft.data.tasks import source_split
+    from edge_ft.data.tasks import DIGIT_CLASSES, source_split
     from edge_ft.errors import UserError
     from edge_ft.host.train import pretrain
 
@@ -48,7 +48,7 @@ def run(args) -> int:
     split = source_split(args.data_root)
     recipe = replace(PRETRAIN, epochs=args.epochs, batch=args.batch, lr=args.lr)
     state, meta = pretrain(split, recipe, seed=args.seed, threads=args.threads, quiet=args.quiet)
-    meta = save_base(args.out, state, meta)
+    meta = save_base(args.out, state, dict(meta, classes=list(DIGIT_CLASSES)))  # MNIST: label d is digit d
     print(f"pretrained on {split.info['source']}: held-out accuracy {meta['accuracy']:.4f} "
           f"({meta['wall_time_s']:.1f} s) -> {args.out}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_ft.commands.argtypes import int_at_least, positive_float
+from edge_ft.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -37,12 +38,13 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (same bundle, data and options; "
                    "starts from step 0 when it has none)")
+    p.add_argument("--force", action="store_true", help="replace a finished run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=handler)
 
 
 def handler(args) -> int:
-    from edge_ft.data.npz import load_npz
+    from edge_ft.data.npz import load_labelled_npz
     from edge_ft.device import ort_api
     from edge_ft.device.bundle import load_bundle
     from edge_ft.device.trainer import TrainSettings, load_runtime, train
@@ -51,6 +53,9 @@ def handler(args) -> int:
     from edge_ft.validate import writable_folder
 
     out = writable_folder(args.out or Path("runs") / Path(args.bundle).resolve().name)
+    if (out / "results.json").is_file() and not (args.force or args.resume):
+        raise UserError(f"{out}: holds a finished run (results.json); choose another --out, or add --force to "
+                        "replace it")
     bundle = load_bundle(args.bundle)
     recipe = DEFAULTS[bundle.method.method]
     threads = args.threads
@@ -74,11 +79,24 @@ def handler(args) -> int:
         quiet=args.quiet,
     )
     rss_after_imports = load_runtime(bundle.engine)
-    data = load_npz(args.data, bundle.num_classes)
-    eval_data = load_npz(args.eval, bundle.num_classes) if args.eval else None
-    r = train(bundle, data, eval_data, settings, out, rss_after_imports, resume=args.resume)
+    x, y, classes = load_labelled_npz(args.data, bundle.num_classes)
+    eval_data = None
+    if args.eval:
+        x_eval, y_eval, eval_classes = load_labelled_npz(args.eval, bundle.num_classes)
+        eval_data = (x_eval, y_eval)
+        classes = same_classes(classes, args.data, eval_classes, args.eval)
+    classes = same_classes(classes, args.data, bundle.classes, bundle.path / "manifest.json")
+    r = train(bundle, (x, y), eval_data, settings, out, rss_after_imports, resume=args.resume, classes=classes)
     if not args.quiet:
         acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
         print(f"{out}: {r['steps']} steps, final loss {r['losses'][-1]:.4f}{acc}, "
               f"{r['step_latency_ms']['p50']:.2f} ms/step (p50), peak RSS {r['memory_mb']['peak_rss_sampled']:.0f} MB")
     return 0
+
+
+def same_classes(ours: list[str] | None, our_source, theirs: list[str] | None, their_source) -> list[str] | None:
+    """The class names two sources agree on (either may name none); a disagreement is the user's to fix."""
+    if ours is not None and theirs is not None and ours != theirs:
+        raise UserError(f"{our_source} names its classes {', '.join(ours)}; {their_source} names them "
+                        f"{', '.join(theirs)}: labels would mean different things")
+    return ours if ours is not None else theirs

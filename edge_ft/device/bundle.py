@@ -15,6 +15,7 @@ import numpy as np
 
 from edge_ft.checkpoint import load_safetensors, sha256_file
 from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.data.npz import check_class_names
 from edge_ft.errors import UserError
 
 FORMAT = "edge-ft-bundle"
@@ -37,6 +38,7 @@ class Bundle:
     trainable: dict[str, tuple[int, ...]]  # name -> shape, in state-dict order
     frozen: dict[str, tuple[int, ...]]
     base_sha256: str  # sha256 of the base .safetensors the bundle was exported from
+    classes: list[str] | None = None  # name of each class, when the export was told them
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -60,6 +62,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if not path.is_dir():
         raise UserError(f"{path}: no such bundle folder (create one with `edge-ft export`)")
     if not manifest_path.is_file():
+        if (path / "results.json").is_file():
+            raise UserError(f"{path}: this is a run folder (from `edge-ft train`), not a bundle; pass the bundle it "
+                            "trained (results.json names it under bundle.path), or its model.onnx to `edge-ft predict`")
         raise UserError(f"{manifest_path}: missing; {path} is not an edge-ft bundle (re-run `edge-ft export`)")
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -92,6 +97,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             trainable=_shapes(manifest["trainable"]),
             frozen=_shapes(manifest["frozen"]),
             base_sha256=str(manifest["base"]["sha256"]),
+            classes=None if manifest.get("classes") is None else
+            check_class_names(manifest["classes"], str(manifest_path), int(manifest["num_classes"])),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{manifest_path}: malformed field ({e!r}); re-export the bundle") from None

@@ -28,6 +28,7 @@ from edge_ft.device.bundle import MANIFEST, Bundle
 from edge_ft.device.engines import engine_class
 from edge_ft.device.inference import accuracy, predict, session_runner, write_inference_model
 from edge_ft.device.metrics import MB, PeakRSS, file_sizes, latency_ms, rss_bytes, ru_maxrss_bytes
+from edge_ft.device.model_card import model_source, stamp_model
 from edge_ft.device.ort_api import import_onnxruntime, inference_session
 from edge_ft.device.resume import run_identity, save_checkpoint, start
 from edge_ft.errors import UserError
@@ -113,11 +114,13 @@ def load_runtime(engine: str) -> int:
 
 
 def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[np.ndarray, np.ndarray] | None,
-          s: TrainSettings, out: str | Path, rss_after_imports: int | None = None, resume: bool = False) -> dict:
+          s: TrainSettings, out: str | Path, rss_after_imports: int | None = None, resume: bool = False,
+          classes: list[str] | None = None) -> dict:
     """Fine-tune `bundle` on data (x uint8 (N,28,28), y int64 (N,)); write the run folder; return results.
 
     rss_after_imports: measured by the caller with load_runtime() before it loaded the data (else measured here).
     resume: continue from the run folder's last checkpoint (same bundle, data and settings), if it has one.
+    classes: the name of each label (from the data or the bundle), written into model.onnx and results.json.
     """
     out = Path(out)
     x, y = data
@@ -205,6 +208,7 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
             write_inference_model(bundle, trained, out / "model.onnx")
         else:
             engine.export_inference(str(out / "model.onnx"))
+        stamp_model(out / "model.onnx", classes, model_source(bundle, run=str(out)))
         # Score the exported file itself with plain onnxruntime: what a user deploys is what we report.
         final_accuracy = None
         if len(y_eval):
@@ -216,6 +220,7 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
                    "optimizer": bundle.manifest["optimizer"], "num_classes": bundle.num_classes,
                    "base": bundle.manifest["base"], "trainable": {k: list(v) for k, v in bundle.trainable.items()},
                    "applied_adapter": bundle.manifest.get("applied_adapter")},
+        "classes": classes,
         "settings": {**asdict(s), "train_examples": len(x), "eval_examples": len(y_eval)},
         "steps": step,
         "resumed_from": pos.resumed_from,

@@ -101,3 +101,18 @@ def bake_weights(model: bytes, weights: dict[str, np.ndarray], source: str = "mo
     if missing:
         raise UserError(f"{source}: the graph has no input named {missing[0]!r}; re-export the bundle")
     return bytes(out)
+
+
+def with_metadata(model: bytes, props: dict[str, str], prefix: str, source: str = "model") -> bytes:
+    """Serialized ModelProto whose metadata_props (field 14) hold `props`, replacing earlier keys under `prefix`."""
+    try:
+        out = bytearray()
+        for number, raw, payload in _fields(model):
+            if number == 14 and next((p.decode() for n, _, p in _fields(payload) if n == 1), "").startswith(prefix):
+                continue
+            out += raw
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise UserError(f"{source}: not a valid ONNX model ({e})") from None
+    for key, value in props.items():  # StringStringEntryProto: key = 1, value = 2
+        out += _len_field(14, _len_field(1, key.encode()) + _len_field(2, value.encode()))
+    return bytes(out)

@@ -19,6 +19,7 @@ from edge_ft import __version__
 from edge_ft.atomic import atomic_write_json, ensure_dir, replace_folder
 from edge_ft.checkpoint import load_base
 from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.data.npz import check_class_names
 from edge_ft.device.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_files
 from edge_ft.errors import UserError
 from edge_ft.host.export.common import (
@@ -37,7 +38,7 @@ ENGINE_MODULES = {"ort-training": "ort_training", "ort-step": "ort_step"}
 
 def export_bundle(
     cfg: MethodConfig, opt: OptimizerConfig, base_path: str | Path, out_dir: str | Path, engine: str = "ort-training",
-    seed: int = 0,
+    seed: int = 0, classes: list[str] | None = None,
 ) -> dict:
     """Write a complete bundle to out_dir (replacing a previous bundle there) and return its manifest."""
     if engine not in ENGINE_MODULES:
@@ -53,6 +54,7 @@ def export_bundle(
         "method": cfg.to_dict(),
         "optimizer": opt.to_dict(),
         "num_classes": cfg.num_classes,
+        "classes": classes and check_class_names(classes, "--classes", cfg.num_classes),  # or None
         "seed": seed,
         "base": {"file": base_path.name, "sha256": base_meta["sha256"], "num_classes": base_meta["num_classes"]},
         "versions": _versions(),
