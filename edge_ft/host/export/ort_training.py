@@ -27,8 +27,14 @@ TORCH_ADAMW = 0  # AdamWOptimizer adam_mode: 0 = torch.optim.AdamW (decay before
 
 
 def build(model: nn.Module, cfg: MethodConfig, opt: OptimizerConfig, out_dir: Path) -> dict:
-    from onnxruntime import set_default_logger_severity
-    from onnxruntime.training import artifacts, onnxblock
+    from onnxruntime import __version__, set_default_logger_severity
+
+    try:
+        from onnxruntime.training import artifacts, onnxblock
+    except ImportError:  # standard onnxruntime, or a platform without the training wheel (aarch64, Python 3.13)
+        raise UserError(f"onnxruntime {__version__} here has no training artifacts API: --engine ort-training "
+                        "needs onnxruntime-training-cpu (x86_64, Python 3.10-3.12); use --engine ort-step, which "
+                        "every board runs") from None
 
     if opt.name == "adamw":
         optimizer = onnxblock.optim.AdamW(betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
