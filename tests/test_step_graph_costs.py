@@ -111,7 +111,8 @@ def test_graph_computes_only_the_gradients_the_method_needs(cfg):
     shapes = param_shapes(cfg)
     wanted = [n for n in trainable_names(cfg) if not n.endswith(".bias")]
     produced = sorted(s for _, s, _ in train if not per_example(s))
-    conv_layout = {n: (s[1], s[0], *s[2:]) for n, s in shapes.items() if len(s) == 4}  # computed as (C_in, C_out, k, k)
+    # A conv's weight gradient is one MatMul of its unfolded input windows: (C_in*k*k, C_out).
+    conv_layout = {n: (s[1] * s[2] * s[3], s[0]) for n, s in shapes.items() if len(s) == 4}
     assert produced == sorted(conv_layout.get(n, shapes[n]) for n in wanted)
     if cfg.method == "probe":
         assert [op for op, *_ in train].count("Conv") == 2 and "ConvTranspose" not in [op for op, *_ in train]

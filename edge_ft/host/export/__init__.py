@@ -47,8 +47,9 @@ def export_bundle(
     base_state, base_meta = load_base(base_path)
     check_base(base_state, base_path)
     _check_target(out_dir)
-    build = importlib.import_module(f"edge_ft.host.export.{ENGINE_MODULES[engine]}").build
-    model = prepare_model(cfg, base_state, seed)
+    engine_module = importlib.import_module(f"edge_ft.host.export.{ENGINE_MODULES[engine]}")
+    build = engine_module.build
+    model = prepare_model(cfg, base_state, seed, mean_pools=engine_module.MEAN_POOLS)
     common = {
         "engine": engine,
         "method": cfg.to_dict(),

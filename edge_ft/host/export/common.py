@@ -60,11 +60,12 @@ def pool_shapes() -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def prepare_model(cfg: MethodConfig, base_state: dict[str, np.ndarray], seed: int) -> LeNet5:
-    """The method's model on the base weights (LoRA A / a new head drawn from `seed`), pools swapped for export."""
+def prepare_model(cfg: MethodConfig, base_state: dict[str, np.ndarray], seed: int, mean_pools: bool = True) -> LeNet5:
+    """The method's model on the base weights (LoRA A / a new head drawn from `seed`); with `mean_pools` the
+    pools are swapped for MeanPool2x2 (what the ort-training engine needs)."""
     state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in base_state.items()}
     model = build_model(cfg, state, seed)
-    for name, (channels, size) in pool_shapes().items():
+    for name, (channels, size) in pool_shapes().items() if mean_pools else ():
         setattr(model, name, MeanPool2x2(channels, size))
     return model
 

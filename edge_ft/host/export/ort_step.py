@@ -21,6 +21,7 @@ from edge_ft.host.export.step_trace import export_onnx, initial_state, make_forw
 TRAIN_GRAPH = "train_step.onnx"
 FORWARD_GRAPH = "forward.onnx"
 STATE_FILE = "state.safetensors"
+MEAN_POOLS = False  # nn.AvgPool2d stays: its backward becomes one Resize (step_trace), the mean's an Expand
 assert (INPUT, LABELS, LOGITS) == (common.INPUT, common.LABELS, common.LOGITS), "one set of names for all bundles"
 
 
