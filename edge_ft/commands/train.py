@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from edge_ft.commands.argtypes import int_at_least, positive_float
@@ -35,6 +36,9 @@ def register(subparsers) -> None:
                    help="save the training state every N steps into OUT/checkpoints (default: only at the end)")
     p.add_argument("--cache-features", action="store_true",
                    help="probe bundles: run the frozen backbone once, then train fc3 on the cached features")
+    p.add_argument("--profile-ops", action="store_true",
+                   help="ort-step bundles: time every operator of the step graph with onnxruntime's profiler "
+                   "(summary in RUN/op_profile.json and printed; steps run a little slower while profiled)")
     p.add_argument("--out", metavar="RUN", help="run folder (default runs/<bundle name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (same bundle, data and options; "
@@ -77,6 +81,7 @@ def handler(args) -> int:
         threads=threads or 0,
         checkpoint_every=args.checkpoint_every,
         cache_features=args.cache_features,
+        profile_ops=args.profile_ops,
         quiet=args.quiet,
     )
     rss_after_imports = load_runtime(bundle.engine)
@@ -92,6 +97,10 @@ def handler(args) -> int:
         acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
         print(f"{out}: {r['steps']} steps, final loss {r['losses'][-1]:.4f}{acc}, "
               f"{r['step_latency_ms']['p50']:.2f} ms/step (p50), peak RSS {r['memory_mb']['peak_rss_sampled']:.0f} MB")
+    if args.profile_ops:
+        from edge_ft.device.op_profile import PROFILE_FILE, table
+
+        print(table(json.loads((out / PROFILE_FILE).read_text())))
     return 0
 
 

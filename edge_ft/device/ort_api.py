@@ -80,8 +80,9 @@ def set_mem_arena(enabled: bool) -> None:
     _mem_arena["default"] = bool(enabled)
 
 
-def session_options(threads: int = 0, mem_arena: bool | None = None):
-    """The SessionOptions every device session uses: intra-op threads (0 = onnxruntime's choice), arena, quiet."""
+def session_options(threads: int = 0, mem_arena: bool | None = None, profile_prefix: str | None = None):
+    """The SessionOptions every device session uses: intra-op threads (0 = onnxruntime's choice), arena, quiet;
+    with `profile_prefix`, onnxruntime's per-node profiler writes PREFIX_<time>.json (edge_ft.device.op_profile)."""
     ort = import_onnxruntime()
     if threads < 0:
         raise UserError(f"--threads must be 0 (automatic) or a positive count, got {threads}")
@@ -90,13 +91,16 @@ def session_options(threads: int = 0, mem_arena: bool | None = None):
     options.inter_op_num_threads = 1  # LeNet-5's graphs are chains: no parallel branches to run
     options.enable_cpu_mem_arena = _mem_arena["default"] if mem_arena is None else mem_arena
     options.log_severity_level = LOG_ERRORS_ONLY
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return options
 
 
-def inference_session(path, threads: int = 0, mem_arena: bool | None = None):
-    """A CPU InferenceSession for a forward graph (features, inference model)."""
+def inference_session(path, threads: int = 0, mem_arena: bool | None = None, profile_prefix: str | None = None):
+    """A CPU InferenceSession for a graph (a step graph, features, an inference model)."""
     ort = import_onnxruntime()
-    options = session_options(threads, mem_arena)
+    options = session_options(threads, mem_arena, profile_prefix)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)

@@ -29,6 +29,7 @@ from edge_ft.device.engines import engine_class
 from edge_ft.device.inference import accuracy, predict, session_runner, write_inference_model
 from edge_ft.device.metrics import MB, PeakRSS, file_sizes, latency_ms, rss_bytes, ru_maxrss_bytes
 from edge_ft.device.model_card import model_source, stamp_model
+from edge_ft.device.op_profile import PROFILE_FILE, summarize
 from edge_ft.device.ort_api import import_onnxruntime, inference_session
 from edge_ft.device.resume import run_identity, save_checkpoint, start
 from edge_ft.errors import UserError
@@ -51,6 +52,7 @@ class TrainSettings:
     threads: int = 0  # onnxruntime intra-op threads (0 = its default)
     checkpoint_every: int = 0  # save the engine state every N steps (0 = only at the end)
     cache_features: bool = False  # probe only: train the head on cached backbone features
+    profile_ops: bool = False  # ort-step only: onnxruntime's per-operator profile of the step graph
     quiet: bool = False  # no progress bar
 
     def __post_init__(self):
@@ -132,6 +134,9 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
                             f"this one is {bundle.method.method}")
         train_bundle = bundle.head
     engine_cls = engine_class(train_bundle.engine)
+    if s.profile_ops and train_bundle.engine != "ort-step":
+        raise UserError(f"{bundle.path}: --profile-ops profiles the ort-step graph; this bundle's engine is "
+                        f"{train_bundle.engine} (export with --engine ort-step)")
     if rss_after_imports is None:
         rss_after_imports = load_runtime(train_bundle.engine)
     identity = run_identity(bundle.path / MANIFEST, x, y, s)
@@ -147,7 +152,12 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
             t0 = time.perf_counter()
             inputs, eval_inputs = _feature_cache(bundle, s.threads, x, x_eval)
             feature_seconds = time.perf_counter() - t0
-        engine = engine_cls(train_bundle, threads=s.threads)
+        profiling = {}
+        if s.profile_ops:  # onnxruntime writes its trace into the run folder, which must exist by then
+            out.mkdir(parents=True, exist_ok=True)
+            profiling = {"profile_prefix": str(out / "ort-profile")}
+        engine = engine_cls(train_bundle, threads=s.threads, **profiling)
+        first_step = pos.step
         applied = bundle.applied_adapter()  # the head bundle of a probe shares its parent's applied adapter
         if applied:
             engine.load_trainable(applied)
@@ -201,6 +211,12 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
         train_seconds = earlier_seconds + time.perf_counter() - started
         step, losses, step_seconds, epoch_log = pos.step, pos.losses, pos.step_seconds, pos.epoch_log
 
+        op_summary = None
+        if s.profile_ops:
+            trace = Path(engine.end_profiling())
+            op_summary = summarize(trace, runs=pos.step - first_step)
+            trace.unlink(missing_ok=True)
+            atomic_write_json(out / PROFILE_FILE, op_summary)
         trained = engine.trainable_state()
         engine.save_state(str(out / "final.state"))
         atomic_save_safetensors(out / "trained.safetensors", trained, metadata={"format": "edge-ft-trained"})
@@ -230,6 +246,8 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
         "step_latency_ms": latency_ms(step_seconds),
         "train_seconds": round(train_seconds, 4),
         "feature_cache_seconds": None if feature_seconds is None else round(feature_seconds, 4),
+        "op_profile": None if op_summary is None else {"file": PROFILE_FILE, "ms_per_step": op_summary["ms_per_step"],
+                                                       "by_op": op_summary["by_op"][:10]},
         "memory_mb": {"rss_after_imports": round(rss_after_imports / MB, 2),
                       "peak_rss_sampled": round(peak.bytes / MB, 2), "ru_maxrss": round(ru_maxrss_bytes() / MB, 2)},
         "bundle_bytes": file_sizes(bundle.path),

@@ -45,7 +45,8 @@ def optimizer_keys(optimizer: str, trainable: list[str]) -> list[str]:
 class OrtStepEngine:
     """Engine over numpy + onnxruntime: the state lives in numpy arrays fed to the step graph every call."""
 
-    def __init__(self, bundle: Bundle, threads: int = 0, mem_arena: bool | None = None):
+    def __init__(self, bundle: Bundle, threads: int = 0, mem_arena: bool | None = None,
+                 profile_prefix: str | None = None):
         self._bundle = bundle
         try:
             files = bundle.manifest["ort_step"]
@@ -60,7 +61,7 @@ class OrtStepEngine:
         self.fixed = {n: state[n] for n in self.frozen}  # fed unchanged every step
         self.opt_state = {k: state[k] for k in self.opt_keys}
         self.forward_path = bundle.file(forward_graph)
-        self.train_session = inference_session(bundle.file(train_graph), threads, mem_arena)
+        self.train_session = inference_session(bundle.file(train_graph), threads, mem_arena, profile_prefix)
         self.forward_session = inference_session(self.forward_path, threads, mem_arena)
         self._outputs = [LOSS, LOGITS, *(next_name(k) for k in self.trainable + self.opt_keys)]
 
@@ -99,6 +100,10 @@ class OrtStepEngine:
         self.params = dict(zip(self.trainable, updated[:n]))
         self.opt_state = dict(zip(self.opt_keys, updated[n:]))
         return float(loss), logits
+
+    def end_profiling(self) -> str:
+        """Stop the step graph's profiler (started with profile_prefix); the path of its trace."""
+        return self.train_session.end_profiling()
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         x, _ = self._check_batch(x)
