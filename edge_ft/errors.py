@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def install_hint(extras: str) -> str:
+    """How to install edge-ft with `extras` ("device", "host", "device,images"): from the wheel `make dist` builds."""
+    from edge_ft import __version__
+
+    return f"pip install 'edge_ft-{__version__}-py3-none-any.whl[{extras}]' (the wheel from `make dist`)"
+
+
 class UserError(Exception):
     """Something the user can fix (a path, a file, an option). The CLI prints it on one line and exits 2."""
 
@@ -21,5 +28,6 @@ def require_host(feature: str = "this command") -> None:
     if missing:
         raise UserError(
             f"{feature} needs the host extra ({', '.join(missing)} not installed): "
-            "pip install 'edge-ft[host]' on a workstation; a device install only trains exported bundles"
+            f"{install_hint('host')} on a workstation, or `make venv` in the checkout; a device install trains, "
+            "adapts and predicts with exported bundles"
         )

@@ -170,4 +170,4 @@ def test_reading_images_without_pillow_names_the_device_install(tmp_path, monkey
     monkeypatch.setitem(__import__("sys").modules, "PIL", None)  # as on a device install without pillow
     assert main(["data", "convert", str(images), "--out", str(tmp_path / "d.npz")]) == 2
     err = capsys.readouterr().err
-    assert "needs pillow" in err and "edge-ft[device,images]" in err
+    assert "needs pillow" in err and "whl[device,images]" in err

@@ -24,10 +24,11 @@ def handler(args) -> int:
     import importlib.util
 
     from edge_ft.bench.records import read_records
-    from edge_ft.errors import UserError
+    from edge_ft.errors import UserError, install_hint
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise UserError("edge-ft report draws its plots with matplotlib: pip install 'edge-ft[host]'")
+        raise UserError("edge-ft report draws its plots with matplotlib: pip install matplotlib, or "
+                        + install_hint("host"))
     from edge_ft.bench.report import write_report
 
     records = read_records(args.results, missing_ok=False)

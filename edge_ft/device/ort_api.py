@@ -18,7 +18,7 @@ import os
 import sys
 import types
 
-from edge_ft.errors import UserError
+from edge_ft.errors import UserError, install_hint
 
 _ORTMODULE = "onnxruntime.training.ortmodule"
 _TRAINING = "onnxruntime.training"
@@ -39,7 +39,7 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError as e:
-        raise UserError(f"onnxruntime is not installed ({e}): pip install 'edge-ft[device]'") from None
+        raise UserError(f"onnxruntime is not installed ({e}): {install_hint('device')}") from None
     finally:
         if blocked and sys.modules.get(_ORTMODULE, 0) is None:
             del sys.modules[_ORTMODULE]
