@@ -196,10 +196,12 @@ def mixed_runs(runs: list[dict]) -> list[dict]:
 
 
 def mixed_warning(mixed: list[dict]) -> str:
-    """One line: 'warning: the compared runs differ in batch (32: full/torch, ...; 64: lora/ort-step); ...'."""
+    """One line: 'warning: the compared runs differ in batch (recipe: 7 runs; 64: lora/ort-step); ...' (a group of
+    more than three runs is counted, not listed; --json lists them all)."""
     parts = []
     for m in mixed:
-        groups = "; ".join(f"{value}: {', '.join(runs)}" for value, runs in m["values"].items())
+        groups = "; ".join(f"{value}: {', '.join(runs) if len(runs) <= 3 else f'{len(runs)} runs'}"
+                           for value, runs in m["values"].items())
         parts.append(f"{m['what']} ({groups})")
     return ("  warning: the compared runs differ in " + "; ".join(parts)
             + " - re-measure them alike (edge-ft bench --force with one set of options) before trusting the ranking")
