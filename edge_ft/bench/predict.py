@@ -262,7 +262,8 @@ def predict_runs(records: list[dict], profile: DeviceProfile, task: str, setting
                 "budget_mb": profile.budget_mb, "native": profile.native, "time_scaled": not profile.native,
                 "fits": profile.native or peak <= profile.budget_bytes, "steps": steps,
                 "accuracy": None if accuracy is None else accuracy.value,
-                "accuracy_source": "unknown: never measured on this task" if accuracy is None else accuracy.source,
+                "accuracy_source": "never measured for this method on the task" if accuracy is None
+                else accuracy.source,
                 "ms_per_step_mean": ms, "ms_per_step_p50": ms, "peak_rss_bytes": peak,
                 "flops_per_step": flops["total"], "flops": flops, "board_reference_cores": round(together, 4),
                 "gflops_per_reference_core": round(speed[label, engine].value, 3),
@@ -349,14 +350,16 @@ def explain(rec, profile: DeviceProfile, c, why: str) -> list[str]:
         threads = "" if profile.native else (f" = cpu_speed {profile.cpu_speed:g} x {scaling:.2f} for "
                                              f"{profile.threads} threads")
         lines = [f"{profile.name}: PREDICTED {name(r)} ({why}).",
-                 f"{tag} {fmt_ms(r)} ms/step = {fl['total'] / 1e6:.1f} MFLOP/step (cost model: forward "
-                 f"{fl['forward'] / 1e6:.1f} + input gradients {fl['backward_input'] / 1e6:.1f} + weight gradients "
-                 f"{fl['backward_weight'] / 1e6:.1f}) / {r['gflops_per_reference_core']:g} GFLOP/s per reference "
+                 f"{tag} {fmt_ms(r)} ms/step = {fl['total'] / 1e6:.3g} MFLOP/step (cost model: forward "
+                 f"{fl['forward'] / 1e6:.3g} + input gradients {fl['backward_input'] / 1e6:.3g} + weight gradients "
+                 f"{fl['backward_weight'] / 1e6:.3g}) / {r['gflops_per_reference_core']:g} GFLOP/s per reference "
                  f"core ({r['rate_source']}) / {r['board_reference_cores']:g} reference cores{threads}",
                  f"{tag} peak RSS {r['peak_rss_bytes'] / MB:.0f} MB{budget} = import {mem['import']:.0f} + "
                  f"runtime working memory {mem['working']:.0f} + training memory {mem['model']:.2f} MB (cost model)",
-                 f"{tag} accuracy " + ("unknown" if r["accuracy"] is None else f"{r['accuracy']:.3f}")
-                 + f" is not a prediction: {r['accuracy_source']} (FLOPs say nothing about accuracy)"]
+                 f"{tag} accuracy " + (f"unknown ({r['accuracy_source']}; FLOPs say nothing about accuracy), so "
+                                       "the cheapest step wins" if r["accuracy"] is None else
+                                       f"{r['accuracy']:.3f} is not a prediction: {r['accuracy_source']} (FLOPs "
+                                       "say nothing about accuracy)")]
         if rec.best is not None and rec.best is not r:
             lines.append(f"{tag} most accurate feasible: {name(rec.best)}, {rec.best['accuracy']:.3f}, "
                          f"{fmt_ms(rec.best)} ms/step; within the {c.tolerance:g} tolerance the "
