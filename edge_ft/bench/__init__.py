@@ -10,6 +10,7 @@
   sweep      every method x engine x profile, resumable, quota-limited runs side by side
   report     report.md with tables and goal ratios; plots draws its PNGs (matplotlib)
   recommend  a method and engine for a profile from the records, with the figures that decide it
+  predict    predicted runs for an unmeasured profile (cost-model FLOPs x measured rates), checked against records
   demo       the whole story for `make demo`
 
 Torch-free: everything here also runs on the device itself (prepare's child and the plots need the host extra).

@@ -93,6 +93,13 @@ def _save_entry(key: dict, entry: dict) -> None:
         atomic_write_json(cache_path(), data)
 
 
+def cached_speed() -> float | None:
+    """This machine's cached speed, never measuring (None when it was never measured here)."""
+    entry = _load_cache()["machines"].get(_key_text(machine_key()))
+    speed = entry.get("speed") if isinstance(entry, dict) else None
+    return float(speed) if isinstance(speed, (int, float)) and speed > 0 else None
+
+
 def _today() -> str:
     return time.strftime("%Y-%m-%d")
 

@@ -83,6 +83,17 @@ class Job:
         return root / "runs" / self.profile.name / get_task(self.task).slug / f"{self.label}-{self.engine}"
 
 
+def step_flops(cfg: MethodConfig, label: str, batch: int) -> dict[str, int]:
+    """The cost model's FLOPs of one training step of a sweep label: forward, backward_input, backward_weight and
+    total (a record's flops_per_step)."""
+    est = estimate(cfg, batch, DEFAULTS[cfg.method].optimizer)
+    if LABELS[label][1]:  # the head alone trains on cached 84-d features: fc3's forward and weight gradient
+        fc3 = est.layers[-1]
+        return {"forward": fc3.forward, "backward_input": 0, "backward_weight": fc3.backward_weight,
+                "total": fc3.forward + fc3.backward_weight}
+    return {k: est.flops[k] for k in ("forward", "backward_input", "backward_weight", "total")}
+
+
 def profile_identity(p: DeviceProfile) -> dict:
     """What makes two measurements under a profile comparable; a native profile's budget is read live, so not it."""
     d = {"name": p.name, "cores": p.cores, "threads": p.threads, "cpu_speed": p.cpu_speed}
@@ -150,10 +161,7 @@ def child_peak_rss(r: ConfinedResult, spawner_peak: int) -> int:
 def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, spawner_peak: int) -> dict:
     cfg = job.method_config(num_classes)
     est = estimate(cfg, job.settings.batch or DEFAULTS[job.method].batch, DEFAULTS[job.method].optimizer)
-    flops = est.flops["total"]
-    if job.cache_features:  # the head alone trains on cached 84-d features: fc3's forward and weight gradient
-        fc3 = est.layers[-1]
-        flops = fc3.forward + fc3.backward_weight
+    flops = step_flops(cfg, job.label, est.batch)["total"]
     p = job.profile
     return {
         "schema": SCHEMA, "key": job.key,

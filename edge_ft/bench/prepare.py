@@ -201,14 +201,17 @@ def prepare_all(spec: dict) -> dict:
 
 
 def prepare_in_child(spec: dict) -> dict:
-    """prepare_all in a fresh interpreter (its output lines reach the user; the answer comes back as a file)."""
+    """prepare_all in a fresh interpreter (its output lines reach the user on stderr; the answer comes back as a
+    file)."""
     from edge_ft.atomic import atomic_write_json
 
     folder = Path(spec["root"]) / "prep"
     spec_file, answer = folder / "spec.json", folder / "prepared.json"
     atomic_write_json(spec_file, spec)
     answer.unlink(missing_ok=True)
-    code = subprocess.run([sys.executable, "-m", "edge_ft.bench.prepare", str(spec_file), str(answer)]).returncode
+    # Its progress lines go to stderr (fd 2) with the sweep's own, so stdout holds only answers (recommend --json).
+    code = subprocess.run([sys.executable, "-m", "edge_ft.bench.prepare", str(spec_file), str(answer)],
+                          stdout=2).returncode
     if code != 0 or not answer.is_file():
         raise UserError(f"preparing the sweep under {folder} failed (exit {code}; see the message above)")
     return json.loads(answer.read_text())

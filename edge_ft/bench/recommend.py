@@ -8,6 +8,11 @@ Rule: a run is feasible when its engine installs on the profile's architecture, 
 the memory limit (the profile's budget unless --max-rss), its step time within --max-step-ms and its accuracy at
 least --min-accuracy. Among feasible runs, those within `tolerance` of the best feasible accuracy compete on step
 time, then peak RSS, then shipped bytes: on a small board a method that is as good but cheaper wins.
+`choose` applies the rule to any run dicts, so predicted runs (edge_ft.bench.predict, "basis": "predicted") go
+through the same rule; a predicted run's accuracy may be unknown, and then only --min-accuracy rules it out.
+
+Runs compared for one profile should differ only in method and engine: `mixed_runs` names any other difference
+(length, batch, threads, host speed, versions, ...) so the answer can warn instead of silently mixing them.
 """
 
 from __future__ import annotations
@@ -39,15 +44,20 @@ class Recommendation:
     feasible: list[dict] = field(default_factory=list)
     excluded: list[tuple[dict, str, str, str]] = field(default_factory=list)  # (record, kind, reason, figure)
     lines: list[str] = field(default_factory=list)
+    best: dict | None = None  # the most accurate feasible run
+    near: list[dict] = field(default_factory=list)  # feasible runs within the tolerance of `best`
+    basis: str = "measured"  # measured | predicted (edge_ft.bench.predict)
+    mixed: list[dict] = field(default_factory=list)  # how the compared runs differ beyond method and engine
+    extra: dict = field(default_factory=dict)  # predictions, the command that measures them, the check
 
     def to_dict(self) -> dict:
         pick = self.choice
-        return {"profile": self.profile, "task": self.task,
-                "choice": None if pick is None else {k: pick[k] for k in ("label", "engine", "key")},
+        return {"profile": self.profile, "task": self.task, "basis": self.basis,
+                "choice": None if pick is None else {k: pick.get(k) for k in ("label", "engine", "key")},
                 "feasible": [f"{r['label']}/{r['engine']}" for r in self.feasible],
                 "excluded": [{"run": f"{r['label']}/{r['engine']}", "kind": kind, "reason": why, "figure": fig}
                              for r, kind, why, fig in self.excluded],
-                "explanation": self.lines}
+                "mixed_runs": self.mixed, "explanation": self.lines, **self.extra}
 
 
 def latest_runs(records: list[dict], profile: str, task: str | None) -> list[dict]:
@@ -67,7 +77,8 @@ def exclusion(r: dict, profile: DeviceProfile, c: Constraints) -> tuple[str, str
         return "memory", f"does not fit in {r['budget_mb']} MB", "killed at the cap"
     if r["status"] == "ok" and r.get("fits") is False:
         return "memory", f"does not fit in {r['budget_mb']} MB", f"peak RSS {mb(r['peak_rss_bytes'])} MB"
-    if r["status"] != "ok" or r.get("accuracy") is None:
+    predicted = r.get("basis") == "predicted"
+    if r["status"] != "ok" or (r.get("accuracy") is None and not predicted):
         return r["status"], r.get("verdict") or r["status"], ""
     limit = c.max_rss_mb if c.max_rss_mb is not None else (None if profile.native else profile.budget_mb)
     if limit is not None and r["peak_rss_bytes"] > limit * MB:
@@ -75,6 +86,8 @@ def exclusion(r: dict, profile: DeviceProfile, c: Constraints) -> tuple[str, str
     ms = step_ms(r)
     if c.max_step_ms is not None and (ms is None or ms > c.max_step_ms):
         return "step", f"slower than {c.max_step_ms:g} ms/step", f"{fmt_ms(r)} ms"
+    if c.min_accuracy is not None and r["accuracy"] is None:
+        return "accuracy", f"accuracy unknown (never measured), so not known to reach {c.min_accuracy:g}", ""
     if c.min_accuracy is not None and r["accuracy"] < c.min_accuracy:
         return "accuracy", f"accuracy below {c.min_accuracy:g}", f"{r['accuracy']:.3f}"
     return None
@@ -84,9 +97,8 @@ def name(r: dict) -> str:
     return f"{r.get('label', r['method'])} on {r['engine']}"
 
 
-def recommend(records: list[dict], profile: DeviceProfile, task: str | None, c: Constraints = Constraints()
-              ) -> Recommendation:
-    runs = latest_runs(records, profile.name, task)
+def choose(runs: list[dict], profile: DeviceProfile, task: str | None, c: Constraints) -> Recommendation:
+    """Apply the rule to `runs` (measured or predicted): feasible / excluded, best, near and the choice."""
     rec = Recommendation(profile.name, task or "any", None)
     for r in runs:
         why = exclusion(r, profile, c)
@@ -94,25 +106,105 @@ def recommend(records: list[dict], profile: DeviceProfile, task: str | None, c: 
             rec.feasible.append(r)
         else:
             rec.excluded.append((r, *why))
+    known = [r for r in rec.feasible if r["accuracy"] is not None]
+    if known:
+        rec.best = max(known, key=lambda r: r["accuracy"])
+        rec.near = [r for r in known if r["accuracy"] >= rec.best["accuracy"] - c.tolerance]
+    else:  # only predicted runs of a method never measured anywhere: accuracy cannot decide, so cost does
+        rec.near = list(rec.feasible)
+    if rec.near:
+        rec.choice = min(rec.near, key=lambda r: (step_ms(r) or float("inf"), r["peak_rss_bytes"],
+                                                  r.get("payload_bytes") or 0))
+    return rec
+
+
+def recommend(records: list[dict], profile: DeviceProfile, task: str | None, c: Constraints = Constraints()
+              ) -> Recommendation:
+    runs = latest_runs(records, profile.name, task)
+    rec = choose(runs, profile, task, c)
     if not runs:
         rec.lines = [f"{profile.name}: no measurements for {task or 'any task'}; run `edge-ft bench --profiles "
                      f"{profile.name}`"]
         return rec
-    if rec.feasible:
-        best = max(rec.feasible, key=lambda r: r["accuracy"])
-        near = [r for r in rec.feasible if r["accuracy"] >= best["accuracy"] - c.tolerance]
-        rec.choice = min(near, key=lambda r: (step_ms(r) or float("inf"), r["peak_rss_bytes"],
-                                              r.get("payload_bytes") or 0))
-        rec.lines = explain_choice(rec.choice, best, near, profile, c)
-        faster = [r for r in rec.feasible if r not in near and (step_ms(r) or 0) < (step_ms(rec.choice) or 0)]
+    rec.mixed = mixed_runs(runs)
+    if rec.choice is not None:
+        rec.lines = explain_choice(rec.choice, rec.best, rec.near, profile, c)
+        faster = faster_but_less_accurate(rec)
         if faster:
-            f = min(faster, key=lambda r: step_ms(r) or 0)
+            f, best = faster, rec.best
             rec.lines.append(f"  faster but {best['accuracy'] - f['accuracy']:.3f} below the best accuracy (more than "
                              f"the {c.tolerance:g} tolerance): {name(f)}, {f['accuracy']:.3f}, {fmt_ms(f)} ms/step")
     else:
         rec.lines = [f"{profile.name}: no method/engine meets the constraints ({describe(c, profile)})."]
     rec.lines += explain_exclusions(rec.excluded)
+    if rec.mixed:
+        rec.lines.append(mixed_warning(rec.mixed))
     return rec
+
+
+def faster_but_less_accurate(rec: Recommendation) -> dict | None:
+    """The fastest feasible run outside the tolerance that beats the choice's step time, if any."""
+    chosen = step_ms(rec.choice) or 0
+    faster = [r for r in rec.feasible if r not in rec.near and r["accuracy"] is not None
+              and (step_ms(r) or 0) < chosen]
+    return min(faster, key=lambda r: step_ms(r) or 0) if faster else None
+
+
+def _setting(r: dict, key: str):
+    return (r.get("settings") or {}).get(key)
+
+
+# What two compared runs may differ in besides method and engine: (JSON name, words, value of a record or None).
+COMPARED = (
+    ("length", "run length", lambda r: f"epochs {_setting(r, 'epochs') or 'recipe'}"
+     + (f", steps {_setting(r, 'steps')}" if _setting(r, "steps") else "")),
+    ("batch", "batch", lambda r: _setting(r, "batch") or "recipe"),
+    ("seed", "seed", lambda r: _setting(r, "seed")),
+    ("lora", "LoRA rank/alpha", lambda r: f"r={_setting(r, 'rank')}, alpha={_setting(r, 'alpha'):g}"
+     if r["method"] == "lora" and _setting(r, "rank") else None),
+    ("threads", "threads", lambda r: r.get("threads")),
+    ("emulation", "emulation mode", lambda r: r.get("emulation")),
+    ("host_speed", "host speed", lambda r: None if r.get("native") else host_speed_of(r)),
+    ("base", "base weights", lambda r: (r.get("base_sha256") or "")[:12] or None),
+    ("edge_ft", "edge-ft version", lambda r: (r.get("versions") or {}).get("edge_ft")),
+    ("schema", "record schema", lambda r: r.get("schema")),
+)
+
+
+def host_speed_of(r: dict) -> str | None:
+    """'0.597 (this machine)' or '0.5 (given)': the speed a run's quota was scaled by, and where it came from."""
+    speed = r.get("host_speed", _setting(r, "host_speed"))
+    if speed is None:
+        return None
+    source = r.get("host_speed_source")
+    origin = {"measured": "this machine", "cached": "this machine", "given": "given", "reference": "no scaling"}
+    return f"{speed:g} ({origin.get(source, 'not recorded')})"
+
+
+def mixed_runs(runs: list[dict]) -> list[dict]:
+    """[{"field", "what", "values": {value: ["label/engine", ...]}}] for every field the runs disagree on."""
+    out = []
+    for key, words, get in COMPARED:
+        values: dict[str, list[str]] = {}
+        for r in runs:
+            value = get(r)
+            if value is not None:
+                values.setdefault(str(value), []).append(f"{r.get('label', r['method'])}/{r['engine']}")
+        if len(values) > 1:
+            out.append({"field": key, "what": words, "values": values})
+    return out
+
+
+def mixed_warning(mixed: list[dict]) -> str:
+    """One line: 'warning: the compared runs differ in batch (recipe: 7 runs; 64: lora/ort-step); ...' (a group of
+    more than three runs is counted, not listed; --json lists them all)."""
+    parts = []
+    for m in mixed:
+        groups = "; ".join(f"{value}: {', '.join(runs) if len(runs) <= 3 else f'{len(runs)} runs'}"
+                           for value, runs in m["values"].items())
+        parts.append(f"{m['what']} ({groups})")
+    return ("  warning: the compared runs differ in " + "; ".join(parts)
+            + " - re-measure them alike (edge-ft bench --force with one set of options) before trusting the ranking")
 
 
 def describe(c: Constraints, profile: DeviceProfile) -> str:

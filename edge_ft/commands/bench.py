@@ -92,18 +92,23 @@ def register(subparsers) -> None:
     p.set_defaults(func=handler)
 
 
+def settings_from_args(args, host_speed: float):
+    """The SweepSettings the arguments describe, with every quota scaled by `host_speed`."""
+    from edge_ft.bench.measure import SweepSettings
+
+    return SweepSettings(epochs=args.epochs, steps=args.steps, batch=args.batch, seed=args.seed, rank=args.rank,
+                         alpha=args.alpha if args.alpha is not None else default_alpha(args.rank),
+                         host_speed=host_speed, target_accuracy=args.target_accuracy)
+
+
 def sweep_from_args(args, profiles: list[str]):
     """(jobs, options) for the sweep the arguments describe."""
-    from edge_ft.bench.measure import SweepSettings
+    from edge_ft.bench.hostspeed import HostSpeed
     from edge_ft.bench.profiles import load_profile
     from edge_ft.bench.sweep import SweepOptions, plan
 
-    from edge_ft.bench.hostspeed import HostSpeed
-
     host = HostSpeed.resolve(args.host_speed, quiet=args.quiet)
-    settings = SweepSettings(epochs=args.epochs, steps=args.steps, batch=args.batch, seed=args.seed, rank=args.rank,
-                             alpha=args.alpha if args.alpha is not None else default_alpha(args.rank),
-                             host_speed=host.speed, target_accuracy=args.target_accuracy)
+    settings = settings_from_args(args, host.speed)
     jobs = plan(args.task, args.methods, args.engines, [load_profile(p) for p in profiles], settings)
     opts = SweepOptions(base=args.base, pretrain_epochs=args.pretrain_epochs, force=args.force,
                         timeout=args.timeout, mode=args.mode, parallel=args.parallel,

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
+from pathlib import Path
 
 from edge_ft.commands.argtypes import positive_float
-from edge_ft.commands.bench import accuracy_fraction, add_sweep_options
+from edge_ft.commands.bench import (DEFAULT_ENGINES, DEFAULT_METHODS, DEFAULT_RESULTS, accuracy_fraction,
+                                    add_sweep_options, comma_list)
 from edge_ft.errors import UserError
+
+DEFAULT_TABLE = Path("runs/table/table.json")  # where `edge-ft finetune --all` writes it
+# Preparing a sweep (base, data, 6 bundle exports): ~2 min on an idle 2-core VM, 4.7 min there beside other jobs.
+PREPARE = "~2-5 min"
 
 
 def tolerance(text: str) -> float:
@@ -28,8 +36,10 @@ def register(subparsers) -> None:
         description="Reads the results of `edge-ft bench` for --profile and picks the method/engine that fits the "
         "constraints: engine installable on the board, run finished within the memory limit (default: the "
         "profile's budget), step time and accuracy limits. Among feasible runs within --tolerance of the best "
-        "accuracy the fastest wins. With no measurements for the profile yet (or --measure) it runs the sweep "
-        "first (host only; the sweep options below apply then).",
+        "accuracy the fastest wins. With no measurements for the profile yet it answers from predictions (step "
+        "time from the cost model's FLOPs and the board's speed, peak RSS from the engines' measured memory, "
+        "accuracy only as measured elsewhere), every line marked predicted, and prints the command that measures "
+        "it with its expected duration; --measure runs that sweep (host only; the sweep options below apply then).",
     )
     p.add_argument("--profile", required=True, metavar="NAME|PATH", help="device profile (edge-ft profile list)")
     p.add_argument("--max-rss", type=positive_float, metavar="MB", help="peak RSS limit (default: profile budget)")
@@ -38,8 +48,16 @@ def register(subparsers) -> None:
     p.add_argument("--tolerance", type=tolerance, default=0.02, metavar="F",
                    help="accuracy a faster choice may give up against the most accurate feasible one (default 0.02)")
     when = p.add_mutually_exclusive_group()
-    when.add_argument("--measure", action="store_true", help="run the sweep for the profile first (skips what is done)")
-    when.add_argument("--no-measure", action="store_true", help="never run measurements; answer from the file only")
+    when.add_argument("--measure", action="store_true",
+                      help="run the sweep for the profile first, after printing its expected duration (skips what "
+                           "is done)")
+    when.add_argument("--no-measure", action="store_true",
+                      help="answer from measurements in the file only; none for the profile is an error")
+    p.add_argument("--predict", action="store_true",
+                   help="answer from predictions even when the profile is measured, and compare the two")
+    p.add_argument("--accuracy-table", type=Path, default=DEFAULT_TABLE, metavar="TABLE.json",
+                   help="`edge-ft finetune --all` table used for the accuracy of a method no run measured on the "
+                        f"task (default {DEFAULT_TABLE})")
     p.add_argument("--json", action="store_true", help="print the choice and the reasons as JSON")
     add_sweep_options(p, profiles=None)
     p.set_defaults(func=handler)
@@ -54,20 +72,92 @@ def handler(args) -> int:
     profile = load_profile(args.profile)
     task = get_task(args.task[0]).name
     records = read_records(args.results)
-    if args.measure or (not latest_runs(records, profile.name, task) and not args.no_measure):
+    measured = latest_runs(records, profile.name, task)
+    if args.no_measure and not measured and not args.predict:
+        raise UserError(f"{args.results}: no measurements for profile {profile.name} on {task}; run "
+                        f"`edge-ft bench --profiles {profile.name} --results {args.results}`, or drop --no-measure "
+                        "for a predicted answer")
+    constraints = Constraints(args.max_rss, args.max_step_ms, args.min_accuracy, args.tolerance)
+    if args.measure:
         from edge_ft.bench.sweep import run_sweep
         from edge_ft.commands.bench import sweep_from_args
 
+        plan = predicted(args, profile, task, records, measured, constraints).extra["measure"]
+        print(f"measuring {profile.name}: {plan['runs']} runs, expected {plan['expected']}", file=sys.stderr,
+              flush=True)
         jobs, opts = sweep_from_args(args, [profile.name])
         run_sweep(jobs, args.results, opts)
         records = read_records(args.results)
-    if not latest_runs(records, profile.name, task):
-        raise UserError(f"{args.results}: no measurements for profile {profile.name} on {task}; run "
-                        f"`edge-ft bench --profiles {profile.name} --results {args.results}`")
-    constraints = Constraints(args.max_rss, args.max_step_ms, args.min_accuracy, args.tolerance)
-    rec = recommend(records, profile, task, constraints)
+        measured = latest_runs(records, profile.name, task)
+    if measured and not args.predict:
+        rec = recommend(records, profile, task, constraints)
+    else:
+        rec = predicted(args, profile, task, records, measured, constraints)
     if args.json:
         print(json.dumps(rec.to_dict(), indent=2))
     else:
         print("\n".join(rec.lines))
     return 0  # "nothing fits" is an answer too; --json has "choice": null then
+
+
+def predicted(args, profile, task: str, records: list[dict], measured: list[dict], constraints):
+    """The predicted answer (edge_ft.bench.predict), the command that would measure it and its expected duration,
+    and, when the profile is measured, the prediction checked against the measurements."""
+    from edge_ft.bench import predict
+    from edge_ft.bench.hostspeed import cached_speed
+    from edge_ft.bench.recommend import choose, name, recommend
+    from edge_ft.bench.sweep import plan
+    from edge_ft.commands.bench import settings_from_args
+
+    host = args.host_speed or cached_speed()
+    settings = settings_from_args(args, host or 1.0)
+    plan([task], args.methods, args.engines, [profile], settings)  # refuses what the sweep would refuse
+    preds = predict.predict_runs(records, profile, task, settings, args.methods, args.engines, host,
+                                 args.accuracy_table)
+    rec = choose(preds, profile, task, constraints)
+    rec.basis = "predicted"
+    if measured:
+        actual = recommend(records, profile, task, constraints).choice
+        why = "--predict; measured answer: " + (name(actual) if actual else "nothing fits")
+    else:
+        why = f"nothing measured for {profile.name} on {task} yet; a prediction, not a measurement"
+    rec.lines = predict.explain(rec, profile, constraints, why)
+    seconds = predict.sweep_seconds(preds, profile, args.repeats, host)
+    extra = [] if host or profile.native else ["~2 min to calibrate this machine once"]
+    if not (args.results.parent / "prep" / "bundles").is_dir():
+        extra.append(f"{PREPARE} to prepare the sweep once (" + ("" if args.base else "pretrain the base, ")
+                     + "export the bundles)")
+    expected = predict.fmt_duration(seconds) + "".join(f" + {e}" for e in extra)
+    argv = sweep_argv(args)
+    command = shlex.join(["edge-ft", "bench", "--profiles", profile.name, *argv])
+    rec.lines.append(f"  to measure it ({len(preds)} runs, expected {expected}): {command}")
+    if not args.measure:
+        again = shlex.join(["edge-ft", "recommend", "--profile", profile.name, "--measure", *argv])
+        rec.lines.append(f"  or `{again}`: the same sweep, then the answer from its measurements")
+    rows = predict.check(preds, measured)
+    rec.lines += predict.check_lines(rows, profile.name)
+    rec.extra = {"predictions": preds, "check": rows,
+                 "measure": {"command": command, "runs": len(preds), "expected_seconds": seconds,
+                             "expected": expected}}
+    return rec
+
+
+def sweep_argv(args) -> list[str]:
+    """The sweep options as given (defaults left out), for a command line that measures the same runs."""
+    from edge_ft.config import MethodConfig
+    from edge_ft.data.tasks import get_task
+
+    argv = ["--task", get_task(args.task[0]).slug]
+    if args.methods != comma_list(DEFAULT_METHODS):
+        argv += ["--methods", ",".join(args.methods)]
+    if args.engines != comma_list(DEFAULT_ENGINES):
+        argv += ["--engines", ",".join(args.engines)]
+    for option in ("epochs", "steps", "batch", "rank", "alpha", "base", "host_speed", "device_python"):
+        value = getattr(args, option, None)
+        if value is not None and not (option == "rank" and value == MethodConfig().rank):
+            argv += [f"--{option.replace('_', '-')}", str(value)]
+    if args.seed:
+        argv += ["--seed", str(args.seed)]
+    if args.results != DEFAULT_RESULTS:
+        argv += ["--results", str(args.results)]
+    return argv
