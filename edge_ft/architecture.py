@@ -83,6 +83,8 @@ def trainable_names(cfg: MethodConfig) -> list[str]:
         trainable += [n for n in names if n.endswith(".bias")]
     elif cfg.bias == "lora_only":
         trainable += [f"{t}.bias" for t in cfg.targets]
+    for layer in cfg.modules_to_save:  # trained whole, as PEFT's modules_to_save copy
+        trainable += [f"{layer}.weight", f"{layer}.bias"]
     order = {n: i for i, n in enumerate(names)}
     return sorted(set(trainable), key=order.__getitem__)
 

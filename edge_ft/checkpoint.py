@@ -56,6 +56,17 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: not a readable safetensors file ({e}); re-create or re-copy it") from None
 
 
+def load_json_object(path: str | Path, what: str, fix: str) -> dict:
+    """A JSON object from `path`; unreadable or other JSON is a one-line UserError ending in `fix`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{path}: corrupt JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not {what} (a JSON object); {fix}")
+    return data
+
+
 def load_base(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """Base weights and their provenance (empty dict when the JSON is absent).
 
@@ -70,12 +81,7 @@ def load_base(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     meta: dict = {}
     mp = meta_path(path)
     if mp.is_file():
-        try:
-            meta = json.loads(mp.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-            raise UserError(f"{mp}: corrupt JSON ({e}); re-run `edge-ft pretrain`") from None
-        if not isinstance(meta, dict):
-            raise UserError(f"{mp}: not a checkpoint record (a JSON object); re-run `edge-ft pretrain`")
+        meta = load_json_object(mp, "a checkpoint record", "re-run `edge-ft pretrain`")
         if "sha256" in meta and meta["sha256"] != sha256_file(path):
             raise UserError(f"{mp}: its sha256 does not match {Path(path).name} (an interrupted save or files of "
                             "two runs); copy both files again or re-run `edge-ft pretrain`")

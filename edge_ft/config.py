@@ -24,6 +24,7 @@ class MethodConfig:
     targets: tuple[str, ...] = LINEAR_LAYERS  # layers that get a LoRA adapter
     bias: str = "none"  # LoRA bias training: none | all | lora_only (PEFT semantics)
     num_classes: int = 10  # classes of the target task (the head is re-initialised if it changes)
+    modules_to_save: tuple[str, ...] = ()  # lora only: layers trained whole beside the adapters (PEFT's name)
 
     def __post_init__(self):
         from edge_ft.errors import UserError
@@ -48,8 +49,19 @@ class MethodConfig:
                 raise UserError("LoRA targets must be linear layers (fc1, fc2, fc3); conv layers are not supported")
             if self.bias not in LORA_BIAS:
                 raise UserError(f"unknown LoRA bias mode {self.bias!r}: choose one of {', '.join(LORA_BIAS)}")
-            # Keep targets in forward order so names and costs never depend on how the user listed them.
+            bad = [m for m in self.modules_to_save if m not in LINEAR_LAYERS]
+            if bad:
+                raise UserError(f"unknown module to save {bad[0]!r}: choose from {', '.join(LINEAR_LAYERS)} "
+                                "(--modules-to-save)")
+            both = [m for m in self.modules_to_save if m in self.targets]
+            if both:
+                raise UserError(f"{both[0]} is both a LoRA target and a module to save: a layer either gets an "
+                                "adapter or trains whole; drop it from --targets or --modules-to-save")
+            # Keep layers in forward order so names and costs never depend on how the user listed them.
             object.__setattr__(self, "targets", tuple(t for t in LINEAR_LAYERS if t in self.targets))
+            object.__setattr__(self, "modules_to_save", tuple(m for m in LINEAR_LAYERS if m in self.modules_to_save))
+        elif self.modules_to_save:
+            raise UserError(f"--modules-to-save is a LoRA option; {self.method} decides itself what trains")
 
     @property
     def scaling(self) -> float:
@@ -59,19 +71,48 @@ class MethodConfig:
         d = {"method": self.method, "num_classes": self.num_classes}
         if self.method == "lora":
             d.update(rank=self.rank, alpha=self.alpha, targets=list(self.targets), bias=self.bias)
+            if self.modules_to_save:  # only when set: records of plain LoRA stay as they were
+                d["modules_to_save"] = list(self.modules_to_save)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MethodConfig":
         kw = dict(d)
-        if "targets" in kw:
-            kw["targets"] = tuple(kw["targets"])
+        for key in ("targets", "modules_to_save"):  # JSON lists; dicts written before modules_to_save lack it
+            if key in kw:
+                kw[key] = tuple(kw[key])
         return cls(**kw)
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
-    """'fc1,fc2' -> ('fc1', 'fc2'); validation happens in MethodConfig."""
-    return tuple(t.strip() for t in text.split(",") if t.strip())
+    """'fc1,fc2' -> ('fc1', 'fc2'); 'none' or '' -> (); validation happens in MethodConfig."""
+    return tuple(t.strip() for t in text.split(",") if t.strip() and t.strip().lower() != "none")
+
+
+NEW_HEAD_TARGETS, NEW_HEAD_SAVED = ("fc1", "fc2"), ("fc3",)  # LoRA's default when the class count changes
+
+
+def lora_layers_for(num_classes: int, base_classes: int, targets: tuple[str, ...] | None,
+                    modules_to_save: tuple[str, ...] | None) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
+    """(targets, modules_to_save, note) for LoRA; None means the user left that option unset.
+
+    Same class count: adapters on fc1..fc3, nothing saved. A new class count gets a freshly initialised head, which
+    an adapter on a frozen fc3 cannot learn, so unless told otherwise fc3 trains whole (PEFT's modules_to_save) and
+    the hidden layers get adapters; `note` then says so in one line. Explicit choices are kept as given.
+    """
+    if num_classes == base_classes:
+        return LINEAR_LAYERS if targets is None else targets, modules_to_save or (), None
+    chosen = targets is not None and modules_to_save is not None
+    if modules_to_save is None:
+        modules_to_save = tuple(m for m in NEW_HEAD_SAVED if targets is None or m not in targets)
+    if targets is None:
+        targets = tuple(t for t in NEW_HEAD_TARGETS if t not in modules_to_save)
+    note = None
+    if not chosen and "fc3" in modules_to_save:
+        adapted = ",".join(t for t in LAYERS if t in targets) or "no layer"
+        note = (f"new class count ({base_classes} -> {num_classes}): LoRA on {adapted} "
+                "and a new, fully trained head fc3 (modules_to_save)")
+    return targets, modules_to_save, note
 
 
 OPTIMIZERS = ("sgd", "sgd-momentum", "adamw")

@@ -45,8 +45,11 @@ def bundle_path(cfg: MethodConfig, opt: OptimizerConfig) -> Path:
 
 
 @lru_cache(maxsize=None)
-def mnist_batches(steps: int = 20, batch: int = 32, tail: int = 5) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """`steps` real MNIST batches in the shared seeded order; the last has `tail` examples (a dynamic batch)."""
+def mnist_batches(steps: int = 20, batch: int = 32, tail: int = 5,
+                  classes: int = 10) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """`steps` real MNIST batches of digits < `classes` in the shared seeded order; the last has `tail` examples
+    (a dynamic batch)."""
     x, y = read_mnist_5k()
+    x, y = x[y < classes], y[y < classes]
     n = (steps - 1) * batch + tail
     return tuple(epoch_batches(x[:n], y[:n], batch, seed=0, epoch=0))

@@ -26,6 +26,9 @@ METHODS = {
     "full": MethodConfig("full"),
     "probe": MethodConfig("probe"),
     "lora": MethodConfig("lora", rank=2, alpha=4.0),
+    # A 3-class task on the 10-class base: adapters on fc1/fc2, a fresh head trained whole (the CLI's default).
+    "lora-new-head": MethodConfig("lora", rank=2, alpha=4.0, targets=("fc1", "fc2"), modules_to_save=("fc3",),
+                                  num_classes=3),
 }
 
 
@@ -66,10 +69,11 @@ def mnist() -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=None)
-def npz_pair(n_train: int = 1000, n_eval: int = 500) -> tuple[Path, Path]:
-    """train.npz / test.npz cut from mnist(): the device side reads only these files."""
+def npz_pair(n_train: int = 1000, n_eval: int = 500, classes: int = 10) -> tuple[Path, Path]:
+    """train.npz / test.npz cut from mnist()'s digits < `classes`: the device side reads only these files."""
     x, y = mnist()
-    train, test = ROOT / f"train-{n_train}.npz", ROOT / f"test-{n_eval}.npz"
+    x, y = x[y < classes], y[y < classes]
+    train, test = ROOT / f"train-{n_train}-{classes}.npz", ROOT / f"test-{n_eval}-{classes}.npz"
     save_npz(train, x[:n_train], y[:n_train])
     save_npz(test, x[-n_eval:], y[-n_eval:])
     return train, test

@@ -47,11 +47,15 @@ def test_json_has_the_seed_numbers_and_matches_the_cost_model(capsys):
 
 
 def test_options_reach_the_estimate(capsys):
-    code, out, _ = run(capsys, "--json", "--num-classes", "4", "--rank", "8", "--alpha", "16", "--targets", "fc2,fc1",
-                       "--bias", "lora_only", "--batch", "8", "--optimizer", "sgd-momentum", "--dtype", "bfloat16")
+    code, out, err = run(capsys, "--json", "--num-classes", "4", "--rank", "8", "--alpha", "16", "--targets",
+                         "fc2,fc1", "--bias", "lora_only", "--batch", "8", "--optimizer", "sgd-momentum", "--dtype",
+                         "bfloat16")
     assert code == 0
-    doc = json.loads(out)
-    lora = MethodConfig("lora", rank=8, alpha=16, targets=("fc1", "fc2"), bias="lora_only", num_classes=4)
+    doc = json.loads(out)  # the new-head note goes to stderr, so stdout stays JSON
+    assert err.strip() == ("new class count (10 -> 4): LoRA on fc1,fc2 and a new, fully trained head fc3 "
+                           "(modules_to_save)")
+    lora = MethodConfig("lora", rank=8, alpha=16, targets=("fc1", "fc2"), bias="lora_only", num_classes=4,
+                        modules_to_save=("fc3",))
     for name, cfg in {"full": MethodConfig("full", num_classes=4), "probe": MethodConfig("probe", num_classes=4),
                       "lora": lora}.items():
         assert doc["methods"][name] == estimate(cfg, 8, "sgd-momentum", "bfloat16").to_dict()
@@ -77,6 +81,18 @@ def test_tables_and_discussion(capsys):
     assert "through fc3 and fc2 to reach fc1" in out  # derived from which layers need input gradients
     assert "2b. Limited compute and memory but reasonable accuracy: LoRA." in out
     assert "edge-ft report" in out
+
+
+def test_a_new_class_count_gets_lora_with_a_saved_head(capsys):
+    code, out, err = run(capsys, "--num-classes", "3")
+    assert code == 0 and "modules_to_save" in err and len(err.strip().splitlines()) == 1
+    assert "LoRA: rank 2, alpha 4, targets fc1,fc2, bias none, modules_to_save fc3." in out
+    header = next(i for i, line in enumerate(out.splitlines()) if line.startswith("method  trainable"))
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[header + 1:header + 4]}
+    assert rows["lora"][1] == "1,415" and rows["probe"][1] == "255"  # 1,160 in the adapters + the 3-class head
+    assert "fc1 and fc2, and fc3 trained whole (PEFT's modules_to_save)" in out and "Note:" not in out
+    code, out, err = run(capsys, "--num-classes", "3", "--targets", "fc1,fc2,fc3")  # explicitly asked: warned
+    assert code == 0 and not err and "Note: a 10-class base model gets a fresh 3-class head" in out
 
 
 def test_per_layer_breakdown(capsys):

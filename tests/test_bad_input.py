@@ -153,12 +153,14 @@ def test_state_file_of_another_bundle_is_refused_before_onnxruntime(kit, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------------- adapters
-def tamper(kit: Kit, name: str, config=None, tensors=None, raw=None) -> Path:
+def tamper(kit: Kit, name: str, config=None, tensors=None, raw=None, record=None) -> Path:
     out = kit.root / f"adapter-{name}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(kit.adapter, out)
     if config:
         edit_json(out / "adapter_config.json", config)
+    if record:
+        edit_json(out / "edge_ft_adapter.json", record)
     if tensors:
         data = load_file(str(out / "adapter_model.safetensors"))
         tensors(data)
@@ -177,12 +179,13 @@ def _reshape_rank(t: dict, rank: int) -> None:
 
 
 ADAPTER_DAMAGE = {
-    "another base model": (dict(config=lambda c: c["edge_ft"].update(base_sha256="f" * 64)), "different base model"),
+    "another base model": (dict(record=lambda c: c.update(base_sha256="f" * 64)), "different base model"),
     "another rank": (dict(config=lambda c: c.update(r=4), tensors=lambda t: _reshape_rank(t, 4)), "rank r=4"),
     "another target set": (dict(config=lambda c: c.update(target_modules=["fc1", "fc2"]),
                                 tensors=lambda t: [t.pop(k) for k in list(t) if ".fc3." in k]), "adapter targets"),
-    "another class count": (dict(config=lambda c: c["edge_ft"].update(num_classes=5)), "adapter has 5 classes"),
-    "dtype mismatch": (dict(config=lambda c: c["edge_ft"].update(dtype="float16")), "the config says float16"),
+    "another class count": (dict(record=lambda c: c.update(num_classes=5)), "adapter has 5 classes"),
+    "dtype mismatch": (dict(record=lambda c: c.update(dtype="float16")), "the config says float16"),
+    "another saved module": (dict(config=lambda c: c.update(modules_to_save=["fc3"])), "adapter modules_to_save"),
     "shape mismatch": (dict(tensors=lambda t: t.update({A_KEY: np.zeros((2, 255), np.float32)})),
                        "has shape (2, 255)"),
     "NaN values": (dict(tensors=lambda t: t[A_KEY].fill(np.nan)), "contains NaN or Inf"),
@@ -191,9 +194,16 @@ ADAPTER_DAMAGE = {
                           "adapter_model.safetensors: not a readable safetensors file"),
     "missing weights": (dict(raw=lambda a: (a / "adapter_model.safetensors").unlink()),
                         "adapter_model.safetensors: no such file"),
-    "corrupt config": (dict(raw=lambda a: truncate(a / "adapter_config.json")), "adapter_config.json: not an edge-ft"),
+    "corrupt config": (dict(raw=lambda a: truncate(a / "adapter_config.json")), "adapter_config.json: corrupt JSON"),
+    "corrupt record": (dict(raw=lambda a: truncate(a / "edge_ft_adapter.json")), "edge_ft_adapter.json: corrupt JSON"),
+    "record of another format": (dict(record=lambda c: c.update(format_version=3)), "adapter format 3"),
+    "record without hashes": (dict(record=lambda c: c.update(files=[])), "not an edge-ft adapter record"),
+    "interrupted export": (dict(raw=lambda a: (a / "edge_ft_adapter.json").unlink()),
+                           "edge_ft_adapter.json: missing; "),
+    "config edited after export": (dict(config=lambda c: c.update(lora_dropout=0.1)),
+                                   "adapter_config.json: does not match edge_ft_adapter.json"),
     "weights from another export": (dict(raw=lambda a: flip_byte(a / "adapter_model.safetensors", -3)),
-                                    "does not match adapter_config.json"),
+                                    "does not match edge_ft_adapter.json"),
 }
 
 

@@ -180,6 +180,9 @@ CASES = [
     (MethodConfig("lora", rank=4, targets=("fc1", "fc3"), bias="all", num_classes=3), 7, "adamw", "float32"),
     (MethodConfig("lora", rank=2, targets=("fc3",)), 32, "adamw", "bfloat16"),
     (MethodConfig("lora", rank=3, targets=("fc1",), bias="lora_only", num_classes=2), 5, "sgd", "float32"),
+    (MethodConfig("lora", rank=2, targets=("fc1", "fc2"), modules_to_save=("fc3",), num_classes=3), 32, "adamw",
+     "float32"),  # a new class count's default: adapters below a head that trains whole
+    (MethodConfig("lora", rank=2, targets=("fc3",), modules_to_save=("fc1",), bias="all"), 7, "sgd", "float32"),
 ]
 
 
@@ -197,9 +200,12 @@ def test_matches_torch(cfg, batch, optimizer, dtype):
     bias=st.sampled_from(["none", "all", "lora_only"]),
     num_classes=st.integers(2, 12),
     batch=st.integers(1, 70),
+    saved=st.sets(st.sampled_from(LINEAR_LAYERS)),
 )
-def test_matches_torch_for_any_setting(method, rank, targets, bias, num_classes, batch):
-    cfg = MethodConfig(method, rank=rank, targets=tuple(targets), bias=bias, num_classes=num_classes)
+def test_matches_torch_for_any_setting(method, rank, targets, bias, num_classes, batch, saved):
+    saved = tuple(saved - targets) if method == "lora" else ()
+    cfg = MethodConfig(method, rank=rank, targets=tuple(targets), bias=bias, num_classes=num_classes,
+                       modules_to_save=saved)
     assume(batch not in matmul_widths(cfg))
     check_against_torch(cfg, batch)
 

@@ -52,7 +52,7 @@ def test_manifest_describes_the_bundle(method):
     assert manifest["trainable"] == {n: list(shapes[n]) for n in trainable_names(cfg)}
     assert manifest["frozen"] == {n: list(shapes[n]) for n in frozen_names(cfg)}
     assert manifest["base"]["sha256"] == sha256_file(base_path())
-    assert manifest["input_shape"] == [1, 28, 28] and manifest["num_classes"] == 10
+    assert manifest["input_shape"] == [1, 28, 28] and manifest["num_classes"] == cfg.num_classes
     assert {"torch", "onnx", "onnxruntime-training-cpu"} <= set(manifest["versions"])
     expected = {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "inference_base.onnx"}
     if method == "probe":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edge_ft.architecture import count_params, param_shapes, trainable_names
-from edge_ft.config import MethodConfig
+from edge_ft.config import MethodConfig, lora_layers_for
 from edge_ft.errors import UserError
 from edge_ft.host.lora import LoRALinear
 from edge_ft.host.methods import adapter_state, build_model, merge_lora, summary, unmerge_lora
@@ -29,6 +29,7 @@ def test_seed_numbers():
         MethodConfig("lora", rank=2),
         MethodConfig("lora", rank=8, targets=("fc2",), bias="lora_only"),
         MethodConfig("lora", rank=4, targets=("fc1", "fc3"), bias="all", num_classes=3),
+        MethodConfig("lora", rank=2, targets=("fc1", "fc2"), modules_to_save=("fc3",), num_classes=3),
     ],
 )
 def test_table_matches_module(cfg):
@@ -71,8 +72,46 @@ def test_probe_reinitialises_head_and_freezes_the_rest():
 @pytest.mark.parametrize(
     "kw",
     [dict(method="nope"), dict(rank=0), dict(alpha=0), dict(targets=()), dict(targets=("fc9",)),
-     dict(targets=("conv1",)), dict(bias="some"), dict(num_classes=1)],
+     dict(targets=("conv1",)), dict(bias="some"), dict(num_classes=1), dict(modules_to_save=("conv2",)),
+     dict(modules_to_save=("fc3",)), dict(method="probe", modules_to_save=("fc3",))],
 )
 def test_bad_configs_are_user_errors(kw):
     with pytest.raises(UserError):
         MethodConfig(**kw)
+
+
+def test_modules_to_save_round_trips_and_older_records_load():
+    cfg = MethodConfig("lora", targets=("fc2", "fc1"), modules_to_save=["fc3"], num_classes=3)
+    assert cfg.targets == ("fc1", "fc2") and cfg.modules_to_save == ("fc3",)
+    assert cfg.to_dict()["modules_to_save"] == ["fc3"] and MethodConfig.from_dict(cfg.to_dict()) == cfg
+    old = {"method": "lora", "num_classes": 10, "rank": 2, "alpha": 4.0, "targets": ["fc1", "fc2", "fc3"],
+           "bias": "none"}  # written before modules_to_save existed
+    assert MethodConfig.from_dict(old) == MethodConfig("lora") and MethodConfig("lora").to_dict() == old
+    with pytest.raises(UserError, match="both a LoRA target and a module to save"):
+        MethodConfig("lora", modules_to_save=("fc3",))
+
+
+@pytest.mark.parametrize("num_classes, targets, saved, expected, noted", [
+    (10, None, None, (("fc1", "fc2", "fc3"), ()), False),  # same head: adapters everywhere, as before
+    (3, None, None, (("fc1", "fc2"), ("fc3",)), True),  # new head: PEFT's answer, said in one line
+    (3, ("fc1",), None, (("fc1",), ("fc3",)), True),
+    (3, ("fc1", "fc2"), (), (("fc1", "fc2"), ()), False),  # --modules-to-save none: the head stays frozen
+    (3, None, ("fc2", "fc3"), (("fc1",), ("fc2", "fc3")), True),
+    (3, ("fc1", "fc3"), None, (("fc1", "fc3"), ()), False),  # explicit fc3 target: refused when the model is built
+])
+def test_new_class_count_defaults(num_classes, targets, saved, expected, noted):
+    *layers, note = lora_layers_for(num_classes, 10, targets, saved)
+    assert tuple(layers) == expected and (note is not None) == noted
+
+
+def test_lora_with_a_new_head_trains_the_head_whole():
+    base = LeNet5().state_dict()
+    cfg = MethodConfig("lora", targets=("fc1", "fc2"), modules_to_save=("fc3",), num_classes=3)
+    model = build_model(cfg, base_state=base)
+    assert model.fc3.out_features == 3 and not isinstance(model.fc3, LoRALinear)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "fc1.lora_A", "fc1.lora_B", "fc2.lora_A", "fc2.lora_B", "fc3.weight", "fc3.bias"]
+    assert summary(model) == "trainable params: 1,415 || all params: 44,991 || trainable%: 3.1451"
+    assert count_params(cfg) == {"total": 44_991, "trainable": 1_415, "frozen": 43_576}
+    with pytest.raises(UserError, match="--modules-to-save fc3"):
+        build_model(MethodConfig("lora", num_classes=3), base_state=base)

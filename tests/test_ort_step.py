@@ -33,6 +33,8 @@ LR = {"sgd": 0.05, "sgd-momentum": 0.05, "adamw": 2e-3}
 # One step's weight change vs torch's, as a fraction of the largest single-step change (see test_device_train):
 # summation order in float32 for SGD-momentum; AdamW's division by sqrt(v) magnifies nearly cancelled entries.
 UPDATE_RTOL = {"sgd-momentum": 1e-3, "adamw": 2e-2}
+PARITY = {**{m: MethodConfig(m) for m in METHODS},  # and a 3-class task: adapters on fc1/fc2, fc3 trained whole
+          "lora-new-head": MethodConfig("lora", targets=("fc1", "fc2"), modules_to_save=("fc3",), num_classes=3)}
 
 
 def reference_model(cfg: MethodConfig) -> torch.nn.Module:
@@ -53,15 +55,15 @@ def schedule(opt: OptimizerConfig, step: int) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd-momentum", "adamw"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PARITY)
 def test_twenty_steps_match_torch_optim(method, optimizer):
     """Every step compared with torch.optim from the engine's weights (tests/lockstep.py), with a decaying rate."""
-    cfg, opt = MethodConfig(method), OptimizerConfig(optimizer, lr=LR[optimizer])
+    cfg, opt = PARITY[method], OptimizerConfig(optimizer, lr=LR[optimizer])
     engine = open_engine(load_bundle(support.bundle_path(cfg, opt)))
     start = engine.parameters()
     model = reference_model(cfg)
     torch_opt = torch_optimizer([p for p in model.parameters() if p.requires_grad], opt)
-    batches = support.mnist_batches()
+    batches = support.mnist_batches(classes=cfg.num_classes)
     gaps = run_lockstep(engine, model, torch_opt, batches, lambda step: schedule(opt, step))
     np.testing.assert_allclose(gaps.losses, gaps.reference, rtol=2e-6)  # forward rounding from the same weights
     for name, gap in gaps.update_gap.items():

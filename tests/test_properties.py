@@ -7,6 +7,7 @@ UserError is a failure: that would be a traceback for the user. Also: nothing on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from edge_ft.checkpoint import load_base, save_base
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.data.npz import load_npz, save_npz
 from edge_ft.data.readers import read_mnist_5k
-from edge_ft.device.adapter import CONFIG, WEIGHTS, check_adapter, load_adapter, peft_key
+from edge_ft.device.adapter import CONFIG, RECORD, WEIGHTS, check_adapter, load_adapter, peft_key
 from edge_ft.device.bundle import load_bundle
 from edge_ft.device.engines import open_engine
 from edge_ft.errors import UserError
@@ -108,18 +109,25 @@ def bundle_dir() -> Path:
 
 
 @lru_cache(maxsize=None)
-def adapter_files() -> tuple[bytes, bytes]:
-    """(adapter_config.json, adapter_model.safetensors) of an adapter that fits bundle_dir(), no weights hash:
-    a PEFT-made adapter has none, so the safetensors parser itself meets the mutated bytes."""
+def adapter_files(legacy: bool = False) -> dict[str, bytes]:
+    """{file name: bytes} of an adapter that fits bundle_dir(): the current layout (edge-ft's record beside PEFT's
+    config, hashing both), or format 1 (the record inside adapter_config.json, no weights hash: the safetensors
+    parser itself meets the mutated bytes)."""
     from safetensors.numpy import save
 
     bundle = load_bundle(bundle_dir())
     rng = np.random.default_rng(0)
     tensors = {peft_key(n): rng.standard_normal(s).astype(np.float32) for n, s in bundle.trainable.items()}
+    weights = save(tensors, metadata={"format": "pt"})
     config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4.0, "target_modules": ["fc1", "fc2", "fc3"],
-              "bias": "none", "edge_ft": {"method": "lora", "base_sha256": bundle.base_sha256, "num_classes": 10,
-                                          "dtype": "float32", "format_version": 1}}
-    return json.dumps(config).encode(), save(tensors, metadata={"format": "pt"})
+              "bias": "none"}
+    record = {"method": "lora", "base_sha256": bundle.base_sha256, "num_classes": 10, "dtype": "float32"}
+    if legacy:
+        return {CONFIG: json.dumps({**config, "edge_ft": {**record, "format_version": 1}}).encode(), WEIGHTS: weights}
+    config = json.dumps(config).encode()
+    files = {WEIGHTS: hashlib.sha256(weights).hexdigest(), CONFIG: hashlib.sha256(config).hexdigest()}
+    record = {"format": "edge-ft-adapter", "format_version": 2, **record, "classes": None, "files": files}
+    return {CONFIG: config, WEIGHTS: weights, RECORD: json.dumps(record).encode()}
 
 
 @lru_cache(maxsize=None)
@@ -167,36 +175,39 @@ def test_bundle_manifest_mutations(data):
     _load_bundle_with(mutated)
 
 
-def _load_adapter_with(config: bytes, weights: bytes):
+def _load_adapter_with(files: dict[str, bytes]):
     bundle = load_bundle(bundle_dir())
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / CONFIG).write_bytes(config)
-        (Path(tmp) / WEIGHTS).write_bytes(weights)
-        loaded = loads_or_refuses(lambda: load_adapter(tmp))
-        if loaded is not None:
-            tensors, cfg = loaded
-            accepted = loads_or_refuses(lambda: (check_adapter(bundle, tensors, cfg, tmp), True)[1])
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        adapter = loads_or_refuses(lambda: load_adapter(tmp))
+        if adapter is not None:
+            accepted = loads_or_refuses(lambda: (check_adapter(bundle, adapter), True)[1])
             if accepted:  # a correct load: exactly the bundle's trainable tensors, finite, right shapes
-                assert {k: v.shape for k, v in tensors.items()} == bundle.trainable
-                assert all(np.isfinite(v).all() for v in tensors.values())
+                assert {k: v.shape for k, v in adapter.tensors.items()} == bundle.trainable
+                assert all(np.isfinite(v).all() for v in adapter.tensors.values())
+
+
+def _mutated(data, files: dict[str, bytes], name: str) -> dict[str, bytes]:
+    """`files` with one JSON file's bytes mutated, or one node of its document edited."""
+    if data.draw(st.booleans()):
+        return {**files, name: data.draw(byte_mutations(files[name]))}
+    return {**files, name: json.dumps(data.draw(document_edits(json.loads(files[name])))).encode()}
 
 
 @FUZZ
 @given(data=st.data())
-def test_adapter_config_mutations(data):
-    config, weights = adapter_files()
-    if data.draw(st.booleans()):
-        mutated = data.draw(byte_mutations(config))
-    else:
-        mutated = json.dumps(data.draw(document_edits(json.loads(config)))).encode()
-    _load_adapter_with(mutated, weights)
+@pytest.mark.parametrize("name, legacy", [(CONFIG, False), (RECORD, False), (CONFIG, True)],
+                         ids=["config", "record", "format-1-config"])
+def test_adapter_config_mutations(name, legacy, data):
+    _load_adapter_with(_mutated(data, adapter_files(legacy), name))
 
 
 @FUZZ
 @given(data=st.data())
 def test_adapter_weights_mutations(data):
-    config, weights = adapter_files()
-    _load_adapter_with(config, data.draw(byte_mutations(weights)))
+    files = adapter_files()
+    _load_adapter_with({**files, WEIGHTS: data.draw(byte_mutations(files[WEIGHTS]))})
 
 
 @FUZZ
@@ -321,10 +332,10 @@ def test_run_record_mutations_for_adapter_export(data):
         run = Path(tmp) / "run"
         shutil.copytree(finished_run(), run)
         (run / "results.json").write_text(mutated)
-        config = loads_or_refuses(lambda: export_adapter(run, Path(tmp) / "adapter"))
-        if config is not None:  # what was written loads back and fits the bundle it came from
-            tensors, loaded = load_adapter(Path(tmp) / "adapter")
-            assert loaded == config and set(tensors) == set(load_bundle(bundle_dir()).trainable)
+        record = loads_or_refuses(lambda: export_adapter(run, Path(tmp) / "adapter"))
+        if record is not None:  # what was written loads back and fits the bundle it came from
+            adapter = load_adapter(Path(tmp) / "adapter")
+            assert adapter.record == record and set(adapter.tensors) == set(load_bundle(bundle_dir()).trainable)
 
 
 # ------------------------------------------------------------------------------------------------ no pickle

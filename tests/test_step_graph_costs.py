@@ -30,7 +30,14 @@ CONFIGS = [
     MethodConfig("probe"),
     MethodConfig("lora"),  # rank 2 on fc1, fc2, fc3
     MethodConfig("lora", rank=4, targets=("fc2", "fc3"), bias="lora_only"),
+    MethodConfig("lora", targets=("fc1", "fc2"), modules_to_save=("fc3",), num_classes=3),  # a new head, trained whole
 ]
+
+
+def config_id(cfg: MethodConfig) -> str:
+    if cfg.method != "lora":
+        return cfg.method
+    return "-".join(["lora", *cfg.targets] + ["save", *cfg.modules_to_save] * bool(cfg.modules_to_save))
 
 
 def node_flops(path, feeds: dict[str, np.ndarray]) -> list[tuple[str, tuple[int, ...], int]]:
@@ -78,7 +85,7 @@ def per_example(shape) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.method}-{'-'.join(c.targets) if c.method == 'lora' else ''}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
 def test_graph_flops_equal_the_cost_model(cfg):
     forward, train = graph_costs(cfg)
     est = estimate(cfg, BATCH, OPT, "float32").flops
@@ -91,7 +98,7 @@ def test_graph_flops_equal_the_cost_model(cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.method}-{'-'.join(c.targets) if c.method == 'lora' else ''}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
 def test_graph_computes_only_the_gradients_the_method_needs(cfg):
     forward, train = graph_costs(cfg)
     # Activation gradients: what the train graph computes per example beyond the forward pass.

@@ -198,12 +198,12 @@ def _epochs(epochs: list[dict], accuracy_key: str) -> tuple[list[dict], dict]:
 
 def device_fields(run_dir: Path) -> dict:
     """Fields from an `edge-ft train` run, plus the adapter `edge-ft adapter export` makes of it."""
-    from edge_ft.device.adapter import CONFIG, WEIGHTS, export_adapter
+    from edge_ft.device.adapter import CONFIG, RECORD, WEIGHTS, export_adapter
 
     r = json.loads((run_dir / "results.json").read_text())
     rows, epoch_stats = _epochs(r["epochs"], "eval_accuracy")
-    export_adapter(run_dir, run_dir / "adapter")
-    adapter = {name: (run_dir / "adapter" / name).stat().st_size for name in (WEIGHTS, CONFIG)}
+    export_adapter(run_dir, run_dir / "adapter", force=True)  # the sweep owns this folder; --force re-runs
+    adapter = {name: (run_dir / "adapter" / name).stat().st_size for name in (WEIGHTS, CONFIG, RECORD)}
     lat, mem = r["step_latency_ms"], r["memory_mb"]
     return {
         "accuracy": r["accuracy"], "epochs": rows, "steps": r["steps"], **epoch_stats,

@@ -7,8 +7,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "adapter",
         help="export a run's trained tensors as a PEFT-style adapter, apply one to a bundle, or merge it (no torch)",
-        description="Adapters hold only what training changed: LoRA A/B (PEFT layout, loadable with "
-        "PeftModel.from_pretrained), a probed head, or trained biases.",
+        description="Adapters hold only what training changed: LoRA A/B and a new head trained whole (PEFT "
+        "layout, loadable with PeftModel.from_pretrained), a probed head, or trained biases.",
     )
     sub = p.add_subparsers(dest="adapter_command", metavar="ACTION", required=True)
 
@@ -17,11 +17,17 @@ def register(subparsers) -> None:
     e.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="adapter folder to write")
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="stored precision (default float32; float16 halves the file)")
+    e.add_argument("--force", action="store_true", help="replace an adapter already in ADAPTER_DIR")
     e.set_defaults(func=_export)
 
-    a = sub.add_parser("apply", help="load an adapter into a bundle: training and inference start from it")
+    a = sub.add_parser("apply", help="load an adapter into a bundle (in place, or into a copy with --out): "
+                       "training and inference start from it",
+                       description="Stores the adapter's tensors in BUNDLE itself (crash-safe; manifest.json is the "
+                       "commit point), so the bundle no longer starts from the base weights. --out writes the result "
+                       "to a new bundle folder instead and leaves BUNDLE as it is.")
     a.add_argument("bundle", metavar="BUNDLE")
     a.add_argument("adapter", metavar="ADAPTER_DIR")
+    a.add_argument("--out", metavar="NEW_BUNDLE", help="write a copy of BUNDLE with the adapter applied here")
     a.set_defaults(func=_apply)
 
     m = sub.add_parser("merge", help="fold an adapter into the weights: one plain forward-only ONNX model")
@@ -38,18 +44,28 @@ def _export(args) -> int:
     from edge_ft.validate import writable_folder
 
     writable_folder(args.out)
-    config = export_adapter(args.run, args.out, args.dtype)
+    record = export_adapter(args.run, args.out, args.dtype, force=args.force)
     size = (Path(args.out) / WEIGHTS).stat().st_size
-    print(f"{args.out}: {config['edge_ft']['method']} adapter, {args.dtype}, {WEIGHTS} {size:,} bytes")
+    print(f"{args.out}: {record['method']} adapter, {args.dtype}, {WEIGHTS} {size:,} bytes")
     return 0
 
 
 def _apply(args) -> int:
-    from edge_ft.device.adapter import apply_adapter
+    from edge_ft.device.adapter import apply_adapter, apply_adapter_to_copy
     from edge_ft.device.bundle import load_bundle
 
-    target = apply_adapter(load_bundle(args.bundle), args.adapter)
-    print(f"{args.bundle}: adapter applied ({target.name}); `edge-ft train` and inference now start from it")
+    bundle = load_bundle(args.bundle)
+    if args.out:
+        from edge_ft.validate import writable_folder
+
+        writable_folder(args.out)
+        apply_adapter_to_copy(bundle, args.adapter, args.out)
+        print(f"{args.out}: copy of {args.bundle} with the adapter applied; `edge-ft train` and inference start "
+              f"from it ({args.bundle} unchanged)")
+        return 0
+    target = apply_adapter(bundle, args.adapter)
+    print(f"{args.bundle}: bundle changed in place, adapter applied ({target.name}); `edge-ft train` and "
+          "inference now start from it")
     return 0
 
 

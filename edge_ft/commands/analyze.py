@@ -11,7 +11,7 @@ import json
 import sys
 import textwrap
 
-from edge_ft.commands.argtypes import add_lora_options, int_at_least
+from edge_ft.commands.argtypes import add_lora_options, int_at_least, method_config
 from edge_ft.architecture import count_params, lowest_trainable_layer
 from edge_ft.config import CONV_LAYERS, OPTIMIZERS, MethodConfig
 from edge_ft.costmodel import DTYPES, CostEstimate, estimate_all, input_grad_layers, layer_macs
@@ -41,8 +41,7 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    lora = MethodConfig("lora", rank=args.rank, alpha=args.alpha, targets=tuple(args.targets), bias=args.bias,
-                        num_classes=args.num_classes)
+    lora = method_config(args, "lora", args.num_classes, BASE_CLASSES)
     estimates = estimate_all(lora, args.batch, args.optimizer, args.dtype)
     if args.json:
         print(json.dumps(to_json(estimates), indent=2))
@@ -110,8 +109,9 @@ def render(estimates: dict[str, CostEstimate], per_layer: bool = False) -> str:
     out = [
         f"LeNet-5 fine-tuning, one training step: batch {lora.batch}, {cfg.num_classes} classes, {lora.optimizer}, "
         f"{lora.dtype}",
-        f"LoRA: rank {cfg.rank}, alpha {cfg.alpha:g}, targets {','.join(cfg.targets)}, bias {cfg.bias}. FLOPs count "
-        "2 x multiply-accumulates of conv/linear ops (torch.utils.flop_counter).",
+        f"LoRA: rank {cfg.rank}, alpha {cfg.alpha:g}, targets {','.join(cfg.targets)}, bias {cfg.bias}"
+        + (f", modules_to_save {','.join(cfg.modules_to_save)}" if cfg.modules_to_save else "")
+        + ". FLOPs count 2 x multiply-accumulates of conv/linear ops (torch.utils.flop_counter).",
         "",
         f"1a. Parameters (LeNet-5 has {_n(base_total)})",
         format_table(
@@ -146,7 +146,7 @@ def render(estimates: dict[str, CostEstimate], per_layer: bool = False) -> str:
     if cfg.num_classes != BASE_CLASSES and "fc3" in cfg.targets:
         out += ["", _wrap(f"Note: a {BASE_CLASSES}-class base model gets a fresh {cfg.num_classes}-class head, which a "
                           "frozen fc3 with an adapter cannot learn (`edge-ft finetune` refuses it); use --targets "
-                          "fc1,fc2 for LoRA.")]
+                          "fc1,fc2 --modules-to-save fc3 for LoRA (the default for a new class count).")]
     return "\n".join(out) + "\n"
 
 
@@ -217,6 +217,8 @@ def pros_and_cons(estimates: dict[str, CostEstimate]) -> dict[str, str]:
     act_reason = (f"a trained conv bias makes autograd keep the conv activations too ({_kib(conv_saved)} KiB)"
                   if conv_saved else "the frozen convolutions keep nothing for backward")
     biases = {"none": "", "all": " plus every bias", "lora_only": " plus their biases"}[cfg.bias]
+    if cfg.modules_to_save:
+        biases += f", and {_names(cfg.modules_to_save)} trained whole (PEFT's modules_to_save)"
     adapter_bytes = lm["gradients"]  # the trained tensors are exactly what a task ships
     conv_forward = sum(r.forward for r in full.layers if r.layer in CONV_LAYERS)
     texts["lora"] = (

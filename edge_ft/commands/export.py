@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_ft.architecture import numel
-from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
+from edge_ft.commands.argtypes import add_lora_options, int_at_least, method_config, positive_float
 from edge_ft.config import METHODS, OPTIMIZERS
 from edge_ft.errors import UserError, require_host
 from edge_ft.training_defaults import recipe_default
@@ -48,7 +48,7 @@ def handler(args) -> int:
 
     writable_folder(args.out)
     from edge_ft.checkpoint import load_base
-    from edge_ft.config import MethodConfig, OptimizerConfig
+    from edge_ft.config import OptimizerConfig
     from edge_ft.host.export import export_bundle
     from edge_ft.training_defaults import DEFAULTS
 
@@ -59,8 +59,7 @@ def handler(args) -> int:
     num_classes = len(classes) if classes else args.num_classes or meta["num_classes"]
     if classes is None and num_classes == meta["num_classes"]:
         classes = meta.get("classes")  # same head: the base's names still hold
-    cfg = MethodConfig(args.method, rank=args.rank, alpha=args.alpha, targets=args.targets, bias=args.bias,
-                       num_classes=num_classes)
+    cfg = method_config(args, args.method, num_classes, meta["num_classes"])
     recipe = DEFAULTS[args.method]
     opt = OptimizerConfig(args.optimizer or recipe.optimizer, lr=args.lr or recipe.lr, weight_decay=args.weight_decay)
     manifest = export_bundle(cfg, opt, args.base, args.out, engine=args.engine, seed=args.seed, classes=classes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_ft.commands.pretrain import DEFAULT_BASE
-from edge_ft.commands.argtypes import add_lora_options
+from edge_ft.commands.argtypes import add_lora_options, method_config
 from edge_ft.config import METHODS, OPTIMIZERS
 from edge_ft.errors import UserError, require_host
 
@@ -42,13 +42,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _method_config(args, num_classes: int):
-    from edge_ft.config import MethodConfig
-
-    return MethodConfig(args.method, rank=args.rank, alpha=args.alpha, targets=args.targets, bias=args.bias,
-                        num_classes=num_classes)
-
-
 def run(args) -> int:
     require_host("edge-ft finetune")
     if not args.base.is_file():
@@ -71,7 +64,7 @@ def run_one(args) -> int:
         raise UserError("give --method and --task (or --all for the accuracy table)")
     base_state, base_meta = load_base(args.base)
     split = resolve_split(args.task, args.shots)
-    cfg = _method_config(args, split.num_classes)
+    cfg = method_config(args, args.method, split.num_classes, int(base_state["fc3.bias"].shape[0]))
     recipe = DEFAULTS[cfg.method]
     opt = OptimizerConfig(args.optimizer or recipe.optimizer, lr=recipe.lr if args.lr is None else args.lr)
     weights, results = finetune(split, base_state, cfg, opt, args.epochs or recipe.epochs, args.batch or recipe.batch,

@@ -1,27 +1,42 @@
 """Adapters: only the trained tensors, in Hugging Face PEFT's on-disk layout, and what a device does with them.
 
   adapter_model.safetensors  keys `base_model.model.<layer>.lora_A.weight` (r,in), `...lora_B.weight` (out,r),
-                             trained biases / a probed head as `base_model.model.<layer>.<weight|bias>`
-  adapter_config.json        LoraConfig fields (LoRA) plus an "edge_ft" block: method, base sha256, classes, dtype
-PEFT's `PeftModel.from_pretrained(LeNet5(...), ADAPTER_DIR)` loads a LoRA adapter as is.
+                             trained biases and modules_to_save layers (a new head) as
+                             `base_model.model.<layer>.<weight|bias>`, the keys PEFT itself writes for them
+  adapter_config.json        LoraConfig fields only, so PEFT reads it without warnings (probe/full: peft_type null)
+  edge_ft_adapter.json       edge-ft's record, written last (the commit point): method and its config, base sha256,
+                             num_classes, classes (names, or null), dtype, sha256 of the two PEFT files
+PEFT's `PeftModel.from_pretrained(LeNet5(num_classes=N), ADAPTER_DIR)` loads a LoRA adapter as is. Adapters of
+format 1 kept edge-ft's record in an "edge_ft" block inside adapter_config.json; they still load.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edge_ft.architecture import param_shapes, trainable_names
-from edge_ft.atomic import atomic_save_safetensors, atomic_write_json, remove_stale_temps
-from edge_ft.checkpoint import load_safetensors, sha256_file
+from edge_ft.atomic import atomic_save_safetensors, atomic_write_json, ensure_dir, remove_stale_temps, replace_folder
+from edge_ft.checkpoint import load_json_object, load_safetensors, sha256_file
 from edge_ft.config import MethodConfig
-from edge_ft.device.bundle import APPLIED_ADAPTER, MANIFEST, PENDING_ADAPTER, Bundle, file_entry, finish_adapter_apply
+from edge_ft.data.npz import check_class_names
+from edge_ft.device.bundle import (APPLIED_ADAPTER, MANIFEST, PENDING_ADAPTER, Bundle, file_entry,
+                                   finish_adapter_apply, load_bundle)
 from edge_ft.device.inference import base_weights, write_inference_model
+from edge_ft.device.model_card import model_source, stamp_model
 from edge_ft.errors import UserError
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+# A sidecar rather than safetensors header metadata: it can hash both PEFT files (the config's r, alpha and
+# targets shape what PEFT computes), holds typed JSON (a class-name list), and written last it commits the folder.
+RECORD = "edge_ft_adapter.json"
+RECORD_FORMAT, RECORD_VERSION = "edge-ft-adapter", 2
+LEGACY_BLOCK = "edge_ft"  # format 1: the record inside adapter_config.json (PEFT warned about the unknown key)
 PREFIX = "base_model.model."
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -38,17 +53,39 @@ def edge_name(key: str) -> str:
     return name.removesuffix(".weight") if ".lora_" in name else name
 
 
-def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32") -> dict:
-    """RUN (from `edge-ft train`) -> ADAPTER_DIR with the trained tensors and their config; returns the config."""
+@dataclass(frozen=True)
+class Adapter:
+    folder: Path  # the adapter folder
+    tensors: dict[str, np.ndarray]  # edge-ft names (fc1.lora_A, fc3.weight, ...) -> stored arrays
+    peft: dict  # adapter_config.json as read: what PEFT applies
+    record: dict  # edge-ft's record: method, base_sha256, num_classes, dtype, files {name: sha256}
+    record_file: str  # where the record came from: RECORD, or CONFIG for a format-1 adapter
+
+
+def holds_adapter(folder: Path) -> bool:
+    return any((folder / name).exists() for name in (WEIGHTS, CONFIG, RECORD))
+
+
+def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32", force: bool = False) -> dict:
+    """RUN (from `edge-ft train`) -> ADAPTER_DIR with the trained tensors, PEFT's config and edge-ft's record.
+
+    An adapter already in `out` is replaced only with `force`. Returns the record.
+    """
     run, out = Path(run), Path(out)
     if dtype not in DTYPES:
         raise UserError(f"unknown adapter dtype {dtype!r}: choose float32 or float16")
+    if holds_adapter(out) and not force:
+        raise UserError(f"{out}: already holds an adapter; pass --force to replace it, or choose another --out")
     results_path = run / "results.json"
     if not results_path.is_file() or not (run / "trained.safetensors").is_file():
         raise UserError(f"{run}: not a finished run (no results.json / trained.safetensors); run `edge-ft train`")
     try:
-        info = json.loads(results_path.read_text())["bundle"]
+        results = json.loads(results_path.read_text())
+        info = results["bundle"]
         cfg = MethodConfig.from_dict(info["method"])
+        classes = results.get("classes")
+        if classes is not None:
+            classes = check_class_names(classes, str(results_path), cfg.num_classes)
         if not isinstance(info["base"], dict) or not isinstance(info["base"]["sha256"], str):
             raise TypeError("bundle.base must record the base's sha256")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, OSError) as e:
@@ -58,67 +95,96 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32") -> 
     if {n: tuple(v.shape) for n, v in trained.items()} != expected:
         raise UserError(f"{run / 'trained.safetensors'}: its tensors are not what a {cfg.method} run trains "
                         f"(results.json); the run folder mixes two runs, re-run `edge-ft train`")
+    (out / RECORD).unlink(missing_ok=True)  # uncommitted until the new record is written
     tensors = {peft_key(n): np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in trained.items()}
     atomic_save_safetensors(out / WEIGHTS, tensors, metadata={"format": "pt"})  # PEFT/transformers read "pt"
-    config = adapter_config(cfg, info["base"], dtype)
-    config["edge_ft"]["weights_sha256"] = sha256_file(out / WEIGHTS)  # the config, written last, commits them
-    atomic_write_json(out / CONFIG, config)
-    return config
+    atomic_write_json(out / CONFIG, peft_config(cfg, info["base"]))
+    record = {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, "method": cfg.method,
+              "method_config": cfg.to_dict(), "base_sha256": info["base"]["sha256"],
+              "base_file": info["base"].get("file"), "num_classes": cfg.num_classes, "classes": classes,
+              "dtype": dtype,
+              "files": {name: sha256_file(out / name) for name in (WEIGHTS, CONFIG)}}
+    atomic_write_json(out / RECORD, record)
+    return record
 
 
-def adapter_config(cfg: MethodConfig, base: dict, dtype: str) -> dict:
-    extras = {"method": cfg.method, "base_sha256": base["sha256"], "num_classes": cfg.num_classes, "dtype": dtype,
-              "format_version": 1}
-    common = {"base_model_name_or_path": base.get("file"), "task_type": None, "edge_ft": extras}
+def peft_config(cfg: MethodConfig, base: dict) -> dict:
+    """adapter_config.json: LoraConfig's own fields only (probe and full have no PEFT type)."""
+    common = {"base_model_name_or_path": base.get("file"), "task_type": None}
     if cfg.method != "lora":
         return {"peft_type": None, **common}
     return {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": list(cfg.targets),
             "bias": cfg.bias, "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True,
-            "init_lora_weights": True, "modules_to_save": None, **common}
+            "init_lora_weights": True, "modules_to_save": list(cfg.modules_to_save) or None, **common}
 
 
-def load_adapter(folder: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """(tensors by edge-ft name, config); a missing or malformed file is a one-line UserError."""
+def load_adapter(folder: str | Path) -> Adapter:
+    """Read an adapter folder (either format); a missing or malformed file is a one-line UserError."""
     folder = Path(folder)
     config_path = folder / CONFIG
     if not config_path.is_file():
         raise UserError(f"{config_path}: missing; {folder} is not an adapter folder (`edge-ft adapter export`)")
-    try:
-        config = json.loads(config_path.read_text())
-        if not isinstance(config["edge_ft"], dict):
-            raise TypeError("the edge_ft block must be a JSON object")
-        config["edge_ft"]["method"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
-        raise UserError(f"{config_path}: not an edge-ft adapter config ({e!r}); re-export the adapter") from None
+    config = load_json_object(config_path, "an adapter config", "re-export the adapter")
+    if (folder / RECORD).is_file():
+        record_file, record = RECORD, load_json_object(folder / RECORD, "an adapter record", "re-export the adapter")
+        if (record.get("format"), record.get("format_version")) != (RECORD_FORMAT, RECORD_VERSION):
+            raise UserError(f"{folder / RECORD}: adapter format {record.get('format_version')!r}, this edge-ft reads "
+                            f"{RECORD_VERSION}; export the adapter with this edge-ft version")
+        files_ok = isinstance(record.get("files"), dict) and all(
+            isinstance(record["files"].get(n), str) for n in (WEIGHTS, CONFIG))
+    elif isinstance(config.get(LEGACY_BLOCK), dict):  # format 1
+        record_file, record = CONFIG, dict(config[LEGACY_BLOCK])
+        record["files"] = {WEIGHTS: record.get("weights_sha256")}
+        files_ok = record["files"][WEIGHTS] is None or isinstance(record["files"][WEIGHTS], str)
+    else:
+        raise UserError(f"{folder / RECORD}: missing; {folder} is not a finished edge-ft adapter (an interrupted "
+                        "export?); export it again with `edge-ft adapter export --force`")
+    if not isinstance(record.get("method"), str) or not files_ok:
+        raise UserError(f"{folder / record_file}: not an edge-ft adapter record (method, files); "
+                        "re-export the adapter")
+    if record.get("classes") is not None:
+        if not isinstance(record["classes"], list):
+            raise UserError(f"{folder / record_file}: 'classes' must be a list of names; re-export the adapter")
+        record["classes"] = check_class_names(record["classes"], str(folder / record_file))
     tensors = load_safetensors(folder / WEIGHTS)
     if not all(k.startswith(PREFIX) for k in tensors):
         raise UserError(f"{folder / WEIGHTS}: keys must start with {PREFIX!r} (PEFT layout)")
-    return {edge_name(k): v for k, v in tensors.items()}, config
+    return Adapter(folder, {edge_name(k): v for k, v in tensors.items()}, config, record, record_file)
 
 
-def check_adapter(bundle: Bundle, tensors: dict[str, np.ndarray], config: dict, source: str | Path) -> None:
-    """Refuse an adapter made for another base, method, rank, target set, class count, dtype or shape."""
-    extras, cfg = config["edge_ft"], bundle.method
+def _layers(value) -> list[str] | None:
+    """A PEFT module list as sorted names; None when it is not a list of strings (null counts as empty)."""
+    value = [] if value is None else value
+    return sorted(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
+def check_adapter(bundle: Bundle, adapter: Adapter) -> None:
+    """Refuse an adapter made for another base, method, rank, layer set, class count, dtype or shape."""
+    record, config, tensors, cfg = adapter.record, adapter.peft, adapter.tensors, bundle.method
 
     def refuse(what: str) -> None:
-        raise UserError(f"{source}: {what}; it does not fit bundle {bundle.path}")
+        raise UserError(f"{adapter.folder}: {what}; it does not fit bundle {bundle.path}")
 
-    if extras.get("base_sha256") != bundle.base_sha256:
+    if record.get("base_sha256") != bundle.base_sha256:
         refuse("adapter was trained on a different base model (sha256 differs)")
-    if extras.get("method") != cfg.method:
-        refuse(f"adapter is for method {extras.get('method')}, the bundle trains {cfg.method}")
-    if extras.get("num_classes") != bundle.num_classes:
-        refuse(f"adapter has {extras.get('num_classes')} classes, the bundle {bundle.num_classes}")
-    if cfg.method == "lora":
+    if record.get("method") != cfg.method:
+        refuse(f"adapter is for method {record.get('method')}, the bundle trains {cfg.method}")
+    if record.get("num_classes") != bundle.num_classes:
+        refuse(f"adapter has {record.get('num_classes')} classes, the bundle {bundle.num_classes}")
+    if record.get("classes") and bundle.classes and record["classes"] != bundle.classes:
+        refuse(f"adapter's classes are {', '.join(record['classes'])}, the bundle's {', '.join(bundle.classes)}")
+    if cfg.method == "lora":  # what PEFT will apply must be what the bundle trains
         if config.get("r") != cfg.rank:
             refuse(f"adapter rank r={config.get('r')}, the bundle's LoRA rank is {cfg.rank}")
-        targets = config.get("target_modules")
-        if not isinstance(targets, list) or sorted(map(str, targets)) != sorted(cfg.targets):
+        if _layers(config.get("target_modules")) != sorted(cfg.targets):
             refuse(f"adapter targets {config.get('target_modules')}, the bundle's are {list(cfg.targets)}")
+        if _layers(config.get("modules_to_save")) != sorted(cfg.modules_to_save):
+            refuse(f"adapter modules_to_save {config.get('modules_to_save')}, "
+                   f"the bundle's are {list(cfg.modules_to_save)}")
         if config.get("lora_alpha") != cfg.alpha or config.get("bias") != cfg.bias:
             refuse(f"adapter lora_alpha/bias {config.get('lora_alpha')}/{config.get('bias')}, "
                    f"the bundle's are {cfg.alpha}/{cfg.bias}")
-    dtype = extras.get("dtype")
+    dtype = record.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         refuse(f"adapter dtype {dtype!r} is not float32 or float16")
     if set(tensors) != set(bundle.trainable):
@@ -131,24 +197,24 @@ def check_adapter(bundle: Bundle, tensors: dict[str, np.ndarray], config: dict, 
             refuse(f"{name} has shape {tuple(value.shape)}, the bundle needs {bundle.trainable[name]}")
         if not np.all(np.isfinite(value)):
             refuse(f"{name} contains NaN or Inf")
-    # Last, as the most general refusal: weights that fit but are not the ones the config was written for.
-    expected, weights = extras.get("weights_sha256"), Path(source) / WEIGHTS
-    if expected is not None and weights.is_file() and sha256_file(weights) != expected:
-        raise UserError(f"{weights}: does not match adapter_config.json (an interrupted or mixed copy); "
-                        "export or copy the adapter again")
+    # Last, as the most general refusal: files that fit but are not the ones the record was written for.
+    for name, expected in record["files"].items():
+        if expected is not None and sha256_file(adapter.folder / name) != expected:
+            raise UserError(f"{adapter.folder / name}: does not match {adapter.record_file} (an interrupted or "
+                            "mixed copy); export or copy the adapter again")
 
 
 def apply_adapter(bundle: Bundle, folder: str | Path) -> Path:
-    """Store the adapter's tensors (float32) in the bundle: training and inference then start from them.
+    """Store the adapter's tensors (float32) in the bundle, in place: training and inference then start from them.
 
     Crash-safe: the tensors go to a .pending file, manifest.json (the commit point) then names their hash, and
     only then the pending file is renamed into place; load_bundle finishes or drops an interrupted apply.
     """
-    tensors, config = load_adapter(folder)
-    check_adapter(bundle, tensors, config, folder)
+    adapter = load_adapter(folder)
+    check_adapter(bundle, adapter)
     remove_stale_temps(bundle.path)  # of an apply that was killed mid-write
     pending = bundle.file(PENDING_ADAPTER)
-    atomic_save_safetensors(pending, {k: v.astype(np.float32) for k, v in tensors.items()},
+    atomic_save_safetensors(pending, {k: v.astype(np.float32) for k, v in adapter.tensors.items()},
                             metadata={"format": "edge-ft-applied-adapter"})
     manifest = dict(bundle.manifest)
     manifest["applied_adapter"] = {"file": APPLIED_ADAPTER, "source": str(Path(folder).resolve()),
@@ -170,12 +236,32 @@ def merged_weights(bundle: Bundle, tensors: dict[str, np.ndarray]) -> dict[str, 
             delta = tensors[f"{layer}.lora_B"].astype(np.float32) @ value  # (out,r) @ (r,in) -> (out,in)
             weights[f"{layer}.weight"] = weights[f"{layer}.weight"] + delta * np.float32(cfg.scaling)
         elif not name.endswith(".lora_B"):
-            weights[name] = value  # a trained bias, a probed head, or any tensor of full fine-tuning
+            weights[name] = value  # a trained bias, a saved module or probed head, any tensor of full
     return weights
 
 
 def merge_adapter(bundle: Bundle, folder: str | Path, out: str | Path) -> None:
     """A single forward-only ONNX model with the adapter merged into the weights (no LoRA ops left)."""
-    tensors, config = load_adapter(folder)
-    check_adapter(bundle, tensors, config, folder)
-    write_inference_model(bundle, merged_weights(bundle, tensors), out)
+    adapter = load_adapter(folder)
+    check_adapter(bundle, adapter)
+    write_inference_model(bundle, merged_weights(bundle, adapter.tensors), out)
+    classes = adapter.record.get("classes") or bundle.classes
+    stamp_model(out, classes, model_source(bundle, adapter=str(Path(folder).resolve())))
+
+
+def apply_adapter_to_copy(bundle: Bundle, folder: str | Path, out: str | Path) -> Path:
+    """apply_adapter into a new bundle folder `out`, leaving `bundle` as it is; `out` appears whole or not at all."""
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"--out {out}: exists; choose a new folder for the copy (or apply in place without --out)")
+    check_adapter(bundle, load_adapter(folder))  # refuse before copying anything
+    ensure_dir(out.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copytree(bundle.path, staging, dirs_exist_ok=True)
+        staging.chmod(0o755)  # mkdtemp creates 0700
+        apply_adapter(load_bundle(staging), folder)
+        replace_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

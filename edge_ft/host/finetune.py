@@ -21,12 +21,14 @@ RESULTS_FILE = "results.json"
 
 
 def method_label(cfg: MethodConfig) -> str:
-    """'full', 'probe', 'lora-r2' (plus targets/bias when they differ from the defaults)."""
+    """'full', 'probe', 'lora-r2' (plus targets/saved modules/bias when they differ from the defaults)."""
     if cfg.method != "lora":
         return cfg.method
     label = f"lora-r{cfg.rank}"
     if cfg.targets != MethodConfig().targets:
         label += "-" + "+".join(cfg.targets)
+    if cfg.modules_to_save:
+        label += "-save-" + "+".join(cfg.modules_to_save)
     if cfg.bias != "none":
         label += f"-bias-{cfg.bias}"
     return label

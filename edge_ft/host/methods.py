@@ -23,7 +23,8 @@ def apply_method(model: LeNet5, cfg: MethodConfig, seed: int | None = None) -> L
         if cfg.method == "lora" and "fc3" in cfg.targets:
             raise UserError(
                 f"the base model has {model.fc3.out_features} classes and the task {cfg.num_classes}: a LoRA adapter "
-                "cannot adapt a freshly initialised, frozen head; use --method probe or full for a new class count"
+                "cannot adapt a freshly initialised, frozen head; train it whole with --targets fc1,fc2 "
+                "--modules-to-save fc3 (the default for a new class count), or use --method probe or full"
             )
         model.fc3 = nn.Linear(model.fc3.in_features, cfg.num_classes)  # new task, new head
     if cfg.method == "lora":
