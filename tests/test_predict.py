@@ -171,3 +171,19 @@ def test_reading_images_without_pillow_names_the_device_install(tmp_path, monkey
     assert main(["data", "convert", str(images), "--out", str(tmp_path / "d.npz")]) == 2
     err = capsys.readouterr().err
     assert "needs pillow" in err and "whl[device,images]" in err
+
+
+def test_class_names_survive_adapter_export_and_merge(run, tmp_path, capsys):
+    run_dir, data, images = run
+    bundle = run_dir.parent / "bundle"
+    assert main(["adapter", "export", str(run_dir), "--out", str(tmp_path / "adapter")]) == 0
+    record = json.loads((tmp_path / "adapter" / "edge_ft_adapter.json").read_text())
+    assert record["classes"] == sorted(PICKED.values())
+    assert main(["adapter", "merge", str(bundle), str(tmp_path / "adapter"), "--out", str(tmp_path / "m.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m.onnx"), str(data / "test.npz"), "--json"]) == 0
+    merged = json.loads(capsys.readouterr().out)
+    assert merged["classes"] == sorted(PICKED.values())
+    assert main(["predict", str(run_dir), str(data / "test.npz"), "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert [p["top"][0]["class"] for p in merged["predictions"]] == [p["top"][0]["class"] for p in trained["predictions"]]
