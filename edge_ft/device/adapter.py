@@ -246,7 +246,8 @@ def merge_adapter(bundle: Bundle, folder: str | Path, out: str | Path) -> None:
     check_adapter(bundle, adapter)
     write_inference_model(bundle, merged_weights(bundle, adapter.tensors), out)
     classes = adapter.record.get("classes") or bundle.classes
-    stamp_model(out, classes, model_source(bundle, adapter=str(Path(folder).resolve())))
+    source = model_source(bundle, made_by="edge-ft adapter merge", adapter_sha256=adapter.record["files"][WEIGHTS])
+    stamp_model(out, classes, source)
 
 
 def apply_adapter_to_copy(bundle: Bundle, folder: str | Path, out: str | Path) -> Path:

@@ -57,7 +57,8 @@ def card_for(classes: list[str] | None) -> ModelCard:
 
 
 def model_source(bundle, **origin: str) -> dict:
-    """Provenance stored with a model: what trained it and from which base."""
+    """Provenance stored with a model: what trained it and from which base (no paths: the same training gives
+    the same model.onnx byte for byte, wherever its run folder is)."""
     return {"method": bundle.manifest["method"], "engine": bundle.engine, "base_sha256": bundle.base_sha256,
             **origin}
 

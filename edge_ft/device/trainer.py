@@ -224,7 +224,7 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
             write_inference_model(bundle, trained, out / "model.onnx")
         else:
             engine.export_inference(str(out / "model.onnx"))
-        stamp_model(out / "model.onnx", classes, model_source(bundle, run=str(out)))
+        stamp_model(out / "model.onnx", classes, model_source(bundle, made_by="edge-ft train"))
         # Score the exported file itself with plain onnxruntime: what a user deploys is what we report.
         final_accuracy = None
         if len(y_eval):
