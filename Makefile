@@ -7,7 +7,7 @@ HOST_PY := $(VENV)/bin/python
 DEVICE_PY := $(DEVICE_VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-fast test-arm venv device-venv data clean
+.PHONY: demo test test-fast test-arm dist venv device-venv data clean
 
 demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(VENV)/bin/edge-ft demo
@@ -20,6 +20,10 @@ test-fast: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 
 test-arm: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	bash tools/test-arm.sh
+
+# dist/edge_ft-<version>-py3-none-any.whl and the sdist, built from a temporary copy: the checkout stays clean.
+dist: $(VENV)/.installed
+	bash tools/build-wheel.sh --sdist dist
 
 venv: $(VENV)/.installed
 device-venv: $(DEVICE_VENV)/.installed
@@ -34,7 +38,8 @@ $(VENV)/.installed: requirements/host.txt pyproject.toml
 	touch $@
 
 # Device half: standard onnxruntime only, exactly what `pip install 'edge-ft[device]'` gives a Pi.
-# The package is installed as a real (non-editable) copy, so it is refreshed whenever a source file changes.
+# The package is installed from its wheel (the one `make dist` builds, with the host venv's setuptools), so it is
+# refreshed whenever a source file changes.
 DEVICE_SOURCES := $(shell find edge_ft -name '*.py' -o -name '*.toml' 2>/dev/null)
 
 $(DEVICE_VENV)/.deps: requirements/device.txt pyproject.toml
@@ -44,9 +49,9 @@ $(DEVICE_VENV)/.deps: requirements/device.txt pyproject.toml
 	$(DEVICE_PY) -m pip install -q -r requirements/device.txt
 	touch $@
 
-$(DEVICE_VENV)/.installed: $(DEVICE_VENV)/.deps $(DEVICE_SOURCES)
-	$(DEVICE_PY) -m pip install -q --no-deps --force-reinstall .
-	rm -rf build
+$(DEVICE_VENV)/.installed: $(DEVICE_VENV)/.deps $(DEVICE_SOURCES) | $(VENV)/.installed
+	@tmp=$$(mktemp -d) && whl=$$(bash tools/build-wheel.sh "$$tmp") && \
+	  $(DEVICE_PY) -m pip install -q --no-deps --force-reinstall "$$whl"; rc=$$?; rm -rf "$$tmp"; exit $$rc
 	touch $@
 
 # Fashion-MNIST ships in a Debian package (MIT); install it where it is missing and we may.
