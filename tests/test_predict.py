@@ -18,14 +18,14 @@ FIXTURE = Path(__file__).parent / "fixtures" / "fashion-mnist"
 PICKED = {1: "Trouser", 7: "Sneaker", 8: "Bag"}  # Fashion-MNIST labels of three easy-to-tell classes
 
 
-def write_class_folders(root: Path, per_class: int = 12) -> Path:
-    """root/<name>/*.png from the committed Fashion-MNIST fixture; every other image dark-on-light and 2x size,
-    as photos of a page would be, so reading must invert and resize them."""
+def write_class_folders(root: Path, per_class: int = 12, skip: int = 0) -> Path:
+    """root/<name>/*.png from the committed Fashion-MNIST fixture (after the first `skip` of each class); every
+    other image dark-on-light and 2x size, as photos of a page would be, so reading must invert and resize them."""
     (x, y), (xt, yt) = read_fashion("train", FIXTURE), read_fashion("test", FIXTURE)
     x, y = np.concatenate([x, xt]), np.concatenate([y, yt])  # 200 images: 16 to 24 of each picked class
     for label, name in PICKED.items():
         (root / name).mkdir(parents=True)
-        for i, idx in enumerate(np.flatnonzero(y == label)[:per_class]):
+        for i, idx in enumerate(np.flatnonzero(y == label)[skip : skip + per_class]):
             pixels = x[idx] if i % 2 else 255 - x[idx]
             Image.fromarray(pixels).resize((56, 56)).save(root / name / f"{i:02d}.png")
     return root
