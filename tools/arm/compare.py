@@ -6,6 +6,7 @@ pair satisfies |arm - x86| <= atol + rtol * |x86| and the aarch64 side really ra
 
     python3 compare.py --machine aarch64 --case full X86.json ARM.json --case lora ... [--field losses]
     python3 compare.py --machine aarch64 --kind outputs --field values --case smoke X86.json ARM.json
+    ... --json CASES.json   also writes the results for tools/arm/summary.py
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 RTOL = 1e-4  # x86 (AVX/FMA) and aarch64 (NEON) kernels sum in different orders: ~1e-6 relative per step
 ATOL = 1e-6  # floor for values near zero
@@ -68,6 +69,19 @@ def table(results: list[CaseResult], machine: str, kind: str = "losses") -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str, results: list[CaseResult], machine: str, kind: str) -> None:
+    # Python's json writes inf as Infinity and reads it back: a case with no results keeps its inf differences.
+    with open(path, "w") as f:
+        json.dump({"machine": machine, "kind": kind, "cases": [asdict(r) for r in results]}, f, indent=1)
+
+
+def read_json(path: str) -> tuple[list[CaseResult], str, str]:
+    """What write_json wrote: (results, machine, kind)."""
+    with open(path) as f:
+        obj = json.load(f)
+    return [CaseResult(**c) for c in obj["cases"]], obj["machine"], obj["kind"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", nargs=3, action="append", metavar=("NAME", "X86_JSON", "ARM_JSON"), required=True)
@@ -76,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", choices=KINDS, default="losses", help="what the numbers are (column headings)")
     p.add_argument("--rtol", type=float, default=RTOL)
     p.add_argument("--atol", type=float, default=ATOL)
+    p.add_argument("--json", metavar="PATH", help="also write the results here (read by tools/arm/summary.py)")
     args = p.parse_args(argv)
     results = []
     for name, x86_path, arm_path in args.case:
@@ -90,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results.append(compare(name, x86, arm, args.rtol, args.atol))
     print(table(results, args.machine, args.kind))
+    if args.json:
+        write_json(args.json, results, args.machine, args.kind)
     print(f"tolerance: |arm - x86| <= {args.atol:g} + {args.rtol:g} * |x86| for every value")
     ok = args.machine == "aarch64" and all(r.passed for r in results)
     if args.machine != "aarch64":

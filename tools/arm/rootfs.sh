@@ -1,23 +1,36 @@
-# Debian bookworm arm64 root filesystem for `make test-arm`: build once, cache as a tarball, restore in seconds.
-# Sourced by tools/test-arm.sh; every function here runs as root on the x86 host.
+# Debian arm64 root filesystems for `make test-arm`, one per suite: build once, cache as a tarball, restore in seconds.
+# Sourced by tools/test-arm.sh and tools/arm/suite.sh; every function here runs as root on the x86 host.
 #
 # The cache key hashes the suite, the package list, requirements/device.txt and the text of the functions that
 # build the rootfs (`declare -f`), so changing any of them rebuilds instead of reusing a stale tarball.
-# Cache: $ARM_CACHE_DIR/arm-rootfs-KEY.tar.zst (what the tests restore) and arm-base-KEY.tar.zst (debootstrap only).
+# Cache: $ARM_CACHE_DIR/arm-rootfs-SUITE-KEY.tar.zst (what the tests restore) and arm-base-SUITE-KEY.tar.zst
+# (debootstrap only).
 
-ARM_SUITE=bookworm
+# The Raspberry Pi OS releases, as the Debian suites they are built on: bookworm (Python 3.11), trixie (3.13).
+# The host's keyring (debian-archive-keyring 2023.3+deb12u2) already holds trixie's release keys.
+ARM_KNOWN_SUITES=(bookworm trixie)
+ARM_SUITE=""                                       # set by arm_suite_select
 ARM_ARCH=arm64
-ARM_PACKAGES=python3,python3-venv,ca-certificates  # python3 is 3.11 on bookworm: cp311 aarch64 wheels
+ARM_PACKAGES=python3,python3-venv,ca-certificates  # the suite's own python3: cp311 / cp313 aarch64 wheels
 ARM_VENV=/opt/edge-ft/venv                        # the device venv inside the rootfs
 ARM_QEMU_CPU=${ARM_QEMU_CPU:-cortex-a53}           # emulated core: the Pi Zero 2 W / Pi 3 (ARMv8.0-A)
 ARM_CACHE_DIR=${EDGE_FT_ARM_CACHE:-/var/cache/edge-ft}
-ARM_BUILD_LOG=$ARM_CACHE_DIR/arm-rootfs-build.log   # debootstrap output of the last build (kept on failure)
+ARM_BUILD_LOG=""                                   # debootstrap output of the last build of the suite (kept on failure)
+ARM_BUILT=""                                       # after ensure_cached_rootfs: "cached" or "built in N s"
 ARM_MOUNTS=()                                      # mount points we made, in mount order
 BINFMT_MOUNTED=0                                   # we mounted binfmt_misc (undo on exit)
 BINFMT_REGISTERED=""                               # the binfmt entry we registered (undo on exit)
 
 log() { printf '[test-arm %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# arm_suite_select SUITE: make SUITE the one every function below builds, caches and restores.
+arm_suite_select() {
+    [[ " ${ARM_KNOWN_SUITES[*]} " == *" $1 "* ]] ||
+        die "unknown Debian suite '$1' in ARM_SUITES (known: ${ARM_KNOWN_SUITES[*]})"
+    ARM_SUITE=$1
+    ARM_BUILD_LOG=$ARM_CACHE_DIR/arm-rootfs-$1-build.log
+}
 
 # Install what the harness needs on a fresh Debian host (root only).
 ensure_host_tools() {
@@ -35,13 +48,14 @@ ensure_host_tools() {
         die "cannot install ${missing[*]} with apt-get"
 }
 
-# The Debian mirror the host's apt already uses (deb822 .sources or one-line sources.list).
+# The Debian mirror the host's apt already uses (deb822 .sources or one-line sources.list), for any suite: the
+# main archive serves every release, whichever one the host runs. APT_DIR is for tests.
 debian_mirror() {
-    local uri
-    uri=$(awk '/^URIs:/ {u=$2} /^Suites:/ && u && $0 ~ /bookworm( |$)/ && u !~ /security/ {print u; exit}' \
-        /etc/apt/sources.list.d/*.sources 2>/dev/null)
+    local apt=${1:-/etc/apt} uri
+    uri=$(awk '/^URIs:/ {u=$2} /^Suites:/ && u && u !~ /security/ {print u; exit}' \
+        "$apt"/sources.list.d/*.sources 2>/dev/null || true)  # no .sources file: awk fails, the next form may match
     [ -n "$uri" ] || uri=$(awk '$1=="deb" && $0 !~ /security/ && $0 ~ /debian/ {for(i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' \
-        /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | head -n1)
+        "$apt"/sources.list "$apt"/sources.list.d/*.list 2>/dev/null | head -n1 || true)
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
@@ -130,6 +144,19 @@ nothing_mounted_under() {
     ! awk -v r="$1/" 'index($2, r) == 1 {found=1} END {exit !found}' /proc/mounts
 }
 
+# remove_unmounted DIR...: rm -rf each DIR, unless something is still mounted below it: a /dev bind left behind
+# would take the host's /dev with it.
+remove_unmounted() {
+    local dir
+    for dir in "$@"; do
+        if nothing_mounted_under "$dir"; then
+            rm -rf --one-file-system "$dir"
+        else
+            log "left $dir in place: something is still mounted below it"
+        fi
+    done
+}
+
 # pip settings of the host (mirrors, find-links, CA bundle) as PIP_* variables for pip inside the chroot, in
 # the global array PIP_ENV; local paths they name appear at the same path inside ROOT (directories bind-mounted
 # read-only, files copied), so a host whose pip reads a local mirror works the same inside.
@@ -181,7 +208,7 @@ provision_venv() {
     rm -rf "$root/root/.cache"
 }
 
-# debootstrap a minimal bookworm arm64 into ROOT (two stages: the second one runs under qemu).
+# debootstrap a minimal arm64 ARM_SUITE into ROOT (two stages: the second one runs under qemu).
 debootstrap_base() {
     local root=$1 mirror
     mirror=$(debian_mirror)
@@ -189,6 +216,14 @@ debootstrap_base() {
     debootstrap --foreign --arch="$ARM_ARCH" --variant=minbase --include="$ARM_PACKAGES" \
         "$ARM_SUITE" "$root" "$mirror" >"$ARM_BUILD_LOG" 2>&1 ||
         { tail -n 20 "$ARM_BUILD_LOG" >&2; die "debootstrap first stage failed (log: $ARM_BUILD_LOG)"; }
+    # The second stage resolves pre-dependencies by running perl over the suite's whole Packages list (56 MB for
+    # trixie) several times per package, ~30 s a pass under emulation: 40+ minutes. It installs only what the first
+    # stage already chose (debootstrap/debpaths), so keep just those stanzas, natively, before it starts.
+    local list
+    for list in "$root"/var/lib/apt/lists/*_Packages; do
+        awk 'NR == FNR {keep[$1]; next} /^Package: / {on = ($2 in keep)} on' "$root/debootstrap/debpaths" "$list" \
+            >"$list.trim" && mv "$list.trim" "$list"
+    done
     log "debootstrap second stage (emulated)"
     chroot "$root" /debootstrap/debootstrap --second-stage >>"$ARM_BUILD_LOG" 2>&1 ||
         { tail -n 20 "$ARM_BUILD_LOG" >&2; die "debootstrap second stage failed (log: $ARM_BUILD_LOG)"; }
@@ -215,20 +250,37 @@ pack_rootfs() {
     mv "$tarball.tmp" "$tarball"
 }
 
-# Set ARM_TARBALL to the cached rootfs for this repo's inputs, building it when missing: debootstrap (~8-10 min,
-# itself cached as arm-base-KEY so a requirements change only re-runs pip) plus the device venv (~3-5 min).
+# cache_paths REPO: set ARM_BASE_TARBALL and ARM_TARBALL, the cache files of ARM_SUITE for this repo's inputs.
+cache_paths() {
+    ARM_BASE_TARBALL="$ARM_CACHE_DIR/arm-base-$ARM_SUITE-$(base_key).tar.zst"
+    ARM_TARBALL="$ARM_CACHE_DIR/arm-rootfs-$ARM_SUITE-$(rootfs_key "$1").tar.zst"
+}
+
+# prune_cache: delete ARM_SUITE's tarballs of older inputs (~100-150 MB each) and those of the suite-less names
+# used before there were two suites; other suites' tarballs stay.
+prune_cache() {
+    find "$ARM_CACHE_DIR" -maxdepth 1 -type f \
+        \( -name "arm-base-$ARM_SUITE-*.tar.zst" -o -name "arm-rootfs-$ARM_SUITE-*.tar.zst" \
+        -o -regex '.*/arm-\(base\|rootfs\)-[0-9a-f]*\.tar\.zst' \) \
+        ! -path "$ARM_TARBALL" ! -path "$ARM_BASE_TARBALL" -delete
+}
+
+# Set ARM_TARBALL to ARM_SUITE's cached rootfs for this repo's inputs, building it when missing: debootstrap (itself
+# cached as arm-base-SUITE-KEY so a requirements change only re-runs pip) plus the device venv.
 # (A global, not a printed path: `$(...)` would run the build in a subshell that the EXIT trap does not cover.)
 ensure_cached_rootfs() {
     local repo=$1 host_py=$2 key base start root
+    [ -n "$ARM_SUITE" ] || die "no suite selected (arm_suite_select)"
+    cache_paths "$repo"
+    base=$ARM_BASE_TARBALL
     key=$(rootfs_key "$repo")
-    base="$ARM_CACHE_DIR/arm-base-$(base_key).tar.zst"
-    ARM_TARBALL="$ARM_CACHE_DIR/arm-rootfs-$key.tar.zst"
+    ARM_BUILT=cached
     [ -f "$ARM_TARBALL" ] && return 0
     mkdir -p "$ARM_CACHE_DIR"
     ARM_BUILD_DIR=$(mktemp -d "$ARM_CACHE_DIR/build.XXXXXX")
     root=$ARM_BUILD_DIR/root
     start=$(date +%s)
-    log "no cached rootfs for key $key: building it"
+    log "no cached $ARM_SUITE rootfs for key $key: building it"
     if [ -f "$base" ]; then
         restore_rootfs "$base" "$root"
     else
@@ -243,16 +295,17 @@ ensure_cached_rootfs() {
     pack_rootfs "$root" "$ARM_TARBALL"
     rm -rf --one-file-system "$ARM_BUILD_DIR"
     ARM_BUILD_DIR=""
-    # Tarballs of older inputs are dead weight (~100 MB each).
-    find "$ARM_CACHE_DIR" -maxdepth 1 -name 'arm-*.tar.zst' ! -path "$ARM_TARBALL" ! -path "$base" -delete
-    log "built and cached $ARM_TARBALL in $(($(date +%s) - start)) s ($(du -h "$ARM_TARBALL" | cut -f1))"
+    prune_cache
+    ARM_BUILT="built in $(($(date +%s) - start)) s"
+    log "$ARM_BUILT and cached $ARM_TARBALL ($(du -h "$ARM_TARBALL" | cut -f1))"
 }
 
-# Unpack TARBALL into ROOT (an empty folder).
+# Unpack TARBALL into ROOT (an empty folder); ARM_RESTORE_MS says how long it took.
 restore_rootfs() {
     local tarball=$1 root=$2 start
     start=$(date +%s%N)
     mkdir -p "$root"
     zstd -q -dc "$tarball" | tar --numeric-owner -C "$root" -xf - || die "cannot unpack $tarball"
-    log "restored $(basename "$tarball") in $((($(date +%s%N) - start) / 1000000)) ms"
+    ARM_RESTORE_MS=$((($(date +%s%N) - start) / 1000000))
+    log "restored $(basename "$tarball") in $ARM_RESTORE_MS ms"
 }

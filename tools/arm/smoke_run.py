@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import platform
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+import edge_ft
 from edge_ft.atomic import atomic_write_json
 
 
@@ -27,6 +29,9 @@ def main(folder: str, out: str) -> None:
         "numpy": np.__version__,
         "onnxruntime": ort.__version__,
         "providers": session.get_providers(),
+        # The installed distribution's version and where the package was imported from: the wheel, not a source tree.
+        "edge_ft": version("edge-ft"),
+        "edge_ft_dir": str(Path(edge_ft.__file__).parent),
         "values": probs.ravel().astype(float).tolist(),
     }
     atomic_write_json(out, report)
