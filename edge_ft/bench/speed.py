@@ -70,7 +70,7 @@ def _torch_step(cfg: MethodConfig, opt: OptimizerConfig, base: dict[str, np.ndar
     return step
 
 
-def _ort_step_fn(cfg: MethodConfig, opt: OptimizerConfig, base_path: Path, engine: str, folder: Path, threads: int):
+def _ort_engine_step(cfg: MethodConfig, opt: OptimizerConfig, base_path: Path, engine: str, folder: Path, threads: int):
     """step(x, y) of an ORT engine on a bundle exported here; None when this host cannot build that engine."""
     from edge_ft.device.bundle import load_bundle
     from edge_ft.device.engines import open_engine
@@ -121,7 +121,7 @@ def measure_speed(s: SpeedSettings, progress=None) -> dict:
             opt = OptimizerConfig(DEFAULTS[method].optimizer, lr=DEFAULTS[method].lr)
             steps = {"torch": _torch_step(cfg, opt, base)}
             for engine in ENGINE_ORDER[1:]:
-                fn = _ort_step_fn(cfg, opt, base_path, engine, Path(tmp) / f"{method}-{engine}", s.threads)
+                fn = _ort_engine_step(cfg, opt, base_path, engine, Path(tmp) / f"{method}-{engine}", s.threads)
                 if fn is not None:
                     steps[engine] = fn
             for batch in s.batches:

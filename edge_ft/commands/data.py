@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ft.atomic import atomic_write_json
+from edge_ft.commands.argtypes import positive_float
 from edge_ft.data.npz import parse_class_names, save_npz
 
 
@@ -82,11 +83,8 @@ def class_names(text: str) -> list[str]:
 
 def fraction(text: str) -> float:
     """argparse type: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0 < value < 1:
+    value = positive_float(text)
+    if value >= 1:
         raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
     return value
 

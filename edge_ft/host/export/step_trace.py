@@ -44,7 +44,7 @@ def _convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, di
                  for i, o, s, p, d, k in zip(inp.shape[2:], grad_out.shape[2:], stride, padding, dilation,
                                              weight.shape[2:])]
         grad_in = aten.convolution(grad_out, weight, None, stride, padding, dilation, True, extra, 1)
-    if output_mask[1] and UNFOLD_WEIGHT_GRAD and _unit(stride, padding, dilation):
+    if output_mask[1] and _unit(stride, padding, dilation):
         grad_w = _weight_grad_unfolded(grad_out, inp, weight.shape)
     elif output_mask[1]:  # dL/dW: batch becomes the channel axis; (Cin,B,H,W) conv (Cout,B,h,w) -> (Cin,Cout,k,k)
         grad_w = aten.convolution(inp.transpose(0, 1), grad_out.transpose(0, 1), None, dilation, padding, stride,
@@ -55,10 +55,8 @@ def _convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, di
     return grad_in, grad_w, grad_b
 
 
-UNFOLD_WEIGHT_GRAD = True
-
-
 def _unit(stride, padding, dilation) -> bool:
+    """Stride 1, no padding, no dilation: the case whose windows a plain Gather unfolds."""
     return list(stride) == [1, 1] and not any(padding) and list(dilation) == [1, 1]
 
 
