@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "predict",
     "profile",
     "bench",
+    "gate",
     "speed",
     "report",
     "recommend",

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
+from edge_ft.commands.gate import add_gate_options
 from edge_ft.config import default_alpha
 from edge_ft.training_defaults import recipe_default
 
@@ -86,9 +87,12 @@ def register(subparsers) -> None:
         description="Fine-tunes every combination of --methods, --engines and --profiles, each run a child process "
         "confined to its profile (memory cap, cores, per-core speed; `host` runs natively), and appends one JSON "
         "record per run to --results. Runs already recorded are skipped, so an interrupted sweep resumes. "
-        "An out-of-memory kill or a timeout is a result, not an error. Summarise with `edge-ft report`.",
+        "An out-of-memory kill or a timeout is a result, not an error. Summarise with `edge-ft report`. With "
+        "--assert or --baseline the sweep's runs are then checked (exit 1 when a check fails; `edge-ft gate` checks "
+        "an existing results file the same way).",
     )
     add_sweep_options(p)
+    add_gate_options(p)
     p.set_defaults(func=handler)
 
 
@@ -119,10 +123,12 @@ def sweep_from_args(args, profiles: list[str]):
 
 def handler(args) -> int:
     from edge_ft.bench.sweep import run_sweep, summarize
+    from edge_ft.commands.gate import check_records, plan_gates
 
+    gates = plan_gates(args)  # a malformed gate fails now, not after the sweep
     jobs, opts = sweep_from_args(args, args.profiles)
     records = run_sweep(jobs, args.results, opts)
     if records and not args.quiet:
         print(summarize(records))
         print(f"-> {args.results}; summarise with `edge-ft report {args.results} --out DIR`")
-    return 0
+    return check_records(gates, records) if gates.active else 0
