@@ -45,7 +45,7 @@ def test_gates_that_hold_exit_0(zero, capsys):
                         "--assert", "rpi-zero-2w:*:ort-step:fits", "--assert", "rpi-*:probe*:ort-step:accuracy>=0.93",
                         "--assert", "rpi-zero-2w:full:emulation==cgroup")
     assert code == 0, out
-    assert out.splitlines()[0] == "edge-ft gates passed: 0 of 4 gates failed"
+    assert out.splitlines()[0] == "edge-ft gates passed: all 4 gates hold"
     assert "  pass  rpi-zero-2w:*:ort-step:fits" in out and "holds for 4 runs" in out  # full, probe, cached, lora
     assert "what failed" not in out
 

@@ -22,13 +22,14 @@ FAILURE_HEADER = ["check", "run", "measured", "expected / why"]
 
 
 def headline(outcomes: list[Outcome]) -> str:
-    """'edge-ft gates: FAILED: 1 of 3 gates, 0 of 2 baseline comparisons' or '... passed: ...'."""
+    """'edge-ft gates FAILED: 1 of 3 gates failed; all 2 baseline comparisons hold' or 'edge-ft gates passed: ...'."""
     parts = []
     for suite, title in SUITE_TITLES.items():
         mine = [o for o in outcomes if o.suite == suite]
         if mine:
             failed, skipped = sum(o.failed for o in mine), sum(o.status == "skip" for o in mine)
-            parts.append(f"{failed} of {len(mine)} {title} failed" + (f", {skipped} skipped" if skipped else ""))
+            held = f"{failed} of {len(mine)} {title} failed" if failed else f"all {len(mine)} {title} hold"
+            parts.append(held + (f" ({skipped} skipped)" if skipped else ""))
     verdict = "FAILED" if any(o.failed for o in outcomes) else "passed"
     return f"edge-ft gates {verdict}: {'; '.join(parts)}"
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from edge_ft.errors import UserError
 
 SCHEMA = 1  # bumped when a field changes meaning
-# Fields every record carries (tests and the report rely on them).
-REQUIRED = ("task", "method", "engine", "profile", "emulation", "status", "accuracy", "peak_rss_bytes",
-            "ms_per_step_p50", "payload_bytes", "trainable_params")
+# Fields every record carries (tests, the report and gates rely on them). time_scaled is False when the run had no
+# CPU quota (rlimit mode, native, or a board at least as fast as this machine): its times are this machine's.
+REQUIRED = ("task", "method", "engine", "profile", "emulation", "time_scaled", "status", "accuracy",
+            "peak_rss_bytes", "ms_per_step_p50", "payload_bytes", "trainable_params")
 
 
 def run_key(identity: dict) -> str:
