@@ -245,7 +245,7 @@ def test_summary_is_written_and_appended_to_the_github_step_summary(zero, tmp_pa
     assert code == 1
     text = summary.read_text()
     assert text.startswith("## edge-ft gates FAILED: 1 of 2 gates failed\n")
-    assert "| rpi-zero-2w:*:ort-step:fits | pass | holds for 4 runs |" in text
+    assert "| `rpi-zero-2w:*:ort-step:fits` | pass | holds for 4 runs |" in text
     assert "### What failed" in text
-    assert "| rpi-zero-2w:*:fits | rpi-zero-2w full torch | peak RSS 328 MB | does not fit in 320 MB |" in text
+    assert "| `rpi-zero-2w:*:fits` | rpi-zero-2w full torch | peak RSS 328 MB | does not fit in 320 MB |" in text
     assert step.read_text() == "earlier step\n" + text + "\n"  # appended, never overwritten

@@ -96,7 +96,7 @@ def compare(new: list[dict], old: list[dict], limits: dict[str, Limit], source: 
         notes.append(f"no baseline run in {source} for {len(unmatched)} run(s): {', '.join(unmatched)} "
                      "(runs match on task, method, engine, profile and settings)")
     if not outcomes:
-        outcomes.append(Outcome("baseline", f"baseline {source}", "fail", failures=[Failure(
+        outcomes.append(Outcome("baseline", f"baseline {source}", "fail", "no matching run", [Failure(
             "no run", "-", f"no run matches a run of {source} (same task, method, engine, profile and settings); "
                            "re-run the baseline with this sweep's options")]))
     return outcomes, notes

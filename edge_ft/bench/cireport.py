@@ -86,12 +86,12 @@ def write_junit(path: Path, outcomes: list[Outcome]) -> None:
 
 
 def summary_markdown(outcomes: list[Outcome], notes: list[str] = ()) -> str:
-    rows = [[_cell(o.name), "**FAIL**" if o.failed else o.status, _cell(o.detail)] for o in outcomes]
+    rows = [[_code(o.name), "**FAIL**" if o.failed else o.status, _cell(o.detail)] for o in outcomes]
     parts = [f"## {headline(outcomes)}", "", md_table(["check", "result", "detail"], rows, text_columns=3)]
     failed = failure_rows(outcomes)
     if failed:
-        parts += ["", "### What failed", "", md_table(FAILURE_HEADER, [[_cell(c) for c in r] for r in failed],
-                                                      text_columns=4)]
+        rows = [[_code(check), *map(_cell, rest)] for check, *rest in failed]
+        parts += ["", "### What failed", "", md_table(FAILURE_HEADER, rows, text_columns=4)]
     if notes:
         parts += [""] + [f"- note: {_cell(n)}" for n in notes]
     return "\n".join(parts) + "\n"
@@ -99,6 +99,11 @@ def summary_markdown(outcomes: list[Outcome], notes: list[str] = ()) -> str:
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _code(text: str) -> str:
+    """A check's name as code, so the `*` of a pattern is not read as emphasis."""
+    return f"`{_cell(text)}`"
 
 
 def write_summary(path: Path | None, outcomes: list[Outcome], notes: list[str] = ()) -> Path | None:

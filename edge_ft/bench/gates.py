@@ -214,7 +214,8 @@ def _evaluate_one(a: Assertion, records: list[dict], allow_unscaled_time: bool) 
     matched = [r for r in records if a.matches(r)]
     if not matched:
         runs = ", ".join(sorted({run_name(r) for r in records})) or "none"
-        return Outcome("gates", a.text, "fail", failures=[Failure("no run", "-", f"matched no run (runs: {runs})")])
+        return Outcome("gates", a.text, "fail", "matched no run",
+                       [Failure("no run", "-", f"matched no run (runs: {runs})")])
     failures, skipped = [], []
     for r in matched:
         if a.field == FITS:
