@@ -249,3 +249,16 @@ def test_summary_is_written_and_appended_to_the_github_step_summary(zero, tmp_pa
     assert "### What failed" in text
     assert "| `rpi-zero-2w:*:fits` | rpi-zero-2w full torch | peak RSS 328 MB | does not fit in 320 MB |" in text
     assert step.read_text() == "earlier step\n" + text + "\n"  # appended, never overwritten
+
+
+def test_a_damaged_record_fails_its_gate_in_words_not_a_traceback(tmp_path, capsys):
+    damaged = record(ZERO, "lora", "ort-step", "high", 74, 95, 6_008, fits="yes")
+    path = results_file(tmp_path / "damaged.jsonl", [damaged])
+    code, out, _ = gate(capsys, path, "--assert", "rpi-zero-2w:lora:accuracy>=0.9",
+                        "--assert", "rpi-zero-2w:lora:fits==true")
+    assert code == 1 and out.count("(a damaged record?)") == 2
+
+
+def test_fits_compared_with_false_selects_the_runs_over_budget(zero, capsys):
+    code, out, _ = gate(capsys, zero, "--assert", "rpi-zero-2w:*:torch:fits==false")
+    assert code == 0 and "holds for 2 runs" in out  # full and lora on torch are over the 320 MB budget

@@ -77,7 +77,8 @@ def comparable(record: dict, name: str):
     if name != STEP_TIME or value is None:
         return value
     if record.get("native"):
-        return value * float(record.get("host_speed") or record["settings"]["host_speed"])
+        speed = record.get("host_speed") or (record.get("settings") or {}).get("host_speed")
+        return value * float(speed) if isinstance(speed, (int, float)) else None
     return None if unscaled_time(record) else value
 
 

@@ -218,7 +218,7 @@ def _evaluate_one(a: Assertion, records: list[dict], allow_unscaled_time: bool) 
                        [Failure("no run", "-", f"matched no run (runs: {runs})")])
     failures, skipped = [], []
     for r in matched:
-        if a.field == FITS:
+        if a.field == FITS and not a.op:  # the built-in; fits==false is an ordinary comparison
             if not r.get("fits"):
                 failures.append(Failure(run_name(r), f"peak RSS {field_value(r, 'peak_rss_mb'):.0f} MB",
                                         r.get("verdict") or r.get("status", "")))
@@ -231,6 +231,9 @@ def _evaluate_one(a: Assertion, records: list[dict], allow_unscaled_time: bool) 
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
             failures.append(Failure(run_name(r), f"{a.field} not measured", f"(run {r.get('status')}: "
                                                                               f"{r.get('verdict', '')})"))
+        elif not _comparable(value, a.value):
+            failures.append(Failure(run_name(r), f"{a.field} {show_value(value)}",
+                                    f"cannot be compared with {show_value(a.value)} (a damaged record?)"))
         elif not OPS[a.op](value, a.value):
             failures.append(Failure(run_name(r), f"{a.field} {show_value(value)}",
                                     f"not {a.op} {show_value(a.value)}"))
@@ -241,6 +244,12 @@ def _evaluate_one(a: Assertion, records: list[dict], allow_unscaled_time: bool) 
         return Outcome("gates", a.text, "skip", f"skipped: {skipped[0].why}", skipped)
     note = f"; {len(skipped)} skipped (not time-scaled)" if skipped else ""
     return Outcome("gates", a.text, "pass", f"holds for {held} run{'s' * (held != 1)}{note}", skipped)
+
+
+def _comparable(value, limit) -> bool:
+    if isinstance(limit, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(limit, bool)
+    return isinstance(value, str) == isinstance(limit, str)
 
 
 def show_value(value) -> str:
