@@ -6,9 +6,9 @@
 
 Grammar: PROFILE:METHOD[:ENGINE]:FIELD OP VALUE, or PROFILE:METHOD[:ENGINE]:fits
   PROFILE, METHOD, ENGINE  a name or a pattern with `*` (`rpi-*`, `*`); ENGINE left out means every engine
-  FIELD                    any field of a record (FIELDS); X_mb / X_kb read the record's X_bytes in MiB / KiB,
+  FIELD                    a record field (NUMBER_FIELDS, BOOL_FIELDS, WORD_FIELDS); X_mb / X_kb read the record's X_bytes in MiB / KiB,
                            ms_per_step is the step time the report quotes (mean under a CPU quota, p50 otherwise)
-  OP                       <= < >= > == != (== and != only for true/false and words such as emulation==cgroup)
+  OP                       <= < >= > == != (true/false and words such as emulation==cgroup take only == and !=)
   VALUE                    a bare number in the field's unit (accuracy is a fraction: 0.9), true/false, or a word
   fits                     every matched run finished within the profile's memory budget (the record's verdict)
 Every matched run must hold; a gate that matches no run fails (a typo must not pass silently). A time field of an
@@ -144,7 +144,8 @@ def parse_assertion(text: str) -> Assertion:
     if name == FITS and not op:
         return Assertion(text, profile, method, engine, FITS)
     if not _FIELD_NAME.fullmatch(name) or (not op and "=" in name):
-        raise UserError(f"assertion {text!r}: no operator after the field {re.split(r'[=!<>]', name)[0]!r}; OP is one of "
+        field_name = re.split(r"[=!<>]", name)[0]
+        raise UserError(f"assertion {text!r}: no operator after the field {field_name!r}; OP is one of "
                         f"{' '.join(OPS)}")
     if not op:
         raise UserError(f"assertion {text!r}: no comparison; expected {GRAMMAR} with OP one of "
