@@ -62,12 +62,15 @@ def test_rlimit_runs_are_marked_as_not_time_scaled(ci_run):
 def test_an_impossible_gate_fails_the_ci_script_with_the_table_of_what_failed(ci_run, base_checkpoint):
     out, _ = ci_run
     before = (out / "results.jsonl").read_text()
+    (out / "baseline.jsonl").write_text(before)  # a baseline identical to this run: it must hold
     run = run_script(out, base_checkpoint, EDGE_FT_CI_EXTRA_GATES="rpi-zero-2w:lora:peak_rss_mb<=1\n"
-                                                                  "rpi-zero-2w:*:ms_per_step<=1000")
+                                                                  "rpi-zero-2w:*:ms_per_step<=1000",
+                     EDGE_FT_CI_BASELINE=str(out / "baseline.jsonl"))
     assert run.returncode == 1, run.stdout + run.stderr
     assert (out / "results.jsonl").read_text() == before  # the measured runs are reused, not re-measured
     lines = run.stdout.splitlines()
-    assert "edge-ft gates FAILED: 2 of 5 gates failed" in lines
+    assert "edge-ft gates FAILED: 2 of 5 gates failed; the baseline comparison holds" in lines
+    assert "  pass  rpi-zero-2w lora ort-step vs baseline" in run.stdout
     after = lines[lines.index("what failed:") + 2:]
     table = [" ".join(line.split()) for line in after[:next(i for i, x in enumerate(after) if x[:2] != "  ")]]
     assert len(table) == 2 and table[0].startswith("rpi-zero-2w:lora:peak_rss_mb<=1 rpi-zero-2w lora ort-step "

@@ -17,18 +17,19 @@ from edge_ft.bench.gates import Outcome
 from edge_ft.bench.report import md_table
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"  # the file GitHub Actions renders on the job's page
-SUITE_TITLES = {"gates": "gates", "baseline": "baseline comparisons"}
+SUITE_TITLES = {"gates": ("gate", "gates"), "baseline": ("baseline comparison", "baseline comparisons")}
 FAILURE_HEADER = ["check", "run", "measured", "expected / why"]
 
 
 def headline(outcomes: list[Outcome]) -> str:
     """'edge-ft gates FAILED: 1 of 3 gates failed; all 2 baseline comparisons hold' or 'edge-ft gates passed: ...'."""
     parts = []
-    for suite, title in SUITE_TITLES.items():
+    for suite, (one, many) in SUITE_TITLES.items():
         mine = [o for o in outcomes if o.suite == suite]
         if mine:
             failed, skipped = sum(o.failed for o in mine), sum(o.status == "skip" for o in mine)
-            held = f"{failed} of {len(mine)} {title} failed" if failed else f"all {len(mine)} {title} hold"
+            held = (f"{failed} of {len(mine)} {many} failed" if failed else
+                    f"the {one} holds" if len(mine) == 1 else f"all {len(mine)} {many} hold")
             parts.append(held + (f" ({skipped} skipped)" if skipped else ""))
     verdict = "FAILED" if any(o.failed for o in outcomes) else "passed"
     return f"edge-ft gates {verdict}: {'; '.join(parts)}"
