@@ -23,6 +23,7 @@ class LocalGrid(Grid):
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config=dict(cfg), state=RecordDict(),
                                           run_config=dict(run_config or {}))
                          for i, cfg in enumerate(node_configs)}
+        self.sent: list[Message] = []  # every message the server sent, in order
         self.replies: list[Message] = []  # every reply that reached the server, in order
         self._run = None
         # What Flower's runtime sets in a ServerApp process before it builds messages (run, node and task ids).
@@ -50,6 +51,7 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
         replies = []
         for msg in messages:
+            self.sent.append(msg)
             node = msg.metadata.dst_node_id
             try:
                 reply = self.app(msg, self.contexts[node])

@@ -6,7 +6,7 @@
     # each SuperNode: flower-supernode ... --node-config <plan.node_config_files[i]>
 
 out_dir gets (each file written atomically, plan.json last as the commit point):
-  base.safetensors + .json     the pretrained LeNet-5 (only when no `base` is given)
+  prep/base.safetensors + .json  the pretrained LeNet-5 (only when no `base` is given)
   bundle/                      the edge-ft bundle every device installs and the server starts from
   nodes/node-NN.npz            device NN's training data (its partition of the task's train pool)
   test.npz                     the held-out test set the server evaluates on
