@@ -78,7 +78,7 @@ def trainable_names(cfg: MethodConfig) -> list[str]:
         return names
     if cfg.method == "probe":
         return ["fc3.weight", "fc3.bias"]
-    trainable = [n for n in names if n.endswith((".lora_A", ".lora_B"))]
+    trainable = [n for n in names if n.endswith(".lora_B" if cfg.freeze_lora_a else (".lora_A", ".lora_B"))]
     if cfg.bias == "all":
         trainable += [n for n in names if n.endswith(".bias")]
     elif cfg.bias == "lora_only":

@@ -25,6 +25,7 @@ class MethodConfig:
     bias: str = "none"  # LoRA bias training: none | all | lora_only (PEFT semantics)
     num_classes: int = 10  # classes of the target task (the head is re-initialised if it changes)
     modules_to_save: tuple[str, ...] = ()  # lora only: layers trained whole beside the adapters (PEFT's name)
+    freeze_lora_a: bool = False  # lora only: lora_A stays at its seeded start, only B trains (FFA-LoRA)
 
     def __post_init__(self):
         from edge_ft.errors import UserError
@@ -62,6 +63,8 @@ class MethodConfig:
             object.__setattr__(self, "modules_to_save", tuple(m for m in LINEAR_LAYERS if m in self.modules_to_save))
         elif self.modules_to_save:
             raise UserError(f"--modules-to-save is a LoRA option; {self.method} decides itself what trains")
+        elif self.freeze_lora_a:
+            raise UserError(f"freezing lora_A (FFA-LoRA) is a LoRA option; {self.method} has no lora_A")
 
     @property
     def scaling(self) -> float:
@@ -73,6 +76,8 @@ class MethodConfig:
             d.update(rank=self.rank, alpha=self.alpha, targets=list(self.targets), bias=self.bias)
             if self.modules_to_save:  # only when set: records of plain LoRA stay as they were
                 d["modules_to_save"] = list(self.modules_to_save)
+            if self.freeze_lora_a:  # likewise only when set
+                d["freeze_lora_a"] = True
         return d
 
     @classmethod

@@ -12,9 +12,12 @@ def register(subparsers) -> None:
         description="Reads RESULTS.jsonl (from `edge-ft bench`; the latest record of each run counts) and writes "
         "DIR/report.md with one table per device profile, the measured goal ratios, a recommendation per "
         "profile, and PNG plots: accuracy vs shipped bytes, peak RSS against the budget, ms/step, epoch time, "
-        "and analytical FLOPs vs measured step time.",
+        "and analytical FLOPs vs measured step time. Given fleet results folders (the ServerApp's results-dir, "
+        "holding rounds.jsonl) instead, writes DIR/fleet.md and the fleet plots: global accuracy vs round and vs "
+        "cumulative bytes transferred, one line per run (full / probe / LoRA).",
     )
-    p.add_argument("results", type=Path, metavar="RESULTS.jsonl", help="results file from `edge-ft bench`")
+    p.add_argument("results", type=Path, nargs="+", metavar="RESULTS",
+                   help="results file from `edge-ft bench`, or one or more fleet results folders")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for report.md and the plots")
     p.add_argument("--task", metavar="TASK", help="only this task's runs (default: all)")
     p.set_defaults(func=handler)
@@ -30,7 +33,17 @@ def handler(args) -> int:
         raise UserError("edge-ft report draws its plots with matplotlib: pip install matplotlib, or "
                         + install_hint("host"))
     from edge_ft.bench.report import write_report
+    from edge_ft.fleet.records import is_fleet_records
 
+    if all(is_fleet_records(p) for p in args.results):
+        from edge_ft.fleet.report import write_fleet_report
+
+        path = write_fleet_report(args.results, args.out)
+        print(f"{path} (fleet, {len(args.results)} runs)")
+        return 0
+    if len(args.results) > 1:
+        raise UserError("several results are fleet results folders only; give one `edge-ft bench` results file")
+    args.results = args.results[0]
     records = read_records(args.results, missing_ok=False)
     if args.task:
         from edge_ft.data.tasks import get_task

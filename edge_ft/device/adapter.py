@@ -95,13 +95,20 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32", for
     if {n: tuple(v.shape) for n, v in trained.items()} != expected:
         raise UserError(f"{run / 'trained.safetensors'}: its tensors are not what a {cfg.method} run trains "
                         f"(results.json); the run folder mixes two runs, re-run `edge-ft train`")
+    return write_adapter(out, trained, cfg, info["base"], classes, dtype)
+
+
+def write_adapter(out: Path, trained: dict[str, np.ndarray], cfg: MethodConfig, base: dict,
+                  classes: list[str] | None, dtype: str = "float32") -> dict:
+    """The three adapter files for `trained` (edge-ft names) of a `cfg` model on `base` ({"sha256", "file"});
+    the caller checked the tensors. Returns the record."""
     (out / RECORD).unlink(missing_ok=True)  # uncommitted until the new record is written
     tensors = {peft_key(n): np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in trained.items()}
     atomic_save_safetensors(out / WEIGHTS, tensors, metadata={"format": "pt"})  # PEFT/transformers read "pt"
-    atomic_write_json(out / CONFIG, peft_config(cfg, info["base"]))
+    atomic_write_json(out / CONFIG, peft_config(cfg, base))
     record = {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, "method": cfg.method,
-              "method_config": cfg.to_dict(), "base_sha256": info["base"]["sha256"],
-              "base_file": info["base"].get("file"), "num_classes": cfg.num_classes, "classes": classes,
+              "method_config": cfg.to_dict(), "base_sha256": base["sha256"],
+              "base_file": base.get("file"), "num_classes": cfg.num_classes, "classes": classes,
               "dtype": dtype,
               "files": {name: sha256_file(out / name) for name in (WEIGHTS, CONFIG)}}
     atomic_write_json(out / RECORD, record)
@@ -158,6 +165,11 @@ def _layers(value) -> list[str] | None:
     return sorted(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
 
 
+def shipped_frozen(bundle: Bundle) -> list[str]:
+    """Frozen tensors an adapter still carries: under FFA-LoRA lora_A does not train, but PEFT needs it."""
+    return [n for n in bundle.frozen if n.endswith(".lora_A")] if bundle.method.freeze_lora_a else []
+
+
 def check_adapter(bundle: Bundle, adapter: Adapter) -> None:
     """Refuse an adapter made for another base, method, rank, layer set, class count, dtype or shape."""
     record, config, tensors, cfg = adapter.record, adapter.peft, adapter.tensors, bundle.method
@@ -187,14 +199,16 @@ def check_adapter(bundle: Bundle, adapter: Adapter) -> None:
     dtype = record.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         refuse(f"adapter dtype {dtype!r} is not float32 or float16")
-    if set(tensors) != set(bundle.trainable):
-        missing, extra = sorted(set(bundle.trainable) - set(tensors)), sorted(set(tensors) - set(bundle.trainable))
+    wanted = set(bundle.trainable) | set(shipped_frozen(bundle))
+    if set(tensors) != wanted:
+        missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
         refuse(f"tensor {(missing or extra)[0]!r} is {'missing' if missing else 'not trainable in this method'}")
     for name, value in tensors.items():
         if value.dtype != DTYPES[dtype]:
             refuse(f"{name} is {value.dtype}, the config says {dtype}")
-        if tuple(value.shape) != bundle.trainable[name]:
-            refuse(f"{name} has shape {tuple(value.shape)}, the bundle needs {bundle.trainable[name]}")
+        shape = bundle.trainable.get(name) or bundle.frozen[name]
+        if tuple(value.shape) != shape:
+            refuse(f"{name} has shape {tuple(value.shape)}, the bundle needs {shape}")
         if not np.all(np.isfinite(value)):
             refuse(f"{name} contains NaN or Inf")
     # Last, as the most general refusal: files that fit but are not the ones the record was written for.
@@ -212,6 +226,9 @@ def apply_adapter(bundle: Bundle, folder: str | Path) -> Path:
     """
     adapter = load_adapter(folder)
     check_adapter(bundle, adapter)
+    if shipped_frozen(bundle):
+        raise UserError(f"{bundle.path}: keeps lora_A fixed (FFA-LoRA), so an adapter's A cannot be applied to it; "
+                        "merge the adapter (`edge-ft adapter merge`) or apply it to a plain LoRA bundle")
     remove_stale_temps(bundle.path)  # of an apply that was killed mid-write
     pending = bundle.file(PENDING_ADAPTER)
     atomic_save_safetensors(pending, {k: v.astype(np.float32) for k, v in adapter.tensors.items()},

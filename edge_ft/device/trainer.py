@@ -117,12 +117,14 @@ def load_runtime(engine: str) -> int:
 
 def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[np.ndarray, np.ndarray] | None,
           s: TrainSettings, out: str | Path, rss_after_imports: int | None = None, resume: bool = False,
-          classes: list[str] | None = None) -> dict:
+          classes: list[str] | None = None, initial: dict[str, np.ndarray] | None = None) -> dict:
     """Fine-tune `bundle` on data (x uint8 (N,28,28), y int64 (N,)); write the run folder; return results.
 
     rss_after_imports: measured by the caller with load_runtime() before it loaded the data (else measured here).
     resume: continue from the run folder's last checkpoint (same bundle, data and settings), if it has one.
     classes: the name of each label (from the data or the bundle), written into model.onnx and results.json.
+    initial: trainable tensors to start from instead of the bundle's (a fleet's global model), set after any
+    applied adapter; the caller checked names and shapes.
     """
     out = Path(out)
     x, y = data
@@ -161,6 +163,8 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
         applied = bundle.applied_adapter()  # the head bundle of a probe shares its parent's applied adapter
         if applied:
             engine.load_trainable(applied)
+        if initial:
+            engine.load_trainable(initial)
         if resume_state is not None:  # rebuilds the engine's state whole: nothing of the old one is written to
             engine.load_state(str(resume_state))
 

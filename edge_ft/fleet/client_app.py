@@ -1,0 +1,94 @@
+"""The fleet's device runtime: a Flower ClientApp that trains the node's own data with its installed bundle.
+
+Torch- and onnx-free (numpy + onnxruntime + safetensors + flwr). The node holds its data and bundle; the node
+config names them (NODE_KEYS). Each train message brings the global trainable tensors and the round's settings;
+the device sets the tensors into its engine, runs the device trainer (edge_ft.device.trainer, the bundle's engine)
+for the configured local steps or epochs, and replies with only the trainable tensors plus its metrics
+(edge_ft.fleet.updates.METRIC_KEYS). Nothing else leaves the device.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from edge_ft.checkpoint import load_safetensors
+from edge_ft.data.npz import load_npz
+from edge_ft.device.bundle import Bundle, load_bundle
+from edge_ft.device.trainer import TrainSettings, train
+from edge_ft.errors import UserError
+from edge_ft.fleet.updates import ARRAYS, CONFIG, METRICS, WEIGHT_KEY, from_arrays, to_arrays
+
+# node_config keys (`flower-supernode --node-config`); threads is optional (0 = onnxruntime's default)
+NODE_KEYS = ("partition-id", "num-partitions", "data", "bundle")
+SEED_STRIDE = 1000  # batch order differs per round and per device: seed·STRIDE² + round·STRIDE + partition
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class Node:
+    partition: int  # this device's partition id
+    data: Path  # the device's own training data (.npz)
+    bundle: Path  # the bundle folder installed on the device
+    threads: int  # onnxruntime intra-op threads
+
+
+def node_from_config(node_config) -> Node:
+    missing = [k for k in NODE_KEYS if k not in node_config]
+    if missing:
+        raise UserError(f"node config lacks {missing[0]!r} (a fleet node needs {', '.join(NODE_KEYS)})")
+    return Node(int(node_config["partition-id"]), Path(str(node_config["data"])), Path(str(node_config["bundle"])),
+                int(node_config.get("threads", 0)))
+
+
+_bundles: dict[Path, Bundle] = {}  # a ClientApp process may serve several rounds: verify each bundle once
+
+
+def _bundle(path: Path) -> Bundle:
+    if path not in _bundles:
+        _bundles[path] = load_bundle(path)
+    return _bundles[path]
+
+
+def local_settings(config, partition: int) -> TrainSettings:
+    """The round's training settings from the server's ConfigRecord."""
+    steps = int(config["local-steps"])
+    seed = (int(config["seed"]) * SEED_STRIDE + int(config["server-round"])) * SEED_STRIDE + partition
+    return TrainSettings(batch=int(config["batch"]), epochs=int(config["local-epochs"]), steps=steps or None,
+                         lr=float(config["lr"]), schedule="constant", seed=seed, quiet=True)
+
+
+@app.train()
+def train_round(msg: Message, context: Context) -> Message:
+    node = node_from_config(context.node_config)
+    bundle = _bundle(node.bundle)
+    x, y = load_npz(node.data, num_classes=bundle.num_classes)
+    received = msg.content[ARRAYS]
+    start = from_arrays(received)
+    wrong = sorted(set(start) ^ set(bundle.trainable)) or [
+        n for n, v in start.items() if tuple(v.shape) != bundle.trainable[n]]
+    if wrong:
+        raise UserError(f"the server's tensors do not fit bundle {node.bundle} ({wrong[0]!r}); "
+                        "install the bundle of this fleet run")
+    settings = local_settings(msg.content[CONFIG], node.partition)
+    settings = TrainSettings(**{**settings.__dict__, "threads": node.threads})
+    with tempfile.TemporaryDirectory(prefix="edge-ft-fleet-round-") as run:
+        results = train(bundle, (x, y), (x, y), settings, run, initial=start)
+        trained = load_safetensors(Path(run) / "trained.safetensors")
+    arrays = to_arrays(trained)
+    metrics = MetricRecord({
+        WEIGHT_KEY: len(y),  # FedAvg weighs a device by the examples it holds
+        "steps": int(results["steps"]),
+        "loss": float(sum(results["losses"]) / len(results["losses"])),
+        "local-accuracy": float(results["accuracy"]),
+        "ms-per-step": float(results["step_latency_ms"]["p50"]),
+        "peak-rss-mb": float(results["memory_mb"]["peak_rss_sampled"]),
+        "bytes-down": int(received.count_bytes()),
+        "bytes-up": int(arrays.count_bytes()),
+    })
+    return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)

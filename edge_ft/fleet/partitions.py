@@ -1,0 +1,96 @@
+"""Split a task's training pool across the fleet's devices, the way real devices would hold it (numpy only).
+
+  writers          mnist→digits: each device holds the digits of one writer or a few. The UCI file lists its
+                   13 writers one after another (edge_ft.data.tasks), so the train pool is cut into writer-sized
+                   blocks of 1797/13 ≈ 138 rows and each device gets a run of whole blocks. Writer boundaries are
+                   not recorded in the file: a block edge may fall a few rows inside a neighbour's digits.
+  dirichlet:ALPHA  label skew: for each class, the shares of the devices are drawn from Dirichlet(ALPHA) (small
+                   ALPHA: few classes per device; large: near-IID), the usual non-IID benchmark for Fashion.
+  iid              a seeded shuffle dealt out evenly (the reference the two skews are measured against).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_ft.errors import UserError
+
+UCI_ROWS, UCI_WRITERS = 1797, 13  # scikit-learn's copy of the UCI optdigits test file
+SCHEMES = ("writers", "dirichlet:ALPHA", "iid")
+DIRICHLET_TRIES = 100  # redraws until every device holds at least `min_size` examples
+
+
+def parse_partitioning(text: str) -> tuple[str, float | None]:
+    """'writers' -> ('writers', None); 'dirichlet:0.5' -> ('dirichlet', 0.5); 'iid' -> ('iid', None)."""
+    name, _, arg = text.partition(":")
+    if name in ("writers", "iid") and not arg:
+        return name, None
+    if name == "dirichlet":
+        try:
+            alpha = float(arg)
+        except ValueError:
+            alpha = float("nan")
+        if not alpha > 0 or not np.isfinite(alpha):
+            raise UserError(f"partitioning {text!r}: dirichlet needs a positive concentration, e.g. dirichlet:0.5")
+        return name, alpha
+    raise UserError(f"unknown partitioning {text!r}: choose one of {', '.join(SCHEMES)}")
+
+
+def writer_blocks(rows: int) -> list[tuple[int, int]]:
+    """[start, end) of each writer-sized block among the first `rows` rows of the UCI file (the last may be cut)."""
+    edges = [round(k * UCI_ROWS / UCI_WRITERS) for k in range(UCI_WRITERS + 1)]
+    return [(a, min(b, rows)) for a, b in zip(edges, edges[1:]) if a < rows]
+
+
+def by_writer(rows: int, num_nodes: int) -> list[np.ndarray]:
+    """Row indices per device: runs of whole writer blocks, as even as whole blocks allow."""
+    blocks = writer_blocks(rows)
+    if num_nodes > len(blocks):
+        raise UserError(f"{num_nodes} devices but the train pool holds only {len(blocks)} writers; "
+                        f"use at most {len(blocks)} devices for the writer split")
+    cuts = [round(i * len(blocks) / num_nodes) for i in range(num_nodes + 1)]
+    return [np.arange(blocks[a][0], blocks[b - 1][1]) for a, b in zip(cuts, cuts[1:])]
+
+
+def by_dirichlet(y: np.ndarray, num_nodes: int, alpha: float, seed: int, min_size: int = 1) -> list[np.ndarray]:
+    """Row indices per device with Dirichlet(alpha) label shares; every device gets >= min_size rows."""
+    if len(y) < num_nodes * min_size:
+        raise UserError(f"{len(y)} training examples cannot give {num_nodes} devices {min_size} each")
+    rng = np.random.default_rng(seed)
+    for _ in range(DIRICHLET_TRIES):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_nodes)]
+        for c in np.unique(y):
+            members = rng.permutation(np.flatnonzero(y == c))
+            shares = rng.dirichlet(np.full(num_nodes, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for node, chunk in enumerate(np.split(members, cuts)):
+                parts[node].append(chunk)
+        out = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in out) >= min_size:
+            return out
+    raise UserError(f"dirichlet:{alpha} left a device with fewer than {min_size} examples in {DIRICHLET_TRIES} "
+                    "draws; raise alpha or use fewer devices")
+
+
+def by_iid(n: int, num_nodes: int, seed: int) -> list[np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(order, num_nodes)]
+
+
+def partition(scheme: str, y: np.ndarray, num_nodes: int, seed: int, task_target: str) -> list[np.ndarray]:
+    """Indices into the train pool for each device, by the `--partitioning` text."""
+    if num_nodes < 1:
+        raise UserError(f"the fleet needs at least one device, got {num_nodes}")
+    name, alpha = parse_partitioning(scheme)
+    if name == "writers":
+        if task_target != "digits":
+            raise UserError("the writer split needs the UCI digits (mnist-digits); other tasks have no writers, "
+                            "use dirichlet:ALPHA or iid")
+        return by_writer(len(y), num_nodes)
+    if name == "dirichlet":
+        return by_dirichlet(y, num_nodes, alpha, seed)
+    return by_iid(len(y), num_nodes, seed)
+
+
+def label_histogram(y: np.ndarray, num_classes: int) -> list[int]:
+    return np.bincount(y, minlength=num_classes).tolist()

@@ -1,0 +1,141 @@
+"""Plan a fleet run on the host: the bundle, one data file per device, the test set and the configs Flower needs.
+
+    plan = plan_fleet(Path("runs/fleet/lora-ffa"), method="lora", task="mnist-digits", num_nodes=6,
+                      partitioning="writers", rounds=10, local_steps=0, aggregation="ffa", seed=0)
+    flwr run plan.app_dir CONNECTION --run-config plan.run_config_file    # the deployment runs it
+    # each SuperNode: flower-supernode ... --node-config <plan.node_config_files[i]>
+
+out_dir gets (each file written atomically, plan.json last as the commit point):
+  prep/base.safetensors + .json  the pretrained LeNet-5 (only when no `base` is given)
+  bundle/                      the edge-ft bundle every device installs and the server starts from
+  nodes/node-NN.npz            device NN's training data (its partition of the task's train pool)
+  test.npz                     the held-out test set the server evaluates on
+  run_config.toml, nodes/node-NN.toml   the same configs as files (`--run-config FILE`, `--node-config FILE`)
+  plan.json                    the settings, the partitions' sizes and label counts, both configs
+  results/                     where the ServerApp writes (edge_ft.fleet.records)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir
+from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.data.npz import save_npz
+from edge_ft.data.tasks import get_task, target_split
+from edge_ft.errors import UserError
+from edge_ft.fleet.aggregate import check_aggregation
+from edge_ft.fleet.partitions import label_histogram, partition
+from edge_ft.training_defaults import DEFAULT_LR
+
+PLAN, BUNDLE, NODES, TEST, RESULTS, RUN_CONFIG = "plan.json", "bundle", "nodes", "test.npz", "results", \
+    "run_config.toml"
+ConfigValue = int | float | str | bool
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    app_dir: Path  # the Flower App folder `flwr run` points at
+    run_config: dict[str, ConfigValue]  # `flwr run --run-config`; keys: edge_ft.fleet.server_app.RUN_KEYS
+    node_configs: list[dict[str, ConfigValue]]  # one per SuperNode (`--node-config`); keys: client_app.NODE_KEYS
+    results_dir: Path  # where the ServerApp writes per-round records, its state and the final adapter
+
+    @property
+    def run_config_file(self) -> Path:
+        return self.results_dir.parent / RUN_CONFIG
+
+    @property
+    def node_config_files(self) -> list[Path]:
+        return [self.results_dir.parent / NODES / f"node-{i:02d}.toml" for i in range(len(self.node_configs))]
+
+
+def app_dir() -> Path:
+    """The Flower App folder (pyproject.toml with [tool.flwr.app]) inside the installed package."""
+    return Path(__file__).resolve().parent / "app"
+
+
+def toml_line(key: str, value: ConfigValue) -> str:
+    """One `key = value` TOML line (strings as basic strings; JSON's escapes are TOML's)."""
+    if isinstance(value, bool):
+        return f"{key} = {'true' if value else 'false'}"
+    if isinstance(value, (int, float)):
+        return f"{key} = {value!r}"
+    return f"{key} = {json.dumps(str(value))}"
+
+
+def config_arg(config: dict[str, ConfigValue]) -> str:
+    """The config as Flower's `KEY=VALUE KEY=VALUE` argument (no value may contain a space)."""
+    return " ".join(toml_line(k, v).replace(" = ", "=", 1) for k, v in config.items())
+
+
+def plan_fleet(out_dir: Path, *, method: str, task: str, num_nodes: int, partitioning: str, rounds: int,
+               local_steps: int, aggregation: str, seed: int, local_epochs: int = 1, batch: int = 32,
+               lr: float | None = None, rank: int = 2, engine: str = "ort-step", base: Path | None = None,
+               shots: int | None = None, fraction_train: float = 1.0, min_train_nodes: int | None = None,
+               min_available_nodes: int | None = None, round_timeout: float = 600.0, threads: int = 0,
+               resume: bool = False, quiet: bool = True) -> FleetPlan:
+    """Write everything a fleet run needs into out_dir and return the plan (see the module docstring).
+
+    local_steps 0 trains local_epochs passes per round; lr None takes the method's recipe default; min_train_nodes
+    and min_available_nodes default to num_nodes - 1 (at least 1), so a round completes when one device dies.
+    """
+    from edge_ft.bench.prepare import ensure_base
+    from edge_ft.host.export import export_bundle
+
+    out_dir = Path(out_dir).resolve()
+    check_aggregation(aggregation, method)
+    if rounds < 1 or batch < 1 or local_steps < 0 or (local_steps == 0 and local_epochs < 1):
+        raise UserError("rounds and batch must be positive, and local steps (or local epochs) too")
+    spec = get_task(task)
+    split = target_split(spec, shots)
+    parts = partition(partitioning, split.y_train, num_nodes, seed, spec.target)
+    ensure_dir(out_dir / NODES)
+    if base is None:
+        base, _ = ensure_base(out_dir, None, None, quiet)
+    cfg = MethodConfig(method, rank=rank, num_classes=split.num_classes, freeze_lora_a=aggregation == "ffa")
+    lr = DEFAULT_LR[method] if lr is None else lr
+    (out_dir / PLAN).unlink(missing_ok=True)  # uncommitted until the new plan is written
+    export_bundle(cfg, OptimizerConfig("adamw", lr=lr), base, out_dir / BUNDLE, engine=engine, seed=seed,
+                  classes=list(spec.classes))
+    save_npz(out_dir / TEST, split.x_test, split.y_test, spec.classes)
+    node_configs = []
+    for i, idx in enumerate(parts):
+        data = out_dir / NODES / f"node-{i:02d}.npz"
+        save_npz(data, split.x_train[idx], split.y_train[idx], spec.classes)
+        node = {"partition-id": i, "num-partitions": num_nodes, "data": str(data), "bundle": str(out_dir / BUNDLE)}
+        if threads:
+            node["threads"] = threads
+        node_configs.append(node)
+        atomic_write_text(out_dir / NODES / f"node-{i:02d}.toml", "".join(toml_line(k, v) + "\n"
+                                                                          for k, v in node.items()))
+    quorum = max(1, num_nodes - 1)
+    run_config: dict[str, ConfigValue] = {
+        "method": method, "aggregation": aggregation, "rounds": rounds, "local-steps": local_steps,
+        "local-epochs": local_epochs, "batch": batch, "lr": float(lr), "seed": seed, "partitioning": partitioning,
+        "num-nodes": num_nodes, "fraction-train": float(fraction_train),
+        "min-train-nodes": quorum if min_train_nodes is None else min_train_nodes,
+        "min-available-nodes": quorum if min_available_nodes is None else min_available_nodes,
+        "round-timeout": float(round_timeout), "bundle": str(out_dir / BUNDLE), "test-data": str(out_dir / TEST),
+        "results-dir": str(out_dir / RESULTS), "resume": resume,
+    }
+    atomic_write_text(out_dir / RUN_CONFIG, "".join(toml_line(k, v) + "\n" for k, v in run_config.items()))
+    ensure_dir(out_dir / RESULTS)
+    atomic_write_json(out_dir / PLAN, {
+        "task": spec.name, "engine": engine, "rank": rank if method == "lora" else None, "shots": shots,
+        "partitions": [{"examples": len(idx), "labels": label_histogram(split.y_train[idx], split.num_classes)}
+                       for idx in parts],
+        "test_examples": len(split.y_test), "run_config": run_config, "node_configs": node_configs})
+    return FleetPlan(app_dir(), run_config, node_configs, out_dir / RESULTS)
+
+
+def load_plan(out_dir: Path) -> FleetPlan:
+    """The plan plan_fleet committed in out_dir."""
+    path = Path(out_dir) / PLAN
+    try:
+        saved = json.loads(path.read_text())
+        return FleetPlan(app_dir(), saved["run_config"], saved["node_configs"],
+                         Path(saved["run_config"]["results-dir"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: no readable fleet plan ({e}); plan the run again") from None
