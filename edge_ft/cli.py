@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "speed",
     "report",
     "recommend",
+    "fleet",
     "demo",
 ]
 
