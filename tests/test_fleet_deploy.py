@@ -153,7 +153,8 @@ def test_node_killed_mid_round_rejoins(tmp_path):
 
 
 _DRIVER = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell starts us with SIGINT ignored
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from fleet_support import PLAN

@@ -251,7 +251,7 @@ class Federation:
         stop_groups([self.runner] + [n.current.proc if n.current else None for n in self.nodes] + [self.link])
         for node in self.nodes:
             node.stop()
-        kill_pids(self._link_pids)
+        kill_pids(self._link_pids, self.run_dir)
 
 
 def run_federation(plan: Plan, node_profiles: list[str], *, tls: bool = True, auth: bool = True,

@@ -104,12 +104,13 @@ def stop_groups(procs: list[subprocess.Popen | None], grace: float = STOP_GRACE)
             proc.wait(2)
 
 
-def kill_pids(pids) -> None:
-    """SIGKILL processes that left their group (Flower starts the ServerApp's SuperExec in a session of its own)."""
+def kill_pids(pids, run_dir: Path) -> None:
+    """SIGKILL processes of this run that left their group (Flower starts the ServerApp's SuperExec in a session of
+    its own). A pid is killed only while it still carries this run's mark: a recycled pid is someone else's."""
     for pid in pids:
         with contextlib.suppress(psutil.Error):
             p = psutil.Process(pid)
-            if p.status() != psutil.STATUS_ZOMBIE:
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(RUN_MARK) == str(run_dir):
                 p.kill()
 
 
@@ -198,13 +199,13 @@ class SuperNode:
 
     def _start_superexec(self, conf: Confinement, port: int, log: Path) -> None:
         """Isolation "process": the SuperExec (which starts a ClientApp per message) is started beside the
-        SuperNode, in the same process group and cgroup, as a device's service manager would."""
+        SuperNode, in the same cgroup, as a device's service manager would; it ends with the cgroup, the pid sweep
+        of stop(), or by itself when the SuperNode is gone (--parent-pid)."""
         argv = [str(self.device_bin / "flower-superexec"), "--insecure", "--runtime-api-address",
                 f"127.0.0.1:{port}", "--parent-pid", str(self.current.proc.pid)]
         with open(log.with_suffix(".superexec.log"), "wb") as out:
             proc = subprocess.Popen(conf.command(argv), env=conf.env, cwd=self.run_dir, stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    process_group=self.current.proc.pid)
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.seen.add(proc.pid)
 
     def pids(self) -> list[int]:
@@ -294,6 +295,7 @@ class SuperNode:
             os.killpg(life.proc.pid, signal.SIGKILL)
         if life.confinement.job is not None:
             life.confinement.job.kill()
+        kill_pids(self.seen, self.run_dir)
         with contextlib.suppress(subprocess.TimeoutExpired):
             life.proc.wait(5)
         self._finish(life)
@@ -305,7 +307,7 @@ class SuperNode:
             return
         if life.confinement.job is not None:
             life.confinement.job.kill()
-        kill_pids(self.seen)
+        kill_pids(self.seen, self.run_dir)
         self._finish(life)
 
     def _finish(self, life: NodeLife) -> None:
