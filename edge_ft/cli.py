@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "speed",
     "report",
     "recommend",
+    "fleet",
     "demo",
 ]
 

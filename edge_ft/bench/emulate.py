@@ -125,6 +125,54 @@ def run_confined(argv: list[str], profile: DeviceProfile, env: dict | None = Non
     host: this machine's speed (HostSpeed.resolve(): cached or measured); None treats this machine as the
     reference core with no throttling correction, so a profile's cpu_speed is its share of a CPU here.
     """
+    conf = confine(profile, env, mode=mode, threads=threads, host=host)
+    try:
+        run = _run_and_watch(conf.command(argv), conf.env, cwd, timeout, conf.job, sample_interval, tail_chars)
+    finally:
+        conf.remove()
+    return ConfinedResult(argv=list(argv), profile=profile.name, **conf.fields(), **run)
+
+
+@dataclass
+class Confinement:
+    """How one job is confined: its cgroups (or rlimit/affinity spec), environment and the quotas applied."""
+
+    mode: str  # native | cgroup | rlimit (after any fallback)
+    job: CgroupJob | None  # the cgroups (cgroup mode)
+    spec: dict  # what enter.py applies before exec: cgroup.procs files, RLIMIT_DATA, CPU affinity
+    env: dict[str, str]  # the child's environment: thread counts, EDGE_FT_PROFILE, EDGE_FT_EMULATION
+    cpus: list[int] | None  # CPUs the job may use (None: all)
+    threads: int  # thread count given to BLAS/OpenMP/onnxruntime
+    memory_limit_bytes: int | None  # the cap imposed (None: native)
+    thread_share: float | None  # CPU quota per thread (share of one CPU here); None: uncapped
+    total_share: float | None  # CPU quota of the whole job; None: uncapped
+    efficiency: float | None  # the throttling correction the quota was raised by
+    host: HostSpeed  # this machine's speed the quotas were scaled by
+    notes: list[str]  # caveats about this emulation
+
+    def command(self, argv: list[str]) -> list[str]:
+        """argv prefixed by the entry program that applies the limits before the job's first instruction."""
+        return [sys.executable, "-I", "-S", str(_ENTER), _json(self.spec), "--", *argv]
+
+    def remove(self) -> None:
+        if self.job is not None:
+            self.job.remove()
+
+    def fields(self) -> dict:
+        """The ConfinedResult fields that describe the confinement."""
+        scaled = self.job is not None and self.thread_share is not None
+        return dict(emulation=self.mode, threads=self.threads, cpus=self.cpus,
+                    memory_limit_bytes=self.memory_limit_bytes,
+                    cpu_quota=self.thread_share if scaled else None, total_quota=self.total_share if scaled else None,
+                    quota_efficiency=self.efficiency if scaled else None, host_speed=self.host.speed,
+                    host_speed_source=self.host.source, time_scaled=scaled, notes=list(self.notes))
+
+
+def confine(profile: DeviceProfile, env: dict | None = None, *, mode: str = "auto", threads: int | None = None,
+            host: HostSpeed | None = None, cpu_cap: bool = True) -> Confinement:
+    """Create the limits for one job under `profile` (see run_confined); the caller starts the child with
+    `command(argv)` and `env`, and calls `remove()` when it has ended. cpu_cap=False keeps memory, cores and
+    thread counts but lifts the CPU quota (times are then this machine's)."""
     if mode not in MODES:
         raise UserError(f"unknown emulation mode {mode!r}: choose one of {', '.join(MODES)}")
     host = host or HostSpeed.reference()
@@ -135,7 +183,7 @@ def run_confined(argv: list[str], profile: DeviceProfile, env: dict | None = Non
     share = host.share(profile.cpu_speed)
     cpus = None if mode == "native" else plan_cpus(profile)
     job, thread_share, total_share, efficiency = None, None, None, None
-    if mode == "cgroup" and share < 1:
+    if mode == "cgroup" and share < 1 and cpu_cap:
         thread_share, efficiency = host.thread_quota(profile.cpu_speed, cpus)
         total_share = thread_share * profile.thread_speedup(threads)
     if mode == "cgroup":
@@ -146,8 +194,10 @@ def run_confined(argv: list[str], profile: DeviceProfile, env: dict | None = Non
             notes.append(f"cgroups unavailable ({e}); fell back to rlimit: memory cap via RLIMIT_DATA, "
                          "times are this machine's")
             mode = "rlimit"
-    if job is not None:
+    if job is not None and cpu_cap:
         notes += _cgroup_notes(profile, share, total_share, cpus, threads)
+    elif job is not None and share < 1:
+        notes.append("CPU quota lifted: memory cap, cores and threads are the device's, times are this machine's")
     elif mode == "rlimit" and share < 1:
         notes.append(f"not time-scaled: the device core is ~{share:.2f}x this one; wall times are this machine's")
     spec = {"procs": job.entry_files() if job else [],
@@ -159,19 +209,9 @@ def run_confined(argv: list[str], profile: DeviceProfile, env: dict | None = Non
         # On the board an OpenMP thread spin-waiting for work occupies its own core and costs the worker nothing;
         # under one shared job quota it would burn the worker's CPU time (torch ran 10x slower here). Sleep instead.
         child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        run = _run_and_watch([sys.executable, "-I", "-S", str(_ENTER), _json(spec), "--", *argv], child_env,
-                             cwd, timeout, job, sample_interval, tail_chars)
-    finally:
-        if job is not None:
-            job.remove()
-    scaled = job is not None and thread_share is not None
-    return ConfinedResult(
-        argv=list(argv), profile=profile.name, emulation=mode, threads=threads, cpus=cpus,
-        memory_limit_bytes=None if mode == "native" else profile.budget_bytes,
-        cpu_quota=thread_share if scaled else None, total_quota=total_share if scaled else None,
-        quota_efficiency=efficiency if scaled else None, host_speed=host.speed, host_speed_source=host.source,
-        time_scaled=scaled, notes=notes, **run)
+    return Confinement(mode, job, spec, child_env, cpus, threads,
+                       None if mode == "native" else profile.budget_bytes, thread_share, total_share, efficiency,
+                       host, notes)
 
 
 def _json(obj) -> str:

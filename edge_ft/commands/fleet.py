@@ -1,0 +1,121 @@
+"""`edge-ft fleet run`: federated fine-tuning on a fleet of emulated devices through Flower (host)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from edge_ft.commands.argtypes import int_at_least
+from edge_ft.commands.bench import add_host_speed_option
+
+DEFAULT_NODES = "4xrpi-zero-2w,2xrpi-4b-2gb"
+DEFAULT_OUT = Path("runs/fleet")
+_COUNTED = re.compile(r"^(\d+)x(.+)$")
+
+
+def node_list(text: str) -> list[str]:
+    """'4xrpi-zero-2w,2xrpi-4b-2gb' -> one profile name per node, in order."""
+    nodes: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        m = _COUNTED.match(item)
+        count, name = (int(m.group(1)), m.group(2)) if m else (1, item)
+        if count < 1:
+            raise argparse.ArgumentTypeError(f"a node count must be at least 1, got {item!r}")
+        nodes += [name] * count
+    if not nodes:
+        raise argparse.ArgumentTypeError("must name at least one device profile, e.g. 4xrpi-zero-2w,2xrpi-4b-2gb")
+    return nodes
+
+
+def fault_spec(text: str):
+    """'NODE@ROUND' -> Fault(node, round)."""
+    from edge_ft.fleet.deploy import Fault
+
+    node, sep, rnd = text.partition("@")
+    if not (sep and node.isdigit() and rnd.isdigit() and int(rnd) >= 1):
+        raise argparse.ArgumentTypeError(f"expected NODE@ROUND (e.g. 1@2), got {text!r}")
+    return Fault(node=int(node), round=int(rnd))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fleet", help="federated fine-tuning on a fleet of emulated devices (Flower SuperLink + SuperNodes)",
+        description="Federated fine-tuning with Flower 1.42 on this machine: one SuperLink (host venv) and one "
+        "SuperNode per device (device venv, no torch), each confined to its device profile.")
+    sub = p.add_subparsers(dest="fleet_command", metavar="COMMAND", required=True)
+    run = sub.add_parser(
+        "run", help="plan the fleet (data per node, bundle), run the federation, measure every node",
+        description="Plans the run (edge_ft.fleet.plan: one data partition per node, the bundle, the test set), "
+        "starts a SuperLink with TLS and SuperNode authentication on 127.0.0.1, one SuperNode per --nodes entry "
+        "(memory cap, cores and CPU speed of its profile), runs `flwr run --stream`, and writes DIR/deploy/"
+        "federation.json: per node the peak memory of the SuperNode and its ClientApp processes against the "
+        "profile's budget, wall time per round, OOM kills. Nothing is left running, also on Ctrl-C.")
+    run.add_argument("--nodes", type=node_list, default=node_list(DEFAULT_NODES), metavar="NxPROFILE,...",
+                     help=f"device profiles, one node each, NxPROFILE for N alike (default {DEFAULT_NODES})")
+    run.add_argument("--rounds", type=int_at_least(1), default=10, metavar="N", help="federated rounds (default 10)")
+    run.add_argument("--method", choices=("full", "probe", "lora"), default="lora",
+                     help="what each device trains (default lora)")
+    run.add_argument("--aggregation", default="fedavg", metavar="A",
+                     help="how the server combines updates: fedavg, or ffa for LoRA with frozen A (default fedavg)")
+    run.add_argument("--task", default="mnist-digits", metavar="TASK",
+                     help="transfer task (default mnist-digits: new writers, split by writer)")
+    run.add_argument("--partitioning", default="writers", metavar="P",
+                     help="how the task's training data is split over the nodes (default writers)")
+    run.add_argument("--local-steps", type=int_at_least(0), default=0, metavar="N",
+                     help="optimizer steps per round on each device (default 0: one pass over its data)")
+    run.add_argument("--seed", type=int, default=0, help="partitioning and batch-order seed (default 0)")
+    run.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                     help=f"plan, results and the deployment's files (default {DEFAULT_OUT})")
+    run.add_argument("--no-tls", action="store_true", help="plain HTTP between SuperNodes and the SuperLink "
+                     "(also turns node authentication off)")
+    run.add_argument("--no-auth", action="store_true", help="accept SuperNodes without registered keys")
+    run.add_argument("--no-cpu-cap", action="store_true",
+                     help="keep each device's memory cap, cores and threads but lift its CPU quota (faster; times "
+                     "are then this machine's)")
+    run.add_argument("--mode", choices=("auto", "cgroup", "rlimit"), default="auto",
+                     help="how profiles are imposed (default auto: cgroup, else rlimit)")
+    run.add_argument("--fault", type=fault_spec, metavar="NODE@ROUND",
+                     help="SIGKILL node NODE (0-based) while it trains in round ROUND; it rejoins once that "
+                     "round's training is aggregated")
+    add_host_speed_option(run)
+    run.add_argument("--device-python", metavar="PYTHON",
+                     help="interpreter of the device venv (default .venv-device/bin/python when present)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or round lines")
+    run.set_defaults(func=handler)
+
+
+def make_plan(args, out: Path, num_nodes: int):
+    """The FleetPlan for these arguments (edge_ft.fleet.plan.plan_fleet)."""
+    from edge_ft.fleet.plan import plan_fleet
+
+    return plan_fleet(out, method=args.method, task=args.task, num_nodes=num_nodes, partitioning=args.partitioning,
+                      rounds=args.rounds, local_steps=args.local_steps, aggregation=args.aggregation,
+                      seed=args.seed, quiet=args.quiet)
+
+
+def handler(args) -> int:
+    from edge_ft.bench.hostspeed import HostSpeed
+    from edge_ft.bench.profiles import load_profile
+    from edge_ft.errors import UserError
+    from edge_ft.fleet.deploy import node_table, run_federation
+
+    for name in dict.fromkeys(args.nodes):
+        load_profile(name)  # an unknown profile fails here, before anything is planned or started
+    if args.fault is not None and not args.fault.node < len(args.nodes):
+        raise UserError(f"--fault names node {args.fault.node}, but the fleet has nodes 0..{len(args.nodes) - 1}")
+    host = HostSpeed.resolve(args.host_speed, quiet=args.quiet) if not args.no_cpu_cap else HostSpeed.reference()
+    plan = make_plan(args, args.out.resolve(), len(args.nodes))
+    echo = None if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    result = run_federation(plan, args.nodes, tls=not args.no_tls, auth=not (args.no_auth or args.no_tls),
+                            run_dir=args.out.resolve() / "deploy", fault=args.fault, host=host,
+                            device_python=args.device_python, mode=args.mode, cpu_cap=not args.no_cpu_cap,
+                            progress=not args.quiet, echo=echo)
+    print(node_table(result))
+    print(f"-> {result.run_dir}/federation.json; results in {plan.results_dir}")
+    if result.status != "ok":
+        raise UserError(result.message)
+    return 0

@@ -1,0 +1,404 @@
+"""Run a federation on this machine: one SuperLink, N SuperNodes each confined to a device profile, one `flwr run`.
+
+    result = run_federation(plan, ["rpi-zero-2w"] * 4 + ["rpi-4b-2gb"] * 2)   # tls=True, auth=True
+
+plan is a FleetPlan (edge_ft.fleet.plan): app_dir (the Flower App), run_config (`flwr run --run-config`),
+node_configs (one --node-config per SuperNode) and results_dir. What runs, with Flower 1.42's CLI:
+
+  flower-superlink --host 127.0.0.1 --port P --ssl-ca-certfile ca.pem --ssl-certfile server.pem
+                   --ssl-keyfile server.key --enable-supernode-auth --disable-runtime-dependency-installation
+  flwr supernode register keys/node-NN.pub fleet            (every node's public key, before it starts)
+  flower-supernode --superlink 127.0.0.1:P --port Q --isolation subprocess --node-config "partition-id=0 ..."
+                   --root-certificates ca.pem --auth-supernode-private-key keys/node-NN
+  flwr run APP_DIR fleet --stream --run-config "..."        (connection `fleet` in $FLWR_HOME/config.toml)
+
+The SuperLink, its ServerApp and the flwr CLI run from this (host) venv; SuperNodes and their ClientApps from the
+device venv. Everything lives in RUN_DIR (certificates, keys, FLWR_HOME, logs, federation.json); nothing is left
+running, also on Ctrl-C or SIGTERM: each process has its own group, a finally block ends them all and removes the
+cgroups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from edge_ft.atomic import atomic_write_json, ensure_dir
+from edge_ft.bench.hostspeed import HostSpeed
+from edge_ft.bench.prepare import find_device_python
+from edge_ft.bench.profiles import MB, load_profile
+from edge_ft.errors import UserError
+from edge_ft.fleet.certs import make_node_key, make_tls
+from edge_ft.fleet.processes import SuperNode, flower_env, kill_pids, plain, stop_groups, toml_value, write_config
+
+CONNECTION = "fleet"  # the SuperLink connection's name in $FLWR_HOME/config.toml
+RESULT_FILE = "federation.json"
+SAMPLE_SECONDS = 0.1  # memory sampling tick
+START_TIMEOUT = 120.0  # seconds the SuperLink may take to listen (under a loaded machine)
+_ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+_AGGREGATED = re.compile(r"aggregate_(train|evaluate): Received (\d+) results and (\d+) failures")
+
+
+class Plan(Protocol):
+    """What run_federation needs of a FleetPlan (edge_ft.fleet.plan)."""
+
+    app_dir: Path
+    run_config: dict
+    node_configs: list[dict]
+    results_dir: Path
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Kill a node mid-round, let the round finish with the others, restart the node once it has."""
+
+    node: int  # index of the node to kill
+    round: int  # the round whose train message it dies in (killed while its ClientApp runs)
+    rejoin: bool = True  # restart its SuperNode (same key) once that round's training is aggregated
+
+
+@dataclass
+class NodeResult:
+    name: str  # node-NN
+    profile: str  # device profile
+    emulation: str  # cgroup | rlimit | native
+    budget_bytes: int  # the profile's memory budget
+    cgroup_peak_bytes: int | None  # highest memory charged to the node's cgroup (RSS + page cache), any life
+    sampled_peak_bytes: int  # highest sum of RSS over the node's processes (sampled every 0.1 s)
+    sampled_peak_pss_bytes: int  # highest sum of PSS (shared pages split between processes; every 1 s)
+    peak_rss_by_role: dict[str, int]  # supernode / superexec / clientapp -> highest RSS of one process
+    peak_pss_by_role: dict[str, int]  # the same for PSS
+    oom_killed: bool  # the kernel's OOM killer ended a process of the node inside its cap
+    fits: bool  # peak within the budget and never OOM-killed
+    round_seconds: dict[int, float]  # wall time of the node's train message per round (arrival to reply)
+    messages: int  # messages the node received (train + evaluate)
+    restarts: int  # times the node was started again (fault hook)
+    exit_codes: list[int | None]  # per life of the SuperNode
+    cpu_quota: float | None  # CPU share per thread here (None: uncapped)
+    log: str  # the SuperNode's log (last life)
+
+
+@dataclass
+class FederationResult:
+    status: str  # ok | failed | interrupted
+    run_dir: str
+    tls: bool
+    auth: bool
+    rounds: dict[int, dict] = field(default_factory=dict)  # round -> {"train": [results, failures], "evaluate": ...}
+    nodes: list[NodeResult] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    flwr_exit_code: int | None = None
+    message: str = ""  # why it failed, one line
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"{what} exited with code {proc.returncode} before listening; see {log}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.2)
+    raise UserError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s; see {log}")
+
+
+def write_connection(flwr_home: Path, address: str, ca_cert: Path | None) -> None:
+    """$FLWR_HOME/config.toml with one SuperLink connection, the one `flwr run` and `flwr supernode` use."""
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+             f'address = "{address}"']
+    lines.append(f"root-certificates = {toml_value(str(ca_cert))}" if ca_cert else "insecure = true")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt in the main thread, so the finally blocks that end processes run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Federation:
+    """The processes of one run and the bookkeeping around them; run_federation drives it."""
+
+    def __init__(self, plan: Plan, profiles: list[str], run_dir: Path, *, tls: bool, auth: bool, host: HostSpeed,
+                 device_bin: Path, mode: str, cpu_cap: bool, isolation: str = "subprocess"):
+        if auth and not tls:
+            raise UserError("SuperNode authentication needs TLS (Flower refuses node keys over plain HTTP)")
+        if len(profiles) != len(plan.node_configs):
+            raise UserError(f"{len(profiles)} device profiles for {len(plan.node_configs)} nodes in the plan")
+        self.plan, self.run_dir, self.auth = plan, run_dir, auth
+        self.host_bin = Path(sys.executable).parent
+        self.flwr_home = run_dir / "flwr-home"
+        self.tls = make_tls(run_dir / "certs") if tls else None
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        write_connection(self.flwr_home, self.address, self.tls.ca_cert if self.tls else None)
+        self.env = flower_env(self.host_bin, run_dir, self.flwr_home)
+        self.nodes = [SuperNode(i, load_profile(p), dict(cfg), device_bin, run_dir, self.flwr_home, self.tls,
+                                make_node_key(run_dir / "keys", i) if auth else None, host, mode, cpu_cap, isolation)
+                      for i, (p, cfg) in enumerate(zip(profiles, plan.node_configs))]
+        self.link: subprocess.Popen | None = None
+        self.runner: subprocess.Popen | None = None
+        self.link_log = run_dir / "logs" / "superlink.log"
+        self.run_log = run_dir / "logs" / "run.log"
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._sampler = threading.Thread(target=self._sample_loop, daemon=True)
+        self._link_pids: set[int] = set()
+
+    def start_superlink(self) -> None:
+        argv = [str(self.host_bin / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--isolation", "subprocess", "--disable-runtime-dependency-installation"]
+        if self.tls:
+            argv += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+                     "--ssl-keyfile", str(self.tls.server_key)]
+        else:
+            argv.append("--insecure")
+        if self.auth:
+            argv.append("--enable-supernode-auth")
+        self.link_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.link_log, "wb") as out:
+            self.link = subprocess.Popen(argv, env=self.env, cwd=self.run_dir, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_listening(self.port, self.link, START_TIMEOUT, "flower-superlink", self.link_log)
+        self._sampler.start()
+
+    def register(self, public_key: Path) -> str:
+        """`flwr supernode register KEY.pub fleet`; returns its output (the node id Flower assigned)."""
+        proc = subprocess.run([str(self.host_bin / "flwr"), "supernode", "register", str(public_key), CONNECTION],
+                              env=self.env, cwd=self.run_dir, capture_output=True, text=True, timeout=120)
+        out = plain(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise UserError(f"registering {public_key.name} failed: {out.strip().splitlines()[-1:] or proc.returncode}")
+        return out
+
+    def start_nodes(self) -> None:
+        for node in self.nodes:
+            if node.key is not None:
+                self.register(node.key.public)
+            with self._lock:
+                node.start(self.address, free_port())
+
+    def run(self, on_line: Callable[[str], None]) -> int:
+        """`flwr run APP_DIR fleet --stream`: its output, one plain line at a time, to on_line; its exit code."""
+        argv = [str(self.host_bin / "flwr"), "run", str(self.plan.app_dir), CONNECTION, "--stream"]
+        if self.plan.run_config:
+            argv += ["--run-config", str(write_config(self.run_dir / "configs" / "run_config.toml",
+                                                       self.plan.run_config))]
+        t0 = time.monotonic()
+        with open(self.run_log, "w") as log:
+            self.runner = subprocess.Popen(argv, env=self.env, cwd=self.run_dir, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                                           start_new_session=True)
+            for raw in self.runner.stdout:
+                line = plain(raw)
+                log.write(f"{time.monotonic() - t0:7.1f}s {line}\n")
+                log.flush()
+                on_line(line)
+            return self.runner.wait()
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            with self._lock:
+                for node in self.nodes:
+                    node.sample()
+                self._watch_link()
+
+    def _watch_link(self) -> None:
+        """Remember the SuperLink's descendants: its ServerApp SuperExec runs in a session of its own."""
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            self._link_pids.update(c.pid for c in psutil.Process(self.link.pid).children(recursive=True))
+
+    def shutdown(self) -> None:
+        """End everything this run started, whatever state it is in; remove every cgroup."""
+        self._stop.set()
+        if self._sampler.is_alive():
+            self._sampler.join(5)
+        if self.link is not None:
+            self._watch_link()
+        stop_groups([self.runner] + [n.current.proc if n.current else None for n in self.nodes] + [self.link])
+        for node in self.nodes:
+            node.stop()
+        kill_pids(self._link_pids, self.run_dir)
+
+
+def run_federation(plan: Plan, node_profiles: list[str], *, tls: bool = True, auth: bool = True,
+                   run_dir: Path | None = None, fault: Fault | None = None, host: HostSpeed | None = None,
+                   device_python: str | None = None, mode: str = "auto", cpu_cap: bool = True,
+                   isolation: str = "subprocess", progress: bool = True, echo: Callable[[str], None] | None = None) -> FederationResult:
+    """Run `plan` on emulated devices (one profile name per node) and measure every node. Never leaves a process.
+
+    run_dir: where certificates, keys, FLWR_HOME, logs and federation.json go (default plan.results_dir/deploy).
+    fault: kill one node mid-round and restart it (tests of the runtime). isolation: how ClientApps are started
+    (subprocess: the SuperNode starts its SuperExec; process: started beside it). cpu_cap=False: devices' memory and
+    cores, this machine's CPU speed. echo: receives the readable lines of the run (rounds, aggregation).
+    """
+    run_dir = ensure_dir(run_dir or Path(plan.results_dir) / "deploy").resolve()
+    host = host or HostSpeed.reference()
+    device_bin = Path(find_device_python(device_python)).parent
+    for tool in ("flower-supernode", "flower-superexec", "flwr-clientapp"):
+        if not (device_bin / tool).exists():
+            raise UserError(f"{device_bin}/{tool} not found: the device venv needs the fleet extra "
+                            "(flwr; `make device-venv`)")
+    fed = Federation(plan, node_profiles, run_dir, tls=tls, auth=auth, host=host, device_bin=device_bin,
+                     mode=mode, cpu_cap=cpu_cap, isolation=isolation)
+    result = FederationResult("failed", str(run_dir), tls, auth)
+    watcher = _Progress(fed, result, fault, progress, echo)
+    t0 = time.monotonic()
+    try:
+        with sigterm_as_interrupt():
+            fed.start_superlink()
+            fed.start_nodes()
+            code = fed.run(watcher.line)
+            result.flwr_exit_code = code
+            result.status = "ok" if code == 0 and watcher.finished else "failed"
+            if result.status != "ok":
+                result.message = f"flwr run exited with code {code}; see {fed.run_log}"
+    except KeyboardInterrupt:
+        result.status, result.message = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
+        raise
+    finally:
+        watcher.close()
+        fed.shutdown()
+        result.wall_seconds = round(time.monotonic() - t0, 3)
+        result.nodes = [_node_result(n) for n in fed.nodes]
+        with contextlib.suppress(UserError):
+            atomic_write_json(run_dir / RESULT_FILE, result.to_dict())
+    return result
+
+
+def _node_result(node: SuperNode) -> NodeResult:
+    lives = node.lives
+    peaks = [life.cgroup_peak_bytes for life in lives if life.cgroup_peak_bytes is not None]
+    cgroup_peak = max(peaks) if peaks else None
+    oom = any(life.oom_killed for life in lives)
+    # The cgroup's peak cannot pass its cap (the kernel reclaims page cache first, then OOM-kills), so what the
+    # client stack needs is judged by the sum of its processes' PSS, shared pages counted once.
+    peak = cgroup_peak if cgroup_peak is not None else node.peak_total_rss
+    conf = lives[-1].confinement if lives else None
+    return NodeResult(
+        name=node.name, profile=node.profile.name, emulation=conf.mode if conf else "none",
+        budget_bytes=node.profile.budget_bytes, cgroup_peak_bytes=cgroup_peak,
+        sampled_peak_bytes=node.peak_total_rss, sampled_peak_pss_bytes=node.peak_total_pss,
+        peak_rss_by_role=dict(node.peak_rss), peak_pss_by_role=dict(node.peak_pss), oom_killed=oom,
+        fits=not oom and (node.peak_total_pss or peak) <= node.profile.budget_bytes, round_seconds=node.round_seconds(),
+        messages=len(node.received("train")) + len(node.received("evaluate")), restarts=max(0, len(lives) - 1),
+        exit_codes=[life.exit_code for life in lives], cpu_quota=conf.thread_share if conf else None,
+        log=str(lives[-1].log) if lives else "")
+
+
+class _Progress:
+    """Reads the streamed run: a progress bar over rounds, readable lines to `echo`, and the fault hook."""
+
+    def __init__(self, fed: Federation, result: FederationResult, fault: Fault | None, progress: bool,
+                 echo: Callable[[str], None] | None):
+        self.fed, self.result, self.fault, self.echo = fed, result, fault, echo
+        self.round, self.finished, self.bar = 0, False, None
+        self.progress = progress
+        self._killer: threading.Thread | None = None
+
+    def line(self, text: str) -> None:
+        if m := _ROUND.search(text):
+            self.round, total = int(m.group(1)), int(m.group(2))
+            for node in self.fed.nodes:
+                node.server_round = self.round
+            self._bar(total)
+            if self.fault and self.round == self.fault.round:
+                self._killer = threading.Thread(target=self._kill_when_busy, daemon=True)
+                self._killer.start()
+        elif m := _AGGREGATED.search(text):
+            phase, ok, failed = m.group(1), int(m.group(2)), int(m.group(3))
+            self.result.rounds.setdefault(self.round, {})[phase] = [ok, failed]
+            if phase == "evaluate" and self.bar is not None:
+                self.bar.update(1)
+            if self.fault and self.fault.rejoin and phase == "train" and self.round == self.fault.round:
+                self._rejoin()
+        elif "Strategy execution finished" in text:
+            self.finished = True
+        else:
+            return
+        if self.echo:
+            self.echo(text.split(":", 1)[-1].strip() if ":" in text else text)
+
+    def _bar(self, total: int) -> None:
+        if self.bar is None and self.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="round", dynamic_ncols=True, file=sys.stderr, desc="federation")
+
+    def _kill_when_busy(self) -> None:
+        """SIGKILL the node as soon as its ClientApp runs this round's message: death mid-round."""
+        node = self.fed.nodes[self.fault.node]
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and not self.fed._stop.is_set():
+            with self.fed._lock:
+                if node.clientapp_running():
+                    node.kill()
+                    return
+            time.sleep(0.05)
+
+    def _rejoin(self) -> None:
+        if self._killer is not None:
+            self._killer.join()
+        with self.fed._lock:
+            self.fed.nodes[self.fault.node].start(self.fed.address, free_port())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / MB:.0f} MB"
+
+
+def node_table(result: FederationResult) -> str:
+    """One line per node: profile, peak memory against the budget, median train time per round, faults."""
+    import statistics
+
+    rows = [f"{'node':8} {'profile':12} {'cgroup peak':>11} {'RSS sum':>8} {'PSS sum':>8} {'budget':>7} "
+            f"{'s/round':>7}  result"]
+    for n in result.nodes:
+        secs = list(n.round_seconds.values())
+        verdict = "OOM-killed" if n.oom_killed else ("fits" if n.fits else "over budget")
+        if n.restarts:
+            verdict += f", restarted {n.restarts}x"
+        rows.append(f"{n.name:8} {n.profile:12} {mb(n.cgroup_peak_bytes):>11} {mb(n.sampled_peak_bytes):>8} "
+                    f"{mb(n.sampled_peak_pss_bytes):>8} {mb(n.budget_bytes):>7} "
+                    f"{(f'{statistics.median(secs):.1f}' if secs else '-'):>7}  {verdict}")
+    done = sum(1 for r in result.rounds.values() if "train" in r)
+    rows.append(f"{result.status}: {done} rounds in {result.wall_seconds:.0f} s (TLS {'on' if result.tls else 'off'}, "
+                f"node authentication {'on' if result.auth else 'off'})")
+    return "\n".join(rows)

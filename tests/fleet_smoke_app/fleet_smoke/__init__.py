@@ -1,0 +1,1 @@
+"""Smoke-test Flower App for edge_ft.fleet.deploy."""

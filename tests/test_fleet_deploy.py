@@ -1,0 +1,186 @@
+"""The fleet's deployment runtime through real Flower 1.42 processes on 127.0.0.1: a SuperLink with TLS and
+SuperNode authentication, SuperNodes from the device venv confined to device profiles, a node without a
+registered key refused, a node killed mid-round that rejoins, and nothing left running after an interrupt."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from edge_ft.bench import cgroups
+from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.bench.hostspeed import HostSpeed
+from edge_ft.bench.prepare import find_device_python
+from edge_ft.fleet.certs import make_node_key, make_tls
+from edge_ft.fleet.deploy import Fault, Federation, free_port, run_federation
+from edge_ft.fleet.processes import RUN_MARK
+from fleet_support import PLAN
+
+DEVICE_BIN = Path(find_device_python()).parent
+pytestmark = pytest.mark.skipif(not (DEVICE_BIN / "flower-supernode").exists(),
+                                reason="the device venv has no flwr (make device-venv)")
+# A mixed fleet. CPU quotas are lifted (cpu_cap=False) so the tests take this machine's time, not a Zero 2 W's;
+# memory caps, cpusets and thread counts are the boards'.
+PROFILES = ["rpi-zero-2w", "rpi-4b-2gb"]
+
+
+def _cgroups_usable() -> bool:
+    try:
+        CgroupJob.create(64 << 20, [sorted(os.sched_getaffinity(0))[0]], None, None, 20_000).remove()
+    except CgroupUnavailable:
+        return False
+    return True
+
+
+CGROUPS = _cgroups_usable()
+
+
+def flower_processes(run_dir: Path) -> list[str]:
+    """Live processes started for this run (every one carries RUN_MARK=run_dir in its environment)."""
+    found = []
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            if p.environ().get(RUN_MARK) == str(run_dir) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:120]}")
+        except psutil.Error:
+            continue
+    return found
+
+
+def our_cgroups(owner: int) -> list[Path]:
+    """edge-ft cgroups created by process `owner` that still exist, in every controller."""
+    own = cgroups._own_paths()
+    left = []
+    for controller in ("memory", "cpuset", "cpu"):
+        mount = cgroups._v1_mount(controller)
+        if mount is not None:
+            left += list((mount / own.get(controller, "/").lstrip("/")).glob(f"{cgroups.PREFIX}{owner}.*"))
+    return left
+
+
+def log_text(path: str | Path) -> str:
+    return Path(path).read_text(errors="replace")
+
+
+def test_certificates_chain_and_node_keys_load(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+    from cryptography.hazmat.primitives.serialization.ssh import load_ssh_public_key
+
+    tls = make_tls(tmp_path / "certs")
+    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises when the CA did not sign it
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "127.0.0.1" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    key = load_pem_private_key(tls.server_key.read_bytes(), None)
+    assert key.public_key().public_numbers() == server.public_key().public_numbers()
+    assert tls.server_key.stat().st_mode & 0o077 == 0
+
+    node = make_node_key(tmp_path / "keys", 3)
+    private = load_ssh_private_key(node.private.read_bytes(), None)
+    public = load_ssh_public_key(node.public.read_bytes())
+    assert isinstance(private.curve, ec.SECP384R1) and node.private.name == "node-03"
+    assert private.public_key().public_numbers() == public.public_numbers()
+
+
+@pytest.mark.slow
+def test_two_nodes_two_rounds_with_tls_and_auth(tmp_path):
+    plan = PLAN(tmp_path / "fleet", 2, 2)
+    result = run_federation(plan, PROFILES, run_dir=tmp_path / "run", cpu_cap=False, progress=False)
+    assert result.status == "ok", result.message
+    assert result.rounds == {1: {"train": [2, 0], "evaluate": [2, 0]}, 2: {"train": [2, 0], "evaluate": [2, 0]}}
+    link = log_text(tmp_path / "run" / "logs" / "superlink.log")
+    assert "running on https://127.0.0.1" in link  # TLS
+    assert link.count("[Fleet.ActivateNode] Activated node_id") == 2  # both keys were registered and accepted
+    for node, profile in zip(result.nodes, PROFILES):
+        assert node.profile == profile and node.messages == 4 and sorted(node.round_seconds) == [1, 2]
+        assert node.sampled_peak_bytes > 0 and node.peak_rss_by_role.keys() >= {"supernode", "superexec", "clientapp"}
+        assert node.fits and not node.oom_killed and node.restarts == 0
+        if CGROUPS:
+            assert node.emulation == "cgroup" and 0 < node.cgroup_peak_bytes <= node.budget_bytes
+    if plan.app_dir.name == "fleet_smoke_app":  # each node adds partition id + 1; FedAvg averages: 1.5 a round
+        assert "final arrays: [3.0, 3.0, 3.0, 3.0]" in log_text(tmp_path / "run" / "logs" / "run.log")
+    assert flower_processes(tmp_path / "run") == [] and our_cgroups(os.getpid()) == []
+
+
+@pytest.mark.slow
+def test_node_without_registered_key_is_refused(tmp_path):
+    plan = PLAN(tmp_path / "fleet", 2, 1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fed = Federation(plan, PROFILES, run_dir, tls=True, auth=True, host=HostSpeed.reference(),
+                     device_bin=DEVICE_BIN, mode="auto", cpu_cap=False)
+    try:
+        fed.start_superlink()
+        fed.register(fed.nodes[0].key.public)  # node 1's key is never registered
+        for node in fed.nodes:
+            node.start(fed.address, free_port())
+        refused, accepted = fed.nodes[1], fed.nodes[0]
+        assert refused.current.proc.wait(90) != 0
+        time.sleep(1)
+        assert accepted.alive()
+    finally:
+        fed.shutdown()
+    node_log = log_text(refused.current.log)
+    assert "Exit Code: 305" in node_log and "Failed to activate SuperNode" in node_log
+    link = log_text(fed.link_log)
+    assert "No SuperNode found with the given public key" in link
+    assert link.count("Activated node_id") == 1
+    assert flower_processes(run_dir) == [] and our_cgroups(os.getpid()) == []
+
+
+@pytest.mark.slow
+def test_node_killed_mid_round_rejoins(tmp_path):
+    plan = PLAN(tmp_path / "fleet", 2, 3)
+    result = run_federation(plan, PROFILES, run_dir=tmp_path / "run", cpu_cap=False, progress=False,
+                            fault=Fault(node=1, round=1))
+    assert result.status == "ok", result.message
+    assert result.rounds[1]["train"] == [1, 1]  # the round completed with the other node, one failure
+    assert result.rounds[3]["train"] == [2, 0]  # the killed node is back by the last round
+    killed = result.nodes[1]
+    assert killed.restarts == 1 and killed.exit_codes[0] == -signal.SIGKILL
+    assert 1 not in killed.round_seconds and 3 in killed.round_seconds
+    assert flower_processes(tmp_path / "run") == [] and our_cgroups(os.getpid()) == []
+
+
+_DRIVER = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell starts us with SIGINT ignored
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from fleet_support import PLAN
+from edge_ft.fleet.deploy import run_federation
+run_federation(PLAN(Path({out!r}), 2, 50), {profiles!r}, run_dir=Path({run!r}), cpu_cap=False, progress=False)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupt_leaves_no_process_or_cgroup(tmp_path, sig):
+    run_dir = tmp_path / "run"
+    code = _DRIVER.format(tests=str(Path(__file__).parent), out=str(tmp_path / "fleet"), profiles=PROFILES,
+                          run=str(run_dir))
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    run_log = run_dir / "logs" / "run.log"
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and driver.poll() is None:
+        if run_log.exists() and "[ROUND 1/50]" in run_log.read_text():
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, driver.stdout.read()
+    assert len(flower_processes(run_dir)) >= 5  # SuperLink, its SuperExec/ServerApp, 2 SuperNodes + SuperExecs
+    driver.send_signal(sig)
+    out, _ = driver.communicate(timeout=60)
+    assert driver.returncode != 0 and "KeyboardInterrupt" in out
+    assert flower_processes(run_dir) == []
+    assert our_cgroups(driver.pid) == []
