@@ -1,7 +1,7 @@
-"""The plan the deployment tests run: a stand-in FleetPlan around the numpy-only smoke app (tests/fleet_smoke_app).
-
-Switching the tests to the real fine-tuning app is one line: PLAN = the function that calls
-edge_ft.fleet.plan.plan_fleet with the same (out_dir, num_nodes, rounds).
+"""The plans the deployment tests run: the real fine-tuning app (`fleet_plan`, LoRA on ort-step, a few steps a
+round) for the federation whose result is checked, and the numpy-only smoke app (tests/fleet_smoke_app, `PLAN`) for
+the fault and cleanup cases, where only Flower's processes matter and a ClientApp that starts in a second keeps
+them short.
 """
 
 from __future__ import annotations
@@ -27,3 +27,11 @@ def smoke_plan(out_dir: Path, num_nodes: int, rounds: int) -> SmokePlan:
 
 
 PLAN = smoke_plan
+
+
+def fleet_plan(out_dir: Path, num_nodes: int, rounds: int, base: Path):
+    """edge-ft's own Flower App: LoRA (FFA) on ort-step, 3 local steps of 16 examples a round, digits by writer."""
+    from edge_ft.fleet.plan import plan_fleet
+
+    return plan_fleet(out_dir, method="lora", task="mnist-digits", num_nodes=num_nodes, partitioning="writers",
+                      rounds=rounds, local_steps=3, batch=16, aggregation="ffa", seed=0, base=base, threads=1)

@@ -4,6 +4,7 @@ registered key refused, a node killed mid-round that rejoins, and nothing left r
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from edge_ft.bench.prepare import find_device_python
 from edge_ft.fleet.certs import make_node_key, make_tls
 from edge_ft.fleet.deploy import Fault, Federation, free_port, run_federation
 from edge_ft.fleet.processes import RUN_MARK
-from fleet_support import PLAN
+from fleet_support import PLAN, fleet_plan
 
 DEVICE_BIN = Path(find_device_python()).parent
 pytestmark = pytest.mark.skipif(not (DEVICE_BIN / "flower-supernode").exists(),
@@ -93,8 +94,8 @@ def test_certificates_chain_and_node_keys_load(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_nodes_two_rounds_with_tls_and_auth(tmp_path):
-    plan = PLAN(tmp_path / "fleet", 2, 2)
+def test_two_nodes_two_rounds_with_tls_and_auth(tmp_path, base_checkpoint):
+    plan = fleet_plan(tmp_path / "fleet", 2, 2, base_checkpoint)
     result = run_federation(plan, PROFILES, run_dir=tmp_path / "run", cpu_cap=False, progress=False)
     assert result.status == "ok", result.message
     assert result.rounds == {1: {"train": [2, 0], "evaluate": [2, 0]}, 2: {"train": [2, 0], "evaluate": [2, 0]}}
@@ -107,8 +108,11 @@ def test_two_nodes_two_rounds_with_tls_and_auth(tmp_path):
         assert node.fits and not node.oom_killed and node.restarts == 0
         if CGROUPS:
             assert node.emulation == "cgroup" and 0 < node.cgroup_peak_bytes <= node.budget_bytes
-    if plan.app_dir.name == "fleet_smoke_app":  # each node adds partition id + 1; FedAvg averages: 1.5 a round
-        assert "final arrays: [3.0, 3.0, 3.0, 3.0]" in log_text(tmp_path / "run" / "logs" / "run.log")
+    rounds = [json.loads(line) for line in (plan.results_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds if r["round"] > 0] == [1, 2] and not any(r["rejected"] for r in rounds)
+    assert all(len(r["clients"]) == 2 for r in rounds if r["round"] > 0)
+    assert (plan.results_dir / "fleet.json").is_file()  # written last: the run finished
+    assert (plan.results_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert flower_processes(tmp_path / "run") == [] and our_cgroups(os.getpid()) == []
 
 
@@ -157,7 +161,7 @@ import signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell starts us with SIGINT ignored
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from fleet_support import PLAN
+from fleet_support import PLAN, fleet_plan
 from edge_ft.fleet.deploy import run_federation
 run_federation(PLAN(Path({out!r}), 2, 50), {profiles!r}, run_dir=Path({run!r}), cpu_cap=False, progress=False)
 """
