@@ -18,10 +18,13 @@ demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 # spend most of a round importing flwr at a Zero 2 W's speed).
 FLEET_NODES := 4xrpi-zero-2w,2xrpi-4b-2gb
 fleet-demo: $(VENV)/.installed $(DEVICE_VENV)/.installed
+	@[ -f runs/fleet-demo/base.safetensors ] || $(VENV)/bin/edge-ft pretrain --out runs/fleet-demo/base.safetensors
 	for method in lora probe full; do \
 	  $(VENV)/bin/edge-ft fleet run --nodes $(FLEET_NODES) --rounds 10 --method $$method --no-cpu-cap \
-	    --out runs/fleet-demo/$$method || exit 1; \
+	    --base runs/fleet-demo/base.safetensors --out runs/fleet-demo/$$method || exit 1; \
 	done
+	$(VENV)/bin/edge-ft report runs/fleet-demo/lora/results runs/fleet-demo/probe/results \
+	  runs/fleet-demo/full/results --out runs/fleet-demo
 
 test: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(HOST_PY) -m pytest -q

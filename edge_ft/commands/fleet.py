@@ -68,6 +68,8 @@ def register(subparsers) -> None:
     run.add_argument("--local-steps", type=int_at_least(0), default=0, metavar="N",
                      help="optimizer steps per round on each device (default 0: one pass over its data)")
     run.add_argument("--seed", type=int, default=0, help="partitioning and batch-order seed (default 0)")
+    run.add_argument("--base", type=Path, metavar="BASE.safetensors",
+                     help="base weights from `edge-ft pretrain` (default: pretrained on MNIST once under DIR/prep)")
     run.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                      help=f"plan, results and the deployment's files (default {DEFAULT_OUT})")
     run.add_argument("--no-tls", action="store_true", help="plain HTTP between SuperNodes and the SuperLink "
@@ -94,7 +96,7 @@ def make_plan(args, out: Path, num_nodes: int):
 
     return plan_fleet(out, method=args.method, task=args.task, num_nodes=num_nodes, partitioning=args.partitioning,
                       rounds=args.rounds, local_steps=args.local_steps, aggregation=args.aggregation,
-                      seed=args.seed, quiet=args.quiet)
+                      seed=args.seed, base=args.base, quiet=args.quiet)
 
 
 def handler(args) -> int:

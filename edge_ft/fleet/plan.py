@@ -92,8 +92,7 @@ def plan_fleet(out_dir: Path, *, method: str, task: str, num_nodes: int, partiti
     split = target_split(spec, shots)
     parts = partition(partitioning, split.y_train, num_nodes, seed, spec.target)
     ensure_dir(out_dir / NODES)
-    if base is None:
-        base, _ = ensure_base(out_dir, None, None, quiet)
+    base, _ = ensure_base(out_dir, base, None, quiet)  # a given base is checked; without one, pretrained once
     cfg = MethodConfig(method, rank=rank, num_classes=split.num_classes, freeze_lora_a=aggregation == "ffa")
     lr = DEFAULT_LR[method] if lr is None else lr
     (out_dir / PLAN).unlink(missing_ok=True)  # uncommitted until the new plan is written
