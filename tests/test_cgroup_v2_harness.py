@@ -149,6 +149,19 @@ def test_qemu_shares_the_root_read_only_and_the_run_folder_writable(accel, cpu):
     assert args[args.index("-smp") + 1] == "2" and "-no-reboot" in args
 
 
+def test_without_kvm_only_the_v2_module_runs_and_kvm_needs_vmx_or_svm(tmp_path):
+    r = _bash('default_tests kvm; default_tests tcg; CGV2_TESTS="tests/x.py -k y"; echo "$CGV2_TESTS"')
+    assert r.stdout.splitlines() == ["tests/test_cgroup_v2.py tests/test_emulate.py tests/test_hostspeed.py",
+                                     "tests/test_cgroup_v2.py", "tests/x.py -k y"]
+    plain = tmp_path / "cpuinfo"
+    plain.write_text("flags\t\t: fpu sse2 avx2 hypervisor\n")  # a VM whose CPU shows no virtualization
+    r = _bash("kvm_usable && echo kvm || echo no", CGV2_CPUINFO=str(plain))
+    assert r.stdout.strip() == "no"
+    for forced in ("kvm", "tcg"):
+        assert _bash("pick_accel", CGV2_ACCEL=forced, CGV2_CPUINFO=str(plain)).stdout.strip() == forced
+    assert _bash("pick_accel", CGV2_CPUINFO=str(plain)).stdout.strip() == "tcg"
+
+
 def test_cache_folder_name_keeps_the_package_version_path_safe():
     r = _bash("vm_dir_name linux-image-6.1.0-50-amd64 6.1.176-1+b2:x")
     assert r.stdout.strip() == "cgroup-v2-vm-6.1.0-50-amd64-6.1.176-1_b2_x"
@@ -172,6 +185,10 @@ def test_summary_passes_only_when_every_case_ran_and_passed(tmp_path):
     ok = '<testcase classname="tests.test_cgroup_v2" name="test_a"/>'
     lines, status = summary.summarize(_junit(tmp_path / "a.xml", ok * 3), 0)
     assert status == 0 and lines == ["test-cgroup-v2: 3 passed, 0 failed"]
+    measured = ('<testcase classname="t" name="test_m"><properties><property name="oom_kill" value="1"/>'
+                '<property name="nr_throttled" value="40"/></properties></testcase>')
+    lines, status = summary.summarize(_junit(tmp_path / "m.xml", measured), 0)
+    assert status == 0 and lines == ["measured test_m: oom_kill=1, nr_throttled=40", "test-cgroup-v2: 1 passed, 0 failed"]
     skipped = '<testcase classname="tests.test_cgroup_v2" name="test_b"><skipped message="needs v2"/></testcase>'
     failed = '<testcase classname="t" name="test_c"><failure message="assert 1 == 2&#10;more">x</failure></testcase>'
     lines, status = summary.summarize(_junit(tmp_path / "b.xml", ok + skipped + failed), 1)

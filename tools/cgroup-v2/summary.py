@@ -1,6 +1,6 @@
 """The closing lines of `make test-cgroup-v2`, from the junit XML pytest wrote inside the VM.
 
-Stdlib only. Inside the VM every cgroup test must run: a skipped one means the v2 path was not exercised, so it
+Stdlib only. Figures a test recorded (pytest's record_property) are printed with it. Inside the VM every cgroup test must run: a skipped one means the v2 path was not exercised, so it
 counts as a failure here (with its reason), as does pytest's own non-zero exit (e.g. 5: no tests collected).
 
     python3 summary.py JUNIT.xml PYTEST_EXIT_CODE      exit 0 only when all ran and passed
@@ -32,6 +32,9 @@ def summarize(junit: Path, pytest_exit: int) -> tuple[list[str], int]:
             lines.append(f"SKIPPED (counted as failed: the VM is cgroup v2) {name}: {skipped.get('message')}")
         else:
             passed += 1
+        measured = [f"{p.get('name')}={p.get('value')}" for p in case.iter("property")]
+        if measured:
+            lines.append(f"measured {case.get('name')}: {', '.join(measured)}")
     if pytest_exit != 0 and failed == 0:
         failed = 1
         lines.append(f"pytest exited {pytest_exit}")
