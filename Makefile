@@ -7,7 +7,7 @@ HOST_PY := $(VENV)/bin/python
 DEVICE_PY := $(DEVICE_VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo fleet-demo test test-fast test-arm dist venv device-venv data clean
+.PHONY: demo fleet-demo test test-fast test-arm test-cgroup-v2 dist venv device-venv data clean
 
 demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(VENV)/bin/edge-ft demo
@@ -34,6 +34,10 @@ test-fast: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 
 test-arm: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	bash tools/test-arm.sh
+
+# The tests that create cgroups, on a real cgroup v2 kernel booted in qemu (root; KVM when /dev/kvm opens).
+test-cgroup-v2: $(VENV)/.installed data
+	bash tools/test-cgroup-v2.sh
 
 # dist/edge_ft-<version>-py3-none-any.whl and the sdist, built from a temporary copy: the checkout stays clean.
 dist: $(VENV)/.installed

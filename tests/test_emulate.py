@@ -65,13 +65,7 @@ print((time.process_time() - c) / (time.perf_counter() - w))
 
 
 def leftover_cgroups() -> list[Path]:
-    own = cgroups._own_paths()
-    found = []
-    for controller in ("memory", "cpu", "cpuset"):
-        mount = cgroups._v1_mount(controller)
-        if mount is not None:
-            found += (mount / own.get(controller, "/").lstrip("/")).glob(f"{cgroups.PREFIX}{os.getpid()}.*")
-    return found
+    return [path for parent in cgroups.job_parents() for path in parent.glob(f"{cgroups.PREFIX}{os.getpid()}.*")]
 
 
 @needs_cgroups
@@ -124,8 +118,7 @@ def test_quota_caps_every_thread_at_one_device_core(tmp_path):
 def test_stale_cgroups_of_dead_runs_are_removed():
     dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    mount = cgroups._v1_mount("cpu")
-    parent = mount / cgroups._own_paths().get("cpu", "/").lstrip("/")
+    parent = cgroups.job_parents()[-1]  # v1: the cpu hierarchy, whose jobs have leaves; v2: the one hierarchy
     stale = parent / f"{cgroups.PREFIX}{pid}.0"
     stale.mkdir()
     (stale / "t0").mkdir()

@@ -11,13 +11,19 @@ times faster than on the device and spinning pool threads would eat the worker's
 leaf (v1 accepts single thread ids in `tasks`) caps each thread at one device core, as the hardware does. New threads
 start in their creator's leaf; `split_threads()`, called every sampling tick, moves them into leaves of their own.
 
-cgroup v2 (unified, /sys/fs/cgroup/cgroup.controllers present): one folder with memory.max, memory.swap.max,
-cpuset.cpus and an aggregate cpu.max; per-thread leaves are not attempted there.
+cgroup v2 (unified, /sys/fs/cgroup/cgroup.controllers present): the same shape in one hierarchy:
+  <parent>/edge-ft.<pid>.<n>/              memory.max, memory.swap.max = 0, cpuset.cpus, cpu.max = all cores' worth
+  <parent>/edge-ft.<pid>.<n>/t<k>/         cgroup.type = threaded, cpu.max = one device core's worth, per thread
+The job folder is a threaded domain, so its threads (cgroup.threads) spread over thread leaves while memory stays
+accounted to the job. v2 lets no cgroup that holds processes give controllers to children, and a CI job's commands
+run in such a cgroup (a systemd service's): when <own> holds processes, they are moved into <own>/edge-ft-leaf
+first (still under <own> and its limits) and the jobs are created beside it; later runs reuse that layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import signal
@@ -26,6 +32,8 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "edge-ft."
+V2_LEAF = "edge-ft-leaf"  # v2: where the processes of a cgroup that must delegate controllers are moved
+V2_CONTROLLERS = ("cpu", "cpuset", "memory")
 _counter = itertools.count()
 
 
@@ -71,6 +79,40 @@ def _v1_mount(controller: str) -> Path | None:
         if controller in d.name.split(",") and (d / "tasks").exists():
             return d
     return None
+
+
+def _v2_parent(own: str) -> Path:
+    """The v2 cgroup jobs are created in: this process's own, or the one whose processes were moved to its leaf."""
+    path = CGROUP_ROOT / own.lstrip("/")
+    return path.parent if path.name == V2_LEAF else path
+
+
+def _v2_delegate(parent: Path) -> None:
+    """Make `parent` hand cpu, cpuset and memory to its children. A cgroup holding processes may not (EBUSY, the
+    'no internal processes' rule; only the root is exempt), so its processes are moved into its leaf first."""
+    missing = [c for c in V2_CONTROLLERS if c not in _read(parent / "cgroup.subtree_control").split()]
+    if not missing:
+        return
+    absent = [c for c in missing if c not in _read(parent / "cgroup.controllers").split()]
+    if absent:
+        raise CgroupUnavailable(f"cgroup v2: the {', '.join(absent)} controller is not given to {parent} by its "
+                                "parent (enable it in the parent's cgroup.subtree_control)")
+    for _ in range(5):  # processes forked while we move the others land in the old cgroup: move again
+        try:
+            _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise CgroupUnavailable(f"cgroup v2: cannot enable {', '.join(missing)} below {parent} "
+                                        f"({e.strerror})") from None
+        leaf = parent / V2_LEAF
+        leaf.mkdir(exist_ok=True)
+        for pid in _read(parent / "cgroup.procs").split():
+            with contextlib.suppress(OSError):  # it exited meanwhile
+                _write(leaf / "cgroup.procs", pid)
+    raise CgroupUnavailable(f"cgroup v2: {parent} keeps processes that cannot be moved into {V2_LEAF}, so it cannot "
+                            "give controllers to children; run inside a delegated cgroup (e.g. systemd-run --scope "
+                            "-p Delegate=yes)")
 
 
 def _mkdir(path: Path, made: list[Path]) -> None:
@@ -137,9 +179,9 @@ class CgroupJob:
         name = f"{PREFIX}{os.getpid()}.{next(_counter)}"
         made: list[Path] = []
         try:
-            if (CGROUP_ROOT / "cgroup.controllers").exists():
-                job = cls._create_v2(CGROUP_ROOT / own.get("", "/").lstrip("/") / name, made,
-                                     memory_bytes, cpus, total_quota, period_us)
+            if is_v2():
+                job = cls._create_v2(_v2_parent(own.get("", "/")) / name, made,
+                                     memory_bytes, cpus, thread_quota, total_quota, period_us)
             else:
                 job = cls._create_v1(own, name, made, memory_bytes, cpus, thread_quota, total_quota, period_us)
         except OSError as e:
@@ -182,29 +224,22 @@ class CgroupJob:
         return job
 
     @classmethod
-    def _create_v2(cls, path, made, memory_bytes, cpus, total_quota, period_us) -> "CgroupJob":
+    def _create_v2(cls, path, made, memory_bytes, cpus, thread_quota, total_quota, period_us) -> "CgroupJob":
         parent = path.parent
         remove_stale(parent)
-        wanted = {"memory", "cpu", "cpuset"}
-        enabled = set(_read(parent / "cgroup.subtree_control").split())
-        if not wanted <= enabled:
-            try:
-                _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(wanted - enabled)))
-            except OSError as e:
-                raise CgroupUnavailable(
-                    f"cgroup v2: cannot enable {', '.join(sorted(wanted - enabled))} below {parent} "
-                    f"({e.strerror}); run inside a delegated cgroup (e.g. systemd-run --scope -p Delegate=yes)"
-                ) from None
+        _v2_delegate(parent)
         _mkdir(path, made)
         _write(path / "memory.max", memory_bytes)
-        if (path / "memory.swap.max").exists():
+        if (path / "memory.swap.max").exists():  # absent without swap accounting
             _write(path / "memory.swap.max", 0)
         _write(path / "cpuset.cpus", ",".join(map(str, cpus)))
         job = cls(2, {"memory": path, "cpuset": path, "cpu": path})
         job.period_us = period_us
         job._total_quota_us = _quota_us(total_quota, period_us)
-        if job._total_quota_us is not None:
-            _write(path / "cpu.max", f"{job._total_quota_us} {period_us}")
+        _write(path / "cpu.max", f"{job._total_quota_us or 'max'} {period_us}")
+        _write(path / "cgroup.subtree_control", "+cpu")  # cpu is a threaded controller: its leaves may take threads
+        job.thread_quota_us = _quota_us(thread_quota, period_us)
+        job.leaves.append(job._new_leaf(made))
         return job
 
     def _new_leaf(self, made: list[Path] | None = None) -> Path:
@@ -212,6 +247,10 @@ class CgroupJob:
         leaf.mkdir()
         if made is not None:
             made.append(leaf)
+        if self.version == 2:
+            _write(leaf / "cgroup.type", "threaded")
+            _write(leaf / "cpu.max", f"{self.thread_quota_us or 'max'} {self.period_us}")
+            return leaf
         _write(leaf / "cpu.cfs_period_us", self.period_us)
         if self.thread_quota_us is not None:
             _write(leaf / "cpu.cfs_quota_us", self.thread_quota_us)
@@ -221,11 +260,12 @@ class CgroupJob:
         """Lift the CPU quota (capped=False) or restore it, without moving the job: `profile check` and the quota
         correction compare a job's speed with and without its cap inside one running process. v1 refuses a
         child quota above its parent's, so leaves are capped before the parent and lifted after it."""
-        if self.version == 2:
-            quota = self._total_quota_us if capped and self._total_quota_us else "max"
-            _write(self.dirs["cpu"] / "cpu.max", f"{quota} {self.period_us}")
-            return
         leaves = [leaf for leaf in self.leaves if leaf.is_dir()]
+        if self.version == 2:  # v2 takes a child's cpu.max above its parent's (the lower one holds): any order
+            for path, quota in [(self.dirs["cpu"], self._total_quota_us)] + [(leaf, self.thread_quota_us)
+                                                                            for leaf in leaves]:
+                _write(path / "cpu.max", f"{quota if capped and quota else 'max'} {self.period_us}")
+            return
         total = self.dirs["cpu"] / "cpu.cfs_quota_us"
         if capped:
             for leaf in leaves:
@@ -238,18 +278,17 @@ class CgroupJob:
 
     def entry_files(self) -> list[str]:
         """The cgroup.procs files a child writes its own pid into before it execs the job."""
-        if self.version == 2:
-            return [str(self.dirs["memory"] / "cgroup.procs")]
+        if self.version == 2:  # join the job (the threaded domain), then move the one thread into the first leaf
+            return [str(self.dirs["memory"] / "cgroup.procs"), str(self.leaves[0] / "cgroup.threads")]
         return [str(self.dirs["memory"] / "cgroup.procs"), str(self.dirs["cpuset"] / "cgroup.procs"),
                 str(self.leaves[0] / "cgroup.procs")]
 
     def split_threads(self) -> None:
-        """Give every thread of the job its own one-core leaf (v1); drop leaves whose thread has ended."""
-        if self.version != 1:
-            return
+        """Give every thread of the job its own one-core leaf; drop leaves whose thread has ended."""
+        threads = "tasks" if self.version == 1 else "cgroup.threads"
         for leaf in list(self.leaves):
             try:
-                tids = _read(leaf / "tasks").split()
+                tids = _read(leaf / threads).split()
             except OSError:
                 continue
             if not tids and leaf is not self.leaves[0]:  # leaf 0 is empty until the child joins it
@@ -260,7 +299,7 @@ class CgroupJob:
             for tid in tids[1:]:
                 new = self._new_leaf()
                 try:
-                    _write(new / "tasks", tid)
+                    _write(new / threads, tid)
                     self.leaves.append(new)
                 except OSError:  # the thread ended in between
                     with contextlib.suppress(OSError):
@@ -299,6 +338,20 @@ class CgroupJob:
         self.kill()
         for path in {p for p in self.dirs.values()}:
             _remove_tree(path)
+
+
+def is_v2() -> bool:
+    """The unified hierarchy is mounted at /sys/fs/cgroup (no per-controller v1 folders)."""
+    return (CGROUP_ROOT / "cgroup.controllers").exists()
+
+
+def job_parents() -> list[Path]:
+    """The folders this process's jobs are created in: one per controller under v1, one under v2."""
+    own = _own_paths()
+    if is_v2():
+        return [_v2_parent(own.get("", "/"))]
+    mounts = {c: _v1_mount(c) for c in ("memory", "cpuset", "cpu")}
+    return [m / own.get(c, "/").lstrip("/") for c, m in mounts.items() if m is not None]
 
 
 def remove_stale(parent: Path) -> None:
