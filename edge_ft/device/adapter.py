@@ -30,6 +30,7 @@ from edge_ft.device.bundle import (APPLIED_ADAPTER, MANIFEST, PENDING_ADAPTER, B
 from edge_ft.device.inference import base_weights, write_inference_model
 from edge_ft.device.model_card import model_source, stamp_model
 from edge_ft.errors import UserError
+from edge_ft.model_desc import model_from_manifest
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 # A sidecar rather than safetensors header metadata: it can hash both PEFT files (the config's r, alpha and
@@ -82,7 +83,7 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32", for
     try:
         results = json.loads(results_path.read_text())
         info = results["bundle"]
-        cfg = MethodConfig.from_dict(info["method"])
+        cfg = MethodConfig.from_dict(info["method"], model=model_from_manifest(info, f"{results_path}: bundle.model"))
         classes = results.get("classes")
         if classes is not None:
             classes = check_class_names(classes, str(results_path), cfg.num_classes)
