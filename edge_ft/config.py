@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from edge_ft.model_desc import ModelDesc, lenet5
 
 METHODS = ("full", "probe", "lora", "bias", "last-k")
+SEED_METHODS = METHODS[:3]  # the three the seed compares: analyze's and speed's default set
 SAVES_MODULES = ("lora", "bias")  # methods that take PEFT's modules_to_save beside what they train
 LINEAR_LAYERS = lenet5().linear_layers  # LeNet-5's, the default model: fc1, fc2, fc3
 CONV_LAYERS = lenet5().layers_of("conv2d")

@@ -271,10 +271,10 @@ def estimate(cfg: MethodConfig, batch: int = 32, optimizer: OptimizerConfig | st
 
 def estimate_all(lora: MethodConfig, batch: int = 32, optimizer: OptimizerConfig | str = "adamw",
                  dtype: str = "float32") -> dict[str, CostEstimate]:
-    """The three methods side by side; full and probe share `lora`'s class count."""
+    """The three methods side by side; full and probe share `lora`'s model and class count."""
     configs = {
-        "full": MethodConfig("full", num_classes=lora.num_classes),
-        "probe": MethodConfig("probe", num_classes=lora.num_classes),
+        "full": MethodConfig("full", num_classes=lora.num_classes, model=lora.model),
+        "probe": MethodConfig("probe", num_classes=lora.num_classes, model=lora.model),
         "lora": lora,
     }
     return {name: estimate(cfg, batch, optimizer, dtype) for name, cfg in configs.items()}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ft.architecture import param_shapes, trainable_names
+from edge_ft.architecture import last_k_layers, param_shapes, trainable_names
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_json, ensure_dir, remove_stale_temps, replace_folder
 from edge_ft.checkpoint import load_json_object, load_safetensors, sha256_file
 from edge_ft.config import MethodConfig
@@ -42,16 +42,42 @@ PREFIX = "base_model.model."
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def peft_key(name: str) -> str:
-    """fc1.lora_A -> base_model.model.fc1.lora_A.weight; fc3.bias -> base_model.model.fc3.bias."""
-    layer, kind = name.split(".")
-    return f"{PREFIX}{name}.weight" if kind.startswith("lora_") else PREFIX + name
+def peft_key(name: str, carrier: str | None = None) -> str:
+    """fc1.lora_A -> base_model.model.fc1.lora_A.weight; fc3.bias -> base_model.model.fc3.bias; a tensor of the
+    carrier layer (which PEFT wraps) -> base_model.model.<carrier>.base_layer.<bias|weight>."""
+    layer, kind = name.rsplit(".", 1)
+    if kind.startswith("lora_"):
+        return f"{PREFIX}{name}.weight"
+    return f"{PREFIX}{layer}.base_layer.{kind}" if layer == carrier else PREFIX + name
 
 
 def edge_name(key: str) -> str:
     """Inverse of peft_key."""
-    name = key.removeprefix(PREFIX)
+    name = key.removeprefix(PREFIX).replace(".base_layer.", ".")
     return name.removesuffix(".weight") if ".lora_" in name else name
+
+
+def peft_carrier(cfg: MethodConfig) -> str | None:
+    """bias and last-k: PEFT loads only adapters of a PEFT type, and has none for bare biases or whole layers, so a
+    rank-1 LoRA of zeros (B = A = 0: it adds exactly nothing) on the smallest linear layer whose weight stays frozen
+    carries them as LoRA's bias="all" / modules_to_save. None when no such layer exists (then peft_type null)."""
+    if cfg.method not in ("bias", "last-k"):
+        return None
+    net, trained = cfg.network, set(trainable_names(cfg))
+    saved = set(peft_modules_to_save(cfg))
+    free = [layer for layer in net.linear_layers if layer not in saved and f"{layer}.weight" not in trained]
+    return min(free, key=lambda layer: sum(net.dims(layer))) if free else None
+
+
+def peft_modules_to_save(cfg: MethodConfig) -> list[str]:
+    """The layers PEFT copies and trains whole: LoRA's and bias's modules_to_save, last-k's layers."""
+    return last_k_layers(cfg) if cfg.method == "last-k" else list(cfg.modules_to_save)
+
+
+def carrier_tensors(cfg: MethodConfig, carrier: str) -> dict[str, np.ndarray]:
+    fan_in, fan_out = cfg.network.dims(carrier)
+    return {f"{carrier}.lora_A": np.zeros((1, fan_in), np.float32), f"{carrier}.lora_B": np.zeros((fan_out, 1),
+                                                                                               np.float32)}
 
 
 @dataclass(frozen=True)
@@ -97,26 +123,33 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32", for
         raise UserError(f"{run / 'trained.safetensors'}: its tensors are not what a {cfg.method} run trains "
                         f"(results.json); the run folder mixes two runs, re-run `edge-ft train`")
     (out / RECORD).unlink(missing_ok=True)  # uncommitted until the new record is written
-    tensors = {peft_key(n): np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in trained.items()}
+    carrier = peft_carrier(cfg)
+    if carrier:
+        trained = {**trained, **carrier_tensors(cfg, carrier)}
+    tensors = {peft_key(n, carrier): np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in trained.items()}
     atomic_save_safetensors(out / WEIGHTS, tensors, metadata={"format": "pt"})  # PEFT/transformers read "pt"
     atomic_write_json(out / CONFIG, peft_config(cfg, info["base"]))
     record = {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, "method": cfg.method,
               "method_config": cfg.to_dict(), "base_sha256": info["base"]["sha256"],
               "base_file": info["base"].get("file"), "num_classes": cfg.num_classes, "classes": classes,
-              "dtype": dtype,
+              "dtype": dtype, **({"peft_carrier": carrier} if carrier else {}),
               "files": {name: sha256_file(out / name) for name in (WEIGHTS, CONFIG)}}
     atomic_write_json(out / RECORD, record)
     return record
 
 
 def peft_config(cfg: MethodConfig, base: dict) -> dict:
-    """adapter_config.json: LoraConfig's own fields only (probe and full have no PEFT type)."""
+    """adapter_config.json: LoraConfig's own fields only (probe and full have no PEFT type; bias and last-k ride on
+    a zero LoRA carrier, see peft_carrier)."""
     common = {"base_model_name_or_path": base.get("file"), "task_type": None}
-    if cfg.method != "lora":
+    carrier = peft_carrier(cfg)
+    if cfg.method != "lora" and not carrier:
         return {"peft_type": None, **common}
-    return {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": list(cfg.targets),
-            "bias": cfg.bias, "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True,
-            "init_lora_weights": True, "modules_to_save": list(cfg.modules_to_save) or None, **common}
+    r, alpha, targets, bias = ((cfg.rank, cfg.alpha, list(cfg.targets), cfg.bias) if cfg.method == "lora" else
+                               (1, 1.0, [carrier], "all" if cfg.method == "bias" else "none"))
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets,
+            "bias": bias, "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True,
+            "init_lora_weights": True, "modules_to_save": peft_modules_to_save(cfg) or None, **common}
 
 
 def load_adapter(folder: str | Path) -> Adapter:
@@ -150,7 +183,14 @@ def load_adapter(folder: str | Path) -> Adapter:
     tensors = load_safetensors(folder / WEIGHTS)
     if not all(k.startswith(PREFIX) for k in tensors):
         raise UserError(f"{folder / WEIGHTS}: keys must start with {PREFIX!r} (PEFT layout)")
-    return Adapter(folder, {edge_name(k): v for k, v in tensors.items()}, config, record, record_file)
+    tensors = {edge_name(k): v for k, v in tensors.items()}
+    carrier = record.get("peft_carrier")
+    if carrier is not None:  # bias / last-k: drop the zero LoRA that only carries them into PEFT
+        lora = [tensors.pop(f"{carrier}.lora_{ab}", None) for ab in "AB"] if isinstance(carrier, str) else [None]
+        if any(t is None or np.any(t) for t in lora):
+            raise UserError(f"{folder / WEIGHTS}: the LoRA carrier of a {record['method']} adapter must be two zero "
+                            "tensors; re-export the adapter")
+    return Adapter(folder, tensors, config, record, record_file)
 
 
 def _layers(value) -> list[str] | None:
@@ -185,6 +225,10 @@ def check_adapter(bundle: Bundle, adapter: Adapter) -> None:
         if config.get("lora_alpha") != cfg.alpha or config.get("bias") != cfg.bias:
             refuse(f"adapter lora_alpha/bias {config.get('lora_alpha')}/{config.get('bias')}, "
                    f"the bundle's are {cfg.alpha}/{cfg.bias}")
+    if cfg.method in ("bias", "last-k") and config.get("peft_type") is not None:
+        if _layers(config.get("modules_to_save")) != sorted(peft_modules_to_save(cfg)):
+            refuse(f"adapter modules_to_save {config.get('modules_to_save')}, the bundle trains "
+                   f"{peft_modules_to_save(cfg)} whole")
     dtype = record.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         refuse(f"adapter dtype {dtype!r} is not float32 or float16")

@@ -16,8 +16,9 @@ import importlib
 import importlib.util
 import operator
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.fx
@@ -50,12 +51,49 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, tuple(MODULE_KINDS)) or super().is_leaf_module(m, qualname)
 
 
+def tracer() -> torch.fx.Tracer:
+    return _Tracer()
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """model.<name> = module, for dotted paths ("head.1")."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@dataclass(frozen=True)
+class HostModel:
+    make: Callable[[], nn.Module]  # builds the untrained network (its default class count)
+    desc: ModelDesc  # what describe() traced from it
+
+
+def host_model(spec: str | None, input_shape: tuple[int, ...] | None = None) -> HostModel:
+    """--model SPEC and --input-shape as a HostModel; no SPEC is LeNet-5 and its shipped description."""
+    from edge_ft.host.model import LeNet5
+    from edge_ft.model_desc import lenet5
+
+    if spec is None:
+        if input_shape is not None and tuple(input_shape) != lenet5().input_shape:
+            raise UserError(f"--input-shape {','.join(map(str, input_shape))}: LeNet-5 takes "
+                            f"{','.join(map(str, lenet5().input_shape))}; give --model for another network")
+        return HostModel(LeNet5, lenet5())
+    if input_shape is None:
+        raise UserError(f"--model {spec}: give the shape of one example too, e.g. --input-shape 1,28,28")
+    cls = model_class(spec)
+    try:
+        module = cls()
+    except Exception as e:
+        raise UserError(f"--model {spec}: {cls.__name__}() fails ({type(e).__name__}: {e}); the class must "
+                        "build with its default arguments") from None
+    return HostModel(cls, describe(module, tuple(input_shape), source=spec))
+
+
 def describe(module: nn.Module, input_shape: tuple[int, ...], source: str = "") -> ModelDesc:
     """Trace `module` on one zero batch of `input_shape` (C,H,W) and return its description (eval mode, so
     BatchNorm statistics are untouched)."""
     name = type(module).__name__
     try:
-        graph = _Tracer().trace(module)
+        graph = tracer().trace(module)
     except Exception as e:  # FX raises many types for dynamic control flow
         raise UserError(f"model {name}: torch.fx cannot trace its forward ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); write it without data-dependent control "

@@ -12,13 +12,9 @@ import torch.nn as nn
 from edge_ft.architecture import trainable_names
 from edge_ft.config import MethodConfig
 from edge_ft.errors import UserError
+from edge_ft.host.describe import set_submodule
 from edge_ft.host.lora import LoRALinear
 from edge_ft.host.model import LeNet5
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def apply_method(model: nn.Module, cfg: MethodConfig, seed: int | None = None) -> nn.Module:
@@ -38,12 +34,12 @@ def apply_method(model: nn.Module, cfg: MethodConfig, seed: int | None = None) -
                 f"cannot adapt a freshly initialised, frozen head; train it whole with --targets {others} "
                 f"--modules-to-save {head_name} (the default for a new class count), or use --method probe or full"
             )
-        _set_submodule(model, head_name, nn.Linear(head.in_features, cfg.num_classes))  # new task, new head
+        set_submodule(model, head_name, nn.Linear(head.in_features, cfg.num_classes))  # new task, new head
     if cfg.method == "lora":
         for name in cfg.targets:
             layer = model.get_submodule(name)
             if not isinstance(layer, LoRALinear):
-                _set_submodule(model, name, LoRALinear.from_linear(layer, cfg.rank, cfg.alpha))
+                set_submodule(model, name, LoRALinear.from_linear(layer, cfg.rank, cfg.alpha))
     trainable = set(trainable_names(cfg))
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
@@ -66,7 +62,7 @@ def build_model(cfg: MethodConfig, base_state: dict[str, torch.Tensor] | None = 
         model = make()
         layer = model.get_submodule(head)
         if layer.out_features != num_base_classes:
-            _set_submodule(model, head, nn.Linear(layer.in_features, num_base_classes))
+            set_submodule(model, head, nn.Linear(layer.in_features, num_base_classes))
     if base_state is not None:
         model.load_state_dict(base_state)
     return apply_method(model, cfg)
