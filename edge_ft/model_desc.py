@@ -22,7 +22,8 @@ JSON (format "edge-ft-model", version 1):
                   attrs         kind-specific settings: conv2d in_channels, out_channels, kernel_size, stride,
                                 padding, dilation, groups; linear in_features, out_features; batchnorm2d
                                 num_features, eps, momentum; pools kernel_size, stride, padding; concat dim;
-                                dropout p
+                                dropout p; "module" names the module of a parameter-free module's second and later
+                                calls (the first call carries the module's own name)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ WEIGHTED = ("conv2d", "linear")  # kinds with a weight matrix: FLOPs, LoRA, last
 KINDS = WEIGHTED + ("batchnorm2d", "relu", "relu6", "hardswish", "avgpool2d", "maxpool2d", "adaptiveavgpool2d",
                     "mean", "flatten", "add", "concat", "dropout")
 LENET5_FILE = Path(__file__).parent / "descriptions" / "lenet5.json"
+LENET5_SOURCE = "edge_ft.host.model:LeNet5"
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,11 @@ class ModelDesc:
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self.parameters)
+
+    @property
+    def title(self) -> str:
+        """The name messages and tables use: "LeNet-5" for edge-ft's own, else the class name."""
+        return "LeNet-5" if self.source == LENET5_SOURCE else self.name
 
     @property
     def num_classes(self) -> int:

@@ -101,3 +101,16 @@ def test_cost_model_matches_torch(net, method, kw):
     overcount = sum((cfg.network.layer(r.layer).attrs.get("groups", 1) - 1) * r.backward_weight for r in est.layers)
     assert est.flops["backward"] + overcount == real["backward"]
     assert est.memory["activations"] == real["saved"], est.saved
+
+
+def test_method_rules_on_lenet5():
+    assert trainable_names(MethodConfig("probe", head="fc2")) == ["fc2.weight", "fc2.bias"]
+    assert count_params(MethodConfig("bias"))["trainable"] == 6 + 16 + 120 + 84 + 10
+    assert [count_params(MethodConfig("last-k", last_k=k))["trainable"] for k in (1, 2, 3, 5)] == [
+        850, 11_014, 41_854, 44_426]
+    assert MethodConfig.from_dict(MethodConfig("last-k", last_k=3).to_dict()) == MethodConfig("last-k", last_k=3)
+    assert MethodConfig.from_dict(MethodConfig("probe", head="fc2").to_dict()).head == "fc2"
+    for bad in (dict(method="probe", head="conv1"), dict(method="last-k", last_k=6),
+                dict(method="full", modules_to_save=("fc3",))):
+        with pytest.raises(UserError):
+            MethodConfig(**bad)

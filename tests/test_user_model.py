@@ -15,6 +15,7 @@ import torch
 from safetensors.numpy import save_file
 
 from edge_ft.architecture import count_params
+from edge_ft.checkpoint import load_safetensors
 from edge_ft.cli import main
 from edge_ft.config import MethodConfig
 from edge_ft.device.adapter import CONFIG, RECORD
@@ -32,8 +33,18 @@ pytestmark = pytest.mark.skipif(not DEVICE_PYTHON.exists(), reason="device venv 
 
 @lru_cache(maxsize=None)
 def base() -> tuple[Path, dict[str, np.ndarray]]:
+    """TinyConvNet pretrained for 150 AdamW steps on MNIST images the device's train/test files do not hold."""
     torch.manual_seed(3)
-    state = {k: v.numpy().copy() for k, v in TinyConvNet().state_dict().items()}
+    model = TinyConvNet()
+    x, y = mnist()
+    x, y = torch.from_numpy(x[1000:3400, None].astype(np.float32) / 255), torch.from_numpy(y[1000:3400])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(150):
+        i = slice(step * 16 % 2400, step * 16 % 2400 + 64)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     path = ROOT / "tiny-base.safetensors"
     save_file(state, str(path))
     return path, state
@@ -80,13 +91,17 @@ def test_export_train_adapter_merge_predict(method, extra, trainable, tmp_path, 
     assert sum(int(np.prod(s)) for s in loaded.trainable.values()) == trainable == \
         count_params(loaded.method)["trainable"]
     results = json.loads((run / "results.json").read_text())
-    assert results["accuracy"] > 0.5 and results["losses"][-1] < results["losses"][0]
+    assert results["accuracy"] > 0.5 and np.isfinite(results["losses"]).all()
+    trained_tensors = load_safetensors(run / "trained.safetensors")
+    assert set(trained_tensors) == set(loaded.trainable)
+    assert all(not np.array_equal(v, base()[1][k]) for k, v in trained_tensors.items())  # every one moved
 
     # PEFT loads the adapter into the torch module on the base weights and computes what the device trained.
     from peft import PeftModel
 
     model = TinyConvNet()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in base()[1].items()})
+    caplog.clear()  # the export above logs torch's tracing at DEBUG; only what PEFT says matters here
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
         peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()
@@ -96,7 +111,7 @@ def test_export_train_adapter_merge_predict(method, extra, trainable, tmp_path, 
         expected = peft_model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits(run / "model.onnx", x), expected, rtol=0, atol=1e-5)
     assert json.loads((adapter / CONFIG).read_text())["peft_type"] == "LORA"
-    assert json.loads((adapter / RECORD).read_text())["peft_carrier"] == "classifier"
+    assert json.loads((adapter / RECORD).read_text())["peft_carrier"] == "conv_a"  # 17 zeros: its 1x9 A, 8x1 B
 
     # Merge on the device, apply into a copy of the bundle and merge again: the same model either way.
     device("adapter", "merge", str(bundle), str(adapter), "--out", str(tmp_path / "merged.onnx"))
@@ -128,3 +143,41 @@ def test_unsupported_layer_kind_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "act (GELU) is a layer kind edge-ft does not support" in err and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("cfg", [MethodConfig("bias", num_classes=3, modules_to_save=("fc3",)),
+                                 MethodConfig("last-k", last_k=2), MethodConfig("bias")],
+                         ids=["bias-new-head", "last-k-2", "bias"])
+def test_lenet5_adapters_load_in_peft(cfg, tmp_path, caplog):
+    """An adapter export of trained tensors (written as a device run leaves them) loads in PEFT on LeNet-5 and
+    computes what LeNet-5 with those tensors computes."""
+    from peft import PeftModel
+
+    from edge_ft.architecture import param_shapes, trainable_names
+    from edge_ft.device.adapter import export_adapter
+    from edge_ft.host.model import LeNet5
+
+    torch.manual_seed(0)
+    base_state = LeNet5().state_dict()
+    rng = np.random.default_rng(0)
+    trained = {n: rng.standard_normal(param_shapes(cfg)[n]).astype(np.float32) for n in trainable_names(cfg)}
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(trained, str(run / "trained.safetensors"))
+    (run / "results.json").write_text(json.dumps({"bundle": {"method": cfg.to_dict(), "base": {"sha256": "0" * 64}}}))
+    export_adapter(run, tmp_path / "adapter")
+
+    model = LeNet5(cfg.num_classes)
+    model.load_state_dict({k: v for k, v in base_state.items() if cfg.num_classes == 10 or not k.startswith("fc3.")},
+                          strict=cfg.num_classes == 10)
+    expected_model = LeNet5(cfg.num_classes)
+    expected_model.load_state_dict({**model.state_dict(), **{k: torch.from_numpy(v) for k, v in trained.items()}})
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(model, str(tmp_path / "adapter")).eval()
+    assert not [str(w.message) for w in caught] and not caplog.records
+    x = images(16)
+    with torch.no_grad():
+        np.testing.assert_allclose(peft_model(torch.from_numpy(x)).numpy(),
+                                   expected_model.eval()(torch.from_numpy(x)).numpy(), rtol=0, atol=1e-5)

@@ -94,15 +94,11 @@ def load_model(spec: str | None, shape: tuple[int, ...] | None) -> ModelDesc:
     return host_model(spec, shape).desc
 
 
-def model_name(model: ModelDesc) -> str:
-    return "LeNet-5" if model == lenet5() else model.name
-
-
 def to_json(estimates: dict[str, CostEstimate]) -> dict:
     lora = estimates["lora"]
     base = count_params(MethodConfig("full", num_classes=lora.config.num_classes, model=lora.config.model))
     return {
-        "model": {"name": model_name(lora.config.model), "num_classes": lora.config.num_classes,
+        "model": {"name": lora.config.model.title, "num_classes": lora.config.num_classes,
                   "total_params": base["total"], "description": lora.config.model.to_dict()},
         "settings": {"batch": lora.batch, "optimizer": lora.optimizer, "dtype": lora.dtype,
                      "lora": lora.config.to_dict(),
@@ -155,7 +151,7 @@ def render(estimates: dict[str, CostEstimate], per_layer: bool = False) -> str:
     full, lora = estimates["full"], estimates["lora"]
     cfg = lora.config
     base_total = full.params["total"]
-    name, head = model_name(cfg.model), cfg.model.output
+    name, head = cfg.model.title, cfg.model.output
     out = [
         f"{name} fine-tuning, one training step: batch {lora.batch}, {cfg.num_classes} classes, {lora.optimizer}, "
         f"{lora.dtype}",
@@ -220,7 +216,7 @@ def pros_and_cons(estimates: dict[str, CostEstimate]) -> dict[str, str]:
     full, probe, lora = estimates["full"], estimates["probe"], estimates["lora"]
     base_total = full.params["total"]
     model = lora.config.model
-    name, head_name, convs = model_name(model), probe.config.head, model.layers_of("conv2d")
+    name, head_name, convs = model.title, probe.config.head, model.layers_of("conv2d")
     first = model.layers_of("conv2d", "linear")[0]
     upstream = [n for n in model.layers_of("conv2d", "linear") if n != head_name]
     feature_layer = upstream[-1] if upstream else "input"

@@ -63,7 +63,7 @@ def handler(args) -> int:
     from edge_ft.training_defaults import DEFAULTS
 
     host = host_model(args.model, args.input_shape)
-    _, meta = load_base(args.base, head=host.desc.output, model=host.desc.name)
+    _, meta = load_base(args.base, head=host.desc.output, model=host.desc.title)
     host = replace(host, desc=host.desc.with_num_classes(meta["num_classes"]))  # the base's head
     classes = task_classes(args.classes) if args.classes else None
     if classes and args.num_classes and args.num_classes != len(classes):

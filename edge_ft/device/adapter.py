@@ -3,10 +3,12 @@
   adapter_model.safetensors  keys `base_model.model.<layer>.lora_A.weight` (r,in), `...lora_B.weight` (out,r),
                              trained biases and modules_to_save layers (a new head) as
                              `base_model.model.<layer>.<weight|bias>`, the keys PEFT itself writes for them
-  adapter_config.json        LoraConfig fields only, so PEFT reads it without warnings (probe/full: peft_type null)
+  adapter_config.json        LoraConfig fields only, so PEFT reads it without warnings (probe/full: peft_type null;
+                             bias/last-k: a zero rank-1 LoRA carries them, see peft_carrier)
   edge_ft_adapter.json       edge-ft's record, written last (the commit point): method and its config, base sha256,
                              num_classes, classes (names, or null), dtype, sha256 of the two PEFT files
-PEFT's `PeftModel.from_pretrained(LeNet5(num_classes=N), ADAPTER_DIR)` loads a LoRA adapter as is. Adapters of
+PEFT's `PeftModel.from_pretrained(LeNet5(num_classes=N), ADAPTER_DIR)` (or the user's module, for a bundle exported
+with --model) loads a LoRA, bias or last-k adapter as is. Adapters of
 format 1 kept edge-ft's record in an "edge_ft" block inside adapter_config.json; they still load.
 """
 
@@ -59,14 +61,17 @@ def edge_name(key: str) -> str:
 
 def peft_carrier(cfg: MethodConfig) -> str | None:
     """bias and last-k: PEFT loads only adapters of a PEFT type, and has none for bare biases or whole layers, so a
-    rank-1 LoRA of zeros (B = A = 0: it adds exactly nothing) on the smallest linear layer whose weight stays frozen
-    carries them as LoRA's bias="all" / modules_to_save. None when no such layer exists (then peft_type null)."""
+    rank-1 LoRA of zeros (B = A = 0: it adds exactly nothing) on the smallest linear or plain conv layer whose weight
+    stays frozen carries them as LoRA's bias="all" / modules_to_save. None when there is no such layer (last-k over
+    every layer: peft_type null, as for full)."""
     if cfg.method not in ("bias", "last-k"):
         return None
     net, trained = cfg.network, set(trainable_names(cfg))
     saved = set(peft_modules_to_save(cfg))
-    free = [layer for layer in net.linear_layers if layer not in saved and f"{layer}.weight" not in trained]
-    return min(free, key=lambda layer: sum(net.dims(layer))) if free else None
+    free = [layer.name for layer in net.layers if layer.kind in ("linear", "conv2d")
+            and layer.attrs.get("groups", 1) == 1 and layer.name not in saved and f"{layer.name}.weight" not in trained]
+    sizes = {name: sum(t.size for t in carrier_tensors(cfg, name).values()) for name in free}
+    return min(free, key=sizes.__getitem__) if free else None
 
 
 def peft_modules_to_save(cfg: MethodConfig) -> list[str]:
@@ -75,9 +80,13 @@ def peft_modules_to_save(cfg: MethodConfig) -> list[str]:
 
 
 def carrier_tensors(cfg: MethodConfig, carrier: str) -> dict[str, np.ndarray]:
+    """The zero rank-1 pair in PEFT's shapes: (1,in), (out,1) for linear; (1,in,kh,kw), (out,1,1,1) for conv."""
+    layer = cfg.network.layer(carrier)
     fan_in, fan_out = cfg.network.dims(carrier)
-    return {f"{carrier}.lora_A": np.zeros((1, fan_in), np.float32), f"{carrier}.lora_B": np.zeros((fan_out, 1),
-                                                                                               np.float32)}
+    kernel = tuple(layer.attrs["kernel_size"]) if layer.kind == "conv2d" else ()
+    ones = (1, 1) if kernel else ()
+    return {f"{carrier}.lora_A": np.zeros((1, fan_in, *kernel), np.float32),
+            f"{carrier}.lora_B": np.zeros((fan_out, 1, *ones), np.float32)}
 
 
 @dataclass(frozen=True)
@@ -271,7 +280,7 @@ def apply_adapter(bundle: Bundle, folder: str | Path) -> Path:
 
 
 def merged_weights(bundle: Bundle, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Plain LeNet-5 weights with the adapter folded in: W = W0 + (B @ A) * alpha / r for LoRA targets."""
+    """The plain network's weights with the adapter folded in: W = W0 + (B @ A) * alpha / r for LoRA targets."""
     weights = base_weights(bundle)
     cfg = bundle.method
     for name, value in tensors.items():

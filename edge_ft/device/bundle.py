@@ -129,13 +129,13 @@ def check_model(bundle: Bundle, manifest_path: Path) -> None:
         shapes = {n: s for n, s in param_shapes(cfg).items() if n in net.layer(cfg.head).param_names()}
         trainable = list(shapes)
     else:
-        raise UserError(f"{manifest_path}: input_shape {list(bundle.input_shape)} is not {net.name}'s "
+        raise UserError(f"{manifest_path}: input_shape {list(bundle.input_shape)} is not {net.title}'s "
                         f"{list(net.input_shape)}; re-export the bundle")
     described = {**bundle.trainable, **bundle.frozen}
     if described != shapes or sorted(bundle.trainable) != sorted(trainable):
         wrong = next((n for n in shapes if described.get(n) != shapes[n]), None) or next(
             (n for n in described if n not in shapes), None) or "the trainable set"
-        raise UserError(f"{manifest_path}: {wrong} does not match a {cfg.method} {net.name} "
+        raise UserError(f"{manifest_path}: {wrong} does not match a {cfg.method} {net.title} "
                         f"({bundle.num_classes} classes); re-export the bundle")
 
 

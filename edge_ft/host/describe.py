@@ -127,7 +127,8 @@ def describe(module: nn.Module, input_shape: tuple[int, ...], source: str = "") 
                 if layer.params:
                     raise UserError(f"model {name}: {layer.name} is called more than once (shared weights are "
                                     "not supported)")
-                layer = replace(layer, name=node.name)  # a parameter-free module reused: name each call
+                # a parameter-free module reused: each call gets its node's name, and says whose call it is
+                layer = replace(layer, name=node.name, attrs={**layer.attrs, "module": layer.name})
             alias[node.name] = layer.name
             layers.append(layer)
     if output is None:
@@ -238,7 +239,9 @@ def lenet5_desc() -> ModelDesc:
     """LeNet-5 traced now (what edge_ft/descriptions/lenet5.json must hold)."""
     from edge_ft.host.model import INPUT_SHAPE, LeNet5
 
-    return describe(LeNet5(), INPUT_SHAPE, source="edge_ft.host.model:LeNet5")
+    from edge_ft.model_desc import LENET5_SOURCE
+
+    return describe(LeNet5(), INPUT_SHAPE, source=LENET5_SOURCE)
 
 
 if __name__ == "__main__":  # python -m edge_ft.host.describe: rewrite edge_ft/descriptions/lenet5.json

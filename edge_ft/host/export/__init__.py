@@ -52,7 +52,7 @@ def export_bundle(
     if engine not in ENGINE_MODULES:
         raise UserError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINE_MODULES)}")
     base_path, out_dir = Path(base_path), Path(out_dir)
-    base_state, base_meta = load_base(base_path, head=cfg.model.output, model=cfg.model.name)
+    base_state, base_meta = load_base(base_path, head=cfg.model.output, model=cfg.model.title)
     check_base(base_state, base_path, cfg.model)
     _check_target(out_dir)
     engine_module = importlib.import_module(f"edge_ft.host.export.{ENGINE_MODULES[engine]}")

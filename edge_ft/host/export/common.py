@@ -55,10 +55,14 @@ class MeanPool2x2(nn.Module):
 
 
 def pool_shapes(desc: ModelDesc) -> dict[str, tuple[int, int, int]]:
-    """(channels, height, width) entering each nn.AvgPool2d(2, 2) module that tiles its input exactly."""
+    """(channels, height, width) entering each nn.AvgPool2d(2, 2) module that tiles its input exactly and is called
+    once (a module called on several shapes stays an AvgPool2d)."""
     shapes = {}
+    reused = {layer.attrs["module"] for layer in desc.layers if "module" in layer.attrs}  # one module, many shapes
     for layer in desc.layers:
         a = layer.attrs
+        if layer.name in reused or "module" in a:
+            continue
         if layer.kind == "avgpool2d" and a.get("kernel_size") == [2, 2] and a.get("stride") == [2, 2] \
                 and a.get("padding") == [0, 0] and all(d % 2 == 0 for d in layer.input_shapes[0][1:]):
             shapes[layer.name] = layer.input_shapes[0]
@@ -87,7 +91,7 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
 
 def check_base(state: dict[str, np.ndarray], path: Path, desc: ModelDesc) -> None:
     """The base checkpoint has exactly the described tensors and shapes (for its own class count)."""
-    what = desc.name if desc.name != "LeNet5" else "LeNet-5"
+    what = desc.title
     net = desc.with_num_classes(int(state[f"{desc.output}.bias"].shape[0]))
     expected = {**net.param_shapes, **dict(net.buffers)}
     for name, shape in expected.items():
