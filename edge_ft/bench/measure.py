@@ -29,6 +29,7 @@ from edge_ft.bench.records import SCHEMA, run_key
 from edge_ft.config import MethodConfig
 from edge_ft.costmodel import estimate
 from edge_ft.data.tasks import get_task
+from edge_ft.run_record import read_summary
 from edge_ft.training_defaults import DEFAULTS
 
 ENGINES = ("torch", "ort-training", "ort-step")
