@@ -1,90 +1,102 @@
-"""LeNet-5's parameters described without torch: names, shapes and which ones each method trains.
+"""The methods as rules over a model description (edge_ft.model_desc), without torch: which tensors exist under a
+method and which of them train.
 
-The host model (edge_ft.host.model) and this table must agree; a test checks them against each other.
-The device side, the cost model and bundle manifests use this table, so they never need torch.
+    trainable_names(cfg)   # the one rule set: cfg.method over cfg.network (the description with cfg's head)
+
+  full     every parameter
+  probe    the head's weight and bias (cfg.head: the output layer unless --head names another linear layer)
+  lora     rank-r lora_A/lora_B on cfg.targets (linear layers), biases per cfg.bias (PEFT semantics), and
+           cfg.modules_to_save trained whole
+  bias     every bias, BatchNorm's beta included (BitFit; TinyTL), and cfg.modules_to_save trained whole
+  last-k   every parameter from the k-th last conv/linear layer (forward order) on, BatchNorms between included
+
+The host's torch model (edge_ft.host.methods) and these tables must agree; tests check them against each other.
+LAYER_SPECS and INPUT_SHAPE are LeNet-5's, derived from its description, for code that only knows LeNet-5.
 """
 
 from __future__ import annotations
 
 from edge_ft.config import LINEAR_LAYERS, MethodConfig
+from edge_ft.model_desc import ModelDesc, lenet5
 
-INPUT_SHAPE = (1, 28, 28)  # C, H, W of one example
-POOL = 2  # each conv is followed by ReLU and a 2x2, stride-2 average pool
-
-# name -> (kind, in, out, kernel); conv spatial sizes follow from the 28x28 input.
+INPUT_SHAPE = lenet5().input_shape  # C, H, W of one LeNet-5 example
+# LeNet-5's weight layers: name -> (kind, in, out, kernel); out None for the head (its class count varies).
 LAYER_SPECS = {
-    "conv1": ("conv", 1, 6, 5),  # (B,1,28,28) -> (B,6,24,24), pooled to 12x12
-    "conv2": ("conv", 6, 16, 5),  # (B,6,12,12) -> (B,16,8,8), pooled to 4x4
-    "fc1": ("linear", 256, 120, None),
-    "fc2": ("linear", 120, 84, None),
-    "fc3": ("linear", 84, None, None),  # out = num_classes
+    layer.name: ("conv" if layer.kind == "conv2d" else "linear", *lenet5().dims(layer.name),
+                 layer.attrs["kernel_size"][0] if layer.kind == "conv2d" else None)
+    for layer in lenet5().layers if layer.kind in ("conv2d", "linear")
 }
+LAYER_SPECS[lenet5().output] = (*LAYER_SPECS[lenet5().output][:2], None, None)
 
 
-def layer_dims(layer: str, num_classes: int) -> tuple[int, int]:
+def layer_dims(layer: str, num_classes: int, model: ModelDesc | None = None) -> tuple[int, int]:
     """(in_features or in_channels, out_features or out_channels)."""
-    _, fan_in, fan_out, _ = LAYER_SPECS[layer]
-    return fan_in, (num_classes if fan_out is None else fan_out)
+    return (model or lenet5()).with_num_classes(num_classes).dims(layer)
 
 
-def layer_io_shapes(num_classes: int = 10) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Per-example (input, output) shape of each layer's conv/linear op, in forward order.
+def layer_io_shapes(num_classes: int = 10, model: ModelDesc | None = None,
+                    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per-example (input, output) shape of each conv/linear layer, in forward order.
 
-    {"conv1": ((1,28,28), (6,24,24)), "conv2": ((6,12,12), (16,8,8)), "fc1": ((256,), (120,)), ...}
+    LeNet-5: {"conv1": ((1,28,28), (6,24,24)), "conv2": ((6,12,12), (16,8,8)), "fc1": ((256,), (120,)), ...}
     """
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    c, h, w = INPUT_SHAPE
-    for layer, (kind, _, _, k) in LAYER_SPECS.items():
-        fan_in, fan_out = layer_dims(layer, num_classes)
-        if kind == "conv":
-            out = (fan_out, h - k + 1, w - k + 1)  # valid convolution, stride 1
-            shapes[layer] = ((c, h, w), out)
-            c, h, w = fan_out, out[1] // POOL, out[2] // POOL
-        else:
-            shapes[layer] = ((fan_in,), (fan_out,))
-    return shapes
+    net = (model or lenet5()).with_num_classes(num_classes)
+    return {layer.name: (layer.input_shapes[0], layer.output_shape) for layer in net.layers
+            if layer.kind in ("conv2d", "linear")}
 
 
-def base_param_shapes(num_classes: int = 10) -> dict[str, tuple[int, ...]]:
+def base_param_shapes(num_classes: int = 10, model: ModelDesc | None = None) -> dict[str, tuple[int, ...]]:
     """The pretrained model's parameters in state-dict order."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for layer, (kind, fan_in, fan_out, k) in LAYER_SPECS.items():
-        fan_out = num_classes if fan_out is None else fan_out
-        shapes[f"{layer}.weight"] = (fan_out, fan_in, k, k) if kind == "conv" else (fan_out, fan_in)
-        shapes[f"{layer}.bias"] = (fan_out,)
-    return shapes
+    return (model or lenet5()).with_num_classes(num_classes).param_shapes
 
 
 def param_shapes(cfg: MethodConfig) -> dict[str, tuple[int, ...]]:
     """All parameters of the model as the method builds it (LoRA adds lora_A/lora_B per target)."""
-    shapes = base_param_shapes(cfg.num_classes)
+    net = cfg.network
+    shapes = net.param_shapes
     if cfg.method != "lora":
         return shapes
+    last_param = {}  # torch registers lora_A/B after the wrapped layer's own parameters
+    for layer in cfg.targets:
+        last_param[net.layer(layer).param_names()[-1]] = layer
     out: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
         out[name] = shape
-        layer, kind = name.split(".")
-        if kind == "bias" and layer in cfg.targets:  # torch registers lora_A/B after weight and bias
-            fan_in, fan_out = layer_dims(layer, cfg.num_classes)
+        if name in last_param:
+            layer = last_param[name]
+            fan_in, fan_out = net.dims(layer)
             out[f"{layer}.lora_A"] = (cfg.rank, fan_in)
             out[f"{layer}.lora_B"] = (fan_out, cfg.rank)
     return out
 
 
+def last_k_layers(cfg: MethodConfig) -> list[str]:
+    """last-k: the layers with parameters from the k-th last conv/linear layer on, in forward order."""
+    layers = [layer for layer in cfg.network.layers if layer.params]
+    weighted = [i for i, layer in enumerate(layers) if layer.kind in ("conv2d", "linear")]
+    return [layer.name for layer in layers[weighted[-cfg.last_k]:]]
+
+
 def trainable_names(cfg: MethodConfig) -> list[str]:
     """Parameter names that receive gradients under the method, in state-dict order."""
     names = list(param_shapes(cfg))
+    net = cfg.network
     if cfg.method == "full":
         return names
     if cfg.method == "probe":
-        return ["fc3.weight", "fc3.bias"]
-    trainable = [n for n in names if n.endswith(".lora_B" if cfg.freeze_lora_a else (".lora_A", ".lora_B"))]
-    if cfg.bias == "all":
-        trainable += [n for n in names if n.endswith(".bias")]
-    elif cfg.bias == "lora_only":
-        trainable += [f"{t}.bias" for t in cfg.targets]
+        trainable = net.layer(cfg.head).param_names()
+    elif cfg.method == "last-k":
+        trainable = [n for layer in last_k_layers(cfg) for n in net.layer(layer).param_names()]
+    elif cfg.method == "bias":
+        trainable = [n for n in names if n.rsplit(".", 1)[-1] == "bias"]
+    else:
+        trainable = [n for n in names if n.endswith(".lora_B" if cfg.freeze_lora_a else (".lora_A", ".lora_B"))]
+        if cfg.bias == "all":
+            trainable += [n for n in names if n.endswith(".bias")]
+        elif cfg.bias == "lora_only":
+            trainable += [n for t in cfg.targets for n in net.layer(t).param_names() if n.endswith(".bias")]
     for layer in cfg.modules_to_save:  # trained whole, as PEFT's modules_to_save copy
-        trainable += [f"{layer}.weight", f"{layer}.bias"]
+        trainable += net.layer(layer).param_names()
     order = {n: i for i, n in enumerate(names)}
     return sorted(set(trainable), key=order.__getitem__)
 
@@ -108,24 +120,30 @@ def count_params(cfg: MethodConfig) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
 
 
+def owner(name: str) -> str:
+    """The layer a parameter belongs to: 'features.0.weight' -> 'features.0', 'fc1.lora_A' -> 'fc1'."""
+    return name.rsplit(".", 1)[0]
+
+
 def lowest_trainable_layer(cfg: MethodConfig) -> str:
     """The first layer (in forward order) owning a trainable tensor: nothing below it needs a gradient."""
-    layers = [n.split(".")[0] for n in trainable_names(cfg)]
-    return next(layer for layer in LAYER_SPECS if layer in layers)
+    layers = {owner(n) for n in trainable_names(cfg)}
+    return next(layer.name for layer in cfg.network.layers if layer.name in layers)
 
 
 __all__ = [
     "INPUT_SHAPE",
     "LAYER_SPECS",
-    "POOL",
     "LINEAR_LAYERS",
     "base_param_shapes",
     "count_params",
     "frozen_names",
+    "last_k_layers",
     "layer_dims",
     "layer_io_shapes",
     "lowest_trainable_layer",
     "numel",
+    "owner",
     "param_shapes",
     "trainable_names",
 ]

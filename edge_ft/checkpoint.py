@@ -67,17 +67,19 @@ def load_json_object(path: str | Path, what: str, fix: str) -> dict:
     return data
 
 
-def load_base(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Base weights and their provenance (empty dict when the JSON is absent).
+def load_base(path: str | Path, head: str = "fc3", model: str = "LeNet-5") -> tuple[dict[str, np.ndarray], dict]:
+    """Base weights and their provenance (empty dict when the JSON is absent); `head` names the output layer
+    whose bias gives the class count.
 
     The JSON is written after the weights and records their sha256: a mismatch means an interrupted save or
     files from two different runs, and the JSON's task and accuracy would describe other weights.
     """
     state = load_safetensors(path)
-    head = state.get("fc3.bias")
-    if head is None or head.ndim != 1 or head.shape[0] < 2:
-        raise UserError(f"{path}: not a LeNet-5 checkpoint (no 1-d fc3.bias with 2+ classes); "
-                        "use the output of `edge-ft pretrain`")
+    head_bias = state.get(f"{head}.bias")
+    if head_bias is None or head_bias.ndim != 1 or head_bias.shape[0] < 2:
+        raise UserError(f"{path}: not a {model} checkpoint (no 1-d {head}.bias with 2+ classes); "
+                        + ("use the output of `edge-ft pretrain`" if model == "LeNet-5" else
+                           f"save the state dict of a trained {model} with safetensors"))
     meta: dict = {}
     mp = meta_path(path)
     if mp.is_file():
@@ -86,5 +88,5 @@ def load_base(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
             raise UserError(f"{mp}: its sha256 does not match {Path(path).name} (an interrupted save or files of "
                             "two runs); copy both files again or re-run `edge-ft pretrain`")
     meta.setdefault("sha256", sha256_file(path))
-    meta.setdefault("num_classes", int(head.shape[0]))
+    meta.setdefault("num_classes", int(head_bias.shape[0]))
     return state, meta

@@ -1,4 +1,7 @@
-"""What one training step of LeNet-5 costs under full fine-tuning, linear probing and LoRA, computed without torch.
+"""What one training step costs under each method, computed without torch from the model's description.
+
+Any network edge_ft.model_desc describes (conv2d with stride/padding/dilation/groups, linear, BatchNorm2d, pools,
+activations, add, concat, flatten, dropout) is costed; LeNet-5 is the default (cfg.model).
 
     from edge_ft.config import MethodConfig
     from edge_ft.costmodel import estimate
@@ -21,11 +24,18 @@ Conventions (the tests hold them against torch.utils.flop_counter and autograd's
   LoRA with bias="all" (conv1.bias trains) pays for input gradients all the way down to conv2.
 - LoRA runs unmerged while training: forward adds x A^T (B,in)x(in,r) and then (B,r)x(r,out); backward adds
   dB, dA, the hidden gradient dz = dy B, and dx += dz A where the input needs a gradient.
+- Grouped convs count their real MACs (in_channels / groups per output); flop_counter prices a grouped conv's
+  weight gradient as if it were ungrouped, `groups` times more (the tests allow exactly that difference).
 - Memory: weights = every parameter (adapters included), gradients = trainable parameters, optimizer state =
   OptimizerConfig.state_per_param x trainable parameters, all in `dtype`; AdamW's per-tensor step counters
   (a few bytes) are ignored. Activations = unique tensors autograd saves for backward, parameters excluded:
   conv inputs and ReLU outputs of every layer at or above the lowest trainable one, a linear layer's input when
   its weight trains or it has an adapter, LoRA's (B,r) hidden, and the log-probabilities of the loss.
+  Other kinds, as autograd keeps them: BatchNorm its input and per-channel batch statistics, ReLU6 / Hardswish
+  / pools their input (max pooling also int64 indices; a 1x1 adaptive pool is a mean and keeps nothing), dropout
+  its mask; add, concat and flatten nothing. A linear layer whose weight is frozen keeps no input even when its
+  bias trains (the bias method: BitFit, TinyTL); a conv keeps its input whenever it records a backward (torch's
+  one formula for input, weight and bias), so bias-only keeps no linear layer's input but still the convs'.
   Not counted: the loss's int64 labels (8 bytes per example) and nll_loss's scalar weight sum, which autograd
   also keeps; they are inputs and bookkeeping, not activations, and the tests assert exactly that difference.
 """
@@ -36,20 +46,14 @@ import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from edge_ft.architecture import (
-    LAYER_SPECS,
-    count_params,
-    layer_dims,
-    layer_io_shapes,
-    lowest_trainable_layer,
-    numel,
-    trainable_names,
-)
+from edge_ft.architecture import count_params, numel, owner, trainable_names
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.errors import UserError
+from edge_ft.model_desc import INPUT, WEIGHTED, Layer, ModelDesc
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DTYPES = tuple(DTYPE_BYTES)
+ALIASES = ("flatten",)  # views: their result shares the input's storage, so saving either keeps the same bytes
 
 
 class LayerFlops(NamedTuple):
@@ -61,69 +65,145 @@ class LayerFlops(NamedTuple):
     backward_weight: int
 
 
-def layer_macs(layer: str, num_classes: int) -> int:
+def _macs(layer: Layer) -> int:
+    """Multiply-accumulates of a conv/linear op for one example (bias excluded)."""
+    if layer.kind == "conv2d":
+        a = layer.attrs
+        kh, kw = a["kernel_size"]
+        # every output value is a dot product over its group's (in_c / groups x kh x kw) window
+        return numel(layer.output_shape) * (a["in_channels"] // a["groups"]) * kh * kw
+    return layer.attrs["in_features"] * layer.attrs["out_features"]
+
+
+def layer_macs(layer: str, num_classes: int, model: ModelDesc | None = None) -> int:
     """Multiply-accumulates of the layer's conv/linear op for one example (bias excluded)."""
-    (fan_in_shape, out_shape) = layer_io_shapes(num_classes)[layer]
-    kind, _, _, k = LAYER_SPECS[layer]
-    if kind == "conv":
-        return numel(out_shape) * fan_in_shape[0] * k * k  # every output value is a (in_c x k x k) dot product
-    return fan_in_shape[0] * out_shape[0]
+    from edge_ft.model_desc import lenet5
+
+    return _macs((model or lenet5()).with_num_classes(num_classes).layer(layer))
+
+
+def _grad_flow(cfg: MethodConfig) -> tuple[dict[str, bool], dict[str, bool]]:
+    """(records_backward, output_requires_grad) per layer: an op records a backward node once one of its inputs
+    requires a gradient or one of its own tensors trains; its result then requires a gradient."""
+    owners = {owner(n) for n in trainable_names(cfg)}
+    requires = {INPUT: False}
+    records = {}
+    for layer in cfg.network.layers:
+        records[layer.name] = layer.name in owners or any(requires[i] for i in layer.inputs)
+        requires[layer.name] = records[layer.name]
+    return records, requires
 
 
 def input_grad_layers(cfg: MethodConfig) -> list[str]:
-    """Layers whose input needs a gradient: every layer above the lowest one that owns a trainable tensor."""
-    layers = list(LAYER_SPECS)
-    return layers[layers.index(lowest_trainable_layer(cfg)) + 1:]
+    """Conv/linear layers whose input needs a gradient: those reached by a trainable tensor below them."""
+    _, requires = _grad_flow(cfg)
+    return [layer.name for layer in cfg.network.layers
+            if layer.kind in WEIGHTED and any(requires[i] for i in layer.inputs)]
 
 
 def layer_flops(cfg: MethodConfig, batch: int) -> list[LayerFlops]:
-    """Per-layer forward / input-gradient / weight-gradient FLOPs of one step at `batch`, in forward order."""
+    """Per-layer forward / input-gradient / weight-gradient FLOPs of one step at `batch`, conv/linear layers in
+    forward order."""
     trainable = set(trainable_names(cfg))
     needs_input_grad = set(input_grad_layers(cfg))
     rows = []
-    for layer in LAYER_SPECS:
-        base = 2 * batch * layer_macs(layer, cfg.num_classes)  # y = W x, and each of dx = W^T dy, dW = dy x^T
+    for layer in cfg.network.layers:
+        if layer.kind not in WEIGHTED:
+            continue  # flop_counter's convention: only conv and matmul ops count
+        base = 2 * batch * _macs(layer)  # y = W x, and each of dx = W^T dy, dW = dy x^T
         forward = base
-        backward_input = base if layer in needs_input_grad else 0
-        backward_weight = base if f"{layer}.weight" in trainable else 0
-        if cfg.method == "lora" and layer in cfg.targets:
-            fan_in, fan_out = layer_dims(layer, cfg.num_classes)
+        backward_input = base if layer.name in needs_input_grad else 0
+        backward_weight = base if f"{layer.name}.weight" in trainable else 0
+        if cfg.method == "lora" and layer.name in cfg.targets:
+            fan_in, fan_out = layer.attrs["in_features"], layer.attrs["out_features"]
             down = 2 * batch * fan_in * cfg.rank  # z = x A^T: (B,in) x (in,r); also dA = dz^T x and dx += dz A
             up = 2 * batch * cfg.rank * fan_out  # z B^T: (B,r) x (r,out); also dB = dy^T z and dz = dy B
             forward += down + up
             backward_weight += down + up
             backward_input += up  # dz is needed for dA even when x needs no gradient
-            if layer in needs_input_grad:
+            if layer.name in needs_input_grad:
                 backward_input += down
-        rows.append(LayerFlops(layer, forward, backward_input, backward_weight))
+        rows.append(LayerFlops(layer.name, forward, backward_input, backward_weight))
     return rows
+
+
+def _saves(layer: Layer, cfg: MethodConfig, trainable: set[str]) -> list[tuple[int, str]]:
+    """What the layer's backward keeps, as autograd does: (input index, or -1 for its output) and a role.
+
+    conv2d keeps its input for any gradient (one backward formula for input, weight and bias); linear keeps it
+    only for its weight's (or an adapter's) gradient, so a layer whose bias alone trains keeps nothing (BitFit,
+    TinyTL); ReLU keeps its result, ReLU6/Hardswish/pools/BatchNorm their input; add, concat, flatten and a mean
+    keep no activations.
+    """
+    kind = layer.kind
+    if kind == "conv2d" or kind in ("relu6", "hardswish", "avgpool2d", "maxpool2d", "batchnorm2d"):
+        return [(0, "input")]
+    if kind == "adaptiveavgpool2d":  # a 1x1 output is computed as a mean, which keeps nothing
+        return [] if layer.output_shape[1:] == (1, 1) else [(0, "input")]
+    if kind == "linear":
+        adapted = cfg.method == "lora" and layer.name in cfg.targets
+        return [(0, "input")] if f"{layer.name}.weight" in trainable or adapted else []
+    if kind == "relu":
+        return [(-1, "relu")]
+    return []
+
+
+def _extra_saved(layer: Layer, batch: int, cfg: MethodConfig) -> dict[str, tuple[int, int | None]]:
+    """Tensors a layer keeps besides activations: name -> (elements, fixed bytes per element or None)."""
+    if cfg.method == "lora" and layer.name in cfg.targets:
+        return {f"{layer.name}.lora_hidden": (batch * cfg.rank, None)}  # z = x A^T, needed for dB
+    if layer.kind == "batchnorm2d":  # per-channel batch mean and inverse std
+        return {f"{layer.name}.batch_stats": (2 * layer.output_shape[0], None)}
+    if layer.kind == "maxpool2d":  # argmax indices, int64
+        return {f"{layer.name}.indices": (batch * numel(layer.output_shape), 8)}
+    if layer.kind == "dropout" and layer.attrs.get("p", 0) > 0:  # the scaled keep-mask, in the training dtype
+        return {f"{layer.name}.mask": (batch * numel(layer.output_shape), None)}
+    return {}
+
+
+def saved_tensors(cfg: MethodConfig, batch: int) -> dict[str, tuple[int, int | None]]:
+    """Every tensor autograd keeps for backward (parameters and buffers excluded): name -> (elements, fixed bytes
+    per element, None for the training dtype). An activation is named by the conv/linear layer that keeps it as
+    its input ("fc1.input"), else by the weight layer it comes from and what produced it ("conv1.relu")."""
+    net = cfg.network
+    trainable = set(trainable_names(cfg))
+    records, _ = _grad_flow(cfg)
+    by_name = {layer.name: layer for layer in net.layers}
+    storage = {INPUT: INPUT}  # tensor -> the tensor whose memory it is (views share it)
+    source = {INPUT: None}  # tensor -> nearest conv/linear layer at or above it
+    names: dict[str, str] = {}  # storage -> name
+    kept_as_input: set[str] = set()  # storages a conv/linear layer keeps (and names) as its input
+    elements: dict[str, int] = {}
+    extra: dict[str, tuple[int, int | None]] = {}
+    for layer in net.layers:
+        first = layer.inputs[0] if layer.inputs else INPUT
+        storage[layer.name] = storage[first] if layer.kind in ALIASES else layer.name
+        source[layer.name] = layer.name if layer.kind in WEIGHTED else source.get(first)
+        if not records[layer.name]:
+            continue
+        for index, role in _saves(layer, cfg, trainable):
+            tensor = layer.name if index < 0 else layer.inputs[index]
+            shape = layer.output_shape if index < 0 else layer.input_shapes[index]
+            key = storage[tensor]
+            elements.setdefault(key, batch * numel(shape))
+            if layer.kind in WEIGHTED and role == "input" and key not in kept_as_input:
+                names[key] = f"{layer.name}.input"  # who keeps it for its gradient names it
+                kept_as_input.add(key)
+            elif key not in names:
+                producer = by_name.get(key)
+                names[key] = (f"{source[key]}.{producer.kind}" if producer and source[key] else
+                              f"{layer.name}.{role}")
+        extra.update(_extra_saved(layer, batch, cfg))
+    saved = {names[k]: (n, None) for k, n in elements.items()}
+    for name, value in extra.items():
+        saved[name] = value
+    saved["loss.log_probs"] = (batch * cfg.num_classes, None)  # log_softmax saves its output; nll_loss reuses it
+    return saved
 
 
 def saved_activation_elements(cfg: MethodConfig, batch: int) -> dict[str, int]:
     """Elements of every tensor autograd keeps for backward (parameters excluded), named by who saves it."""
-    layers = list(LAYER_SPECS)
-    lowest = layers.index(lowest_trainable_layer(cfg))
-    trainable = set(trainable_names(cfg))
-    shapes = layer_io_shapes(cfg.num_classes)
-    saved: dict[str, int] = {}
-    for i, layer in enumerate(layers):
-        kind = LAYER_SPECS[layer][0]
-        in_shape, out_shape = shapes[layer]
-        has_grad_fn = i >= lowest  # an op records a backward node once any of its inputs or parameters trains
-        adapted = cfg.method == "lora" and layer in cfg.targets
-        if kind == "conv":
-            if has_grad_fn:
-                saved[f"{layer}.input"] = batch * numel(in_shape)  # convolution_backward needs x for dW
-                saved[f"{layer}.relu"] = batch * numel(out_shape)  # ReLU saves its result; the pool reads the same
-        else:
-            # The input is the previous ReLU's saved result, or kept by the matmuls for dW / dA.
-            prev_relu_saved = i > 0 and LAYER_SPECS[layers[i - 1]][0] == "linear" and i - 1 >= lowest
-            if prev_relu_saved or f"{layer}.weight" in trainable or adapted:
-                saved[f"{layer}.input"] = batch * numel(in_shape)
-        if adapted:
-            saved[f"{layer}.lora_hidden"] = batch * cfg.rank  # z = x A^T, needed for dB
-    saved["loss.log_probs"] = batch * cfg.num_classes  # log_softmax saves its output; nll_loss reuses it
-    return saved
+    return {name: n for name, (n, _) in saved_tensors(cfg, batch).items()}
 
 
 @dataclass(frozen=True)
@@ -165,7 +245,7 @@ class CostEstimate:
 
 def estimate(cfg: MethodConfig, batch: int = 32, optimizer: OptimizerConfig | str = "adamw",
              dtype: str = "float32") -> CostEstimate:
-    """Parameters, FLOPs per training step and memory of training LeNet-5 with `cfg` at `batch`."""
+    """Parameters, FLOPs per training step and memory of training cfg.model with `cfg` at `batch`."""
     batch_arg = batch
     try:
         batch = -1 if isinstance(batch, bool) else operator.index(batch)  # ints, numpy ints; not 2.5, "32", True
@@ -178,7 +258,7 @@ def estimate(cfg: MethodConfig, batch: int = 32, optimizer: OptimizerConfig | st
     opt = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer)
     size = DTYPE_BYTES[dtype]
     params = count_params(cfg)
-    saved = {name: n * size for name, n in saved_activation_elements(cfg, batch).items()}
+    saved = {name: n * (fixed or size) for name, (n, fixed) in saved_tensors(cfg, batch).items()}
     memory = {
         "weights": params["total"] * size,
         "gradients": params["trainable"] * size,
@@ -191,10 +271,10 @@ def estimate(cfg: MethodConfig, batch: int = 32, optimizer: OptimizerConfig | st
 
 def estimate_all(lora: MethodConfig, batch: int = 32, optimizer: OptimizerConfig | str = "adamw",
                  dtype: str = "float32") -> dict[str, CostEstimate]:
-    """The three methods side by side; full and probe share `lora`'s class count."""
+    """The three methods side by side; full and probe share `lora`'s model and class count."""
     configs = {
-        "full": MethodConfig("full", num_classes=lora.num_classes),
-        "probe": MethodConfig("probe", num_classes=lora.num_classes),
+        "full": MethodConfig("full", num_classes=lora.num_classes, model=lora.model),
+        "probe": MethodConfig("probe", num_classes=lora.num_classes, model=lora.model),
         "lora": lora,
     }
     return {name: estimate(cfg, batch, optimizer, dtype) for name, cfg in configs.items()}

@@ -43,6 +43,9 @@ DEFAULTS = {
     "full": RecipeDefaults("adamw", 3e-3, 20, 32, "cosine"),
     "probe": RecipeDefaults("adamw", 3e-2, 20, 32, "cosine"),
     "lora": RecipeDefaults("adamw", 2e-2, 20, 32, "cosine"),
+    # Not tuned yet: bias-only moves few tensors, like probing; last-k trains whole layers, like full.
+    "bias": RecipeDefaults("adamw", 3e-2, 20, 32, "cosine"),
+    "last-k": RecipeDefaults("adamw", 3e-3, 20, 32, "cosine"),
 }
 DEFAULT_LR = {method: recipe.lr for method, recipe in DEFAULTS.items()}
 

@@ -22,6 +22,7 @@ from edge_ft.device.engines import open_engine
 from edge_ft.device.inference import accuracy, predict, session_runner
 from edge_ft.device.ort_api import inference_session
 from edge_ft.host.methods import build_model
+from edge_ft.run_record import read_summary
 from edge_ft.training_defaults import epoch_lr
 from tests.lockstep import run_lockstep
 from tests.ort_training_support import ADAMW, EXPORT_SEED, METHODS, ROOT, SGD, base_state, bundle, mnist, npz_pair
@@ -136,6 +137,9 @@ def test_train_cli_writes_a_complete_run():
     assert set(r["bundle_bytes"]) >= {"checkpoint", "training_model.onnx", "manifest.json"}
     memory = r["memory_mb"]
     assert 0 < memory["rss_after_imports"] <= memory["peak_rss_sampled"] <= memory["ru_maxrss"] + 1
+    # The one results schema: the block both engines write equals what the reader derives from an older file.
+    assert r["summary"] == read_summary({k: v for k, v in r.items() if k != "summary"})
+    assert r["summary"]["engine"] == "ort-training" and r["summary"]["accuracy"] == r["accuracy"]
 
 
 def test_cached_features_train_the_same_head():

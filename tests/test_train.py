@@ -17,6 +17,7 @@ from edge_ft.data.tasks import Split, source_split, target_split
 from edge_ft.host.finetune import finetune
 from edge_ft.host.methods import build_model
 from edge_ft.host.train import accuracy, pretrain, run_steps, set_determinism, train_epochs
+from edge_ft.run_record import read_summary
 from edge_ft.training_defaults import DEFAULTS, PRETRAIN, RecipeDefaults
 
 METHODS = [
@@ -97,6 +98,9 @@ def test_finetune_returns_only_trained_tensors(base_checkpoint, digits5):
     assert res["accuracy_before"] == round(accuracy(model, digits5.x_test, digits5.y_test), 6)  # B = 0: zero-shot
     assert [e["epoch"] for e in res["epochs"]] == [1, 2] and res["steps"] == 2 * 4
     assert res["ms_per_step_p50"] > 0 and res["peak_rss_mb"] > 50
+    # The one results schema: the block both engines write equals what the reader derives from an older file.
+    assert res["summary"] == read_summary({k: v for k, v in res.items() if k != "summary"})
+    assert (res["summary"]["engine"], res["summary"]["accuracy"]) == ("torch", res["accuracy_after"])
 
 
 def test_pretrain_is_deterministic():

@@ -29,6 +29,7 @@ from edge_ft.bench.records import SCHEMA, run_key
 from edge_ft.config import MethodConfig
 from edge_ft.costmodel import estimate
 from edge_ft.data.tasks import get_task
+from edge_ft.run_record import read_summary
 from edge_ft.training_defaults import DEFAULTS
 
 ENGINES = ("torch", "ort-training", "ort-step")
@@ -188,12 +189,20 @@ def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, s
     }
 
 
-def _epochs(epochs: list[dict], accuracy_key: str) -> tuple[list[dict], dict]:
-    rows = [{"seconds": e["seconds"], "accuracy": e.get(accuracy_key)} for e in epochs]
+def _run_fields(results: dict) -> dict:
+    """What every engine's run reports, through the one results schema (edge_ft.run_record)."""
+    r = read_summary(results)
+    rows = [{"seconds": e["seconds"], "accuracy": e["accuracy"]} for e in r["epochs"]]
     secs = [e["seconds"] for e in rows]
     later = secs[1:] or secs  # the first epoch carries warm-up (graph optimisation, allocator growth)
-    return rows, {"epoch_seconds_mean": round(sum(secs) / len(secs), 4) if secs else None,
-                  "epoch_seconds_later": round(sum(later) / len(later), 4) if later else None}
+    ms, mem = r["ms_per_step"], r["memory_mb"]
+    return {"accuracy": r["accuracy"], "epochs": rows, "steps": r["steps"],
+            "epoch_seconds_mean": round(sum(secs) / len(secs), 4) if secs else None,
+            "epoch_seconds_later": round(sum(later) / len(later), 4) if later else None,
+            "ms_per_step_p50": ms["p50"], "ms_per_step_p95": ms["p95"], "ms_per_step_mean": ms["mean"],
+            "rss_after_imports_bytes": None if mem["rss_after_imports"] is None else
+            round(mem["rss_after_imports"] * MB),
+            "train_peak_rss_bytes": None if mem["peak_rss"] is None else round(mem["peak_rss"] * MB)}
 
 
 def device_fields(run_dir: Path) -> dict:
@@ -201,16 +210,11 @@ def device_fields(run_dir: Path) -> dict:
     from edge_ft.device.adapter import CONFIG, RECORD, WEIGHTS, export_adapter
 
     r = json.loads((run_dir / "results.json").read_text())
-    rows, epoch_stats = _epochs(r["epochs"], "eval_accuracy")
     export_adapter(run_dir, run_dir / "adapter", force=True)  # the sweep owns this folder; --force re-runs
     adapter = {name: (run_dir / "adapter" / name).stat().st_size for name in (WEIGHTS, CONFIG, RECORD)}
-    lat, mem = r["step_latency_ms"], r["memory_mb"]
     return {
-        "accuracy": r["accuracy"], "epochs": rows, "steps": r["steps"], **epoch_stats,
-        "ms_per_step_p50": lat["p50"], "ms_per_step_p95": lat["p95"], "ms_per_step_mean": lat["mean"],
+        **_run_fields(r),
         "feature_cache_seconds": r.get("feature_cache_seconds"),
-        "rss_after_imports_bytes": round(mem["rss_after_imports"] * MB),
-        "train_peak_rss_bytes": round(mem["peak_rss_sampled"] * MB),
         "bundle_bytes": sum(r["bundle_bytes"].values()),
         "payload_bytes": adapter[WEIGHTS], "payload_files": adapter,
         "merged_model_bytes": r["artifact_bytes"].get("model.onnx"),
@@ -220,17 +224,8 @@ def device_fields(run_dir: Path) -> dict:
 def torch_fields(run_dir: Path) -> dict:
     """Fields from an `edge-ft finetune --engine torch` run; its weights file is what it would ship."""
     r = json.loads((run_dir / "results.json").read_text())
-    rows, epoch_stats = _epochs(r["epochs"], "test_accuracy")
     weights = (run_dir / TORCH_WEIGHTS).stat().st_size
-    rss = r.get("rss_after_imports_mb")
-    return {
-        "accuracy": r["accuracy_after"], "epochs": rows, "steps": r["steps"], **epoch_stats,
-        "ms_per_step_p50": r["ms_per_step_p50"], "ms_per_step_p95": r.get("ms_per_step_p95"),
-        "ms_per_step_mean": r.get("ms_per_step_mean"),
-        "rss_after_imports_bytes": None if rss is None else round(rss * MB),
-        "train_peak_rss_bytes": round(r["peak_rss_mb"] * MB),
-        "payload_bytes": weights, "payload_files": {TORCH_WEIGHTS: weights},
-    }
+    return {**_run_fields(r), "payload_bytes": weights, "payload_files": {TORCH_WEIGHTS: weights}}
 
 
 def time_to_accuracy(record: dict, target: float) -> float | None:

@@ -11,12 +11,13 @@ import json
 import sys
 import textwrap
 
-from edge_ft.commands.argtypes import add_lora_options, int_at_least, method_config
+from edge_ft.commands.argtypes import add_lora_options, add_method_options, input_shape, int_at_least, method_config
 from edge_ft.architecture import count_params, lowest_trainable_layer
-from edge_ft.config import CONV_LAYERS, OPTIMIZERS, MethodConfig
-from edge_ft.costmodel import DTYPES, CostEstimate, estimate_all, input_grad_layers, layer_macs
+from edge_ft.config import METHODS, OPTIMIZERS, SEED_METHODS, MethodConfig
+from edge_ft.costmodel import DTYPES, CostEstimate, estimate, estimate_all, input_grad_layers, layer_macs
+from edge_ft.errors import UserError
+from edge_ft.model_desc import ModelDesc, lenet5
 
-BASE_CLASSES = 10  # class count of the pretrained base model the seed describes
 WIDTH = 110  # prose wraps here; tables are as wide as their columns
 CHEAP_ENOUGH = 1.5  # LoRA is recommended when it costs at most this many times a probing step (FLOPs and memory)
 
@@ -25,12 +26,21 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "analyze",
         help="parameters, FLOPs and memory per training step of full, probe and LoRA (no torch needed)",
-        description="Analytical cost of one training step of LeNet-5 under full fine-tuning, linear probing and "
-        "LoRA, with pros and cons derived from the numbers. FLOPs follow torch.utils.flop_counter "
-        "(2 x multiply-accumulates of conv and linear ops).",
+        description="Analytical cost of one training step of LeNet-5 (or --model) under full fine-tuning, linear "
+        "probing and LoRA (and --methods bias, last-k), with pros and cons derived from the numbers. FLOPs follow "
+        "torch.utils.flop_counter (2 x multiply-accumulates of conv and linear ops).",
     )
-    p.add_argument("--num-classes", type=int_at_least(2), default=10, metavar="N",
-                   help="classes of the task (default 10)")
+    p.add_argument("--model", default=None, metavar="BUNDLE|DESC.json|PKG.MODULE:CLASS|FILE.py:CLASS",
+                   help="the network: a bundle folder or a model description .json (no torch needed), or a class "
+                   "to trace (host; needs --input-shape) (default: LeNet-5)")
+    p.add_argument("--input-shape", type=input_shape, default=None, metavar="C,H,W",
+                   help="one example's shape for a class given to --model (default: none)")
+    p.add_argument("--methods", default=",".join(SEED_METHODS), metavar="M,M",
+                   help=f"methods to compare, from {', '.join(METHODS)} (default {','.join(SEED_METHODS)}; full, probe "
+                   "and lora are always computed for the discussion)")
+    add_method_options(p)
+    p.add_argument("--num-classes", type=int_at_least(2), default=None, metavar="N",
+                   help="classes of the task (default: the model's, 10 for LeNet-5)")
     add_lora_options(p)
     p.add_argument("--batch", type=int_at_least(1), default=32, metavar="N", help="examples per step (default 32)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer (default adamw)")
@@ -41,8 +51,19 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    lora = method_config(args, "lora", args.num_classes, BASE_CLASSES)
+    model = load_model(args.model, args.input_shape)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UserError(f"--methods: unknown method {bad[0] if bad else '(none)'!r}; choose from {', '.join(METHODS)}")
+    num_classes = args.num_classes or model.num_classes
+    lora = method_config(args, "lora", num_classes, model.num_classes, model)
     estimates = estimate_all(lora, args.batch, args.optimizer, args.dtype)
+    for method in methods:
+        if method not in estimates:
+            cfg = method_config(args, method, num_classes, model.num_classes, model)
+            estimates[method] = estimate(cfg, args.batch, args.optimizer, args.dtype)
+    estimates = {m: estimates[m] for m in [*SEED_METHODS, *methods] if m in estimates}
     if args.json:
         print(json.dumps(to_json(estimates), indent=2))
     else:
@@ -50,11 +71,35 @@ def handler(args) -> int:
     return 0
 
 
+def load_model(spec: str | None, shape: tuple[int, ...] | None) -> ModelDesc:
+    """--model: a bundle folder or description .json read without torch, or a class traced on the host."""
+    from pathlib import Path
+
+    if spec is None and shape is None:
+        return lenet5()
+    if spec is not None and Path(spec).is_dir():
+        from edge_ft.device.bundle import load_bundle
+
+        return load_bundle(spec, verify=False).model
+    if spec is not None and spec.endswith(".json"):
+        from edge_ft.checkpoint import load_json_object
+
+        return ModelDesc.from_dict(load_json_object(spec, "a model description", "write it with `edge-ft export`"),
+                                   spec)
+    from edge_ft.errors import require_host
+
+    require_host("edge-ft analyze --model CLASS")
+    from edge_ft.host.describe import host_model
+
+    return host_model(spec, shape).desc
+
+
 def to_json(estimates: dict[str, CostEstimate]) -> dict:
     lora = estimates["lora"]
-    base = count_params(MethodConfig("full", num_classes=lora.config.num_classes))
+    base = count_params(MethodConfig("full", num_classes=lora.config.num_classes, model=lora.config.model))
     return {
-        "model": {"name": "LeNet-5", "num_classes": lora.config.num_classes, "total_params": base["total"]},
+        "model": {"name": lora.config.model.title, "num_classes": lora.config.num_classes,
+                  "total_params": base["total"], "description": lora.config.model.to_dict()},
         "settings": {"batch": lora.batch, "optimizer": lora.optimizer, "dtype": lora.dtype,
                      "lora": lora.config.to_dict(),
                      "flops_convention": "torch.utils.flop_counter: 2 x multiply-accumulates of conv/linear ops"},
@@ -106,16 +151,17 @@ def render(estimates: dict[str, CostEstimate], per_layer: bool = False) -> str:
     full, lora = estimates["full"], estimates["lora"]
     cfg = lora.config
     base_total = full.params["total"]
+    name, head = cfg.model.title, cfg.model.output
     out = [
-        f"LeNet-5 fine-tuning, one training step: batch {lora.batch}, {cfg.num_classes} classes, {lora.optimizer}, "
+        f"{name} fine-tuning, one training step: batch {lora.batch}, {cfg.num_classes} classes, {lora.optimizer}, "
         f"{lora.dtype}",
         f"LoRA: rank {cfg.rank}, alpha {cfg.alpha:g}, targets {','.join(cfg.targets)}, bias {cfg.bias}"
         + (f", modules_to_save {','.join(cfg.modules_to_save)}" if cfg.modules_to_save else "")
         + ". FLOPs count 2 x multiply-accumulates of conv/linear ops (torch.utils.flop_counter).",
         "",
-        f"1a. Parameters (LeNet-5 has {_n(base_total)})",
+        f"1a. Parameters ({name} has {_n(base_total)})",
         format_table(
-            ["method", "trainable", "% of LeNet-5", "frozen", "all params"],
+            ["method", "trainable", f"% of {name}", "frozen", "all params"],
             [[m, _n(e.params["trainable"]), _pct(e.params["trainable"], base_total, 2), _n(e.params["frozen"]),
               _n(e.params["total"])] for m, e in estimates.items()],
         ),
@@ -143,18 +189,21 @@ def render(estimates: dict[str, CostEstimate], per_layer: bool = False) -> str:
     out += ["", "2a. Pros and cons"]
     out += [_wrap(f"{m}: {text}") for m, text in pros_and_cons(estimates).items()]
     out += ["", _wrap(f"2b. {recommendation(estimates)}")]
-    if cfg.num_classes != BASE_CLASSES and "fc3" in cfg.targets:
-        out += ["", _wrap(f"Note: a {BASE_CLASSES}-class base model gets a fresh {cfg.num_classes}-class head, which a "
-                          "frozen fc3 with an adapter cannot learn (`edge-ft finetune` refuses it); use --targets "
-                          "fc1,fc2 --modules-to-save fc3 for LoRA (the default for a new class count).")]
+    base_classes = cfg.model.num_classes
+    if cfg.num_classes != base_classes and head in cfg.targets:
+        others = ",".join(t for t in cfg.model.linear_layers if t != head)
+        out += ["", _wrap(f"Note: a {base_classes}-class base model gets a fresh {cfg.num_classes}-class head, which a "
+                          f"frozen {head} with an adapter cannot learn (`edge-ft finetune` refuses it); use --targets "
+                          f"{others} --modules-to-save {head} for LoRA (the default for a new class count).")]
     return "\n".join(out) + "\n"
 
 
 # ------------------------------------------------------------------------------------ pros and cons (2a, 2b)
 
 
-def _saved_kib(est: CostEstimate, prefixes: tuple[str, ...]) -> int:
-    return sum(b for name, b in est.saved.items() if name.startswith(prefixes))
+def _saved_kib(est: CostEstimate, layers: tuple[str, ...]) -> int:
+    """Bytes saved under these layers' names ("conv1.input", "conv1.relu", ...)."""
+    return sum(b for name, b in est.saved.items() if name.rsplit(".", 1)[0] in layers)
 
 
 def _state_text(est: CostEstimate) -> str:
@@ -166,6 +215,13 @@ def pros_and_cons(estimates: dict[str, CostEstimate]) -> dict[str, str]:
     """One paragraph per method whose every figure comes from the estimates."""
     full, probe, lora = estimates["full"], estimates["probe"], estimates["lora"]
     base_total = full.params["total"]
+    model = lora.config.model
+    name, head_name, convs = model.title, probe.config.head, model.layers_of("conv2d")
+    first = model.layers_of("conv2d", "linear")[0]
+    upstream = [n for n in model.layers_of("conv2d", "linear") if n != head_name]
+    feature_layer = upstream[-1] if upstream else "input"
+    feature_dim = model.dims(head_name)[0]
+    conv_names = _names(convs) if convs else "the convolutions"
     ff, pf, lf = full.flops, probe.flops, lora.flops
     fm, pm, lm = full.memory, probe.memory, lora.memory
     texts = {}
@@ -174,23 +230,23 @@ def pros_and_cons(estimates: dict[str, CostEstimate]) -> dict[str, str]:
         f"trains all {_n(full.params['trainable'])} parameters, so every layer, the convolutions included, can adapt "
         f"to the new task and inference costs nothing extra. It is the most expensive: a step costs "
         f"{_mflops(ff['total'])}, {ff['total'] / ff['forward']:.1f}x a forward pass, because every weight gets a "
-        f"gradient ({_mflops(ff['backward_weight'])}) and every layer above conv1 passes an input gradient down "
+        f"gradient ({_mflops(ff['backward_weight'])}) and every layer above {first} passes an input gradient down "
         f"({_mflops(ff['backward_input'])}). It needs {_kib(fm['total'])} KiB, {_pct(fm['activations'], fm['total'])} "
-        f"of it activations kept for backward (conv1 and conv2 alone {_kib(_saved_kib(full, CONV_LAYERS))} KiB), "
+        f"of it activations kept for backward ({conv_names} alone {_kib(_saved_kib(full, convs))} KiB), "
         f"plus {_kib(fm['gradients'])} KiB of gradients and {_state_text(full)}; every task ships a whole "
         f"{_kib(fm['weights'])} KiB copy of the weights."
     )
 
-    head = probe.layers[-1]
+    head = next(r for r in probe.layers if r.layer == head_name)
     cached_step = head.forward + head.backward_input + head.backward_weight
     texts["probe"] = (
-        f"trains only fc3's {_n(probe.params['trainable'])} parameters "
-        f"({_pct(probe.params['trainable'], base_total, 2)} of LeNet-5). Its backward is fc3's weight gradient alone "
+        f"trains only {head_name}'s {_n(probe.params['trainable'])} parameters "
+        f"({_pct(probe.params['trainable'], base_total, 2)} of {name}). Its backward is {head_name}'s weight gradient alone "
         f"({_mflops(pf['backward'])}, {_pct(pf['backward'], ff['backward'])} of full fine-tuning's backward), so a "
         f"step costs {_mflops(pf['total'])} ({_pct(pf['total'], ff['total'])} of full), "
         f"{_pct(pf['forward'], pf['total'])} of it the frozen forward. Memory drops to {_kib(pm['total'])} KiB "
-        f"({_pct(pm['total'], fm['total'])} of full): only fc3's input and the log-probabilities are kept "
-        f"({_kib(pm['activations'])} KiB). Since nothing below fc3 changes, the 84-wide fc2 features can be computed "
+        f"({_pct(pm['total'], fm['total'])} of full): only {head_name}'s input and the log-probabilities are kept "
+        f"({_kib(pm['activations'])} KiB). Since nothing below {head_name} changes, the {feature_dim}-wide {feature_layer} features can be computed "
         f"once and cached, and a step then costs {_mflops(cached_step)}, {pf['total'] / cached_step:,.0f}x less. "
         f"The price is capacity: the features stay those of the base task, so accuracy is capped by how well they "
         f"separate the new classes."
@@ -200,7 +256,7 @@ def pros_and_cons(estimates: dict[str, CostEstimate]) -> dict[str, str]:
     grad_layers = input_grad_layers(cfg)
     lowest = lowest_trainable_layer(cfg)
     if grad_layers:
-        through_frozen = sum(2 * lora.batch * layer_macs(layer, cfg.num_classes) for layer in grad_layers)
+        through_frozen = sum(2 * lora.batch * layer_macs(layer, cfg.num_classes, cfg.model) for layer in grad_layers)
         backward_text = (
             f"Its backward still runs through {_names(reversed(grad_layers))} to reach {lowest} "
             f"({_mflops(lf['backward_input'])} of input gradients, {_pct(through_frozen, lf['backward_input'])} of "
@@ -213,17 +269,17 @@ def pros_and_cons(estimates: dict[str, CostEstimate]) -> dict[str, str]:
             f"Only {lowest} trains, so the backward stops there and a step costs {_mflops(lf['total'])}: "
             f"{_pct(lf['total'], ff['total'])} of full fine-tuning's and {lf['total'] / pf['total']:.2f}x probing's."
         )
-    conv_saved = _saved_kib(lora, CONV_LAYERS)
+    conv_saved = _saved_kib(lora, convs)
     act_reason = (f"a trained conv bias makes autograd keep the conv activations too ({_kib(conv_saved)} KiB)"
                   if conv_saved else "the frozen convolutions keep nothing for backward")
     biases = {"none": "", "all": " plus every bias", "lora_only": " plus their biases"}[cfg.bias]
     if cfg.modules_to_save:
         biases += f", and {_names(cfg.modules_to_save)} trained whole (PEFT's modules_to_save)"
     adapter_bytes = lm["gradients"]  # the trained tensors are exactly what a task ships
-    conv_forward = sum(r.forward for r in full.layers if r.layer in CONV_LAYERS)
+    conv_forward = sum(r.forward for r in full.layers if r.layer in convs)
     texts["lora"] = (
         f"trains {_n(lora.params['trainable'])} parameters ({_pct(lora.params['trainable'], base_total, 2)} of "
-        f"LeNet-5; {lora.params['trainable'] / lora.params['total']:.2%} of all {_n(lora.params['total'])} with the "
+        f"{name}; {lora.params['trainable'] / lora.params['total']:.2%} of all {_n(lora.params['total'])} with the "
         f"adapters, as PEFT reports it): rank-{cfg.rank} adapters on {_names(cfg.targets)}{biases}. {backward_text} "
         f"Gradients and optimizer state shrink to {_kib(lm['gradients'] + lm['optimizer_state'])} KiB (full: "
         f"{_kib(fm['gradients'] + fm['optimizer_state'])} KiB) and activations to {_kib(lm['activations'])} KiB, "
@@ -238,7 +294,7 @@ def pros_and_cons(estimates: dict[str, CostEstimate]) -> dict[str, str]:
 
 
 def _lora_cost_driver(lora: CostEstimate) -> str:
-    if _saved_kib(lora, CONV_LAYERS):
+    if _saved_kib(lora, lora.config.model.layers_of("conv2d")):
         return ("here most of its cost comes from the trained conv biases (--bias all), which pull the backward "
                 "down to conv2 and keep the conv activations; --bias none or lora_only avoids that")
     return f"a smaller rank than {lora.config.rank} or fewer targets brings its cost closer to probing's"

@@ -7,6 +7,7 @@ import math
 import sys
 
 from edge_ft.config import LORA_BIAS, MethodConfig, lora_layers_for, parse_targets
+from edge_ft.model_desc import ModelDesc
 
 
 def int_at_least(low: int):
@@ -50,13 +51,45 @@ def add_lora_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
         p.add_argument("--bias", choices=LORA_BIAS, default="none", help="LoRA bias training (default none)")
 
 
-def method_config(args: argparse.Namespace, method: str, num_classes: int, base_classes: int) -> MethodConfig:
-    """The MethodConfig the options describe; for LoRA on a new class count, targets and modules_to_save default
-    to fc1,fc2 + fc3 (edge_ft.config.lora_layers_for), said in one line on stderr."""
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """--head (probe) and --last-k (last-k): what the two layer-choosing methods train."""
+    p.add_argument("--head", default=None, metavar="LAYER",
+                   help="probe: the linear layer that trains (default: the model's output layer, fc3 for LeNet-5)")
+    p.add_argument("--last-k", type=int_at_least(1), default=1, metavar="K",
+                   help="last-k: conv/linear layers, counted back from the output, trained whole with the "
+                   "BatchNorms between them (default 1)")
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """argparse type: 'C,H,W' -> (C, H, W) of positive integers."""
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers like 1,28,28, got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers like 1,28,28, got {text!r}")
+    return shape
+
+
+def method_config(args: argparse.Namespace, method: str, num_classes: int, base_classes: int,
+                  model: ModelDesc | None = None) -> MethodConfig:
+    """The MethodConfig the options describe for `model` (default LeNet-5); for LoRA and bias on a new class count
+    the head trains whole (modules_to_save; LoRA's targets then the other linear layers, see
+    edge_ft.config.lora_layers_for), said in one line on stderr."""
     targets, saved = getattr(args, "targets", None), getattr(args, "modules_to_save", None)
     if method == "lora":
-        targets, saved, note = lora_layers_for(num_classes, base_classes, targets, saved)
+        targets, saved, note = lora_layers_for(num_classes, base_classes, targets, saved, model)
         if note:
             print(note, file=sys.stderr)
+    elif method == "bias" and saved is None and num_classes != base_classes:
+        head = (model or MethodConfig().model).output
+        saved = (head,)
+        print(f"new class count ({base_classes} -> {num_classes}): biases and a new, fully trained head {head} "
+              "(modules_to_save)", file=sys.stderr)
+    if method != "lora":
+        targets = None  # LoRA's option; other methods ignore it
     layers = {k: v for k, v in (("targets", targets), ("modules_to_save", saved)) if v is not None}
-    return MethodConfig(method, rank=args.rank, alpha=args.alpha, bias=args.bias, num_classes=num_classes, **layers)
+    if model is not None:
+        layers["model"] = model
+    return MethodConfig(method, rank=args.rank, alpha=args.alpha, bias=args.bias, num_classes=num_classes,
+                        head=getattr(args, "head", None), last_k=getattr(args, "last_k", 1), **layers)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from edge_ft.architecture import numel
-from edge_ft.commands.argtypes import add_lora_options, int_at_least, method_config, positive_float
+from edge_ft.commands.argtypes import (add_lora_options, add_method_options, input_shape, int_at_least, method_config,
+                                      positive_float)
 from edge_ft.config import METHODS, OPTIMIZERS
 from edge_ft.errors import UserError, require_host
 from edge_ft.training_defaults import recipe_default
@@ -21,13 +23,20 @@ def register(subparsers) -> None:
         "device: for ort-training ONNX Runtime training artifacts, for ort-step one ai.onnx graph per step. "
         "Probe bundles also carry features.onnx and a head-only bundle for `edge-ft train --cache-features`.",
     )
-    p.add_argument("--method", choices=METHODS, required=True, help="full | probe | lora")
-    p.add_argument("--base", required=True, metavar="BASE.safetensors", help="base weights (from `edge-ft pretrain`)")
+    p.add_argument("--method", choices=METHODS, required=True, help=" | ".join(METHODS))
+    p.add_argument("--base", required=True, metavar="BASE.safetensors",
+                   help="base weights: a state dict in safetensors (from `edge-ft pretrain` for LeNet-5)")
+    p.add_argument("--model", default=None, metavar="PKG.MODULE:CLASS|FILE.py:CLASS",
+                   help="the network, an nn.Module class that builds with no arguments; traced once with torch.fx "
+                   "and described in the manifest (default: LeNet-5)")
+    p.add_argument("--input-shape", type=input_shape, default=None, metavar="C,H,W",
+                   help="one example's shape, needed with --model (default: LeNet-5's 1,28,28)")
     p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write, e.g. export/lora-r2")
     p.add_argument("--engine", choices=ENGINES, default="ort-step",
                    help="device engine (default ort-step: plain onnxruntime, runs on every board; ort-training "
                    "needs the onnxruntime-training wheel, x86_64 only)")
     add_lora_options(p)
+    add_method_options(p)
     p.add_argument("--num-classes", type=int_at_least(2), default=None, metavar="N",
                    help="classes of the target task (default: the base's; a new count re-initialises the head)")
     p.add_argument("--classes", metavar="NAME,NAME,...|DATA.npz",
@@ -49,20 +58,24 @@ def handler(args) -> int:
     writable_folder(args.out)
     from edge_ft.checkpoint import load_base
     from edge_ft.config import OptimizerConfig
+    from edge_ft.host.describe import host_model
     from edge_ft.host.export import export_bundle
     from edge_ft.training_defaults import DEFAULTS
 
-    _, meta = load_base(args.base)
+    host = host_model(args.model, args.input_shape)
+    _, meta = load_base(args.base, head=host.desc.output, model=host.desc.title)
+    host = replace(host, desc=host.desc.with_num_classes(meta["num_classes"]))  # the base's head
     classes = task_classes(args.classes) if args.classes else None
     if classes and args.num_classes and args.num_classes != len(classes):
         raise UserError(f"--num-classes {args.num_classes} but --classes names {len(classes)} classes")
     num_classes = len(classes) if classes else args.num_classes or meta["num_classes"]
     if classes is None and num_classes == meta["num_classes"]:
         classes = meta.get("classes")  # same head: the base's names still hold
-    cfg = method_config(args, args.method, num_classes, meta["num_classes"])
+    cfg = method_config(args, args.method, num_classes, meta["num_classes"], host.desc)
     recipe = DEFAULTS[args.method]
     opt = OptimizerConfig(args.optimizer or recipe.optimizer, lr=args.lr or recipe.lr, weight_decay=args.weight_decay)
-    manifest = export_bundle(cfg, opt, args.base, args.out, engine=args.engine, seed=args.seed, classes=classes)
+    manifest = export_bundle(cfg, opt, args.base, args.out, engine=args.engine, seed=args.seed, classes=classes,
+                             host=host)
     total = sum(f["bytes"] for f in manifest["files"].values())
     trainable = sum(numel(s) for s in manifest["trainable"].values())
     print(f"{Path(args.out)}: {args.engine} bundle, {cfg.method}, {trainable:,} trainable values, "

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from edge_ft.commands.argtypes import int_at_least
-from edge_ft.config import METHODS
+from edge_ft.config import METHODS, SEED_METHODS
 from edge_ft.errors import require_host
 
 
@@ -19,7 +19,8 @@ def register(subparsers) -> None:
         "ort-step's ratios to the others, and the FLOP limit (cost-model FLOPs at this core's sgemm rate). "
         "A benchmark for a quiet machine; per-operator detail: `edge-ft train BUNDLE --profile-ops`.",
     )
-    p.add_argument("--methods", default=",".join(METHODS), metavar="M,M", help="methods to time")
+    p.add_argument("--methods", default=",".join(SEED_METHODS), metavar="M,M",
+                   help=f"methods to time (default {','.join(SEED_METHODS)})")
     p.add_argument("--batches", default="32,256", metavar="B,B", help="batch sizes to time")
     p.add_argument("--steps", type=int_at_least(5), default=40, metavar="N", help="timed steps per engine and cell")
     p.add_argument("--threads", type=int_at_least(1), default=1, metavar="N", help="intra-op threads of every engine")

@@ -3,10 +3,12 @@
   adapter_model.safetensors  keys `base_model.model.<layer>.lora_A.weight` (r,in), `...lora_B.weight` (out,r),
                              trained biases and modules_to_save layers (a new head) as
                              `base_model.model.<layer>.<weight|bias>`, the keys PEFT itself writes for them
-  adapter_config.json        LoraConfig fields only, so PEFT reads it without warnings (probe/full: peft_type null)
+  adapter_config.json        LoraConfig fields only, so PEFT reads it without warnings (probe/full: peft_type null;
+                             bias/last-k: a zero rank-1 LoRA carries them, see peft_carrier)
   edge_ft_adapter.json       edge-ft's record, written last (the commit point): method and its config, base sha256,
                              num_classes, classes (names, or null), dtype, sha256 of the two PEFT files
-PEFT's `PeftModel.from_pretrained(LeNet5(num_classes=N), ADAPTER_DIR)` loads a LoRA adapter as is. Adapters of
+PEFT's `PeftModel.from_pretrained(LeNet5(num_classes=N), ADAPTER_DIR)` (or the user's module, for a bundle exported
+with --model) loads a LoRA, bias or last-k adapter as is. Adapters of
 format 1 kept edge-ft's record in an "edge_ft" block inside adapter_config.json; they still load.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ft.architecture import param_shapes, trainable_names
+from edge_ft.architecture import last_k_layers, param_shapes, trainable_names
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_json, ensure_dir, remove_stale_temps, replace_folder
 from edge_ft.checkpoint import load_json_object, load_safetensors, sha256_file
 from edge_ft.config import MethodConfig
@@ -30,6 +32,7 @@ from edge_ft.device.bundle import (APPLIED_ADAPTER, MANIFEST, PENDING_ADAPTER, B
 from edge_ft.device.inference import base_weights, write_inference_model
 from edge_ft.device.model_card import model_source, stamp_model
 from edge_ft.errors import UserError
+from edge_ft.model_desc import model_from_manifest
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 # A sidecar rather than safetensors header metadata: it can hash both PEFT files (the config's r, alpha and
@@ -41,16 +44,49 @@ PREFIX = "base_model.model."
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def peft_key(name: str) -> str:
-    """fc1.lora_A -> base_model.model.fc1.lora_A.weight; fc3.bias -> base_model.model.fc3.bias."""
-    layer, kind = name.split(".")
-    return f"{PREFIX}{name}.weight" if kind.startswith("lora_") else PREFIX + name
+def peft_key(name: str, carrier: str | None = None) -> str:
+    """fc1.lora_A -> base_model.model.fc1.lora_A.weight; fc3.bias -> base_model.model.fc3.bias; a tensor of the
+    carrier layer (which PEFT wraps) -> base_model.model.<carrier>.base_layer.<bias|weight>."""
+    layer, kind = name.rsplit(".", 1)
+    if kind.startswith("lora_"):
+        return f"{PREFIX}{name}.weight"
+    return f"{PREFIX}{layer}.base_layer.{kind}" if layer == carrier else PREFIX + name
 
 
 def edge_name(key: str) -> str:
     """Inverse of peft_key."""
-    name = key.removeprefix(PREFIX)
+    name = key.removeprefix(PREFIX).replace(".base_layer.", ".")
     return name.removesuffix(".weight") if ".lora_" in name else name
+
+
+def peft_carrier(cfg: MethodConfig) -> str | None:
+    """bias and last-k: PEFT loads only adapters of a PEFT type, and has none for bare biases or whole layers, so a
+    rank-1 LoRA of zeros (B = A = 0: it adds exactly nothing) on the smallest linear or plain conv layer whose weight
+    stays frozen carries them as LoRA's bias="all" / modules_to_save. None when there is no such layer (last-k over
+    every layer: peft_type null, as for full)."""
+    if cfg.method not in ("bias", "last-k"):
+        return None
+    net, trained = cfg.network, set(trainable_names(cfg))
+    saved = set(peft_modules_to_save(cfg))
+    free = [layer.name for layer in net.layers if layer.kind in ("linear", "conv2d")
+            and layer.attrs.get("groups", 1) == 1 and layer.name not in saved and f"{layer.name}.weight" not in trained]
+    sizes = {name: sum(t.size for t in carrier_tensors(cfg, name).values()) for name in free}
+    return min(free, key=sizes.__getitem__) if free else None
+
+
+def peft_modules_to_save(cfg: MethodConfig) -> list[str]:
+    """The layers PEFT copies and trains whole: LoRA's and bias's modules_to_save, last-k's layers."""
+    return last_k_layers(cfg) if cfg.method == "last-k" else list(cfg.modules_to_save)
+
+
+def carrier_tensors(cfg: MethodConfig, carrier: str) -> dict[str, np.ndarray]:
+    """The zero rank-1 pair in PEFT's shapes: (1,in), (out,1) for linear; (1,in,kh,kw), (out,1,1,1) for conv."""
+    layer = cfg.network.layer(carrier)
+    fan_in, fan_out = cfg.network.dims(carrier)
+    kernel = tuple(layer.attrs["kernel_size"]) if layer.kind == "conv2d" else ()
+    ones = (1, 1) if kernel else ()
+    return {f"{carrier}.lora_A": np.zeros((1, fan_in, *kernel), np.float32),
+            f"{carrier}.lora_B": np.zeros((fan_out, 1, *ones), np.float32)}
 
 
 @dataclass(frozen=True)
@@ -82,7 +118,7 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32", for
     try:
         results = json.loads(results_path.read_text())
         info = results["bundle"]
-        cfg = MethodConfig.from_dict(info["method"])
+        cfg = MethodConfig.from_dict(info["method"], model=model_from_manifest(info, f"{results_path}: bundle.model"))
         classes = results.get("classes")
         if classes is not None:
             classes = check_class_names(classes, str(results_path), cfg.num_classes)
@@ -103,26 +139,33 @@ def write_adapter(out: Path, trained: dict[str, np.ndarray], cfg: MethodConfig, 
     """The three adapter files for `trained` (edge-ft names) of a `cfg` model on `base` ({"sha256", "file"});
     the caller checked the tensors. Returns the record."""
     (out / RECORD).unlink(missing_ok=True)  # uncommitted until the new record is written
-    tensors = {peft_key(n): np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in trained.items()}
+    carrier = peft_carrier(cfg)
+    if carrier:
+        trained = {**trained, **carrier_tensors(cfg, carrier)}
+    tensors = {peft_key(n, carrier): np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in trained.items()}
     atomic_save_safetensors(out / WEIGHTS, tensors, metadata={"format": "pt"})  # PEFT/transformers read "pt"
     atomic_write_json(out / CONFIG, peft_config(cfg, base))
     record = {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, "method": cfg.method,
               "method_config": cfg.to_dict(), "base_sha256": base["sha256"],
               "base_file": base.get("file"), "num_classes": cfg.num_classes, "classes": classes,
-              "dtype": dtype,
+              "dtype": dtype, **({"peft_carrier": carrier} if carrier else {}),
               "files": {name: sha256_file(out / name) for name in (WEIGHTS, CONFIG)}}
     atomic_write_json(out / RECORD, record)
     return record
 
 
 def peft_config(cfg: MethodConfig, base: dict) -> dict:
-    """adapter_config.json: LoraConfig's own fields only (probe and full have no PEFT type)."""
+    """adapter_config.json: LoraConfig's own fields only (probe and full have no PEFT type; bias and last-k ride on
+    a zero LoRA carrier, see peft_carrier)."""
     common = {"base_model_name_or_path": base.get("file"), "task_type": None}
-    if cfg.method != "lora":
+    carrier = peft_carrier(cfg)
+    if cfg.method != "lora" and not carrier:
         return {"peft_type": None, **common}
-    return {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": list(cfg.targets),
-            "bias": cfg.bias, "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True,
-            "init_lora_weights": True, "modules_to_save": list(cfg.modules_to_save) or None, **common}
+    r, alpha, targets, bias = ((cfg.rank, cfg.alpha, list(cfg.targets), cfg.bias) if cfg.method == "lora" else
+                               (1, 1.0, [carrier], "all" if cfg.method == "bias" else "none"))
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets,
+            "bias": bias, "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True,
+            "init_lora_weights": True, "modules_to_save": peft_modules_to_save(cfg) or None, **common}
 
 
 def load_adapter(folder: str | Path) -> Adapter:
@@ -156,7 +199,14 @@ def load_adapter(folder: str | Path) -> Adapter:
     tensors = load_safetensors(folder / WEIGHTS)
     if not all(k.startswith(PREFIX) for k in tensors):
         raise UserError(f"{folder / WEIGHTS}: keys must start with {PREFIX!r} (PEFT layout)")
-    return Adapter(folder, {edge_name(k): v for k, v in tensors.items()}, config, record, record_file)
+    tensors = {edge_name(k): v for k, v in tensors.items()}
+    carrier = record.get("peft_carrier")
+    if carrier is not None:  # bias / last-k: drop the zero LoRA that only carries them into PEFT
+        lora = [tensors.pop(f"{carrier}.lora_{ab}", None) for ab in "AB"] if isinstance(carrier, str) else [None]
+        if any(t is None or np.any(t) for t in lora):
+            raise UserError(f"{folder / WEIGHTS}: the LoRA carrier of a {record['method']} adapter must be two zero "
+                            "tensors; re-export the adapter")
+    return Adapter(folder, tensors, config, record, record_file)
 
 
 def _layers(value) -> list[str] | None:
@@ -196,6 +246,10 @@ def check_adapter(bundle: Bundle, adapter: Adapter) -> None:
         if config.get("lora_alpha") != cfg.alpha or config.get("bias") != cfg.bias:
             refuse(f"adapter lora_alpha/bias {config.get('lora_alpha')}/{config.get('bias')}, "
                    f"the bundle's are {cfg.alpha}/{cfg.bias}")
+    if cfg.method in ("bias", "last-k") and config.get("peft_type") is not None:
+        if _layers(config.get("modules_to_save")) != sorted(peft_modules_to_save(cfg)):
+            refuse(f"adapter modules_to_save {config.get('modules_to_save')}, the bundle trains "
+                   f"{peft_modules_to_save(cfg)} whole")
     dtype = record.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         refuse(f"adapter dtype {dtype!r} is not float32 or float16")
@@ -243,7 +297,7 @@ def apply_adapter(bundle: Bundle, folder: str | Path) -> Path:
 
 
 def merged_weights(bundle: Bundle, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Plain LeNet-5 weights with the adapter folded in: W = W0 + (B @ A) * alpha / r for LoRA targets."""
+    """The plain network's weights with the adapter folded in: W = W0 + (B @ A) * alpha / r for LoRA targets."""
     weights = base_weights(bundle)
     cfg = bundle.method
     for name, value in tensors.items():

@@ -1,7 +1,9 @@
 """A bundle is what `edge-ft export` writes and the device trains: graphs + weights + manifest.json.
 
 The manifest says which engine runs the bundle, what the method trains, and the sha256 and size of every file,
-so a truncated copy or a file from another export is caught here, before onnxruntime ever sees it.
+so a truncated copy or a file from another export is caught here, before onnxruntime ever sees it. The network
+itself is the manifest's "model" (edge_ft.model_desc); bundles written before it existed were all LeNet-5 exports
+and load as LeNet-5, so they need no re-export.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from edge_ft.checkpoint import load_safetensors, sha256_file
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.data.npz import check_class_names
 from edge_ft.errors import UserError
+from edge_ft.model_desc import ModelDesc, model_from_manifest
 
 FORMAT = "edge-ft-bundle"
 FORMAT_VERSION = 1
@@ -39,6 +42,7 @@ class Bundle:
     frozen: dict[str, tuple[int, ...]]
     base_sha256: str  # sha256 of the base .safetensors the bundle was exported from
     classes: list[str] | None = None  # name of each class, when the export was told them
+    model: ModelDesc | None = None  # the network (manifest "model"; LeNet-5 for bundles written before it)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -85,12 +89,13 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     finish_adapter_apply(path, manifest)
     if verify:
         verify_files(path, manifest["files"])
+    model = model_from_manifest(manifest, f"{manifest_path}: model")
     try:
         bundle = Bundle(
             path=path,
             manifest=manifest,
             engine=str(manifest["engine"]),
-            method=MethodConfig.from_dict(manifest["method"]),
+            method=MethodConfig.from_dict(manifest["method"], model=model),
             optimizer=OptimizerConfig(**{**manifest["optimizer"], "betas": tuple(manifest["optimizer"]["betas"])}),
             num_classes=int(manifest["num_classes"]),
             input_shape=tuple(int(d) for d in manifest["input_shape"]),
@@ -99,6 +104,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             base_sha256=str(manifest["base"]["sha256"]),
             classes=None if manifest.get("classes") is None else
             check_class_names(manifest["classes"], str(manifest_path), int(manifest["num_classes"])),
+            model=model,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{manifest_path}: malformed field ({e!r}); re-export the bundle") from None
@@ -107,28 +113,31 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
 
 
 def check_model(bundle: Bundle, manifest_path: Path) -> None:
-    """The manifest describes LeNet-5 under its method (edge_ft.architecture): input shape, every tensor's name
-    and shape, which ones train. Engines size what they hand onnxruntime from these fields."""
-    from edge_ft.architecture import INPUT_SHAPE, layer_dims, param_shapes, trainable_names
+    """The manifest's tensors are what its model description (manifest "model") has under its method: input shape,
+    every tensor's name and shape, which ones train. Engines size what they hand onnxruntime from these fields."""
+    from edge_ft.architecture import param_shapes, trainable_names
 
-    cfg, head_in = bundle.method, layer_dims("fc3", bundle.num_classes)[0]
+    cfg = bundle.method
+    net = cfg.network
     if bundle.num_classes != cfg.num_classes:
         raise UserError(f"{manifest_path}: num_classes {bundle.num_classes} differs from the method's "
                         f"{cfg.num_classes}; re-export the bundle")
-    if bundle.input_shape == INPUT_SHAPE:
+    head_in = net.layer(cfg.head).input_shapes[0]
+    if bundle.input_shape == net.input_shape:
         shapes, trainable = param_shapes(cfg), trainable_names(cfg)
-    elif bundle.input_shape == (head_in,) and cfg.method == "probe":  # a probe's head-only bundle
-        shapes = {n: s for n, s in param_shapes(cfg).items() if n.startswith("fc3.")}
+    elif bundle.input_shape == head_in and cfg.method == "probe":  # a probe's head-only bundle
+        shapes = {n: s for n, s in param_shapes(cfg).items() if n in net.layer(cfg.head).param_names()}
         trainable = list(shapes)
     else:
-        raise UserError(f"{manifest_path}: input_shape {list(bundle.input_shape)} is not LeNet-5's "
-                        f"{list(INPUT_SHAPE)}; re-export the bundle")
+        raise UserError(f"{manifest_path}: input_shape {list(bundle.input_shape)} is not {net.title}'s "
+                        f"{list(net.input_shape)}; re-export the bundle")
     described = {**bundle.trainable, **bundle.frozen}
     if described != shapes or sorted(bundle.trainable) != sorted(trainable):
         wrong = next((n for n in shapes if described.get(n) != shapes[n]), None) or next(
             (n for n in described if n not in shapes), None) or "the trainable set"
-        raise UserError(f"{manifest_path}: {wrong} does not match a {cfg.method} LeNet-5 "
+        raise UserError(f"{manifest_path}: {wrong} does not match a {cfg.method} {net.title} "
                         f"({bundle.num_classes} classes); re-export the bundle")
+
 
 def finish_adapter_apply(folder: Path, manifest: dict) -> None:
     """Complete or undo an `edge-ft adapter apply` that was cut short: rename its pending tensors into place if

@@ -1,7 +1,8 @@
 """Forward-only models on the device: write weights into the bundle's inference graph, run it, score it.
 
-inference_base.onnx is a plain LeNet-5 graph whose weights sit at byte offsets recorded in the manifest, so a
-trained or merged model is a byte copy with new weights: no onnx package, no graph surgery, one portable file.
+inference_base.onnx is the plain network's forward graph (LeNet-5's by default) whose weights sit at byte offsets
+recorded in the manifest, so a trained or merged model is a byte copy with new weights: no onnx package, no graph
+surgery, one portable file.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _inference_entry(bundle: Bundle) -> dict:
 
 
 def base_weights(bundle: Bundle) -> dict[str, np.ndarray]:
-    """The starting weights of the plain LeNet-5 tensors (base W0 for LoRA, the new head for probe)."""
+    """The starting weights of the plain network's tensors (base W0 for LoRA, the new head for probe)."""
     entry = _inference_entry(bundle)
     data = bundle.file(entry["file"]).read_bytes()
     return {name: np.frombuffer(data, np.float32, count=n // 4, offset=at).copy()
@@ -38,13 +39,13 @@ def _shape(bundle: Bundle, name: str) -> tuple[int, ...]:
 
 
 def write_inference_model(bundle: Bundle, weights: dict[str, np.ndarray], path: str | Path) -> None:
-    """Copy inference_base.onnx to `path` with `weights` (plain LeNet-5 names) in place of the starting ones."""
+    """Copy inference_base.onnx to `path` with `weights` (the plain network's names) in place of the starting ones."""
     entry = _inference_entry(bundle)
     data = bytearray(bundle.file(entry["file"]).read_bytes())
     offsets = entry["offsets"]
     for name, value in weights.items():
         if name not in offsets:
-            raise UserError(f"{name} is not a tensor of the plain LeNet-5 inference graph")
+            raise UserError(f"{name} is not a tensor of the bundle's inference graph")
         at, n = offsets[name]
         raw = np.ascontiguousarray(value, dtype=np.float32)
         if raw.nbytes != n or raw.shape != _shape(bundle, name):

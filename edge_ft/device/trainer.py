@@ -33,6 +33,7 @@ from edge_ft.device.op_profile import PROFILE_FILE, summarize
 from edge_ft.device.ort_api import import_onnxruntime, inference_session
 from edge_ft.device.resume import run_identity, save_checkpoint, start
 from edge_ft.errors import UserError
+from edge_ft.run_record import SUMMARY, make_summary
 from edge_ft.training_defaults import SCHEDULES as EPOCH_SCHEDULES
 from edge_ft.training_defaults import epoch_lr
 
@@ -239,7 +240,8 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
         "bundle": {"path": str(bundle.path), "engine": bundle.engine, "method": bundle.manifest["method"],
                    "optimizer": bundle.manifest["optimizer"], "num_classes": bundle.num_classes,
                    "base": bundle.manifest["base"], "trainable": {k: list(v) for k, v in bundle.trainable.items()},
-                   "applied_adapter": bundle.manifest.get("applied_adapter")},
+                   "applied_adapter": bundle.manifest.get("applied_adapter"),
+                   **({"model": bundle.manifest["model"]} if "model" in bundle.manifest else {})},
         "classes": classes,
         "settings": {**asdict(s), "train_examples": len(x), "eval_examples": len(y_eval)},
         "steps": step,
@@ -256,6 +258,12 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
                       "peak_rss_sampled": round(peak.bytes / MB, 2), "ru_maxrss": round(ru_maxrss_bytes() / MB, 2)},
         "bundle_bytes": file_sizes(bundle.path),
     }
+    results[SUMMARY] = make_summary(  # the keys every engine's results.json shares (edge_ft.run_record)
+        bundle.engine, final_accuracy, step,
+        [{"epoch": i + 1, "seconds": e["seconds"], "loss": e["mean_loss"], "accuracy": e["eval_accuracy"]}
+         for i, e in enumerate(epoch_log)],
+        np.asarray(step_seconds) * 1e3, results["memory_mb"]["rss_after_imports"],
+        results["memory_mb"]["peak_rss_sampled"])
     results["artifact_bytes"] = file_sizes(out)  # before results.json itself exists
     atomic_write_json(out / "results.json", results)
     return results

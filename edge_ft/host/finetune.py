@@ -15,6 +15,7 @@ from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.data.tasks import Split
 from edge_ft.host.methods import adapter_state, build_model, count_trainable
 from edge_ft.host.train import DEFAULT_THREADS, accuracy, set_determinism, state_to_numpy, train_epochs
+from edge_ft.run_record import SUMMARY, make_summary
 
 WEIGHTS_FILE = "weights.safetensors"  # LoRA: the adapter alone; probe: the head alone; full: every weight
 RESULTS_FILE = "results.json"
@@ -76,6 +77,11 @@ def finetune(
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
+    results[SUMMARY] = make_summary(  # the keys every engine's results.json shares (edge_ft.run_record)
+        "torch", results["accuracy_after"], results["steps"],
+        [{"epoch": e["epoch"], "seconds": e["seconds"], "loss": e["loss"], "accuracy": e["test_accuracy"]}
+         for e in history.epochs],
+        np.asarray(history.step_seconds) * 1e3, results["rss_after_imports_mb"], results["peak_rss_mb"])
     return state_to_numpy(adapter_state(model)), results
 
 

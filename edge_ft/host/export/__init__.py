@@ -22,6 +22,7 @@ from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.data.npz import check_class_names
 from edge_ft.device.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_files
 from edge_ft.errors import UserError
+from edge_ft.host.describe import HostModel, host_model
 from edge_ft.host.export.common import (
     HEAD_FOLDER,
     Head,
@@ -38,18 +39,25 @@ ENGINE_MODULES = {"ort-training": "ort_training", "ort-step": "ort_step"}
 
 def export_bundle(
     cfg: MethodConfig, opt: OptimizerConfig, base_path: str | Path, out_dir: str | Path, engine: str = "ort-training",
-    seed: int = 0, classes: list[str] | None = None,
+    seed: int = 0, classes: list[str] | None = None, host: HostModel | None = None,
 ) -> dict:
-    """Write a complete bundle to out_dir (replacing a previous bundle there) and return its manifest."""
+    """Write a complete bundle to out_dir (replacing a previous bundle there) and return its manifest.
+
+    `host` is the network (its class and cfg.model's description; default LeNet-5); the description goes into
+    the manifest as "model", which is all the device and the cost model know of it.
+    """
+    host = host or host_model(None)
+    if cfg.model.with_num_classes(host.desc.num_classes) != host.desc:
+        raise ValueError("cfg.model must be the description of the exported network")
     if engine not in ENGINE_MODULES:
         raise UserError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINE_MODULES)}")
     base_path, out_dir = Path(base_path), Path(out_dir)
-    base_state, base_meta = load_base(base_path)
-    check_base(base_state, base_path)
+    base_state, base_meta = load_base(base_path, head=cfg.model.output, model=cfg.model.title)
+    check_base(base_state, base_path, cfg.model)
     _check_target(out_dir)
     engine_module = importlib.import_module(f"edge_ft.host.export.{ENGINE_MODULES[engine]}")
     build = engine_module.build
-    model = prepare_model(cfg, base_state, seed, mean_pools=engine_module.MEAN_POOLS)
+    model = prepare_model(cfg, base_state, seed, mean_pools=engine_module.MEAN_POOLS, host=host)
     common = {
         "engine": engine,
         "method": cfg.to_dict(),
@@ -59,15 +67,16 @@ def export_bundle(
         "seed": seed,
         "base": {"file": base_path.name, "sha256": base_meta["sha256"], "num_classes": base_meta["num_classes"]},
         "versions": _versions(),
+        "model": cfg.model.to_dict(),
     }
     # Build in a hidden sibling folder and rename it into place: the device never sees half a bundle.
     ensure_dir(out_dir.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        extra = {"inference": write_inference_base(model, cfg.num_classes, staging)}
-        if cfg.method == "probe":
-            extra["features"] = write_features_graph(model, staging)
-            head = Head(model.fc3)
+        extra = {"inference": write_inference_base(model, cfg, staging)}
+        if cfg.method == "probe" and cfg.head == cfg.model.output:  # features below the output layer can be cached
+            extra["features"] = write_features_graph(model, cfg.head, staging)
+            head = Head(model.get_submodule(cfg.head), cfg.head)
             (staging / HEAD_FOLDER).mkdir()
             _write_bundle(head, cfg, opt, staging / HEAD_FOLDER, build, common)
         manifest = _write_bundle(model, cfg, opt, staging, build, {**common, **extra})

@@ -1,13 +1,15 @@
 """What every engine's bundle shares: the prepared model, ONNX export settings and engine-independent graphs.
 
-  inference_base.onnx  plain LeNet-5 forward graph holding the starting weights; the manifest records the byte
-                       offset of every weight so the device writes trained or merged weights into a copy
+  inference_base.onnx  the plain network's forward graph holding the starting weights; the manifest records the
+                       byte offset of every weight so the device writes trained or merged weights into a copy
                        without the onnx package (adapter merge, inference export of cached-feature runs)
-  features.onnx        probe only: the frozen backbone, (B,1,28,28) -> (B,84), run once to cache features
+  features.onnx        probe of the output layer only: everything below the head (LeNet-5: (B,1,28,28) ->
+                       (B,84)), run once to cache features
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from pathlib import Path
@@ -16,12 +18,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from edge_ft.architecture import LAYER_SPECS, base_param_shapes
+import torch.fx
+
+from edge_ft.architecture import base_param_shapes
 from edge_ft.atomic import atomic_write_bytes
 from edge_ft.config import MethodConfig
 from edge_ft.errors import UserError
+from edge_ft.host.describe import HostModel, set_submodule, tracer
+from edge_ft.host.lora import LoRALinear
 from edge_ft.host.methods import build_model
-from edge_ft.host.model import INPUT_SHAPE, LeNet5
+from edge_ft.model_desc import ModelDesc
 
 OPSET = 17  # ORT 1.19's training graph builder handles opsets <= 21; 17 is what its own samples use
 INPUT, LABELS, LOGITS, FEATURES = "input", "labels", "logits", "features"
@@ -37,55 +43,71 @@ class MeanPool2x2(nn.Module):
     ReduceMean's gradient is plain broadcasting. Channels and size are fixed so the graph gets constant shapes.
     """
 
-    def __init__(self, channels: int, size: int):
+    def __init__(self, channels: int, height: int, width: int | None = None):
         super().__init__()
-        self.channels, self.size = channels, size
+        self.channels, self.height, self.width = channels, height, height if width is None else width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,C,H,W) -> (B,C,H/2,W/2)
-        half = self.size // 2
-        return x.reshape(-1, self.channels, half, 2, half, 2).mean(dim=(3, 5))
+        return x.reshape(-1, self.channels, self.height // 2, 2, self.width // 2, 2).mean(dim=(3, 5))
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, size={self.size}"
+        return f"channels={self.channels}, height={self.height}, width={self.width}"
 
 
-def pool_shapes() -> dict[str, tuple[int, int]]:
-    """(channels, spatial size) entering avgpool1 and avgpool2, from the torch-free layer table."""
-    size, shapes = INPUT_SHAPE[-1], {}
-    for i, layer in enumerate(("conv1", "conv2"), start=1):
-        _, _, channels, kernel = LAYER_SPECS[layer]
-        size = size - kernel + 1  # valid convolution
-        shapes[f"avgpool{i}"] = (channels, size)
-        size //= 2
+def pool_shapes(desc: ModelDesc) -> dict[str, tuple[int, int, int]]:
+    """(channels, height, width) entering each nn.AvgPool2d(2, 2) module that tiles its input exactly and is called
+    once (a module called on several shapes stays an AvgPool2d)."""
+    shapes = {}
+    reused = {layer.attrs["module"] for layer in desc.layers if "module" in layer.attrs}  # one module, many shapes
+    for layer in desc.layers:
+        a = layer.attrs
+        if layer.name in reused or "module" in a:
+            continue
+        if layer.kind == "avgpool2d" and a.get("kernel_size") == [2, 2] and a.get("stride") == [2, 2] \
+                and a.get("padding") == [0, 0] and all(d % 2 == 0 for d in layer.input_shapes[0][1:]):
+            shapes[layer.name] = layer.input_shapes[0]
     return shapes
 
 
-def prepare_model(cfg: MethodConfig, base_state: dict[str, np.ndarray], seed: int, mean_pools: bool = True) -> LeNet5:
+def prepare_model(cfg: MethodConfig, base_state: dict[str, np.ndarray], seed: int, mean_pools: bool = True,
+                  host: HostModel | None = None) -> nn.Module:
     """The method's model on the base weights (LoRA A / a new head drawn from `seed`); with `mean_pools` the
-    pools are swapped for MeanPool2x2 (what the ort-training engine needs)."""
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in base_state.items()}
-    model = build_model(cfg, state, seed)
-    for name, (channels, size) in pool_shapes().items() if mean_pools else ():
-        setattr(model, name, MeanPool2x2(channels, size))
+    2x2 average pools are swapped for MeanPool2x2 (what the ort-training engine needs)."""
+    state = {k: torch.from_numpy(np.array(v)) for k, v in base_state.items()}
+    model = build_model(cfg, state, seed, make=host.make if host else None)
+    model.input_shape = cfg.model.input_shape  # one example's shape, read by the exporters
+    for name, shape in pool_shapes(cfg.model).items() if mean_pools else ():
+        if isinstance(_get(model, name), nn.AvgPool2d):  # a module, not F.avg_pool2d
+            set_submodule(model, name, MeanPool2x2(*shape))
     return model
 
 
-def check_base(state: dict[str, np.ndarray], path: Path) -> None:
-    """The base checkpoint has exactly LeNet-5's tensors and shapes (for its own class count)."""
-    expected = base_param_shapes(int(state["fc3.bias"].shape[0]))
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def check_base(state: dict[str, np.ndarray], path: Path, desc: ModelDesc) -> None:
+    """The base checkpoint has exactly the described tensors and shapes (for its own class count)."""
+    what = desc.title
+    net = desc.with_num_classes(int(state[f"{desc.output}.bias"].shape[0]))
+    expected = {**net.param_shapes, **dict(net.buffers)}
     for name, shape in expected.items():
         if name not in state:
-            raise UserError(f"{path}: tensor {name!r} missing; not a LeNet-5 base (use `edge-ft pretrain`)")
+            raise UserError(f"{path}: tensor {name!r} missing; not a {what} base" +
+                            (" (use `edge-ft pretrain`)" if what == "LeNet-5" else ""))
         if tuple(state[name].shape) != shape:
-            raise UserError(f"{path}: {name} has shape {tuple(state[name].shape)}, LeNet-5 needs {shape}")
+            raise UserError(f"{path}: {name} has shape {tuple(state[name].shape)}, {what} needs {shape}")
     extra = sorted(set(state) - set(expected))
     if extra:
-        raise UserError(f"{path}: unexpected tensor {extra[0]!r}; not a plain LeNet-5 base checkpoint")
+        raise UserError(f"{path}: unexpected tensor {extra[0]!r}; not a plain {what} base checkpoint")
 
 
 def input_shape_of(model: nn.Module) -> tuple[int, ...]:
-    """One example's shape: LeNet-5 takes (1,28,28); a head-only model says its own (`input_shape`)."""
-    return tuple(getattr(model, "input_shape", INPUT_SHAPE))
+    """One example's shape, as prepare_model (or a head-only model) set it."""
+    return tuple(model.input_shape)
 
 
 def onnx_bytes(model: nn.Module, training: bool, output: str = LOGITS) -> bytes:
@@ -119,24 +141,30 @@ def onnx_bytes(model: nn.Module, training: bool, output: str = LOGITS) -> bytes:
     return buffer.getvalue()
 
 
-def base_named_state(model: nn.Module, num_classes: int) -> dict[str, torch.Tensor]:
-    """The plain LeNet-5 tensors of a prepared model (for LoRA: the frozen W0 and biases, not A and B)."""
-    state = model.state_dict()
-    return {name: state[name].detach().clone() for name in base_param_shapes(num_classes)}
+def plain_network(model: nn.Module) -> nn.Module:
+    """A copy of a prepared model with every LoRALinear back to a plain nn.Linear holding W0 (eval mode)."""
+    net = copy.deepcopy(model).eval()
+    for name, m in list(net.named_modules()):
+        if isinstance(m, LoRALinear):
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("lora_")})
+            set_submodule(net, name, plain)
+    return net
 
 
-def write_inference_base(model: nn.Module, num_classes: int, out_dir: Path) -> dict:
+def write_inference_base(model: nn.Module, cfg: MethodConfig, out_dir: Path) -> dict:
     """Write inference_base.onnx and return its manifest entry with each weight's (offset, nbytes).
 
     The offsets are found by exporting once with distinct random placeholder values (so every tensor's bytes
     occur exactly once in the file), then the real starting weights are written over the placeholders.
     """
-    net = LeNet5(num_classes).eval()
-    weights = base_named_state(model, num_classes)
+    net = plain_network(model)
+    names = base_param_shapes(cfg.num_classes, cfg.model)
+    weights = {name: t.detach().clone() for name, t in net.state_dict().items() if name in names}
     rng = np.random.default_rng(0)
     placeholders = {k: torch.from_numpy(rng.standard_normal(tuple(v.shape)).astype(np.float32))
                     for k, v in weights.items()}
-    net.load_state_dict(placeholders)
+    net.load_state_dict(placeholders, strict=False)  # buffers (BatchNorm statistics) keep their base values
     data = bytearray(onnx_bytes(net, training=False))
     offsets = {}
     for name, tensor in placeholders.items():
@@ -150,34 +178,42 @@ def write_inference_base(model: nn.Module, num_classes: int, out_dir: Path) -> d
     return {"file": INFERENCE_BASE, "input": INPUT, "output": LOGITS, "offsets": offsets}
 
 
-class Backbone(nn.Module):
-    """LeNet-5 below the head: (B,1,28,28) -> (B,84)."""
-
-    def __init__(self, model: LeNet5):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features(x)
+def backbone(model: nn.Module, head: str) -> torch.fx.GraphModule:
+    """Everything below the head layer, as a module returning the head's input (LeNet-5: (B,1,28,28) -> (B,84))."""
+    graph = tracer().trace(model)
+    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == head)
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (node.args[0],)
+    gm = torch.fx.GraphModule(model, graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.input_shape = model.input_shape
+    return gm
 
 
 class Head(nn.Module):
-    """The probe's trainable part alone: fc3 on cached features, (B,84) -> (B,C); keeps the name fc3.*."""
+    """The probe's trainable part alone, on cached features; its tensors keep their names (fc3.*, head.1.*)."""
 
-    def __init__(self, fc3: nn.Linear):
+    def __init__(self, layer: nn.Linear, name: str):
         super().__init__()
-        self.fc3 = fc3
-        self.input_shape = (fc3.in_features,)
+        parent = self
+        *path, leaf = name.split(".")
+        for part in path:
+            parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, layer)
+        self.layer = [layer]  # a list: not registered twice
+        self.input_shape = (layer.in_features,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(x)
+        return self.layer[0](x)
 
 
-def write_features_graph(model: LeNet5, out_dir: Path) -> dict:
+def write_features_graph(model: nn.Module, head: str, out_dir: Path) -> dict:
     """features.onnx: the frozen backbone of a probe bundle (eval mode; its weights never change)."""
-    atomic_write_bytes(out_dir / FEATURES_GRAPH, onnx_bytes(Backbone(model), training=False, output=FEATURES))
+    atomic_write_bytes(out_dir / FEATURES_GRAPH, onnx_bytes(backbone(model, head), training=False, output=FEATURES))
     return {"file": FEATURES_GRAPH, "input": INPUT, "output": FEATURES, "head": HEAD_FOLDER,
-            "dim": model.fc3.in_features}
+            "dim": model.get_submodule(head).in_features}
 
 
 def parameter_split(model: nn.Module) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
