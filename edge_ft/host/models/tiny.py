@@ -128,3 +128,13 @@ class MobileNetV1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+def trainable_sets(model: nn.Module) -> dict[str, list[str]]:
+    """The fine-tuning sets the reference models are measured with, by parameter name: `full` (everything),
+    `head` (the classifier only: linear probing) and `bn-bias` (every BatchNorm's affine weight and bias plus
+    every bias: the cheapest set that still adapts every layer)."""
+    names = [n for n, _ in model.named_parameters()]
+    norms = {f"{m}.weight" for m, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)}
+    return {"full": names, "head": [n for n in names if n.startswith("classifier.")],
+            "bn-bias": [n for n in names if n in norms or n.endswith(".bias")]}
