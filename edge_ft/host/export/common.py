@@ -217,8 +217,10 @@ def write_features_graph(model: nn.Module, head: str, out_dir: Path) -> dict:
 
 
 def parameter_split(model: nn.Module) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """(trainable, frozen): name -> shape, in state-dict order, as the model's requires_grad flags say."""
+    """(trainable, frozen): name -> shape, in state-dict order, as the model's requires_grad flags say; BatchNorm's
+    running statistics are frozen tensors too (the step graph reads them, never updates them)."""
     trainable, frozen = {}, {}
     for name, p in model.named_parameters():
         (trainable if p.requires_grad else frozen)[name] = list(p.shape)
+    frozen.update((n, list(b.shape)) for n, b in model.named_buffers() if b.is_floating_point())
     return trainable, frozen

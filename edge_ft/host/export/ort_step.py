@@ -9,14 +9,18 @@ Graphs hold no weights, so they stay tens of kB and the state file is the only t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
 
 import torch
 
 from edge_ft.atomic import atomic_save_safetensors
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.device.engines.ort_step import INPUT, LABELS, LOGITS, STATE_FORMAT, optimizer_keys
+from edge_ft.errors import UserError
 from edge_ft.host.export import common
-from edge_ft.host.export.step_trace import export_onnx, initial_state, make_forward, make_step, train_io_names
+from edge_ft.host.export.step_ops import check_supported
+from edge_ft.host.export.step_trace import (export_onnx, initial_state, make_forward, make_step, model_tensors,
+                                           train_io_names)
 
 TRAIN_GRAPH = "train_step.onnx"
 FORWARD_GRAPH = "forward.onnx"
@@ -26,14 +30,30 @@ assert (INPUT, LABELS, LOGITS) == (common.INPUT, common.LABELS, common.LOGITS), 
 
 
 def build(model: torch.nn.Module, cfg: MethodConfig, opt: OptimizerConfig, out_dir) -> dict:
-    """Write the three files into out_dir; return the manifest's "ort_step" entry."""
+    """Write the three files into out_dir; return the manifest's "ort_step" entry. What trains is what the
+    prepared model's requires_grad flags say."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    return write_step_graphs(model, trainable, opt, out_dir)
+
+
+def write_step_graphs(model: torch.nn.Module, trainable: Collection[str], opt: OptimizerConfig, out_dir) -> dict:
+    """The step graph, forward graph and state of any supported nn.Module, `trainable` naming the parameters
+    the step updates (every other parameter and BatchNorm statistic is a frozen input); the model's
+    `input_shape` attribute gives one example's shape (LeNet-5's when absent). Returns the manifest's "ort_step"
+    entry; raises UserError naming the first op and layer the step graph does not support."""
     out_dir = Path(out_dir)
-    trainable, frozen = (list(names) for names in common.parameter_split(model))
-    weights = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
+    weights = {n: t.detach().clone().contiguous() for n, t in model_tensors(model).items()}
+    params = {n for n, _ in model.named_parameters()}
+    unknown = sorted(set(trainable) - params)
+    if unknown:
+        raise UserError(f"{unknown[0]!r} is not a parameter of the model; it cannot train")
+    trainable = [n for n in weights if n in set(trainable)]  # state-dict order, as the manifest lists them
+    frozen = [n for n in weights if n not in set(trainable)]
+    input_shape = common.input_shape_of(model)
+    check_supported(model, input_shape)
     opt_state = initial_state(opt, {n: weights[n] for n in trainable})
     opt_keys = optimizer_keys(opt.name, trainable)
     assert list(opt_state) == opt_keys, "exporter and engine disagree on the state layout"
-    input_shape = common.input_shape_of(model)
 
     tensors = [weights[n] for n in trainable + frozen] + [opt_state[k] for k in opt_keys]
     inputs, outputs = train_io_names(trainable, frozen, opt_keys)

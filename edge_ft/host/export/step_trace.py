@@ -2,12 +2,10 @@
 
 torch.export cannot trace torch.func.grad inside a module, so the step is first traced by make_fx, which runs
 autograd eagerly and records the backward as ordinary aten ops, then re-exported with a dynamic batch and
-translated by the dynamo ONNX exporter. `decompositions()` rewrites the backward ops ONNX lacks into ops that
-onnxruntime runs fast, each choice measured with its profiler (full fine-tuning, batch 256, one thread):
-  convolution_backward  dx as ConvTranspose; dW as a Gather of input windows + one MatMul (15% faster per step
-                        than the batch-as-channel Conv); db as ReduceSum
-  avg_pool2d_backward   Div + nearest Resize (ONNX_TRANSLATIONS), 3.8x faster than the Expand it replaced
-  threshold_backward    ReLU's backward as grad * float(out > 0), 3-4x faster than LessOrEqual + Where
+translated by the dynamo ONNX exporter. step_ops says which ops a model may use and writes the backward ops ONNX
+lacks (its `decompositions()`, each form chosen with onnxruntime's profiler). The model runs in eval mode:
+BatchNorm normalises with its frozen running statistics (graph inputs like any frozen tensor) and Dropout is the
+identity.
 
 The optimizer update is written out here functionally with torch.optim's arithmetic, so a graph step and a
 torch.optim step agree to float rounding.
@@ -22,109 +20,14 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from edge_ft.config import OptimizerConfig
 from edge_ft.device.engines.ort_step import INPUT, LABELS, LOGITS, LOSS, LR, OPT_BUFFERS, STEP_KEY, next_name
+from edge_ft.host.export.step_ops import ONNX_TRANSLATIONS, decompositions
 
-aten = torch.ops.aten
 OPSET = 21  # highest opset onnxruntime-training 1.19.2 runs; standard onnxruntime runs it too
 MAX_BATCH = 1 << 16
-
-
-def _convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dilation, transposed,
-                          output_padding, groups, output_mask):
-    """aten.convolution_backward as forward convolutions; only the gradients in output_mask are computed."""
-    if transposed or groups != 1:
-        raise NotImplementedError("step export supports plain (groups=1, non-transposed) convolutions only")
-    grad_in = grad_w = grad_b = None
-    if output_mask[0]:  # dL/dx: the transposed convolution of the output gradient with the same kernel
-        extra = [i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)  # rows a strided conv dropped at the border
-                 for i, o, s, p, d, k in zip(inp.shape[2:], grad_out.shape[2:], stride, padding, dilation,
-                                             weight.shape[2:])]
-        grad_in = aten.convolution(grad_out, weight, None, stride, padding, dilation, True, extra, 1)
-    if output_mask[1] and _unit(stride, padding, dilation):
-        grad_w = _weight_grad_unfolded(grad_out, inp, weight.shape)
-    elif output_mask[1]:  # dL/dW: batch becomes the channel axis; (Cin,B,H,W) conv (Cout,B,h,w) -> (Cin,Cout,k,k)
-        grad_w = aten.convolution(inp.transpose(0, 1), grad_out.transpose(0, 1), None, dilation, padding, stride,
-                                  False, [0, 0], 1)
-        grad_w = grad_w[:, :, : weight.shape[2], : weight.shape[3]].transpose(0, 1)
-    if output_mask[2]:
-        grad_b = grad_out.sum(dim=(0, 2, 3))
-    return grad_in, grad_w, grad_b
-
-
-def _unit(stride, padding, dilation) -> bool:
-    """Stride 1, no padding, no dilation: the case whose windows a plain Gather unfolds."""
-    return list(stride) == [1, 1] and not any(padding) and list(dilation) == [1, 1]
-
-
-def _weight_grad_unfolded(grad_out, inp, weight_shape):
-    """dL/dW of a stride-1 unpadded convolution as one MatMul over gathered input windows.
-
-    Patches (Cin*k*k, h*w*B) come from one Gather of whole batch rows (B contiguous floats each) out of the
-    input laid out (Cin, H*W, B); then (Cin*k*k, N) @ (N, Cout) holds exactly the convolution's
-    multiply-accumulates, in one large GEMM instead of the batch-as-channel convolution's per-channel ones.
-    """
-    c_out, c_in, kh, kw = weight_shape
-    height, width = inp.shape[2], inp.shape[3]
-    h, w = grad_out.shape[2], grad_out.shape[3]
-    # Flat input position of window (i,j), output pixel (y,x): (i+y)*W + j+x, in (i,j,y,x) order. Built from
-    # aranges, not stored: the graph file keeps no tensors (onnxruntime folds this into a constant at load).
-    corner = (torch.arange(kh) * width)[:, None] + torch.arange(kw)[None, :]  # (k,k)
-    offset = (torch.arange(h) * width)[:, None] + torch.arange(w)[None, :]  # (h,w)
-    rows = (corner[:, :, None, None] + offset[None, None]).reshape(-1)  # (k*k*h*w,)
-    x = inp.permute(1, 2, 3, 0).reshape(c_in, height * width, -1)  # (Cin, H*W, B)
-    patches = x.index_select(1, rows).reshape(c_in * kh * kw, -1)  # (Cin*k*k, h*w*B)
-    g = grad_out.permute(1, 2, 3, 0).reshape(c_out, -1)  # (Cout, h*w*B)
-    return aten.mm(patches, g.t()).t().reshape(c_out, c_in, kh, kw)
-
-
-def _avg_pool2d_backward(grad_out, inp, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor):
-    """Non-overlapping average pooling's backward: spread each gradient evenly over its k x k window.
-
-    When the windows tile the input exactly the op stays whole (NotImplemented) and is written as one Resize
-    (_avg_pool2d_backward_onnx); otherwise it is spelled out here, the rows the pool dropped getting zeros.
-    """
-    kh, kw = kernel_size
-    if list(stride or kernel_size) != [kh, kw] or any(padding) or ceil_mode or divisor:
-        raise NotImplementedError("step export supports non-overlapping, unpadded average pooling only")
-    if inp.shape[2] == grad_out.shape[2] * kh and inp.shape[3] == grad_out.shape[3] * kw:
-        return NotImplemented
-    grad = grad_out.repeat_interleave(kh, dim=2).repeat_interleave(kw, dim=3) / (kh * kw)
-    return F.pad(grad, (0, inp.shape[3] - grad.shape[3], 0, inp.shape[2] - grad.shape[2]))
-
-
-def _avg_pool2d_backward_onnx(grad_output, self, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                              divisor_override=None):
-    """The exact-tiling pool backward as Div + nearest Resize (onnxruntime's Expand of the spelled-out
-    version took 3.8x as long); no FLOPs are counted for either, as the cost model counts none for pooling."""
-    from onnxscript import opset21 as op
-
-    kh, kw = kernel_size
-    scaled = op.Div(grad_output, op.CastLike(op.Constant(value_float=float(kh * kw)), grad_output))
-    scales = op.Constant(value_floats=[1.0, 1.0, float(kh), float(kw)])
-    return op.Resize(scaled, None, scales, mode="nearest", coordinate_transformation_mode="asymmetric",
-                     nearest_mode="floor")
-
-
-def _threshold_backward(grad_out, output, threshold):
-    """ReLU's backward as grad * (out > 0): a float mask multiplies 3-4x faster in onnxruntime than Where selects."""
-    return grad_out * (output > threshold).to(grad_out.dtype)
-
-
-def decompositions() -> dict:
-    table = dict(core_aten_decompositions())
-    table[aten.convolution_backward.default] = _convolution_backward
-    table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
-    table[aten.threshold_backward.default] = _threshold_backward
-    return table
-
-
-# Ops the trace keeps whole, written our way. The forward pool stays onnxruntime's AveragePool: as Reshape +
-# ReduceMean it measured no faster inside the step graph (interleaved, batch 256), though 3x faster alone.
-ONNX_TRANSLATIONS = {aten.avg_pool2d_backward.default: _avg_pool2d_backward_onnx}
 
 
 def optimizer_update(opt: OptimizerConfig, params: dict, grads: dict, state: dict, lr: torch.Tensor):
@@ -170,6 +73,25 @@ def initial_state(opt: OptimizerConfig, params: dict[str, torch.Tensor]) -> dict
     return state
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the forward reads, by state-dict name: the parameters, then the floating-point buffers
+    (BatchNorm's running statistics); num_batches_tracked is left out, eval mode never reads it."""
+    tensors = dict(model.named_parameters())
+    tensors.update((n, b) for n, b in model.named_buffers() if b.is_floating_point())
+    return tensors
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """BatchNorm with frozen statistics and Dropout as the identity while tracing; the caller's mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def make_step(model: torch.nn.Module, trainable: list[str], frozen: list[str], state_keys: list[str],
               opt: OptimizerConfig) -> Callable:
     """step(x, y, lr, *trainable, *frozen, *state) -> (loss, logits, *new trainable, *new state)."""
@@ -181,7 +103,8 @@ def make_step(model: torch.nn.Module, trainable: list[str], frozen: list[str], s
         state = dict(zip(state_keys, tensors[n_train + n_frozen:]))
 
         def loss_fn(params):
-            logits = torch.func.functional_call(model, {**params, **fixed}, (x,))
+            with eval_mode(model):
+                logits = torch.func.functional_call(model, {**params, **fixed}, (x,))
             return F.cross_entropy(logits, y), logits
 
         # Only `params` is differentiated: autograd never builds gradients for frozen tensors or the input.
@@ -196,7 +119,8 @@ def make_forward(model: torch.nn.Module, names: list[str]) -> Callable:
     """forward(x, *weights) -> logits, with every model tensor a graph input."""
 
     def forward(x, *weights):
-        return torch.func.functional_call(model, dict(zip(names, weights)), (x,))
+        with eval_mode(model):
+            return torch.func.functional_call(model, dict(zip(names, weights)), (x,))
 
     return forward
 
