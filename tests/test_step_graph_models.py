@@ -38,6 +38,11 @@ from edge_ft.host.models.tiny import trainable_sets
 BATCH, STEPS = 4, 3
 OPT = OptimizerConfig("sgd-momentum", lr=0.05)
 SETS = ("full", "head", "bn-bias")
+# Which (model, trainable set) pairs the suite exports: tracing one takes 20-260 s of CPU, so not all nine. These
+# reach every decomposition the models use: strided, depthwise and pointwise convolutions with their dx and dW
+# (DS-CNN full), BatchNorm's affine gradients with frozen statistics (DS-CNN bn-bias), residual adds and strided
+# 1x1 shortcuts (ResNet-8 full), and the largest model's forward with a trained head (MobileNetV1 head).
+CASES = [("ds-cnn", "full"), ("ds-cnn", "bn-bias"), ("resnet8", "full"), ("mobilenet-v1-0.25", "head")]
 _ROOT = Path(tempfile.mkdtemp(prefix="edge-ft-step-models-"))
 
 
@@ -106,8 +111,7 @@ def batches(model: nn.Module, classes: int, n: int, batch: int = BATCH):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("subset", SETS)
-@pytest.mark.parametrize("model_name", list(REFERENCE_MODELS))
+@pytest.mark.parametrize("model_name, subset", CASES)
 def test_steps_match_torch_optim(model_name, subset):
     model, trainable = prepared(model_name, subset)
     runner = GraphRunner(exported(model_name, subset), trainable, OPT)
@@ -135,8 +139,8 @@ def grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, p
     """torch's convolution_backward formula, whose weight-gradient term ignores `groups` (it counts a depthwise
     conv's dW as if every input channel met every output channel, C_in times too many), with that term fixed."""
     args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
-    dx = conv_backward_flop(*args, [output_mask[0], False, False])
-    dw = conv_backward_flop(*args, [False, output_mask[1], False])
+    dx = conv_backward_flop(*args, [output_mask[0], False, False], out_val=out_shape)
+    dw = conv_backward_flop(*args, [False, output_mask[1], False], out_val=out_shape)
     assert dw % groups == 0
     return dx + dw // groups
 
@@ -149,8 +153,7 @@ def torch_step_flops(model: nn.Module, x: np.ndarray, y: np.ndarray) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("subset", SETS)
-@pytest.mark.parametrize("model_name", list(REFERENCE_MODELS))
+@pytest.mark.parametrize("model_name, subset", CASES)
 def test_graph_flops_equal_torch_flop_counter(model_name, subset):
     model, _ = prepared(model_name, subset)
     folder = exported(model_name, subset)
