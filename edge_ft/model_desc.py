@@ -40,6 +40,14 @@ INPUT = "input"  # the name layers use for the network's input
 WEIGHTED = ("conv2d", "linear")  # kinds with a weight matrix: FLOPs, LoRA, last-k count these
 KINDS = WEIGHTED + ("batchnorm2d", "relu", "relu6", "hardswish", "avgpool2d", "maxpool2d", "adaptiveavgpool2d",
                     "mean", "flatten", "add", "concat", "dropout")
+# Settings each kind must carry (what the cost model and the device read); a description without them is refused.
+REQUIRED_ATTRS = {
+    "conv2d": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"),
+    "linear": ("in_features", "out_features"),
+    "batchnorm2d": ("num_features", "eps"),
+    "avgpool2d": ("kernel_size", "stride", "padding"), "maxpool2d": ("kernel_size", "stride", "padding"),
+    "concat": ("dim",), "dropout": ("p",),
+}
 LENET5_FILE = Path(__file__).parent / "descriptions" / "lenet5.json"
 LENET5_SOURCE = "edge_ft.host.model:LeNet5"
 
@@ -64,9 +72,13 @@ class Layer:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Layer":
+        attrs = dict(d.get("attrs", {}))
+        missing = [a for a in REQUIRED_ATTRS.get(str(d["kind"]), ()) if a not in attrs]
+        if missing:
+            raise ValueError(f"layer {d['name']} ({d['kind']}) lacks {', '.join(missing)}")
         return cls(str(d["name"]), str(d["kind"]), tuple(str(i) for i in d["inputs"]),
                    tuple(_shape(s) for s in d["input_shapes"]), _shape(d["output_shape"]),
-                   tuple(str(p) for p in d.get("params", ())), dict(d.get("attrs", {})))
+                   tuple(str(p) for p in d.get("params", ())), attrs)
 
 
 @dataclass(frozen=True)

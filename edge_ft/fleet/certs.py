@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_ft.atomic import atomic_open, atomic_write_bytes
+
 CERT_DAYS = 2  # a federation's certificates only need to outlive its run
 
 
@@ -35,9 +37,9 @@ class NodeKey:
 
 
 def _write_secret(path: Path, data: bytes) -> None:
-    """Private keys readable by their owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    """Private keys readable by their owner only (the temp file is made private before the key is written)."""
+    with atomic_open(path, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
         f.write(data)
 
 
@@ -79,8 +81,8 @@ def make_tls(folder: Path, host: str = "127.0.0.1") -> TlsFiles:
             .sign(ca_key, hashes.SHA256()))
 
     files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
-    files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write_bytes(files.ca_cert, ca.public_bytes(serialization.Encoding.PEM))
+    atomic_write_bytes(files.server_cert, cert.public_bytes(serialization.Encoding.PEM))
     _write_secret(files.server_key, key.private_bytes(serialization.Encoding.PEM,
                                                       serialization.PrivateFormat.PKCS8,
                                                       serialization.NoEncryption()))
@@ -97,6 +99,6 @@ def make_node_key(folder: Path, index: int) -> NodeKey:
     out = NodeKey(folder / f"node-{index:02d}", folder / f"node-{index:02d}.pub")
     _write_secret(out.private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                                  serialization.NoEncryption()))
-    out.public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+    atomic_write_bytes(out.public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                          serialization.PublicFormat.OpenSSH) + b"\n")
     return out

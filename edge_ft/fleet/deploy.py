@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from edge_ft.atomic import atomic_write_json, ensure_dir
+from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir
 from edge_ft.bench.hostspeed import HostSpeed
 from edge_ft.bench.prepare import find_device_python
 from edge_ft.bench.profiles import MB, load_profile
@@ -127,7 +127,7 @@ def write_connection(flwr_home: Path, address: str, ca_cert: Path | None) -> Non
              f'address = "{address}"']
     lines.append(f"root-certificates = {toml_value(str(ca_cert))}" if ca_cert else "insecure = true")
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+    atomic_write_text(flwr_home / "config.toml", "\n".join(lines) + "\n")
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from edge_ft.atomic import atomic_write_text
 from edge_ft.bench.emulate import Confinement, confine
 from edge_ft.bench.hostspeed import HostSpeed
 from edge_ft.bench.profiles import DeviceProfile
@@ -51,7 +52,7 @@ def write_config(path: Path, config: dict) -> Path:
     """A flat config as a TOML file: Flower takes `--node-config FILE.toml` and `--run-config FILE.toml`, which
     keeps paths with spaces or quotes intact where `key=value` pairs would split them."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in config.items()))
+    atomic_write_text(path, "".join(f"{k} = {toml_value(v)}\n" for k, v in config.items()))
     return path
 
 
