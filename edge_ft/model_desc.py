@@ -99,6 +99,12 @@ class ModelDesc:
         if unknown is not None:
             raise UserError(f"model {self.name}: layer {unknown.name} is a {unknown.kind}, which edge-ft does not "
                             f"support (supported: {', '.join(KINDS)})")
+        params = {name for name, _ in self.parameters}
+        for layer in self.layers:  # a layer's parameters are the model's, and a weighted layer has its weight
+            if any(n not in params for n in layer.param_names()) or (
+                    layer.kind in WEIGHTED and "weight" not in layer.params):
+                raise UserError(f"model {self.name}: layer {layer.name}'s parameters do not match the model's; "
+                                "re-export the bundle")
         head = self.layer(self.output)
         if head.kind != "linear":
             raise UserError(f"model {self.name}: its output comes from {head.name} ({head.kind}); the logits must "
