@@ -31,7 +31,7 @@ def reference_host_speed(tmp_path_factory):
     reference core with no throttling correction, so a test profile's cpu_speed is its CPU share here and no
     test waits for a calibration; tests of the calibration itself point EDGE_FT_CACHE_DIR elsewhere."""
     from edge_ft.atomic import atomic_write_json
-    from edge_ft.bench import hostspeed
+    from edge_ft.emulation import hostspeed
 
     folder = tmp_path_factory.mktemp("cache")
     entry = {"speed": 1.0, "measured": "reference for tests", "correct_quota": False}

@@ -369,7 +369,7 @@ def test_base_checkpoint_damage_is_one_line(kit, capsys, tmp_path):
 def test_running_out_of_memory_is_one_line(kit, capsys, monkeypatch):
     """Under a memory cap Python raises MemoryError (an rlimit, `ulimit -v`): one line the emulator classifies."""
     import edge_ft.data.npz
-    from edge_ft.bench.emulate import _OOM_TEXT
+    from edge_ft.emulation.emulate import _OOM_TEXT
 
     def no_memory(*args, **kwargs):
         raise MemoryError()

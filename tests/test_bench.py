@@ -9,14 +9,14 @@ import pytest
 
 from edge_ft.architecture import count_params
 from edge_ft.bench import sweep as sweep_module
-from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
 from edge_ft.bench.measure import SweepSettings
-from edge_ft.bench.profiles import load_profile, load_profile_file
 from edge_ft.bench.records import REQUIRED, append_record, latest, read_records
 from edge_ft.bench.sweep import SweepOptions, plan, run_sweep
 from edge_ft.cli import main
 from edge_ft.config import MethodConfig
 from edge_ft.costmodel import estimate
+from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.emulation.profiles import load_profile, load_profile_file
 from edge_ft.errors import UserError
 
 MB = 2**20

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_ft.bench import cgroups
-from edge_ft.bench.cgroups import CgroupJob
-from edge_ft.bench.emulate import run_confined
+from edge_ft.emulation import cgroups
+from edge_ft.emulation.cgroups import CgroupJob
+from edge_ft.emulation.emulate import run_confined
 from tests.test_emulate import CGROUP_REASON, busy, leftover_cgroups, make_profile
 
 MB = 2**20

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_ft.bench import cgroups
-from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
-from edge_ft.bench.emulate import THREAD_VARS, run_confined
-from edge_ft.bench.profiles import load_profile, load_profile_file
 from edge_ft.cli import main
+from edge_ft.emulation import cgroups
+from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.emulation.emulate import THREAD_VARS, run_confined
+from edge_ft.emulation.profiles import load_profile, load_profile_file
 
 PY = sys.executable
 MB = 2**20

@@ -15,10 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edge_ft.bench import cgroups
-from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
-from edge_ft.bench.hostspeed import HostSpeed
 from edge_ft.bench.prepare import find_device_python
+from edge_ft.emulation import cgroups
+from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.fleet.certs import make_node_key, make_tls
 from edge_ft.fleet.deploy import Fault, Federation, free_port, run_federation
 from edge_ft.fleet.processes import RUN_MARK

@@ -6,9 +6,9 @@ import statistics
 
 import pytest
 
-from edge_ft.bench import hostspeed
-from edge_ft.bench.hostspeed import HostSpeed, work_fractions
 from edge_ft.cli import main
+from edge_ft.emulation import hostspeed
+from edge_ft.emulation.hostspeed import HostSpeed, work_fractions
 from tests.test_emulate import needs_cgroups
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_ft.bench import calibrate
-from edge_ft.bench.profiles import (PROFILES_ENV, list_profiles, load_profile, profile_paths, shipped_profiles_dir)
 from edge_ft.cli import main
+from edge_ft.emulation import calibrate
+from edge_ft.emulation.profiles import (PROFILES_ENV, list_profiles, load_profile, profile_paths, shipped_profiles_dir)
 from edge_ft.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

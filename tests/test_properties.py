@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ort_step_support as support
-from edge_ft.bench.profiles import load_profile_file
 from edge_ft.checkpoint import load_base, save_base
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.data.npz import load_npz, save_npz
@@ -32,6 +31,7 @@ from edge_ft.data.readers import read_mnist_5k
 from edge_ft.device.adapter import CONFIG, RECORD, WEIGHTS, check_adapter, load_adapter, peft_key
 from edge_ft.device.bundle import load_bundle
 from edge_ft.device.engines import open_engine
+from edge_ft.emulation.profiles import load_profile_file
 from edge_ft.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -362,8 +362,8 @@ WRITE = re.compile(r"(?<!atomic_)open\([^)]*['\"][wax]b?\+?['\"]|\.write_(text|b
 WRITE_ALLOWED = {
     "edge_ft/atomic.py": "the atomic writers themselves",
     "edge_ft/bench/records.py": "results.jsonl is an fsynced append-only journal; a torn last line is skipped",
-    "edge_ft/bench/cgroups.py": "cgroup control files are kernel interfaces, not files",
-    "edge_ft/bench/enter.py": "writes its pid into a cgroup's procs file",
+    "edge_ft/emulation/cgroups.py": "cgroup control files are kernel interfaces, not files",
+    "edge_ft/emulation/enter.py": "writes its pid into a cgroup's procs file",
     "edge_ft/host/export/ort_training.py": "edits a temp copy that is then written into the bundle atomically",
     "edge_ft/bench/cireport.py": "appends to the CI system's $GITHUB_STEP_SUMMARY, a file the CI runner owns",
     "edge_ft/fleet/deploy.py": "the SuperLink's and the run's logs are streamed by the running processes",

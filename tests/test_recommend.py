@@ -11,10 +11,10 @@ from test_report import record as report_record
 from edge_ft.bench import predict
 from edge_ft.bench import sweep as sweep_module
 from edge_ft.bench.measure import SweepSettings
-from edge_ft.bench.profiles import load_profile
 from edge_ft.bench.recommend import Constraints, recommend
 from edge_ft.bench.records import append_record
 from edge_ft.cli import main
+from edge_ft.emulation.profiles import load_profile
 
 BOARD = "rpi-3b"  # never measured in these files
 

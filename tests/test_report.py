@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from edge_ft.bench.profiles import load_profile
 from edge_ft.bench.recommend import Constraints, recommend
 from edge_ft.bench.records import REQUIRED, append_record
 from edge_ft.bench.report import all_goals, write_report
 from edge_ft.cli import main
+from edge_ft.emulation.profiles import load_profile
 
 MB = 2**20
 TASK = "mnist→digits"

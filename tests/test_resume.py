@@ -214,7 +214,7 @@ def test_resume_refuses_other_settings_and_protects_unfinished_runs(tmp_path, ca
 
 
 def _cgroups_unavailable() -> str | None:
-    from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
+    from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
 
     try:
         CgroupJob.create(64 * 2**20, [sorted(os.sched_getaffinity(0))[0]], None, None, 20_000).remove()
@@ -316,7 +316,7 @@ def test_killed_adapter_apply_and_export_leave_the_old_or_the_new_never_a_mix(tm
 def test_out_of_memory_in_a_sweep_is_recorded_and_leaves_no_partial_files(tmp_path, base_checkpoint):
     """The sweep's OOM job: a record saying it does not fit, and its run folder holds no file (not even a temp)."""
     from edge_ft.bench.measure import SweepSettings
-    from edge_ft.bench.profiles import load_profile_file
+    from edge_ft.emulation.profiles import load_profile_file
     from edge_ft.bench.records import read_records
     from edge_ft.bench.sweep import SweepOptions, plan, run_sweep
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from edge_ft.bench.measure import ENGINES, LABELS, step_ms
-from edge_ft.bench.profiles import MB
+from edge_ft.emulation.profiles import MB
 from edge_ft.errors import UserError
 
 OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt}

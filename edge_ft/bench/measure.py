@@ -21,14 +21,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_ft.architecture import count_params
-from edge_ft.bench.emulate import ConfinedResult, run_confined
-from edge_ft.bench.hostspeed import HostSpeed
 from edge_ft.bench.prepare import Prepared, installable
-from edge_ft.bench.profiles import MB, DeviceProfile
 from edge_ft.bench.records import SCHEMA, run_key
 from edge_ft.config import MethodConfig
 from edge_ft.costmodel import estimate
 from edge_ft.data.tasks import get_task
+from edge_ft.emulation.emulate import ConfinedResult, run_confined
+from edge_ft.emulation.hostspeed import HostSpeed
+from edge_ft.emulation.profiles import MB, DeviceProfile
 from edge_ft.run_record import read_summary
 from edge_ft.training_defaults import DEFAULTS
 

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_ft.bench.measure import LABELS, SweepSettings, fmt_ms, step_flops, step_ms
-from edge_ft.bench.profiles import MB, DeviceProfile
 from edge_ft.config import MethodConfig
 from edge_ft.costmodel import estimate
+from edge_ft.emulation.profiles import MB, DeviceProfile
 from edge_ft.training_defaults import DEFAULTS
 
 OFF_BY = 3.0  # a prediction this many times off the measurement (either way) is flagged as such
@@ -81,7 +81,7 @@ def _latest_ok(records: list[dict]) -> list[dict]:
 
 
 def _profile_speed(name: str, threads: int | None) -> tuple[float, float] | None:
-    from edge_ft.bench.profiles import load_profile
+    from edge_ft.emulation.profiles import load_profile
     from edge_ft.errors import UserError
 
     try:
@@ -282,7 +282,7 @@ def sweep_seconds(preds: list[dict], profile: DeviceProfile, repeats: int, host_
     steps plus its start-up, native runs `repeats` times one after another, quota-limited ones side by side as the
     sweep runs them (edge_ft.bench.sweep.parallel_width, before the throttling correction). None when a run's
     length is unknown. Preparation (pretraining, exports) and a first host-speed calibration come on top."""
-    from edge_ft.bench.emulate import usable_cpus
+    from edge_ft.emulation.emulate import usable_cpus
     from edge_ft.bench.sweep import MAX_PARALLEL
 
     jobs = [p["job_seconds"] for p in preds]

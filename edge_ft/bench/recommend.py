@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from edge_ft.bench.measure import fmt_ms, mb, step_ms
 from edge_ft.bench.prepare import installable
-from edge_ft.bench.profiles import MB, DeviceProfile
+from edge_ft.emulation.profiles import MB, DeviceProfile
 
 ARCH_WHY = {"ort-training": "the onnxruntime-training wheel exists only for x86_64",
             "torch": "no PyTorch wheel for this architecture",

@@ -153,7 +153,7 @@ def results_table(rows: list[dict]) -> str:
 def write_report(records: list[dict], out: Path, source: str = "results.jsonl") -> Path:
     """report.md and its PNGs in `out`; returns the report's path."""
     from edge_ft.bench import plots
-    from edge_ft.bench.profiles import load_profile
+    from edge_ft.emulation.profiles import load_profile
 
     records = list(latest(records).values())
     out.mkdir(parents=True, exist_ok=True)

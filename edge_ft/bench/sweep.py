@@ -17,13 +17,13 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from edge_ft.bench.emulate import plan_cpus, usable_cpus
-from edge_ft.bench.hostspeed import HostSpeed
 from edge_ft.bench.measure import (ENGINES, LABELS, Job, SweepSettings, fmt_ms, mb, measure,
                                    short_result)
 from edge_ft.bench.prepare import Prepared, base_sha256, default_base, find_device_python, prepare_in_child
-from edge_ft.bench.profiles import DeviceProfile
 from edge_ft.bench.records import append_record, latest, read_records
+from edge_ft.emulation.emulate import plan_cpus, usable_cpus
+from edge_ft.emulation.hostspeed import HostSpeed
+from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.errors import UserError
 
 MAX_PARALLEL = 4  # side-by-side quota-limited runs; more would only add sampling overhead in the parent
@@ -35,7 +35,7 @@ class SweepOptions:
     pretrain_epochs: int | None = None  # when pretraining here (None: the recipe's)
     force: bool = False  # re-measure jobs already in the results file
     timeout: float | None = 1800.0  # seconds per measured job
-    mode: str = "auto"  # emulation mode for confined profiles (edge_ft.bench.emulate)
+    mode: str = "auto"  # emulation mode for confined profiles (edge_ft.emulation.emulate)
     parallel: int = 0  # quota-limited runs side by side (0: as many as fit in half the CPUs, at most 4)
     repeats: int = 3  # native runs: measure this often, keep the least disturbed (lowest p50) repetition
     device_python: str | None = None  # interpreter for ort-step runs (default: .venv-device when present)
@@ -204,7 +204,7 @@ def _kill_own_children() -> None:
 
 
 def _cgroups_work() -> bool:
-    from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
+    from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
 
     try:
         CgroupJob.create(64 << 20, usable_cpus()[:1], 0.5, 0.5, 20_000).remove()

@@ -107,8 +107,8 @@ def settings_from_args(args, host_speed: float):
 
 def sweep_from_args(args, profiles: list[str]):
     """(jobs, options) for the sweep the arguments describe."""
-    from edge_ft.bench.hostspeed import HostSpeed
-    from edge_ft.bench.profiles import load_profile
+    from edge_ft.emulation.hostspeed import HostSpeed
+    from edge_ft.emulation.profiles import load_profile
     from edge_ft.bench.sweep import SweepOptions, plan
 
     host = HostSpeed.resolve(args.host_speed, quiet=args.quiet)

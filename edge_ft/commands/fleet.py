@@ -100,8 +100,8 @@ def make_plan(args, out: Path, num_nodes: int):
 
 
 def handler(args) -> int:
-    from edge_ft.bench.hostspeed import HostSpeed
-    from edge_ft.bench.profiles import load_profile
+    from edge_ft.emulation.hostspeed import HostSpeed
+    from edge_ft.emulation.profiles import load_profile
     from edge_ft.errors import UserError
     from edge_ft.fleet.deploy import node_table, run_federation
 

@@ -84,7 +84,7 @@ def _mb(n: int | None) -> str:
 
 
 def list_handler(args) -> int:
-    from edge_ft.bench.profiles import list_profiles
+    from edge_ft.emulation.profiles import list_profiles
 
     profiles = list_profiles()
     if args.json:
@@ -105,7 +105,7 @@ def list_handler(args) -> int:
 
 
 def show_handler(args) -> int:
-    from edge_ft.bench.profiles import load_profile
+    from edge_ft.emulation.profiles import load_profile
 
     p = load_profile(args.name)
     d = p.to_dict()
@@ -119,11 +119,11 @@ def show_handler(args) -> int:
 
 
 def calibrate_handler(args) -> int:
-    from edge_ft.bench.calibrate import PARTS, REFERENCE
-    from edge_ft.bench.emulate import run_confined
-    from edge_ft.bench.profiles import load_profile
+    from edge_ft.emulation.calibrate import PARTS, REFERENCE
+    from edge_ft.emulation.emulate import run_confined
+    from edge_ft.emulation.profiles import load_profile
 
-    from edge_ft.bench.hostspeed import HostSpeed
+    from edge_ft.emulation.hostspeed import HostSpeed
 
     profile = load_profile(args.profile or "host")
     mode = args.mode if args.profile else "native"
@@ -131,7 +131,7 @@ def calibrate_handler(args) -> int:
     if not args.quiet:
         print(f"timing the calibration workload ({args.repeats} runs of {len(PARTS)} parts, one thread"
               f"{', as ' + profile.name if args.profile else ''}) ...", file=sys.stderr, flush=True)
-    argv = [sys.executable, "-m", "edge_ft.bench.calibrate", "--repeats", str(args.repeats)]
+    argv = [sys.executable, "-m", "edge_ft.emulation.calibrate", "--repeats", str(args.repeats)]
     result = run_confined(argv, profile, mode=mode, threads=1, host=host)
     if result.status != "ok":
         last = (result.stderr_tail.strip().splitlines() or [result.status])[-1]
@@ -166,13 +166,13 @@ def calibrate_handler(args) -> int:
 
 
 def run_handler(args) -> int:
-    from edge_ft.bench.emulate import run_confined
-    from edge_ft.bench.profiles import load_profile
+    from edge_ft.emulation.emulate import run_confined
+    from edge_ft.emulation.profiles import load_profile
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UserError("no command given: edge-ft profile run NAME [options] -- COMMAND ...")
-    from edge_ft.bench.hostspeed import HostSpeed
+    from edge_ft.emulation.hostspeed import HostSpeed
 
     profile = load_profile(args.name)
     confined = not profile.native and args.mode in ("auto", "cgroup")
@@ -197,9 +197,9 @@ def run_handler(args) -> int:
 
 
 def check_handler(args) -> int:
-    from edge_ft.bench.check import CHECK_HEADER, check_profile, check_table
-    from edge_ft.bench.hostspeed import HostSpeed
-    from edge_ft.bench.profiles import list_profiles, load_profile
+    from edge_ft.emulation.check import CHECK_HEADER, check_profile, check_table
+    from edge_ft.emulation.hostspeed import HostSpeed
+    from edge_ft.emulation.profiles import list_profiles, load_profile
 
     if args.profiles == "all":
         profiles = [p for p in list_profiles() if not p.native]

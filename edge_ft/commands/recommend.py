@@ -64,7 +64,7 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    from edge_ft.bench.profiles import load_profile
+    from edge_ft.emulation.profiles import load_profile
     from edge_ft.bench.recommend import Constraints, latest_runs, recommend
     from edge_ft.bench.records import read_records
     from edge_ft.data.tasks import get_task
@@ -104,7 +104,7 @@ def predicted(args, profile, task: str, records: list[dict], measured: list[dict
     """The predicted answer (edge_ft.bench.predict), the command that would measure it and its expected duration,
     and, when the profile is measured, the prediction checked against the measurements."""
     from edge_ft.bench import predict
-    from edge_ft.bench.hostspeed import cached_speed
+    from edge_ft.emulation.hostspeed import cached_speed
     from edge_ft.bench.recommend import choose, name, recommend
     from edge_ft.bench.sweep import plan
     from edge_ft.commands.bench import settings_from_args

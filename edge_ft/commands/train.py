@@ -65,7 +65,7 @@ def handler(args) -> int:
     recipe = DEFAULTS[bundle.method.method]
     threads = args.threads
     if args.profile:  # read even when --threads overrides it: a broken profile is refused, never ignored
-        from edge_ft.bench.profiles import load_profile
+        from edge_ft.emulation.profiles import load_profile
 
         profile_threads = load_profile(args.profile).threads
         threads = profile_threads if threads is None else threads

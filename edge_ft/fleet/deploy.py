@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir
-from edge_ft.bench.hostspeed import HostSpeed
 from edge_ft.bench.prepare import find_device_python
-from edge_ft.bench.profiles import MB, load_profile
+from edge_ft.emulation.hostspeed import HostSpeed
+from edge_ft.emulation.profiles import MB, load_profile
 from edge_ft.errors import UserError
 from edge_ft.fleet.certs import make_node_key, make_tls
 from edge_ft.fleet.processes import SuperNode, flower_env, kill_pids, plain, stop_groups, toml_value, write_config

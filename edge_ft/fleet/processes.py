@@ -27,9 +27,9 @@ from pathlib import Path
 import psutil
 
 from edge_ft.atomic import atomic_write_text
-from edge_ft.bench.emulate import Confinement, confine
-from edge_ft.bench.hostspeed import HostSpeed
-from edge_ft.bench.profiles import DeviceProfile
+from edge_ft.emulation.emulate import Confinement, confine
+from edge_ft.emulation.hostspeed import HostSpeed
+from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.fleet.certs import NodeKey, TlsFiles
 
 # Offline devices: no telemetry, no update check (both would try the network at every start).

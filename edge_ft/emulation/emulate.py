@@ -6,7 +6,7 @@
 How the profile is imposed (result.emulation says which path ran):
   cgroup  memory cap = profile budget (no swap), cpuset = min(profile cores, CPUs here), every thread capped at
           one device core's speed (cpu_speed / host speed of one CPU here, raised by the measured throttling loss:
-          edge_ft.bench.hostspeed) and the whole job at what its threads achieve together on the board
+          edge_ft.emulation.hostspeed) and the whole job at what its threads achieve together on the board
           (profile.thread_speedup: 4 threads on a Pi are 1.4-1.9x one, not 4x). Wall time approximates the device's.
   rlimit  where cgroups cannot be written: RLIMIT_DATA = budget (heap and private mappings; RLIMIT_AS would also
           count reserved-but-untouched address space such as thread stacks and allocator arenas and reject jobs
@@ -30,9 +30,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
-from edge_ft.bench.hostspeed import HostSpeed
-from edge_ft.bench.profiles import DeviceProfile
+from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.emulation.hostspeed import HostSpeed
+from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.errors import UserError
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",

@@ -19,9 +19,9 @@ import statistics
 import sys
 from dataclasses import asdict, dataclass
 
-from edge_ft.bench.emulate import plan_cpus, run_confined
-from edge_ft.bench.hostspeed import HostSpeed, work_fractions
-from edge_ft.bench.profiles import DeviceProfile
+from edge_ft.emulation.emulate import plan_cpus, run_confined
+from edge_ft.emulation.hostspeed import HostSpeed, work_fractions
+from edge_ft.emulation.profiles import DeviceProfile
 
 STEP_MB = 8
 SPEED_TOLERANCE = 0.10  # |achieved / target - 1| the emulation aims for

@@ -7,7 +7,7 @@ Two figures, both cached per machine in $EDGE_FT_CACHE_DIR (default ~/.cache/edg
 CPU model, usable cores and the versions of Python, numpy and its BLAS (any change re-measures; an entry with
 "correct_quota": false keeps the speed scaling and turns the throttling correction off):
 
-speed       the calibration workload (edge_ft.bench.calibrate) on one unconfined core here, relative to the
+speed       the calibration workload (edge_ft.emulation.calibrate) on one unconfined core here, relative to the
             reference core every shipped cpu_speed is stated against. A board at cpu_speed 0.035 on a host at
             0.5 gets 0.07 of a CPU here.
 efficiency  work done per CPU-second under a CFS quota of a given share, relative to unthrottled work. Measured
@@ -193,15 +193,15 @@ def _last_cpu() -> list[int]:
 
 def _calibrate_cmd(spec: dict, argv: list[str]) -> list[str]:
     """The calibration module as a child confined by emulate's entry program (`spec`: cgroup files or CPUs)."""
-    from edge_ft.bench.emulate import _ENTER
+    from edge_ft.emulation.emulate import _ENTER
 
     return [sys.executable, "-I", "-S", str(_ENTER), json.dumps(spec), "--", sys.executable, "-m",
-            "edge_ft.bench.calibrate", *argv]
+            "edge_ft.emulation.calibrate", *argv]
 
 
 def _child(argv: list[str], cpus: list[int]) -> dict:
     """Run the calibration module in a child with one BLAS thread, pinned to `cpus`; its last line of JSON."""
-    from edge_ft.bench.emulate import thread_env
+    from edge_ft.emulation.emulate import thread_env
 
     cmd = _calibrate_cmd({"procs": [], "rlimit_data": None, "cpus": cpus}, argv)
     proc = subprocess.run(cmd, env=thread_env(1), capture_output=True, text=True)
@@ -247,8 +247,8 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
     A shared VM's core drifts 10-20% between seconds; comparing separate processes (or a cached figure) with a
     capped run mixes that drift into the result. Toggling the cap on one process every few seconds does not.
     """
-    from edge_ft.bench.cgroups import CgroupJob, CgroupUnavailable
-    from edge_ft.bench.emulate import quota_period_us, thread_env
+    from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
+    from edge_ft.emulation.emulate import quota_period_us, thread_env
 
     try:
         job = CgroupJob.create(1 << 30, cpus or _last_cpu(), thread_share, thread_share,
@@ -284,7 +284,7 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
     if not ends:
         from edge_ft.errors import UserError
 
-        raise UserError("the calibration workload (python -m edge_ft.bench.calibrate --rate) produced no timings")
+        raise UserError("the calibration workload (python -m edge_ft.emulation.calibrate --rate) produced no timings")
     # Capped phases by wall time (what the quota let through), uncapped ones by CPU time (what one core here does
     # while the job runs), so a neighbour sharing the core in an uncapped phase does not inflate the fraction.
     rates = [_phase_rate(ends, begin, end, by_cpu=k % 2 == 0) for k, (begin, end) in enumerate(bounds)]

@@ -7,11 +7,11 @@ Three parts, each a stand-in for something on-device training spends time on:
   python      interpreter-bound loop (the trainer's own bookkeeping between kernel calls)
 The speed is the geometric mean of reference_seconds / seconds over the parts, so 0.5 means "half as fast as the
 reference core". Each part is timed `repeats` times and the fastest run counts, which rejects noise from other
-processes. Run it in a child with one BLAS thread: `python -m edge_ft.bench.calibrate` prints JSON.
+processes. Run it in a child with one BLAS thread: `python -m edge_ft.emulation.calibrate` prints JSON.
 
 `--rate SECONDS` runs the same three parts in small interleaved units (about 16 ms on the reference core) for that
 many wall seconds and prints units per second: under a CPU quota, where a part can straddle throttled periods, the
-rate over many units is what measures how much work the quota really lets through (edge_ft.bench.hostspeed).
+rate over many units is what measures how much work the quota really lets through (edge_ft.emulation.hostspeed).
 """
 
 from __future__ import annotations
