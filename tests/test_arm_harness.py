@@ -239,7 +239,7 @@ def test_built_wheel_installs_with_no_deps_into_a_fresh_venv_and_leaves_the_chec
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         metadata = z.read("edge_ft-0.1.0.dist-info/METADATA").decode()
-    assert "edge_ft/bench/device_profiles/rpi-3b.toml" in names  # package data rides along
+    assert "edge_ft/emulation/device_profiles/rpi-3b.toml" in names  # the profiles ride along as package data
     assert not any(n.startswith(("tests/", "tools/")) for n in names)
     assert "Requires-Python: >=3.10\n" in metadata
     assert 'onnxruntime-training-cpu==1.19.2; (platform_machine == "x86_64" and python_version < "3.13")' in metadata

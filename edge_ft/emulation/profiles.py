@@ -1,8 +1,8 @@
 """Device profiles: what a target board offers an application (cores, memory budget, per-core speed).
 
-Profiles are TOML files. The shipped ones live inside the package (edge_ft/bench/device_profiles/, reached from the
-repository root through the `device_profiles` link), so a wheel install carries them as package data and an editable
-install reads the very files in the working tree; there is one copy, nothing to keep in sync.
+Profiles are TOML files. The shipped ones live in the repository's device_profiles/ folder, which an editable install
+reads in place; the wheel carries a copy as package data (tools/build-wheel.sh puts it at
+edge_ft/emulation/device_profiles/), so there is one source, nothing to keep in sync.
 A profile is named by file stem (`rpi-3b`) or given by path (`./my-board.toml`); folders listed in
 $EDGE_FT_PROFILES (os.pathsep-separated) are searched before the shipped ones, so a user's measured profile
 overrides a shipped estimate of the same name.
@@ -18,7 +18,6 @@ import platform
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 
 from edge_ft.errors import UserError
@@ -29,6 +28,7 @@ AUTO = "auto"
 _AUTO_KEYS = {"arch", "cores", "threads", "ram_mb", "budget_mb"}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 PROFILES_ENV = "EDGE_FT_PROFILES"
+SHIPPED_DIR = "device_profiles"  # the boards: a folder at the repository root, inside the package in a wheel
 MB = 1024 * 1024
 
 
@@ -76,8 +76,9 @@ _OPTIONAL = {"native": bool, "notes": str, "thread_scaling": list, "thread_scali
 
 
 def shipped_profiles_dir() -> Path:
-    """The package's own profile folder (a real folder for both editable and wheel installs)."""
-    return Path(str(resources.files("edge_ft.bench") / "device_profiles"))
+    """The copy an installed wheel carries, else (editable install, source checkout) the repository's folder."""
+    packaged = Path(__file__).with_name(SHIPPED_DIR)
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / SHIPPED_DIR
 
 
 def search_dirs() -> list[Path]:
