@@ -148,10 +148,11 @@ def _edit_manifest(path, **changes):
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_export_cli(tmp_path, capsys):
-    out = tmp_path / "lora"
+def test_export_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no --out: export/<method, sized>-<engine> under the current directory
     assert main(["export", "--method", "lora", "--rank", "4", "--targets", "fc2,fc1", "--optimizer", "sgd",
-                 "--base", str(base_path()), "--out", str(out)]) == 0
+                 "--base", str(base_path())]) == 0
+    out = tmp_path / "export" / "lora-r4-ort-step"
     b = load_bundle(out)
     assert b.method.rank == 4 and b.method.targets == ("fc1", "fc2") and b.optimizer.name == "sgd"
     assert "2,320 trainable values" in capsys.readouterr().out

@@ -31,7 +31,10 @@ def register(subparsers) -> None:
                    "and described in the manifest (default: LeNet-5)")
     p.add_argument("--input-shape", type=input_shape, default=None, metavar="C,H,W",
                    help="one example's shape, needed with --model (default: LeNet-5's 1,28,28)")
-    p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write, e.g. export/lora-r2")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="bundle folder to write (default: export/METHOD-ENGINE relative to the current directory, "
+                   "with LoRA's rank or last-k's K in the name: export/full-ort-step, export/lora-r2-ort-step, "
+                   "export/last-k1-ort-step)")
     p.add_argument("--engine", choices=ENGINES, default="ort-step",
                    help="device engine (default ort-step: plain onnxruntime, runs on every board; ort-training "
                    "needs the onnxruntime-training wheel, x86_64 only)")
@@ -55,6 +58,7 @@ def handler(args) -> int:
     require_host("edge-ft export")
     from edge_ft.validate import writable_folder
 
+    args.out = args.out or default_out(args.method, args.engine, rank=args.rank, last_k=args.last_k)
     writable_folder(args.out)
     from edge_ft.checkpoint import load_base
     from edge_ft.config import OptimizerConfig
@@ -81,6 +85,12 @@ def handler(args) -> int:
     print(f"{Path(args.out)}: {args.engine} bundle, {cfg.method}, {trainable:,} trainable values, "
           f"{len(manifest['files'])} files, {total / 1024:.1f} KiB")
     return 0
+
+
+def default_out(method: str, engine: str, rank: int, last_k: int) -> Path:
+    """export/<method>-<engine>, the method named with what sets its size: lora-r2, last-k1."""
+    name = {"lora": f"lora-r{rank}", "last-k": f"last-k{last_k}"}.get(method, method)
+    return Path("export") / f"{name}-{engine}"
 
 
 def task_classes(text: str) -> list[str]:
