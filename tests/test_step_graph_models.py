@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 from lockstep import run_lockstep
 from test_step_graph_costs import node_flops
 from edge_ft.config import OptimizerConfig
-from edge_ft.device.engines.ort_step import INPUT, LABELS, LOSS, LR, next_name, optimizer_keys
+from edge_ft.contracts import INPUT, LABELS, LOSS, LR
+from edge_ft.device.engines.ort_step import next_name, optimizer_keys
 from edge_ft.errors import UserError
 from edge_ft.host.export.ort_step import write_step_graphs
 from edge_ft.host.models import REFERENCE_MODELS

@@ -24,6 +24,7 @@ from edge_ft.architecture import count_params
 from edge_ft.bench.prepare import Prepared, installable
 from edge_ft.bench.records import SCHEMA, run_key
 from edge_ft.config import MethodConfig
+from edge_ft.contracts import ENGINES, RESULTS
 from edge_ft.costmodel import estimate
 from edge_ft.data.tasks import get_task
 from edge_ft.emulation.emulate import ConfinedResult, run_confined
@@ -32,7 +33,6 @@ from edge_ft.emulation.profiles import MB, DeviceProfile
 from edge_ft.run_record import read_summary
 from edge_ft.training_defaults import DEFAULTS
 
-ENGINES = ("torch", "ort-training", "ort-step")
 TORCH_WEIGHTS = "weights.safetensors"  # edge_ft.host.finetune.WEIGHTS_FILE; that module imports torch
 # Method tokens of a sweep -> (method, train on cached backbone features).
 LABELS = {"full": ("full", False), "probe": ("probe", False), "probe-cached": ("probe", True), "lora": ("lora", False)}
@@ -209,7 +209,7 @@ def device_fields(run_dir: Path) -> dict:
     """Fields from an `edge-ft train` run, plus the adapter `edge-ft adapter export` makes of it."""
     from edge_ft.device.adapter import CONFIG, RECORD, WEIGHTS, export_adapter
 
-    r = json.loads((run_dir / "results.json").read_text())
+    r = json.loads((run_dir / RESULTS).read_text())
     export_adapter(run_dir, run_dir / "adapter", force=True)  # the sweep owns this folder; --force re-runs
     adapter = {name: (run_dir / "adapter" / name).stat().st_size for name in (WEIGHTS, CONFIG, RECORD)}
     return {
@@ -223,7 +223,7 @@ def device_fields(run_dir: Path) -> dict:
 
 def torch_fields(run_dir: Path) -> dict:
     """Fields from an `edge-ft finetune --engine torch` run; its weights file is what it would ship."""
-    r = json.loads((run_dir / "results.json").read_text())
+    r = json.loads((run_dir / RESULTS).read_text())
     weights = (run_dir / TORCH_WEIGHTS).stat().st_size
     return {**_run_fields(r), "payload_bytes": weights, "payload_files": {TORCH_WEIGHTS: weights}}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import edge_ft
 from edge_ft.config import MethodConfig
+from edge_ft.contracts import MANIFEST, ORT_STEP
 from edge_ft.errors import UserError
 
 DEVICE_PYTHON_ENV = "EDGE_FT_DEVICE_PYTHON"
@@ -50,7 +51,7 @@ class Prepared:
         return self.root / "prep"
 
     def python_for(self, engine: str) -> str:
-        return self.device_python if engine == "ort-step" else self.host_python
+        return self.device_python if engine == ORT_STEP else self.host_python
 
     def child_env(self) -> dict[str, str]:
         """The parent's environment with this edge_ft first on the path: an interpreter whose site-packages hold
@@ -174,7 +175,7 @@ def ensure_bundle(root: Path, base: Path, base_sha: str, cfg: MethodConfig, engi
     name = f"{engine}-{cfg.method}" + (f"-r{cfg.rank}-a{cfg.alpha:g}" if cfg.method == "lora" else "")
     folder = root / "prep" / "bundles" / f"{base_sha[:12]}-c{cfg.num_classes}" / name
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = json.loads((folder / MANIFEST).read_text())
         if manifest["base"]["sha256"] == base_sha and manifest["method"] == cfg.to_dict():
             return folder
     except (OSError, ValueError, KeyError, TypeError):

@@ -19,10 +19,11 @@ from edge_ft.atomic import atomic_write_text
 from edge_ft.bench.measure import ENGINES, LABELS, mb, short_result
 from edge_ft.bench.recommend import Constraints, recommend
 from edge_ft.bench.records import latest
+from edge_ft.contracts import BUNDLE_ENGINES
 
 SPEED_GOAL, MEMORY_GOAL, CACHE_GOAL = 0.5, 1.15, 0.10
 SMALL_BOARD = "rpi-zero-2w"
-ORT = ("ort-training", "ort-step")
+ORT = BUNDLE_ENGINES
 BASE_METHODS = ("full", "probe", "lora")
 
 

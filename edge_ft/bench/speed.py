@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.contracts import BUNDLE_ENGINES
 from edge_ft.costmodel import estimate
 from edge_ft.training_defaults import DEFAULTS
 
-ENGINE_ORDER = ("torch", "ort-training", "ort-step")
 SGEMM_SIZE = 512  # square float32 matmul for the FLOP-limit rate: large enough to run at the kernel's peak
 
 
@@ -120,7 +120,7 @@ def measure_speed(s: SpeedSettings, progress=None) -> dict:
             cfg = MethodConfig(method)
             opt = OptimizerConfig(DEFAULTS[method].optimizer, lr=DEFAULTS[method].lr)
             steps = {"torch": _torch_step(cfg, opt, base)}
-            for engine in ENGINE_ORDER[1:]:
+            for engine in BUNDLE_ENGINES:
                 fn = _ort_engine_step(cfg, opt, base_path, engine, Path(tmp) / f"{method}-{engine}", s.threads)
                 if fn is not None:
                     steps[engine] = fn

@@ -8,12 +8,13 @@ from pathlib import Path
 from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
 from edge_ft.commands.gate import add_gate_options
 from edge_ft.config import default_alpha
+from edge_ft.contracts import ENGINES
 from edge_ft.training_defaults import recipe_default
 
 DEFAULT_RESULTS = Path("runs/bench/results.jsonl")
 DEFAULT_PROFILES = "host,rpi-zero-2w"
 DEFAULT_METHODS = "full,probe,probe-cached,lora"
-DEFAULT_ENGINES = "torch,ort-training,ort-step"
+DEFAULT_ENGINES = ",".join(ENGINES)
 
 
 def comma_list(text: str) -> list[str]:

@@ -9,10 +9,9 @@ from edge_ft.architecture import numel
 from edge_ft.commands.argtypes import (add_lora_options, add_method_options, input_shape, int_at_least, method_config,
                                       positive_float)
 from edge_ft.config import METHODS, OPTIMIZERS
+from edge_ft.contracts import BUNDLE_ENGINES, ORT_STEP
 from edge_ft.errors import UserError, require_host
 from edge_ft.training_defaults import recipe_default
-
-ENGINES = ("ort-training", "ort-step")
 
 
 def register(subparsers) -> None:
@@ -35,7 +34,7 @@ def register(subparsers) -> None:
                    help="bundle folder to write (default: export/METHOD-ENGINE relative to the current directory, "
                    "with LoRA's rank or last-k's K in the name: export/full-ort-step, export/lora-r2-ort-step, "
                    "export/last-k1-ort-step)")
-    p.add_argument("--engine", choices=ENGINES, default="ort-step",
+    p.add_argument("--engine", choices=BUNDLE_ENGINES, default=ORT_STEP,
                    help="device engine (default ort-step: plain onnxruntime, runs on every board; ort-training "
                    "needs the onnxruntime-training wheel, x86_64 only)")
     add_lora_options(p)

@@ -7,9 +7,10 @@ from pathlib import Path
 from edge_ft.commands.pretrain import DEFAULT_BASE
 from edge_ft.commands.argtypes import add_lora_options, method_config
 from edge_ft.config import METHODS, OPTIMIZERS
+from edge_ft.contracts import TORCH
 from edge_ft.errors import UserError, require_host
 
-ENGINES = ("torch",)  # the ORT engines train exported bundles through `edge-ft train`
+ENGINES = (TORCH,)  # the ORT engines train exported bundles through `edge-ft train`
 
 
 def register(subparsers) -> None:
@@ -27,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--task", default=None,
                    help="mnist-digits | mnist-fashion | a folder with train.npz + test.npz (`edge-ft data export`)")
     p.add_argument("--base", type=Path, default=DEFAULT_BASE, help=f"base weights (default: {DEFAULT_BASE})")
-    p.add_argument("--engine", choices=ENGINES, default="torch", help="training engine (default: torch)")
+    p.add_argument("--engine", choices=ENGINES, default=TORCH, help=f"training engine (default: {TORCH})")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training set")
     p.add_argument("--batch", type=int, default=None, help="examples per step")
     p.add_argument("--lr", type=float, default=None, help="learning rate (cosine-decayed per epoch)")

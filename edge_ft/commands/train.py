@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from edge_ft.commands.argtypes import int_at_least, positive_float
+from edge_ft.contracts import MANIFEST, RESULTS
 from edge_ft.errors import UserError
 from edge_ft.training_defaults import recipe_default
 
@@ -58,7 +59,7 @@ def handler(args) -> int:
     from edge_ft.validate import writable_folder
 
     out = writable_folder(args.out or Path("runs") / Path(args.bundle).resolve().name)
-    if (out / "results.json").is_file() and not (args.force or args.resume):
+    if (out / RESULTS).is_file() and not (args.force or args.resume):
         raise UserError(f"{out}: holds a finished run (results.json); choose another --out, or add --force to "
                         "replace it")
     bundle = load_bundle(args.bundle)
@@ -91,7 +92,7 @@ def handler(args) -> int:
         x_eval, y_eval, eval_classes = load_labelled_npz(args.eval, bundle.num_classes)
         eval_data = (x_eval, y_eval)
         classes = same_classes(classes, args.data, eval_classes, args.eval)
-    classes = same_classes(classes, args.data, bundle.classes, bundle.path / "manifest.json")
+    classes = same_classes(classes, args.data, bundle.classes, bundle.path / MANIFEST)
     r = train(bundle, (x, y), eval_data, settings, out, rss_after_imports, resume=args.resume, classes=classes)
     if not args.quiet:
         acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"

@@ -26,6 +26,7 @@ from edge_ft.architecture import last_k_layers, param_shapes, trainable_names
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_json, ensure_dir, remove_stale_temps, replace_folder
 from edge_ft.checkpoint import load_json_object, load_safetensors, sha256_file
 from edge_ft.config import MethodConfig
+from edge_ft.contracts import RESULTS, TRAINED
 from edge_ft.data.npz import check_class_names
 from edge_ft.device.bundle import (APPLIED_ADAPTER, MANIFEST, PENDING_ADAPTER, Bundle, file_entry,
                                    finish_adapter_apply, load_bundle)
@@ -112,8 +113,8 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32", for
         raise UserError(f"unknown adapter dtype {dtype!r}: choose float32 or float16")
     if holds_adapter(out) and not force:
         raise UserError(f"{out}: already holds an adapter; pass --force to replace it, or choose another --out")
-    results_path = run / "results.json"
-    if not results_path.is_file() or not (run / "trained.safetensors").is_file():
+    results_path = run / RESULTS
+    if not results_path.is_file() or not (run / TRAINED).is_file():
         raise UserError(f"{run}: not a finished run (no results.json / trained.safetensors); run `edge-ft train`")
     try:
         results = json.loads(results_path.read_text())
@@ -126,7 +127,7 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32", for
             raise TypeError("bundle.base must record the base's sha256")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, OSError) as e:
         raise UserError(f"{results_path}: unreadable run record ({e!r}); re-run `edge-ft train`") from None
-    trained = load_safetensors(run / "trained.safetensors")
+    trained = load_safetensors(run / TRAINED)
     expected = {n: param_shapes(cfg)[n] for n in trainable_names(cfg)}
     if {n: tuple(v.shape) for n, v in trained.items()} != expected:
         raise UserError(f"{run / 'trained.safetensors'}: its tensors are not what a {cfg.method} run trains "

@@ -17,13 +17,13 @@ import numpy as np
 
 from edge_ft.checkpoint import load_safetensors, sha256_file
 from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.contracts import MANIFEST, RESULTS
 from edge_ft.data.npz import check_class_names
 from edge_ft.errors import UserError
 from edge_ft.model_desc import ModelDesc, model_from_manifest
 
 FORMAT = "edge-ft-bundle"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 APPLIED_ADAPTER = "applied_adapter.safetensors"  # written by `edge-ft adapter apply`
 PENDING_ADAPTER = APPLIED_ADAPTER + ".pending"  # its next contents, until manifest.json names them
 REQUIRED = ("engine", "method", "optimizer", "num_classes", "input_shape", "trainable", "frozen", "base", "files")
@@ -66,7 +66,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if not path.is_dir():
         raise UserError(f"{path}: no such bundle folder (create one with `edge-ft export`)")
     if not manifest_path.is_file():
-        if (path / "results.json").is_file():
+        if (path / RESULTS).is_file():
             raise UserError(f"{path}: this is a run folder (from `edge-ft train`), not a bundle; pass the bundle it "
                             "trained (results.json names it under bundle.path), or its model.onnx to `edge-ft predict`")
         raise UserError(f"{manifest_path}: missing; {path} is not an edge-ft bundle (re-run `edge-ft export`)")

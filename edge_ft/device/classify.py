@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ft.contracts import MANIFEST
 from edge_ft.device.inference import EVAL_BATCH
 from edge_ft.device.model_card import ModelCard, read_card
 from edge_ft.device.ort_api import inference_session
@@ -47,7 +48,7 @@ def open_model(path: str | Path, threads: int = 0) -> Model:
     """A model.onnx (or a run folder holding one) with its edge-ft card; anything else is one clear line."""
     path = Path(path)
     if path.is_dir():
-        if (path / "manifest.json").is_file():
+        if (path / MANIFEST).is_file():
             raise UserError(f"{path}: is a bundle (the untrained starting point); predict with the model.onnx of "
                             "a run (`edge-ft train --out RUN`) or of `edge-ft adapter merge`")
         if not (path / MODEL_FILE).is_file():

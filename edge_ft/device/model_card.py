@@ -18,11 +18,11 @@ import numpy as np
 
 from edge_ft.architecture import INPUT_SHAPE
 from edge_ft.atomic import atomic_write_bytes
+from edge_ft.contracts import INPUT
 from edge_ft.device.engines.onnx_wire import with_metadata
 from edge_ft.errors import UserError
 
 PREFIX = "edge_ft."
-INPUT_NAME = "input"  # the graph input of every edge-ft forward graph
 PIXEL_DIVISOR = 255.0  # float input = uint8 pixel / 255, in [0, 1] (edge_ft.data.npz.to_float)
 POLARITY = "white-on-black"  # MNIST's: ink bright, background dark; image readers invert light pages
 
@@ -53,7 +53,7 @@ class ModelCard:
 
 def card_for(classes: list[str] | None) -> ModelCard:
     """The card of every model edge-ft writes (LeNet-5 on 28x28 grey digits-style input)."""
-    return ModelCard(INPUT_NAME, INPUT_SHAPE, PIXEL_DIVISOR, POLARITY, classes)
+    return ModelCard(INPUT, INPUT_SHAPE, PIXEL_DIVISOR, POLARITY, classes)
 
 
 def model_source(bundle, **origin: str) -> dict:

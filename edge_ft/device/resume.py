@@ -22,11 +22,11 @@ import numpy as np
 
 from edge_ft.atomic import atomic_write_json, remove_stale_temps
 from edge_ft.checkpoint import sha256_file
+from edge_ft.contracts import RESULTS
 from edge_ft.errors import UserError
 
 RESUME = "resume.json"
 CHECKPOINTS = "checkpoints"
-RESULTS = "results.json"
 FORMAT = "edge-ft-resume"
 # Settings that change which numbers training produces; threads, progress output and --checkpoint-every do not.
 RUN_SETTINGS = ("batch", "epochs", "steps", "lr", "schedule", "step_every", "seed", "cache_features")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_json
+from edge_ft.contracts import ORT_STEP, RESULTS, TRAINED
 from edge_ft.data.batches import epoch_batch_indices
 from edge_ft.data.npz import to_float
 from edge_ft.device.bundle import MANIFEST, Bundle
@@ -137,7 +138,7 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
                             f"this one is {bundle.method.method}")
         train_bundle = bundle.head
     engine_cls = engine_class(train_bundle.engine)
-    if s.profile_ops and train_bundle.engine != "ort-step":
+    if s.profile_ops and train_bundle.engine != ORT_STEP:
         raise UserError(f"{bundle.path}: --profile-ops profiles the ort-step graph; this bundle's engine is "
                         f"{train_bundle.engine} (export with --engine ort-step)")
     if rss_after_imports is None:
@@ -224,7 +225,7 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
             atomic_write_json(out / PROFILE_FILE, op_summary)
         trained = engine.trainable_state()
         engine.save_state(str(out / "final.state"))
-        atomic_save_safetensors(out / "trained.safetensors", trained, metadata={"format": "edge-ft-trained"})
+        atomic_save_safetensors(out / TRAINED, trained, metadata={"format": "edge-ft-trained"})
         if s.cache_features:  # the head bundle knows only fc3: write the whole network from the inference graph
             write_inference_model(bundle, trained, out / "model.onnx")
         else:
@@ -265,5 +266,5 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
         np.asarray(step_seconds) * 1e3, results["memory_mb"]["rss_after_imports"],
         results["memory_mb"]["peak_rss_sampled"])
     results["artifact_bytes"] = file_sizes(out)  # before results.json itself exists
-    atomic_write_json(out / "results.json", results)
+    atomic_write_json(out / RESULTS, results)
     return results

@@ -17,6 +17,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from edge_ft.checkpoint import load_safetensors
+from edge_ft.contracts import TRAINED
 from edge_ft.data.npz import load_npz
 from edge_ft.device.bundle import Bundle, load_bundle
 from edge_ft.device.trainer import TrainSettings, train
@@ -79,7 +80,7 @@ def train_round(msg: Message, context: Context) -> Message:
     settings = TrainSettings(**{**settings.__dict__, "threads": node.threads})
     with tempfile.TemporaryDirectory(prefix="edge-ft-fleet-round-") as run:
         results = train(bundle, (x, y), (x, y), settings, run, initial=start)
-        trained = load_safetensors(Path(run) / "trained.safetensors")
+        trained = load_safetensors(Path(run) / TRAINED)
     arrays = to_arrays(trained)
     metrics = MetricRecord({
         WEIGHT_KEY: len(y),  # FedAvg weighs a device by the examples it holds

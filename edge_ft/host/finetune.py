@@ -12,13 +12,13 @@ import torch
 
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_json
 from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.contracts import RESULTS
 from edge_ft.data.tasks import Split
 from edge_ft.host.methods import adapter_state, build_model, count_trainable
 from edge_ft.host.train import DEFAULT_THREADS, accuracy, set_determinism, state_to_numpy, train_epochs
 from edge_ft.run_record import SUMMARY, make_summary
 
 WEIGHTS_FILE = "weights.safetensors"  # LoRA: the adapter alone; probe: the head alone; full: every weight
-RESULTS_FILE = "results.json"
 
 
 def method_label(cfg: MethodConfig) -> str:
@@ -94,5 +94,5 @@ def save_run(run_dir: str | Path, weights: dict[str, np.ndarray], results: dict)
         "base_sha256": str(results.get("base", {}).get("sha256", "")),
     }
     atomic_save_safetensors(run_dir / WEIGHTS_FILE, weights, metadata=metadata)
-    atomic_write_json(run_dir / RESULTS_FILE, results)
+    atomic_write_json(run_dir / RESULTS, results)
     return run_dir

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from edge_ft.contracts import ORT_STEP, ORT_TRAINING
+
 if TYPE_CHECKING:
     from edge_ft.device.bundle import Bundle
 
 ENGINES = {
-    "ort-training": "edge_ft.device.engines.ort_training:OrtTrainingEngine",
-    "ort-step": "edge_ft.device.engines.ort_step:OrtStepEngine",
+    ORT_TRAINING: "edge_ft.device.engines.ort_training:OrtTrainingEngine",
+    ORT_STEP: "edge_ft.device.engines.ort_step:OrtStepEngine",
 }
 
 

@@ -20,12 +20,12 @@ import numpy as np
 
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_bytes
 from edge_ft.checkpoint import load_safetensors
+from edge_ft.contracts import INPUT, LABELS, LOGITS, LOSS, LR
 from edge_ft.device.bundle import Bundle
 from edge_ft.device.engines.onnx_wire import bake_weights
 from edge_ft.device.ort_api import inference_session
 from edge_ft.errors import UserError
 
-INPUT, LABELS, LR, LOSS, LOGITS = "input", "labels", "lr", "loss", "logits"  # graph I/O names
 OPT_BUFFERS = {"sgd": (), "sgd-momentum": ("momentum",), "adamw": ("exp_avg", "exp_avg_sq")}
 STEP_KEY = "step"
 NEXT = "next."

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ft.atomic import atomic_write_bytes
+from edge_ft.contracts import LOGITS
 from edge_ft.device.bundle import Bundle
 from edge_ft.device.ort_api import load_training_api, session_options
 from edge_ft.errors import UserError
@@ -91,5 +92,5 @@ class OrtTrainingEngine:
     def export_inference(self, path: str) -> None:
         """Module.export_model_for_inferencing: the eval graph cut at the logits, current weights inside."""
         with tempfile.TemporaryDirectory() as tmp:
-            self._module.export_model_for_inferencing(f"{tmp}/model.onnx", ["logits"])
+            self._module.export_model_for_inferencing(f"{tmp}/model.onnx", [LOGITS])
             atomic_write_bytes(path, Path(f"{tmp}/model.onnx").read_bytes())

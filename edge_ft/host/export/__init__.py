@@ -19,6 +19,7 @@ from edge_ft import __version__
 from edge_ft.atomic import atomic_write_json, ensure_dir, replace_folder
 from edge_ft.checkpoint import load_base
 from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.contracts import ORT_STEP, ORT_TRAINING
 from edge_ft.data.npz import check_class_names
 from edge_ft.device.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_files
 from edge_ft.errors import UserError
@@ -34,7 +35,7 @@ from edge_ft.host.export.common import (
     write_inference_base,
 )
 
-ENGINE_MODULES = {"ort-training": "ort_training", "ort-step": "ort_step"}
+ENGINE_MODULES = {ORT_TRAINING: "ort_training", ORT_STEP: "ort_step"}
 
 
 def export_bundle(

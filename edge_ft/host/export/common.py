@@ -23,6 +23,7 @@ import torch.fx
 from edge_ft.architecture import base_param_shapes
 from edge_ft.atomic import atomic_write_bytes
 from edge_ft.config import MethodConfig
+from edge_ft.contracts import FEATURES, INPUT, LOGITS
 from edge_ft.errors import UserError
 from edge_ft.host.describe import HostModel, set_submodule, tracer
 from edge_ft.host.lora import LoRALinear
@@ -30,7 +31,6 @@ from edge_ft.host.methods import build_model
 from edge_ft.model_desc import ModelDesc
 
 OPSET = 17  # ORT 1.19's training graph builder handles opsets <= 21; 17 is what its own samples use
-INPUT, LABELS, LOGITS, FEATURES = "input", "labels", "logits", "features"
 INFERENCE_BASE = "inference_base.onnx"
 FEATURES_GRAPH = "features.onnx"
 HEAD_FOLDER = "head"

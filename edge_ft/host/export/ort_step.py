@@ -15,7 +15,8 @@ import torch
 
 from edge_ft.atomic import atomic_save_safetensors
 from edge_ft.config import MethodConfig, OptimizerConfig
-from edge_ft.device.engines.ort_step import INPUT, LABELS, LOGITS, STATE_FORMAT, optimizer_keys
+from edge_ft.contracts import INPUT, LABELS, LOGITS
+from edge_ft.device.engines.ort_step import STATE_FORMAT, optimizer_keys
 from edge_ft.errors import UserError
 from edge_ft.host.export import common
 from edge_ft.host.export.step_ops import check_supported
@@ -26,7 +27,6 @@ TRAIN_GRAPH = "train_step.onnx"
 FORWARD_GRAPH = "forward.onnx"
 STATE_FILE = "state.safetensors"
 MEAN_POOLS = False  # nn.AvgPool2d stays: its backward becomes one Resize (step_trace), the mean's an Expand
-assert (INPUT, LABELS, LOGITS) == (common.INPUT, common.LABELS, common.LOGITS), "one set of names for all bundles"
 
 
 def build(model: torch.nn.Module, cfg: MethodConfig, opt: OptimizerConfig, out_dir) -> dict:

@@ -19,8 +19,9 @@ import torch.nn as nn
 
 from edge_ft.atomic import atomic_write_bytes
 from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.contracts import LOGITS, LOSS
 from edge_ft.errors import UserError
-from edge_ft.host.export.common import LOGITS, onnx_bytes, parameter_split
+from edge_ft.host.export.common import onnx_bytes, parameter_split
 
 FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 MEAN_POOLS = True  # pools as reshape + mean: ORT's AveragePoolGrad divides by zero with a dynamic batch
@@ -61,7 +62,7 @@ def build(model: nn.Module, cfg: MethodConfig, opt: OptimizerConfig, out_dir: Pa
         for name in FILES:
             atomic_write_bytes(out_dir / name, (Path(tmp) / name).read_bytes())
     return {"ort_training": {"training_model": FILES[0], "eval_model": FILES[1], "optimizer_model": FILES[2],
-                             "checkpoint": FILES[3], "outputs": ["loss", LOGITS]}}
+                             "checkpoint": FILES[3], "outputs": [LOSS, LOGITS]}}
 
 
 @contextlib.contextmanager

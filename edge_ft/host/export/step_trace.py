@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from edge_ft.config import OptimizerConfig
-from edge_ft.device.engines.ort_step import INPUT, LABELS, LOGITS, LOSS, LR, OPT_BUFFERS, STEP_KEY, next_name
+from edge_ft.contracts import INPUT, LABELS, LOGITS, LOSS, LR
+from edge_ft.device.engines.ort_step import OPT_BUFFERS, STEP_KEY, next_name
 from edge_ft.host.export.step_ops import ONNX_TRANSLATIONS, decompositions
 
 OPSET = 21  # highest opset onnxruntime-training 1.19.2 runs; standard onnxruntime runs it too

@@ -1,0 +1,18 @@
+"""Names the host and the device agree on, each defined here once: engines, graph inputs/outputs, bundle and run files.
+
+Standard library only (no numpy), so the CLI can build its parsers from these on a device-only install. The results
+schema a run writes is edge_ft.run_record's; the sweep's records are edge_ft.bench.records'.
+"""
+
+# Training engines: torch trains in PyTorch on the host (`edge-ft finetune`); the two ORT engines train an exported
+# bundle with numpy + onnxruntime (`edge-ft train`), named by the bundle manifest's "engine" field.
+TORCH, ORT_TRAINING, ORT_STEP = "torch", "ort-training", "ort-step"
+BUNDLE_ENGINES = (ORT_TRAINING, ORT_STEP)
+ENGINES = (TORCH, *BUNDLE_ENGINES)
+
+# Graph input and output names of every exported graph (training step, inference, features).
+INPUT, LABELS, LR, LOSS, LOGITS, FEATURES = "input", "labels", "lr", "loss", "logits", "features"
+
+MANIFEST = "manifest.json"  # a bundle's description: engine, method, files with their hashes
+RESULTS = "results.json"  # a finished run's figures, written last: its presence marks the run as done
+TRAINED = "trained.safetensors"  # a device run's trained parameters
