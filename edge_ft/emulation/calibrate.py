@@ -196,9 +196,10 @@ def work_rate(seconds: float, stamps: bool = False) -> dict:
     return {**result, "ends": ends} if stamps else result
 
 
-def measure(repeats: int = 3) -> tuple[dict[str, float], dict[str, float]]:
-    """(fastest wall time of each part over `repeats` runs after one warm-up run, the CPU time of that run)."""
+def measure(repeats: int = 3, clock: str = "wall") -> tuple[dict[str, float], dict[str, float]]:
+    """(wall, CPU) seconds of each part's fastest run by `clock` over `repeats` runs, after one warm-up run."""
     best, cpu = {}, {}
+    pick = 0 if clock == "wall" else 1
     for part, fn in WORKLOADS.items():
         fn()  # warm-up: imports, BLAS buffers, page faults
         times = []
@@ -206,7 +207,7 @@ def measure(repeats: int = 3) -> tuple[dict[str, float], dict[str, float]]:
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times.append((time.perf_counter() - t0, time.process_time() - c0))
-        best[part], cpu[part] = min(times)
+        best[part], cpu[part] = min(times, key=lambda t: t[pick])
     return best, cpu
 
 
@@ -217,12 +218,16 @@ def relative_speed(seconds: dict[str, float], reference: dict = REFERENCE) -> di
     return {"speed": overall, "per_part": per_part}
 
 
-def report(repeats: int = 3) -> dict:
+def report(repeats: int = 3, clock: str = "wall") -> dict:
+    """The speed by `clock`: wall time for a confined run (what the board would take), CPU time for a free one
+    (what this core does while the job runs, so a neighbour that takes the core away does not count as slowness:
+    here, beside a load of 12 on 2 vCPUs, 0.15 by wall time and 0.36-0.40 by CPU time against 0.53 when quiet)."""
     import numpy as np
 
-    seconds, cpu_seconds = measure(repeats)
-    # CPU time beside wall time: under a quota their ratio is the share of a CPU the run really got.
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, **relative_speed(seconds), "repeats": repeats,
+    seconds, cpu_seconds = measure(repeats, clock)
+    # Both clocks recorded: under a quota their ratio is the share of a CPU the run really got.
+    speed = relative_speed(seconds if clock == "wall" else cpu_seconds)
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "clock": clock, **speed, "repeats": repeats,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "python": platform.python_version(), "numpy": np.__version__,
             "reference": {"date": REFERENCE["date"], "machine": REFERENCE["machine"]}}
@@ -233,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate", type=float, metavar="SECONDS", help="print the work rate over SECONDS instead")
     ap.add_argument("--stamps", action="store_true", help="with --rate: every unit's end time too")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="time parts by wall or CPU time")
     args = ap.parse_args(argv)
-    json.dump(work_rate(args.rate, args.stamps) if args.rate else report(max(1, args.repeats)), sys.stdout)
+    json.dump(work_rate(args.rate, args.stamps) if args.rate else report(max(1, args.repeats), args.clock),
+              sys.stdout)
     print()
     return 0
 

@@ -214,8 +214,8 @@ def _child(argv: list[str], cpus: list[int]) -> dict:
 
 
 def calibrate_native(repeats: int, cpus: list[int] | None = None) -> dict:
-    """The calibration report of one unconfined core here (pinned to the last usable CPU)."""
-    return _child(["--repeats", str(repeats)], cpus or _last_cpu())
+    """The calibration report of one unconfined core here (pinned to the last usable CPU), timed by CPU time."""
+    return _child(["--repeats", str(repeats), "--clock", "cpu"], cpus or _last_cpu())
 
 
 def solve_efficiency(share: float, cpus: list[int] | None = None) -> float:
