@@ -76,7 +76,7 @@ def test_real_calibration_is_cached(own_cache):
     host = HostSpeed.resolve(quiet=True)
     assert host.source == "measured" and 0.02 < host.speed < 20
     assert HostSpeed.resolve(quiet=True).speed == host.speed
-    assert set(hostspeed.machine_key()) >= {"cpu", "cores", "python", "numpy", "blas"}
+    assert set(hostspeed.machine_key()) >= {"cpu", "cores", "python", "numpy", "blas", "calibration"}
 
 
 @needs_cgroups

@@ -51,6 +51,11 @@ def cache_path() -> Path:
     return Path(folder) / CACHE_FILE
 
 
+# Raised whenever what the cached figures mean changes, so older ones are measured again (2: the free core timed by
+# CPU time, the throttling loss per CPU-second).
+CALIBRATION_VERSION = 2
+
+
 def machine_key() -> dict:
     """What the cached figures belong to: the same CPU model, core count and numeric libraries."""
     import numpy as np
@@ -66,7 +71,8 @@ def machine_key() -> dict:
         info = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         blas = f"{info.get('name', '')} {info.get('version', '')}".strip()
     return {"cpu": model, "arch": platform.machine(), "cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "numpy": np.__version__, "blas": blas}
+            "python": platform.python_version(), "numpy": np.__version__, "blas": blas,
+            "calibration": CALIBRATION_VERSION}
 
 
 def _key_text(key: dict) -> str:
