@@ -90,6 +90,7 @@ def memory_plot(panels: list[tuple[str, dict]], path: Path) -> list[str]:
             budget = next(n["budget_bytes"] for n in fed["nodes"] if n["profile"] == profile) / MB
             ax.axhline(budget, color=colours[profile], lw=2, ls=(0, (6, 3)), alpha=0.6,
                        label=f"{profile} budget ({budget:.0f} MiB)")
+        ax.set_yscale("log")  # budgets from 320 MiB to GBs: a log axis keeps the nodes' lines apart
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
@@ -97,7 +98,8 @@ def memory_plot(panels: list[tuple[str, dict]], path: Path) -> list[str]:
     legend = {}  # label -> handle, every panel's nodes and budgets once
     for ax in axes[0]:
         legend.update((lab, h) for h, lab in zip(*ax.get_legend_handles_labels()) if lab not in legend)
-    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(0.8, 0.5), fontsize=8)
     _save(fig, path)
     return list(legend)
 
