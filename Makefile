@@ -13,16 +13,14 @@ demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(VENV)/bin/edge-ft demo
 
 # Federated fine-tuning on 6 emulated devices (4x Pi Zero 2 W, 2x Pi 4), 10 rounds, mnist-digits split by writer:
-# LoRA, probing and full fine-tuning, one federation each. Memory caps and cores are the boards'; the CPU quota is
-# lifted (--no-cpu-cap) so the three runs fit in about 10 minutes here (a ClientApp process per message would
-# spend most of a round importing flwr at a Zero 2 W's speed).
+# LoRA, probing and full fine-tuning, one `flwr run` each on one SuperLink and one set of SuperNodes started once.
+# Memory caps and cores are the boards'; the CPU quota is lifted (--no-cpu-cap) so the three runs fit in 10 minutes
+# here (a ClientApp process per message would spend most of a round importing flwr at a Zero 2 W's speed).
 FLEET_NODES := 4xrpi-zero-2w,2xrpi-4b-2gb
 fleet-demo: $(VENV)/.installed $(DEVICE_VENV)/.installed
 	@[ -f runs/fleet-demo/base.safetensors ] || $(VENV)/bin/edge-ft pretrain --out runs/fleet-demo/base.safetensors
-	for method in lora probe full; do \
-	  $(VENV)/bin/edge-ft fleet run --nodes $(FLEET_NODES) --rounds 10 --method $$method --no-cpu-cap \
-	    --base runs/fleet-demo/base.safetensors --out runs/fleet-demo/$$method || exit 1; \
-	done
+	$(VENV)/bin/edge-ft fleet run --nodes $(FLEET_NODES) --rounds 10 --method lora,probe,full --no-cpu-cap \
+	  --base runs/fleet-demo/base.safetensors --out runs/fleet-demo
 	$(VENV)/bin/edge-ft report runs/fleet-demo/lora/results runs/fleet-demo/probe/results \
 	  runs/fleet-demo/full/results --out runs/fleet-demo
 

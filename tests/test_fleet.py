@@ -294,3 +294,83 @@ def test_client_app_trains_where_torch_and_onnx_cannot_be_imported(ffa_plan, tmp
     m = out["metrics"]
     assert m["steps"] == 3 and m["num-examples"] == 415 and m["bytes-up"] == m["bytes-down"] > 1712
     assert 0 <= m["local-accuracy"] <= 1 and m["peak-rss-mb"] > 0 and m["ms-per-step"] > 0
+
+
+# --- the fleet report's memory plot -------------------------------------------------------------------------------
+
+def test_memory_plot_names_every_node_and_each_boards_budget(tmp_path):
+    """A deployed run's federation.json (written as run_fleet writes it, JSON's string round keys included) gives
+    a figure whose legend names every node with its board and one budget line per board, and a table row per node
+    that says whether its highest round fits the budget."""
+    from edge_ft.atomic import atomic_write_json
+    from edge_ft.emulation.profiles import load_profile
+    from edge_ft.fleet.measure import FederationResult, NodeResult
+    from edge_ft.fleet.records import ROUNDS
+    from edge_ft.fleet.report import PLOTS, memory_plot, read_federation, write_fleet_report
+
+    boards = ["rpi-zero-2w", "rpi-zero-2w", "rpi-4b-2gb"]
+    nodes = [NodeResult(f"node-{i:02d}", b, "cgroup", load_profile(b).budget_bytes, None, 0, 0,
+                        {1: (300 + 20 * i) << 20, 2: (310 + 20 * i) << 20}, {}, {}, False, True, {}, 2, 0, [0],
+                        None, "") for i, b in enumerate(boards)]
+    results = tmp_path / "lora" / "results"
+    results.mkdir(parents=True)
+    base = {"method": "lora", "aggregation": "fedavg", "partitioning": "writers", "rejected": [], "clients": []}
+    rows = [{**base, "round": r, "accuracy": 0.8 + r / 100, "bytes_down": 100 * r, "bytes_up": 100 * r}
+            for r in range(3)]
+    (results / ROUNDS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(tmp_path / "lora" / "deploy" / "federation.json",
+                      FederationResult("ok", str(tmp_path), True, True, nodes=nodes).to_dict())
+
+    fed = read_federation(results)
+    labels = memory_plot([("lora", fed), ("lora again", fed)], tmp_path / "m.png")
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert labels == ["node-00 (rpi-zero-2w)", "node-01 (rpi-zero-2w)", "node-02 (rpi-4b-2gb)",
+                      f"rpi-zero-2w budget ({load_profile('rpi-zero-2w').budget_bytes / 2**20:.0f} MiB)",
+                      f"rpi-4b-2gb budget ({load_profile('rpi-4b-2gb').budget_bytes / 2**20:.0f} MiB)"]
+    text = write_fleet_report([results], tmp_path / "report").read_text()
+    assert (tmp_path / "report" / PLOTS["memory_per_node"]).is_file()
+    fits = {n.name: max(n.pss_by_round.values()) <= n.budget_bytes for n in nodes}
+    assert not all(fits.values()) and any(fits.values())  # the figures straddle the Zero 2 W's budget
+    for n in nodes:
+        assert f"| {n.name} | {n.profile} |" in text and text.split(f"| {n.name} |")[1].split("\n")[0].rstrip(
+            " |").endswith("yes" if fits[n.name] else "no")
+    # an in-process run (no deploy folder) has no memory section
+    (tmp_path / "lora" / "deploy" / "federation.json").unlink()
+    assert PLOTS["memory_per_node"] not in write_fleet_report([results], tmp_path / "report2").read_text()
+
+
+@pytest.mark.slow
+def test_fashion_with_dirichlet_label_skew_federates(base_checkpoint, tmp_path):
+    """Fashion split by Dirichlet(0.3) over 5 devices: each device's data file holds the labels plan.json records,
+    far more skewed than an even split of the same pool, and a federation over those devices (the real ServerApp and
+    ClientApp on the in-process grid) ends with a finite accuracy well above chance (10 classes)."""
+    from edge_ft.data.npz import load_npz
+    from edge_ft.data.tasks import target_split
+    from edge_ft.fleet import client_app, server_app
+    from edge_ft.fleet.plan import plan_fleet
+    from fleet_grid import LocalGrid
+
+    plan = plan_fleet(tmp_path / "fleet", method="probe", task="mnist-fashion", num_nodes=5,
+                      partitioning="dirichlet:0.3", rounds=3, local_steps=10, batch=16, aggregation="fedavg", seed=0,
+                      base=base_checkpoint, threads=1)
+    recorded = [p["labels"] for p in json.loads((tmp_path / "fleet" / "plan.json").read_text())["partitions"]]
+    held = [np.bincount(load_npz(n["data"])[1], minlength=10).tolist() for n in plan.node_configs]
+    assert held == recorded
+
+    def share_stats(hists):
+        shares = [np.asarray(h) / sum(h) for h in hists]
+        entropy = np.mean([-(s[s > 0] * np.log(s[s > 0])).sum() for s in shares])
+        return float(entropy), float(np.mean([s.max() for s in shares]))
+
+    y = target_split("mnist-fashion").y_train
+    even = [np.bincount(y[p], minlength=10) for p in partitions.partition("iid", y, 5, 0, "fashion")]
+    (skew_entropy, skew_top), (even_entropy, even_top) = share_stats(held), share_stats(even)
+    assert skew_entropy < 0.75 * even_entropy and skew_top > 2 * even_top
+    assert sum(map(sum, held)) == len(y)  # every example dealt once
+
+    grid = LocalGrid(client_app.app, plan.node_configs, plan.run_config)
+    rounds = server_app.run(grid, _settings(plan))
+    accuracies = [r["accuracy"] for r in rounds]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3] and all(np.isfinite(accuracies))
+    assert all(len(r["clients"]) == 5 and not r["rejected"] for r in rounds[1:])
+    assert accuracies[-1] > 0.3 and accuracies[-1] > accuracies[0]  # chance is 0.1

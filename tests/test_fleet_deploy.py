@@ -20,7 +20,7 @@ from edge_ft.emulation import cgroups
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.fleet.certs import make_node_key, make_tls
-from edge_ft.fleet.deploy import Fault, Federation, free_port, run_federation
+from edge_ft.fleet.deploy import DEVICE_BUNDLE, Fault, Federation, free_port, run_federation, run_fleet
 from edge_ft.fleet.processes import RUN_MARK
 from fleet_support import PLAN, fleet_plan
 
@@ -96,16 +96,20 @@ def test_certificates_chain_and_node_keys_load(tmp_path):
 @pytest.mark.slow
 def test_two_nodes_two_rounds_with_tls_and_auth(tmp_path, base_checkpoint):
     plan = fleet_plan(tmp_path / "fleet", 2, 2, base_checkpoint)
-    result = run_federation(plan, PROFILES, run_dir=tmp_path / "run", cpu_cap=False, progress=False)
+    result = run_federation(plan, PROFILES, cpu_cap=False, progress=False)  # run_dir: fleet/deploy, beside results
+    run_dir = plan.results_dir.parent / "deploy"
     assert result.status == "ok", result.message
     # the app evaluates the global model on the server, so devices only train: one message each per round
     assert result.rounds == {1: {"train": [2, 0]}, 2: {"train": [2, 0]}}
-    link = log_text(tmp_path / "run" / "logs" / "superlink.log")
+    link = log_text(run_dir / "logs" / "superlink.log")
     assert "running on https://127.0.0.1" in link  # TLS
     assert link.count("[Fleet.ActivateNode] Activated node_id") == 2  # both keys were registered and accepted
     for node, profile in zip(result.nodes, PROFILES):
         assert node.profile == profile and node.messages == 2 and sorted(node.round_seconds) == [1, 2]
         assert node.sampled_peak_bytes > 0 and node.peak_rss_by_role.keys() >= {"supernode", "superexec", "clientapp"}
+        # every round's memory is recorded, and no round's exceeds the run's peak
+        assert sorted(node.pss_by_round) == [1, 2]
+        assert 0 < max(node.pss_by_round.values()) <= node.sampled_peak_pss_bytes
         assert not node.oom_killed and node.restarts == 0
         # Flower's client stack (SuperNode, SuperExec, a ClientApp per message) needs about as much as the Zero 2 W's
         # whole 320 MB budget (README, the deployment runtime), so only the Pi 4 is asserted to fit
@@ -117,7 +121,41 @@ def test_two_nodes_two_rounds_with_tls_and_auth(tmp_path, base_checkpoint):
     assert all(len(r["clients"]) == 2 for r in rounds if r["round"] > 0)
     assert (plan.results_dir / "fleet.json").is_file()  # written last: the run finished
     assert (plan.results_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert flower_processes(tmp_path / "run") == [] and our_cgroups(os.getpid()) == []
+    assert flower_processes(run_dir) == [] and our_cgroups(os.getpid()) == []
+    # the fleet report plots each node's memory per round against its board's budget, from federation.json
+    from edge_ft.fleet.report import PLOTS, write_fleet_report
+
+    report = write_fleet_report([plan.results_dir], tmp_path / "report")
+    assert (tmp_path / "report" / PLOTS["memory_per_node"]).stat().st_size > 0
+    text = report.read_text()
+    assert PLOTS["memory_per_node"] in text and all(f"| node-0{i} | {p} |" in text for i, p in enumerate(PROFILES))
+
+
+@pytest.mark.slow
+def test_two_methods_share_one_federation(tmp_path, base_checkpoint):
+    """LoRA then probing on the same SuperLink and SuperNodes, started once: each run gets its own results and
+    federation.json, the devices keep their data and install the second run's bundle before it."""
+    from edge_ft.device.bundle import MANIFEST
+    from edge_ft.fleet.plan import plan_fleet
+
+    lora = fleet_plan(tmp_path / "lora", 2, 1, base_checkpoint)
+    probe = plan_fleet(tmp_path / "probe", method="probe", task="mnist-digits", num_nodes=2, partitioning="writers",
+                       rounds=1, local_steps=3, batch=16, aggregation="fedavg", seed=0, base=base_checkpoint,
+                       threads=1)
+    run_dir = tmp_path / "deploy"
+    results = run_fleet([lora, probe], PROFILES, run_dir=run_dir, cpu_cap=False, progress=False)
+    assert [r.status for r in results] == ["ok", "ok"], [r.message for r in results]
+    assert [r.rounds for r in results] == [{1: {"train": [2, 0]}}] * 2
+    assert results[0].startup_seconds > 0 and results[1].startup_seconds == 0
+    assert log_text(run_dir / "logs" / "superlink.log").count("Activated node_id") == 2  # nodes started once
+    for plan, result in zip((lora, probe), results):
+        assert (plan.results_dir / "fleet.json").is_file()
+        saved = json.loads((plan.results_dir.parent / "deploy" / "federation.json").read_text())
+        assert [sorted(n["pss_by_round"]) for n in saved["nodes"]] == [["1"], ["1"]]
+        assert all(n.messages == 1 and n.restarts == 0 for n in result.nodes)
+    installed = json.loads((run_dir / DEVICE_BUNDLE / MANIFEST).read_text())
+    assert installed == json.loads((Path(probe.run_config["bundle"]) / MANIFEST).read_text())
+    assert flower_processes(run_dir) == [] and our_cgroups(os.getpid()) == []
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from edge_ft.commands.bench import add_host_speed_option
 
 DEFAULT_NODES = "4xrpi-zero-2w,2xrpi-4b-2gb"
 DEFAULT_OUT = Path("runs/fleet")
+METHODS = ("full", "probe", "lora")
 _COUNTED = re.compile(r"^(\d+)x(.+)$")
 
 
@@ -29,6 +30,15 @@ def node_list(text: str) -> list[str]:
     if not nodes:
         raise argparse.ArgumentTypeError("must name at least one device profile, e.g. 4xrpi-zero-2w,2xrpi-4b-2gb")
     return nodes
+
+
+def method_list(text: str) -> list[str]:
+    """'lora,probe,full' -> the methods in order, each once."""
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    wrong = [m for m in methods if m not in METHODS]
+    if wrong or not methods:
+        raise argparse.ArgumentTypeError(f"methods are {', '.join(METHODS)} (comma-separated), got {text!r}")
+    return methods
 
 
 def fault_spec(text: str):
@@ -51,14 +61,17 @@ def register(subparsers) -> None:
         "run", help="plan the fleet (data per node, bundle), run the federation, measure every node",
         description="Plans the run (edge_ft.fleet.plan: one data partition per node, the bundle, the test set), "
         "starts a SuperLink with TLS and SuperNode authentication on 127.0.0.1, one SuperNode per --nodes entry "
-        "(memory cap, cores and CPU speed of its profile), runs `flwr run --stream`, and writes DIR/deploy/"
-        "federation.json: per node the peak memory of the SuperNode and its ClientApp processes against the "
-        "profile's budget, wall time per round, OOM kills. Nothing is left running, also on Ctrl-C.")
+        "(memory cap, cores and CPU speed of its profile), runs `flwr run --stream` (once per method: several "
+        "methods share the SuperLink and SuperNodes, started once), and writes DIR/deploy/federation.json "
+        "(DIR/METHOD/deploy/ for several): per node the peak memory of the SuperNode and its ClientApp processes "
+        "against the profile's budget, per round its peak PSS and wall time, OOM kills. Nothing is left running, "
+        "also on Ctrl-C.")
     run.add_argument("--nodes", type=node_list, default=node_list(DEFAULT_NODES), metavar="NxPROFILE,...",
                      help=f"device profiles, one node each, NxPROFILE for N alike (default {DEFAULT_NODES})")
     run.add_argument("--rounds", type=int_at_least(1), default=10, metavar="N", help="federated rounds (default 10)")
-    run.add_argument("--method", choices=("full", "probe", "lora"), default="lora",
-                     help="what each device trains (default lora)")
+    run.add_argument("--method", type=method_list, default=["lora"], metavar="M[,M...]",
+                     help="what each device trains: full, probe or lora; several, comma-separated, run one after "
+                     "another on the same SuperLink and SuperNodes, each in DIR/METHOD (default lora)")
     run.add_argument("--aggregation", default="fedavg", metavar="A",
                      help="how the server combines updates: fedavg, or ffa for LoRA with frozen A (default fedavg)")
     run.add_argument("--task", default="mnist-digits", metavar="TASK",
@@ -90,11 +103,11 @@ def register(subparsers) -> None:
     run.set_defaults(func=handler)
 
 
-def make_plan(args, out: Path, num_nodes: int):
-    """The FleetPlan for these arguments (edge_ft.fleet.plan.plan_fleet)."""
+def make_plan(args, method: str, out: Path, num_nodes: int):
+    """The FleetPlan of one method for these arguments (edge_ft.fleet.plan.plan_fleet)."""
     from edge_ft.fleet.plan import plan_fleet
 
-    return plan_fleet(out, method=args.method, task=args.task, num_nodes=num_nodes, partitioning=args.partitioning,
+    return plan_fleet(out, method=method, task=args.task, num_nodes=num_nodes, partitioning=args.partitioning,
                       rounds=args.rounds, local_steps=args.local_steps, aggregation=args.aggregation,
                       seed=args.seed, base=args.base, quiet=args.quiet)
 
@@ -103,21 +116,26 @@ def handler(args) -> int:
     from edge_ft.emulation.hostspeed import HostSpeed
     from edge_ft.emulation.profiles import load_profile
     from edge_ft.errors import UserError
-    from edge_ft.fleet.deploy import node_table, run_federation
+    from edge_ft.fleet.deploy import run_fleet
+    from edge_ft.fleet.measure import node_table
 
     for name in dict.fromkeys(args.nodes):
         load_profile(name)  # an unknown profile fails here, before anything is planned or started
     if args.fault is not None and not args.fault.node < len(args.nodes):
         raise UserError(f"--fault names node {args.fault.node}, but the fleet has nodes 0..{len(args.nodes) - 1}")
     host = HostSpeed.resolve(args.host_speed, quiet=args.quiet) if not args.no_cpu_cap else HostSpeed.reference()
-    plan = make_plan(args, args.out.resolve(), len(args.nodes))
+    out = args.out.resolve()
+    several = len(args.method) > 1  # each method in DIR/METHOD, one federation for all of them
+    plans = [make_plan(args, m, out / m if several else out, len(args.nodes)) for m in args.method]
     echo = None if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
-    result = run_federation(plan, args.nodes, tls=not args.no_tls, auth=not (args.no_auth or args.no_tls),
-                            run_dir=args.out.resolve() / "deploy", fault=args.fault, host=host,
-                            device_python=args.device_python, mode=args.mode, cpu_cap=not args.no_cpu_cap,
-                            progress=not args.quiet, echo=echo)
-    print(node_table(result))
-    print(f"-> {result.run_dir}/federation.json; results in {plan.results_dir}")
-    if result.status != "ok":
-        raise UserError(result.message)
+    results = run_fleet(plans, args.nodes, tls=not args.no_tls, auth=not (args.no_auth or args.no_tls),
+                        run_dir=out / "deploy", fault=args.fault, host=host, device_python=args.device_python,
+                        mode=args.mode, cpu_cap=not args.no_cpu_cap, progress=not args.quiet, echo=echo)
+    for method, plan, result in zip(args.method, plans, results):
+        print(f"{method}:" if several else "", node_table(result), sep="\n" if several else "")
+        print(f"-> {plan.results_dir.parent / 'deploy' if several else out / 'deploy'}/federation.json; "
+              f"results in {plan.results_dir}")
+    failed = [r for r in results if r.status != "ok"]
+    if failed or len(results) < len(plans):
+        raise UserError(failed[0].message if failed else "a run did not start")
     return 0

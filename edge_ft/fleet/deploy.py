@@ -28,20 +28,22 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir
+from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir, replace_folder
 from edge_ft.bench.prepare import find_device_python
 from edge_ft.emulation.hostspeed import HostSpeed
-from edge_ft.emulation.profiles import MB, load_profile
+from edge_ft.emulation.profiles import load_profile
 from edge_ft.errors import UserError
 from edge_ft.fleet.certs import make_node_key, make_tls
+from edge_ft.fleet.measure import RESULT_FILE, FederationResult, node_result
 from edge_ft.fleet.processes import SuperNode, flower_env, kill_pids, plain, stop_groups, toml_value, write_config
 
 CONNECTION = "fleet"  # the SuperLink connection's name in $FLWR_HOME/config.toml
-RESULT_FILE = "federation.json"
+DEVICE_BUNDLE = "device-bundle"  # where a shared federation's devices find the bundle of the current run
 SAMPLE_SECONDS = 0.1  # memory sampling tick
 START_TIMEOUT = 120.0  # seconds the SuperLink may take to listen (under a loaded machine)
 _ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
@@ -64,43 +66,6 @@ class Fault:
     node: int  # index of the node to kill
     round: int  # the round whose train message it dies in (killed while its ClientApp runs)
     rejoin: bool = True  # restart its SuperNode (same key) once that round's training is aggregated
-
-
-@dataclass
-class NodeResult:
-    name: str  # node-NN
-    profile: str  # device profile
-    emulation: str  # cgroup | rlimit | native
-    budget_bytes: int  # the profile's memory budget
-    cgroup_peak_bytes: int | None  # highest memory charged to the node's cgroup (RSS + page cache), any life
-    sampled_peak_bytes: int  # highest sum of RSS over the node's processes (sampled every 0.1 s)
-    sampled_peak_pss_bytes: int  # highest sum of PSS (shared pages split between processes; every 1 s)
-    peak_rss_by_role: dict[str, int]  # supernode / superexec / clientapp -> highest RSS of one process
-    peak_pss_by_role: dict[str, int]  # the same for PSS
-    oom_killed: bool  # the kernel's OOM killer ended a process of the node inside its cap
-    fits: bool  # peak within the budget and never OOM-killed
-    round_seconds: dict[int, float]  # wall time of the node's train message per round (arrival to reply)
-    messages: int  # messages the node received (train + evaluate)
-    restarts: int  # times the node was started again (fault hook)
-    exit_codes: list[int | None]  # per life of the SuperNode
-    cpu_quota: float | None  # CPU share per thread here (None: uncapped)
-    log: str  # the SuperNode's log (last life)
-
-
-@dataclass
-class FederationResult:
-    status: str  # ok | failed | interrupted
-    run_dir: str
-    tls: bool
-    auth: bool
-    rounds: dict[int, dict] = field(default_factory=dict)  # round -> {"train": [results, failures], "evaluate": ...}
-    nodes: list[NodeResult] = field(default_factory=list)
-    wall_seconds: float = 0.0
-    flwr_exit_code: int | None = None
-    message: str = ""  # why it failed, one line
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def free_port() -> int:
@@ -151,11 +116,13 @@ class Federation:
     """The processes of one run and the bookkeeping around them; run_federation drives it."""
 
     def __init__(self, plan: Plan, profiles: list[str], run_dir: Path, *, tls: bool, auth: bool, host: HostSpeed,
-                 device_bin: Path, mode: str, cpu_cap: bool, isolation: str = "subprocess"):
+                 device_bin: Path, mode: str, cpu_cap: bool, isolation: str = "subprocess",
+                 node_configs: list[dict] | None = None):
         if auth and not tls:
             raise UserError("SuperNode authentication needs TLS (Flower refuses node keys over plain HTTP)")
-        if len(profiles) != len(plan.node_configs):
-            raise UserError(f"{len(profiles)} device profiles for {len(plan.node_configs)} nodes in the plan")
+        node_configs = plan.node_configs if node_configs is None else node_configs
+        if len(profiles) != len(node_configs):
+            raise UserError(f"{len(profiles)} device profiles for {len(node_configs)} nodes in the plan")
         self.plan, self.run_dir, self.auth = plan, run_dir, auth
         self.host_bin = Path(sys.executable).parent
         self.flwr_home = run_dir / "flwr-home"
@@ -166,7 +133,7 @@ class Federation:
         self.env = flower_env(self.host_bin, run_dir, self.flwr_home)
         self.nodes = [SuperNode(i, load_profile(p), dict(cfg), device_bin, run_dir, self.flwr_home, self.tls,
                                 make_node_key(run_dir / "keys", i) if auth else None, host, mode, cpu_cap, isolation)
-                      for i, (p, cfg) in enumerate(zip(profiles, plan.node_configs))]
+                      for i, (p, cfg) in enumerate(zip(profiles, node_configs))]
         self.link: subprocess.Popen | None = None
         self.runner: subprocess.Popen | None = None
         self.link_log = run_dir / "logs" / "superlink.log"
@@ -203,18 +170,22 @@ class Federation:
         return out
 
     def start_nodes(self) -> None:
+        keys = [node.key.public for node in self.nodes if node.key is not None]
+        with ThreadPoolExecutor(max_workers=len(keys) or 1) as pool:  # each `flwr` call mostly imports: overlap them
+            list(pool.map(self.register, keys))
         for node in self.nodes:
-            if node.key is not None:
-                self.register(node.key.public)
             with self._lock:
                 node.start(self.address, free_port())
 
-    def run(self, on_line: Callable[[str], None]) -> int:
-        """`flwr run APP_DIR fleet --stream`: its output, one plain line at a time, to on_line; its exit code."""
-        argv = [str(self.host_bin / "flwr"), "run", str(self.plan.app_dir), CONNECTION, "--stream"]
-        if self.plan.run_config:
-            argv += ["--run-config", str(write_config(self.run_dir / "configs" / "run_config.toml",
-                                                       self.plan.run_config))]
+    def run(self, on_line: Callable[[str], None], plan: Plan | None = None, name: str = "run") -> int:
+        """`flwr run APP_DIR fleet --stream` of `plan` (default: the federation's): its output, one plain line at a
+        time, to on_line, and into logs/NAME.log; its exit code."""
+        plan = plan or self.plan
+        self.run_log = self.run_dir / "logs" / f"{name}.log"
+        argv = [str(self.host_bin / "flwr"), "run", str(plan.app_dir), CONNECTION, "--stream"]
+        if plan.run_config:
+            argv += ["--run-config", str(write_config(self.run_dir / "configs" / f"{name}_config.toml",
+                                                       plan.run_config))]
         t0 = time.monotonic()
         with open(self.run_log, "w") as log:
             self.runner = subprocess.Popen(argv, env=self.env, cwd=self.run_dir, stdout=subprocess.PIPE,
@@ -254,69 +225,117 @@ class Federation:
         kill_pids(self._link_pids, self.run_dir)
 
 
-def run_federation(plan: Plan, node_profiles: list[str], *, tls: bool = True, auth: bool = True,
-                   run_dir: Path | None = None, fault: Fault | None = None, host: HostSpeed | None = None,
-                   device_python: str | None = None, mode: str = "auto", cpu_cap: bool = True,
-                   isolation: str = "subprocess", progress: bool = True, echo: Callable[[str], None] | None = None) -> FederationResult:
-    """Run `plan` on emulated devices (one profile name per node) and measure every node. Never leaves a process.
+def run_federation(plan: Plan, node_profiles: list[str], **options) -> FederationResult:
+    """Run `plan` on emulated devices (one profile name per node) and measure every node (run_fleet's options)."""
+    return run_fleet([plan], node_profiles, **options)[0]
 
-    run_dir: where certificates, keys, FLWR_HOME, logs and federation.json go (default plan.results_dir/deploy).
-    fault: kill one node mid-round and restart it (tests of the runtime). isolation: how ClientApps are started
+
+def run_fleet(plans: list[Plan], node_profiles: list[str], *, tls: bool = True, auth: bool = True,
+              run_dir: Path | None = None, fault: Fault | None = None, host: HostSpeed | None = None,
+              device_python: str | None = None, mode: str = "auto", cpu_cap: bool = True, isolation: str = "subprocess",
+              progress: bool = True, echo: Callable[[str], None] | None = None) -> list[FederationResult]:
+    """Run the plans one after another on one SuperLink and one set of SuperNodes, started once; measure every node
+    in every run. Never leaves a process. Returns one result per run that started (a failed run ends the series).
+
+    run_dir: where certificates, keys, FLWR_HOME, logs and federation.json go (default: the first plan's
+    results_dir/../deploy); with several plans each run's federation.json goes to its plan's results_dir/../deploy,
+    the devices keep the same data and install each run's bundle before it (DEVICE_BUNDLE). fault: kill one node
+    mid-round in the first run and restart it (tests of the runtime). isolation: how ClientApps are started
     (subprocess: the SuperNode starts its SuperExec; process: started beside it). cpu_cap=False: devices' memory and
-    cores, this machine's CPU speed. echo: receives the readable lines of the run (rounds, aggregation).
+    cores, this machine's CPU speed. echo: receives the readable lines of the runs (rounds, aggregation).
     """
-    run_dir = ensure_dir(run_dir or Path(plan.results_dir) / "deploy").resolve()
+    run_dir = ensure_dir(run_dir or Path(plans[0].results_dir).parent / "deploy").resolve()
     host = host or HostSpeed.reference()
     device_bin = Path(find_device_python(device_python)).parent
     for tool in ("flower-supernode", "flower-superexec", "flwr-clientapp"):
         if not (device_bin / tool).exists():
             raise UserError(f"{device_bin}/{tool} not found: the device venv needs the fleet extra "
                             "(flwr; `make device-venv`)")
-    fed = Federation(plan, node_profiles, run_dir, tls=tls, auth=auth, host=host, device_bin=device_bin,
-                     mode=mode, cpu_cap=cpu_cap, isolation=isolation)
-    result = FederationResult("failed", str(run_dir), tls, auth)
-    watcher = _Progress(fed, result, fault, progress, echo)
-    t0 = time.monotonic()
+    several = len(plans) > 1
+    fed = Federation(plans[0], node_profiles, run_dir, tls=tls, auth=auth, host=host, device_bin=device_bin,
+                     mode=mode, cpu_cap=cpu_cap, isolation=isolation,
+                     node_configs=shared_node_configs(plans, run_dir / DEVICE_BUNDLE) if several else None)
+    results: list[FederationResult] = []
+    t0 = started = time.monotonic()
     try:
         with sigterm_as_interrupt():
             fed.start_superlink()
             fed.start_nodes()
-            code = fed.run(watcher.line)
-            result.flwr_exit_code = code
-            result.status = "ok" if code == 0 and watcher.finished else "failed"
-            if result.status != "ok":
-                result.message = f"flwr run exited with code {code}; see {fed.run_log}"
+            startup = round(time.monotonic() - t0, 3)
+            for i, plan in enumerate(plans):
+                result = FederationResult("failed", str(run_dir), tls, auth, startup_seconds=0.0 if i else startup)
+                results.append(result)
+                if i:
+                    with fed._lock:  # the sampler thread writes the nodes' figures
+                        _record(results[-2], fed, plans[i - 1], several, started)
+                        for node in fed.nodes:
+                            node.new_run()
+                    started = time.monotonic()
+                if several:
+                    install_bundle(Path(plan.run_config["bundle"]), run_dir / DEVICE_BUNDLE)
+                watcher = _Progress(fed, result, fault if i == 0 else None, progress, echo)
+                try:
+                    name = f"run-{Path(plan.results_dir).parent.name}" if several else "run"
+                    code = fed.run(watcher.line, plan, name)
+                finally:
+                    watcher.close()
+                result.flwr_exit_code = code
+                result.status = "ok" if code == 0 and watcher.finished else "failed"
+                if result.status != "ok":
+                    result.message = f"flwr run exited with code {code}; see {fed.run_log}"
+                    break
     except KeyboardInterrupt:
-        result.status, result.message = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
+        if results:
+            results[-1].status, results[-1].message = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
         raise
     finally:
-        watcher.close()
         fed.shutdown()
-        result.wall_seconds = round(time.monotonic() - t0, 3)
-        result.nodes = [_node_result(n) for n in fed.nodes]
-        with contextlib.suppress(UserError):
-            atomic_write_json(run_dir / RESULT_FILE, result.to_dict())
-    return result
+        if results:
+            _record(results[-1], fed, plans[len(results) - 1], several, started)
+    return results
 
 
-def _node_result(node: SuperNode) -> NodeResult:
-    lives = node.lives
-    peaks = [life.cgroup_peak_bytes for life in lives if life.cgroup_peak_bytes is not None]
-    cgroup_peak = max(peaks) if peaks else None
-    oom = any(life.oom_killed for life in lives)
-    # The cgroup's peak cannot pass its cap (the kernel reclaims page cache first, then OOM-kills), so what the
-    # client stack needs is judged by the sum of its processes' PSS, shared pages counted once.
-    peak = cgroup_peak if cgroup_peak is not None else node.peak_total_rss
-    conf = lives[-1].confinement if lives else None
-    return NodeResult(
-        name=node.name, profile=node.profile.name, emulation=conf.mode if conf else "none",
-        budget_bytes=node.profile.budget_bytes, cgroup_peak_bytes=cgroup_peak,
-        sampled_peak_bytes=node.peak_total_rss, sampled_peak_pss_bytes=node.peak_total_pss,
-        peak_rss_by_role=dict(node.peak_rss), peak_pss_by_role=dict(node.peak_pss), oom_killed=oom,
-        fits=not oom and (node.peak_total_pss or peak) <= node.profile.budget_bytes, round_seconds=node.round_seconds(),
-        messages=len(node.received("train")) + len(node.received("evaluate")), restarts=max(0, len(lives) - 1),
-        exit_codes=[life.exit_code for life in lives], cpu_quota=conf.thread_share if conf else None,
-        log=str(lives[-1].log) if lives else "")
+def _record(result: FederationResult, fed: Federation, plan: Plan, several: bool, started: float) -> None:
+    """Close one run's measurement and write its federation.json."""
+    result.wall_seconds = round(time.monotonic() - started, 3)
+    result.nodes = [node_result(n) for n in fed.nodes]
+    where = ensure_dir(Path(plan.results_dir).parent / "deploy") if several else fed.run_dir
+    with contextlib.suppress(UserError):
+        atomic_write_json(where / RESULT_FILE, result.to_dict())
+
+
+def shared_node_configs(plans: list[Plan], device_bundle: Path) -> list[dict]:
+    """The SuperNodes' configs when several plans share them: every plan must give each device the same data;
+    the bundle is the one installed for the current run."""
+    first = plans[0].node_configs
+    for plan in plans[1:]:
+        same = len(plan.node_configs) == len(first) and all(
+            _same_data(a.get("data"), b.get("data")) for a, b in zip(first, plan.node_configs))
+        if not same:
+            raise UserError("runs that share one federation must give each device the same data: plan them with "
+                            "the same task, partitioning, seed and number of nodes")
+    return [{**cfg, "bundle": str(device_bundle)} if "bundle" in cfg else dict(cfg) for cfg in first]
+
+
+def _same_data(a: str | None, b: str | None) -> bool:
+    """The same examples and labels in two node data files (.npz; written apart, their bytes differ)."""
+    import numpy as np
+
+    from edge_ft.data.npz import load_npz
+
+    if a is None or b is None or a == b:
+        return a == b
+    return all(np.array_equal(u, v) for u, v in zip(load_npz(a), load_npz(b)))
+
+
+def install_bundle(bundle: Path, target: Path) -> None:
+    """Install a run's bundle where the devices look for it, as a device would before a new fleet run."""
+    import shutil
+
+    staging = target.with_name(f".{target.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(bundle, staging)
+    replace_folder(staging, target)
 
 
 class _Progress:
@@ -341,7 +360,7 @@ class _Progress:
         elif m := _AGGREGATED.search(text):
             phase, ok, failed = m.group(1), int(m.group(2)), int(m.group(3))
             self.result.rounds.setdefault(self.round, {})[phase] = [ok, failed]
-            if phase == "evaluate" and self.bar is not None:
+            if phase == "train" and self.bar is not None:  # the app evaluates on the server: train ends a round
                 self.bar.update(1)
             if self.fault and self.fault.rejoin and phase == "train" and self.round == self.fault.round:
                 self._rejoin()
@@ -380,25 +399,3 @@ class _Progress:
             self.bar.close()
 
 
-def mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / MB:.0f} MB"
-
-
-def node_table(result: FederationResult) -> str:
-    """One line per node: profile, peak memory against the budget, median train time per round, faults."""
-    import statistics
-
-    rows = [f"{'node':8} {'profile':12} {'cgroup peak':>11} {'RSS sum':>8} {'PSS sum':>8} {'budget':>7} "
-            f"{'s/round':>7}  result"]
-    for n in result.nodes:
-        secs = list(n.round_seconds.values())
-        verdict = "OOM-killed" if n.oom_killed else ("fits" if n.fits else "over budget")
-        if n.restarts:
-            verdict += f", restarted {n.restarts}x"
-        rows.append(f"{n.name:8} {n.profile:12} {mb(n.cgroup_peak_bytes):>11} {mb(n.sampled_peak_bytes):>8} "
-                    f"{mb(n.sampled_peak_pss_bytes):>8} {mb(n.budget_bytes):>7} "
-                    f"{(f'{statistics.median(secs):.1f}' if secs else '-'):>7}  {verdict}")
-    done = sum(1 for r in result.rounds.values() if "train" in r)
-    rows.append(f"{result.status}: {done} rounds in {result.wall_seconds:.0f} s (TLS {'on' if result.tls else 'off'}, "
-                f"node authentication {'on' if result.auth else 'off'})")
-    return "\n".join(rows)

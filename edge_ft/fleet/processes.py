@@ -151,6 +151,7 @@ class SuperNode:
     peak_pss: dict[str, int] = field(default_factory=dict)  # role -> highest PSS of one process
     peak_total_rss: int = 0  # highest sum of RSS over the node's processes
     peak_total_pss: int = 0  # highest sum of PSS over the node's processes
+    pss_by_round: dict[int, int] = field(default_factory=dict)  # server round -> highest sum of PSS in it
     events: list[tuple[float, str, int | None, str]] = field(default_factory=list)  # (time, kind, round, type)
     _procs: dict[int, tuple[psutil.Process, str]] = field(default_factory=dict)
     server_round: int | None = None  # the round the ServerApp is in (from its stream): stamps the node's messages
@@ -209,6 +210,12 @@ class SuperNode:
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.seen.add(proc.pid)
 
+    def new_run(self) -> None:
+        """Measure the next `flwr run` on the same SuperNode from zero: peaks, per-round figures, messages."""
+        self.peak_rss, self.peak_pss, self.pss_by_round, self.events = {}, {}, {}, []
+        self.peak_total_rss = self.peak_total_pss = 0
+        self.server_round = None
+
     def pids(self) -> list[int]:
         life = self.current
         if life is None:
@@ -248,6 +255,8 @@ class SuperNode:
                 self._procs.pop(pid, None)
         self.peak_total_rss = max(self.peak_total_rss, total_rss)
         self.peak_total_pss = max(self.peak_total_pss, total_pss)
+        if with_pss and self.server_round is not None:
+            self.pss_by_round[self.server_round] = max(self.pss_by_round.get(self.server_round, 0), total_pss)
         self._read_log(life)
 
     def _track(self, pid: int) -> tuple[psutil.Process, str]:
