@@ -1,13 +1,14 @@
 """Host-side preparation for a sweep, done once, unconfined, and cached next to the results file.
 
-    <results folder>/prep/base.safetensors             `edge-ft pretrain` (when no --base is given)
-    <results folder>/prep/data/<task>/{train,test}.npz `edge-ft data export`
-    <results folder>/prep/bundles/<base>/<engine>-<m>  `edge-ft export` per method and ORT engine
+    <results folder>/prep/base.safetensors             pretrain_base (`edge-ft pretrain`; when no --base is given)
+    <results folder>/prep/data/<task>/{train,test}.npz export_task (`edge-ft data export`)
+    <results folder>/prep/bundles/<base>/<engine>-<m>  export_bundle (`edge-ft export`) per method and ORT engine
     <results folder>/prep/pythonpath/edge_ft            link to this edge_ft, put first on the children's path
 Each step is skipped when its output is there and matches (same base sha256, same method settings), so an
-interrupted sweep resumes where it stopped. The commands run in one child process (`prepare_in_child`): one torch
-import for the lot, and the sweep process itself never loads torch. That matters for memory figures: Linux keeps
-a process's RSS high-water mark across fork and exec, so every job's ru_maxrss starts at its spawner's.
+interrupted sweep resumes where it stopped. Each step calls the library function behind its command, all in one
+child process (`prepare_in_child`): one torch import for the lot, and the sweep process itself never loads torch.
+That matters for memory figures: Linux keeps a process's RSS high-water mark across fork and exec, so every job's
+ru_maxrss starts at its spawner's.
 """
 
 from __future__ import annotations
@@ -112,14 +113,6 @@ def find_device_python(explicit: str | None = None) -> str:
     return sys.executable
 
 
-def _cli(argv: list[str]) -> None:
-    """Run an edge-ft command in this process; its one-line error becomes ours."""
-    from edge_ft.cli import main
-
-    if main(argv) != 0:
-        raise UserError(f"`edge-ft {' '.join(argv)}` failed (see the message above)")
-
-
 def default_base(root: Path) -> Path:
     return root / "prep" / "base.safetensors"
 
@@ -149,8 +142,12 @@ def ensure_base(root: Path, base: str | Path | None, pretrain_epochs: int | None
         if not (base.is_file() and meta_path(base).is_file()):
             if not quiet:
                 print(f"pretraining the base model on MNIST -> {base}", file=sys.stderr, flush=True)
-            extra = ["--epochs", str(pretrain_epochs)] if pretrain_epochs else []
-            _cli(["pretrain", "--out", str(base), *extra, *(["--quiet"] if quiet else [])])
+            from dataclasses import replace
+
+            from edge_ft.host.train import pretrain_base
+            from edge_ft.training_defaults import PRETRAIN
+
+            pretrain_base(base, replace(PRETRAIN, epochs=pretrain_epochs or PRETRAIN.epochs), quiet=quiet)
     load_base(base)  # a corrupt or foreign file fails here with one line, not inside a child
     return base, base_sha256(base)
 
@@ -162,7 +159,9 @@ def ensure_data(root: Path, task: str) -> tuple[Path, int]:
     folder = root / "prep" / "data" / get_task(task).slug
     info = folder / "task.json"
     if not all((folder / f).is_file() for f in ("train.npz", "test.npz", "task.json")):
-        _cli(["data", "export", task, "--out", str(folder)])
+        from edge_ft.commands.data import export_task
+
+        export_task(task, folder)
     try:
         return folder, int(json.loads(info.read_text())["num_classes"])
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -179,11 +178,15 @@ def ensure_bundle(root: Path, base: Path, base_sha: str, cfg: MethodConfig, engi
             return folder
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    argv = ["export", "--engine", engine, "--method", cfg.method, "--base", str(base), "--out", str(folder),
-            "--num-classes", str(cfg.num_classes)]
-    if cfg.method == "lora":
-        argv += ["--rank", str(cfg.rank), "--alpha", f"{cfg.alpha:g}"]
-    _cli(argv)
+    from edge_ft.checkpoint import load_base
+    from edge_ft.config import OptimizerConfig
+    from edge_ft.host.export import export_bundle
+    from edge_ft.training_defaults import DEFAULTS
+
+    meta = load_base(base)[1]
+    recipe = DEFAULTS[cfg.method]  # what `edge-ft export` uses when not told otherwise
+    export_bundle(cfg, OptimizerConfig(recipe.optimizer, lr=recipe.lr), base, folder, engine=engine,
+                  classes=meta.get("classes") if cfg.num_classes == meta["num_classes"] else None)
     return folder
 
 
