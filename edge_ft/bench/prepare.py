@@ -208,17 +208,16 @@ def model_spec(model: str) -> str | None:
     return f"{cls.__module__}:{cls.__name__}"
 
 
-def ensure_model_base(root: Path, model: str) -> tuple[Path, str]:
-    """(base weights, sha256) of a model sweep: the network's own initialisation drawn from seed 0, written once.
-    Memory and step time do not depend on the weights' values, so no pretraining is needed for them."""
+def ensure_model_base(root: Path, model: str, host) -> tuple[Path, str]:
+    """(base weights, sha256) of a model sweep (`host`: the model's HostModel): the network's own initialisation
+    drawn from seed 0, written once. Memory and step time do not depend on the weights' values, so no pretraining
+    is needed for them."""
     import torch
 
     from edge_ft.checkpoint import load_base, meta_path, save_base
-    from edge_ft.host.describe import host_model
 
     base = root / "prep" / "models" / model / "base.safetensors"
     if not (base.is_file() and meta_path(base).is_file()):
-        host = host_model(model_spec(model), input_shape_of_model(model))
         torch.manual_seed(0)
         state = {k: v.detach().numpy() for k, v in host.make().state_dict().items()}
         save_base(base, state, {"task": "none (initialisation, seed 0)", "seed": 0, "model": host.desc.title},
@@ -227,17 +226,15 @@ def ensure_model_base(root: Path, model: str) -> tuple[Path, str]:
     return base, base_sha256(base)
 
 
-def ensure_model_bundle(root: Path, model: str, base: Path, base_sha: str, method: str, rank: int, alpha: float,
-                        last_k: int) -> tuple[Path, dict]:
-    """(bundle folder, its manifest) of `method` on `model` for the ort-step engine with AdamW, exported unless a
-    bundle of the same base, method settings and optimizer is there (exports of the reference models take
-    20-260 s of CPU)."""
+def ensure_model_bundle(root: Path, model: str, host, base: Path, base_sha: str, method: str, rank: int,
+                        alpha: float, last_k: int) -> tuple[Path, dict]:
+    """(bundle folder, its manifest) of `method` on `model` (`host`: its edge_ft.host.describe.HostModel) for the
+    ort-step engine with AdamW, exported unless a bundle of the same base, method settings and optimizer is there
+    (exports of the reference models take 20-260 s of CPU)."""
     from edge_ft.config import MethodConfig, OptimizerConfig
-    from edge_ft.host.describe import host_model
     from edge_ft.host.export import export_bundle
     from edge_ft.training_defaults import DEFAULTS
 
-    host = host_model(model_spec(model), input_shape_of_model(model))
     cfg = MethodConfig(method, rank=rank, alpha=alpha, num_classes=host.desc.num_classes, last_k=last_k,
                        model=host.desc)
     opt = OptimizerConfig("adamw", lr=DEFAULTS[method].lr)
@@ -283,14 +280,17 @@ def prepare_models(root: Path, spec: dict) -> dict:
     """A model sweep's bases and bundles: {"bundles": [[model, method, folder, base sha256, manifest], ...]}."""
     from tqdm import tqdm
 
+    from edge_ft.host.describe import host_model
+
     out, bases = [], {}
     pairs = [(m, method) for m in spec["models"] for method in spec["methods"]]
     for model, method in tqdm(pairs, desc="exporting step graphs", unit="bundle", disable=spec.get("quiet"),
                               file=sys.stderr):
-        if model not in bases:
-            bases[model] = ensure_model_base(root, model)
-        base, sha = bases[model]
-        folder, manifest = ensure_model_bundle(root, model, base, sha, method, spec["rank"], spec["alpha"],
+        if model not in bases:  # tracing a model takes seconds: once per model
+            host = host_model(model_spec(model), input_shape_of_model(model))
+            bases[model] = (host, *ensure_model_base(root, model, host))
+        host, base, sha = bases[model]
+        folder, manifest = ensure_model_bundle(root, model, host, base, sha, method, spec["rank"], spec["alpha"],
                                                spec["last_k"])
         out.append([model, method, str(folder), sha, manifest])
     return {"bundles": out}
