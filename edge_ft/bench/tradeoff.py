@@ -140,7 +140,8 @@ def run_probe(job: ModelJob, prep: Prepared, bundle: Path, batch: int, steps: in
             own = {"error": f"unreadable probe output ({e!r})"}
         else:  # the probe samples itself every 5 ms (the parent every 20 ms): a spike only it saw counts too.
             # Neither uses ru_maxrss, which starts at the spawner's high-water mark (Linux keeps it across exec).
-            fields["peak_rss_bytes"] = max(fields["peak_rss_bytes"], round(own["summary"]["memory_mb"]["peak_rss"] * MB))
+            own_peak = round(own["summary"]["memory_mb"]["peak_rss"] * MB)
+            fields["peak_rss_bytes"] = max(fields["peak_rss_bytes"], own_peak)
     return fields, own
 
 
@@ -225,10 +226,12 @@ def run_models(jobs: list[ModelJob], results: Path, opts, log=None) -> list[dict
     root = results.parent
     say = log or (lambda line: None if opts.quiet else print(line, file=sys.stderr, flush=True))
     s = jobs[0].settings
-    got = prepare_in_child({"root": str(root), "quiet": opts.quiet, "models": list(dict.fromkeys(j.model for j in jobs)),
+    got = prepare_in_child({"root": str(root), "quiet": opts.quiet,
+                            "models": list(dict.fromkeys(j.model for j in jobs)),
                             "methods": list(dict.fromkeys(j.method for j in jobs)), "rank": s.rank,
                             "alpha": s.alpha, "last_k": s.last_k})
-    bundles = {(model, method): (Path(folder), sha, manifest) for model, method, folder, sha, manifest in got["bundles"]}
+    bundles = {(model, method): (Path(folder), sha, manifest)
+               for model, method, folder, sha, manifest in got["bundles"]}
     jobs = [replace(j, base_sha256=bundles[(j.model, j.method)][1]) for j in jobs]
     done = set(latest(read_records(results, kind=TRADEOFF)))
     todo = [j for j in jobs if opts.force or j.key not in done]
@@ -260,7 +263,7 @@ def fitting_text(r: dict) -> str:
 
 
 def model_line(r: dict) -> str:
-    from edge_ft.bench.measure import fmt_ms, mb
+    from edge_ft.bench.measure import fmt_ms
 
     return (f"{r['profile']:<12} {r['model']:<18} {r['method']:<7} batch {r['batch']}: {r['verdict']}, "
             f"{fmt_ms(r)} ms/step; largest fitting batch {fitting_text(r)}")

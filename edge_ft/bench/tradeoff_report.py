@@ -63,8 +63,9 @@ def models_section(records: list[dict], out: Path) -> list[str]:
                   model_table(rows), ""]
     peak_rss_vs_batch(records, out / FIGURE)
     parts += [f"![{FIGURE}]({FIGURE})", "", "Peak RSS against batch size, one line per method, from every batch "
-              "the search probed (filled: fits, cross: did not fit; an OOM kill shows the RSS it was killed at, the cap plus the "
-              "shared library pages the cgroup charged elsewhere); the dashed line is the board's budget.", ""]
+              "the search probed (filled: fits, cross: did not fit; an OOM kill shows the RSS it was killed at, the "
+              "cap plus the shared library pages the cgroup charged elsewhere); the dashed line is the board's "
+              "budget.", ""]
     return parts
 
 
