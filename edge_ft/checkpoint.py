@@ -30,14 +30,15 @@ def meta_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def save_base(path: str | Path, state: dict[str, np.ndarray], meta: dict) -> dict:
-    """Write weights then their JSON (task, accuracy, seed, ...); the JSON gets the weights' sha256."""
+def save_base(path: str | Path, state: dict[str, np.ndarray], meta: dict, head: str = "fc3") -> dict:
+    """Write weights then their JSON (task, accuracy, seed, ...); the JSON gets the weights' sha256 and the class
+    count of the output layer `head`."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: base weights must be written to a .safetensors file")
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+    arrays = {k: np.array(v, dtype=np.float32, order="C") for k, v in state.items()}  # 0-d stays 0-d
     atomic_save_safetensors(path, arrays, metadata={"format": "edge-ft-base"})
-    meta = dict(meta, sha256=sha256_file(path), num_classes=int(arrays["fc3.bias"].shape[0]))
+    meta = dict(meta, sha256=sha256_file(path), num_classes=int(arrays[f"{head}.bias"].shape[0]))
     atomic_write_json(meta_path(path), meta)
     return meta
 

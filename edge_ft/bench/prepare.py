@@ -1,13 +1,16 @@
 """Host-side preparation for a sweep, done once, unconfined, and cached next to the results file.
 
-    <results folder>/prep/base.safetensors             `edge-ft pretrain` (when no --base is given)
-    <results folder>/prep/data/<task>/{train,test}.npz `edge-ft data export`
-    <results folder>/prep/bundles/<base>/<engine>-<m>  `edge-ft export` per method and ORT engine
+    <results folder>/prep/base.safetensors             pretrain_base (`edge-ft pretrain`; when no --base is given)
+    <results folder>/prep/data/<task>/{train,test}.npz export_task (`edge-ft data export`)
+    <results folder>/prep/bundles/<base>/<engine>-<m>  export_bundle (`edge-ft export`) per method and ORT engine
+    <results folder>/prep/models/<model>/base.safetensors and bundles/<base>-ort-step-<method>: a model sweep's
+                                                       (`edge-ft bench --models`), the network's seeded initialisation
     <results folder>/prep/pythonpath/edge_ft            link to this edge_ft, put first on the children's path
 Each step is skipped when its output is there and matches (same base sha256, same method settings), so an
-interrupted sweep resumes where it stopped. The commands run in one child process (`prepare_in_child`): one torch
-import for the lot, and the sweep process itself never loads torch. That matters for memory figures: Linux keeps
-a process's RSS high-water mark across fork and exec, so every job's ru_maxrss starts at its spawner's.
+interrupted sweep resumes where it stopped. Each step calls the library function behind its command, all in one
+child process (`prepare_in_child`): one torch import for the lot, and the sweep process itself never loads torch.
+That matters for memory figures: Linux keeps a process's RSS high-water mark across fork and exec, so every job's
+ru_maxrss starts at its spawner's.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from edge_ft.contracts import MANIFEST, ORT_STEP
 from edge_ft.errors import UserError
 
 DEVICE_PYTHON_ENV = "EDGE_FT_DEVICE_PYTHON"
+LENET5 = "lenet5"
+# Models a sweep can measure: LeNet-5 and edge_ft.host.models.REFERENCE_MODELS (named here without importing torch).
+MODEL_NAMES = (LENET5, "resnet8", "ds-cnn", "mobilenet-v1-0.25")
+MODEL_METHODS = ("full", "last-k", "bias", "lora", "probe")  # what a model sweep measures, most trained first
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-training-cpu", "onnxruntime-training")  # whichever is installed
 # Wheels that exist per engine: torch publishes x86_64 and aarch64; onnxruntime-training only x86_64 (Linux,
 # Windows); standard onnxruntime x86_64 and aarch64 (not 32-bit ARM).
@@ -113,14 +120,6 @@ def find_device_python(explicit: str | None = None) -> str:
     return sys.executable
 
 
-def _cli(argv: list[str]) -> None:
-    """Run an edge-ft command in this process; its one-line error becomes ours."""
-    from edge_ft.cli import main
-
-    if main(argv) != 0:
-        raise UserError(f"`edge-ft {' '.join(argv)}` failed (see the message above)")
-
-
 def default_base(root: Path) -> Path:
     return root / "prep" / "base.safetensors"
 
@@ -150,8 +149,12 @@ def ensure_base(root: Path, base: str | Path | None, pretrain_epochs: int | None
         if not (base.is_file() and meta_path(base).is_file()):
             if not quiet:
                 print(f"pretraining the base model on MNIST -> {base}", file=sys.stderr, flush=True)
-            extra = ["--epochs", str(pretrain_epochs)] if pretrain_epochs else []
-            _cli(["pretrain", "--out", str(base), *extra, *(["--quiet"] if quiet else [])])
+            from dataclasses import replace
+
+            from edge_ft.host.train import pretrain_base
+            from edge_ft.training_defaults import PRETRAIN
+
+            pretrain_base(base, replace(PRETRAIN, epochs=pretrain_epochs or PRETRAIN.epochs), quiet=quiet)
     load_base(base)  # a corrupt or foreign file fails here with one line, not inside a child
     return base, base_sha256(base)
 
@@ -163,7 +166,9 @@ def ensure_data(root: Path, task: str) -> tuple[Path, int]:
     folder = root / "prep" / "data" / get_task(task).slug
     info = folder / "task.json"
     if not all((folder / f).is_file() for f in ("train.npz", "test.npz", "task.json")):
-        _cli(["data", "export", task, "--out", str(folder)])
+        from edge_ft.commands.data import export_task
+
+        export_task(task, folder)
     try:
         return folder, int(json.loads(info.read_text())["num_classes"])
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -180,17 +185,88 @@ def ensure_bundle(root: Path, base: Path, base_sha: str, cfg: MethodConfig, engi
             return folder
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    argv = ["export", "--engine", engine, "--method", cfg.method, "--base", str(base), "--out", str(folder),
-            "--num-classes", str(cfg.num_classes)]
-    if cfg.method == "lora":
-        argv += ["--rank", str(cfg.rank), "--alpha", f"{cfg.alpha:g}"]
-    _cli(argv)
+    from edge_ft.checkpoint import load_base
+    from edge_ft.config import OptimizerConfig
+    from edge_ft.host.export import export_bundle
+    from edge_ft.training_defaults import DEFAULTS
+
+    meta = load_base(base)[1]
+    recipe = DEFAULTS[cfg.method]  # what `edge-ft export` uses when not told otherwise
+    export_bundle(cfg, OptimizerConfig(recipe.optimizer, lr=recipe.lr), base, folder, engine=engine,
+                  classes=meta.get("classes") if cfg.num_classes == meta["num_classes"] else None)
     return folder
+
+
+def model_spec(model: str) -> str | None:
+    """--model spec of a sweep's model name: None for LeNet-5, PKG.MODULE:CLASS for a reference model."""
+    if model == LENET5:
+        return None
+    from edge_ft.host.models import REFERENCE_MODELS
+
+    if model not in REFERENCE_MODELS:
+        raise UserError(f"unknown model {model!r}: choose from {', '.join(MODEL_NAMES)}")
+    cls = REFERENCE_MODELS[model]
+    return f"{cls.__module__}:{cls.__name__}"
+
+
+def ensure_model_base(root: Path, model: str, host) -> tuple[Path, str]:
+    """(base weights, sha256) of a model sweep (`host`: the model's HostModel): the network's own initialisation
+    drawn from seed 0, written once. Memory and step time do not depend on the weights' values, so no pretraining
+    is needed for them."""
+    import torch
+
+    from edge_ft.checkpoint import load_base, meta_path, save_base
+
+    base = root / "prep" / "models" / model / "base.safetensors"
+    if not (base.is_file() and meta_path(base).is_file()):
+        torch.manual_seed(0)
+        state = {k: v.detach().numpy() for k, v in host.make().state_dict().items()}
+        save_base(base, state, {"task": "none (initialisation, seed 0)", "seed": 0, "model": host.desc.title},
+                  head=host.desc.output)
+    load_base(base, head=_output_of(model), model=model)
+    return base, base_sha256(base)
+
+
+def ensure_model_bundle(root: Path, model: str, host, base: Path, base_sha: str, method: str, rank: int,
+                        alpha: float, last_k: int) -> tuple[Path, dict]:
+    """(bundle folder, its manifest) of `method` on `model` (`host`: its edge_ft.host.describe.HostModel) for the
+    ort-step engine with AdamW, exported unless a bundle of the same base, method settings and optimizer is there
+    (exports of the reference models take 20-260 s of CPU)."""
+    from edge_ft.config import MethodConfig, OptimizerConfig
+    from edge_ft.host.export import export_bundle
+    from edge_ft.training_defaults import DEFAULTS
+
+    cfg = MethodConfig(method, rank=rank, alpha=alpha, num_classes=host.desc.num_classes, last_k=last_k,
+                       model=host.desc)
+    opt = OptimizerConfig("adamw", lr=DEFAULTS[method].lr)
+    name = "-".join([method, *([f"r{rank}-a{alpha:g}"] if method == "lora" else []),
+                     *([f"k{last_k}"] if method == "last-k" else [])])
+    folder = root / "prep" / "models" / model / "bundles" / f"{base_sha[:12]}-ort-step-{name}"
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if (manifest["base"]["sha256"] == base_sha and manifest["method"] == cfg.to_dict()
+                and manifest["optimizer"] == opt.to_dict()):
+            return folder, manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return folder, export_bundle(cfg, opt, base, folder, engine="ort-step", host=host)
+
+
+def input_shape_of_model(model: str) -> tuple[int, ...] | None:
+    from edge_ft.host.models import REFERENCE_MODELS
+
+    return None if model == LENET5 else tuple(REFERENCE_MODELS[model].input_shape)
+
+
+def _output_of(model: str) -> str:
+    return "fc3" if model == LENET5 else "classifier"
 
 
 def prepare_all(spec: dict) -> dict:
     """Everything a sweep needs, from a JSON-ready spec (see prepare_in_child); returns JSON-ready paths."""
     root = Path(spec["root"])
+    if "models" in spec:
+        return prepare_models(root, spec)
     base, sha = ensure_base(root, spec.get("base"), spec.get("pretrain_epochs"), spec.get("quiet", False))
     data = {task: ensure_data(root, task) for task in spec["tasks"]}
     bundles = []
@@ -199,6 +275,26 @@ def prepare_all(spec: dict) -> dict:
         bundles.append([label, engine, task, str(ensure_bundle(root, base, sha, cfg, engine))])
     return {"base": str(base), "base_sha256": sha, "data": {t: [str(f), n] for t, (f, n) in data.items()},
             "bundles": bundles}
+
+
+def prepare_models(root: Path, spec: dict) -> dict:
+    """A model sweep's bases and bundles: {"bundles": [[model, method, folder, base sha256, manifest], ...]}."""
+    from tqdm import tqdm
+
+    from edge_ft.host.describe import host_model
+
+    out, bases = [], {}
+    pairs = [(m, method) for m in spec["models"] for method in spec["methods"]]
+    for model, method in tqdm(pairs, desc="exporting step graphs", unit="bundle", disable=spec.get("quiet"),
+                              file=sys.stderr):
+        if model not in bases:  # tracing a model takes seconds: once per model
+            host = host_model(model_spec(model), input_shape_of_model(model))
+            bases[model] = (host, *ensure_model_base(root, model, host))
+        host, base, sha = bases[model]
+        folder, manifest = ensure_model_bundle(root, model, host, base, sha, method, spec["rank"], spec["alpha"],
+                                               spec["last_k"])
+        out.append([model, method, str(folder), sha, manifest])
+    return {"bundles": out}
 
 
 def prepare_in_child(spec: dict) -> dict:

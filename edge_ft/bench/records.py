@@ -18,6 +18,10 @@ from pathlib import Path
 from edge_ft.errors import UserError
 
 SCHEMA = 1  # bumped when a field changes meaning
+# What a record measured: a fine-tuning run on a task (edge_ft.bench.measure; records without "kind" are these) or
+# one model's training step on synthetic inputs with its batch-size limit (edge_ft.bench.tradeoff). Readers ask
+# for the kind they understand, so both live in one results file.
+TASK, TRADEOFF = "task", "tradeoff"
 # Fields every record carries (tests, the report and gates rely on them). time_scaled is False when the run had no
 # CPU quota (rlimit mode, native, or a board at least as fast as this machine): its times are this machine's.
 REQUIRED = ("task", "method", "engine", "profile", "emulation", "time_scaled", "status", "accuracy",
@@ -50,8 +54,9 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-def read_records(path: str | os.PathLike, missing_ok: bool = True) -> list[dict]:
-    """Records in file order; lines that are not a JSON object (a torn write) are skipped."""
+def read_records(path: str | os.PathLike, missing_ok: bool = True, kind: str | None = TASK) -> list[dict]:
+    """Records of `kind` (None: every kind) in file order; lines that are not a JSON object (a torn write) are
+    skipped."""
     path = Path(path)
     if not path.is_file():
         if missing_ok:
@@ -65,7 +70,7 @@ def read_records(path: str | os.PathLike, missing_ok: bool = True) -> list[dict]
                     obj = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(obj, dict) and "key" in obj:
+                if isinstance(obj, dict) and "key" in obj and kind in (None, obj.get("kind", TASK)):
                     records.append(obj)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read results ({e})") from None

@@ -151,13 +151,27 @@ def results_table(rows: list[dict]) -> str:
     return table + ("\n\n" + "\n".join(failures) if failures else "")
 
 
-def write_report(records: list[dict], out: Path, source: str = "results.jsonl") -> Path:
-    """report.md and its PNGs in `out`; returns the report's path."""
+def write_report(records: list[dict], out: Path, source: str = "results.jsonl",
+                 model_records: list[dict] = ()) -> Path:
+    """report.md and its PNGs in `out` from task-sweep records and per-model records (`bench --models`, kind
+    "tradeoff"); either list may be empty. Returns the report's path."""
+    from edge_ft.bench.tradeoff_report import models_section
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts = task_parts(list(latest(records).values()), out, source) if records else [
+        "# edge-ft benchmark: per model", "", f"{len(latest(model_records))} runs from `{source}`.", ""]
+    if model_records:
+        parts += ["", *models_section(list(latest(model_records).values()), out)]
+    text = "\n".join(parts).rstrip() + "\n"
+    atomic_write_text(out / "report.md", text)
+    return out / "report.md"
+
+
+def task_parts(records: list[dict], out: Path, source: str) -> list[str]:
+    """The task sweep's markdown lines (its figures written into `out`)."""
     from edge_ft.bench import plots
     from edge_ft.emulation.profiles import load_profile
 
-    records = list(latest(records).values())
-    out.mkdir(parents=True, exist_ok=True)
     figures = plots.write_all(records, out)
     tasks = list(dict.fromkeys(r["task"] for r in records))
     parts = [f"# edge-ft benchmark: {', '.join(tasks)}", "",
@@ -189,9 +203,7 @@ def write_report(records: list[dict], out: Path, source: str = "results.jsonl") 
         for task in tasks:
             rec = recommend(records, device, task, Constraints())
             parts += ["```", *rec.lines, "```", ""]
-    text = "\n".join(parts).rstrip() + "\n"
-    atomic_write_text(out / "report.md", text)
-    return out / "report.md"
+    return parts
 
 
 GOALS_NOTE = ("Speed compares p50 step times on `host`; the torch engine's 2-thread OpenMP pool waits for any "

@@ -221,5 +221,10 @@ def summarize(records: list[dict]) -> str:
         rows.append((r["profile"], r["label"], r["engine"], acc, fmt_ms(r), mb(r["peak_rss_bytes"]),
                      "-" if r.get("payload_bytes") is None else f"{r['payload_bytes']:,}",
                      short_result(r)))
+    return plain_table(rows)
+
+
+def plain_table(rows: list[tuple]) -> str:
+    """Rows (the first is the header) as left-aligned text columns."""
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
 from edge_ft.commands.gate import add_gate_options
+from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES
 from edge_ft.config import default_alpha
-from edge_ft.contracts import ENGINES
+from edge_ft.contracts import ENGINES, ORT_STEP
+from edge_ft.errors import UserError
 from edge_ft.training_defaults import recipe_default
 
 DEFAULT_RESULTS = Path("runs/bench/results.jsonl")
@@ -93,8 +95,37 @@ def register(subparsers) -> None:
         "an existing results file the same way).",
     )
     add_sweep_options(p)
+    models = p.add_argument_group(
+        "per model (--models)", "With --models the sweep measures, per model x profile x method, the ort-step AdamW "
+        "training step on synthetic inputs of the model's real shape (peak RSS, ms/step at --batch, default 32, "
+        "over --steps timed steps, default 5) and searches the largest batch that fits the profile's memory budget. "
+        f"--methods then defaults to {','.join(MODEL_METHODS)}; task, engine and training-length options do not "
+        "apply.")
+    models.add_argument("--models", type=comma_list, default=None, metavar="M1,M2",
+                        help=f"models to measure: {', '.join(MODEL_NAMES)} (default: none, the task sweep)")
+    models.add_argument("--max-batch", type=int_at_least(1), default=1024, metavar="N",
+                        help="largest batch the search tries (default 1024)")
+    models.add_argument("--last-k", type=int_at_least(1), default=2, metavar="K",
+                        help="last-k: conv/linear layers trained, counted back from the output (default 2)")
     add_gate_options(p)
     p.set_defaults(func=handler)
+
+
+def model_settings(args, host_speed: float):
+    """The TradeoffSettings of `bench --models`."""
+    from edge_ft.bench.tradeoff import TradeoffSettings
+
+    if args.epochs:
+        raise UserError("--epochs applies to the task sweep; with --models give --steps (timed steps per run)")
+    if args.engines != comma_list(DEFAULT_ENGINES) and args.engines != [ORT_STEP]:
+        raise UserError("--models measures the ort-step engine (the one every board installs); drop --engines")
+    return TradeoffSettings(batch=args.batch or 32, steps=args.steps or 5, max_batch=args.max_batch, rank=args.rank,
+                            alpha=args.alpha if args.alpha is not None else default_alpha(args.rank),
+                            last_k=args.last_k, host_speed=host_speed)
+
+
+def model_methods(args) -> list[str]:
+    return list(MODEL_METHODS) if args.methods == comma_list(DEFAULT_METHODS) else args.methods
 
 
 def settings_from_args(args, host_speed: float):
@@ -126,6 +157,8 @@ def handler(args) -> int:
     from edge_ft.bench.sweep import run_sweep, summarize
     from edge_ft.commands.gate import check_records, plan_gates
 
+    if args.models:
+        return models_handler(args)
     gates = plan_gates(args)  # a malformed gate fails now, not after the sweep
     jobs, opts = sweep_from_args(args, args.profiles)
     records = run_sweep(jobs, args.results, opts)
@@ -133,3 +166,26 @@ def handler(args) -> int:
         print(summarize(records))
         print(f"-> {args.results}; summarise with `edge-ft report {args.results} --out DIR`")
     return check_records(gates, records) if gates.active else 0
+
+
+def models_handler(args) -> int:
+    from edge_ft.emulation.hostspeed import HostSpeed
+    from edge_ft.emulation.profiles import load_profile
+    from edge_ft.bench.sweep import SweepOptions
+    from edge_ft.bench.tradeoff import plan_models, run_models, summarize_models
+    from edge_ft.errors import require_host
+
+    require_host("edge-ft bench --models (exporting the step graphs)")
+    if args.asserts or getattr(args, "baseline", None):
+        raise UserError("--assert and --baseline check task sweeps; with --models use `edge-ft report`")
+    profiles = [load_profile(p) for p in args.profiles]
+    plan_models(args.models, model_methods(args), profiles, model_settings(args, 1.0))  # refuse before measuring
+    host = HostSpeed.resolve(args.host_speed, quiet=args.quiet)
+    jobs = plan_models(args.models, model_methods(args), profiles, model_settings(args, host.speed))
+    opts = SweepOptions(force=args.force, timeout=args.timeout, mode=args.mode, device_python=args.device_python,
+                        quiet=args.quiet, host=host)
+    records = run_models(jobs, args.results, opts)
+    if records and not args.quiet:
+        print(summarize_models(records))
+        print(f"-> {args.results}; summarise with `edge-ft report {args.results} --out DIR`")
+    return 0

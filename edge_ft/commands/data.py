@@ -59,16 +59,23 @@ def list_tasks(args) -> int:
 
 
 def export(args) -> int:
+    info = export_task(args.task, args.out, args.shots)
+    print(f"{info['name']}: {info['n_train']} train / {info['n_test']} test examples -> {args.out}/")
+    return 0
+
+
+def export_task(name: str, out: Path, shots: int | None = None) -> dict:
+    """`edge-ft data export` as a function: the task's train.npz, test.npz and task.json in `out`; returns what
+    task.json holds plus the task's name and split sizes."""
     from edge_ft.data.tasks import get_task, target_split
 
-    task = get_task(args.task)
-    split = target_split(task, args.shots)
-    save_npz(args.out / "train.npz", split.x_train, split.y_train, task.classes)
-    save_npz(args.out / "test.npz", split.x_test, split.y_test, task.classes)
-    atomic_write_json(args.out / "task.json", dict(split.info, slug=task.slug, num_classes=split.num_classes,
-                                                   classes=list(task.classes)))
-    print(f"{task.name}: {len(split.y_train)} train / {len(split.y_test)} test examples -> {args.out}/")
-    return 0
+    task = get_task(name)
+    split = target_split(task, shots)
+    save_npz(out / "train.npz", split.x_train, split.y_train, task.classes)
+    save_npz(out / "test.npz", split.x_test, split.y_test, task.classes)
+    info = dict(split.info, slug=task.slug, num_classes=split.num_classes, classes=list(task.classes))
+    atomic_write_json(out / "task.json", info)
+    return dict(info, name=task.name, n_train=len(split.y_train), n_test=len(split.y_test))
 
 
 def class_names(text: str) -> list[str]:

@@ -34,19 +34,16 @@ def run(args) -> int:
     require_host("edge-ft pretrain")
     from dataclasses import replace
 
-    from edge_ft.checkpoint import save_base
-    from edge_ft.data.tasks import DIGIT_CLASSES, source_split
     from edge_ft.errors import UserError
-    from edge_ft.host.train import pretrain
+    from edge_ft.host.train import pretrain_base
 
     if args.out.suffix != ".safetensors":
         raise UserError(f"--out {args.out}: base weights must be a .safetensors file")
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    split = source_split(args.data_root)
     recipe = replace(PRETRAIN, epochs=args.epochs, batch=args.batch, lr=args.lr)
-    state, meta = pretrain(split, recipe, seed=args.seed, threads=args.threads, quiet=args.quiet)
-    meta = save_base(args.out, state, dict(meta, classes=list(DIGIT_CLASSES)))  # MNIST: label d is digit d
-    print(f"pretrained on {split.info['source']}: held-out accuracy {meta['accuracy']:.4f} "
+    meta = pretrain_base(args.out, recipe, seed=args.seed, threads=args.threads, quiet=args.quiet,
+                         data_root=args.data_root)
+    print(f"pretrained on {meta['source']}: held-out accuracy {meta['accuracy']:.4f} "
           f"({meta['wall_time_s']:.1f} s) -> {args.out}")
     return 0

@@ -59,6 +59,11 @@ def register(subparsers) -> None:
                    help="`edge-ft finetune --all` table used for the accuracy of a method no run measured on the "
                         f"task (default {DEFAULT_TABLE})")
     p.add_argument("--json", action="store_true", help="print the choice and the reasons as JSON")
+    p.add_argument("--model", metavar="NAME",
+                   help="answer for this model from the per-model runs of `edge-ft bench --models` (peak RSS, "
+                        "ms/step and the largest fitting batch; --batch is the batch to fit, default the measured "
+                        "one): the method that trains the most parameters among those that fit (default: none, "
+                        "answer for --task from the task sweep)")
     add_sweep_options(p, profiles=None)
     p.set_defaults(func=handler)
 
@@ -70,6 +75,8 @@ def handler(args) -> int:
     from edge_ft.data.tasks import get_task
 
     profile = load_profile(args.profile)
+    if args.model:
+        return model_handler(args, profile)
     task = get_task(args.task[0]).name
     records = read_records(args.results)
     measured = latest_runs(records, profile.name, task)
@@ -98,6 +105,26 @@ def handler(args) -> int:
     else:
         print("\n".join(rec.lines))
     return 0  # "nothing fits" is an answer too; --json has "choice": null then
+
+
+def model_handler(args, profile) -> int:
+    from edge_ft.bench.model_choice import recommend_model
+    from edge_ft.bench.prepare import MODEL_NAMES
+    from edge_ft.bench.recommend import Constraints
+    from edge_ft.bench.records import TRADEOFF, read_records
+
+    if args.model not in MODEL_NAMES:
+        raise UserError(f"unknown model {args.model!r}: choose from {', '.join(MODEL_NAMES)}")
+    if args.measure or args.predict or args.min_accuracy is not None:
+        raise UserError("--measure, --predict and --min-accuracy apply to task sweeps; with --model measure with "
+                        f"`edge-ft bench --models {args.model} --profiles {profile.name}`")
+    records = read_records(args.results, kind=TRADEOFF)
+    rec = recommend_model(records, profile, args.model, Constraints(args.max_rss, args.max_step_ms), args.batch)
+    if not rec.feasible and not rec.excluded:
+        raise UserError(f"{args.results}: no per-model measurements of {args.model} on {profile.name}; run "
+                        f"`edge-ft bench --models {args.model} --profiles {profile.name} --results {args.results}`")
+    print(json.dumps(rec.to_dict(), indent=2) if args.json else "\n".join(rec.lines))
+    return 0
 
 
 def predicted(args, profile, task: str, records: list[dict], measured: list[dict], constraints):

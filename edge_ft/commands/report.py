@@ -12,7 +12,9 @@ def register(subparsers) -> None:
         description="Reads RESULTS.jsonl (from `edge-ft bench`; the latest record of each run counts) and writes "
         "DIR/report.md with one table per device profile, the measured goal ratios, a recommendation per "
         "profile, and PNG plots: accuracy vs shipped bytes, peak RSS against the budget, ms/step, epoch time, "
-        "and analytical FLOPs vs measured step time. Given fleet results folders (the ServerApp's results-dir, "
+        "and analytical FLOPs vs measured step time; per-model runs (`edge-ft bench --models`) add a table per model "
+        "(peak RSS, ms/step and the largest batch that fits, per board and method) and peak RSS against batch size. "
+        "Given fleet results folders (the ServerApp's results-dir, "
         "holding rounds.jsonl) instead, writes DIR/fleet.md and the fleet plots: global accuracy vs round and vs "
         "cumulative bytes transferred, one line per run (full / probe / LoRA).",
     )
@@ -26,7 +28,7 @@ def register(subparsers) -> None:
 def handler(args) -> int:
     import importlib.util
 
-    from edge_ft.bench.records import read_records
+    from edge_ft.bench.records import TRADEOFF, read_records
     from edge_ft.errors import UserError, install_hint
 
     if importlib.util.find_spec("matplotlib") is None:
@@ -45,14 +47,15 @@ def handler(args) -> int:
         raise UserError("several results are fleet results folders only; give one `edge-ft bench` results file")
     args.results = args.results[0]
     records = read_records(args.results, missing_ok=False)
+    models = [] if args.task else read_records(args.results, kind=TRADEOFF)
     if args.task:
         from edge_ft.data.tasks import get_task
 
         task = get_task(args.task).name
         records = [r for r in records if r["task"] == task]
-    if not records:
+    if not records and not models:
         raise UserError(f"{args.results}: no benchmark records{' for ' + args.task if args.task else ''}; "
                         "run `edge-ft bench` first")
-    path = write_report(records, args.out, source=str(args.results))
+    path = write_report(records, args.out, source=str(args.results), model_records=models)
     print(f"{path} ({len(list(args.out.glob('*.png')))} plots)")
     return 0

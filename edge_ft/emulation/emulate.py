@@ -117,15 +117,16 @@ def quota_period_us(share: float) -> int:
 def run_confined(argv: list[str], profile: DeviceProfile, env: dict | None = None, timeout: float | None = None,
                  *, mode: str = "auto", threads: int | None = None, host: HostSpeed | None = None,
                  cwd: str | os.PathLike | None = None, sample_interval: float = 0.02,
-                 tail_chars: int = 4000) -> ConfinedResult:
+                 tail_chars: int = 4000, cpu_cap: bool = True) -> ConfinedResult:
     """Run `argv` under `profile`'s limits and measure it.
 
     mode: auto (native for native profiles, else cgroup, else rlimit) | cgroup | rlimit | native.
     threads: override the profile's thread count (calibration runs one thread).
     host: this machine's speed (HostSpeed.resolve(): cached or measured); None treats this machine as the
     reference core with no throttling correction, so a profile's cpu_speed is its share of a CPU here.
+    cpu_cap=False: the profile's memory cap, cores and threads, this machine's speed (see confine).
     """
-    conf = confine(profile, env, mode=mode, threads=threads, host=host)
+    conf = confine(profile, env, mode=mode, threads=threads, host=host, cpu_cap=cpu_cap)
     try:
         run = _run_and_watch(conf.command(argv), conf.env, cwd, timeout, conf.job, sample_interval, tail_chars)
     finally:

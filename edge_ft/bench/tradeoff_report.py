@@ -1,0 +1,105 @@
+"""The report's per-model part: where each method stops fitting (records of `edge-ft bench --models`).
+
+    parts = models_section(records, out)   # markdown lines; writes peak_rss_vs_batch.png into out
+
+Per model one table (a row per board and method: parameters, trainable, FLOPs per step, peak RSS and ms/step at the
+timed batch, the largest batch that fits) and one figure: peak RSS against batch per method, measured at every
+batch the search probed, with each board's budget as a line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_ft.bench.measure import fmt_ms, mb, short_result
+from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES
+from edge_ft.emulation.profiles import MB
+from edge_ft.bench.tradeoff import fitting_text
+
+FIGURE = "peak_rss_vs_batch.png"
+METHOD_COLOURS = {"full": "#d62728", "last-k": "#ff7f0e", "bias": "#9467bd", "lora": "#1f77b4", "probe": "#2ca02c"}
+
+
+def _models(records: list[dict]) -> list[str]:
+    present = {r["model"] for r in records}
+    return [m for m in MODEL_NAMES if m in present]
+
+
+def _ordered(records: list[dict]) -> list[dict]:
+    return sorted(records, key=lambda r: (r["profile"], MODEL_METHODS.index(r["method"])))
+
+
+def model_table(records: list[dict]) -> str:
+    from edge_ft.bench.report import md_table
+
+    rows = []
+    for r in _ordered(records):
+        rows.append([r["profile"], r["method"], f"{r['total_params']:,}", f"{r['trainable_params']:,}",
+                     f"{r['flops_per_step'] / 1e6:,.1f}", str(r["batch"]), mb(r["peak_rss_bytes"]), fmt_ms(r),
+                     short_result(r), fitting_text(r), f"{r['budget_mb']}"])
+    return md_table(["board", "method", "params", "trainable", "MFLOPs/step", "batch", "peak RSS MB", "ms/step",
+                     "result", "largest fitting batch", "budget MB"], rows, text_columns=2)
+
+
+def models_section(records: list[dict], out: Path) -> list[str]:
+    """Markdown lines of the per-model part; draws its figure into `out`."""
+    first = records[0]
+    s = first["settings"]
+    parts = ["## Per model: where each method stops fitting", "",
+             f"The ort-step engine's AdamW training step (standard onnxruntime, no torch) on {first['inputs']}; "
+             "weights are each network's seeded initialisation (memory and time do not depend on their values). "
+             f"Peak RSS and ms/step at batch {s['batch']}: {s['steps']} timed steps after {s['warmup']} warm-up "
+             "steps, each run a child process confined to its board (memory cap, cores, CPU quota; ms/step is the "
+             "mean under the quota). Largest fitting batch: doubling from that batch, then bisection to within "
+             f"1/8, up to {s['max_batch']}; each probe one warm-up and one timed step under the board's memory cap, "
+             "cores and threads at this machine's speed; a batch fits when the probe finishes within the budget "
+             f"(an OOM kill at the cap does not). LoRA: rank {s['rank']} on the linear layers (the classifier of "
+             f"the reference models); last-k: the last {s['last_k']} conv/linear layers. FLOPs per step from the "
+             "cost model at the timed batch.", ""]
+    for model in _models(records):
+        rows = [r for r in records if r["model"] == model]
+        shape = "x".join(map(str, rows[0]["input_shape"]))
+        parts += [f"### {rows[0]['model_title']} ({model}, input {shape}, {rows[0]['num_classes']} classes)", "",
+                  model_table(rows), ""]
+    peak_rss_vs_batch(records, out / FIGURE)
+    parts += [f"![{FIGURE}]({FIGURE})", "", "Peak RSS against batch size, one line per method, from every batch "
+              "the search probed (filled: fits, cross: did not fit; an OOM kill shows the RSS it was killed at, the "
+              "cap plus the shared library pages the cgroup charged elsewhere); the dashed line is the board's "
+              "budget.", ""]
+    return parts
+
+
+def peak_rss_vs_batch(records: list[dict], path: Path) -> Path:
+    """One panel per (model, board): peak RSS (MB) against batch (log 2), a line per method, the budget dashed."""
+    from edge_ft.bench.plots import _pyplot, _save
+
+    plt = _pyplot()
+    panels = [(m, p) for m in _models(records) for p in dict.fromkeys(r["profile"] for r in records)
+              if any(r["model"] == m and r["profile"] == p for r in records)]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax, (model, profile) in zip(axes.flat, panels):
+        runs = [r for r in records if r["model"] == model and r["profile"] == profile]
+        for r in _ordered(runs):
+            points = sorted({p["batch"]: p for p in r.get("search") or []}.values(), key=lambda p: p["batch"])
+            points = [p for p in points if p["peak_rss_bytes"]]
+            if not points:
+                continue
+            colour = METHOD_COLOURS[r["method"]]
+            ax.plot([p["batch"] for p in points], [p["peak_rss_bytes"] / MB for p in points], "-", color=colour,
+                    label=r["method"], linewidth=1.2)
+            for p in points:
+                ax.plot(p["batch"], p["peak_rss_bytes"] / MB, "o" if p["fits"] else "x", color=colour,
+                        markersize=4 if p["fits"] else 6)
+        ax.axhline(runs[0]["budget_mb"], color="black", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{model} on {profile}", fontsize=9)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("peak RSS (MB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,88 @@
+"""Time and size a bundle's training step on synthetic inputs of the model's real shape (device side, no torch).
+
+    python -m edge_ft.device.step_probe BUNDLE --batch 32 --steps 5 --warmup 2 --threads 4 --out probe.json
+
+What a board's memory and step time depend on is the batch's shape, not its values, so the probe feeds standard
+normal inputs of the bundle's input shape and uniform random labels: no data set has to exist on the board. It
+runs `warmup` untimed steps (onnxruntime plans and allocates its buffers in the first one), then `steps` timed
+ones, samples its own RSS every 5 ms from before the engine loads, and writes the one results schema's summary block
+(edge_ft.run_record) with accuracy None and no epochs, plus what it ran. `edge-ft bench --models` runs it confined
+to each board.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_ft.atomic import atomic_write_json
+from edge_ft.device.bundle import load_bundle
+from edge_ft.device.engines import engine_class
+from edge_ft.device.metrics import MB, PeakRSS
+from edge_ft.device.trainer import load_runtime
+from edge_ft.errors import UserError
+from edge_ft.run_record import SUMMARY, make_summary
+
+INPUTS = "synthetic: standard normal inputs of the model's input shape, uniform random labels"
+
+
+def synthetic_batch(input_shape: tuple[int, ...], num_classes: int, batch: int, seed: int = 0):
+    """(x float32 (batch, *input_shape), y int64 (batch,)) drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
+    return x, rng.integers(0, num_classes, size=batch, dtype=np.int64)
+
+
+def probe(bundle_path: str | Path, batch: int, steps: int, warmup: int = 2, threads: int = 0, seed: int = 0,
+          lr: float | None = None) -> dict:
+    """Run warmup + steps training steps of the bundle at `batch`; return its results (summary block included)."""
+    bundle = load_bundle(bundle_path)
+    rss_after_imports = load_runtime(bundle.engine)
+    x, y = synthetic_batch(bundle.input_shape, bundle.num_classes, batch, seed)
+    lr = bundle.optimizer.lr if lr is None else lr
+    seconds, losses = [], []
+    with PeakRSS(0.005) as peak:
+        engine = engine_class(bundle.engine)(bundle, threads=threads)
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            loss, _ = engine.train_step(x, y, lr)
+            if i >= warmup:
+                seconds.append(time.perf_counter() - t0)
+            losses.append(loss)
+    if not all(np.isfinite(losses)):
+        raise UserError(f"{bundle_path}: the step's loss is not finite ({losses}); the bundle is broken")
+    # Sampled only: ru_maxrss would include the spawner's high-water mark, which Linux carries across fork and exec.
+    peak_mb = peak.bytes / MB
+    return {"bundle": str(bundle_path), "engine": bundle.engine, "method": bundle.method.to_dict(),
+            "optimizer": bundle.optimizer.name, "model": bundle.model.title if bundle.model else "LeNet-5",
+            "input_shape": list(bundle.input_shape), "batch": batch, "warmup_steps": warmup, "threads": threads,
+            "inputs": INPUTS, "losses": [round(float(v), 6) for v in losses],
+            SUMMARY: make_summary(bundle.engine, None, warmup + steps, [], np.asarray(seconds) * 1e3,
+                                  round(rss_after_imports / MB, 2), round(peak_mb, 2))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edge_ft.device.step_probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("bundle", help="bundle folder (edge-ft export)")
+    p.add_argument("--batch", type=int, required=True, help="examples per step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default 0: its own)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    args = p.parse_args(argv)
+    try:
+        if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+            raise UserError("--batch and --steps must be at least 1, --warmup at least 0")
+        atomic_write_json(args.out, probe(args.bundle, args.batch, args.steps, args.warmup, args.threads))
+    except UserError as e:
+        print(f"step probe: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
