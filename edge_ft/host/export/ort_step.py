@@ -26,6 +26,7 @@ TRAIN_GRAPH = "train_step.onnx"
 FORWARD_GRAPH = "forward.onnx"
 STATE_FILE = "state.safetensors"
 MEAN_POOLS = False  # nn.AvgPool2d stays: its backward becomes one Resize (step_trace), the mean's an Expand
+FROZEN_NORMS = False  # BatchNorm2d stays: the step is traced in eval mode, statistics frozen inputs
 assert (INPUT, LABELS, LOGITS) == (common.INPUT, common.LABELS, common.LOGITS), "one set of names for all bundles"
 
 
