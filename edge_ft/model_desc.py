@@ -123,6 +123,12 @@ class ModelDesc:
         return dict(self.parameters)
 
     @property
+    def statistics(self) -> dict[str, tuple[int, ...]]:
+        """The buffers the graphs read, frozen like any frozen tensor: BatchNorm's running mean and variance
+        (num_batches_tracked, an integer that eval mode never reads, is left out, as bundles leave it out)."""
+        return {n: s for n, s in self.buffers if not n.endswith(".num_batches_tracked")}
+
+    @property
     def title(self) -> str:
         """The name messages and tables use: "LeNet-5" for edge-ft's own, else the class name."""
         return "LeNet-5" if self.source == LENET5_SOURCE else self.name

@@ -303,3 +303,54 @@ def test_data_modules_never_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "20"
+
+
+# ---- inputs of any model shape ---------------------------------------------------------------------------------
+
+
+def test_npz_holds_uint8_images_of_any_shape_scaled_to_unit_range(tmp_path):
+    """Fashion-MNIST (the committed fixture) zero-padded to 32x32 and replicated to three channels: ResNet-8's
+    input. uint8 (N,3,32,32) is scaled /255 like LeNet-5's (N,28,28)."""
+    from edge_ft.data.npz import save_npz, to_float
+
+    x, y = read_fashion("test", FIXTURE)
+    rgb = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None], 3, axis=1)
+    save_npz(tmp_path / "rgb.npz", rgb, y, input_shape=(3, 32, 32))
+    loaded, labels = load_npz(tmp_path / "rgb.npz", input_shape=(3, 32, 32))
+    assert loaded.dtype == np.uint8 and loaded.shape == (100, 3, 32, 32) and np.array_equal(labels, y)
+    inputs = to_float(loaded[:4])
+    assert inputs.shape == (4, 3, 32, 32) and inputs.dtype == np.float32
+    np.testing.assert_array_equal(inputs, rgb[:4].astype(np.float32) / 255)
+    batches = epoch_batches(loaded, labels, 32, seed=0, epoch=0)
+    assert batches[0][0].shape == (32, 3, 32, 32) and batches[0][0].max() <= 1.0
+    # LeNet-5's files are unchanged: one channel stays (N,28,28), and scales as it always did.
+    save_npz(tmp_path / "grey.npz", x[:, None], y)
+    grey, _ = load_npz(tmp_path / "grey.npz")
+    assert grey.shape == (100, 28, 28) and np.array_equal(to_float(grey), x[:, None].astype(np.float32) / 255)
+
+
+def test_npz_holds_float32_inputs_as_they_are(tmp_path):
+    from edge_ft.data.npz import save_npz, to_float
+
+    rng = np.random.default_rng(0)
+    mfcc = rng.standard_normal((20, 1, 49, 10)).astype(np.float32) * 30  # DS-CNN's input, any range
+    y = rng.integers(0, 12, 20)
+    save_npz(tmp_path / "kws.npz", mfcc, y, input_shape=(1, 49, 10))
+    x, _ = load_npz(tmp_path / "kws.npz", num_classes=12, input_shape=(1, 49, 10))
+    assert x.dtype == np.float32 and np.array_equal(to_float(x), mfcc)
+
+
+@pytest.mark.parametrize("x, shape, message", [
+    (np.zeros((4, 28, 28), np.uint8), (3, 32, 32), "x must have shape (N, 3, 32, 32) for the model's input "
+     "[3, 32, 32], got (4, 28, 28)"),
+    (np.zeros((4, 1, 49, 10), np.float32), (3, 32, 32), "x must have shape (N, 3, 32, 32)"),
+    (np.zeros((4, 3, 32, 32), np.uint8), (1, 28, 28), "x must have shape (N, 28, 28) or (N, 1, 28, 28)"),
+    (np.full((4, 1, 49, 10), np.nan, np.float32), (1, 49, 10), "NaN/Inf"),
+    (np.zeros((4, 3, 32, 32)) + 0.5, (3, 32, 32), "or as float32 (N, 3, 32, 32) model inputs"),
+], ids=["digits-for-resnet8", "mfcc-for-resnet8", "rgb-for-lenet5", "nan-inputs", "float64-fractions"])
+def test_npz_shape_or_type_that_does_not_fit_the_model_is_one_line(tmp_path, x, shape, message):
+    from edge_ft.data.npz import validate_xy
+
+    with pytest.raises(UserError) as error:
+        validate_xy(x, np.zeros(len(x), np.int64), "data.npz", input_shape=shape)
+    assert message in str(error.value) and "\n" not in str(error.value)

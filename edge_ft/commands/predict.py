@@ -14,7 +14,7 @@ def register(subparsers) -> None:
         description="Reads the model's own card (input name, shape, pixel scaling, polarity, class names, stored "
         "in model.onnx by `edge-ft train` and `edge-ft adapter merge`) and prepares the inputs the way the model "
         "was trained: grey, 28x28, white ink on black (light pages are inverted), pixels / 255. Images need "
-        "pillow. Inputs with a known class (a .npz's labels, or images inside a folder named like a class) are "
+        "pillow; a model of another input shape takes one .npz (uint8 pixels / 255, or float32 inputs as given). Inputs with a known class (a .npz's labels, or images inside a folder named like a class) are "
         "also scored.",
     )
     p.add_argument("model", metavar="MODEL_OR_RUN", help="model.onnx, or a run folder from `edge-ft train`")
@@ -33,7 +33,7 @@ def handler(args) -> int:
     from edge_ft.device.classify import gather_inputs, open_model
 
     model = open_model(args.model, args.threads)
-    batch = gather_inputs(args.inputs, model.card.classes)
+    batch = gather_inputs(args.inputs, model.card.classes, model.card.input_shape)
     probs = model.probabilities(batch.pixels)  # (N, C)
     k = min(args.top_k, probs.shape[1])
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k), most probable first

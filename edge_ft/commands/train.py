@@ -20,7 +20,7 @@ def register(subparsers) -> None:
         "peak RSS, artifact sizes) to --out. Defaults come from the method's recipe.",
     )
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder from `edge-ft export`")
-    p.add_argument("--data", required=True, metavar="TRAIN.npz", help="training data (x uint8 (N,28,28), y)")
+    p.add_argument("--data", required=True, metavar="TRAIN.npz", help="training data: x uint8 images or float32 inputs in the bundle's input shape, y (LeNet-5: uint8 (N,28,28))")
     p.add_argument("--eval", metavar="TEST.npz", help="held-out data for accuracy after each epoch")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int_at_least(1), metavar="N", help=f"passes over the data (default: {recipe_default('epochs')})")
@@ -86,10 +86,10 @@ def handler(args) -> int:
         quiet=args.quiet,
     )
     rss_after_imports = load_runtime(bundle.engine)
-    x, y, classes = load_labelled_npz(args.data, bundle.num_classes)
+    x, y, classes = load_labelled_npz(args.data, bundle.num_classes, bundle.input_shape)
     eval_data = None
     if args.eval:
-        x_eval, y_eval, eval_classes = load_labelled_npz(args.eval, bundle.num_classes)
+        x_eval, y_eval, eval_classes = load_labelled_npz(args.eval, bundle.num_classes, bundle.input_shape)
         eval_data = (x_eval, y_eval)
         classes = same_classes(classes, args.data, eval_classes, args.eval)
     classes = same_classes(classes, args.data, bundle.classes, bundle.path / MANIFEST)

@@ -1,6 +1,10 @@
-"""The `.npz` data format the device side consumes: x uint8 (N,28,28), y int64 (N,), optional class names.
+"""The `.npz` data format the device side consumes: x, y int64 (N,), optional class names.
 
-    x        uint8 (N,28,28), white ink on black (MNIST's polarity)
+    x        one of
+               uint8 (N,28,28)   grey images, white ink on black (MNIST's polarity): LeNet-5's input, scaled /255
+               uint8 (N,C,H,W)   images of any model input shape, scaled /255 to [0, 1] (C = 1 is kept as (N,H,W))
+               float32 (N,C,H,W) model inputs as they are (e.g. MFCC frames, normalised images); any rank after N
+             checked against the model's one-example input shape (a bundle manifest's "input_shape")
     y        int64 (N,), labels 0..C-1
     classes  fixed-width unicode (C,), the name of each label (optional; a plain string array, so no pickle, ever)
 """
@@ -20,10 +24,12 @@ from edge_ft.atomic import atomic_open
 from edge_ft.errors import UserError
 
 IMAGE_SHAPE = (28, 28)
+LENET5_INPUT = (1, *IMAGE_SHAPE)  # the input shape checked when a caller names none: every reader's images
 
 
-def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray, classes: Sequence[str] | None = None) -> None:
-    x, y = validate_xy(np.asarray(x), np.asarray(y), str(path))
+def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray, classes: Sequence[str] | None = None,
+             input_shape: tuple[int, ...] = LENET5_INPUT) -> None:
+    x, y = validate_xy(np.asarray(x), np.asarray(y), str(path), input_shape=input_shape)
     arrays = {"x": x, "y": y.astype(np.int64)}
     if classes is not None:
         classes = check_class_names(classes, str(path))
@@ -53,25 +59,19 @@ def parse_class_names(text: str, option: str = "--classes") -> list[str]:
     return check_class_names([t.strip() for t in text.split(",")], option)
 
 
-def validate_xy(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | None = None):
-    """Check shapes, dtypes and label range; return (x uint8 (N,28,28), y int64 (N,))."""
-    if x.ndim == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
-        raise UserError(f"{source}: x must have shape (N, 28, 28), got {x.shape}")
+def validate_xy(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | None = None,
+                input_shape: tuple[int, ...] = LENET5_INPUT):
+    """Check shapes, dtypes and label range against one example's `input_shape`; return (x, y int64 (N,)) with x
+    uint8 pixels ((N,H,W) for one channel, else (N,C,H,W)) or float32 (N, *input_shape) inputs."""
+    input_shape = tuple(input_shape)
+    if x.dtype == np.float32 and x.ndim == len(input_shape) + 1:
+        x = _float_inputs(x, source, input_shape)  # model inputs, used as they are
+    else:
+        x = _pixels(x, source, input_shape)
     if y.ndim != 1 or len(y) != len(x):
         raise UserError(f"{source}: y must have shape ({len(x)},) to match x, got {y.shape}")
     if len(x) == 0:
         raise UserError(f"{source}: the data set is empty")
-    if x.dtype != np.uint8:
-        if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
-            raise UserError(f"{source}: x contains NaN/Inf or non-numeric values; pixels must be uint8 0..255")
-        if x.min() < 0 or x.max() > 255:
-            raise UserError(f"{source}: pixel values must lie in 0..255, got {x.min()}..{x.max()}")
-        if np.any(x != np.round(x)):  # uint8 would floor 0..1-normalised images to black, silently
-            raise UserError(f"{source}: pixels must be whole numbers 0..255, got fractions (images normalised "
-                            "to 0..1?); save x as uint8, e.g. (x * 255).round().astype('uint8')")
-        x = x.astype(np.uint8)
     if not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"{source}: labels y must be integers, got dtype {y.dtype}")
     if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
@@ -84,6 +84,51 @@ def validate_xy(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | No
 # parse (literal_eval/tokenize), encrypted or unsupported members, short reads.
 _DAMAGED = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, struct.error, SyntaxError,
             tokenize.TokenError, NotImplementedError, RuntimeError)
+
+
+def _batched(shape: tuple[int, ...]) -> str:
+    return f"(N, {', '.join(str(d) for d in shape)})"
+
+
+def _wanted(input_shape: tuple[int, ...]) -> str:
+    """The x shapes a model input accepts, as the error messages state them."""
+    if len(input_shape) == 3 and input_shape[0] == 1:
+        return f"{_batched(input_shape[1:])} or {_batched(input_shape)}"
+    return _batched(input_shape)
+
+
+def _float_inputs(x: np.ndarray, source: str, input_shape: tuple[int, ...]) -> np.ndarray:
+    if x.shape[1:] != input_shape:
+        raise UserError(f"{source}: x must have shape {_wanted(input_shape)} for the model's input "
+                        f"{list(input_shape)}, got {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise UserError(f"{source}: x contains NaN/Inf; float32 inputs must be finite")
+    return x
+
+
+def _pixels(x: np.ndarray, source: str, input_shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 images (or whole numbers 0..255 of another numeric dtype) in the model's input shape: (N,H,W) when it
+    has one channel, (N,C,H,W) otherwise."""
+    if len(input_shape) != 3:
+        raise UserError(f"{source}: the model's input {list(input_shape)} is not an image (C,H,W); save x as "
+                        f"float32 {_wanted(input_shape)}")
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    shape = x.shape[1:] if x.ndim == 4 else (1, *x.shape[1:])
+    if x.ndim not in (3, 4) or shape != input_shape:
+        raise UserError(f"{source}: x must have shape {_wanted(input_shape)} for the model's input "
+                        f"{list(input_shape)}, got {x.shape}")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+            raise UserError(f"{source}: x contains NaN/Inf or non-numeric values; pixels must be uint8 0..255")
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise UserError(f"{source}: pixel values must lie in 0..255, got {x.min()}..{x.max()}")
+        if np.any(x != np.round(x)):  # uint8 would floor 0..1-normalised images to black, silently
+            raise UserError(f"{source}: pixels must be whole numbers 0..255, got fractions (images normalised "
+                            "to 0..1?); save x as uint8, e.g. (x * 255).round().astype('uint8'), or as float32 "
+                            f"{_batched(input_shape)} model inputs")
+        x = x.astype(np.uint8)
+    return x
 
 
 def _check_sizes(path: Path) -> None:
@@ -106,14 +151,15 @@ def _check_sizes(path: Path) -> None:
                     raise ValueError(f"{name} declares {declared} bytes of data but holds {info.file_size}")
 
 
-def load_npz(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_npz(path: str | Path, num_classes: int | None = None,
+             input_shape: tuple[int, ...] = LENET5_INPUT) -> tuple[np.ndarray, np.ndarray]:
     """Load and validate a data file; every failure is a one-line UserError naming the file."""
-    x, y, _ = load_labelled_npz(path, num_classes)
+    x, y, _ = load_labelled_npz(path, num_classes, input_shape)
     return x, y
 
 
-def load_labelled_npz(path: str | Path, num_classes: int | None = None):
-    """(x, y, class names or None) of a data file, all checked."""
+def load_labelled_npz(path: str | Path, num_classes: int | None = None, input_shape: tuple[int, ...] = LENET5_INPUT):
+    """(x, y, class names or None) of a data file, all checked; x fits `input_shape` (one example's)."""
     path = Path(path)
     if path.is_dir():
         hint = ("it holds train.npz; pass that file" if (path / "train.npz").is_file() else
@@ -132,7 +178,7 @@ def load_labelled_npz(path: str | Path, num_classes: int | None = None):
         raise
     except _DAMAGED as e:
         raise UserError(f"{path}: not a readable .npz data file ({e}); re-export it with `edge-ft data export`") from None
-    x, y = validate_xy(x, y, str(path), num_classes)
+    x, y = validate_xy(x, y, str(path), num_classes, input_shape)
     if classes is not None:
         if classes.ndim != 1 or classes.dtype.kind != "U":
             raise UserError(f"{path}: 'classes' must be a 1-d string array, got {classes.dtype} {classes.shape}")
@@ -143,5 +189,9 @@ def load_labelled_npz(path: str | Path, num_classes: int | None = None):
 
 
 def to_float(x: np.ndarray) -> np.ndarray:
-    """uint8 (N,28,28) -> float32 (N,1,28,28) in [0,1]: the one input normalisation used everywhere."""
-    return (x.astype(np.float32) / 255.0)[:, None, :, :]
+    """Validated x -> float32 model inputs: uint8 (N,H,W) -> (N,1,H,W) and (N,C,H,W) -> (N,C,H,W) in [0,1]
+    (the one pixel normalisation used everywhere); float32 inputs pass as they are."""
+    if x.dtype == np.float32:
+        return x
+    scaled = x.astype(np.float32) / 255.0
+    return scaled[:, None] if x.ndim == 3 else scaled

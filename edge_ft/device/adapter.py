@@ -319,7 +319,7 @@ def merge_adapter(bundle: Bundle, folder: str | Path, out: str | Path) -> None:
     write_inference_model(bundle, merged_weights(bundle, adapter.tensors), out)
     classes = adapter.record.get("classes") or bundle.classes
     source = model_source(bundle, made_by="edge-ft adapter merge", adapter_sha256=adapter.record["files"][WEIGHTS])
-    stamp_model(out, classes, source)
+    stamp_model(out, classes, source, bundle.input_shape)
 
 
 def apply_adapter_to_copy(bundle: Bundle, folder: str | Path, out: str | Path) -> Path:

@@ -123,9 +123,8 @@ def check_model(bundle: Bundle, manifest_path: Path) -> None:
         raise UserError(f"{manifest_path}: num_classes {bundle.num_classes} differs from the method's "
                         f"{cfg.num_classes}; re-export the bundle")
     head_in = net.layer(cfg.head).input_shapes[0]
-    if bundle.input_shape == net.input_shape:  # BatchNorm's running statistics are frozen tensors; its counter is not
-        stats = {n: s for n, s in net.buffers if not n.endswith(".num_batches_tracked")}
-        shapes, trainable = {**param_shapes(cfg), **stats}, trainable_names(cfg)
+    if bundle.input_shape == net.input_shape:  # BatchNorm statistics are frozen tensors of the bundle
+        shapes, trainable = {**param_shapes(cfg), **net.statistics}, trainable_names(cfg)
     elif bundle.input_shape == head_in and cfg.method == "probe":  # a probe's head-only bundle
         shapes = {n: s for n, s in param_shapes(cfg).items() if n in net.layer(cfg.head).param_names()}
         trainable = list(shapes)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ft.contracts import MANIFEST
+from edge_ft.data.npz import LENET5_INPUT
 from edge_ft.device.inference import EVAL_BATCH
 from edge_ft.device.model_card import ModelCard, read_card
 from edge_ft.device.ort_api import inference_session
@@ -29,7 +30,7 @@ class Model:
     session: object  # onnxruntime.InferenceSession
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N,28,28) -> float32 (N,C) class probabilities."""
+        """Pixels (uint8 (N,H,W) or (N,C,H,W)) or float32 inputs -> float32 (N,C) class probabilities."""
         logits = [self.session.run(None, {self.card.input_name: self.card.inputs(pixels[i : i + EVAL_BATCH])})[0]
                   for i in range(0, len(pixels), EVAL_BATCH)]
         z = np.concatenate(logits).astype(np.float64)
@@ -40,7 +41,7 @@ class Model:
 @dataclass
 class Inputs:
     names: list[str]  # one per example: the image path, or "FILE.npz[i]"
-    pixels: np.ndarray  # uint8 (N,28,28), white on black
+    pixels: np.ndarray  # uint8 (N,H,W) / (N,C,H,W) white on black, or float32 model inputs from a .npz
     labels: list[str | None]  # the true class name when known (an npz's y, or an image's class folder)
 
 
@@ -67,15 +68,19 @@ def open_model(path: str | Path, threads: int = 0) -> Model:
     return Model(path, card, session)
 
 
-def gather_inputs(items: list[str | Path], classes: list[str] | None) -> Inputs:
+def gather_inputs(items: list[str | Path], classes: list[str] | None,
+                  input_shape: tuple[int, ...] = LENET5_INPUT) -> Inputs:
     """Image files, folders of images (searched recursively; a parent folder named like a class is its label)
-    or a single .npz (its y, named by `classes`, are the labels)."""
+    or a single .npz (its y, named by `classes`, are the labels), for a model taking `input_shape`."""
     paths = [Path(p) for p in items]
     npz = [p for p in paths if p.suffix == ".npz"]
     if npz:
         if len(paths) > 1:
             raise UserError(f"{npz[0]}: give one .npz alone, not mixed with other inputs")
-        return _npz_inputs(npz[0], classes)
+        return _npz_inputs(npz[0], classes, input_shape)
+    if tuple(input_shape) != LENET5_INPUT:
+        raise UserError(f"{paths[0]}: image files are read as 28x28 grey; this model takes {list(input_shape)}: "
+                        "give its inputs as one .npz (x uint8 or float32 (N,C,H,W))")
     from edge_ft.data.readers import IMAGE_SUFFIXES, read_image
 
     files: list[Path] = []
@@ -94,10 +99,10 @@ def gather_inputs(items: list[str | Path], classes: list[str] | None) -> Inputs:
                   [f.parent.name if f.parent.name in known else None for f in files])
 
 
-def _npz_inputs(path: Path, classes: list[str] | None) -> Inputs:
+def _npz_inputs(path: Path, classes: list[str] | None, input_shape: tuple[int, ...]) -> Inputs:
     from edge_ft.data.npz import load_labelled_npz
 
-    x, y, named = load_labelled_npz(path)
+    x, y, named = load_labelled_npz(path, input_shape=input_shape)
     if named is not None and classes is not None and named != classes:
         raise UserError(f"{path}: names its classes {', '.join(named)}; the model's are {', '.join(classes)}")
     names = classes or named

@@ -55,7 +55,8 @@ def write_inference_model(bundle: Bundle, weights: dict[str, np.ndarray], path: 
 
 
 def predict(run, x: np.ndarray, batch: int = EVAL_BATCH, images: bool = True) -> np.ndarray:
-    """Logits for all of x in batches; `run(batch) -> logits`. images: x is uint8 (N,28,28), else float features."""
+    """Logits for all of x in batches; `run(batch) -> logits`. images: x as edge_ft.data.npz validates it (pixels
+    are scaled by to_float), else float features."""
     out = [run(to_float(x[i : i + batch]) if images else x[i : i + batch]) for i in range(0, len(x), batch)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

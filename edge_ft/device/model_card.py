@@ -1,7 +1,7 @@
 """What a model.onnx must say about itself so that anyone can run it correctly: its metadata_props.
 
 A trained or merged model carries, under keys starting with "edge_ft.":
-  edge_ft.preprocessing  JSON: input name, per-example shape (C,H,W), dtype, pixel divisor, polarity
+  edge_ft.preprocessing  JSON: input name, per-example shape (C,H,W, the bundle's), dtype, pixel divisor, polarity
   edge_ft.classes        JSON list of class names in label order (absent when the data named none)
   edge_ft.source         JSON: method, engine, base sha256, and the run or adapter it came from
 `edge-ft predict` applies the preprocessing and prints class names; a guessed scaling ([-1, 1] instead of
@@ -36,24 +36,28 @@ class ModelCard:
     classes: list[str] | None  # name of each logit, or None when the training data named none
 
     def to_props(self, source: dict) -> dict[str, str]:
+        pixels = "uint8 0..255 grey, resized to HxW" if self.input_shape[0] == 1 else "uint8 0..255, CxHxW"
         pre = {"input": self.input_name, "shape": list(self.input_shape), "dtype": "float32", "divisor": self.divisor,
-               "polarity": self.polarity, "pixels": "uint8 0..255 grey, resized to HxW"}
+               "polarity": self.polarity, "pixels": pixels}
         props = {PREFIX + "preprocessing": json.dumps(pre), PREFIX + "source": json.dumps(source)}
         if self.classes is not None:
             props[PREFIX + "classes"] = json.dumps(self.classes)
         return props
 
     def inputs(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N,H,W) -> float32 (N,C,H,W) as the model was trained on."""
+        """uint8 (N,H,W) or (N,C,H,W) -> float32 (N,C,H,W) as the model was trained on; float32 inputs (from a
+        .npz of model inputs) pass as they are."""
+        if pixels.dtype == np.float32:
+            return pixels
         return (pixels.astype(np.float32) / np.float32(self.divisor)).reshape(len(pixels), *self.input_shape)
 
     def class_name(self, index: int) -> str:
         return self.classes[index] if self.classes else str(index)
 
 
-def card_for(classes: list[str] | None) -> ModelCard:
-    """The card of every model edge-ft writes (LeNet-5 on 28x28 grey digits-style input)."""
-    return ModelCard(INPUT, INPUT_SHAPE, PIXEL_DIVISOR, POLARITY, classes)
+def card_for(classes: list[str] | None, input_shape: tuple[int, ...] = INPUT_SHAPE) -> ModelCard:
+    """The card of every model edge-ft writes (one example of `input_shape`, LeNet-5's 28x28 grey by default)."""
+    return ModelCard(INPUT, tuple(input_shape), PIXEL_DIVISOR, POLARITY, classes)
 
 
 def model_source(bundle, **origin: str) -> dict:
@@ -63,10 +67,11 @@ def model_source(bundle, **origin: str) -> dict:
             **origin}
 
 
-def stamp_model(path: str | Path, classes: list[str] | None, source: dict) -> None:
+def stamp_model(path: str | Path, classes: list[str] | None, source: dict,
+                input_shape: tuple[int, ...] = INPUT_SHAPE) -> None:
     """Rewrite model.onnx at `path` (atomically) with its card in metadata_props."""
     path = Path(path)
-    stamped = with_metadata(path.read_bytes(), card_for(classes).to_props(source), PREFIX, str(path))
+    stamped = with_metadata(path.read_bytes(), card_for(classes, input_shape).to_props(source), PREFIX, str(path))
     atomic_write_bytes(path, stamped)
 
 
@@ -86,7 +91,7 @@ def read_card(path: str | Path, metadata: dict[str, str]) -> ModelCard:
             from None
     if not card.divisor > 0:
         raise UserError(f"{path}: edge_ft.preprocessing divisor must be positive, got {card.divisor}")
-    if card.input_shape != INPUT_SHAPE or card.polarity != POLARITY:
+    if card.polarity != POLARITY or not card.input_shape or min(card.input_shape) < 1:
         raise UserError(f"{path}: expects input {card.input_shape} {card.polarity}; this edge-ft prepares "
-                        f"{INPUT_SHAPE} {POLARITY} images")
+                        f"{POLARITY} images of a positive shape")
     return card

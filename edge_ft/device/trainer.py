@@ -104,7 +104,8 @@ class _Progress:
 
 
 def _feature_cache(bundle: Bundle, threads: int, *xs: np.ndarray) -> list[np.ndarray]:
-    """Run the frozen backbone (features.onnx) once over each image set: uint8 (N,28,28) -> float32 (N,84)."""
+    """Run the frozen backbone (features.onnx) once over each input set: x (edge_ft.data.npz) -> float32 (N,D)
+    (LeNet-5: D = 84)."""
     session = inference_session(bundle.file(bundle.manifest["features"]["file"]), threads)
     run = session_runner(session)
     return [predict(run, x) if len(x) else np.zeros((0, bundle.manifest["features"]["dim"]), np.float32) for x in xs]
@@ -120,7 +121,8 @@ def load_runtime(engine: str) -> int:
 def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[np.ndarray, np.ndarray] | None,
           s: TrainSettings, out: str | Path, rss_after_imports: int | None = None, resume: bool = False,
           classes: list[str] | None = None, initial: dict[str, np.ndarray] | None = None) -> dict:
-    """Fine-tune `bundle` on data (x uint8 (N,28,28), y int64 (N,)); write the run folder; return results.
+    """Fine-tune `bundle` on data (x as edge_ft.data.npz validates it for the bundle's input shape, y int64 (N,));
+    write the run folder; return results.
 
     rss_after_imports: measured by the caller with load_runtime() before it loaded the data (else measured here).
     resume: continue from the run folder's last checkpoint (same bundle, data and settings), if it has one.
@@ -230,7 +232,7 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
             write_inference_model(bundle, trained, out / "model.onnx")
         else:
             engine.export_inference(str(out / "model.onnx"))
-        stamp_model(out / "model.onnx", classes, model_source(bundle, made_by="edge-ft train"))
+        stamp_model(out / "model.onnx", classes, model_source(bundle, made_by="edge-ft train"), bundle.input_shape)
         # Score the exported file itself with plain onnxruntime: what a user deploys is what we report.
         final_accuracy = None
         if len(y_eval):

@@ -68,7 +68,7 @@ def local_settings(config, partition: int) -> TrainSettings:
 def train_round(msg: Message, context: Context) -> Message:
     node = node_from_config(context.node_config)
     bundle = _bundle(node.bundle)
-    x, y = load_npz(node.data, num_classes=bundle.num_classes)
+    x, y = load_npz(node.data, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
     received = msg.content[ARRAYS]
     start = from_arrays(received)
     wrong = sorted(set(start) ^ set(bundle.trainable)) or [

@@ -170,7 +170,7 @@ def run(grid: Grid, s: FleetSettings) -> list[dict]:
                         f"{s.method} with {s.aggregation}; plan the run again")
     results = Path(s.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    x_test, y_test = load_npz(s.test_data, num_classes=bundle.num_classes)
+    x_test, y_test = load_npz(s.test_data, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
     identity = run_identity(s, bundle)
     done, rounds, saved = records.start(results, identity, s.resume)
     engine = open_engine(bundle, threads=1)

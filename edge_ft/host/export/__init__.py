@@ -58,7 +58,8 @@ def export_bundle(
     _check_target(out_dir)
     engine_module = importlib.import_module(f"edge_ft.host.export.{ENGINE_MODULES[engine]}")
     build = engine_module.build
-    model = prepare_model(cfg, base_state, seed, mean_pools=engine_module.MEAN_POOLS, host=host)
+    model = prepare_model(cfg, base_state, seed, mean_pools=engine_module.MEAN_POOLS, host=host,
+                          frozen_norms=engine_module.FROZEN_NORMS)
     common = {
         "engine": engine,
         "method": cfg.to_dict(),

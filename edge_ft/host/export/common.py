@@ -37,47 +37,82 @@ HEAD_FOLDER = "head"
 
 
 class MeanPool2x2(nn.Module):
-    """nn.AvgPool2d(2, 2) as reshape + mean: identical numbers, no weights, so state dicts do not change.
+    """A tiling nn.AvgPool2d (stride = kernel, no padding; LeNet-5's 2x2) as crop + reshape + mean: identical
+    numbers, no weights, so state dicts do not change.
 
     With a dynamic batch axis ORT's CPU AveragePoolGrad divides by zero (SIGFPE) during full fine-tuning;
     ReduceMean's gradient is plain broadcasting. Channels and size are fixed so the graph gets constant shapes.
+    Rows and columns the windows do not reach are cropped first, as the pool drops them (DS-CNN's 24x5 pool
+    over a 25x5 map).
     """
 
-    def __init__(self, channels: int, height: int, width: int | None = None):
+    def __init__(self, channels: int, height: int, width: int | None = None, kernel: tuple[int, int] = (2, 2)):
         super().__init__()
         self.channels, self.height, self.width = channels, height, height if width is None else width
+        self.kernel = tuple(kernel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,C,H,W) -> (B,C,H/2,W/2)
-        return x.reshape(-1, self.channels, self.height // 2, 2, self.width // 2, 2).mean(dim=(3, 5))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,C,H,W) -> (B,C,H/kh,W/kw)
+        (kh, kw), h, w = self.kernel, self.height // self.kernel[0], self.width // self.kernel[1]
+        if (h * kh, w * kw) != (self.height, self.width):
+            x = x[:, :, : h * kh, : w * kw]
+        return x.reshape(-1, self.channels, h, kh, w, kw).mean(dim=(3, 5))
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, height={self.height}, width={self.width}"
+        return f"channels={self.channels}, height={self.height}, width={self.width}, kernel={self.kernel}"
 
 
-def pool_shapes(desc: ModelDesc) -> dict[str, tuple[int, int, int]]:
-    """(channels, height, width) entering each nn.AvgPool2d(2, 2) module that tiles its input exactly and is called
-    once (a module called on several shapes stays an AvgPool2d)."""
+class FrozenBatchNorm2d(nn.Module):
+    """nn.BatchNorm2d in eval mode as plain arithmetic, x * scale + shift with scale = weight / sqrt(var + eps):
+    torch's own eval formula, holding the same Parameters and buffers under the same names.
+
+    ORT's training-graph builder turns every BatchNormalization node into its training-mode kernel (batch
+    statistics, running statistics updated each step) whatever the node says; these Mul/Add/Sqrt nodes it
+    leaves alone, so the running statistics stay frozen inputs and the affine weight and bias get gradients.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.eps = bn.eps
+        self.weight, self.bias = bn.weight, bn.bias  # the same Parameters: values and requires_grad kept
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(name, getattr(bn, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1 / torch.sqrt(self.running_var + self.eps)
+        shift = -self.running_mean * scale
+        if self.weight is not None:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        return x * scale[:, None, None] + shift[:, None, None]
+
+
+def pool_shapes(desc: ModelDesc) -> dict[str, tuple[int, int, int, tuple[int, int]]]:
+    """(channels, height, width, kernel) entering each average pool whose windows tile its input (stride = kernel,
+    no padding) and that is called once (a module called on several shapes stays an AvgPool2d)."""
     shapes = {}
     reused = {layer.attrs["module"] for layer in desc.layers if "module" in layer.attrs}  # one module, many shapes
     for layer in desc.layers:
         a = layer.attrs
         if layer.name in reused or "module" in a:
             continue
-        if layer.kind == "avgpool2d" and a.get("kernel_size") == [2, 2] and a.get("stride") == [2, 2] \
-                and a.get("padding") == [0, 0] and all(d % 2 == 0 for d in layer.input_shapes[0][1:]):
-            shapes[layer.name] = layer.input_shapes[0]
+        if layer.kind == "avgpool2d" and a.get("stride") == a.get("kernel_size") and a.get("padding") == [0, 0]:
+            shapes[layer.name] = (*layer.input_shapes[0], tuple(a["kernel_size"]))
     return shapes
 
 
 def prepare_model(cfg: MethodConfig, base_state: dict[str, np.ndarray], seed: int, mean_pools: bool = True,
-                  host: HostModel | None = None) -> nn.Module:
+                  host: HostModel | None = None, frozen_norms: bool = False) -> nn.Module:
     """The method's model on the base weights (LoRA A / a new head drawn from `seed`); with `mean_pools` the
-    2x2 average pools are swapped for MeanPool2x2 (what the ort-training engine needs)."""
+    tiling average pools are swapped for MeanPool2x2 and with `frozen_norms` every BatchNorm2d for
+    FrozenBatchNorm2d (what the ort-training engine needs)."""
     state = {k: torch.from_numpy(np.array(v)) for k, v in base_state.items()}
     model = build_model(cfg, state, seed, make=host.make if host else None)
     model.input_shape = cfg.model.input_shape  # one example's shape, read by the exporters
+    for name, module in list(model.named_modules()) if frozen_norms else ():
+        if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
+            set_submodule(model, name, FrozenBatchNorm2d(module))
     for name, shape in pool_shapes(cfg.model).items() if mean_pools else ():
-        if isinstance(_get(model, name), nn.AvgPool2d):  # a module, not F.avg_pool2d
+        pool = _get(model, name)
+        if isinstance(pool, nn.AvgPool2d) and not pool.ceil_mode:  # a module, not F.avg_pool2d
             set_submodule(model, name, MeanPool2x2(*shape))
     return model
 
@@ -114,12 +149,18 @@ def onnx_bytes(model: nn.Module, training: bool, output: str = LOGITS) -> bytes:
     """TorchScript export (dynamo=False): initializer names equal parameter names, batch axis dynamic.
 
     No constant folding: every parameter stays an initializer under its own name, which ORT's gradient builder
-    and the inference graph's weight offsets rely on.
+    and the inference graph's weight offsets rely on. For training graphs the top module is in training mode, so
+    the exporter keeps tensors of equal value apart (in eval mode it merges them: a fresh model's BatchNorm
+    weights are all ones, and a merged one vanishes from the graph); BatchNorm and Dropout stay in eval mode, as
+    on every engine: frozen running statistics (BatchNormalization training_mode=0), Dropout the identity.
     """
     example = torch.zeros(2, *input_shape_of(model))
     buffer = io.BytesIO()
-    was_training = model.training
-    model.train(training)  # the exporter's default TrainingMode.PRESERVE exports the mode set here
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
+            m.eval()
     try:
         with warnings.catch_warnings():  # the TorchScript exporter is deprecated, but it is what ORT training reads
             warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
@@ -135,9 +176,11 @@ def onnx_bytes(model: nn.Module, training: bool, output: str = LOGITS) -> bytes:
                 input_names=[INPUT],
                 output_names=[output],
                 dynamic_axes={INPUT: {0: "batch"}, output: {0: "batch"}},
+                training=torch.onnx.TrainingMode.PRESERVE,  # the modes set above
             )
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     return buffer.getvalue()
 
 

@@ -15,7 +15,7 @@ import torch
 
 from edge_ft.atomic import atomic_save_safetensors
 from edge_ft.config import MethodConfig, OptimizerConfig
-from edge_ft.contracts import INPUT, LABELS, LOGITS
+from edge_ft.contracts import INPUT, LOGITS
 from edge_ft.device.engines.ort_step import STATE_FORMAT, optimizer_keys
 from edge_ft.errors import UserError
 from edge_ft.host.export import common
@@ -27,6 +27,7 @@ TRAIN_GRAPH = "train_step.onnx"
 FORWARD_GRAPH = "forward.onnx"
 STATE_FILE = "state.safetensors"
 MEAN_POOLS = False  # nn.AvgPool2d stays: its backward becomes one Resize (step_trace), the mean's an Expand
+FROZEN_NORMS = False  # BatchNorm2d stays: the step is traced in eval mode, statistics frozen inputs
 
 
 def build(model: torch.nn.Module, cfg: MethodConfig, opt: OptimizerConfig, out_dir) -> dict:

@@ -25,6 +25,7 @@ from edge_ft.host.export.common import onnx_bytes, parameter_split
 
 FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 MEAN_POOLS = True  # pools as reshape + mean: ORT's AveragePoolGrad divides by zero with a dynamic batch
+FROZEN_NORMS = True  # BatchNorm as arithmetic: ORT's gradient builder would train it in training mode
 TORCH_ADAMW = 0  # AdamWOptimizer adam_mode: 0 = torch.optim.AdamW (decay before the update), 1 = Hugging Face's
 
 

@@ -1,7 +1,8 @@
 """Trace a whole training step (forward, cross-entropy, backward, optimizer update) into plain ONNX.
 
-torch.export cannot trace torch.func.grad inside a module, so the step is first traced by make_fx, which runs
-autograd eagerly and records the backward as ordinary aten ops, then re-exported with a dynamic batch and
+torch.export cannot trace torch.func.grad inside a module, so the step is first traced by make_fx (on fake tensors
+whose only symbolic size is the batch), which runs autograd eagerly and records the backward as ordinary aten ops,
+then re-exported with a dynamic batch and
 translated by the dynamo ONNX exporter. step_ops says which ops a model may use and writes the backward ops ONNX
 lacks (its `decompositions()`, each form chosen with onnxruntime's profiler). The model runs in eval mode:
 BatchNorm normalises with its frozen running statistics (graph inputs like any frozen tensor) and Dropout is the
@@ -132,6 +133,26 @@ def example_batch(tensors: list[torch.Tensor]) -> int:
     return next(b for b in range(61, MAX_BATCH) if b not in dims)
 
 
+def batch_symbolic(args: tuple[torch.Tensor, ...], batched: int) -> list[torch.Tensor]:
+    """Fake tensors for make_fx whose only symbolic size is the batch axis of the first `batched` args.
+
+    make_fx's own symbolic mode makes every size of every input a symbol (each weight's too) and reasons about
+    all of them on every op; with the weights' sizes static the same graph traces in about half the CPU time
+    (DS-CNN full fine-tuning: 48 s instead of 100 s).
+    """
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    fakes = []
+    for i, a in enumerate(args):
+        sizes = [DimDynamic.DYNAMIC if i < batched and d == 0 else DimDynamic.STATIC for d in range(a.dim())]
+        fakes.append(mode.from_tensor(a, source=ConstantSource(f"input{i}"),
+                                      symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes)))
+    return fakes
+
+
 def export_onnx(fn: Callable, input_shape: tuple[int, ...], tensors: list[torch.Tensor], input_names: list[str],
                 output_names: list[str], path, labels: bool) -> None:
     """Trace fn(x, [y, lr,] *tensors) with a dynamic batch and write it as a plain ai.onnx model at `path`."""
@@ -141,7 +162,8 @@ def export_onnx(fn: Callable, input_shape: tuple[int, ...], tensors: list[torch.
     x = torch.rand(batch, *input_shape)
     head = [x, torch.zeros(batch, dtype=torch.int64), torch.tensor(0.01)] if labels else [x]
     args = tuple(head + [t.detach().clone().contiguous() for t in tensors])
-    gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="symbolic")(*args)
+    gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="symbolic")(
+        *batch_symbolic(args, batched=2 if labels else 1))
     dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     dynamic = tuple([{0: dim}] * (2 if labels else 1) + [None] * (len(args) - (2 if labels else 1)))
     with _quiet_exporter():
