@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import load_file
 
 import ort_step_support as support
 from lockstep import run_lockstep
@@ -188,6 +189,35 @@ def test_engine_validates_what_it_hands_to_onnxruntime():
         engine.train_step(features, np.zeros(3, np.int64), 0.1)
     with pytest.raises(UserError, match="not a trainable tensor"):
         engine.load_trainable({"fc2.weight": np.zeros((84, 120), np.float32)})
+    with pytest.raises(UserError, match="fc3.bias has shape \\(\\), bundle .* needs \\(10,\\)"):
+        engine.load_trainable({"fc3.bias": np.float32(0)})  # bound buffers are written in place: no broadcasting
+
+
+@pytest.mark.slow
+def test_bound_buffers_step_exactly_like_feeding_the_graph():
+    """The engine's in-place ping-pong buffers (IOBinding) against session.run with every tensor fed: the same
+    bits over steps that change the batch size and the learning rate, snapshots unchanged by later steps."""
+    opt = OptimizerConfig("adamw", lr=LR["adamw"])
+    bundle = load_bundle(support.bundle_path(MethodConfig("probe"), opt)).head
+    engine = open_engine(bundle)
+    files = bundle.manifest["ort_step"]
+    session = ort.InferenceSession(str(bundle.file(files["train_graph"])), providers=["CPUExecutionProvider"])
+    state = load_file(bundle.file(files["state"]))
+    outputs = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(0)
+    snapshot = None
+    for step, (batch, lr) in enumerate([(8, 1e-2), (8, 1e-2), (3, 1e-2), (8, 5e-3), (3, 5e-3)]):
+        x, y = rng.random((batch, 84), dtype=np.float32), rng.integers(0, 10, batch)
+        loss, logits = engine.train_step(x, y, lr)
+        feeds = {i.name: state[i.name] for i in session.get_inputs()[3:]}
+        expected = dict(zip(outputs, session.run(None, {"input": x, "labels": y, "lr": np.array(lr, np.float32), **feeds})))
+        assert loss == expected["loss"] and np.array_equal(logits, expected["logits"])
+        state.update({k.removeprefix("next."): v for k, v in expected.items() if k.startswith("next.")})
+        assert all(np.array_equal(v, state[k]) for k, v in engine.trainable_state().items())
+        if step == 1:
+            snapshot = engine.trainable_state()
+            kept = {k: v.copy() for k, v in snapshot.items()}
+    assert all(np.array_equal(snapshot[k], kept[k]) for k in kept)
 
 
 def test_baked_weights_make_a_valid_model(tmp_path):

@@ -2,7 +2,9 @@
 
 onnxruntime-training has no aarch64 wheels (and no releases after 1.19.2); standard onnxruntime runs everywhere.
 The bundle's train graph does forward, cross-entropy, backward and the optimizer update in one call, with every
-tensor it reads or updates passed in and out, so the engine just feeds the current state and keeps the result.
+tensor it reads or updates passed in and out. The engine keeps that state in two sets of buffers that onnxruntime
+reads and writes in place (IOBinding): step k reads set A and writes set B, step k+1 reads B and writes A, so no
+tensor is copied or allocated between steps; numpy copies are taken only for checkpoints and results.
 
 State file (state.safetensors) keys, shared with the exporter:
   <param>                every model tensor by its state-dict name (trainable and frozen), float32
@@ -23,7 +25,7 @@ from edge_ft.checkpoint import load_safetensors
 from edge_ft.contracts import INPUT, LABELS, LOGITS, LOSS, LR
 from edge_ft.device.bundle import Bundle
 from edge_ft.device.engines.onnx_wire import bake_weights
-from edge_ft.device.ort_api import inference_session
+from edge_ft.device.ort_api import import_onnxruntime, inference_session
 from edge_ft.errors import UserError
 
 OPT_BUFFERS = {"sgd": (), "sgd-momentum": ("momentum",), "adamw": ("exp_avg", "exp_avg_sq")}
@@ -43,7 +45,7 @@ def optimizer_keys(optimizer: str, trainable: list[str]) -> list[str]:
 
 
 class OrtStepEngine:
-    """Engine over numpy + onnxruntime: the state lives in numpy arrays fed to the step graph every call."""
+    """Engine over numpy + onnxruntime: the state lives in ping-pong numpy buffers bound to the step graph."""
 
     def __init__(self, bundle: Bundle, threads: int = 0, mem_arena: bool | None = None,
                  profile_prefix: str | None = None):
@@ -57,13 +59,45 @@ class OrtStepEngine:
         self.opt_keys = optimizer_keys(bundle.optimizer.name, self.trainable)
         state = load_safetensors(bundle.file(state_file))
         self._check(state, {**bundle.trainable, **bundle.frozen}, self.opt_keys, bundle.file(state_file))
-        self.params = {n: state[n] for n in self.trainable}  # what the step updates
-        self.fixed = {n: state[n] for n in self.frozen}  # fed unchanged every step
-        self.opt_state = {k: state[k] for k in self.opt_keys}
+        self.fixed = {n: np.ascontiguousarray(state[n]) for n in self.frozen}  # bound once, never written
         self.forward_path = bundle.file(forward_graph)
         self.train_session = inference_session(bundle.file(train_graph), threads, mem_arena, profile_prefix)
         self.forward_session = inference_session(self.forward_path, threads, mem_arena)
-        self._outputs = [LOSS, LOGITS, *(next_name(k) for k in self.trainable + self.opt_keys)]
+        self._updated = self.trainable + self.opt_keys  # what each step reads and writes back
+        # Two copies of every updated tensor and one IOBinding per direction (A -> B, B -> A), bound once.
+        self._buffers = [{k: np.empty_like(state[k]) for k in self._updated} for _ in range(2)]
+        self._current = 0  # which buffer set holds the state now
+        self._bindings = [self._bind(reads, writes) for reads, writes in ((0, 1), (1, 0))]
+        self._batch = self._lr = None  # the loss/logits outputs and lr input are bound when they change
+        self._set_state(state)
+
+    def _bind(self, reads: int, writes: int):
+        """An IOBinding that reads buffer set `reads` and the frozen tensors and writes set `writes` in place."""
+        ort = import_onnxruntime()
+        binding = self.train_session.io_binding()
+        wrap = ort.OrtValue.ortvalue_from_numpy  # on the CPU an OrtValue over the array's own memory, no copy
+        for name, value in self.fixed.items():
+            binding.bind_ortvalue_input(name, wrap(value))
+        for key in self._updated:
+            binding.bind_ortvalue_input(key, wrap(self._buffers[reads][key]))
+            binding.bind_ortvalue_output(next_name(key), wrap(self._buffers[writes][key]))
+        return binding
+
+    def _set_state(self, tensors: dict[str, np.ndarray]) -> None:
+        """Copy the updated tensors present in `tensors` into the current buffer set."""
+        for key, value in tensors.items():
+            if key in self._buffers[self._current]:
+                self._buffers[self._current][key][...] = value
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The trainable tensors as they are now (views of the current buffers: the next step overwrites the
+        other set, then these)."""
+        return {n: self._buffers[self._current][n] for n in self.trainable}
+
+    @property
+    def opt_state(self) -> dict[str, np.ndarray]:
+        return {k: self._buffers[self._current][k] for k in self.opt_keys}
 
     @staticmethod
     def _check(state: dict, shapes: dict[str, tuple], opt_keys: list[str], source) -> None:
@@ -93,13 +127,28 @@ class OrtStepEngine:
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         x, y = self._check_batch(x, y)
-        feeds = {INPUT: x, LABELS: y, LR: np.asarray(lr, dtype=np.float32), **self.params, **self.fixed,
-                 **self.opt_state}
-        loss, logits, *updated = self.train_session.run(self._outputs, feeds)
-        n = len(self.trainable)
-        self.params = dict(zip(self.trainable, updated[:n]))
-        self.opt_state = dict(zip(self.opt_keys, updated[n:]))
-        return float(loss), logits
+        if len(x) != self._batch:  # loss and logits land in arrays kept per batch size
+            self._loss = np.empty((), np.float32)
+            self._logits = np.empty((len(x), self._bundle.num_classes), np.float32)
+            self._bind_everywhere("output", LOSS, self._loss)
+            self._bind_everywhere("output", LOGITS, self._logits)
+            self._batch = len(x)
+        if lr != self._lr:
+            self._lr_value = np.asarray(lr, dtype=np.float32)
+            self._bind_everywhere("input", LR, self._lr_value)
+            self._lr = lr
+        binding = self._bindings[self._current]
+        binding.bind_cpu_input(INPUT, x)  # x and y stay alive until run returns; the next step rebinds them
+        binding.bind_cpu_input(LABELS, y)
+        self.train_session.run_with_iobinding(binding)
+        self._current = 1 - self._current
+        return float(self._loss), self._logits.copy()
+
+    def _bind_everywhere(self, kind: str, name: str, array: np.ndarray) -> None:
+        """Bind `array` (which the engine keeps alive) as input or output `name` of both directions."""
+        value = import_onnxruntime().OrtValue.ortvalue_from_numpy(array)
+        for binding in self._bindings:
+            getattr(binding, f"bind_ortvalue_{kind}")(name, value)
 
     def end_profiling(self) -> str:
         """Stop the step graph's profiler (started with profile_prefix); the path of its trace."""
@@ -120,7 +169,10 @@ class OrtStepEngine:
         for name, value in tensors.items():
             if name not in self.params:
                 raise UserError(f"{name} is not a trainable tensor of bundle {self._bundle.path}")
-            self.params[name] = np.ascontiguousarray(value, dtype=np.float32)
+            if np.shape(value) != self.params[name].shape:  # written in place: a mismatch must not broadcast
+                raise UserError(f"{name} has shape {np.shape(value)}, bundle {self._bundle.path} needs "
+                                f"{self.params[name].shape}")
+        self._set_state(tensors)
 
     def save_state(self, path: str) -> None:
         atomic_save_safetensors(path, {**self.params, **self.opt_state},
@@ -129,8 +181,7 @@ class OrtStepEngine:
     def load_state(self, path: str) -> None:
         state = load_safetensors(path)
         self._check(state, self._bundle.trainable, self.opt_keys, path)
-        self.params = {n: state[n] for n in self.trainable}
-        self.opt_state = {k: state[k] for k in self.opt_keys}
+        self._set_state(state)
 
     def export_inference(self, path: str) -> None:
         """The forward graph with the current weights baked in as initializers: a model that needs only `input`."""
