@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stamps", action="store_true", help="with --rate: every unit's end time too")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="time parts by wall or CPU time")
     args = ap.parse_args(argv)
-    json.dump(work_rate(args.rate, args.stamps) if args.rate else report(max(1, args.repeats), args.clock),
-              sys.stdout)
+    result = work_rate(args.rate, args.stamps) if args.rate else report(max(1, args.repeats), args.clock)
+    json.dump(result, sys.stdout)
     print()
     return 0
 
