@@ -27,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from lockstep import run_lockstep
 from test_step_graph_costs import node_flops
+from test_step_graph_models import seeded
 from test_user_model import DEVICE_PYTHON, device
 from edge_ft.cli import main
 from edge_ft.config import MethodConfig, OptimizerConfig
@@ -59,14 +60,7 @@ def base(model: str) -> tuple[Path, dict[str, np.ndarray]]:
     """Seeded weights with BatchNorm's statistics and affine parameters moved off their identity start, so a graph
     that ignored or updated them would fail."""
     torch.manual_seed(0)
-    net = host(model).make()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
+    net = seeded(host(model).make())
     state = {k: v.numpy().copy() for k, v in net.state_dict().items()}
     path = ROOT / f"{model}-base.safetensors"
     save_file(state, str(path))
