@@ -39,6 +39,7 @@ from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import load_profile
 from edge_ft.errors import UserError
 from edge_ft.fleet.certs import make_node_key, make_tls
+from edge_ft.fleet.lean_entry import write_shims
 from edge_ft.fleet.measure import RESULT_FILE, FederationResult, node_result
 from edge_ft.fleet.processes import SuperNode, flower_env, kill_pids, plain, stop_groups, toml_value, write_config
 
@@ -131,8 +132,10 @@ class Federation:
         self.address = f"127.0.0.1:{self.port}"
         write_connection(self.flwr_home, self.address, self.tls.ca_cert if self.tls else None)
         self.env = flower_env(self.host_bin, run_dir, self.flwr_home)
+        shims = write_shims(run_dir / "bin", device_bin / "python")
         self.nodes = [SuperNode(i, load_profile(p), dict(cfg), device_bin, run_dir, self.flwr_home, self.tls,
-                                make_node_key(run_dir / "keys", i) if auth else None, host, mode, cpu_cap, isolation)
+                                make_node_key(run_dir / "keys", i) if auth else None, host, mode, cpu_cap, isolation,
+                                shims)
                       for i, (p, cfg) in enumerate(zip(profiles, node_configs))]
         self.link: subprocess.Popen | None = None
         self.runner: subprocess.Popen | None = None

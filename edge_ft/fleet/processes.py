@@ -33,7 +33,9 @@ from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.fleet.certs import NodeKey, TlsFiles
 
 # Offline devices: no telemetry, no update check (both would try the network at every start).
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              # a SuperExec asks its SuperNode for work every second by default; a message should not wait that long
+              "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
 RUN_MARK = "EDGE_FT_FLEET_RUN"  # set in every process of a federation: how cleanup checks find strays
 ROLES = ("supernode", "superexec", "clientapp")  # a node's processes, by their Flower command
 PSS_EVERY = 5  # read PSS (a walk over smaps) every 5th sample (0.5 s); RSS every sample
@@ -66,7 +68,7 @@ def toml_value(v) -> str:
 
 def role_of(cmdline: list[str]) -> str | None:
     """supernode | superexec | clientapp | serverapp | superlink from a Flower process's command line."""
-    text = " ".join(cmdline[:3])
+    text = " ".join(cmdline[:4])  # [python, -m, edge_ft.fleet.lean_entry, flwr-clientapp] names it 4th
     for marker, role in (("flower-supernode", "supernode"), ("flower-superexec", "superexec"),
                          ("flwr-clientapp", "clientapp"), ("flwr-serverapp", "serverapp"),
                          ("flower-superlink", "superlink")):
@@ -145,6 +147,7 @@ class SuperNode:
     mode: str = "auto"  # emulation mode (auto: cgroup, else rlimit)
     cpu_cap: bool = True  # False: memory/cores/threads of the device, CPU time of this machine
     isolation: str = "subprocess"  # Flower's: the SuperNode starts its SuperExec | "process": we start it beside
+    shims: Path | None = None  # first on PATH: lean flower-superexec and flwr-clientapp (edge_ft.fleet.lean_entry)
     lives: list[NodeLife] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)  # every pid the node ever had (cleanup sweeps them)
     peak_rss: dict[str, int] = field(default_factory=dict)  # role -> highest RSS of one process
@@ -180,8 +183,10 @@ class SuperNode:
 
     def start(self, superlink: str, port: int) -> None:
         """Start (or restart) the SuperNode inside a fresh confinement; its output goes to logs/node-NN[.k].log."""
-        conf = confine(self.profile, flower_env(self.device_bin, self.run_dir, self.flwr_home),
-                       mode=self.mode, host=self.host, cpu_cap=self.cpu_cap)
+        env = flower_env(self.device_bin, self.run_dir, self.flwr_home)
+        if self.shims is not None:
+            env["PATH"] = f"{self.shims}{os.pathsep}{env['PATH']}"
+        conf = confine(self.profile, env, mode=self.mode, host=self.host, cpu_cap=self.cpu_cap)
         suffix = f".{len(self.lives)}" if self.lives else ""
         log = self.run_dir / "logs" / f"{self.name}{suffix}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +208,7 @@ class SuperNode:
         """Isolation "process": the SuperExec (which starts a ClientApp per message) is started beside the
         SuperNode, in the same cgroup, as a device's service manager would; it ends with the cgroup, the pid sweep
         of stop(), or by itself when the SuperNode is gone (--parent-pid)."""
-        argv = [str(self.device_bin / "flower-superexec"), "--insecure", "--runtime-api-address",
+        argv = [str((self.shims or self.device_bin) / "flower-superexec"), "--insecure", "--runtime-api-address",
                 f"127.0.0.1:{port}", "--parent-pid", str(self.current.proc.pid)]
         with open(log.with_suffix(".superexec.log"), "wb") as out:
             proc = subprocess.Popen(conf.command(argv), env=conf.env, cwd=self.run_dir, stdout=out,
