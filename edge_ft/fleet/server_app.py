@@ -31,6 +31,7 @@ from edge_ft.device.ort_api import inference_session
 from edge_ft.errors import UserError
 from edge_ft.fleet import records
 from edge_ft.fleet.aggregate import check_aggregation, product_gap
+from edge_ft.fleet.grid import PromptGrid
 from edge_ft.fleet.updates import WEIGHT_KEY, check_update, from_arrays, to_arrays
 from edge_ft.training_defaults import epoch_lr
 
@@ -158,7 +159,7 @@ def _settings_record(s: FleetSettings) -> ConfigRecord:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     s = FleetSettings.from_run_config(context.run_config)
-    run(grid, s)
+    run(PromptGrid(grid), s)
 
 
 def run(grid: Grid, s: FleetSettings) -> list[dict]:
