@@ -12,7 +12,7 @@ import pytest
 from edge_ft.cli import main
 from edge_ft.emulation import cgroups
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
-from edge_ft.emulation.emulate import THREAD_VARS, run_confined
+from edge_ft.emulation.emulate import THREAD_VARS, confine, run_confined
 from edge_ft.emulation.profiles import load_profile, load_profile_file
 
 PY = sys.executable
@@ -87,6 +87,22 @@ def test_cgroup_allocation_within_cap_succeeds_on_its_cpuset(tmp_path):
     # The kernel's high-water marks saw the 40 MB; the 20 ms sampler may miss a child this short-lived.
     assert r.peak_rss_bytes >= r.ru_maxrss_bytes > 40 * MB and r.peak_rss_bytes >= r.sampled_rss_bytes
     assert r.time_scaled and r.cpu_quota == pytest.approx(0.5)
+    assert not leftover_cgroups()
+
+
+@needs_cgroups
+def test_memory_peak_starts_again_after_a_reset(tmp_path):
+    """A fleet node serves several runs in one cgroup: each run's peak must not carry the earlier runs'."""
+    conf = confine(make_profile(tmp_path, budget_mb=150))
+    try:
+        assert subprocess.run(conf.command(alloc(60)), env=conf.env, capture_output=True).returncode == 0
+        assert conf.job.memory_peak() > 60 * MB
+        if conf.job.reset_memory_peak():  # cgroup v1
+            assert conf.job.memory_peak() < 60 * MB  # the allocating process is gone: only what is charged now
+        else:
+            assert conf.job.version == 2  # memory.peak resets only per file descriptor there
+    finally:
+        conf.remove()
     assert not leftover_cgroups()
 
 

@@ -317,6 +317,16 @@ class CgroupJob:
             return int(_read(self.dirs["memory"] / name))
         return None
 
+    def reset_memory_peak(self) -> bool:
+        """Start memory_peak() again from the current usage (v1); False where that is not possible (v2's
+        memory.peak resets only for the file descriptor that wrote it)."""
+        if self.version != 1:
+            return False
+        with contextlib.suppress(OSError):
+            _write(self.dirs["memory"] / "memory.max_usage_in_bytes", 0)
+            return True
+        return False
+
     def oom_kills(self) -> int:
         if self.version == 1:
             return _events(self.dirs["memory"] / "memory.oom_control", "oom_kill")

@@ -20,7 +20,7 @@ class NodeResult:
     profile: str  # device profile
     emulation: str  # cgroup | rlimit | native
     budget_bytes: int  # the profile's memory budget
-    cgroup_peak_bytes: int | None  # highest memory charged to the node's cgroup (RSS + page cache) since it started
+    cgroup_peak_bytes: int | None  # highest charge to its cgroup (RSS + page cache) in this run (v2: since start)
     sampled_peak_bytes: int  # highest sum of RSS over the node's processes (sampled every 0.1 s)
     sampled_peak_pss_bytes: int  # highest sum of PSS (shared pages split between processes; every 0.5 s)
     pss_by_round: dict[int, int]  # round -> highest sum of PSS while the server was in that round

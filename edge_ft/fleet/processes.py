@@ -220,6 +220,11 @@ class SuperNode:
         self.peak_rss, self.peak_pss, self.pss_by_round, self.events = {}, {}, {}, []
         self.peak_total_rss = self.peak_total_pss = 0
         self.server_round = None
+        for life in self.lives:  # what an ended life or the live cgroup reached so far belongs to the earlier runs
+            life.cgroup_peak_bytes = None
+        life = self.current
+        if life is not None and life.ended is None and life.confinement.job is not None:
+            life.confinement.job.reset_memory_peak()
 
     def pids(self) -> list[int]:
         life = self.current
