@@ -19,8 +19,9 @@ from fleet_support import smoke_plan  # noqa: E402
 
 from edge_ft.fleet.deploy import run_federation  # noqa: E402
 
-VARIANTS = {  # name -> (isolation, extra environment, run config)
-    "subprocess (default)": ("subprocess", {}, {}),
+VARIANTS = {  # name -> (isolation, extra environment, run config[, lean])
+    "subprocess, lean SuperExec and ClientApp (edge-ft's default)": ("subprocess", {}, {}, True),
+    "subprocess (Flower's console scripts)": ("subprocess", {}, {}),
     "process (SuperExec started beside)": ("process", {}, {}),
     "subprocess, MALLOC_ARENA_MAX=2": ("subprocess", {"MALLOC_ARENA_MAX": "2"}, {}),
     "subprocess, PYTHONOPTIMIZE=2 (no docstrings)": ("subprocess", {"PYTHONOPTIMIZE": "2"}, {}),
@@ -29,13 +30,14 @@ VARIANTS = {  # name -> (isolation, extra environment, run config)
 
 
 def measure(name, profile, rounds, out: Path) -> dict:
-    isolation, env, run_config = VARIANTS[name]
+    isolation, env, run_config, *lean = VARIANTS[name]
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         plan = smoke_plan(out / "plan", 1, rounds)
         plan.run_config.update(run_config)
-        r = run_federation(plan, [profile], run_dir=out / "run", cpu_cap=False, isolation=isolation, progress=False)
+        r = run_federation(plan, [profile], run_dir=out / "run", cpu_cap=False, isolation=isolation,
+                           lean=bool(lean), progress=False)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -117,7 +117,7 @@ class Federation:
     """The processes of one run and the bookkeeping around them; run_federation drives it."""
 
     def __init__(self, plan: Plan, profiles: list[str], run_dir: Path, *, tls: bool, auth: bool, host: HostSpeed,
-                 device_bin: Path, mode: str, cpu_cap: bool, isolation: str = "subprocess",
+                 device_bin: Path, mode: str, cpu_cap: bool, isolation: str = "subprocess", lean: bool = True,
                  node_configs: list[dict] | None = None):
         if auth and not tls:
             raise UserError("SuperNode authentication needs TLS (Flower refuses node keys over plain HTTP)")
@@ -132,7 +132,7 @@ class Federation:
         self.address = f"127.0.0.1:{self.port}"
         write_connection(self.flwr_home, self.address, self.tls.ca_cert if self.tls else None)
         self.env = flower_env(self.host_bin, run_dir, self.flwr_home)
-        shims = write_shims(run_dir / "bin", device_bin / "python")
+        shims = write_shims(run_dir / "bin", device_bin / "python") if lean else None
         self.nodes = [SuperNode(i, load_profile(p), dict(cfg), device_bin, run_dir, self.flwr_home, self.tls,
                                 make_node_key(run_dir / "keys", i) if auth else None, host, mode, cpu_cap, isolation,
                                 shims)
@@ -236,7 +236,7 @@ def run_federation(plan: Plan, node_profiles: list[str], **options) -> Federatio
 def run_fleet(plans: list[Plan], node_profiles: list[str], *, tls: bool = True, auth: bool = True,
               run_dir: Path | None = None, fault: Fault | None = None, host: HostSpeed | None = None,
               device_python: str | None = None, mode: str = "auto", cpu_cap: bool = True, isolation: str = "subprocess",
-              progress: bool = True, echo: Callable[[str], None] | None = None) -> list[FederationResult]:
+              lean: bool = True, progress: bool = True, echo: Callable[[str], None] | None = None) -> list[FederationResult]:
     """Run the plans one after another on one SuperLink and one set of SuperNodes, started once; measure every node
     in every run. Never leaves a process. Returns one result per run that started (a failed run ends the series).
 
@@ -244,7 +244,8 @@ def run_fleet(plans: list[Plan], node_profiles: list[str], *, tls: bool = True, 
     results_dir/../deploy); with several plans each run's federation.json goes to its plan's results_dir/../deploy,
     the devices keep the same data and install each run's bundle before it (DEVICE_BUNDLE). fault: kill one node
     mid-round in the first run and restart it (tests of the runtime). isolation: how ClientApps are started
-    (subprocess: the SuperNode starts its SuperExec; process: started beside it). cpu_cap=False: devices' memory and
+    (subprocess: the SuperNode starts its SuperExec; process: started beside it). lean=False: the SuperExec and
+    ClientApps through Flower's console scripts instead of edge_ft.fleet.lean_entry. cpu_cap=False: devices' memory and
     cores, this machine's CPU speed. echo: receives the readable lines of the runs (rounds, aggregation).
     """
     run_dir = ensure_dir(run_dir or Path(plans[0].results_dir).parent / "deploy").resolve()
@@ -256,7 +257,7 @@ def run_fleet(plans: list[Plan], node_profiles: list[str], *, tls: bool = True, 
                             "(flwr; `make device-venv`)")
     several = len(plans) > 1
     fed = Federation(plans[0], node_profiles, run_dir, tls=tls, auth=auth, host=host, device_bin=device_bin,
-                     mode=mode, cpu_cap=cpu_cap, isolation=isolation,
+                     mode=mode, cpu_cap=cpu_cap, isolation=isolation, lean=lean,
                      node_configs=shared_node_configs(plans, run_dir / DEVICE_BUNDLE) if several else None)
     results: list[FederationResult] = []
     t0 = started = time.monotonic()
