@@ -14,8 +14,8 @@ demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 
 # Federated fine-tuning on 6 emulated devices (4x Pi Zero 2 W, 2x Pi 4), 10 rounds, mnist-digits split by writer:
 # LoRA, probing and full fine-tuning, one `flwr run` each on one SuperLink and one set of SuperNodes started once.
-# Memory caps and cores are the boards'; the CPU quota is lifted (--no-cpu-cap) so the three runs fit in 10 minutes
-# here (a ClientApp process per message would spend most of a round importing flwr at a Zero 2 W's speed).
+# Memory caps and cores are the boards'; the CPU quota is lifted (--no-cpu-cap): the three runs take about 10 minutes
+# here, where at a Zero 2 W's speed every ClientApp process (one per device and round) would take far longer to start.
 FLEET_NODES := 4xrpi-zero-2w,2xrpi-4b-2gb
 fleet-demo: $(VENV)/.installed $(DEVICE_VENV)/.installed
 	@[ -f runs/fleet-demo/base.safetensors ] || $(VENV)/bin/edge-ft pretrain --out runs/fleet-demo/base.safetensors
