@@ -85,3 +85,16 @@ def test_prompt_grid_collects_every_reply_and_gives_up_at_the_timeout():
     lost = SlowGrid(answered=1)
     replies = PromptGrid(lost, poll=0.01).send_and_receive(list(messages), timeout=0.2)
     assert [r.metadata.reply_to_message_id for r in replies] == ["id-0"] and lost.pulls >= 2
+
+
+def test_a_node_message_belongs_to_the_round_the_server_started_before_it_arrived():
+    """The ServerApp's streamed round line can reach the host after a quick node already took the message: the
+    round is told by when the server started it, not by that line."""
+    from edge_ft.fleet.processes import SuperNode
+
+    node = SuperNode.__new__(SuperNode)
+    node.events = [(10.5, "receive", None, "train"), (12.0, "send", None, "train"),  # stream said nothing yet
+                   (20.4, "receive", 1, "train"), (23.4, "send", 2, "train"),  # stream still on round 1
+                   (30.2, "receive", 2, "train")]  # killed before it answered
+    assert node.round_seconds([(10.0, 1), (20.0, 2), (30.0, 3)]) == {1: 1.5, 2: 3.0}
+    assert node.round_seconds() == {1: 3.0}  # the stream's labels alone lose round 1 and misfile round 2

@@ -42,6 +42,7 @@ from edge_ft.fleet.certs import make_node_key, make_tls
 from edge_ft.fleet.lean_entry import write_shims
 from edge_ft.fleet.measure import RESULT_FILE, FederationResult, node_result
 from edge_ft.fleet.processes import SuperNode, flower_env, kill_pids, plain, stop_groups, toml_value, write_config
+from edge_ft.fleet.records import round_starts
 
 CONNECTION = "fleet"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 DEVICE_BUNDLE = "device-bundle"  # where a shared federation's devices find the bundle of the current run
@@ -302,7 +303,7 @@ def run_fleet(plans: list[Plan], node_profiles: list[str], *, tls: bool = True, 
 def _record(result: FederationResult, fed: Federation, plan: Plan, several: bool, started: float) -> None:
     """Close one run's measurement and write its federation.json."""
     result.wall_seconds = round(time.monotonic() - started, 3)
-    result.nodes = [node_result(n) for n in fed.nodes]
+    result.nodes = [node_result(n, round_starts(Path(plan.results_dir))) for n in fed.nodes]
     where = ensure_dir(Path(plan.results_dir).parent / "deploy") if several else fed.run_dir
     with contextlib.suppress(UserError):
         atomic_write_json(where / RESULT_FILE, result.to_dict())

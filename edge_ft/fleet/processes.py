@@ -155,7 +155,7 @@ class SuperNode:
     peak_total_rss: int = 0  # highest sum of RSS over the node's processes
     peak_total_pss: int = 0  # highest sum of PSS over the node's processes
     pss_by_round: dict[int, int] = field(default_factory=dict)  # server round -> highest sum of PSS in it
-    events: list[tuple[float, str, int | None, str]] = field(default_factory=list)  # (time, kind, round, type)
+    events: list[tuple[float, str, int | None, str]] = field(default_factory=list)  # (time.time(), kind, round, type)
     _procs: dict[int, tuple[psutil.Process, str]] = field(default_factory=dict)
     server_round: int | None = None  # the round the ServerApp is in (from its stream): stamps the node's messages
     _ticks: int = 0
@@ -286,7 +286,7 @@ class SuperNode:
                 data = f.read()
             end = data.rfind(b"\n") + 1
             self._log_pos += end
-            now = time.monotonic()
+            now = time.time()  # wall clock: comparable with the ServerApp's round starts (edge_ft.fleet.records)
             for raw in data[:end].decode("utf-8", "replace").splitlines():
                 line = plain(raw)
                 if m := _RECEIVING.search(line):
@@ -336,18 +336,24 @@ class SuperNode:
             self._ended(life)
         life.confinement.remove()
 
-    def round_seconds(self) -> dict[int, float]:
+    def round_seconds(self, round_starts: list[tuple[float, int]] | None = None) -> dict[int, float]:
         """Wall time of the node's train message per round: from its arrival to the reply (ClientApp start,
-        imports, training and the upload, as the device sees it)."""
-        arrived: dict[int, float] = {}
+        imports, training and the upload, as the device sees it). A message belongs to the last round the ServerApp
+        started before it arrived (round_starts: (time.time(), round)); without those, to the round of the
+        ServerApp's streamed log line, which can arrive after the message did."""
+        starts = sorted(round_starts or [])
         out: dict[int, float] = {}
+        arrived: tuple[float, int | None] | None = None
         for t, kind, rnd, mtype in self.events:
-            if mtype != "train" or rnd is None:
+            if mtype != "train":
                 continue
-            if kind == "receive":
-                arrived[rnd] = t
-            elif rnd in arrived:
-                out[rnd] = round(t - arrived.pop(rnd), 3)
+            if kind == "receive":  # a node answers one message before it takes the next; a killed one never does
+                before = [r for start, r in starts if start <= t]
+                arrived = (t, before[-1] if before else (None if starts else rnd))
+            elif arrived is not None:
+                if arrived[1] is not None:
+                    out[arrived[1]] = round(t - arrived[0], 3)
+                arrived = None
         return out
 
     def received(self, mtype: str = "train") -> list[tuple[float, int | None]]:

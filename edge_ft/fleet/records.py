@@ -14,6 +14,7 @@ A round record: {"round", "method", "aggregation", "partitioning", "accuracy", "
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -101,3 +102,13 @@ def is_fleet_records(path: str | Path) -> bool:
     """A fleet results folder or rounds file (as opposed to `edge-ft bench` results)."""
     path = Path(path)
     return (path / ROUNDS).is_file() if path.is_dir() else path.name == ROUNDS
+
+
+def round_starts(results: str | Path) -> list[tuple[float, int]]:
+    """(time.time() when the ServerApp started the round, round) for every round recorded in `results` so far;
+    none for a run that recorded nothing (e.g. another app)."""
+    if not is_fleet_records(results):
+        return []
+    with contextlib.suppress(UserError):
+        return [(r["started_at"], r["round"]) for r in read_rounds(results) if "started_at" in r]
+    return []

@@ -121,7 +121,7 @@ class FleetFedAvg(FedAvg):
         r = self.round_of(server_round)
         config["lr"] = epoch_lr(self.s.lr, r - 1, self.s.rounds, "cosine")
         messages = list(super().configure_train(r, arrays, config, grid))
-        self.last = {"started": time.perf_counter(), "sampled": len(messages), "clients": [], "rejected": [],
+        self.last = {"started": time.perf_counter(), "started_at": time.time(), "sampled": len(messages), "clients": [], "rejected": [],
                      "bytes_down": arrays.count_bytes() * len(messages), "bytes_up": 0, "lora_product_gap": None}
         return messages
 
