@@ -285,6 +285,8 @@ class CgroupJob:
 
     def split_threads(self) -> None:
         """Give every thread of the job its own one-core leaf; drop leaves whose thread has ended."""
+        if self.thread_quota_us is None:  # created without a per-thread quota: a leaf per thread would cap nothing
+            return
         threads = "tasks" if self.version == 1 else "cgroup.threads"
         for leaf in list(self.leaves):
             try:

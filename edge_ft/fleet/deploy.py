@@ -21,6 +21,7 @@ cgroups.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import signal
 import socket
@@ -47,6 +48,7 @@ from edge_ft.fleet.records import round_starts
 CONNECTION = "fleet"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 DEVICE_BUNDLE = "device-bundle"  # where a shared federation's devices find the bundle of the current run
 SAMPLE_SECONDS = 0.1  # memory sampling tick
+LINK_EVERY = 10  # look for the SuperLink's new descendants every 10th tick: they live for a whole run
 START_TIMEOUT = 120.0  # seconds the SuperLink may take to listen (under a loaded machine)
 _ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 _AGGREGATED = re.compile(r"aggregate_(train|evaluate): Received (\d+) results and (\d+) failures")
@@ -203,11 +205,14 @@ class Federation:
             return self.runner.wait()
 
     def _sample_loop(self) -> None:
-        while not self._stop.wait(SAMPLE_SECONDS):
+        for tick in itertools.count():
+            if self._stop.wait(SAMPLE_SECONDS):
+                return
             with self._lock:
                 for node in self.nodes:
                     node.sample()
-                self._watch_link()
+                if tick % LINK_EVERY == 0:
+                    self._watch_link()
 
     def _watch_link(self) -> None:
         """Remember the SuperLink's descendants: its ServerApp SuperExec runs in a session of its own."""
