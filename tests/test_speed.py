@@ -29,7 +29,10 @@ def test_profile_ops_summarises_the_step_graphs_operators(digits, tmp_path, caps
     ops = {r["op"] for r in summary["by_op"]}
     assert {"Resize", "Gather"} <= ops and ops & {"MatMul", "FusedMatMul"}  # pool backward, dW's unfold and GEMM
     graph = [n.op_type for n in onnx.load(bundle / "train_step.onnx").graph.node]
-    assert graph.count("Resize") == 2 and "LessOrEqual" not in graph  # both pools' backward; ReLU's as a multiply
+    # Both pools forward and backward as Resize (none as AveragePool); ReLU's backward as a multiply.
+    assert graph.count("Resize") == 4 and "AveragePool" not in graph and "LessOrEqual" not in graph
+    # The loss and its gradient: one SoftmaxCrossEntropyLoss, not the traced log_softmax / nll_loss.
+    assert graph.count("SoftmaxCrossEntropyLoss") == 1 and not {"LogSoftmax", "ScatterElements"} & set(graph)
     assert abs(sum(r["share"] for r in summary["by_op"]) - 1) < 1e-2
     assert not list((tmp_path / "run").glob("ort-profile*.json"))  # the raw trace is not left behind
     results = json.loads((tmp_path / "run" / "results.json").read_text())

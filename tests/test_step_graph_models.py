@@ -172,8 +172,9 @@ def test_graph_flops_equal_torch_flop_counter(model_name, subset):
 
 class EveryOp(nn.Module):
     """The supported ops the reference models do not use: ReLU6, Hardswish, max / adaptive / padded and
-    overlapping average pools (count_include_pad both ways), a depthwise conv with multiplier 2, a dilated conv,
-    concatenation, a residual add, Dropout and a Flatten."""
+    overlapping average pools (count_include_pad both ways), a 2x2 pool of an odd-sized map (the graph's Resize
+    form) and an adaptive pool to 1x1 of a 2x2 map (that form again), a depthwise conv with multiplier 2, a
+    dilated conv, concatenation, a residual add, Dropout and a Flatten."""
 
     input_shape = (3, 15, 15)
 
@@ -188,6 +189,7 @@ class EveryOp(nn.Module):
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)  # overlapping: (B,24,4,4)
         self.avgpool = nn.AvgPool2d(3, stride=1, padding=1)  # padded, overlapping
         self.avgpool_excl = nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False)  # (B,24,5,5)
+        self.halve = nn.AvgPool2d(2)  # (B,24,2,2): the fifth row and column dropped
         self.adaptive = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(0.5)
         self.flatten = nn.Flatten()
@@ -197,7 +199,7 @@ class EveryOp(nn.Module):
         x = self.act(self.bn(self.conv(x)))
         x = torch.cat([self.depthwise(x), self.dilated(x)], dim=1)
         x = self.maxpool(self.hswish(x))
-        x = self.avgpool_excl(x + self.avgpool(x))
+        x = self.halve(self.avgpool_excl(x + self.avgpool(x)))
         return self.classifier(self.dropout(self.flatten(self.adaptive(x))))
 
 

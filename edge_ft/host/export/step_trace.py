@@ -20,13 +20,12 @@ import warnings
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from edge_ft.config import OptimizerConfig
 from edge_ft.contracts import INPUT, LABELS, LOGITS, LOSS, LR
 from edge_ft.device.engines.ort_step import OPT_BUFFERS, STEP_KEY, next_name
-from edge_ft.host.export.step_ops import ONNX_TRANSLATIONS, decompositions
+from edge_ft.host.export.step_ops import ONNX_TRANSLATIONS, cross_entropy_and_grad, decompositions
 
 OPSET = 21  # highest opset onnxruntime-training 1.19.2 runs; standard onnxruntime runs it too
 MAX_BATCH = 1 << 16
@@ -104,13 +103,15 @@ def make_step(model: torch.nn.Module, trainable: list[str], frozen: list[str], s
         fixed = dict(zip(frozen, tensors[n_train:n_train + n_frozen]))
         state = dict(zip(state_keys, tensors[n_train + n_frozen:]))
 
-        def loss_fn(params):
+        def logits_of(params):
             with eval_mode(model):
-                logits = torch.func.functional_call(model, {**params, **fixed}, (x,))
-            return F.cross_entropy(logits, y), logits
+                return torch.func.functional_call(model, {**params, **fixed}, (x,))
 
-        # Only `params` is differentiated: autograd never builds gradients for frozen tensors or the input.
-        grads, (loss, logits) = torch.func.grad_and_value(loss_fn, has_aux=True)(params)
+        # Only `params` is differentiated: autograd never builds gradients for frozen tensors or the input. The
+        # loss's gradient comes with the loss, from one op (step_ops.cross_entropy_and_grad), not from autograd.
+        logits, pullback = torch.func.vjp(logits_of, params)
+        loss, grad_logits = cross_entropy_and_grad(logits, y)
+        grads, = pullback(grad_logits)
         new_params, new_state = optimizer_update(opt, params, grads, state, lr)
         return (loss, logits, *(new_params[n] for n in trainable), *(new_state[k] for k in state_keys))
 
