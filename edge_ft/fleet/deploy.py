@@ -241,8 +241,9 @@ def run_federation(plan: Plan, node_profiles: list[str], **options) -> Federatio
 
 def run_fleet(plans: list[Plan], node_profiles: list[str], *, tls: bool = True, auth: bool = True,
               run_dir: Path | None = None, fault: Fault | None = None, host: HostSpeed | None = None,
-              device_python: str | None = None, mode: str = "auto", cpu_cap: bool = True, isolation: str = "subprocess",
-              lean: bool = True, progress: bool = True, echo: Callable[[str], None] | None = None) -> list[FederationResult]:
+              device_python: str | None = None, mode: str = "auto", cpu_cap: bool = True,
+              isolation: str = "subprocess", lean: bool = True, progress: bool = True,
+              echo: Callable[[str], None] | None = None) -> list[FederationResult]:
     """Run the plans one after another on one SuperLink and one set of SuperNodes, started once; measure every node
     in every run. Never leaves a process. Returns one result per run that started (a failed run ends the series).
 
@@ -308,7 +309,8 @@ def run_fleet(plans: list[Plan], node_profiles: list[str], *, tls: bool = True, 
 def _record(result: FederationResult, fed: Federation, plan: Plan, several: bool, started: float) -> None:
     """Close one run's measurement and write its federation.json."""
     result.wall_seconds = round(time.monotonic() - started, 3)
-    result.nodes = [node_result(n, round_starts(Path(plan.results_dir))) for n in fed.nodes]
+    starts = round_starts(Path(plan.results_dir))
+    result.nodes = [node_result(n, starts) for n in fed.nodes]
     where = ensure_dir(Path(plan.results_dir).parent / "deploy") if several else fed.run_dir
     with contextlib.suppress(UserError):
         atomic_write_json(where / RESULT_FILE, result.to_dict())

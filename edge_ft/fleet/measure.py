@@ -70,7 +70,8 @@ def node_result(node: SuperNode, round_starts: list[tuple[float, int]] | None = 
         sampled_peak_bytes=node.peak_total_rss, sampled_peak_pss_bytes=node.peak_total_pss,
         pss_by_round=dict(sorted(node.pss_by_round.items())),
         peak_rss_by_role=dict(node.peak_rss), peak_pss_by_role=dict(node.peak_pss), oom_killed=oom,
-        fits=not oom and (node.peak_total_pss or peak) <= node.profile.budget_bytes, round_seconds=node.round_seconds(round_starts),
+        fits=not oom and (node.peak_total_pss or peak) <= node.profile.budget_bytes,
+        round_seconds=node.round_seconds(round_starts),
         messages=len(node.received("train")) + len(node.received("evaluate")), restarts=max(0, len(lives) - 1),
         exit_codes=[life.exit_code for life in lives], cpu_quota=conf.thread_share if conf else None,
         log=str(lives[-1].log) if lives else "")

@@ -121,7 +121,8 @@ class FleetFedAvg(FedAvg):
         r = self.round_of(server_round)
         config["lr"] = epoch_lr(self.s.lr, r - 1, self.s.rounds, "cosine")
         messages = list(super().configure_train(r, arrays, config, grid))
-        self.last = {"started": time.perf_counter(), "started_at": time.time(), "sampled": len(messages), "clients": [], "rejected": [],
+        # started_at (wall clock) is kept in the round record: the deployment files each node's message by it
+        self.last = {"started_at": time.time(), "sampled": len(messages), "clients": [], "rejected": [],
                      "bytes_down": arrays.count_bytes() * len(messages), "bytes_up": 0, "lora_product_gap": None}
         return messages
 
@@ -191,9 +192,8 @@ def run(grid: Grid, s: FleetSettings) -> list[dict]:
         current = from_arrays(arrays)
         info = strategy.last if server_round else {"sampled": 0, "clients": [], "rejected": [], "bytes_down": 0,
                                                    "bytes_up": 0, "lora_product_gap": None}
-        seconds = time.perf_counter() - info["started"] if "started" in info else 0.0
-        record = {"round": r, **base, "accuracy": evaluate(current), "seconds": round(seconds, 3),
-                  **{k: v for k, v in info.items() if k != "started"}}
+        seconds = time.time() - info["started_at"] if "started_at" in info else 0.0
+        record = {"round": r, **base, "accuracy": evaluate(current), "seconds": round(seconds, 3), **info}
         rounds.append(record)
         records.commit_round(results, identity, r, current, rounds)
         log.info("round %d: global accuracy %.4f, %d updates, %d rejected, %d B down, %d B up", r,

@@ -163,10 +163,10 @@ def export_onnx(fn: Callable, input_shape: tuple[int, ...], tensors: list[torch.
     x = torch.rand(batch, *input_shape)
     head = [x, torch.zeros(batch, dtype=torch.int64), torch.tensor(0.01)] if labels else [x]
     args = tuple(head + [t.detach().clone().contiguous() for t in tensors])
-    gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="symbolic")(
-        *batch_symbolic(args, batched=2 if labels else 1))
+    batched = 2 if labels else 1  # x, and y when there are labels, carry the batch axis
+    gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="symbolic")(*batch_symbolic(args, batched))
     dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    dynamic = tuple([{0: dim}] * (2 if labels else 1) + [None] * (len(args) - (2 if labels else 1)))
+    dynamic = tuple([{0: dim}] * batched + [None] * (len(args) - batched))
     with _quiet_exporter():
         ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
         # optimize=True constant-folds with a tolerance and deletes AdamW's `+ eps` (then 0/0 = NaN): keep it off.
