@@ -10,11 +10,11 @@ import pytest
 
 from edge_ft.bench.model_choice import recommend_model
 from edge_ft.bench.prepare import MODEL_NAMES
-from edge_ft.emulation.profiles import load_profile_file
-from edge_ft.bench.records import REQUIRED, TASK, TRADEOFF, append_record, read_records
 from edge_ft.bench.recommend import Constraints
+from edge_ft.bench.records import REQUIRED, TASK, TRADEOFF, append_record, read_records
 from edge_ft.bench.tradeoff import TradeoffSettings, plan_models, search_max_batch
 from edge_ft.cli import main
+from edge_ft.emulation.profiles import load_profile_file
 from edge_ft.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

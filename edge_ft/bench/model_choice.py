@@ -15,9 +15,9 @@ sweep to say (`edge-ft bench --task`).
 from __future__ import annotations
 
 from edge_ft.bench.measure import fmt_ms, mb, step_ms
-from edge_ft.emulation.profiles import MB, DeviceProfile
 from edge_ft.bench.recommend import Constraints, Recommendation
 from edge_ft.bench.tradeoff import fitting_text
+from edge_ft.emulation.profiles import MB, DeviceProfile
 
 
 def model_runs(records: list[dict], profile: str, model: str) -> list[dict]:

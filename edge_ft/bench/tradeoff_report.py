@@ -13,8 +13,8 @@ from pathlib import Path
 
 from edge_ft.bench.measure import fmt_ms, mb, short_result
 from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES
-from edge_ft.emulation.profiles import MB
 from edge_ft.bench.tradeoff import fitting_text
+from edge_ft.emulation.profiles import MB
 
 FIGURE = "peak_rss_vs_batch.png"
 METHOD_COLOURS = {"full": "#d62728", "last-k": "#ff7f0e", "bias": "#9467bd", "lora": "#1f77b4", "probe": "#2ca02c"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES
 from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
 from edge_ft.commands.gate import add_gate_options
-from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES
 from edge_ft.config import default_alpha
 from edge_ft.contracts import ENGINES, ORT_STEP
 from edge_ft.errors import UserError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_ft.commands.pretrain import DEFAULT_BASE
 from edge_ft.commands.argtypes import add_lora_options, method_config
+from edge_ft.commands.pretrain import DEFAULT_BASE
 from edge_ft.config import METHODS, OPTIMIZERS
 from edge_ft.contracts import TORCH
 from edge_ft.errors import UserError, require_host

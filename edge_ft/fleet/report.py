@@ -14,8 +14,8 @@ from pathlib import Path
 
 from edge_ft.atomic import atomic_write_text
 from edge_ft.bench.plots import LABEL_MARKERS, _pyplot, _save
-from edge_ft.emulation.profiles import MB
 from edge_ft.bench.report import md_table
+from edge_ft.emulation.profiles import MB
 from edge_ft.fleet.measure import RESULT_FILE
 from edge_ft.fleet.records import read_rounds
 
