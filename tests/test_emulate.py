@@ -93,12 +93,13 @@ def test_cgroup_allocation_within_cap_succeeds_on_its_cpuset(tmp_path):
 @needs_cgroups
 def test_memory_peak_starts_again_after_a_reset(tmp_path):
     """A fleet node serves several runs in one cgroup: each run's peak must not carry the earlier runs'."""
-    conf = confine(make_profile(tmp_path, budget_mb=150))
+    conf = confine(make_profile(tmp_path, budget_mb=400))
     try:
-        assert subprocess.run(conf.command(alloc(60)), env=conf.env, capture_output=True).returncode == 0
-        assert conf.job.memory_peak() > 60 * MB
+        assert subprocess.run(conf.command(alloc(200)), env=conf.env, capture_output=True).returncode == 0
+        assert conf.job.memory_peak() > 200 * MB
         if conf.job.reset_memory_peak():  # cgroup v1
-            assert conf.job.memory_peak() < 60 * MB  # the allocating process is gone: only what is charged now
+            # the allocating process is gone: only what is charged now (page cache of the files it read, far less)
+            assert conf.job.memory_peak() < 200 * MB
         else:
             assert conf.job.version == 2  # memory.peak resets only per file descriptor there
     finally:

@@ -75,7 +75,21 @@ class SlowGrid:
         return msg
 
 
-def test_prompt_grid_collects_every_reply_and_gives_up_at_the_timeout():
+class FakeClock:
+    """time.monotonic and time.sleep for PromptGrid: a sleep moves the clock, so the count of pulls is exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_prompt_grid_collects_every_reply_and_gives_up_at_the_timeout(monkeypatch):
+    monkeypatch.setattr("edge_ft.fleet.grid.time", FakeClock())
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     messages = [Message(RecordDict(), dst_node_id=10 + i, message_type="train") for i in range(3)]
     inner = SlowGrid(answered=3)
@@ -83,8 +97,9 @@ def test_prompt_grid_collects_every_reply_and_gives_up_at_the_timeout():
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["id-0", "id-1", "id-2"]
     assert inner.pulls == 3  # one reply per pull here: it kept pulling until the last one, then stopped
     lost = SlowGrid(answered=1)
-    replies = PromptGrid(lost, poll=0.01).send_and_receive(list(messages), timeout=0.2)
-    assert [r.metadata.reply_to_message_id for r in replies] == ["id-0"] and lost.pulls >= 2
+    replies = PromptGrid(lost, poll=0.25).send_and_receive(list(messages), timeout=1.0)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["id-0"]
+    assert lost.pulls == 5  # at 0, 0.25, 0.5, 0.75 and 1.0 s of the fake clock, then the timeout ends it
 
 
 def test_a_node_message_belongs_to_the_round_the_server_started_before_it_arrived():
