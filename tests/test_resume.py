@@ -213,6 +213,36 @@ def test_resume_refuses_other_settings_and_protects_unfinished_runs(tmp_path, ca
     assert json.loads((fresh / "results.json").read_text())["resumed_from"] == []
 
 
+def test_a_finished_run_is_never_trained_over_without_force(tmp_path, capsys):
+    """--resume on a finished run without checkpoints used to train from step 0 over it (accuracy 1.00 -> 0.73,
+    exit 0). A finished run stays as it is unless --force; the library refuses it as the command does."""
+    out = tmp_path / "run"
+    argv = [a for a in train_argv(out) if a not in ("--checkpoint-every", str(EVERY))]
+    argv[argv.index("--epochs") + 1] = "1"
+    assert main(argv) == 0 and not (out / "checkpoints").exists()
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    for extra in (["--resume"], [], ["--resume", "--epochs", "2"]):
+        assert main([*argv, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "holds a finished run" in err and "--force" in err, err
+        assert ("nothing to resume" in err) == ("--resume" in extra), err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished
+
+    from edge_ft.data.npz import load_labelled_npz
+    from edge_ft.device.trainer import TrainSettings, train
+    from edge_ft.errors import UserError
+
+    bundle = load_bundle(inputs("ort-step")[0])
+    x, y, _ = load_labelled_npz(inputs("ort-step")[1], bundle.num_classes, bundle.input_shape)
+    with pytest.raises(UserError, match="holds a finished run"):
+        train(bundle, (x, y), None, TrainSettings(batch=BATCH, quiet=True), out, resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished
+
+    assert main([*argv, "--resume", "--force", "--epochs", "2"]) == 0  # asked for: trained again, replaced
+    assert len(json.loads((out / "results.json").read_text())["epochs"]) == 2
+
+
 def _cgroups_unavailable() -> str | None:
     from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
 

@@ -59,9 +59,10 @@ def handler(args) -> int:
     from edge_ft.validate import writable_folder
 
     out = writable_folder(args.out or Path("runs") / Path(args.bundle).resolve().name)
-    if (out / RESULTS).is_file() and not (args.force or args.resume):
-        raise UserError(f"{out}: holds a finished run (results.json); choose another --out, or add --force to "
-                        "replace it")
+    if (out / RESULTS).is_file() and not args.force:  # refused before any data loads (train() refuses it too)
+        what = "there is nothing to resume" if args.resume else "choose another --out"
+        raise UserError(f"{out}: holds a finished run (results.json); {what}, or add --force to train it again "
+                        "from step 0 and replace it")
     bundle = load_bundle(args.bundle)
     recipe = DEFAULTS[bundle.method.method]
     threads = args.threads
@@ -93,7 +94,8 @@ def handler(args) -> int:
         eval_data = (x_eval, y_eval)
         classes = same_classes(classes, args.data, eval_classes, args.eval)
     classes = same_classes(classes, args.data, bundle.classes, bundle.path / MANIFEST)
-    r = train(bundle, (x, y), eval_data, settings, out, rss_after_imports, resume=args.resume, classes=classes)
+    r = train(bundle, (x, y), eval_data, settings, out, rss_after_imports, resume=args.resume, classes=classes,
+              replace=args.force)
     if not args.quiet:
         acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
         print(f"{out}: {r['steps']} steps, final loss {r['losses'][-1]:.4f}{acc}, "

@@ -72,18 +72,24 @@ def save_checkpoint(engine, out: Path, identity: dict, progress: Progress) -> Pa
     return path
 
 
-def start(out: Path, identity: dict, resume: bool) -> tuple[Progress, Path | None]:
+def start(out: Path, identity: dict, resume: bool, replace: bool = False) -> tuple[Progress, Path | None]:
     """(progress, state file to load) for a run writing to `out`.
 
-    Fresh runs (resume False) refuse a folder holding an unfinished run, so its training is never overwritten
-    by accident; a finished run's record and checkpoints are replaced. Either way, temp files that a killed
+    A finished run (results.json) is never trained over unless `replace`: resuming it has nothing left to do,
+    and a fresh start would throw its results away. Fresh runs (resume False) also refuse a folder holding an
+    unfinished run, so its training is never overwritten by accident. Either way, temp files that a killed
     process left behind are removed.
     """
     for folder in (out, out / CHECKPOINTS):
         remove_stale_temps(folder)
     record_path = out / RESUME
-    if not resume:
-        if record_path.is_file() and not (out / RESULTS).is_file():
+    finished = (out / RESULTS).is_file()
+    if finished and not replace:
+        what = "there is nothing to resume" if resume else "choose another --out"
+        raise UserError(f"{out}: holds a finished run (results.json); {what}, or add --force to train it again "
+                        "from step 0 and replace it")
+    if not resume or finished:
+        if record_path.is_file() and not finished and not replace:
             raise UserError(f"{out}: holds an unfinished run (resume.json); add --resume to continue it, "
                             "or choose another --out")
         for stale in [record_path, out / RESULTS, *sorted((out / CHECKPOINTS).glob("step-*.state"))]:

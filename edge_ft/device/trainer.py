@@ -120,12 +120,14 @@ def load_runtime(engine: str) -> int:
 
 def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[np.ndarray, np.ndarray] | None,
           s: TrainSettings, out: str | Path, rss_after_imports: int | None = None, resume: bool = False,
-          classes: list[str] | None = None, initial: dict[str, np.ndarray] | None = None) -> dict:
+          classes: list[str] | None = None, initial: dict[str, np.ndarray] | None = None,
+          replace: bool = False) -> dict:
     """Fine-tune `bundle` on data (x as edge_ft.data.npz validates it for the bundle's input shape, y int64 (N,));
     write the run folder; return results.
 
     rss_after_imports: measured by the caller with load_runtime() before it loaded the data (else measured here).
     resume: continue from the run folder's last checkpoint (same bundle, data and settings), if it has one.
+    replace: train over a finished run in `out` (else it is refused: a finished run is never lost by accident).
     classes: the name of each label (from the data or the bundle), written into model.onnx and results.json.
     initial: trainable tensors to start from instead of the bundle's (a fleet's global model), set after any
     applied adapter; the caller checked names and shapes.
@@ -146,7 +148,7 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
     if rss_after_imports is None:
         rss_after_imports = load_runtime(train_bundle.engine)
     identity = run_identity(bundle.path / MANIFEST, x, y, s)
-    pos, resume_state = start(out, identity, resume)
+    pos, resume_state = start(out, identity, resume, replace)
 
     per_epoch = math.ceil(len(x) / s.batch)
     total = s.steps or s.epochs * per_epoch
