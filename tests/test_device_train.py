@@ -30,10 +30,10 @@ from tests.ort_training_support import ADAMW, EXPORT_SEED, METHODS, ROOT, SGD, b
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_PYTHON = REPO / ".venv-device" / "bin" / "python"
 LOSS_TOL = 1e-5  # per-step loss from the same weights, ORT vs torch: float32 rounding of a ~2.3 loss is ~1e-6
-# One step's weight change may differ from torch's by this fraction of the largest single-step change. SGD's update
-# is the gradient: conv1's sums 32 x 576 float32 products in another order, a relative error up to N*eps ~ 1e-3
-# (measured 9e-5). AdamW divides by sqrt(v), so a nearly cancelled gradient entry moves further (measured 1.4e-3).
-UPDATE_RTOL = {"sgd": 1e-3, "adamw": 2e-2}
+# What a step's weight gap may hold beyond the rounding bound of tests/lockstep.py (each sum's Σ|terms| and ReLU
+# kinks within rounding of zero, carried through SGD's or AdamW's recurrences), as a fraction of the largest
+# single-step change: the forward's relative rounding. Measured on AVX2: SGD 2e-8, AdamW 8.7e-4.
+UPDATE_RTOL = {"sgd": 1e-5, "adamw": 5e-3}
 ADAMW_LR = {"full": 3e-3, "probe": 3e-2, "lora": 2e-2}  # the methods' recipe rates (training_defaults) when tuned
 
 
@@ -71,8 +71,7 @@ def test_twenty_steps_match_torch(method, opt):
     model, optimizer = torch_reference(cfg, opt)
     gaps = run_lockstep(engine, model, optimizer, batches(classes=cfg.num_classes), lambda step: opt.lr)
     np.testing.assert_allclose(gaps.losses, gaps.reference, rtol=0, atol=LOSS_TOL)
-    for name, gap in gaps.update_gap.items():
-        assert gap <= UPDATE_RTOL[opt.name] * gaps.max_update[name] + 1e-7, (name, gap, gaps.max_update[name])
+    gaps.check(UPDATE_RTOL[opt.name])
     params = engine.parameters()
     start = open_engine(b, threads=1).parameters()
     assert all(np.abs(params[n] - start[n]).max() > 1e-5 for n in b.trainable if not n.endswith("lora_A"))

@@ -31,9 +31,10 @@ from edge_ft.host.methods import build_model
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_PYTHON = REPO / ".venv-device" / "bin" / "python"
 LR = {"sgd": 0.05, "sgd-momentum": 0.05, "adamw": 2e-3}
-# One step's weight change vs torch's, as a fraction of the largest single-step change (see test_device_train):
-# summation order in float32 for SGD-momentum; AdamW's division by sqrt(v) magnifies nearly cancelled entries.
-UPDATE_RTOL = {"sgd-momentum": 1e-3, "adamw": 2e-2}
+# What a step's weight gap may hold beyond the rounding bound of tests/lockstep.py (summation order, ReLU kinks
+# within rounding of zero, both carried through the optimizer), as a fraction of the largest single-step change:
+# the forward's own relative rounding. Measured excess: 0 for SGD-momentum, 5e-4 for AdamW (see test_device_train).
+UPDATE_RTOL = {"sgd-momentum": 1e-5, "adamw": 5e-3}
 PARITY = {**{m: MethodConfig(m) for m in METHODS},  # and a 3-class task: adapters on fc1/fc2, fc3 trained whole
           "lora-new-head": MethodConfig("lora", targets=("fc1", "fc2"), modules_to_save=("fc3",), num_classes=3)}
 
@@ -67,8 +68,7 @@ def test_twenty_steps_match_torch_optim(method, optimizer):
     batches = support.mnist_batches(classes=cfg.num_classes)
     gaps = run_lockstep(engine, model, torch_opt, batches, lambda step: schedule(opt, step))
     np.testing.assert_allclose(gaps.losses, gaps.reference, rtol=2e-6)  # forward rounding from the same weights
-    for name, gap in gaps.update_gap.items():
-        assert gap <= UPDATE_RTOL[optimizer] * gaps.max_update[name] + 1e-7, (name, gap, gaps.max_update[name])
+    gaps.check(UPDATE_RTOL[optimizer])
     assert len(batches[-1][0]) == 5  # the last batch was short: the batch axis is dynamic
     x = batches[3][0]
     with torch.no_grad():  # the training graph's forward is torch's forward at the trained weights

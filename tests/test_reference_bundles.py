@@ -106,8 +106,7 @@ def test_every_reference_model_trains_from_its_bundle_like_torch(model, method, 
     gaps = run_lockstep(runner, reference, optimizer, batches(model, STEPS), lambda step: OPT.lr)
     # Forward rounding from the same weights: float32 convolutions summed in another order, up to 28 layers deep.
     np.testing.assert_allclose(gaps.losses, gaps.reference, rtol=1e-5)
-    for name, gap in gaps.update_gap.items():  # SGD: the change is lr * gradient
-        assert gap <= 2e-3 * gaps.max_update[name] + 1e-7, (name, gap, gaps.max_update[name])
+    gaps.check(5e-5)  # beyond lockstep's rounding bound: the forward's relative rounding (measured 4.8e-6)
     after = runner.parameters()
     moved = [n for n in trainable if not np.array_equal(after[n], start[n])]
     # The head always moves; deep in a seeded, untrained MobileNet the first conv's gradient is so small that

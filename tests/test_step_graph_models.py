@@ -123,8 +123,7 @@ def test_steps_match_torch_optim(model_name, subset):
                         lambda step: OPT.lr)
     # Forward rounding from the same weights: float32 convolutions summed in another order, ~30 layers deep.
     np.testing.assert_allclose(gaps.losses, gaps.reference, rtol=1e-5)
-    for name, gap in gaps.update_gap.items():  # SGD: the change is lr * (momentum-summed) gradient
-        assert gap <= 2e-3 * gaps.max_update[name] + 1e-7, (name, gap, gaps.max_update[name])
+    gaps.check(5e-5)  # beyond lockstep's rounding bound: the forward's relative rounding (measured 4.8e-6)
     after = runner.parameters()
     for name, value in start.items():
         if name in trainable:
