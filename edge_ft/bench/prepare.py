@@ -307,8 +307,10 @@ def prepare_in_child(spec: dict) -> dict:
     atomic_write_json(spec_file, spec)
     answer.unlink(missing_ok=True)
     # Its progress lines go to stderr (fd 2) with the sweep's own, so stdout holds only answers (recommend --json).
-    code = subprocess.run([sys.executable, "-m", "edge_ft.bench.prepare", str(spec_file), str(answer)],
-                          stdout=2).returncode
+    from edge_ft.emulation.lifetime import run
+
+    code = run([sys.executable, "-m", "edge_ft.bench.prepare", str(spec_file), str(answer)], "the preparation",
+               stdout=2).returncode
     if code != 0 or not answer.is_file():
         raise UserError(f"preparing the sweep under {folder} failed (exit {code}; see the message above)")
     return json.loads(answer.read_text())
