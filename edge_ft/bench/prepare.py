@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def pythonpath_shim(prep: Path) -> Path:
     target = Path(edge_ft.__file__).resolve().parent
     if not (link.is_symlink() and Path(os.readlink(link)) == target):
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".edge_ft.{os.getpid()}"
+        tmp = folder / f".edge_ft.{os.getpid()}.{threading.get_ident()}"  # --parallel runs make it side by side
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(target, target_is_directory=True)
         os.replace(tmp, link)
