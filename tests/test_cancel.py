@@ -171,7 +171,6 @@ def _bench(tmp_path, base: Path, *extra: str) -> Command:
                     "--results", str(results), "--quiet", *extra], tmp_path)
 
 
-@pytest.mark.slow
 @needs_cgroups
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_cancelled_bench_keeps_only_finished_runs(tmp_path, base_checkpoint, sig):
@@ -185,3 +184,32 @@ def test_cancelled_bench_keeps_only_finished_runs(tmp_path, base_checkpoint, sig
     assert [(r["profile"], r["status"]) for r in records] == [("host", "ok")]
     if sig != signal.SIGKILL:
         assert f"kept: 1 finished runs in {results}" in cmd.output()
+
+
+@pytest.mark.slow
+@needs_cgroups
+def test_cancelled_parallel_bench_records_no_run_in_progress(tmp_path, base_checkpoint):
+    results = tmp_path / "bench" / "results.jsonl"
+    cmd = Command(["bench", "--profiles", "rpi-zero-2w", "--methods", "probe-cached,lora", "--engines",
+                   "ort-training", "--steps", "20", "--parallel", "2", "--host-speed", "1", "--base",
+                   str(base_checkpoint), "--results", str(results), "--quiet"], tmp_path)
+    wait_for(lambda: sum("edge_ft.cli train" in " ".join(p.cmdline()) for p in cmd.children()) == 2
+             and len({p.name for p in owned_cgroups(cmd.proc.pid)}) == 2, 300, "two confined runs side by side")
+    cmd.cancel(signal.SIGTERM)
+    assert not results.exists() or results.read_text() == ""
+    assert "ended a run in progress" in cmd.output()
+
+
+def test_speed_ends_with_the_signals_status(tmp_path):
+    """`speed` measures in its own process: a signal ends it with the conventional status and one line."""
+    cmd = Command(["speed", "--methods", "lora", "--batches", "32", "--steps", "100000"], tmp_path)
+    wait_for(lambda: _cpu_seconds(cmd.proc.pid) > 8, 120, "timing under way (imports done)")
+    cmd.cancel(signal.SIGTERM)
+    assert "no child was running" in cmd.output()
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        return sum(psutil.Process(pid).cpu_times()[:2])
+    except psutil.Error:
+        return 0.0

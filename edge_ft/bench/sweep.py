@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import os
+import signal
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -205,10 +207,11 @@ def _kill_own_children() -> None:
     """SIGKILL every descendant but the guardian, which must outlive us to clean up after a SIGKILL."""
     import psutil
 
-    for child in psutil.Process().children(recursive=True):
+    for child in psutil.Process().children():
         if child.pid != lifetime.guardian_pid():
-            with contextlib.suppress(psutil.Error):
-                child.kill()
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signal.SIGKILL)  # each run is a process group of its own
+                lifetime.stopped(f"ended a run in progress (pid {child.pid})")
 
 
 def _cgroups_work() -> bool:

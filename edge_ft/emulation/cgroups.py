@@ -332,6 +332,9 @@ class CgroupJob:
     def kill(self, wait: float = 2.0) -> None:
         """SIGKILL every process still in the job and wait (bounded) until the group is empty."""
         deadline = time.monotonic() + wait
+        if self.pids():
+            with contextlib.suppress(OSError):  # a process dies faster unthrottled (its exit frees all its memory)
+                self.set_cpu_cap(False)
         while (pids := self.pids()) and time.monotonic() < deadline:
             for pid in pids:
                 with contextlib.suppress(OSError):

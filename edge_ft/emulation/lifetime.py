@@ -137,18 +137,27 @@ def _tell(line: str) -> None:
         proc.stdin.flush()
 
 
+def watch(pgid: int) -> None:
+    """Process group `pgid` is killed by the guardian should this process die before unwatch(pgid)."""
+    _tell(f"+{pgid}")
+
+
+def unwatch(pgid: int) -> None:
+    _tell(f"-{pgid}")
+
+
 @contextlib.contextmanager
 def watched(pgid: int, what: str = "", cgroups: bool = False):
-    """While the block runs, process group `pgid` is killed by the guardian should this process die. The block ends
-    the group itself when it raises; on a cancel `what` is noted as stopped (see summary)."""
-    _tell(f"+{pgid}")
+    """watch(pgid) while the block runs. The block ends the group itself when it raises; on a cancel `what` is
+    noted as stopped (see summary)."""
+    watch(pgid)
     try:
         yield
     except KeyboardInterrupt:
         stopped(f"ended {what or 'a child'} (pid {pgid})" + (" and removed its cgroups" if cgroups else ""))
         raise
     finally:
-        _tell(f"-{pgid}")
+        unwatch(pgid)
 
 
 def run(argv: list[str], what: str, spec: dict | None = None, **popen) -> subprocess.CompletedProcess:
@@ -189,10 +198,21 @@ def _members(path: Path) -> list[int]:
     return sorted(pids)
 
 
+def _uncap(path: Path) -> None:
+    """Lift the CPU quota of a job, then of its leaves (v1 refuses a leaf above its parent): killed processes exit
+    unthrottled."""
+    groups = [path] + [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+    for group, name, value in [(g, n, v) for g in groups for n, v in (("cpu.cfs_quota_us", "-1"), ("cpu.max", "max"))]:
+        with contextlib.suppress(OSError):
+            with open(group / name, "w") as f:
+                f.write(value)
+
+
 def purge(path: Path, wait: float = 5.0) -> bool:
     """Kill everything in cgroup `path` (cgroup.kill where the kernel has it, else each process), then rmdir it and
     its leaves (cgroups are removed with rmdir, never rm -r). True when it is gone."""
     deadline = time.monotonic() + wait
+    _uncap(path)
     while (pids := _members(path)) and time.monotonic() < deadline:
         try:
             with open(path / "cgroup.kill", "w") as f:
