@@ -66,24 +66,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"edge_ft.commands.{name}").register(sub)
+    for name, command in sub.choices.items():  # `profile run`'s COMMAND argument takes the dest "command"
+        command.set_defaults(command_name=name)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edge_ft.emulation import lifetime
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    lifetime.reset()
+    name = args.command_name
     try:
-        return int(args.func(args) or 0)
+        with lifetime.cancellable():  # SIGTERM, SIGHUP, SIGINT end what the command started, then it exits
+            swept = lifetime.sweep()
+            if swept:
+                print(f"edge-ft: removed {swept} cgroup{'s' * (swept > 1)} left by edge-ft processes that are gone",
+                      file=sys.stderr)
+            return int(args.func(args) or 0)
     except UserError as e:
-        print(f"edge-ft {args.command}: error: {e}", file=sys.stderr)
+        print(f"edge-ft {name}: error: {e}", file=sys.stderr)
         return e.exit_code
     except MemoryError:  # under a memory cap (ulimit, `edge-ft profile run`'s rlimit) Python raises, not dies
-        print(f"edge-ft {args.command}: error: out of memory (MemoryError); use a smaller --batch or less data, "
+        print(f"edge-ft {name}: error: out of memory (MemoryError); use a smaller --batch or less data, "
               "or a device with more free RAM", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"edge-ft {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or a signal lifetime turned into one
+        print(lifetime.summary(f"{name} {getattr(args, 'action', '')}".strip(), e), file=sys.stderr)
+        return lifetime.exit_status(e)
     except BrokenPipeError:  # `edge-ft analyze | head`
         return 0
 

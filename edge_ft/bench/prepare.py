@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def pythonpath_shim(prep: Path) -> Path:
     target = Path(edge_ft.__file__).resolve().parent
     if not (link.is_symlink() and Path(os.readlink(link)) == target):
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".edge_ft.{os.getpid()}"
+        tmp = folder / f".edge_ft.{os.getpid()}.{threading.get_ident()}"  # --parallel runs make it side by side
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(target, target_is_directory=True)
         os.replace(tmp, link)
@@ -307,8 +308,10 @@ def prepare_in_child(spec: dict) -> dict:
     atomic_write_json(spec_file, spec)
     answer.unlink(missing_ok=True)
     # Its progress lines go to stderr (fd 2) with the sweep's own, so stdout holds only answers (recommend --json).
-    code = subprocess.run([sys.executable, "-m", "edge_ft.bench.prepare", str(spec_file), str(answer)],
-                          stdout=2).returncode
+    from edge_ft.emulation.lifetime import run
+
+    code = run([sys.executable, "-m", "edge_ft.bench.prepare", str(spec_file), str(answer)], "the preparation",
+               stdout=2).returncode
     if code != 0 or not answer.is_file():
         raise UserError(f"preparing the sweep under {folder} failed (exit {code}; see the message above)")
     return json.loads(answer.read_text())

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import os
+import signal
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +23,7 @@ from edge_ft.bench.measure import (ENGINES, LABELS, Job, SweepSettings, fmt_ms, 
                                    short_result)
 from edge_ft.bench.prepare import Prepared, base_sha256, default_base, find_device_python, prepare_in_child
 from edge_ft.bench.records import append_record, latest, read_records
+from edge_ft.emulation import lifetime
 from edge_ft.emulation.emulate import plan_cpus, usable_cpus
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import DeviceProfile
@@ -106,9 +109,14 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
     if prep.device_python != prep.host_python:
         say(f"ort-step runs use {prep.device_python} "
             f"(onnxruntime {prep.versions('ort-step').get('onnxruntime', 'not installed')})")
-    with _progress(len(keyed), len(keyed) - len(todo), opts.quiet) as bar:
+    finished = len(keyed) - len(todo)
+    lifetime.kept(f"{finished} finished runs in {results}; the run in progress is not recorded")
+    with _progress(len(keyed), finished, opts.quiet) as bar:
         def finish(record: dict) -> None:
+            nonlocal finished
             append_record(results, record)
+            finished += 1
+            lifetime.kept(f"{finished} finished runs in {results}; the run in progress is not recorded")
             bar.update(1)
             bar.write(run_line(record), file=sys.stderr) if not bar.disable else say(run_line(record))
 
@@ -196,11 +204,14 @@ def _run_parallel(jobs: list[Job], run, width: int, finish) -> None:
 
 
 def _kill_own_children() -> None:
+    """SIGKILL every descendant but the guardian, which must outlive us to clean up after a SIGKILL."""
     import psutil
 
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            child.kill()
+    for child in psutil.Process().children():
+        if child.pid != lifetime.guardian_pid():
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signal.SIGKILL)  # each run is a process group of its own
+                lifetime.stopped(f"ended a run in progress (pid {child.pid})")
 
 
 def _cgroups_work() -> bool:

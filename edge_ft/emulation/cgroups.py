@@ -146,16 +146,6 @@ def _remove_tree(path: Path) -> None:
             path.rmdir()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class CgroupJob:
     """The cgroups of one confined run. Build with `create`, hand `entry_files` to the child, `remove` at the end."""
 
@@ -184,10 +174,12 @@ class CgroupJob:
                                      memory_bytes, cpus, thread_quota, total_quota, period_us)
             else:
                 job = cls._create_v1(own, name, made, memory_bytes, cpus, thread_quota, total_quota, period_us)
-        except OSError as e:
+        except BaseException as e:  # a cancel in the middle must not leave half a job behind either
             for path in reversed(made):
                 with contextlib.suppress(OSError):
                     path.rmdir()
+            if not isinstance(e, OSError):
+                raise
             where = e.filename or "cgroup files"
             raise CgroupUnavailable(f"cannot set up cgroups ({where}: {e.strerror or e})") from None
         job._oom_before = job.oom_kills()
@@ -340,6 +332,9 @@ class CgroupJob:
     def kill(self, wait: float = 2.0) -> None:
         """SIGKILL every process still in the job and wait (bounded) until the group is empty."""
         deadline = time.monotonic() + wait
+        if self.pids():
+            with contextlib.suppress(OSError):  # a process dies faster unthrottled (its exit frees all its memory)
+                self.set_cpu_cap(False)
         while (pids := self.pids()) and time.monotonic() < deadline:
             for pid in pids:
                 with contextlib.suppress(OSError):
@@ -366,13 +361,9 @@ def job_parents() -> list[Path]:
     return [m / own.get(c, "/").lstrip("/") for c, m in mounts.items() if m is not None]
 
 
-def remove_stale(parent: Path) -> None:
-    """Remove empty edge-ft cgroups left behind by runs whose parent process died (a crash, a SIGKILL)."""
-    with contextlib.suppress(OSError):
-        for path in parent.glob(f"{PREFIX}*"):
-            try:
-                owner = int(path.name.split(".")[1])
-            except (IndexError, ValueError):
-                continue
-            if owner != os.getpid() and not _pid_alive(owner):
-                _remove_tree(path)
+def remove_stale(parent: Path) -> int:
+    """Remove edge-ft cgroups under `parent` left behind by commands that are gone (a crash, a SIGKILL, the OOM
+    killer), killing what still runs in them; never this process's or a live owner's. Returns how many."""
+    from edge_ft.emulation.lifetime import purge_owned
+
+    return purge_owned([parent])

@@ -24,12 +24,12 @@ import math
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_ft.emulation import lifetime
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import DeviceProfile
@@ -38,7 +38,7 @@ from edge_ft.errors import UserError
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                "NUMEXPR_NUM_THREADS", "EDGE_FT_THREADS")
 MODES = ("auto", "cgroup", "rlimit", "native")
-_ENTER = Path(__file__).with_name("enter.py")
+_ENTER = lifetime.ENTER
 # How a process that ran out of memory without being OOM-killed says so (Python, numpy, C++/onnxruntime, glibc).
 _OOM_TEXT = re.compile(r"MemoryError|Unable to allocate|std::bad_alloc|Failed to allocate|Cannot allocate memory|"
                        r"out of memory", re.IGNORECASE)
@@ -153,7 +153,7 @@ class Confinement:
 
     def command(self, argv: list[str]) -> list[str]:
         """argv prefixed by the entry program that applies the limits before the job's first instruction."""
-        return [sys.executable, "-I", "-S", str(_ENTER), _json(self.spec), "--", *argv]
+        return lifetime.guarded(argv, self.spec)
 
     def remove(self) -> None:
         if self.job is not None:
@@ -215,12 +215,6 @@ def confine(profile: DeviceProfile, env: dict | None = None, *, mode: str = "aut
                        host, notes)
 
 
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj)
-
-
 def _cgroup_notes(profile: DeviceProfile, share: float, total_share: float | None, cpus: list[int],
                   threads: int) -> list[str]:
     notes = []
@@ -245,30 +239,15 @@ def _run_and_watch(cmd, env, cwd, timeout, job: CgroupJob | None, interval: floa
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # its own process group: a timeout kills all of it
-        sampled, timed_out, tick, procs = 0, False, 0, {}
-        try:
-            while True:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                if job is not None:
-                    job.split_threads()
-                    pids = job.pids() or [proc.pid]
-                else:
-                    pids = _process_tree(proc.pid) if tick % _CHILD_RESCAN == 0 else list(procs) or [proc.pid]
-                sampled = max(sampled, _total_rss(pids, procs, psutil))
-                if timeout is not None and not timed_out and time.perf_counter() - t0 > timeout:
-                    timed_out = True
-                    _kill(proc.pid, job)
-                tick += 1
-                time.sleep(interval)
-            wall = time.perf_counter() - t0
-        except BaseException:
-            _kill(proc.pid, job)
-            with contextlib.suppress(ChildProcessError):
-                os.wait4(proc.pid, 0)
-            proc.returncode = -9
-            raise
+        with lifetime.watched(proc.pid, f"`{_short(cmd)}`", cgroups=job is not None):
+            try:
+                status, usage, sampled, timed_out, wall = _watch(proc, t0, timeout, job, interval, psutil)
+            except BaseException:
+                _kill(proc.pid, job)
+                with contextlib.suppress(ChildProcessError):
+                    os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                raise
         proc.returncode = os.waitstatus_to_exitcode(status)
         return {
             "exit_code": proc.returncode, "timed_out": timed_out, "wall_seconds": wall,
@@ -279,6 +258,33 @@ def _run_and_watch(cmd, env, cwd, timeout, job: CgroupJob | None, interval: floa
             "cgroup_peak_bytes": job.memory_peak() if job is not None else None,
             "stdout_tail": _tail(out, tail_chars), "stderr_tail": _tail(err, tail_chars),
         }
+
+
+def _watch(proc, t0: float, timeout, job: CgroupJob | None, interval: float, psutil) -> tuple:
+    """Sample until the child exits: (wait status, rusage, highest RSS, timed out, wall seconds)."""
+    sampled, timed_out, tick, procs = 0, False, 0, {}
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return status, usage, sampled, timed_out, time.perf_counter() - t0
+        if job is not None:
+            job.split_threads()
+            pids = job.pids() or [proc.pid]
+        else:
+            pids = _process_tree(proc.pid) if tick % _CHILD_RESCAN == 0 else list(procs) or [proc.pid]
+        sampled = max(sampled, _total_rss(pids, procs, psutil))
+        if timeout is not None and not timed_out and time.perf_counter() - t0 > timeout:
+            timed_out = True
+            _kill(proc.pid, job)
+        tick += 1
+        time.sleep(interval)
+
+
+def _short(cmd: list[str]) -> str:
+    """The job's command without the entry program's prefix, cut to a few words."""
+    argv = cmd[cmd.index("--") + 1:] if "--" in cmd else cmd
+    words = [Path(argv[0]).name, *argv[1:5]]
+    return " ".join(words) + (" ..." if len(argv) > 5 else "")
 
 
 def _process_tree(pid: int) -> list[int]:

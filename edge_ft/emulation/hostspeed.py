@@ -198,19 +198,21 @@ def _last_cpu() -> list[int]:
 
 
 def _calibrate_cmd(spec: dict, argv: list[str]) -> list[str]:
-    """The calibration module as a child confined by emulate's entry program (`spec`: cgroup files or CPUs)."""
-    from edge_ft.emulation.emulate import _ENTER
+    """The calibration module as a child confined by emulate's entry program (`spec`: cgroup files or CPUs), dying
+    with this process."""
+    from edge_ft.emulation.lifetime import guarded
 
-    return [sys.executable, "-I", "-S", str(_ENTER), json.dumps(spec), "--", sys.executable, "-m",
-            "edge_ft.emulation.calibrate", *argv]
+    return guarded([sys.executable, "-m", "edge_ft.emulation.calibrate", *argv], spec)
 
 
 def _child(argv: list[str], cpus: list[int]) -> dict:
     """Run the calibration module in a child with one BLAS thread, pinned to `cpus`; its last line of JSON."""
     from edge_ft.emulation.emulate import thread_env
+    from edge_ft.emulation.lifetime import run
 
-    cmd = _calibrate_cmd({"procs": [], "rlimit_data": None, "cpus": cpus}, argv)
-    proc = subprocess.run(cmd, env=thread_env(1), capture_output=True, text=True)
+    proc = run([sys.executable, "-m", "edge_ft.emulation.calibrate", *argv], "the calibration workload",
+               spec={"procs": [], "rlimit_data": None, "cpus": cpus}, env=thread_env(1), stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         from edge_ft.errors import UserError
 
@@ -260,6 +262,7 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
     """
     from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
     from edge_ft.emulation.emulate import quota_period_us, thread_env
+    from edge_ft.emulation.lifetime import watched
 
     try:
         job = CgroupJob.create(1 << 30, cpus or _last_cpu(), thread_share, thread_share,
@@ -272,21 +275,23 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
     bounds: list[tuple[float, float]] = []  # (start, end) of each phase; odd phases are capped
     try:
         job.set_cpu_cap(False)  # imports at full speed
-        proc = subprocess.Popen(cmd, env=thread_env(1), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(cmd, env=thread_env(1), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
         try:
-            proc.stdout.readline()  # {"started": ...}: the workload is warm and timing
-            reader = threading.Thread(target=_read_stamps, args=(proc.stdout, ends), daemon=True)
-            reader.start()
-            for k in range(2 * cycles + 1):
-                capped = k % 2 == 1
-                job.set_cpu_cap(capped)
-                begin, held = time.perf_counter(), len(ends)
-                # A phase lasts its time and at least MIN_UNITS whole units (a slow quota needs longer phases).
-                while proc.poll() is None and (time.perf_counter() - begin < (CAPPED_SECONDS if capped else
-                                                                              FREE_SECONDS)
-                                               or len(ends) - held < MIN_UNITS):
-                    time.sleep(0.05)
-                bounds.append((begin, time.perf_counter()))
+            with watched(proc.pid, "the quota calibration workload", cgroups=True):
+                proc.stdout.readline()  # {"started": ...}: the workload is warm and timing
+                reader = threading.Thread(target=_read_stamps, args=(proc.stdout, ends), daemon=True)
+                reader.start()
+                for k in range(2 * cycles + 1):
+                    capped = k % 2 == 1
+                    job.set_cpu_cap(capped)
+                    begin, held = time.perf_counter(), len(ends)
+                    # A phase lasts its time and at least MIN_UNITS whole units (a slow quota needs longer phases).
+                    while proc.poll() is None and (time.perf_counter() - begin < (CAPPED_SECONDS if capped else
+                                                                                  FREE_SECONDS)
+                                                   or len(ends) - held < MIN_UNITS):
+                        time.sleep(0.05)
+                    bounds.append((begin, time.perf_counter()))
         finally:
             proc.kill()
             proc.wait()

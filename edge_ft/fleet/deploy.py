@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from typing import Callable, Protocol
 
 from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir, replace_folder
 from edge_ft.bench.prepare import find_device_python
+from edge_ft.emulation import lifetime
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import load_profile
 from edge_ft.errors import UserError
@@ -99,21 +99,10 @@ def write_connection(flwr_home: Path, address: str, ca_cert: Path | None) -> Non
     atomic_write_text(flwr_home / "config.toml", "\n".join(lines) + "\n")
 
 
-@contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt in the main thread, so the finally blocks that end processes run."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """SIGTERM and SIGHUP (and SIGINT) raise KeyboardInterrupt in the main thread, so the finally blocks that end
+    processes run (edge_ft.emulation.lifetime; the CLI has this in place already)."""
+    return lifetime.cancellable()
 
 
 class Federation:
@@ -161,8 +150,9 @@ class Federation:
             argv.append("--enable-supernode-auth")
         self.link_log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.link_log, "wb") as out:
-            self.link = subprocess.Popen(argv, env=self.env, cwd=self.run_dir, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.link = subprocess.Popen(lifetime.guarded(argv), env=self.env, cwd=self.run_dir, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        lifetime.watch(self.link.pid)
         wait_listening(self.port, self.link, START_TIMEOUT, "flower-superlink", self.link_log)
         self._sampler.start()
 
@@ -194,9 +184,10 @@ class Federation:
                                                        plan.run_config))]
         t0 = time.monotonic()
         with open(self.run_log, "w") as log:
-            self.runner = subprocess.Popen(argv, env=self.env, cwd=self.run_dir, stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                                           start_new_session=True)
+            self.runner = subprocess.Popen(lifetime.guarded(argv), env=self.env, cwd=self.run_dir,
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           text=True, start_new_session=True)
+            lifetime.watch(self.runner.pid)
             for raw in self.runner.stdout:
                 line = plain(raw)
                 log.write(f"{time.monotonic() - t0:7.1f}s {line}\n")

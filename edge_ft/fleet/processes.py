@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from edge_ft.atomic import atomic_write_text
+from edge_ft.emulation import lifetime
 from edge_ft.emulation.emulate import Confinement, confine
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import DeviceProfile
@@ -105,6 +106,7 @@ def stop_groups(procs: list[subprocess.Popen | None], grace: float = STOP_GRACE)
             os.killpg(proc.pid, signal.SIGKILL)  # the group may outlive its leader
         with contextlib.suppress(subprocess.TimeoutExpired, OSError):
             proc.wait(2)
+        lifetime.unwatch(proc.pid)
 
 
 def kill_pids(pids, run_dir: Path) -> None:
@@ -198,6 +200,7 @@ class SuperNode:
         except BaseException:
             conf.remove()
             raise
+        lifetime.watch(proc.pid)  # should the fleet die, its guardian ends the node (and removes its cgroups)
         self.lives.append(NodeLife(time.monotonic(), conf, proc, log))
         self._log_pos = 0
         self.seen.add(proc.pid)
@@ -213,6 +216,7 @@ class SuperNode:
         with open(log.with_suffix(".superexec.log"), "wb") as out:
             proc = subprocess.Popen(conf.command(argv), env=conf.env, cwd=self.run_dir, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        lifetime.watch(proc.pid)
         self.seen.add(proc.pid)
 
     def new_run(self) -> None:
@@ -313,6 +317,7 @@ class SuperNode:
             return
         with contextlib.suppress(OSError):
             os.killpg(life.proc.pid, signal.SIGKILL)
+        lifetime.unwatch(life.proc.pid)
         if life.confinement.job is not None:
             life.confinement.job.kill()
         kill_pids(self.seen, self.run_dir)

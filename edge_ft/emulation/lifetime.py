@@ -1,0 +1,295 @@
+"""Children and cgroups end with the command that made them, however it ends.
+
+Three layers, each a net for the one before:
+  1. cancellable()  SIGTERM, SIGHUP and SIGINT raise Cancelled (a KeyboardInterrupt) in the main thread, so the
+                    `except BaseException: kill` and `finally: job.remove()` paths of a confined run end its child
+                    and remove its cgroups; the CLI then prints one line (summary) and exits 128 + the signal.
+  2. die with the parent  every confined or measured child starts through emulate's entry program, which sets
+                    PR_SET_PDEATHSIG=SIGKILL before it execs the job (and exits if the parent is already gone), and
+                    runs in a process group of its own, registered with a guardian: a small process (this file run
+                    as a script, standard library only) that holds the read end of a pipe only the command writes
+                    to. When the command dies in any way, SIGKILL and the OOM killer included, the pipe ends; the
+                    guardian kills the registered process groups and every cgroup named after the command's pid
+                    (cgroup.kill on v2, each task on v1), removes those cgroups and exits.
+  3. sweep()        at start every command removes edge-ft cgroups whose owning process is gone (names carry the
+                    owner's pid: edge-ft.<pid>.<n>), killing what still runs in them; a live owner's are never
+                    touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PREFIX = "edge-ft."  # edge_ft.emulation.cgroups.PREFIX (this file also runs alone, without the package)
+SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+ENTER = Path(__file__).with_name("enter.py")
+
+
+class Cancelled(KeyboardInterrupt):
+    """The command was told to stop by a signal; existing KeyboardInterrupt handling ends what it started."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+_state = {"signum": None, "stopped": [], "kept": None}
+_guard: dict = {"proc": None, "lock": threading.Lock()}
+
+
+def _raise(signum, frame):
+    if _state["signum"] is not None:  # cleanup is running: a second signal must not cut it short
+        return
+    _state["signum"] = signum
+    raise Cancelled(signum)
+
+
+@contextlib.contextmanager
+def cancellable():
+    """Turn SIGTERM, SIGHUP and SIGINT into Cancelled for the duration (main thread only; elsewhere a no-op).
+    SIGINT is taken even when inherited as ignored (a background shell starts us so, but a supervisor that signals
+    one process means it); SIGHUP stays ignored under nohup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in SIGNALS:
+        old = signal.getsignal(sig)
+        if sig == signal.SIGHUP and old == signal.SIG_IGN or old is _raise:
+            continue
+        previous[sig] = signal.signal(sig, _raise)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stopped(what: str) -> None:
+    """Note a child that was ended because the command was cancelled (for summary)."""
+    _state["stopped"].append(what)
+
+
+def kept(what: str | None) -> None:
+    """What a cancelled command keeps (e.g. "3 finished runs in results.jsonl"); None: nothing."""
+    _state["kept"] = what
+
+
+def exit_status(e: KeyboardInterrupt) -> int:
+    return 128 + getattr(e, "signum", signal.SIGINT)
+
+
+def summary(command: str, e: KeyboardInterrupt) -> str:
+    """One line: which signal, what was stopped, what was kept."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    ended = "; ".join(_state["stopped"]) or "no child was running"
+    return (f"edge-ft {command}: stopped by {signal.Signals(signum).name}: {ended}; "
+            f"kept: {_state['kept'] or 'nothing'}")
+
+
+def reset() -> None:
+    """Forget what an earlier (in-process) command stopped and kept."""
+    _state.update(signum=None, stopped=[], kept=None)
+
+
+def guarded(argv: list[str], spec: dict | None = None) -> list[str]:
+    """argv run through emulate's entry program, which applies `spec` (cgroups, rlimits, affinity) and makes the
+    child die with this process before the job's first instruction."""
+    import json
+
+    spec = {**(spec or {}), "parent": os.getpid()}
+    return [sys.executable, "-I", "-S", str(ENTER), json.dumps(spec), "--", *argv]
+
+
+def _guardian() -> subprocess.Popen | None:
+    """The guardian of this process, started on first use (None where it cannot start)."""
+    with _guard["lock"]:
+        proc = _guard["proc"]
+        if proc is not None and proc.poll() is None:
+            return proc
+        with contextlib.suppress(OSError):
+            proc = subprocess.Popen([sys.executable, "-I", "-S", __file__, str(os.getpid()),
+                                     *map(str, _cgroup_parents())], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, start_new_session=True)
+            _guard["proc"] = proc
+            return proc
+        return None
+
+
+def guardian_pid() -> int | None:
+    proc = _guard["proc"]
+    return proc.pid if proc is not None else None
+
+
+def _tell(line: str) -> None:
+    proc = _guardian()
+    if proc is None:
+        return
+    with _guard["lock"], contextlib.suppress(OSError, ValueError):
+        proc.stdin.write(f"{line}\n".encode())
+        proc.stdin.flush()
+
+
+def watch(pgid: int) -> None:
+    """Process group `pgid` is killed by the guardian should this process die before unwatch(pgid)."""
+    _tell(f"+{pgid}")
+
+
+def unwatch(pgid: int) -> None:
+    _tell(f"-{pgid}")
+
+
+@contextlib.contextmanager
+def watched(pgid: int, what: str = "", cgroups: bool = False):
+    """watch(pgid) while the block runs. The block ends the group itself when it raises; on a cancel `what` is
+    noted as stopped (see summary)."""
+    watch(pgid)
+    try:
+        yield
+    except KeyboardInterrupt:
+        stopped(f"ended {what or 'a child'} (pid {pgid})" + (" and removed its cgroups" if cgroups else ""))
+        raise
+    finally:
+        unwatch(pgid)
+
+
+def run(argv: list[str], what: str, spec: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    """subprocess.run for a child that dies with this process: through the entry program, in a process group of
+    its own that is killed should we be cancelled (or die)."""
+    with subprocess.Popen(guarded(argv, spec), start_new_session=True, **popen) as proc, watched(proc.pid, what):
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _cgroup_parents() -> list[Path]:
+    if os.geteuid() != 0:
+        return []
+    with contextlib.suppress(Exception):
+        from edge_ft.emulation.cgroups import job_parents
+
+        return job_parents()
+    return []
+
+
+def _read(path: Path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _members(path: Path) -> list[int]:
+    """Processes in cgroup `path` and its leaves (v1 thread leaves, v2 threaded leaves)."""
+    pids: set[int] = set()
+    for group in [path, *(p for p in path.iterdir() if p.is_dir())] if path.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            pids.update(int(p) for p in _read(group / "cgroup.procs").split())
+    return sorted(pids)
+
+
+def _uncap(path: Path) -> None:
+    """Lift the CPU quota of a job, then of its leaves (v1 refuses a leaf above its parent): killed processes exit
+    unthrottled."""
+    groups = [path] + [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+    for group, name, value in [(g, n, v) for g in groups for n, v in (("cpu.cfs_quota_us", "-1"), ("cpu.max", "max"))]:
+        with contextlib.suppress(OSError):
+            with open(group / name, "w") as f:
+                f.write(value)
+
+
+def purge(path: Path, wait: float = 5.0) -> bool:
+    """Kill everything in cgroup `path` (cgroup.kill where the kernel has it, else each process), then rmdir it and
+    its leaves (cgroups are removed with rmdir, never rm -r). True when it is gone."""
+    deadline = time.monotonic() + wait
+    _uncap(path)
+    while (pids := _members(path)) and time.monotonic() < deadline:
+        try:
+            with open(path / "cgroup.kill", "w") as f:
+                f.write("1")
+        except OSError:  # v1, or a v2 kernel before 5.14
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+    if path.is_dir():
+        for leaf in path.iterdir():
+            if leaf.is_dir():
+                with contextlib.suppress(OSError):
+                    leaf.rmdir()
+        with contextlib.suppress(OSError):
+            path.rmdir()
+    return not path.exists()
+
+
+def owner_of(path: Path) -> int | None:
+    """The pid an edge-ft cgroup is named after (edge-ft.<pid>.<n>), else None."""
+    with contextlib.suppress(IndexError, ValueError):
+        if path.name.startswith(PREFIX):
+            return int(path.name[len(PREFIX):].split(".")[0])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # a zombie is gone for our purpose: it can no longer clean up
+        return _read(Path(f"/proc/{pid}/stat")).rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def purge_owned(parents, owner: int | None = None) -> int:
+    """Purge the edge-ft cgroups under `parents` owned by `owner` (None: by any process that is gone, never this
+    one or a live one). Returns how many distinct jobs were removed."""
+    removed = set()
+    for parent in parents:
+        with contextlib.suppress(OSError):
+            for path in Path(parent).glob(f"{PREFIX}*"):
+                pid = owner_of(path)
+                if pid is None or (pid != owner if owner is not None else pid == os.getpid() or _alive(pid)):
+                    continue
+                if purge(path):
+                    removed.add(path.name)
+    return len(removed)
+
+
+def sweep() -> int:
+    """Remove cgroups left by edge-ft commands that are gone (killed, OOM-killed, crashed); how many."""
+    parents = _cgroup_parents()
+    return purge_owned(parents) if parents else 0
+
+
+def _guard_main(argv: list[str]) -> None:
+    """The guardian: wait for the owner's pipe to end, then kill its process groups and purge its cgroups."""
+    for sig in SIGNALS:  # a group signal meant for the command must not end its cleanup
+        signal.signal(sig, signal.SIG_IGN)
+    owner, parents = int(argv[0]), [Path(p) for p in argv[1:]]
+    groups: set[int] = set()
+    for line in sys.stdin.buffer:
+        text = line.decode().strip()
+        if text[:1] == "+":
+            groups.add(int(text[1:]))
+        elif text[:1] == "-":
+            groups.discard(int(text[1:]))
+    for pgid in groups:
+        with contextlib.suppress(OSError):
+            os.killpg(pgid, signal.SIGKILL)
+    purge_owned(parents, owner)
+
+
+if __name__ == "__main__":
+    _guard_main(sys.argv[1:])
