@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "export",
     "train",
     "adapter",
+    "keys",
     "predict",
     "profile",
     "bench",
@@ -72,8 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from edge_ft.trust.policy import clear_notices
+
+    clear_notices()  # of an earlier call in this process that failed
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if code == 0:
+            from edge_ft.trust.policy import flush_notices
+
+            flush_notices()
+        return code
     except UserError as e:
         print(f"edge-ft {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
