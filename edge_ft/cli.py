@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "train",
     "adapter",
     "keys",
+    "deploy",
     "predict",
     "profile",
     "bench",

@@ -1,5 +1,5 @@
-"""Signed adapters and bundles, the device's trust policy and freshness (rollback, freeze, rotation): each refusal
-one line and exit 2, on real adapters trained on digits."""
+"""Signed adapters and bundles, the device's trust policy, freshness (rollback, freeze, rotation), and A/B deploy
+with rollback: each refusal one line and exit 2, on real adapters trained on digits."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge_ft.cli import main
+from edge_ft.trust.rollout import ACTIVE, read_log
 from edge_ft.trust.signature import SIGNATURE, now_utc, sign_folder
 from tests.ort_training_support import METHODS, bundle, fresh_bundle, npz_pair
 from tests.test_adapter import trained_adapter
@@ -212,3 +213,155 @@ def test_the_device_venv_verifies_and_refuses_without_torch(signed, tmp_path, de
     assert device("adapter", "merge", str(b), str(adapter), "--out", str(tmp_path / "m.onnx")).returncode == 0
     refused = device("adapter", "merge", str(b), str(trained_adapter("lora")[1]), "--out", str(tmp_path / "x.onnx"))
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1 and "unsigned" in refused.stderr
+
+
+def weak_adapter(tmp_path: Path) -> Path:
+    """A LoRA adapter of one tiny step: about the base model's accuracy, far below the 60-step one."""
+    train, _ = npz_pair()
+    run, out = tmp_path / "weak-run", tmp_path / "weak"
+    assert main(["train", str(bundle(METHODS["lora"])), "--data", str(train), "--steps", "1", "--lr", "1e-6",
+                 "--out", str(run), "--quiet"]) == 0
+    assert main(["adapter", "export", str(run), "--out", str(out)]) == 0
+    return out
+
+
+def active_slot(root: Path) -> str:
+    return json.loads((root / ACTIVE).read_text())["active"]
+
+
+def test_deploy_keeps_the_better_model_and_rollback_restores_the_previous(tmp_path, capsys):
+    _, good = trained_adapter("lora")
+    weak = weak_adapter(tmp_path)
+    _, test = npz_pair()
+    root, b = tmp_path / "deploy", str(bundle(METHODS["lora"]))
+    deploy = ["deploy", "--bundle", b, "--holdout", str(test), "--root", str(root)]
+    assert main([*deploy, str(weak)]) == 0 and active_slot(root) == "a"
+    assert main([*deploy, str(good)]) == 0 and active_slot(root) == "b"  # accuracy rose: switched
+    line = one_line_error(capsys, [*deploy, str(weak)], "not activated: holdout accuracy", "slot b stays active")
+    assert active_slot(root) == "b", line
+    decisions = [e["decision"] for e in read_log(root)]
+    assert decisions == ["activated", "activated", "rejected"]
+    rejected = read_log(root)[-1]
+    assert rejected["accuracy"] < rejected["active_accuracy"] - 0.01
+    capsys.readouterr()
+    assert main(["predict", str(root), str(test), "--json"]) == 0  # reads the active slot, b
+    good_accuracy = json.loads(capsys.readouterr().out)["accuracy"]
+    assert good_accuracy == pytest.approx(read_log(root)[1]["accuracy"])
+    assert main(["rollback", "--root", str(root)]) == 0 and active_slot(root) == "a"  # the weak model again
+    capsys.readouterr()
+    assert main(["predict", str(root), str(test), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(read_log(root)[0]["accuracy"])
+    assert main(["rollback", "--root", str(root)]) == 0 and active_slot(root) == "b"
+    capsys.readouterr()
+    assert main(["predict", str(root), str(test), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == good_accuracy
+    assert [e["decision"] for e in read_log(root)][-2:] == ["rolled back", "rolled back"]
+
+
+def test_rollback_needs_a_previous_model(tmp_path, capsys):
+    _, good = trained_adapter("lora")
+    _, test = npz_pair()
+    root = tmp_path / "deploy"
+    one_line_error(capsys, ["rollback", "--root", str(root)], "nothing deployed")
+    assert main(["deploy", str(good), "--bundle", str(bundle(METHODS["lora"])), "--holdout", str(test),
+                 "--root", str(root)]) == 0
+    one_line_error(capsys, ["rollback", "--root", str(root)], "no previous model to roll back to")
+
+
+def test_deploy_under_a_policy_refuses_and_logs_an_unsigned_adapter(signed, tmp_path, capsys):
+    _, pub, adapter, b = signed
+    _, test = npz_pair()
+    root = tmp_path / "deploy"
+    deploy = ["deploy", "--bundle", str(b), "--holdout", str(test), "--root", str(root), "--trust", str(pub)]
+    assert main([*deploy, str(adapter)]) == 0
+    slot = json.loads((root / "a" / "slot.json").read_text())
+    assert slot["signed"]["adapter"] == {"name": "digits", "version": 2, "keyid": json.loads(
+        (adapter / SIGNATURE).read_text())["signed"]["keyid"]}
+    one_line_error(capsys, [*deploy, str(trained_adapter("lora")[1])], "unsigned")
+    assert [e["decision"] for e in read_log(root)] == ["activated", "refused"] and active_slot(root) == "a"
+
+
+KILLER = """
+# Loaded at start-up through PYTHONPATH: SIGKILLs this process when deploy calls one step for the n-th time.
+import os, signal
+import edge_ft.trust.rollout as rollout
+
+name, nth, after = os.environ["EDGE_FT_KILL_AT"].split(":")
+calls, real = [0], getattr(rollout, name)
+
+def step(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(nth) and after == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = real(*args, **kwargs)
+    if calls[0] == int(nth) and after == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+setattr(rollout, name, step)
+"""
+# Every step deploy takes after verification, killed before and after it: building the slot, swapping it in, the
+# two holdout scores (new, active), slot.json then active.json (the switch), the log line.
+KILL_POINTS = [(name, nth, when) for name, nth in [("_stage", 1), ("replace_folder", 1), ("holdout_accuracy", 1),
+                                                   ("holdout_accuracy", 2), ("atomic_write_json", 1),
+                                                   ("atomic_write_json", 2), ("log", 1)]
+               for when in ("before", "after")]
+
+
+def assert_one_valid_active_model(root: Path, models: set[str]) -> str:
+    """active.json names a slot whose model.onnx has the recorded hash, one of the models deployed."""
+    from edge_ft.checkpoint import sha256_file
+    from edge_ft.trust.rollout import active_model, read_active
+
+    active = read_active(root)
+    digest = sha256_file(active_model(root))
+    assert active is not None and digest == active["active_sha256"] and digest in models
+    return digest
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEVICE_PYTHON.exists(), reason="device venv not built (make device-venv)")
+def test_sigkill_during_deploy_leaves_one_valid_active_model(tmp_path):
+    import os
+    import random
+    import subprocess
+    import time
+
+    from edge_ft.checkpoint import sha256_file
+
+    _, good = trained_adapter("lora")
+    weak = weak_adapter(tmp_path)
+    _, test = npz_pair()
+    root, b = tmp_path / "deploy", str(bundle(METHODS["lora"]))
+    assert main(["deploy", str(weak), "--bundle", b, "--holdout", str(test), "--root", str(root)]) == 0
+    models = {sha256_file(root / "a" / "model.onnx")}
+    repo = Path(__file__).resolve().parents[1]
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILLER)
+    argv = [str(DEVICE_PYTHON), "-m", "edge_ft.cli", "deploy", str(good), "--bundle", b, "--holdout", str(test),
+            "--root", str(root)]
+    env = {**os.environ, "PYTHONPATH": f"{repo}"}
+    started = time.monotonic()
+    assert subprocess.run(argv, env=env, capture_output=True, timeout=300).returncode == 0  # the new model
+    duration = time.monotonic() - started
+    models.add(sha256_file(root / "b" / "model.onnx"))
+    assert main(["rollback", "--root", str(root)]) == 0  # weak active again: every deploy below builds slot b
+    rng = random.Random(0)
+    plans = [(p, None) for p in KILL_POINTS] + [(None, rng.uniform(0.2, duration)) for _ in range(4)]
+    for point, delay in plans:
+        killer = {"PYTHONPATH": f"{hooks}{os.pathsep}{repo}", "EDGE_FT_KILL_AT": ":".join(map(str, point))} \
+            if point else {}
+        proc = subprocess.Popen(argv, env={**env, **killer}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if delay is not None:
+            time.sleep(delay)
+            proc.kill()
+        proc.wait(timeout=300)
+        assert proc.returncode == -9 if point else proc.returncode in (0, -9), (point, proc.stderr.read())
+        assert_one_valid_active_model(root, models)
+        if proc.returncode == 0 or json.loads((root / ACTIVE).read_text())["active"] == "b":
+            assert main(["rollback", "--root", str(root)]) == 0  # back to weak for the next kill
+    assert not list(root.glob(".staging-*")) or main(["deploy", str(good), "--bundle", b, "--holdout", str(test),
+                                                      "--root", str(root)]) == 0
+    assert not list(root.glob(".staging-*"))
+    assert_one_valid_active_model(root, models)

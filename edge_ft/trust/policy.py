@@ -132,8 +132,13 @@ def enforce(command: str, folders: list[str | Path], trust: list[str] | None = N
 
 
 def trusted_model(path: str | Path, trust: list[str] | None) -> Path:
-    """What `predict` opens: MODEL_OR_RUN, whose folder must be signed by a trusted key under a policy."""
+    """What `predict` opens: a deploy folder's active model (deploy verified what it merged), or MODEL_OR_RUN,
+    whose folder must be signed by a trusted key under a policy."""
+    from edge_ft.trust.rollout import ACTIVE, active_model
+
     path = Path(path)
+    if path.is_dir() and (path / ACTIVE).is_file():
+        return active_model(path)
     policy = load_policy(trust)
     if policy is None:
         notice_unverified("predict", [path])
