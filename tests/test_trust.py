@@ -365,3 +365,19 @@ def test_sigkill_during_deploy_leaves_one_valid_active_model(tmp_path):
                                                       "--root", str(root)]) == 0
     assert not list(root.glob(".staging-*"))
     assert_one_valid_active_model(root, models)
+
+
+def test_export_signs_the_bundle_and_a_policy_device_trains_it(base_checkpoint, tmp_path, capsys):
+    key, pub = keypair(tmp_path, "release")
+    out = tmp_path / "bundle"
+    one_line_error(capsys, ["export", "--method", "lora", "--base", str(base_checkpoint), "--out", str(out),
+                            "--sign-key", str(tmp_path / "nope.key")], "no such private key file")
+    assert not out.exists()
+    assert main(["export", "--method", "lora", "--base", str(base_checkpoint), "--out", str(out),
+                 "--sign-key", str(key), "--sign-version", "4"]) == 0
+    signed = json.loads((out / SIGNATURE).read_text())["signed"]
+    assert signed["kind"] == "bundle" and signed["version"] == 4 and signed["name"] == "bundle"
+    assert {f["path"] for f in signed["files"]} == {p.name for p in out.iterdir() if p.name != SIGNATURE}
+    train, _ = npz_pair()
+    assert main(["train", str(out), "--data", str(train), "--steps", "2", "--quiet", "--out", str(tmp_path / "run"),
+                 "--trust", str(pub)]) == 0
