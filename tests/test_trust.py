@@ -279,6 +279,11 @@ def test_deploy_under_a_policy_refuses_and_logs_an_unsigned_adapter(signed, tmp_
         (adapter / SIGNATURE).read_text())["signed"]["keyid"]}
     one_line_error(capsys, [*deploy, str(trained_adapter("lora")[1])], "unsigned")
     assert [e["decision"] for e in read_log(root)] == ["activated", "refused"] and active_slot(root) == "a"
+    assert main(["predict", str(root), str(test), "--trust", str(pub)]) == 0  # the active slot, verified
+    unverified = tmp_path / "unverified"
+    assert main(["deploy", str(adapter), "--bundle", str(b), "--holdout", str(test), "--root", str(unverified)]) == 0
+    one_line_error(capsys, ["predict", str(unverified), str(test), "--trust", str(pub)],
+                   "deployed without verification")
 
 
 KILLER = """

@@ -134,12 +134,18 @@ def enforce(command: str, folders: list[str | Path], trust: list[str] | None = N
 def trusted_model(path: str | Path, trust: list[str] | None) -> Path:
     """What `predict` opens: a deploy folder's active model (deploy verified what it merged), or MODEL_OR_RUN,
     whose folder must be signed by a trusted key under a policy."""
-    from edge_ft.trust.rollout import ACTIVE, active_model
+    from edge_ft.trust.rollout import ACTIVE, active_model, read_slot
 
     path = Path(path)
-    if path.is_dir() and (path / ACTIVE).is_file():
-        return active_model(path)
     policy = load_policy(trust)
+    if path.is_dir() and (path / ACTIVE).is_file():
+        model = active_model(path)
+        if policy is not None:
+            slot = read_slot(model.parent)
+            if not isinstance(slot.get("signed"), dict) or not {"adapter", "bundle"} <= set(slot["signed"]):
+                raise UserError(f"{model.parent}: deployed without verification (no trust policy then); deploy "
+                                "a signed adapter and bundle again under the policy")
+        return model
     if policy is None:
         notice_unverified("predict", [path])
     else:

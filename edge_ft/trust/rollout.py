@@ -63,6 +63,17 @@ def active_model(root: str | Path) -> Path:
     return root / active["active"] / MODEL
 
 
+def read_slot(slot: Path) -> dict:
+    """A slot's slot.json (written by deploy before the slot was swapped in)."""
+    try:
+        record = json.loads((slot / SLOT_RECORD).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{slot / SLOT_RECORD}: unreadable ({e}); deploy again") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{slot / SLOT_RECORD}: not a slot record; deploy again")
+    return record
+
+
 def log(root: Path, event: dict) -> None:
     """Append one JSON line and fsync: the log only grows (a kill mid-write can leave one partial last line)."""
     line = json.dumps({"time": now_utc().strftime(TIME_FORMAT), **event}, sort_keys=True) + "\n"
