@@ -23,6 +23,8 @@ COMMAND_MODULES = [
     "export",
     "train",
     "adapter",
+    "keys",
+    "deploy",
     "predict",
     "profile",
     "bench",
@@ -76,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    from edge_ft.trust.policy import clear_notices, flush_notices
+
     lifetime.reset()
+    clear_notices()  # of an earlier call in this process that failed
     name = args.command_name
     try:
         with lifetime.cancellable():  # SIGTERM, SIGHUP, SIGINT end what the command started, then it exits
@@ -84,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             if swept:
                 print(f"edge-ft: removed {swept} cgroup{'s' * (swept > 1)} left by edge-ft processes that are gone",
                       file=sys.stderr)
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+        if code == 0:
+            flush_notices()  # "artifacts are unverified", once, after a command that succeeded
+        return code
     except UserError as e:
         print(f"edge-ft {name}: error: {e}", file=sys.stderr)
         return e.exit_code

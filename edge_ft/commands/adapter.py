@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from edge_ft.commands.argtypes import int_at_least, positive_float
+from edge_ft.trust.policy import add_trust_option
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -28,13 +31,34 @@ def register(subparsers) -> None:
     a.add_argument("bundle", metavar="BUNDLE")
     a.add_argument("adapter", metavar="ADAPTER_DIR")
     a.add_argument("--out", metavar="NEW_BUNDLE", help="write a copy of BUNDLE with the adapter applied here")
+    add_trust_option(a)
     a.set_defaults(func=_apply)
 
     m = sub.add_parser("merge", help="fold an adapter into the weights: one plain forward-only ONNX model")
     m.add_argument("bundle", metavar="BUNDLE")
     m.add_argument("adapter", metavar="ADAPTER_DIR")
     m.add_argument("--out", required=True, metavar="MODEL.onnx", help="merged model to write")
+    add_trust_option(m)
     m.set_defaults(func=_merge)
+
+    s = sub.add_parser("sign", help="sign every file of an adapter (or bundle, or model folder) with an Ed25519 key",
+                       description="Writes edge_ft_signature.json: each file's sha256 and size, a name, a version "
+                       "(raise it with every release: devices refuse older ones) and an expiry, signed with KEY.")
+    s.add_argument("folder", metavar="ADAPTER_DIR", help="adapter folder (a bundle or a model folder works too)")
+    s.add_argument("--key", required=True, metavar="KEY", help="private key of `edge-ft keys new` (NAME.key)")
+    s.add_argument("--version", required=True, type=int_at_least(1), metavar="N",
+                   help="release number, monotonic per name")
+    s.add_argument("--name", metavar="NAME", help="what versions count for (default: the folder's name)")
+    s.add_argument("--expires-in", type=positive_float, default=90.0, metavar="DAYS",
+                   help="days until devices refuse it as stale")
+    s.add_argument("--rotation", action="append", default=[], metavar="ROTATION.json",
+                   help="statement of `edge-ft keys rotate` linking KEY to a key devices trust (repeatable)")
+    s.set_defaults(func=_sign)
+
+    v = sub.add_parser("verify", help="check a signed folder: trusted signer, every file, expiry, version")
+    v.add_argument("folder", metavar="ADAPTER_DIR")
+    add_trust_option(v)
+    v.set_defaults(func=_verify)
 
 
 def _export(args) -> int:
@@ -53,7 +77,9 @@ def _export(args) -> int:
 def _apply(args) -> int:
     from edge_ft.device.adapter import apply_adapter, apply_adapter_to_copy
     from edge_ft.device.bundle import load_bundle
+    from edge_ft.trust.policy import enforce
 
+    enforce("adapter apply", [args.bundle, args.adapter], args.trust)
     bundle = load_bundle(args.bundle)
     if args.out:
         from edge_ft.validate import writable_folder
@@ -72,9 +98,37 @@ def _apply(args) -> int:
 def _merge(args) -> int:
     from edge_ft.device.adapter import merge_adapter
     from edge_ft.device.bundle import load_bundle
+    from edge_ft.trust.policy import enforce
     from edge_ft.validate import writable_file
 
     writable_file(args.out)
+    enforce("adapter merge", [args.bundle, args.adapter], args.trust)
     merge_adapter(load_bundle(args.bundle), args.adapter, args.out)
     print(f"{args.out}: merged forward-only model")
+    return 0
+
+
+def _sign(args) -> int:
+    from datetime import timedelta
+
+    from edge_ft.trust.signature import SIGNATURE, now_utc, sign_folder
+
+    body = sign_folder(args.folder, args.key, args.version, args.name,
+                       now_utc() + timedelta(days=args.expires_in), args.rotation)
+    print(f"{args.folder}/{SIGNATURE}: {body['kind']} {body['name']} version {body['version']}, "
+          f"{len(body['files'])} files, key {body['keyid'][:16]}, expires {body['expires']}")
+    return 0
+
+
+def _verify(args) -> int:
+    from edge_ft.errors import UserError
+    from edge_ft.trust.policy import check, load_policy
+
+    policy = load_policy(args.trust)
+    if policy is None:
+        raise UserError("no key to verify against: pass --trust PUBKEY or install one with `edge-ft keys trust`")
+    v = check(policy, args.folder, remember=False)
+    via = f" (via rotation from key {v.rotations[0][0][:16]})" if v.rotations else ""
+    print(f"{args.folder}: {v.kind} {v.name} version {v.version}, signed by key {v.keyid[:16]}{via}, "
+          f"every file verified, expires {v.expires:%Y-%m-%d}")
     return 0

@@ -50,12 +50,22 @@ def register(subparsers) -> None:
                    help=f"learning rate stored in the bundle (default: {recipe_default('lr')})")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA A / a new head (default 0)")
+    p.add_argument("--sign-key", metavar="KEY", help="sign the bundle with this private key (`edge-ft keys new`), "
+                   "so devices with a trust policy train it")
+    p.add_argument("--sign-version", type=int_at_least(1), default=1, metavar="N",
+                   help="release number of the signed bundle, monotonic per name")
+    p.add_argument("--sign-name", metavar="NAME", help="name versions count for (default: the bundle folder's)")
     p.set_defaults(func=handler)
 
 
 def handler(args) -> int:
     require_host("edge-ft export")
     from edge_ft.validate import writable_folder
+
+    if args.sign_key:  # a bad key is refused before anything is written
+        from edge_ft.trust.keys import load_private_key
+
+        load_private_key(args.sign_key)
 
     args.out = args.out or default_out(args.method, args.engine, rank=args.rank, last_k=args.last_k)
     writable_folder(args.out)
@@ -83,6 +93,12 @@ def handler(args) -> int:
     trainable = sum(numel(s) for s in manifest["trainable"].values())
     print(f"{Path(args.out)}: {args.engine} bundle, {cfg.method}, {trainable:,} trainable values, "
           f"{len(manifest['files'])} files, {total / 1024:.1f} KiB")
+    if args.sign_key:
+        from edge_ft.trust.signature import sign_folder
+
+        body = sign_folder(args.out, args.sign_key, args.sign_version, args.sign_name)
+        print(f"{Path(args.out)}: signed by key {body['keyid'][:16]}, {body['name']} version {body['version']}, "
+              f"expires {body['expires']}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from edge_ft.commands.argtypes import int_at_least
+from edge_ft.trust.policy import add_trust_option
 
 
 def register(subparsers) -> None:
@@ -24,6 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--threads", type=int_at_least(0), default=0, metavar="N",
                    help="onnxruntime intra-op threads (default 0: onnxruntime decides)")
+    add_trust_option(p)
     p.set_defaults(func=handler)
 
 
@@ -32,7 +34,9 @@ def handler(args) -> int:
 
     from edge_ft.device.classify import gather_inputs, open_model
 
-    model = open_model(args.model, args.threads)
+    from edge_ft.trust.policy import trusted_model
+
+    model = open_model(trusted_model(args.model, args.trust), args.threads)
     batch = gather_inputs(args.inputs, model.card.classes, model.card.input_shape)
     probs = model.probabilities(batch.pixels)  # (N, C)
     k = min(args.top_k, probs.shape[1])

@@ -9,6 +9,7 @@ from edge_ft.commands.argtypes import int_at_least, positive_float
 from edge_ft.contracts import MANIFEST, RESULTS
 from edge_ft.errors import UserError
 from edge_ft.training_defaults import recipe_default
+from edge_ft.trust.policy import add_trust_option
 
 
 def register(subparsers) -> None:
@@ -46,6 +47,7 @@ def register(subparsers) -> None:
                    "starts from step 0 when it has none)")
     p.add_argument("--force", action="store_true", help="replace a finished run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_trust_option(p)
     p.set_defaults(func=handler)
 
 
@@ -63,6 +65,9 @@ def handler(args) -> int:
         what = "there is nothing to resume" if args.resume else "choose another --out"
         raise UserError(f"{out}: holds a finished run (results.json); {what}, or add --force to train it again "
                         "from step 0 and replace it")
+    from edge_ft.trust.policy import enforce
+
+    enforce("train", [args.bundle], args.trust)
     bundle = load_bundle(args.bundle)
     recipe = DEFAULTS[bundle.method.method]
     threads = args.threads
