@@ -141,6 +141,25 @@ def test_graphs_are_small_portable_and_weightless():
     assert [i.name for i in train.graph.input][-1] == "step"
 
 
+def test_onnx_reference_evaluator_runs_the_step_graph_like_onnxruntime():
+    """onnx's own reference implementation, stricter than onnxruntime (OneHot's depth must be a scalar), takes one
+    step of a step graph and gives onnxruntime's loss, logits and next weights."""
+    from onnx.reference import ReferenceEvaluator
+
+    folder = support.bundle_path(MethodConfig("probe"), OptimizerConfig("sgd", lr=LR["sgd"])) / "head"
+    x, y = support.mnist_batches()[0]  # the head's graph (fc3 and the loss): the evaluator's convolutions are slow
+    features = np.random.default_rng(0).random((len(x), 84), dtype=np.float32)
+    state = load_file(folder / "state.safetensors")
+    graph = onnx.load(folder / "train_step.onnx")
+    feed = {"input": features, "labels": y, "lr": np.array(LR["sgd"], np.float32)}
+    feed |= {i.name: state[i.name] for i in graph.graph.input if i.name not in feed}
+    ours = ReferenceEvaluator(graph).run(None, feed)
+    theirs = ort.InferenceSession(folder / "train_step.onnx", providers=["CPUExecutionProvider"]).run(None, feed)
+    assert [o.shape for o in ours] == [o.shape for o in theirs]
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not DEVICE_PYTHON.exists(), reason="the device venv is built by `make test`")
 def test_standard_onnxruntime_trains_the_same_bundle(tmp_path):

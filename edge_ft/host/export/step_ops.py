@@ -254,7 +254,8 @@ def _cross_entropy_and_grad_onnx(logits, labels):
 
     loss, log_prob = op.SoftmaxCrossEntropyLoss(logits, labels, reduction="mean")
     on_off = op.CastLike(op.Constant(value_floats=[0.0, 1.0]), logits)
-    one_hot = op.OneHot(labels, op.Shape(logits, start=1, end=2), on_off, axis=-1)
+    depth = op.Squeeze(op.Shape(logits, start=1, end=2))  # a scalar: the spec allows [1], stricter runtimes do not
+    one_hot = op.OneHot(labels, depth, on_off, axis=-1)
     batch = op.CastLike(op.Shape(logits, start=0, end=1), logits)
     return loss, op.Div(op.Sub(op.Exp(log_prob), one_hot), batch)
 
