@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_ft import __version__
+
 _SPEC = importlib.util.spec_from_file_location("arm_compare", Path(__file__).parents[1] / "tools/arm/compare.py")
 compare_mod = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = compare_mod  # dataclasses look their module up while the class is built
@@ -158,6 +160,14 @@ def test_debian_mirror_is_the_hosts_main_archive_whatever_its_suite(tmp_path, la
     assert r.stdout.strip() == "http://mirror.test/debian"
 
 
+def test_no_configured_mirror_is_refused_in_one_line(tmp_path):
+    (tmp_path / "apt" / "sources.list.d").mkdir(parents=True)
+    r = _bash(f'debian_mirror "{tmp_path / "apt"}"', tmp_path)
+    assert r.returncode != 0 and r.stdout == "", r.stdout
+    assert r.stderr.strip().startswith("no Debian mirror in") and len(r.stderr.strip().splitlines()) == 1
+    assert "http" not in (REPO / "tools/arm/rootfs.sh").read_text().split("debian_mirror() {")[1].split("\n}")[0]
+
+
 # --- the summary: one row per suite, a closing count, non-zero exit when any suite failed ---
 
 sys.modules["compare"] = compare_mod  # summary.py imports its neighbour by that name
@@ -233,12 +243,13 @@ def test_built_wheel_installs_with_no_deps_into_a_fresh_venv_and_leaves_the_chec
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     wheel, sdist = (Path(p) for p in out.stdout.split())
-    assert wheel.name == "edge_ft-0.1.0-py3-none-any.whl" and sdist.name == "edge_ft-0.1.0.tar.gz"
+    assert wheel.name == f"edge_ft-{__version__}-py3-none-any.whl" and sdist.name == f"edge_ft-{__version__}.tar.gz"
     assert wheel.is_file() and sdist.is_file()
     assert _checkout_state() == before
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
-        metadata = z.read("edge_ft-0.1.0.dist-info/METADATA").decode()
+        metadata = z.read(f"edge_ft-{__version__}.dist-info/METADATA").decode()
+    assert "edge_ft/py.typed" in names
     assert "edge_ft/emulation/device_profiles/rpi-3b.toml" in names  # the profiles ride along as package data
     assert not any(n.startswith(("tests/", "tools/")) for n in names)
     assert "Requires-Python: >=3.10\n" in metadata
@@ -253,7 +264,7 @@ def test_built_wheel_installs_with_no_deps_into_a_fresh_venv_and_leaves_the_chec
     code = "import edge_ft, importlib.metadata as m; print(m.version('edge-ft'), edge_ft.__file__)"
     r = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     version, path = r.stdout.split()
-    assert version == "0.1.0" and path.startswith(str(tmp_path / "venv"))
+    assert version == __version__ and path.startswith(str(tmp_path / "venv"))
 
 
 def test_build_refuses_a_python_without_new_enough_setuptools(tmp_path):

@@ -49,14 +49,16 @@ ensure_host_tools() {
 }
 
 # The Debian mirror the host's apt already uses (deb822 .sources or one-line sources.list), for any suite: the
-# main archive serves every release, whichever one the host runs. APT_DIR is for tests.
+# main archive serves every release, whichever one the host runs. The argument (an apt folder) is for tests.
+# No mirror configured: one line and a failure, never a host written here.
 debian_mirror() {
     local apt=${1:-/etc/apt} uri
     uri=$(awk '/^URIs:/ {u=$2} /^Suites:/ && u && u !~ /security/ {print u; exit}' \
         "$apt"/sources.list.d/*.sources 2>/dev/null || true)  # no .sources file: awk fails, the next form may match
     [ -n "$uri" ] || uri=$(awk '$1=="deb" && $0 !~ /security/ && $0 ~ /debian/ {for(i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' \
         "$apt"/sources.list "$apt"/sources.list.d/*.list 2>/dev/null | head -n1 || true)
-    echo "${uri:-http://deb.debian.org/debian}"
+    [ -n "$uri" ] || { echo "no Debian mirror in $apt/sources.list or $apt/sources.list.d: configure apt's sources first" >&2; return 1; }
+    echo "$uri"
 }
 
 # Run aarch64 binaries transparently: mount binfmt_misc and register qemu-aarch64 with the F flag
@@ -211,7 +213,7 @@ provision_venv() {
 # debootstrap a minimal arm64 ARM_SUITE into ROOT (two stages: the second one runs under qemu).
 debootstrap_base() {
     local root=$1 mirror
-    mirror=$(debian_mirror)
+    mirror=$(debian_mirror) || exit 1
     log "debootstrap $ARM_SUITE/$ARM_ARCH from $mirror (first stage)"
     debootstrap --foreign --arch="$ARM_ARCH" --variant=minbase --include="$ARM_PACKAGES" \
         "$ARM_SUITE" "$root" "$mirror" >"$ARM_BUILD_LOG" 2>&1 ||
