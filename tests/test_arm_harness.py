@@ -165,7 +165,7 @@ def test_no_configured_mirror_is_refused_in_one_line(tmp_path):
     r = _bash(f'debian_mirror "{tmp_path / "apt"}"', tmp_path)
     assert r.returncode != 0 and r.stdout == "", r.stdout
     assert r.stderr.strip().startswith("no Debian mirror in") and len(r.stderr.strip().splitlines()) == 1
-    assert "http" not in (REPO / "tools/arm/rootfs.sh").read_text().split("debian_mirror() {")[1].split("\n}")[0]
+    assert "://" not in (REPO / "tools/arm/rootfs.sh").read_text().split("debian_mirror() {")[1].split("\n}")[0]
 
 
 # --- the summary: one row per suite, a closing count, non-zero exit when any suite failed ---
