@@ -34,7 +34,10 @@ def register(subparsers) -> None:
     p.add_argument("--mem-arena", choices=("on", "off"), help="onnxruntime CPU memory arena (default on)")
     p.add_argument("--seed", type=int, default=0, help="batch-order seed (default 0)")
     p.add_argument("--checkpoint-every", type=int_at_least(0), default=0, metavar="N",
-                   help="save the training state every N steps into OUT/checkpoints (default: only at the end)")
+                   help="save the training state every N steps into OUT/checkpoints (default: only at the end and "
+                   "on Ctrl-C)")
+    p.add_argument("--keep", type=int_at_least(1), default=3, metavar="K",
+                   help="checkpoints to keep in OUT/checkpoints, the newest (default 3)")
     p.add_argument("--cache-features", action="store_true",
                    help="probe bundles: run the frozen backbone once, then train fc3 on the cached features")
     p.add_argument("--profile-ops", action="store_true",
@@ -82,6 +85,7 @@ def handler(args) -> int:
         seed=args.seed,
         threads=threads or 0,
         checkpoint_every=args.checkpoint_every,
+        keep=args.keep,
         cache_features=args.cache_features,
         profile_ops=args.profile_ops,
         quiet=args.quiet,
