@@ -462,3 +462,10 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path, capsys):
     assert main(train_argv(fresh, "--resume")) == 0
     assert f"{fresh}: no checkpoint to resume from; starting at step 0" in capsys.readouterr().err
 
+
+def test_quiet_training_still_prints_its_summary_in_good_english(tmp_path, capsys):
+    argv = train_argv(tmp_path / "run")
+    argv[argv.index("--epochs"):argv.index("--epochs") + 2] = ["--steps", "1"]
+    assert main(argv) == 0  # --quiet is in train_argv: no progress, but the result is what the user ran it for
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"{tmp_path / 'run'}: 1 step, final loss")

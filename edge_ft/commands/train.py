@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edge_ft.commands.argtypes import int_at_least, positive_float
 from edge_ft.contracts import MANIFEST, RESULTS
-from edge_ft.errors import UserError
+from edge_ft.errors import UserError, plural
 from edge_ft.training_defaults import recipe_default
 
 
@@ -48,7 +48,7 @@ def register(subparsers) -> None:
                    help="continue the run in --out from its last checkpoint (same bundle, data and options; "
                    "starts from step 0 when it has none)")
     p.add_argument("--force", action="store_true", help="replace a finished run already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="no progress output; the final summary line is still printed")
     p.set_defaults(func=handler)
 
 
@@ -100,10 +100,9 @@ def handler(args) -> int:
     classes = same_classes(classes, args.data, bundle.classes, bundle.path / MANIFEST)
     r = train(bundle, (x, y), eval_data, settings, out, rss_after_imports, resume=args.resume, classes=classes,
               replace=args.force)
-    if not args.quiet:
-        acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
-        print(f"{out}: {r['steps']} steps, final loss {r['losses'][-1]:.4f}{acc}, "
-              f"{r['step_latency_ms']['p50']:.2f} ms/step (p50), peak RSS {r['memory_mb']['peak_rss_sampled']:.0f} MB")
+    acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
+    print(f"{out}: {plural(r['steps'], 'step')}, final loss {r['losses'][-1]:.4f}{acc}, "
+          f"{r['step_latency_ms']['p50']:.2f} ms/step (p50), peak RSS {r['memory_mb']['peak_rss_sampled']:.0f} MB")
     if args.profile_ops:
         from edge_ft.device.op_profile import PROFILE_FILE, table
 
