@@ -66,23 +66,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"edge_ft.commands.{name}").register(sub)
+    _name_each_parser(parser)
     return parser
+
+
+def _name_each_parser(parser: argparse.ArgumentParser) -> None:
+    """Every parser stores its own prog ("edge-ft adapter merge") as args.prog_name, the innermost one winning, so
+    an error names the action that failed, not only its command."""
+    parser.set_defaults(prog_name=parser.prog)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _name_each_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = args.prog_name
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"edge-ft {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
     except MemoryError:  # under a memory cap (ulimit, `edge-ft profile run`'s rlimit) Python raises, not dies
-        print(f"edge-ft {args.command}: error: out of memory (MemoryError); use a smaller --batch or less data, "
+        print(f"{prog}: error: out of memory (MemoryError); use a smaller --batch or less data, "
               "or a device with more free RAM", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"edge-ft {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `edge-ft analyze | head`
         return 0

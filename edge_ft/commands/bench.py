@@ -50,7 +50,7 @@ def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT
     p.add_argument("--engines", type=comma_list, default=comma_list(DEFAULT_ENGINES), metavar="E1,E2",
                    help=f"torch, ort-training, ort-step (default {DEFAULT_ENGINES})")
     p.add_argument("--task", type=comma_list, default=["mnist→digits"], metavar="TASK",
-                   help="transfer task(s): mnist→digits (mnist-digits), mnist→fashion (default mnist→digits)")
+                   help="transfer task(s): mnist-digits, mnist-fashion (default mnist-digits)")
     p.add_argument("--base", metavar="BASE.safetensors",
                    help="base weights (default: pretrain once into the results folder's prep/)")
     length = p.add_mutually_exclusive_group()

@@ -75,7 +75,7 @@ def get_task(name: str) -> Task:
     for task in TASKS:
         if name in (task.name, task.slug):
             return task
-    known = ", ".join(f"{t.slug} ({t.name})" for t in TASKS)
+    known = ", ".join(t.slug for t in TASKS)
     raise UserError(f"unknown task {name!r}: choose one of {known}")
 
 
