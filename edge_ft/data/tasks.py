@@ -140,6 +140,18 @@ def exported_split(folder: str | Path, shots: int | None = None) -> Split:
     return _with_shots(split, shots)
 
 
+def task_name(task_or_folder: str) -> str:
+    """What records call a task: a built-in task's canonical name, or a data folder's absolute path."""
+    if Path(task_or_folder).is_dir():
+        return str(Path(task_or_folder).resolve())
+    return get_task(task_or_folder).name
+
+
+def task_slug(task_or_folder: str) -> str:
+    """A task's name in file paths: mnist-digits, or a data folder's own name."""
+    return Path(task_or_folder).name if Path(task_or_folder).is_dir() else get_task(task_or_folder).slug
+
+
 def resolve_split(task_or_folder: str, shots: int | None = None) -> Split:
     """`--task` accepts a task name or a folder of exported .npz files."""
     if Path(task_or_folder).is_dir():
