@@ -173,7 +173,8 @@ def load_labelled_npz(path: str | Path, num_classes: int | None = None, input_sh
         raise UserError(f"{path}: is a folder, not a .npz data file; {hint}")
     if not path.is_file():
         raise UserError(f"{path}: no such data file (make one from a folder of class folders of images with "
-                        "`edge-ft data convert FOLDER --out data.npz`, or a built-in task's with `edge-ft data export`)")
+                        "`edge-ft data convert FOLDER --out data.npz`, or a built-in task's with "
+                        "`edge-ft data export`)")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         raise UserError(f"{path}: is an image, not a .npz data file; put your images into one folder per class and "
                         "convert them: `edge-ft data convert FOLDER --out data.npz`")
