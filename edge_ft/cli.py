@@ -68,9 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"edge_ft.commands.{name}").register(sub)
-    for name, command in sub.choices.items():  # `profile run`'s COMMAND argument takes the dest "command"
-        command.set_defaults(command_name=name)
+    _name_each_parser(parser)
     return parser
+
+
+def _name_each_parser(parser: argparse.ArgumentParser) -> None:
+    """Every parser stores its own prog ("edge-ft adapter merge") as args.prog_name, the innermost one winning, so
+    an error names the action that failed, not only its command."""
+    parser.set_defaults(prog_name=parser.prog)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _name_each_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lifetime.reset()
     clear_notices()  # of an earlier call in this process that failed
-    name = args.command_name
+    prog = args.prog_name
     try:
         with lifetime.cancellable():  # SIGTERM, SIGHUP, SIGINT end what the command started, then it exits
             swept = lifetime.sweep()
@@ -94,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             flush_notices()  # "artifacts are unverified", once, after a command that succeeded
         return code
     except UserError as e:
-        print(f"edge-ft {name}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
     except MemoryError:  # under a memory cap (ulimit, `edge-ft profile run`'s rlimit) Python raises, not dies
-        print(f"edge-ft {name}: error: out of memory (MemoryError); use a smaller --batch or less data, "
+        print(f"{prog}: error: out of memory (MemoryError); use a smaller --batch or less data, "
               "or a device with more free RAM", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or a signal lifetime turned into one
-        print(lifetime.summary(f"{name} {getattr(args, 'action', '')}".strip(), e), file=sys.stderr)
+        print(lifetime.summary(prog, e), file=sys.stderr)
         return lifetime.exit_status(e)
     except BrokenPipeError:  # `edge-ft analyze | head`
         return 0

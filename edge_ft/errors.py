@@ -10,6 +10,11 @@ def install_hint(extras: str) -> str:
     return f"pip install 'edge_ft-{__version__}-py3-none-any.whl[{extras}]' (the wheel from `make dist`)"
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 step', '2 steps': a count with its noun, singular for one."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 class UserError(Exception):
     """Something the user can fix (a path, a file, an option). The CLI prints it on one line and exits 2."""
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge_ft.cli import main
@@ -93,6 +94,29 @@ def test_a_new_class_count_gets_lora_with_a_saved_head(capsys):
     assert "fc1 and fc2, and fc3 trained whole (PEFT's modules_to_save)" in out and "Note:" not in out
     code, out, err = run(capsys, "--num-classes", "3", "--targets", "fc1,fc2,fc3")  # explicitly asked: warned
     assert code == 0 and not err and "Note: a 10-class base model gets a fresh 3-class head" in out
+
+
+def test_a_bundle_is_described_as_exported(capsys, tmp_path):
+    pytest.importorskip("torch")
+    from tests.ort_training_support import base_path
+
+    bundle = tmp_path / "lora3"
+    assert main(["export", "--method", "lora", "--classes", "ant,bee,cat", "--optimizer", "sgd", "--base",
+                 str(base_path()), "--out", str(bundle)]) == 0
+    trained = sum(int(np.prod(s)) for s in json.loads((bundle / "manifest.json").read_text())["trainable"].values())
+    capsys.readouterr()
+    code, out, err = run(capsys, "--model", str(bundle), "--json")
+    assert code == 0 and not err
+    doc = json.loads(out)
+    assert doc["model"]["num_classes"] == 3 and doc["settings"]["optimizer"] == "sgd"
+    assert doc["methods"]["lora"]["trainable_params"] == trained == 1_415
+    assert doc["methods"]["lora"]["config"]["modules_to_save"] == ["fc3"]
+    assert doc["methods"]["probe"]["trainable_params"] == 255  # the other methods for the bundle's 3 classes
+    code, out, _ = run(capsys, "--model", str(bundle))
+    assert code == 0 and "a lora bundle for 3 classes" in out and "batch 32, 3 classes, sgd" in out
+    assert [line[:3] for line in out.splitlines() if line[:1] == "1"] == ["1a.", "1b.", "1c."]
+    code, _, err = run(capsys, "--model", str(bundle), "--num-classes", "5")
+    assert code == 2 and "exported for 3 classes" in err
 
 
 def test_per_layer_breakdown(capsys):

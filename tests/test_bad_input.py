@@ -272,6 +272,27 @@ def test_bad_data(kit, capsys, tmp_path, case):
     one_line_error(capsys, train_argv(kit, data=path), path, message)
 
 
+def test_hints_point_to_the_command_that_helps(kit, capsys, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "seven.png"
+    Image.fromarray(_digits()[0][0]).save(png)
+    one_line_error(capsys, train_argv(kit, data=png), png, "is an image", "edge-ft data convert FOLDER")
+    missing = tmp_path / "train.npz"
+    line = one_line_error(capsys, train_argv(kit, data=missing), missing, "no such data file", "data convert")
+    assert line.index("data convert") < line.index("data export")  # your own images first, built-in tasks second
+    wide = tmp_path / "twelve.npz"
+    _raw_npz(wide, x=_digits()[0], y=_digits()[1] + 2)  # labels 2..11 for a 10-class bundle
+    one_line_error(capsys, train_argv(kit, data=wide), "< 10, got 2..11",
+                   f"export a bundle for this data's 12 (`edge-ft export --classes {wide}` or --num-classes 12)")
+    model = kit.run / "model.onnx"
+    one_line_error(capsys, train_argv(kit, bundle=model), model, "is a file, not a bundle folder", "edge-ft predict")
+    cut = tmp_path / "model.onnx"
+    cut.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    line = one_line_error(capsys, ["predict", str(cut), str(png)], cut, "corrupt or truncated")
+    assert "Protobuf" not in line and "ONNXRuntimeError" not in line
+
+
 # ---------------------------------------------------------------------------------------------------- profiles
 PROFILE = ('description = "test board"\narch = "aarch64"\ncpu = "4x A53"\ncores = 4\nram_mb = 1024\n'
            'budget_mb = 768\nthreads = 4\ncpu_speed = 0.05\ncpu_speed_source = "estimate"\n')

@@ -172,3 +172,59 @@ def test_run_key_changes_with_settings_and_board_limits(tmp_path):
     d = plan([TASK], ["lora"], ["ort-step"], [make_profile(tmp_path, "b", 256)],
              SweepSettings(epochs=1, target_accuracy=0.5))[0]
     assert len({a.key, b.key, c.key}) == 3 and a.key == d.key  # the target only changes a derived figure
+
+
+def _own_data(folder: Path) -> Path:
+    """train.npz + test.npz of three named Fashion-MNIST classes, as `data convert --test-fraction` writes them."""
+    import numpy as np
+
+    from edge_ft.data.npz import save_npz
+    from edge_ft.data.readers import read_fashion
+
+    x, y = read_fashion("train", Path(__file__).parent / "fixtures" / "fashion-mnist")
+    keep = np.isin(y, [1, 7, 8])
+    x, y = x[keep], np.searchsorted([1, 7, 8], y[keep])
+    save_npz(folder / "train.npz", x[::2], y[::2], ["Trouser", "Sneaker", "Bag"])
+    save_npz(folder / "test.npz", x[1::2], y[1::2], ["Trouser", "Sneaker", "Bag"])
+    return folder
+
+
+def test_own_data_is_checked_and_named_before_any_sweep(tmp_path, capsys):
+    own = _own_data(tmp_path / "photos")
+    own.mkdir(exist_ok=True)
+    results = str(tmp_path / "r" / "results.jsonl")
+    for argv, message in [
+        (["--data", str(own), "--task", "mnist-fashion"], "not both"),
+        (["--data", str(own / "train.npz")], "add --eval TEST.npz"),
+        (["--eval", str(own / "test.npz")], "--eval goes with --data"),
+        (["--data", str(tmp_path)], "no train.npz in this folder"),
+    ]:
+        assert main(["bench", "--profiles", "host", "--results", results, *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+    from edge_ft.bench.own_data import data_folder
+    from edge_ft.data.tasks import task_name, task_slug
+
+    folder = data_folder(own / "train.npz", own / "test.npz", tmp_path / "prep")
+    assert folder == data_folder(own, None, tmp_path / "prep") and folder.name.startswith("photos-")
+    assert task_name(str(folder)) == str(folder) and task_slug(str(folder)) == folder.name
+
+
+@pytest.mark.slow
+def test_bench_and_recommend_take_your_own_data(tmp_path, capsys, base_checkpoint):
+    """They took only the built-in tasks; --data DIR|TRAIN.npz --eval TEST.npz now measures your classes."""
+    own = tmp_path / "photos"
+    own.mkdir()
+    _own_data(own)
+    results = tmp_path / "bench" / "results.jsonl"
+    sweep = ["--methods", "probe", "--engines", "ort-step", "--steps", "4", "--base", str(base_checkpoint),
+             "--results", str(results), "--repeats", "1", "--host-speed", "1", "--quiet"]
+    assert main(["bench", "--profiles", "host", "--data", str(own / "train.npz"), "--eval", str(own / "test.npz"),
+                 *sweep]) == 0
+    (record,) = read_records(results)
+    assert record["status"] == "ok" and Path(record["task"]).name.startswith("photos-")
+    assert record["accuracy"] is not None and record["trainable_params"] == 84 * 3 + 3  # a 3-class head
+    capsys.readouterr()
+    assert main(["recommend", "--profile", "host", "--no-measure", "--data", str(own), *sweep[:-1]]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("host: probe on ort-step") and "PREDICTED" not in out

@@ -177,6 +177,54 @@ def test_broken_image_is_a_user_error(tmp_path):
         read_image_folder(tmp_path)
 
 
+def _fixture_image(index: int = 0) -> np.ndarray:
+    return read_fashion("test", FIXTURE)[0][index]
+
+
+def test_transparent_png_is_composited_onto_its_page(tmp_path):
+    from PIL import Image
+
+    from edge_ft.data.readers import read_image
+
+    ink = _fixture_image()  # white on black; drawn as black strokes on a transparent page, as a canvas saves it
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., 3] = ink
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "drawn.png")
+    light = np.zeros((28, 28, 4), np.uint8)  # white strokes on a transparent page
+    light[..., :3], light[..., 3] = 255, ink
+    Image.fromarray(light, "RGBA").save(tmp_path / "light.png")
+    Image.fromarray(np.stack([np.zeros_like(ink), ink], -1), "LA").save(tmp_path / "grey-alpha.png")
+    for name in ("drawn.png", "light.png", "grey-alpha.png"):
+        assert np.abs(read_image(tmp_path / name).astype(int) - ink).max() <= 1, name
+
+
+def test_sixteen_bit_png_is_scaled_from_its_full_range(tmp_path):
+    from PIL import Image
+
+    from edge_ft.data.readers import read_image
+
+    ink = _fixture_image(1)
+    Image.fromarray(ink.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 0..65535, white on black
+    Image.fromarray((255 - ink).astype(np.uint16) * 257).save(tmp_path / "page.png")  # dark ink on a light page
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")
+    assert np.array_equal(read_image(tmp_path / "deep.png"), ink)
+    assert np.array_equal(read_image(tmp_path / "page.png"), ink)
+
+
+def test_an_image_that_comes_out_flat_is_refused_naming_the_file(tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        Image.fromarray(_fixture_image()).save(tmp_path / "src" / name / "ok.png")
+    Image.fromarray(np.zeros((28, 28, 4), np.uint8), "RGBA").save(tmp_path / "src" / "b" / "empty.png")
+    assert main(["data", "convert", str(tmp_path / "src"), "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "empty.png" in err and "flat grey level" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_read_any_dispatches(tmp_path):
     assert read_any(FIXTURE, "test")[0].shape == (100, 28, 28)
     with pytest.raises(UserError, match="no such"):

@@ -158,3 +158,34 @@ def test_export_cli(tmp_path, capsys, monkeypatch):
     assert "2,320 trainable values" in capsys.readouterr().out
     assert main(["export", "--method", "lora", "--base", str(tmp_path / "nope.safetensors"), "--out", str(out)]) == 2
     assert "nope.safetensors: no such file" in capsys.readouterr().err
+
+
+def test_export_refuses_to_overwrite_a_bundle_without_force_and_counts_every_file(tmp_path, capsys):
+    out = tmp_path / "bundle"
+    argv = ["export", "--method", "probe", "--base", str(base_path()), "--out", str(out)]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert f"{len(written)} files, {sum(p.stat().st_size for p in written) / 1024:.1f} KiB" in said
+    before = (out / "manifest.json").read_bytes()
+    assert main([*argv, "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a bundle" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert (out / "manifest.json").read_bytes() == before
+    assert main([*argv, "--seed", "1", "--force"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 1
+
+
+def test_export_classes_from_a_folder_of_class_folders(tmp_path, capsys):
+    photos = tmp_path / "my-photos"
+    for name in ("cat", "ant", "bee", ".cache"):
+        (photos / name).mkdir(parents=True)
+    assert main(["export", "--method", "probe", "--base", str(base_path()), "--classes", str(photos),
+                 "--out", str(tmp_path / "bundle")]) == 0
+    b = load_bundle(tmp_path / "bundle")
+    assert b.classes == ["ant", "bee", "cat"] and b.num_classes == 3  # the labels `data convert` gives them
+    (tmp_path / "flat").mkdir()
+    assert main(["export", "--method", "probe", "--base", str(base_path()), "--classes", str(tmp_path / "flat"),
+                 "--out", str(tmp_path / "b2")]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "data convert" in err

@@ -114,6 +114,23 @@ def test_predict_mistakes_are_one_line(run, tmp_path, capsys, case):
     assert len(err) == 1 and fragment in err[0]
 
 
+def test_predict_reads_transparent_images_and_refuses_flat_ones(run, tmp_path, capsys):
+    """A drawing saved as black strokes on a transparent page used to read as an all-black image."""
+    run_dir, _, images = run
+    grey = np.asarray(Image.open(images / "Trouser" / "01.png"))  # white on black
+    rgba = np.zeros((*grey.shape, 4), np.uint8)
+    rgba[..., 3] = grey
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "drawn.png")
+    assert main(["predict", str(run_dir), str(tmp_path / "drawn.png"), str(images / "Trouser" / "01.png"),
+                 "--json"]) == 0
+    first, second = json.loads(capsys.readouterr().out)["predictions"]
+    assert first["top"] == second["top"]
+    Image.fromarray(np.zeros_like(rgba), "RGBA").save(tmp_path / "blank.png")
+    assert main(["predict", str(run_dir), str(tmp_path / "blank.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "blank.png" in err[0] and "flat grey level" in err[0]
+
+
 def test_training_refuses_data_whose_class_names_differ_from_the_bundles(run, tmp_path, capsys):
     run_dir, data, _ = run
     x, y, classes = load_labelled_npz(data / "train.npz")

@@ -388,3 +388,84 @@ def test_ort_training_state_is_never_written_after_its_module_is_gone(tmp_path):
                            str(tmp_path / "s.state")], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0 and done.stdout.startswith("ok "), (done.returncode, done.stderr[-2000:])
+
+
+class _Stop(BaseException):
+    """What a signal handler raises in the main thread: neither an Exception nor KeyboardInterrupt."""
+
+
+@pytest.mark.parametrize("where, stop", [("step", KeyboardInterrupt), ("eval", _Stop), ("step", SystemExit)])
+def test_an_interrupt_saves_a_checkpoint_that_resume_continues_from(tmp_path, capsys, monkeypatch, where, stop):
+    """Without --checkpoint-every, Ctrl-C used to lose every step, and --resume started again at step 0 unsaid."""
+    import edge_ft.device.trainer as trainer
+
+    def plain(out):
+        return [a for a in train_argv(out) if a not in ("--checkpoint-every", str(EVERY))]
+
+    assert main(plain(tmp_path / "reference")) == 0
+    real = trainer.engine_class
+
+    def interrupting(name):
+        cls = real(name)
+
+        class Interrupted(cls):
+            calls = 0
+
+            def train_step(self, x, y, lr):
+                Interrupted.calls += 1
+                if where == "step" and Interrupted.calls == 20:  # step 20 is in epoch 2 (13 steps each)
+                    raise stop()
+                return super().train_step(x, y, lr)
+
+            def logits(self, x):
+                if where == "eval":  # the first epoch's evaluation: its 13 steps are done, its log is not
+                    raise stop()
+                return super().logits(x)
+
+        return Interrupted
+
+    monkeypatch.setattr(trainer, "engine_class", interrupting)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    if stop is KeyboardInterrupt:
+        assert main(plain(out)) == 130
+    else:
+        with pytest.raises(stop):
+            main(plain(out))
+    at = 19 if where == "step" else 13
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"interrupted at step {at}: checkpoint saved; add --resume to continue" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{at:06d}.state"]
+    assert not (out / "results.json").exists()
+
+    monkeypatch.setattr(trainer, "engine_class", real)
+    assert main([*plain(out), "--resume"]) == 0
+    assert f"{out}: resuming from step {at} (checkpoints/step-{at:06d}.state)" in capsys.readouterr().err
+    expected, got = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "reference", out))
+    assert got["losses"] == expected["losses"] and got["resumed_from"] == [at]
+    assert [e["eval_accuracy"] for e in got["epochs"]] == [e["eval_accuracy"] for e in expected["epochs"]]
+    assert got["accuracy"] == expected["accuracy"]
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*train_argv(out), "--keep", "2"]) == 0  # a checkpoint every 5 of 39 steps: 7 saved
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000030.state", "step-000035.state"]
+    assert json.loads((out / "resume.json").read_text())["state"] == "checkpoints/step-000035.state"
+    default = tmp_path / "default"
+    assert main(train_argv(default)) == 0
+    assert len(list((default / "checkpoints").iterdir())) == 3
+    with pytest.raises(SystemExit):
+        main(train_argv(tmp_path / "none", "--keep", "0"))
+    fresh = tmp_path / "fresh"
+    capsys.readouterr()
+    assert main(train_argv(fresh, "--resume")) == 0
+    assert f"{fresh}: no checkpoint to resume from; starting at step 0" in capsys.readouterr().err
+
+
+def test_quiet_training_still_prints_its_summary_in_good_english(tmp_path, capsys):
+    argv = train_argv(tmp_path / "run")
+    argv[argv.index("--epochs"):argv.index("--epochs") + 2] = ["--steps", "1"]
+    assert main(argv) == 0  # --quiet is in train_argv: no progress, but the result is what the user ran it for
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"{tmp_path / 'run'}: 1 step, final loss")

@@ -26,7 +26,7 @@ from edge_ft.bench.records import SCHEMA, run_key
 from edge_ft.config import MethodConfig
 from edge_ft.contracts import ENGINES, RESULTS
 from edge_ft.costmodel import estimate
-from edge_ft.data.tasks import get_task
+from edge_ft.data.tasks import task_slug
 from edge_ft.emulation.emulate import ConfinedResult, run_confined
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import MB, DeviceProfile
@@ -55,7 +55,7 @@ class SweepSettings:
 
 @dataclass(frozen=True)
 class Job:
-    task: str  # canonical task name, e.g. "mnist→digits"
+    task: str  # canonical task name, e.g. "mnist→digits", or the absolute path of a data folder (--data)
     label: str  # full | probe | probe-cached | lora
     engine: str  # torch | ort-training | ort-step
     profile: DeviceProfile
@@ -81,7 +81,7 @@ class Job:
         return MethodConfig(self.method, rank=s.rank, alpha=s.alpha, num_classes=num_classes)
 
     def run_dir(self, root: Path) -> Path:
-        return root / "runs" / self.profile.name / get_task(self.task).slug / f"{self.label}-{self.engine}"
+        return root / "runs" / self.profile.name / task_slug(self.task) / f"{self.label}-{self.engine}"
 
 
 def step_flops(cfg: MethodConfig, label: str, batch: int) -> dict[str, int]:

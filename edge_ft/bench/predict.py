@@ -223,11 +223,11 @@ def steps_per_epoch(records: list[dict], task: str, batch: int) -> int | None:
     for r in _latest_ok(records):
         if r["task"] == task and r.get("steps") and r.get("epochs") and _batch(r) == batch:
             return math.ceil(r["steps"] / len(r["epochs"]))
-    from edge_ft.data.tasks import target_split
+    from edge_ft.data.tasks import resolve_split
     from edge_ft.errors import UserError
 
     try:
-        return math.ceil(len(target_split(task).y_train) / batch)
+        return math.ceil(len(resolve_split(task).y_train) / batch)
     except UserError:
         return None
 

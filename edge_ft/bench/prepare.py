@@ -161,9 +161,11 @@ def ensure_base(root: Path, base: str | Path | None, pretrain_epochs: int | None
 
 
 def ensure_data(root: Path, task: str) -> tuple[Path, int]:
-    """(folder with the task's train.npz and test.npz, class count), exported once."""
+    """(folder with the task's train.npz and test.npz, class count), exported once; a data folder is its own."""
     from edge_ft.data.tasks import get_task
 
+    if Path(task).is_dir():
+        return Path(task), data_classes(Path(task))
     folder = root / "prep" / "data" / get_task(task).slug
     info = folder / "task.json"
     if not all((folder / f).is_file() for f in ("train.npz", "test.npz", "task.json")):
@@ -174,6 +176,17 @@ def ensure_data(root: Path, task: str) -> tuple[Path, int]:
         return folder, int(json.loads(info.read_text())["num_classes"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{info}: unreadable ({e}); delete {folder} and re-run") from None
+
+
+def data_classes(folder: Path) -> int:
+    """The class count of a folder's train.npz and test.npz: their class names', else the labels they use."""
+    from edge_ft.data.npz import load_labelled_npz
+
+    (_, y, names), (_, y_test, test_names) = (load_labelled_npz(folder / f) for f in ("train.npz", "test.npz"))
+    if names is not None and test_names is not None and names != test_names:
+        raise UserError(f"{folder}: train.npz and test.npz name different classes")
+    named = names or test_names
+    return len(named) if named else int(max(y.max(), y_test.max())) + 1
 
 
 def ensure_bundle(root: Path, base: Path, base_sha: str, cfg: MethodConfig, engine: str) -> Path:

@@ -50,7 +50,7 @@ def plan(tasks: list[str], labels: list[str], engines: list[str], profiles: list
          settings: SweepSettings) -> list[Job]:
     """Every combination, host-native profiles first; combinations that do not exist are left out
     (the torch engine has no cached-features mode; --steps is an ORT-engine option)."""
-    from edge_ft.data.tasks import get_task
+    from edge_ft.data.tasks import task_name
 
     bad = [x for x in labels if x not in LABELS] or [x for x in engines if x not in ENGINES]
     if bad:
@@ -60,7 +60,7 @@ def plan(tasks: list[str], labels: list[str], engines: list[str], profiles: list
         raise UserError("--steps applies to the ORT engines; the torch engine (edge-ft finetune) trains whole "
                         "epochs: use --epochs, or drop torch from --engines")
     ordered = sorted(profiles, key=lambda p: not p.native)
-    return [Job(get_task(t).name, label, engine, p, settings)
+    return [Job(task_name(t), label, engine, p, settings)
             for p in ordered for t in tasks for label in labels for engine in engines
             if not (engine == "torch" and LABELS[label][1])]
 

@@ -15,7 +15,10 @@ def register(subparsers) -> None:
     )
     sub = p.add_subparsers(dest="adapter_command", metavar="ACTION", required=True)
 
-    e = sub.add_parser("export", help="RUN -> adapter folder (adapter_model.safetensors + adapter_config.json)")
+    e = sub.add_parser("export", help="RUN -> adapter folder (adapter_model.safetensors + adapter_config.json)",
+                       description="Writes what the run trained, and nothing else, to ADAPTER_DIR: "
+                       "adapter_model.safetensors, adapter_config.json (PEFT's layout for LoRA) and "
+                       "edge_ft_adapter.json (the bundle, base and class names it belongs to).")
     e.add_argument("run", metavar="RUN", help="run folder from `edge-ft train`")
     e.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="adapter folder to write")
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32",
@@ -28,15 +31,19 @@ def register(subparsers) -> None:
                        description="Stores the adapter's tensors in BUNDLE itself (crash-safe; manifest.json is the "
                        "commit point), so the bundle no longer starts from the base weights. --out writes the result "
                        "to a new bundle folder instead and leaves BUNDLE as it is.")
-    a.add_argument("bundle", metavar="BUNDLE")
-    a.add_argument("adapter", metavar="ADAPTER_DIR")
+    a.add_argument("bundle", metavar="BUNDLE", help="bundle folder from `edge-ft export` (the adapter's own)")
+    a.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter folder from `edge-ft adapter export`")
     a.add_argument("--out", metavar="NEW_BUNDLE", help="write a copy of BUNDLE with the adapter applied here")
     add_trust_option(a)
     a.set_defaults(func=_apply)
 
-    m = sub.add_parser("merge", help="fold an adapter into the weights: one plain forward-only ONNX model")
-    m.add_argument("bundle", metavar="BUNDLE")
-    m.add_argument("adapter", metavar="ADAPTER_DIR")
+    m = sub.add_parser("merge", help="fold an adapter into the weights: one plain forward-only ONNX model",
+                       description="Adds the adapter's update to the bundle's base weights (LoRA: W + scale * B @ A) "
+                       "and writes one forward-only model.onnx with its card (class names, input scaling) that "
+                       "plain onnxruntime and `edge-ft predict` run; no adapter code at inference.")
+    m.add_argument("bundle", metavar="BUNDLE", help="bundle folder from `edge-ft export` that the adapter was "
+                   "trained on")
+    m.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter folder from `edge-ft adapter export`")
     m.add_argument("--out", required=True, metavar="MODEL.onnx", help="merged model to write")
     add_trust_option(m)
     m.set_defaults(func=_merge)
@@ -55,8 +62,9 @@ def register(subparsers) -> None:
                    help="statement of `edge-ft keys rotate` linking KEY to a key devices trust (repeatable)")
     s.set_defaults(func=_sign)
 
-    v = sub.add_parser("verify", help="check a signed folder: trusted signer, every file, expiry, version")
-    v.add_argument("folder", metavar="ADAPTER_DIR")
+    v = sub.add_parser("verify", help="check a signed folder: trusted signer, every file, expiry, version",
+                       description="Check a signed folder: trusted signer, every file, expiry, version.")
+    v.add_argument("folder", metavar="ADAPTER_DIR", help="signed adapter folder (a bundle or a model folder works too)")
     add_trust_option(v)
     v.set_defaults(func=_verify)
 

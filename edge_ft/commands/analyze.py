@@ -31,8 +31,9 @@ def register(subparsers) -> None:
         "torch.utils.flop_counter (2 x multiply-accumulates of conv and linear ops).",
     )
     p.add_argument("--model", default=None, metavar="BUNDLE|DESC.json|PKG.MODULE:CLASS|FILE.py:CLASS",
-                   help="the network: a bundle folder or a model description .json (no torch needed), or a class "
-                   "to trace (host; needs --input-shape) (default: LeNet-5)")
+                   help="the network: a bundle folder (described as exported: its method, class count, LoRA "
+                   "targets and optimizer) or a model description .json (no torch needed), or a class to trace "
+                   "(host; needs --input-shape) (default: LeNet-5)")
     p.add_argument("--input-shape", type=input_shape, default=None, metavar="C,H,W",
                    help="one example's shape for a class given to --model (default: none)")
     p.add_argument("--methods", default=",".join(SEED_METHODS), metavar="M,M",
@@ -40,10 +41,11 @@ def register(subparsers) -> None:
                    "and lora are always computed for the discussion)")
     add_method_options(p)
     p.add_argument("--num-classes", type=int_at_least(2), default=None, metavar="N",
-                   help="classes of the task (default: the model's, 10 for LeNet-5)")
+                   help="classes of the task (default: the bundle's, else the model's, 10 for LeNet-5)")
     add_lora_options(p)
     p.add_argument("--batch", type=int_at_least(1), default=32, metavar="N", help="examples per step (default 32)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer (default adamw)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="optimizer (default: the bundle's, else adamw)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="bytes per stored value (default float32)")
     p.add_argument("--per-layer", action="store_true", help="also print each method's FLOPs layer by layer")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -51,47 +53,75 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    model = load_model(args.model, args.input_shape)
+    model, exported = load_model(args.model, args.input_shape)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise UserError(f"--methods: unknown method {bad[0] if bad else '(none)'!r}; choose from {', '.join(METHODS)}")
-    num_classes = args.num_classes or model.num_classes
-    lora = method_config(args, "lora", num_classes, model.num_classes, model)
-    estimates = estimate_all(lora, args.batch, args.optimizer, args.dtype)
-    for method in methods:
-        if method not in estimates:
-            cfg = method_config(args, method, num_classes, model.num_classes, model)
-            estimates[method] = estimate(cfg, args.batch, args.optimizer, args.dtype)
+    optimizer = args.optimizer or (exported.optimizer if exported else "adamw")
+    configs = method_configs(args, model, exported, methods)
+    estimates = estimate_all(configs.pop("lora"), args.batch, optimizer, args.dtype)
+    for method, cfg in configs.items():
+        estimates[method] = estimate(cfg, args.batch, optimizer, args.dtype)
+    if exported:
+        methods = [*methods, exported.method.method]
     estimates = {m: estimates[m] for m in [*SEED_METHODS, *methods] if m in estimates}
     if args.json:
-        print(json.dumps(to_json(estimates), indent=2))
+        doc = to_json(estimates)
+        if exported:
+            doc["bundle"] = {"path": str(exported.path), "method": exported.method.method}
+        print(json.dumps(doc, indent=2))
     else:
+        if exported:
+            print(f"{exported.path}: a {exported.method.method} bundle for {exported.num_classes} classes, "
+                  "described as exported\n")
         sys.stdout.write(render(estimates, per_layer=args.per_layer))
     return 0
 
 
-def load_model(spec: str | None, shape: tuple[int, ...] | None) -> ModelDesc:
-    """--model: a bundle folder or description .json read without torch, or a class traced on the host."""
+def method_configs(args, model: ModelDesc, exported, methods: list[str]) -> dict[str, MethodConfig]:
+    """The MethodConfig of LoRA and of every method asked for beyond full and probe (estimate_all's own); a
+    bundle's method is taken as exported, and the others are sized for its class count."""
+    num_classes = args.num_classes or model.num_classes
+    if exported:
+        if args.num_classes and args.num_classes != exported.num_classes:
+            raise UserError(f"--num-classes {args.num_classes}: {exported.path} was exported for "
+                            f"{exported.num_classes} classes; drop --num-classes to describe it")
+        num_classes = exported.num_classes
+    own = exported.method if exported else None
+    configs = {"lora": own if own and own.method == "lora" else
+               method_config(args, "lora", num_classes, model.num_classes, model)}
+    for method in [*methods, *([own.method] if own else [])]:
+        if own and method == own.method:
+            configs[method] = own
+        elif method not in ("full", "probe", "lora"):
+            configs[method] = method_config(args, method, num_classes, model.num_classes, model)
+    return configs
+
+
+def load_model(spec: str | None, shape: tuple[int, ...] | None):
+    """--model -> (ModelDesc, the Bundle when it is a bundle folder, else None): a bundle folder or description
+    .json read without torch, or a class traced on the host."""
     from pathlib import Path
 
     if spec is None and shape is None:
-        return lenet5()
+        return lenet5(), None
     if spec is not None and Path(spec).is_dir():
         from edge_ft.device.bundle import load_bundle
 
-        return load_bundle(spec, verify=False).model
+        bundle = load_bundle(spec, verify=False)
+        return bundle.model, bundle
     if spec is not None and spec.endswith(".json"):
         from edge_ft.checkpoint import load_json_object
 
         return ModelDesc.from_dict(load_json_object(spec, "a model description", "write it with `edge-ft export`"),
-                                   spec)
+                                   spec), None
     from edge_ft.errors import require_host
 
     require_host("edge-ft analyze --model CLASS")
     from edge_ft.host.describe import host_model
 
-    return host_model(spec, shape).desc
+    return host_model(spec, shape).desc, None
 
 
 def to_json(estimates: dict[str, CostEstimate]) -> dict:
@@ -173,7 +203,7 @@ def render(estimates: dict[str, CostEstimate], per_layer: bool = False) -> str:
               _pct(e.flops["total"], full.flops["total"])] for m, e in estimates.items()],
         ),
         "",
-        f"1b. Memory for training (KiB, {lora.dtype})",
+        f"1c. Memory for training (KiB, {lora.dtype})",
         format_table(
             ["method", "weights", "gradients", "optimizer state", "activations", "total", "vs full"],
             [[m, *(_kib(e.memory[k]) for k in ("weights", "gradients", "optimizer_state", "activations", "total")),

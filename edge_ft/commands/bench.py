@@ -49,8 +49,13 @@ def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT
                         f"(default {DEFAULT_METHODS})")
     p.add_argument("--engines", type=comma_list, default=comma_list(DEFAULT_ENGINES), metavar="E1,E2",
                    help=f"torch, ort-training, ort-step (default {DEFAULT_ENGINES})")
-    p.add_argument("--task", type=comma_list, default=["mnist→digits"], metavar="TASK",
-                   help="transfer task(s): mnist→digits (mnist-digits), mnist→fashion (default mnist→digits)")
+    p.add_argument("--task", type=comma_list, default=None, metavar="TASK",
+                   help="transfer task(s): mnist-digits, mnist-fashion, or a folder with train.npz + test.npz "
+                   "(default mnist-digits)")
+    p.add_argument("--data", type=Path, metavar="DIR|TRAIN.npz",
+                   help="your own data instead of --task: a folder with train.npz and test.npz (`edge-ft data "
+                   "convert --test-fraction`), or a training .npz with --eval")
+    p.add_argument("--eval", type=Path, metavar="TEST.npz", help="held-out data for --data's accuracy")
     p.add_argument("--base", metavar="BASE.safetensors",
                    help="base weights (default: pretrain once into the results folder's prep/)")
     length = p.add_mutually_exclusive_group()
@@ -137,12 +142,30 @@ def settings_from_args(args, host_speed: float):
                          host_speed=host_speed, target_accuracy=args.target_accuracy)
 
 
+def resolve_tasks(args) -> list[str]:
+    """args.task from --task, or --data/--eval as one data folder (checked, and copied beside the results so the
+    sweep measures what it names); mnist-digits when neither is given."""
+    if args.data is None:
+        if args.eval is not None:
+            raise UserError("--eval goes with --data (your training .npz); built-in tasks bring their test split")
+        args.task = args.task or ["mnist-digits"]
+        return args.task
+    if args.task:
+        raise UserError("give --task (a built-in task) or --data (your own), not both")
+    from edge_ft.bench.own_data import data_folder
+
+    args.task = [str(data_folder(args.data, args.eval, args.results.parent / "prep" / "data"))]
+    args.data = args.eval = None  # resolved: a second call returns the folder
+    return args.task
+
+
 def sweep_from_args(args, profiles: list[str]):
     """(jobs, options) for the sweep the arguments describe."""
     from edge_ft.emulation.hostspeed import HostSpeed
     from edge_ft.emulation.profiles import load_profile
     from edge_ft.bench.sweep import SweepOptions, plan
 
+    resolve_tasks(args)
     host = HostSpeed.resolve(args.host_speed, quiet=args.quiet)
     settings = settings_from_args(args, host.speed)
     jobs = plan(args.task, args.methods, args.engines, [load_profile(p) for p in profiles], settings)
@@ -176,6 +199,8 @@ def models_handler(args) -> int:
     from edge_ft.errors import require_host
 
     require_host("edge-ft bench --models (exporting the step graphs)")
+    if args.task or args.data or args.eval:
+        raise UserError("--models measures synthetic inputs of each model's shape; drop --task, --data and --eval")
     if args.asserts or getattr(args, "baseline", None):
         raise UserError("--assert and --baseline check task sweeps; with --models use `edge-ft report`")
     profiles = [load_profile(p) for p in args.profiles]

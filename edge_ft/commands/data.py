@@ -20,11 +20,15 @@ def register(subparsers) -> None:
     )
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    p = sub.add_parser("list", help="the named transfer tasks and their splits")
+    p = sub.add_parser("list", help="the named transfer tasks and their splits",
+                       description="One line per built-in transfer task: its name, training examples per class and "
+                       "what it tests. Splits are fixed (edge_ft/data/tasks.py).")
     p.set_defaults(func=list_tasks)
 
-    p = sub.add_parser("export", help="write TASK's train.npz and test.npz (x uint8 N×28×28, y int64) to --out")
-    p.add_argument("task", metavar="TASK", help="mnist-digits (mnist→digits) or mnist-fashion (mnist→fashion)")
+    p = sub.add_parser("export", help="write TASK's train.npz and test.npz (x uint8 N×28×28, y int64) to --out",
+                       description="Writes a built-in task's fixed split as train.npz and test.npz (with class names) "
+                       "and task.json for a device; for your own images use `edge-ft data convert`.")
+    p.add_argument("task", metavar="TASK", help="mnist-digits or mnist-fashion (see `edge-ft data list`)")
     p.add_argument("--out", required=True, type=Path, help="folder to write train.npz, test.npz and task.json to")
     p.add_argument("--shots", type=int, default=None,
                    help="training examples per class (default: the task's own: all digits, 100 for fashion)")
@@ -51,9 +55,10 @@ def register(subparsers) -> None:
 def list_tasks(args) -> int:
     from edge_ft.data import tasks
 
+    print(f"{'TASK':15s} {'SHOTS/CLASS':11s}  DESCRIPTION")
     for task in tasks.TASKS:
-        shots = "all" if task.default_shots is None else task.default_shots
-        print(f"{task.slug:15s} {task.name:15s} default shots/class: {shots:<4}  {task.summary}")
+        shots = "all" if task.default_shots is None else str(task.default_shots)
+        print(f"{task.slug:15s} {shots:11s}  {task.summary}")
     print("\nSplits are fixed and documented in edge_ft/data/tasks.py; pretraining uses MNIST (see `edge-ft pretrain`).")
     return 0
 

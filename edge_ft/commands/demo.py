@@ -23,7 +23,8 @@ def register(subparsers) -> None:
                    help="output folder (default runs/demo)")
     p.add_argument("--profiles", type=comma_list, default=list(DEMO_PROFILES), metavar="P1,P2",
                    help=f"device profiles (default {','.join(DEMO_PROFILES)})")
-    p.add_argument("--task", default="mnist→digits", help="transfer task (default mnist→digits)")
+    p.add_argument("--task", default="mnist→digits",
+                   help="transfer task: mnist-digits or mnist-fashion (default mnist-digits)")
     p.add_argument("--epochs", type=int_at_least(1), default=DEMO_EPOCHS, metavar="N",
                    help=f"fine-tuning epochs per run (default {DEMO_EPOCHS})")
     p.add_argument("--pretrain-epochs", type=int_at_least(1), metavar="N",

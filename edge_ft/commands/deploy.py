@@ -11,7 +11,7 @@ def register(subparsers) -> None:
         description="Slots live in --root (default $EDGE_FT_HOME/deploy, ~/.edge-ft/deploy); `edge-ft predict ROOT` "
         "reads the active one. Every decision is appended to ROOT/deploy.log. A kill at any point leaves one valid "
         "active model.")
-    p.add_argument("adapter", metavar="ADAPTER_DIR")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="signed adapter folder to verify, merge and score")
     p.add_argument("--bundle", required=True, metavar="BUNDLE", help="the bundle the adapter was trained with")
     p.add_argument("--holdout", required=True, metavar="TEST.npz", help="labelled data scored before switching")
     p.add_argument("--tolerance", type=float, default=0.01, metavar="T",

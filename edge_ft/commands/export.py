@@ -9,7 +9,7 @@ from edge_ft.architecture import numel
 from edge_ft.commands.argtypes import (add_lora_options, add_method_options, input_shape, int_at_least, method_config,
                                       positive_float)
 from edge_ft.config import METHODS, OPTIMIZERS
-from edge_ft.contracts import BUNDLE_ENGINES, ORT_STEP
+from edge_ft.contracts import BUNDLE_ENGINES, MANIFEST, ORT_STEP
 from edge_ft.errors import UserError, require_host
 from edge_ft.training_defaults import recipe_default
 
@@ -41,8 +41,9 @@ def register(subparsers) -> None:
     add_method_options(p)
     p.add_argument("--num-classes", type=int_at_least(2), default=None, metavar="N",
                    help="classes of the target task (default: the base's; a new count re-initialises the head)")
-    p.add_argument("--classes", metavar="NAME,NAME,...|DATA.npz",
-                   help="class names of the target task, or a .npz that carries them (sets --num-classes; "
+    p.add_argument("--classes", metavar="NAME,NAME,...|DATA.npz|FOLDER",
+                   help="class names of the target task, a .npz that carries them, or a folder of class folders "
+                   "(their sorted names, as `edge-ft data convert` labels them) (sets --num-classes; "
                    "default: the base's names when the count is the base's)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help=f"optimizer (default: {recipe_default('optimizer')}); ort-training offers sgd and adamw")
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
                    help=f"learning rate stored in the bundle (default: {recipe_default('lr')})")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA A / a new head (default 0)")
+    p.add_argument("--force", action="store_true", help="replace a bundle already in --out")
     p.add_argument("--sign-key", metavar="KEY", help="sign the bundle with this private key (`edge-ft keys new`), "
                    "so devices with a trust policy train it")
     p.add_argument("--sign-version", type=int_at_least(1), default=1, metavar="N",
@@ -84,15 +86,19 @@ def handler(args) -> int:
     num_classes = len(classes) if classes else args.num_classes or meta["num_classes"]
     if classes is None and num_classes == meta["num_classes"]:
         classes = meta.get("classes")  # same head: the base's names still hold
+    if (Path(args.out) / MANIFEST).is_file() and not args.force:
+        raise UserError(f"{args.out}: already holds a bundle (manifest.json); choose another --out, or add --force "
+                        "to replace it")
     cfg = method_config(args, args.method, num_classes, meta["num_classes"], host.desc)
     recipe = DEFAULTS[args.method]
     opt = OptimizerConfig(args.optimizer or recipe.optimizer, lr=args.lr or recipe.lr, weight_decay=args.weight_decay)
     manifest = export_bundle(cfg, opt, args.base, args.out, engine=args.engine, seed=args.seed, classes=classes,
                              host=host)
-    total = sum(f["bytes"] for f in manifest["files"].values())
+    files = len(manifest["files"]) + 1  # the table lists every file but manifest.json itself
+    total = sum(f["bytes"] for f in manifest["files"].values()) + (Path(args.out) / MANIFEST).stat().st_size
     trainable = sum(numel(s) for s in manifest["trainable"].values())
     print(f"{Path(args.out)}: {args.engine} bundle, {cfg.method}, {trainable:,} trainable values, "
-          f"{len(manifest['files'])} files, {total / 1024:.1f} KiB")
+          f"{files} files, {total / 1024:.1f} KiB")
     if args.sign_key:
         from edge_ft.trust.signature import sign_folder
 
@@ -109,9 +115,17 @@ def default_out(method: str, engine: str, rank: int, last_k: int) -> Path:
 
 
 def task_classes(text: str) -> list[str]:
-    """--classes: 'a,b,c', or a .npz whose class names to use."""
+    """--classes: 'a,b,c', a .npz whose class names to use, or a folder of class folders (their sorted names)."""
     from edge_ft.data.npz import load_labelled_npz, parse_class_names
 
+    if Path(text).is_dir():
+        from edge_ft.data.readers import class_folders
+
+        names = class_folders(Path(text))
+        if len(names) < 2:
+            raise UserError(f"--classes {text}: is a folder with {len(names)} class folder(s); give a folder of "
+                            "class folders, NAME,NAME,..., or the .npz `edge-ft data convert` makes of your images")
+        return names
     if not text.endswith(".npz"):
         return parse_class_names(text)
     classes = load_labelled_npz(text)[2]

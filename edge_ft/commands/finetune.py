@@ -9,6 +9,7 @@ from edge_ft.commands.pretrain import DEFAULT_BASE
 from edge_ft.config import METHODS, OPTIMIZERS
 from edge_ft.contracts import TORCH
 from edge_ft.errors import UserError, require_host
+from edge_ft.training_defaults import recipe_default
 
 ENGINES = (TORCH,)  # the ORT engines train exported bundles through `edge-ft train`
 
@@ -23,16 +24,21 @@ def register(subparsers) -> None:
         "--all fine-tunes every method on every task with 3 seeds and writes table.md and table.json.",
     )
     p.add_argument("--all", action="store_true", help="build the accuracy table (all tasks unless --task is given)")
-    p.add_argument("--method", choices=METHODS, default=None, help="full | probe | lora (required without --all)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help=f"{' | '.join(METHODS)} (required without --all)")
     add_lora_options(p)
     p.add_argument("--task", default=None,
-                   help="mnist-digits | mnist-fashion | a folder with train.npz + test.npz (`edge-ft data export`)")
+                   help="mnist-digits | mnist-fashion | a folder with train.npz + test.npz (`edge-ft data export`, "
+                   "or `edge-ft data convert --test-fraction` of your images)")
     p.add_argument("--base", type=Path, default=DEFAULT_BASE, help=f"base weights (default: {DEFAULT_BASE})")
     p.add_argument("--engine", choices=ENGINES, default=TORCH, help=f"training engine (default: {TORCH})")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the training set")
-    p.add_argument("--batch", type=int, default=None, help="examples per step")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (cosine-decayed per epoch)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the training set (default: {recipe_default('epochs')})")
+    p.add_argument("--batch", type=int, default=None, help=f"examples per step (default: {recipe_default('batch')})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate, cosine-decayed per epoch (default: {recipe_default('lr')})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help=f"{' | '.join(OPTIMIZERS)} (default: {recipe_default('optimizer')})")
     p.add_argument("--shots", type=int, default=None, help="training examples per class (default: the task's)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order (default: 0)")
     p.add_argument("--seeds", type=int, default=3, help="--all: number of seeds, 0..N-1 (default: 3)")

@@ -56,7 +56,7 @@ def register(subparsers) -> None:
         "fleet", help="federated fine-tuning on a fleet of emulated devices (Flower SuperLink + SuperNodes)",
         description="Federated fine-tuning with Flower 1.42 on this machine: one SuperLink (host venv) and one "
         "SuperNode per device (device venv, no torch), each confined to its device profile.")
-    sub = p.add_subparsers(dest="fleet_command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
     run = sub.add_parser(
         "run", help="plan the fleet (data per node, bundle), run the federation, measure every node",
         description="Plans the run (edge_ft.fleet.plan: one data partition per node, the bundle, the test set), "

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 
+def _action(sub, name: str, text: str):
+    """An action whose one-line help is also its description (capitalised, with a full stop)."""
+    return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "keys", help="make a signing key pair, install a trusted public key on a device, or rotate keys",
         description="Ed25519 keys (cryptography). The private key signs on a workstation (`edge-ft adapter sign`, "
         "`edge-ft export --sign-key`); a device needs only public keys.")
     sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    n = sub.add_parser("new", help="write NAME.key (private, mode 0600) and NAME.pub")
+    n = _action(sub, "new", "write NAME.key (private, mode 0600) and NAME.pub")
     n.add_argument("--out", required=True, metavar="NAME", help="path without suffix: NAME.key and NAME.pub")
     n.set_defaults(func=_new)
-    t = sub.add_parser("trust", help="trust a public key on this device ($EDGE_FT_HOME/trusted-keys, default "
-                       "~/.edge-ft): from then on train, adapter apply|merge, predict and deploy refuse what it "
-                       "did not sign")
+    t = _action(sub, "trust", "trust a public key on this device ($EDGE_FT_HOME/trusted-keys, default ~/.edge-ft): "
+                "from then on train, adapter apply|merge, predict and deploy refuse what it did not sign")
     t.add_argument("public", metavar="PUBKEY", help="a .pub file of `edge-ft keys new`")
     t.set_defaults(func=_trust)
-    r = sub.add_parser("rotate", help="a statement, signed by the old key, that a new key takes over; pass it to "
-                       "`edge-ft adapter sign --rotation` so devices that trust the old key accept the new one")
+    r = _action(sub, "rotate", "a statement, signed by the old key, that a new key takes over; pass it to "
+                "`edge-ft adapter sign --rotation` so devices that trust the old key accept the new one")
     r.add_argument("--old", required=True, metavar="OLD.key", help="the retiring private key")
     r.add_argument("--new", required=True, metavar="NEW.pub", help="the new public key")
     r.add_argument("--out", required=True, metavar="ROTATION.json", help="statement to write")

@@ -19,11 +19,15 @@ def register(subparsers) -> None:
     )
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    ls = sub.add_parser("list", help="table of the known profiles")
+    ls = sub.add_parser("list", help="table of the known profiles",
+                        description="One row per shipped device profile: cores, RAM, the memory budget left to the "
+                        "application, threads and CPU speed against the reference core.")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=list_handler)
 
-    show = sub.add_parser("show", help="every field of one profile")
+    show = sub.add_parser("show", help="every field of one profile",
+                          description="Every field of a shipped profile or a .toml file, checked as `edge-ft train "
+                          "--profile` and `edge-ft bench` read it.")
     show.add_argument("name", metavar="NAME|PATH", help="profile name (see `list`) or path to a .toml file")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(func=show_handler)

@@ -72,12 +72,13 @@ def handler(args) -> int:
     from edge_ft.emulation.profiles import load_profile
     from edge_ft.bench.recommend import Constraints, latest_runs, recommend
     from edge_ft.bench.records import read_records
-    from edge_ft.data.tasks import get_task
+    from edge_ft.commands.bench import resolve_tasks
+    from edge_ft.data.tasks import task_name
 
     profile = load_profile(args.profile)
     if args.model:
         return model_handler(args, profile)
-    task = get_task(args.task[0]).name
+    task = task_name(resolve_tasks(args)[0])
     records = read_records(args.results)
     measured = latest_runs(records, profile.name, task)
     if args.no_measure and not measured and not args.predict:
@@ -172,9 +173,9 @@ def predicted(args, profile, task: str, records: list[dict], measured: list[dict
 def sweep_argv(args) -> list[str]:
     """The sweep options as given (defaults left out), for a command line that measures the same runs."""
     from edge_ft.config import MethodConfig
-    from edge_ft.data.tasks import get_task
+    from edge_ft.data.tasks import task_slug
 
-    argv = ["--task", get_task(args.task[0]).slug]
+    argv = ["--task", args.task[0] if Path(args.task[0]).is_dir() else task_slug(args.task[0])]
     if args.methods != comma_list(DEFAULT_METHODS):
         argv += ["--methods", ",".join(args.methods)]
     if args.engines != comma_list(DEFAULT_ENGINES):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edge_ft.commands.argtypes import int_at_least, positive_float
 from edge_ft.contracts import MANIFEST, RESULTS
-from edge_ft.errors import UserError
+from edge_ft.errors import UserError, plural
 from edge_ft.training_defaults import recipe_default
 from edge_ft.trust.policy import add_trust_option
 
@@ -35,7 +35,10 @@ def register(subparsers) -> None:
     p.add_argument("--mem-arena", choices=("on", "off"), help="onnxruntime CPU memory arena (default on)")
     p.add_argument("--seed", type=int, default=0, help="batch-order seed (default 0)")
     p.add_argument("--checkpoint-every", type=int_at_least(0), default=0, metavar="N",
-                   help="save the training state every N steps into OUT/checkpoints (default: only at the end)")
+                   help="save the training state every N steps into OUT/checkpoints (default: only at the end and "
+                   "on Ctrl-C)")
+    p.add_argument("--keep", type=int_at_least(1), default=3, metavar="K",
+                   help="checkpoints to keep in OUT/checkpoints, the newest (default 3)")
     p.add_argument("--cache-features", action="store_true",
                    help="probe bundles: run the frozen backbone once, then train fc3 on the cached features")
     p.add_argument("--profile-ops", action="store_true",
@@ -46,7 +49,7 @@ def register(subparsers) -> None:
                    help="continue the run in --out from its last checkpoint (same bundle, data and options; "
                    "starts from step 0 when it has none)")
     p.add_argument("--force", action="store_true", help="replace a finished run already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="no progress output; the final summary line is still printed")
     add_trust_option(p)
     p.set_defaults(func=handler)
 
@@ -87,6 +90,7 @@ def handler(args) -> int:
         seed=args.seed,
         threads=threads or 0,
         checkpoint_every=args.checkpoint_every,
+        keep=args.keep,
         cache_features=args.cache_features,
         profile_ops=args.profile_ops,
         quiet=args.quiet,
@@ -101,10 +105,9 @@ def handler(args) -> int:
     classes = same_classes(classes, args.data, bundle.classes, bundle.path / MANIFEST)
     r = train(bundle, (x, y), eval_data, settings, out, rss_after_imports, resume=args.resume, classes=classes,
               replace=args.force)
-    if not args.quiet:
-        acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
-        print(f"{out}: {r['steps']} steps, final loss {r['losses'][-1]:.4f}{acc}, "
-              f"{r['step_latency_ms']['p50']:.2f} ms/step (p50), peak RSS {r['memory_mb']['peak_rss_sampled']:.0f} MB")
+    acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
+    print(f"{out}: {plural(r['steps'], 'step')}, final loss {r['losses'][-1]:.4f}{acc}, "
+          f"{r['step_latency_ms']['p50']:.2f} ms/step (p50), peak RSS {r['memory_mb']['peak_rss_sampled']:.0f} MB")
     if args.profile_ops:
         from edge_ft.device.op_profile import PROFILE_FILE, table
 

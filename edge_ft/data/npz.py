@@ -25,6 +25,7 @@ from edge_ft.errors import UserError
 
 IMAGE_SHAPE = (28, 28)
 LENET5_INPUT = (1, *IMAGE_SHAPE)  # the input shape checked when a caller names none: every reader's images
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm")  # image files `data convert` and `predict` read
 
 
 def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray, classes: Sequence[str] | None = None,
@@ -76,7 +77,12 @@ def validate_xy(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | No
         raise UserError(f"{source}: labels y must be integers, got dtype {y.dtype}")
     if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
         hi = "" if num_classes is None else f" and < {num_classes}"
-        raise UserError(f"{source}: labels must be >= 0{hi}, got {y.min()}..{y.max()}")
+        advice = ("labels are class indices 0, 1, 2, ...; `edge-ft data convert` numbers class folders that way"
+                  if y.min() < 0 else
+                  f"the model has {num_classes} classes: export a bundle for this data's {int(y.max()) + 1} "
+                  f"(`edge-ft export --classes {source}` or --num-classes {int(y.max()) + 1}), or relabel it "
+                  f"0..{num_classes - 1}")
+        raise UserError(f"{source}: labels must be >= 0{hi}, got {y.min()}..{y.max()}; {advice}")
     return x, y.astype(np.int64)
 
 
@@ -166,7 +172,12 @@ def load_labelled_npz(path: str | Path, num_classes: int | None = None, input_sh
                 "for a folder of class folders, convert it first: `edge-ft data convert FOLDER --out data.npz`")
         raise UserError(f"{path}: is a folder, not a .npz data file; {hint}")
     if not path.is_file():
-        raise UserError(f"{path}: no such data file (create one with `edge-ft data export TASK`)")
+        raise UserError(f"{path}: no such data file (make one from a folder of class folders of images with "
+                        "`edge-ft data convert FOLDER --out data.npz`, or a built-in task's with "
+                        "`edge-ft data export`)")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"{path}: is an image, not a .npz data file; put your images into one folder per class and "
+                        "convert them: `edge-ft data convert FOLDER --out data.npz`")
     try:
         _check_sizes(path)
         with np.load(path, allow_pickle=False) as z:
@@ -177,7 +188,8 @@ def load_labelled_npz(path: str | Path, num_classes: int | None = None, input_sh
     except UserError:
         raise
     except _DAMAGED as e:
-        raise UserError(f"{path}: not a readable .npz data file ({e}); re-export it with `edge-ft data export`") from None
+        raise UserError(f"{path}: not a readable .npz data file ({e}); make it again with `edge-ft data convert` "
+                        "(your images) or `edge-ft data export` (a built-in task)") from None
     x, y = validate_xy(x, y, str(path), num_classes, input_shape)
     if classes is not None:
         if classes.ndim != 1 or classes.dtype.kind != "U":

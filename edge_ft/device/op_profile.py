@@ -44,7 +44,9 @@ def summarize(trace: str | Path, runs: int) -> dict:
 
 def table(summary: dict, rows: int = 10) -> str:
     """The heaviest operator types as aligned text lines."""
-    lines = [f"operator time per step (onnxruntime profiler, {summary['runs']} steps): "
+    from edge_ft.errors import plural
+
+    lines = [f"operator time per step (onnxruntime profiler, {plural(summary['runs'], 'step')}): "
              f"{summary['ms_per_step']:.2f} ms in kernels"]
     lines += [f"  {r['op']:<16} {r['ms_per_step']:8.3f} ms  {100 * r['share']:5.1f}%" for r in summary["by_op"][:rows]]
     return "\n".join(lines)

@@ -104,4 +104,7 @@ def inference_session(path, threads: int = 0, mem_arena: bool | None = None, pro
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        if "INVALID_PROTOBUF" in str(e):  # not an ONNX file at all, or cut short in a copy
+            raise UserError(f"{path}: corrupt or truncated (onnxruntime cannot parse it as an ONNX model); copy it "
+                            "again, or write it again with `edge-ft train` or `edge-ft adapter merge`") from None
         raise UserError(f"{path}: onnxruntime cannot load this model ({str(e).splitlines()[0]})") from None

@@ -62,14 +62,32 @@ def state_path(out: Path, step: int) -> Path:
     return out / CHECKPOINTS / f"step-{step:06d}.state"
 
 
-def save_checkpoint(engine, out: Path, identity: dict, progress: Progress) -> Path:
-    """Engine state first, then resume.json naming it: resume.json only ever names a complete state file."""
+def save_checkpoint(engine, out: Path, identity: dict, progress: Progress, keep: int | None = None) -> Path:
+    """Engine state first, then resume.json naming it: resume.json only ever names a complete state file. With
+    `keep`, only the newest `keep` state files up to this step stay (the one resume.json names among them)."""
     path = state_path(out, progress.step)
     engine.save_state(str(path))
     atomic_write_json(out / RESUME, {"format": FORMAT, "format_version": 1, "state": path.relative_to(out).as_posix(),
                                      "state_sha256": sha256_file(path), "run": identity,
                                      "progress": asdict(progress)})
+    if keep:
+        prune_checkpoints(out, progress.step, keep)
     return path
+
+
+def prune_checkpoints(out: Path, step: int, keep: int) -> None:
+    """Remove all but the newest `keep` state files of steps <= `step` (the committed one), and any of a later step:
+    those a killed process wrote before resume.json could name them."""
+    states = {}
+    for path in (out / CHECKPOINTS).glob("step-*.state"):
+        try:
+            states[int(path.stem.removeprefix("step-"))] = path
+        except ValueError:
+            continue
+    kept = sorted(n for n in states if n <= step)[-keep:]
+    for n, path in states.items():
+        if n not in kept:
+            path.unlink(missing_ok=True)
 
 
 def start(out: Path, identity: dict, resume: bool, replace: bool = False) -> tuple[Progress, Path | None]:

@@ -4,7 +4,8 @@ A run folder gets:
   model.onnx             forward-only model with the trained weights (plain onnxruntime runs it)
   trained.safetensors    the trainable tensors alone (what `edge-ft adapter export` ships)
   final.state            engine state (weights + optimizer) after the last step
-  checkpoints/step-N.state  every --checkpoint-every steps, each committed by resume.json (edge_ft.device.resume)
+  checkpoints/step-N.state  every --checkpoint-every steps and on an interrupt (Ctrl-C), each committed by
+                         resume.json (edge_ft.device.resume); only the newest --keep stay
   results.json           settings, per-step losses, per-epoch times, accuracy, latency, memory, artifact sizes;
                          written last, so a run folder with results.json is a finished run
 With --cache-features (probe bundles) the frozen backbone runs once over the data and the bundle's head-only
@@ -18,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,7 +34,7 @@ from edge_ft.device.metrics import MB, PeakRSS, file_sizes, latency_ms, rss_byte
 from edge_ft.device.model_card import model_source, stamp_model
 from edge_ft.device.op_profile import PROFILE_FILE, summarize
 from edge_ft.device.ort_api import import_onnxruntime, inference_session
-from edge_ft.device.resume import run_identity, save_checkpoint, start
+from edge_ft.device.resume import Progress, run_identity, save_checkpoint, start
 from edge_ft.errors import UserError
 from edge_ft.run_record import SUMMARY, make_summary
 from edge_ft.training_defaults import SCHEDULES as EPOCH_SCHEDULES
@@ -53,6 +55,7 @@ class TrainSettings:
     seed: int = 0  # batch order: edge_ft.data.batches, the same order the host loop uses
     threads: int = 0  # onnxruntime intra-op threads (0 = its default)
     checkpoint_every: int = 0  # save the engine state every N steps (0 = only at the end)
+    keep: int = 3  # state files kept in checkpoints/, the newest (an interrupt saves one too)
     cache_features: bool = False  # probe only: train the head on cached backbone features
     profile_ops: bool = False  # ort-step only: onnxruntime's per-operator profile of the step graph
     quiet: bool = False  # no progress bar
@@ -66,6 +69,8 @@ class TrainSettings:
             raise UserError(f"learning rate must be positive, got {self.lr}")
         if self.checkpoint_every < 0:
             raise UserError("--checkpoint-every must be 0 (off) or a positive step count")
+        if self.keep < 1:
+            raise UserError(f"--keep must be at least 1 (the checkpoint a resume starts from), got {self.keep}")
 
 
 def lr_for_epoch(s: TrainSettings, epoch: int, epochs: int) -> float:
@@ -101,6 +106,72 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _Step(NamedTuple):
+    """One finished optimizer step, as Progress records it: the counts after it and what it measured."""
+
+    step: int
+    batch: int
+    loss: float
+    seconds: float
+    hits: int
+    seen: int
+
+
+def _record(pos: Progress, done: _Step) -> None:
+    """Add `done` to `pos`; applying it again changes nothing, so a record cut short can be completed."""
+    if len(pos.losses) < done.step:
+        pos.losses.append(done.loss)
+    if len(pos.step_seconds) < done.step:
+        pos.step_seconds.append(done.seconds)
+    if len(pos.epoch_losses) < done.batch:
+        pos.epoch_losses.append(done.loss)
+    pos.hits, pos.seen, pos.batch, pos.step = done.hits, done.seen, done.batch, done.step
+
+
+def _next_epoch(pos: Progress) -> None:
+    """Start the epoch after the last logged one; pos.epoch is set last, so a start cut short is redone whole."""
+    pos.batch, pos.epoch_losses, pos.epoch_seconds, pos.hits, pos.seen = 0, [], 0.0, 0, 0
+    pos.epoch = len(pos.epoch_log)
+
+
+class _CheckpointOnInterrupt:
+    """Save a checkpoint when training stops on a BaseException that is not an Exception (Ctrl-C, SystemExit, the
+    exception a signal handler raises), say so in one line, and let it propagate. Errors (Exception) save nothing:
+    their state may be what went wrong. The engine's state is whole between its steps; a step whose record was
+    cut short is completed first (pending), so the checkpoint and the progress it names agree."""
+
+    def __init__(self, engine, out: Path, identity: dict, pos: Progress, keep: int, progress: _Progress,
+                 started: float):
+        self.engine, self.out, self.identity, self.pos, self.keep = engine, out, identity, pos, keep
+        self.progress, self.started = progress, started  # perf_counter of step 0, earlier processes included
+        self.pending: _Step | None = None  # the step being recorded
+        self.epoch_started: float | None = None  # perf_counter of the epoch in progress's start
+
+    def __enter__(self) -> "_CheckpointOnInterrupt":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is None or issubclass(kind, Exception):
+            return False
+        self.progress.close()
+        pos, now = self.pos, time.perf_counter()
+        if self.pending is not None:
+            _record(pos, self.pending)
+        if len(pos.epoch_log) > pos.epoch:  # an epoch was logged; the next had not started
+            _next_epoch(pos)
+        elif self.epoch_started is not None:
+            pos.epoch_seconds = now - self.epoch_started
+        pos.train_seconds = now - self.started
+        try:
+            save_checkpoint(self.engine, self.out, self.identity, pos, self.keep)
+        except Exception as e:  # the interrupt is what the user must see; say why nothing was saved
+            print(f"interrupted at step {pos.step}: no checkpoint saved ({e})", file=sys.stderr, flush=True)
+            return False
+        print(f"interrupted at step {pos.step}: checkpoint saved; add --resume to continue", file=sys.stderr,
+              flush=True)
+        return False
 
 
 def _feature_cache(bundle: Bundle, threads: int, *xs: np.ndarray) -> list[np.ndarray]:
@@ -149,6 +220,9 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
         rss_after_imports = load_runtime(train_bundle.engine)
     identity = run_identity(bundle.path / MANIFEST, x, y, s)
     pos, resume_state = start(out, identity, resume, replace)
+    if resume:
+        print(f"{out}: resuming from step {pos.step} ({resume_state.relative_to(out)})" if resume_state else
+              f"{out}: no checkpoint to resume from; starting at step 0", file=sys.stderr, flush=True)
 
     per_epoch = math.ceil(len(x) / s.batch)
     total = s.steps or s.epochs * per_epoch
@@ -186,60 +260,63 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
 
         progress = _Progress(total, s.quiet, done=pos.step)
         earlier_seconds = pos.train_seconds  # training time of the processes before a resume
-        for epoch in range(pos.epoch, epochs):
-            lr = lr_for_epoch(s, epoch, epochs)
-            if epoch != pos.epoch:
-                pos.epoch, pos.batch, pos.epoch_losses, pos.epoch_seconds, pos.hits, pos.seen = epoch, 0, [], 0.0, 0, 0
-            t_epoch = time.perf_counter() - pos.epoch_seconds
-            for idx in epoch_batch_indices(len(x), s.batch, s.seed, epoch)[pos.batch:]:
-                if pos.step == total:
-                    break
-                xb, yb = batch_x(idx), y[idx]
-                t0 = time.perf_counter()
-                loss, logits = engine.train_step(xb, yb, lr)
-                pos.step_seconds.append(time.perf_counter() - t0)
-                if not math.isfinite(loss):
-                    raise UserError(f"training diverged at step {pos.step} (loss {loss}); lower --lr")
-                pos.losses.append(loss)
-                pos.epoch_losses.append(loss)
-                if logits is not None:
-                    pos.hits, pos.seen = pos.hits + int((logits.argmax(1) == yb).sum()), pos.seen + len(yb)
-                pos.step, pos.batch = pos.step + 1, pos.batch + 1
-                progress.step(loss)
-                if s.checkpoint_every and pos.step % s.checkpoint_every == 0:
-                    pos.epoch_seconds = time.perf_counter() - t_epoch
-                    pos.train_seconds = earlier_seconds + time.perf_counter() - started
-                    save_checkpoint(engine, out, identity, pos)
-            seconds = time.perf_counter() - t_epoch
-            acc = eval_accuracy()
-            pos.epoch_log.append({"epoch": epoch, "steps": len(pos.epoch_losses), "seconds": round(seconds, 4),
-                                  "lr": lr, "mean_loss": float(np.mean(pos.epoch_losses)),
-                                  "train_accuracy": pos.hits / pos.seen if pos.seen else None, "eval_accuracy": acc})
-            progress.epoch(f"epoch {epoch + 1}/{epochs}: loss {np.mean(pos.epoch_losses):.4f}  {seconds:.2f} s"
-                           + ("" if acc is None else f"  eval accuracy {acc:.4f}"))
-        progress.close()
-        train_seconds = earlier_seconds + time.perf_counter() - started
-        step, losses, step_seconds, epoch_log = pos.step, pos.losses, pos.step_seconds, pos.epoch_log
+        with _CheckpointOnInterrupt(engine, out, identity, pos, s.keep, progress, started - earlier_seconds) as guard:
+            for epoch in range(pos.epoch, epochs):
+                lr = lr_for_epoch(s, epoch, epochs)
+                if epoch != pos.epoch:
+                    _next_epoch(pos)
+                t_epoch = guard.epoch_started = time.perf_counter() - pos.epoch_seconds
+                for idx in epoch_batch_indices(len(x), s.batch, s.seed, epoch)[pos.batch:]:
+                    if pos.step == total:
+                        break
+                    xb, yb = batch_x(idx), y[idx]
+                    t0 = time.perf_counter()
+                    loss, logits = engine.train_step(xb, yb, lr)
+                    seconds = time.perf_counter() - t0
+                    if not math.isfinite(loss):
+                        raise UserError(f"training diverged at step {pos.step} (loss {loss}); lower --lr")
+                    hits, seen = pos.hits, pos.seen
+                    if logits is not None:
+                        hits, seen = hits + int((logits.argmax(1) == yb).sum()), seen + len(yb)
+                    guard.pending = _Step(pos.step + 1, pos.batch + 1, loss, seconds, hits, seen)
+                    _record(pos, guard.pending)
+                    guard.pending = None
+                    progress.step(loss)
+                    if s.checkpoint_every and pos.step % s.checkpoint_every == 0:
+                        pos.epoch_seconds = time.perf_counter() - t_epoch
+                        pos.train_seconds = earlier_seconds + time.perf_counter() - started
+                        save_checkpoint(engine, out, identity, pos, s.keep)
+                seconds = time.perf_counter() - t_epoch
+                acc = eval_accuracy()
+                pos.epoch_log.append({"epoch": epoch, "steps": len(pos.epoch_losses), "seconds": round(seconds, 4),
+                                      "lr": lr, "mean_loss": float(np.mean(pos.epoch_losses)),
+                                      "train_accuracy": pos.hits / pos.seen if pos.seen else None,
+                                      "eval_accuracy": acc})
+                progress.epoch(f"epoch {epoch + 1}/{epochs}: loss {np.mean(pos.epoch_losses):.4f}  {seconds:.2f} s"
+                               + ("" if acc is None else f"  eval accuracy {acc:.4f}"))
+            progress.close()
+            train_seconds = earlier_seconds + time.perf_counter() - started
+            step, losses, step_seconds, epoch_log = pos.step, pos.losses, pos.step_seconds, pos.epoch_log
 
-        op_summary = None
-        if s.profile_ops:
-            trace = Path(engine.end_profiling())
-            op_summary = summarize(trace, runs=pos.step - first_step)
-            trace.unlink(missing_ok=True)
-            atomic_write_json(out / PROFILE_FILE, op_summary)
-        trained = engine.trainable_state()
-        engine.save_state(str(out / "final.state"))
-        atomic_save_safetensors(out / TRAINED, trained, metadata={"format": "edge-ft-trained"})
-        if s.cache_features:  # the head bundle knows only fc3: write the whole network from the inference graph
-            write_inference_model(bundle, trained, out / "model.onnx")
-        else:
-            engine.export_inference(str(out / "model.onnx"))
-        stamp_model(out / "model.onnx", classes, model_source(bundle, made_by="edge-ft train"), bundle.input_shape)
-        # Score the exported file itself with plain onnxruntime: what a user deploys is what we report.
-        final_accuracy = None
-        if len(y_eval):
-            final_accuracy = accuracy(predict(session_runner(inference_session(out / "model.onnx", s.threads)),
-                                              x_eval), y_eval)
+            op_summary = None
+            if s.profile_ops:
+                trace = Path(engine.end_profiling())
+                op_summary = summarize(trace, runs=pos.step - first_step)
+                trace.unlink(missing_ok=True)
+                atomic_write_json(out / PROFILE_FILE, op_summary)
+            trained = engine.trainable_state()
+            engine.save_state(str(out / "final.state"))
+            atomic_save_safetensors(out / TRAINED, trained, metadata={"format": "edge-ft-trained"})
+            if s.cache_features:  # the head bundle knows only fc3: write the whole network from the inference graph
+                write_inference_model(bundle, trained, out / "model.onnx")
+            else:
+                engine.export_inference(str(out / "model.onnx"))
+            stamp_model(out / "model.onnx", classes, model_source(bundle, made_by="edge-ft train"), bundle.input_shape)
+            # Score the exported file itself with plain onnxruntime: what a user deploys is what we report.
+            final_accuracy = None
+            if len(y_eval):
+                final_accuracy = accuracy(predict(session_runner(inference_session(out / "model.onnx", s.threads)),
+                                                  x_eval), y_eval)
 
     results = {
         "bundle": {"path": str(bundle.path), "engine": bundle.engine, "method": bundle.manifest["method"],

@@ -86,11 +86,11 @@ def exit_status(e: KeyboardInterrupt) -> int:
     return 128 + getattr(e, "signum", signal.SIGINT)
 
 
-def summary(command: str, e: KeyboardInterrupt) -> str:
-    """One line: which signal, what was stopped, what was kept."""
+def summary(prog: str, e: KeyboardInterrupt) -> str:
+    """One line, prefixed with the command's prog ("edge-ft bench"): which signal, what was stopped, what was kept."""
     signum = getattr(e, "signum", signal.SIGINT)
     ended = "; ".join(_state["stopped"]) or "no child was running"
-    return (f"edge-ft {command}: stopped by {signal.Signals(signum).name}: {ended}; "
+    return (f"{prog}: stopped by {signal.Signals(signum).name}: {ended}; "
             f"kept: {_state['kept'] or 'nothing'}")
 
 
