@@ -264,6 +264,7 @@ CLIENT_ROUND = textwrap.dedent("""
     from edge_ft.device.bundle import load_bundle
     from edge_ft.device.engines import open_engine
     from edge_ft.fleet.client_app import app
+    from edge_ft.fleet.signing import load_signer
     from edge_ft.fleet.updates import to_arrays
 
     node = json.loads(sys.argv[1])
@@ -271,7 +272,9 @@ CLIENT_ROUND = textwrap.dedent("""
     start = open_engine(load_bundle(node["bundle"])).trainable_state()
     config = ConfigRecord({"server-round": 1, "lr": 0.02, "local-steps": 3, "local-epochs": 1, "batch": 16,
                            "seed": 0})
-    msg = Message(RecordDict({"arrays": to_arrays(start), "config": config}), 7, "train")
+    content = RecordDict({"arrays": to_arrays(start), "config": config})
+    load_signer(sys.argv[2], "device-check").sign(content, "config", 1)
+    msg = Message(content, 7, "train")
     reply = app(msg, Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={}))
     print(json.dumps({"keys": sorted(reply.content["arrays"]), "metrics": dict(reply.content["metrics"]),
                       "torch": "torch" in sys.modules, "onnx": "onnx" in sys.modules}))
@@ -286,7 +289,8 @@ def test_client_app_trains_where_torch_and_onnx_cannot_be_imported(ffa_plan, tmp
     (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)
     python = DEVICE_PYTHON if DEVICE_PYTHON.exists() else Path(sys.executable)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}", "FLWR_TELEMETRY_ENABLED": "0"}
-    done = subprocess.run([str(python), "-c", CLIENT_ROUND, json.dumps(ffa_plan.node_configs[0])], env=env,
+    done = subprocess.run([str(python), "-c", CLIENT_ROUND, json.dumps(ffa_plan.node_configs[0]),
+                           ffa_plan.run_config["signing-key"]], env=env,
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
