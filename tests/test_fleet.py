@@ -239,7 +239,7 @@ def test_server_killed_mid_run_resumes_from_its_last_round(ffa_plan, tmp_path):
     first = read_rounds(tmp_path / "whole")[1]
     assert resumed[1]["accuracy"] == first["accuracy"]  # the committed round, as the first server recorded it
     assert {c["node"]: c["loss"] for c in resumed[1]["clients"]} == {c["node"]: c["loss"] for c in first["clients"]}
-    assert abs(resumed[2]["accuracy"] - whole[2]["accuracy"]) <= 1 / 597  # float order of the sum, one image
+    assert abs(resumed[2]["accuracy"] - whole[2]["accuracy"]) <= 1 / 597 + 1e-12  # float order of the sum, one image
     with pytest.raises(UserError, match="run started with batch=16"):
         server_app.run(LocalGrid(client_app.app, ffa_plan.node_configs),
                        _settings(ffa_plan, **{"results-dir": str(tmp_path / "cut"), "resume": True, "batch": 8}))
