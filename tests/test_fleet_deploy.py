@@ -141,7 +141,7 @@ def test_two_methods_share_one_federation(tmp_path, base_checkpoint):
     lora = fleet_plan(tmp_path / "lora", 2, 1, base_checkpoint)
     probe = plan_fleet(tmp_path / "probe", method="probe", task="mnist-digits", num_nodes=2, partitioning="writers",
                        rounds=1, local_steps=3, batch=16, aggregation="fedavg", seed=0, base=base_checkpoint,
-                       threads=1)
+                       threads=1, signing_key=Path(lora.run_config["signing-key"]))  # the devices trust one key
     run_dir = tmp_path / "deploy"
     results = run_fleet([lora, probe], PROFILES, run_dir=run_dir, cpu_cap=False, progress=False)
     assert [r.status for r in results] == ["ok", "ok"], [r.message for r in results]

@@ -96,6 +96,14 @@ def register(subparsers) -> None:
     run.add_argument("--fault", type=fault_spec, metavar="NODE@ROUND",
                      help="SIGKILL node NODE (0-based) while it trains in round ROUND; it rejoins once that "
                      "round's training is aggregated")
+    run.add_argument("--signing-key", type=Path, metavar="KEY",
+                     help="the server's Ed25519 private key (`edge-ft keys new`) that signs every round's global "
+                     "model; nodes get its public key (default: a key made in DIR/keys, mode 0600)")
+    run.add_argument("--canary", type=float, default=0.0, metavar="FRACTION",
+                     help="share of nodes that score each new global model on a holdout first; the rest get it "
+                     "only when their accuracy holds (default 0: off)")
+    run.add_argument("--canary-tolerance", type=float, default=0.02, metavar="DROP",
+                     help="holdout accuracy drop a canary still accepts (default 0.02)")
     add_host_speed_option(run)
     run.add_argument("--device-python", metavar="PYTHON",
                      help="interpreter of the device venv (default .venv-device/bin/python when present)")
@@ -103,13 +111,14 @@ def register(subparsers) -> None:
     run.set_defaults(func=handler)
 
 
-def make_plan(args, method: str, out: Path, num_nodes: int):
+def make_plan(args, method: str, out: Path, num_nodes: int, signing_key: Path | None):
     """The FleetPlan of one method for these arguments (edge_ft.fleet.plan.plan_fleet)."""
     from edge_ft.fleet.plan import plan_fleet
 
     return plan_fleet(out, method=method, task=args.task, num_nodes=num_nodes, partitioning=args.partitioning,
                       rounds=args.rounds, local_steps=args.local_steps, aggregation=args.aggregation,
-                      seed=args.seed, base=args.base, quiet=args.quiet)
+                      seed=args.seed, base=args.base, quiet=args.quiet, signing_key=signing_key,
+                      canary=args.canary, canary_tolerance=args.canary_tolerance)
 
 
 def handler(args) -> int:
@@ -126,7 +135,12 @@ def handler(args) -> int:
     host = HostSpeed.resolve(args.host_speed, quiet=args.quiet) if not args.no_cpu_cap else HostSpeed.reference()
     out = args.out.resolve()
     several = len(args.method) > 1  # each method in DIR/METHOD, one federation for all of them
-    plans = [make_plan(args, m, out / m if several else out, len(args.nodes)) for m in args.method]
+    key = args.signing_key
+    if several and key is None:  # the SuperNodes are shared, so one server key signs every method's rounds
+        from edge_ft.fleet.plan import signing_keys
+
+        key = signing_keys(out, None)[0]
+    plans = [make_plan(args, m, out / m if several else out, len(args.nodes), key) for m in args.method]
     echo = None if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     results = run_fleet(plans, args.nodes, tls=not args.no_tls, auth=not (args.no_auth or args.no_tls),
                         run_dir=out / "deploy", fault=args.fault, host=host, device_python=args.device_python,

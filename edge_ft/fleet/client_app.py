@@ -2,9 +2,12 @@
 
 Torch- and onnx-free (numpy + onnxruntime + safetensors + flwr). The node holds its data and bundle; the node
 config names them (NODE_KEYS). Each train message brings the global trainable tensors and the round's settings;
-the device sets the tensors into its engine, runs the device trainer (edge_ft.device.trainer, the bundle's engine)
+the device first verifies the server's signature over them (edge_ft.fleet.signing: an unsigned, forged, foreign,
+expired or replayed message is refused with a one-line error reply and never applied), then sets the tensors into its
+engine, runs the device trainer (edge_ft.device.trainer, the bundle's engine)
 for the configured local steps or epochs, and replies with only the trainable tensors plus its metrics
-(edge_ft.fleet.updates.METRIC_KEYS). Nothing else leaves the device.
+(edge_ft.fleet.updates.METRIC_KEYS). Nothing else leaves the device. Under a canary run, evaluate messages bring
+a candidate global model and the current one; the device scores both on its holdout set (node config "holdout").
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from edge_ft.checkpoint import load_safetensors
@@ -22,10 +25,13 @@ from edge_ft.data.npz import load_npz
 from edge_ft.device.bundle import Bundle, load_bundle
 from edge_ft.device.trainer import TrainSettings, train
 from edge_ft.errors import UserError
-from edge_ft.fleet.updates import ARRAYS, CONFIG, METRICS, WEIGHT_KEY, from_arrays, to_arrays
+from edge_ft.fleet.signing import REFUSED, AcceptedRounds, Refused, verify_message
+from edge_ft.fleet.updates import ARRAYS, CANDIDATE_KEYS, CONFIG, METRICS, WEIGHT_KEY, from_arrays, to_arrays
+from edge_ft.trust.keys import PublicKey, load_public_key
 
-# node_config keys (`flower-supernode --node-config`); threads is optional (0 = onnxruntime's default)
-NODE_KEYS = ("partition-id", "num-partitions", "data", "bundle")
+# node_config keys (`flower-supernode --node-config`); optional: threads (0 = onnxruntime's default), round-state
+# (a JSON file remembering the last round accepted per run), holdout (.npz the node scores canary models on)
+NODE_KEYS = ("partition-id", "num-partitions", "data", "bundle", "server-key")
 SEED_STRIDE = 1000  # batch order differs per round and per device: seed·STRIDE² + round·STRIDE + partition
 
 app = ClientApp()
@@ -37,14 +43,36 @@ class Node:
     data: Path  # the device's own training data (.npz)
     bundle: Path  # the bundle folder installed on the device
     threads: int  # onnxruntime intra-op threads
+    server_key: Path  # the public key of the fleet's server: the only signer whose global models the node applies
+    round_state: Path | None  # where the last accepted round per run is kept (None: the run's context state)
+    holdout: Path | None  # the node's holdout set for canary evaluation
 
 
 def node_from_config(node_config) -> Node:
     missing = [k for k in NODE_KEYS if k not in node_config]
     if missing:
         raise UserError(f"node config lacks {missing[0]!r} (a fleet node needs {', '.join(NODE_KEYS)})")
+
+    def optional(key: str) -> Path | None:
+        return Path(str(node_config[key])) if node_config.get(key) else None
+
     return Node(int(node_config["partition-id"]), Path(str(node_config["data"])), Path(str(node_config["bundle"])),
-                int(node_config.get("threads", 0)))
+                int(node_config.get("threads", 0)), Path(str(node_config["server-key"])), optional("round-state"),
+                optional("holdout"))
+
+
+_keys: dict[Path, PublicKey] = {}
+
+
+def _server_key(path: Path) -> PublicKey:
+    if path not in _keys:
+        _keys[path] = load_public_key(path)
+    return _keys[path]
+
+
+def refusal(msg: Message, why: Refused) -> Message:
+    """The reply that tells the server this node refused its message (Flower error content, one line)."""
+    return Message(Error(code=REFUSED, reason=str(why)), reply_to=msg)
 
 
 _bundles: dict[Path, Bundle] = {}  # a ClientApp process may serve several rounds: verify each bundle once
@@ -67,6 +95,12 @@ def local_settings(config, partition: int) -> TrainSettings:
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
     node = node_from_config(context.node_config)
+    accepted = AcceptedRounds(node.round_state, context.state)
+    try:
+        signed = verify_message(msg.content, CONFIG, _server_key(node.server_key), "train", accepted.load())
+    except Refused as why:
+        return refusal(msg, why)
+    accepted.remember(signed["run"], signed["round"])
     bundle = _bundle(node.bundle)
     x, y = load_npz(node.data, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
     received = msg.content[ARRAYS]
@@ -93,3 +127,23 @@ def train_round(msg: Message, context: Context) -> Message:
         "bytes-up": int(arrays.count_bytes()),
     })
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def canary_round(msg: Message, context: Context) -> Message:
+    """Score a signed candidate global model and the current one on this node's holdout set."""
+    from edge_ft.fleet.holdout import GlobalEvaluator, frozen_shipped
+
+    node = node_from_config(context.node_config)
+    try:
+        verify_message(msg.content, CONFIG, _server_key(node.server_key), "canary",
+                       AcceptedRounds(node.round_state, context.state).load())
+    except Refused as why:
+        return refusal(msg, why)
+    if node.holdout is None:
+        raise UserError("node config lacks 'holdout' (a canary node scores candidate models on its holdout set)")
+    bundle = _bundle(node.bundle)
+    x, y = load_npz(node.holdout, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
+    score = GlobalEvaluator(bundle, frozen_shipped(bundle), x, y)
+    metrics = {key: score(from_arrays(msg.content[name])) for key, name in CANDIDATE_KEYS.items()}
+    return Message(RecordDict({METRICS: MetricRecord({**metrics, WEIGHT_KEY: len(y)})}), reply_to=msg)

@@ -317,7 +317,18 @@ def shared_node_configs(plans: list[Plan], device_bundle: Path) -> list[dict]:
         if not same:
             raise UserError("runs that share one federation must give each device the same data: plan them with "
                             "the same task, partitioning, seed and number of nodes")
+    for plan in plans[1:]:
+        if plan.node_configs and plan.node_configs[0].get("server-key") and not _same_key(
+                plan.node_configs[0]["server-key"], first[0].get("server-key")):
+            raise UserError("runs that share one federation must be signed by one server key (the devices trust "
+                            "one): plan them with the same signing_key")
     return [{**cfg, "bundle": str(device_bundle)} if "bundle" in cfg else dict(cfg) for cfg in first]
+
+
+def _same_key(a: str, b: str | None) -> bool:
+    from edge_ft.trust.keys import load_public_key
+
+    return b is not None and load_public_key(a).raw == load_public_key(b).raw
 
 
 def _same_data(a: str | None, b: str | None) -> bool:

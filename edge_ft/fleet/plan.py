@@ -9,6 +9,10 @@ out_dir gets (each file written atomically, plan.json last as the commit point):
   prep/base.safetensors + .json  the pretrained LeNet-5 (only when no `base` is given)
   bundle/                      the edge-ft bundle every device installs and the server starts from
   nodes/node-NN.npz            device NN's training data (its partition of the task's train pool)
+  nodes/node-NN-holdout.npz    with a canary: every 5th example of the partition, kept out of training, on which
+                               the node scores candidate global models (edge_ft.fleet.canary)
+  keys/server.key, .pub        the server's signing key (0600; made for the plan unless signing_key is given) and
+                               its public key, which every node config names (edge_ft.fleet.signing)
   test.npz                     the held-out test set the server evaluates on
   run_config.toml, nodes/node-NN.toml   the same configs as files (`--run-config FILE`, `--node-config FILE`)
   plan.json                    the settings, the partitions' sizes and label counts, both configs
@@ -21,17 +25,24 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.data.npz import save_npz
 from edge_ft.data.tasks import get_task, target_split
 from edge_ft.errors import UserError
 from edge_ft.fleet.aggregate import check_aggregation
+from edge_ft.fleet.canary import check_canary
 from edge_ft.fleet.partitions import label_histogram, partition
 from edge_ft.training_defaults import DEFAULT_LR
+from edge_ft.trust.keys import load_public_key, new_key_pair
 
 PLAN, BUNDLE, NODES, TEST, RESULTS, RUN_CONFIG = "plan.json", "bundle", "nodes", "test.npz", "results", \
     "run_config.toml"
+KEYS, SERVER_KEY = "keys", "server"
+HOLDOUT_EVERY = 5  # under a canary, every 5th example of a node's partition is its holdout
+DEFAULT_CANARY_TOLERANCE = 0.02
 ConfigValue = int | float | str | bool
 
 
@@ -75,17 +86,20 @@ def plan_fleet(out_dir: Path, *, method: str, task: str, num_nodes: int, partiti
                lr: float | None = None, rank: int = 2, engine: str = "ort-step", base: Path | None = None,
                shots: int | None = None, fraction_train: float = 1.0, min_train_nodes: int | None = None,
                min_available_nodes: int | None = None, round_timeout: float = 600.0, threads: int = 0,
-               resume: bool = False, quiet: bool = True) -> FleetPlan:
+               resume: bool = False, quiet: bool = True, signing_key: Path | None = None, canary: float = 0.0,
+               canary_tolerance: float = DEFAULT_CANARY_TOLERANCE) -> FleetPlan:
     """Write everything a fleet run needs into out_dir and return the plan (see the module docstring).
 
     local_steps 0 trains local_epochs passes per round; lr None takes the method's recipe default; min_train_nodes
     and min_available_nodes default to num_nodes - 1 (at least 1), so a round completes when one device dies.
+    signing_key None makes a key pair for the plan (out_dir/keys); canary > 0 gives every node a holdout set.
     """
     from edge_ft.bench.prepare import ensure_base
     from edge_ft.host.export import export_bundle
 
     out_dir = Path(out_dir).resolve()
     check_aggregation(aggregation, method)
+    check_canary(canary, canary_tolerance)
     if rounds < 1 or batch < 1 or local_steps < 0 or (local_steps == 0 and local_epochs < 1):
         raise UserError("rounds and batch must be positive, and local steps (or local epochs) too")
     spec = get_task(task)
@@ -99,11 +113,17 @@ def plan_fleet(out_dir: Path, *, method: str, task: str, num_nodes: int, partiti
     export_bundle(cfg, OptimizerConfig("adamw", lr=lr), base, out_dir / BUNDLE, engine=engine, seed=seed,
                   classes=list(spec.classes))
     save_npz(out_dir / TEST, split.x_test, split.y_test, spec.classes)
+    private, public = signing_keys(out_dir, signing_key)
     node_configs = []
     for i, idx in enumerate(parts):
         data = out_dir / NODES / f"node-{i:02d}.npz"
-        save_npz(data, split.x_train[idx], split.y_train[idx], spec.classes)
-        node = {"partition-id": i, "num-partitions": num_nodes, "data": str(data), "bundle": str(out_dir / BUNDLE)}
+        train, holdout = (idx, None) if not canary else (np.delete(idx, np.s_[::HOLDOUT_EVERY]), idx[::HOLDOUT_EVERY])
+        save_npz(data, split.x_train[train], split.y_train[train], spec.classes)
+        node = {"partition-id": i, "num-partitions": num_nodes, "data": str(data), "bundle": str(out_dir / BUNDLE),
+                "server-key": str(public), "round-state": str(out_dir / NODES / f"node-{i:02d}.rounds.json")}
+        if holdout is not None:
+            node["holdout"] = str(out_dir / NODES / f"node-{i:02d}-holdout.npz")
+            save_npz(node["holdout"], split.x_train[holdout], split.y_train[holdout], spec.classes)
         if threads:
             node["threads"] = threads
         node_configs.append(node)
@@ -117,7 +137,8 @@ def plan_fleet(out_dir: Path, *, method: str, task: str, num_nodes: int, partiti
         "min-train-nodes": quorum if min_train_nodes is None else min_train_nodes,
         "min-available-nodes": quorum if min_available_nodes is None else min_available_nodes,
         "round-timeout": float(round_timeout), "bundle": str(out_dir / BUNDLE), "test-data": str(out_dir / TEST),
-        "results-dir": str(out_dir / RESULTS), "resume": resume,
+        "results-dir": str(out_dir / RESULTS), "resume": resume, "signing-key": str(private),
+        "canary": float(canary), "canary-tolerance": float(canary_tolerance),
     }
     atomic_write_text(out_dir / RUN_CONFIG, "".join(toml_line(k, v) + "\n" for k, v in run_config.items()))
     ensure_dir(out_dir / RESULTS)
@@ -127,6 +148,31 @@ def plan_fleet(out_dir: Path, *, method: str, task: str, num_nodes: int, partiti
                        for idx in parts],
         "test_examples": len(split.y_test), "run_config": run_config, "node_configs": node_configs})
     return FleetPlan(app_dir(), run_config, node_configs, out_dir / RESULTS)
+
+
+def signing_keys(out_dir: Path, given: Path | None) -> tuple[Path, Path]:
+    """(private, public) key paths of the plan's server: `given` (its public key written beside the plan), or
+    out_dir/keys/server.key made once and kept for later plans of the same folder."""
+    from edge_ft.trust.keys import load_private_key, public_of
+
+    folder = ensure_dir(out_dir / KEYS)
+    public = folder / f"{SERVER_KEY}.pub"
+    if given is not None:
+        from cryptography.hazmat.primitives import serialization
+
+        key = load_private_key(given).public_key()
+        atomic_write_text(public, key.public_bytes(serialization.Encoding.PEM,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo).decode())
+        return Path(given).resolve(), public
+    private = folder / f"{SERVER_KEY}.key"
+    if private.is_file() and public.is_file():
+        if public_of(load_private_key(private)).raw != load_public_key(public).raw:
+            raise UserError(f"{public}: not the public key of {private}; delete both to make a new pair")
+        return private, public
+    private.unlink(missing_ok=True)
+    public.unlink(missing_ok=True)
+    new_key_pair(folder / SERVER_KEY)
+    return private, public
 
 
 def load_plan(out_dir: Path) -> FleetPlan:

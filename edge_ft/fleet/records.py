@@ -9,13 +9,17 @@
 A kill between the two writes of a round leaves server.json naming the previous round's tensors, still there.
 A round record: {"round", "method", "aggregation", "partitioning", "accuracy", "clients": [{"node",
 "partition", metrics...}], "rejected": [{"node", "reason"}], "bytes_down", "bytes_up" (totals of the round),
-"lora_product_gap" (LoRA only, edge_ft.fleet.aggregate.product_gap), "seconds"}.
+"lora_product_gap" (LoRA only, edge_ft.fleet.aggregate.product_gap), "seconds", "refused": [{"node", "reason"}]
+(nodes that refused the server's signed message: never averaged), "canary" (edge_ft.fleet.canary, or null)}.
+The run's identity holds its name ("run-name"): what the server signs every round with, and what nodes remember
+the last accepted round of. A fresh run gets a new name; a resumed run keeps its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +68,17 @@ def start(results: Path, identity: dict, resume: bool) -> tuple[int, list[dict],
     if not tensors_file.is_file() or sha256_file(tensors_file) != digest:
         raise UserError(f"{tensors_file}: missing or does not match {path}; start the run again without resume")
     return done, saved["rounds"], load_safetensors(tensors_file)
+
+
+def run_name(results: Path, resume: bool) -> str:
+    """The name of the run in `results`: the committed one when resuming it, else a new one."""
+    path = results / STATE
+    if resume and path.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            name = json.loads(path.read_text()).get("identity", {}).get("run-name")
+            if isinstance(name, str):
+                return name
+    return f"{results.resolve().parent.name}-{secrets.token_hex(6)}"
 
 
 def commit_round(results: Path, identity: dict, round_: int, tensors: dict[str, np.ndarray],

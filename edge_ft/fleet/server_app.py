@@ -1,6 +1,8 @@
 """The fleet's server: a Flower ServerApp on the host that federates a bundle's trainable tensors.
 
-Starts from the bundle (or the last committed round of an interrupted run, with resume=true), runs Flower's
+Signs every message it sends with the run's key (edge_ft.fleet.signing); a node that refuses one is recorded as
+refused and never averaged. With canary > 0 a round's new global model is promoted only when the canary nodes'
+holdout accuracy holds (edge_ft.fleet.canary). Starts from the bundle (or the last committed round of an interrupted run, with resume=true), runs Flower's
 FedAvg (weighted by each device's examples) for the configured rounds, rejects malformed client updates with a
 logged reason (edge_ft.fleet.updates), evaluates the global model after every round on the held-out test set
 (the merged model on onnxruntime's inference session), commits each round (edge_ft.fleet.records) and ends by
@@ -11,7 +13,6 @@ The run config keys are RUN_KEYS; plan_fleet (edge_ft.fleet.plan) writes them.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,15 +24,16 @@ from flwr.serverapp.strategy import FedAvg
 
 from edge_ft.checkpoint import sha256_file
 from edge_ft.data.npz import load_npz
-from edge_ft.device.adapter import merged_weights, shipped_frozen, write_adapter
+from edge_ft.device.adapter import shipped_frozen, write_adapter
 from edge_ft.device.bundle import MANIFEST, Bundle, load_bundle
 from edge_ft.device.engines import open_engine
-from edge_ft.device.inference import accuracy, predict, session_runner, write_inference_model
-from edge_ft.device.ort_api import inference_session
 from edge_ft.errors import UserError
 from edge_ft.fleet import records
 from edge_ft.fleet.aggregate import check_aggregation, product_gap
+from edge_ft.fleet.canary import canary_nodes, check_canary, run_canary
 from edge_ft.fleet.grid import PromptGrid
+from edge_ft.fleet.holdout import GlobalEvaluator
+from edge_ft.fleet.signing import REFUSED, RoundSigner, load_signer
 from edge_ft.fleet.updates import WEIGHT_KEY, check_update, from_arrays, to_arrays
 from edge_ft.training_defaults import epoch_lr
 
@@ -61,6 +63,9 @@ class FleetSettings:
     test_data: str  # held-out test set (.npz, absolute path)
     results_dir: str  # where rounds, state and the final adapter go
     resume: bool  # continue the run committed in results-dir instead of refusing it
+    signing_key: str  # the server's Ed25519 private key (PEM); the nodes hold its public key (node config)
+    canary: float  # share of nodes that score a new global model before the rest get it (0: off)
+    canary_tolerance: float  # accuracy drop on the canary holdouts that still promotes the new model
 
     @classmethod
     def from_run_config(cls, run_config) -> "FleetSettings":
@@ -73,6 +78,7 @@ class FleetSettings:
             values[f.name] = kind(run_config[key])
         s = cls(**values)
         check_aggregation(s.aggregation, s.method)
+        check_canary(s.canary, s.canary_tolerance)
         if s.rounds < 1 or s.batch < 1 or s.num_nodes < 1 or (s.local_steps < 1 and s.local_epochs < 1):
             raise UserError("rounds, batch, num-nodes and local-steps (or local-epochs) must be positive")
         return s
@@ -89,47 +95,45 @@ def run_identity(s: FleetSettings, bundle: Bundle) -> dict:
             sha256_file(Path(s.test_data)), **{k.replace("_", "-"): getattr(s, k) for k in kept}}
 
 
-class GlobalEvaluator:
-    """Accuracy of global trainable tensors: merged into plain LeNet-5 weights, run by an inference session."""
-
-    def __init__(self, bundle: Bundle, frozen: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray):
-        self.bundle, self.frozen, self.x, self.y = bundle, frozen, x, y
-
-    def __call__(self, tensors: dict[str, np.ndarray]) -> float:
-        with tempfile.TemporaryDirectory(prefix="edge-ft-fleet-eval-") as tmp:
-            model = Path(tmp) / "model.onnx"
-            write_inference_model(self.bundle, merged_weights(self.bundle, {**self.frozen, **tensors}), model)
-            return accuracy(predict(session_runner(inference_session(model, 1)), self.x), self.y)
-
-
 class FleetFedAvg(FedAvg):
-    """Flower's FedAvg with the round's learning rate in the config, every update checked before averaging,
-    and what each round moved and measured kept for its record."""
+    """Flower's FedAvg with the round's learning rate in the config, every message signed, every update checked
+    before averaging, an optional canary before a new global model is kept, and what each round moved and measured
+    kept for its record."""
 
     def __init__(self, s: FleetSettings, expected: dict[str, tuple[int, ...]], frozen: dict[str, np.ndarray],
-                 first_round: int):
+                 first_round: int, signer: RoundSigner):
         super().__init__(fraction_train=s.fraction_train, fraction_evaluate=0.0, min_train_nodes=s.min_train_nodes,
                          min_evaluate_nodes=0, min_available_nodes=s.min_available_nodes, weighted_by_key=WEIGHT_KEY)
         self.s, self.expected, self.frozen, self.offset = s, expected, frozen, first_round - 1
-        self.lora = s.method == "lora"
-        self.last: dict = {}  # the round in progress: clients, rejections, bytes
+        self.lora, self.signer = s.method == "lora", signer
+        self.last: dict = {}  # the round in progress: clients, rejections, refusals, bytes, canary decision
+        self.sent: tuple[ArrayRecord, Grid] | None = None  # the round's starting global model and the grid
 
     def round_of(self, server_round: int) -> int:
         return self.offset + server_round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         r = self.round_of(server_round)
+        config = ConfigRecord(dict(config))  # signed per round: never the run's shared train config
         config["lr"] = epoch_lr(self.s.lr, r - 1, self.s.rounds, "cosine")
         messages = list(super().configure_train(r, arrays, config, grid))
+        for content in {id(m.content): m.content for m in messages}.values():  # FedAvg shares one RecordDict
+            self.signer.sign(content, self.configrecord_key, r)
+        self.sent = (arrays, grid)
         # started_at (wall clock) is kept in the round record: the deployment files each node's message by it
         self.last = {"started_at": time.time(), "sampled": len(messages), "clients": [], "rejected": [],
-                     "bytes_down": arrays.count_bytes() * len(messages), "bytes_up": 0, "lora_product_gap": None}
+                     "refused": [], "bytes_down": arrays.count_bytes() * len(messages), "bytes_up": 0,
+                     "lora_product_gap": None, "canary": None}
         return messages
 
     def aggregate_train(self, server_round: int, replies):
         r, accepted, tensors, weights = self.round_of(server_round), [], [], []
         for msg in replies:
             node = msg.metadata.src_node_id
+            if msg.has_error() and msg.error.code == REFUSED:
+                log.warning("round %d: node %d refused the global model: %s", r, node, msg.error.reason)
+                self.last["refused"].append({"node": node, "reason": msg.error.reason})
+                continue
             if msg.has_error():
                 why = f"error reply: {msg.error.reason}"
             else:
@@ -149,7 +153,20 @@ class FleetFedAvg(FedAvg):
         if not accepted:
             log.warning("round %d: no update to aggregate; the global model stays as it was", r)
             return None, None
-        return super().aggregate_train(r, accepted)
+        arrays, metrics = super().aggregate_train(r, accepted)
+        if self.s.canary > 0 and arrays is not None:
+            arrays = self.canary(r, arrays)
+        return arrays, metrics
+
+    def canary(self, r: int, candidate: ArrayRecord) -> ArrayRecord:
+        """The candidate when the canary nodes' holdout accuracy holds, else the round's starting model."""
+        previous, grid = self.sent
+        nodes = canary_nodes(list(grid.get_node_ids()), self.s.canary, self.s.seed, r)
+        outcome = run_canary(grid, self.signer, candidate, previous, r, nodes, self.s.canary_tolerance,
+                             self.s.round_timeout)
+        self.last["canary"] = outcome
+        log.info("round %d: canary on nodes %s: %s, %s", r, nodes, outcome["decision"], outcome["why"])
+        return candidate if outcome["decision"] == "promoted" else previous
 
 
 def _settings_record(s: FleetSettings) -> ConfigRecord:
@@ -173,14 +190,15 @@ def run(grid: Grid, s: FleetSettings) -> list[dict]:
     results = Path(s.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     x_test, y_test = load_npz(s.test_data, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
-    identity = run_identity(s, bundle)
+    identity = {**run_identity(s, bundle), "run-name": records.run_name(results, s.resume)}
     done, rounds, saved = records.start(results, identity, s.resume)
     engine = open_engine(bundle, threads=1)
     frozen = {n: v for n, v in engine.parameters().items() if n in shipped_frozen(bundle)}
     current = saved if saved is not None else engine.trainable_state()
     del engine
     evaluate = GlobalEvaluator(bundle, frozen, x_test, y_test)
-    strategy = FleetFedAvg(s, dict(bundle.trainable), frozen, first_round=done + 1)
+    strategy = FleetFedAvg(s, dict(bundle.trainable), frozen, done + 1, load_signer(s.signing_key,
+                                                                                       identity["run-name"]))
     base = {"method": s.method, "aggregation": s.aggregation, "partitioning": s.partitioning,
             "num_nodes": s.num_nodes}
 
@@ -190,15 +208,16 @@ def run(grid: Grid, s: FleetSettings) -> list[dict]:
         if server_round == 0 and done:  # a resumed run's starting model was recorded by the first run
             return MetricRecord({"accuracy": rounds[-1]["accuracy"]})
         current = from_arrays(arrays)
-        info = strategy.last if server_round else {"sampled": 0, "clients": [], "rejected": [], "bytes_down": 0,
-                                                   "bytes_up": 0, "lora_product_gap": None}
+        info = strategy.last if server_round else {"sampled": 0, "clients": [], "rejected": [], "refused": [],
+                                                   "bytes_down": 0, "bytes_up": 0, "lora_product_gap": None,
+                                                   "canary": None}
         seconds = time.time() - info["started_at"] if "started_at" in info else 0.0
         record = {"round": r, **base, "accuracy": evaluate(current), "seconds": round(seconds, 3), **info}
         rounds.append(record)
         records.commit_round(results, identity, r, current, rounds)
-        log.info("round %d: global accuracy %.4f, %d updates, %d rejected, %d B down, %d B up", r,
-                 record["accuracy"], len(record["clients"]), len(record["rejected"]), record["bytes_down"],
-                 record["bytes_up"])
+        log.info("round %d: global accuracy %.4f, %d updates, %d rejected, %d refused, %d B down, %d B up", r,
+                 record["accuracy"], len(record["clients"]), len(record["rejected"]), len(record["refused"]),
+                 record["bytes_down"], record["bytes_up"])
         return MetricRecord({"accuracy": record["accuracy"]})
 
     if done < s.rounds:

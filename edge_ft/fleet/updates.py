@@ -13,6 +13,8 @@ import math
 import numpy as np
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # record names inside a message's RecordDict
+PREVIOUS = "previous"  # a canary message's second ArrayRecord: the global model the candidate would replace
+CANDIDATE_KEYS = {"accuracy": ARRAYS, "previous-accuracy": PREVIOUS}  # canary reply metric -> array record scored
 WEIGHT_KEY = "num-examples"  # FedAvg's weighted_by_key: examples the device trained on this round
 CONFIG_KEYS = ("server-round", "lr", "local-steps", "local-epochs", "batch", "seed")
 METRIC_KEYS = (WEIGHT_KEY, "steps", "loss", "local-accuracy", "ms-per-step", "peak-rss-mb", "bytes-down",

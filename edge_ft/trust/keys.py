@@ -137,6 +137,16 @@ def tagged(domain: str, body: dict) -> bytes:
     return domain.encode() + b"\n" + canonical(body)
 
 
+def sign_body(private, domain: str, body: dict) -> str:
+    """The base64 Ed25519 signature of `body` under `domain` (see `tagged`)."""
+    return b64(private.sign(tagged(domain, body)))
+
+
+def verify_body(key: PublicKey, domain: str, body: dict, signature: object, where: str) -> bool:
+    """Whether `signature` (base64) is `key`'s signature of `body` under `domain`."""
+    return key.verify(unb64(signature, where), tagged(domain, body))
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
