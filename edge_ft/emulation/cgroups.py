@@ -120,14 +120,20 @@ def _mkdir(path: Path, made: list[Path]) -> None:
     made.append(path)
 
 
-def _events(path: Path, key: str) -> int:
-    """A counter from a flat-keyed file (memory.oom_control, memory.events)."""
+def _flat(path: Path) -> dict[str, int]:
+    """Every counter of a flat-keyed file (cpu.stat, memory.oom_control, memory.events); {} when unreadable."""
+    out = {}
     with contextlib.suppress(OSError):
         for line in _read(path).splitlines():
             k, _, v = line.partition(" ")
-            if k == key:
-                return int(v)
-    return 0
+            with contextlib.suppress(ValueError):
+                out[k] = int(v)
+    return out
+
+
+def _throttled_seconds(stat: dict[str, int]) -> float:
+    """Throttled time from a cpu.stat: v1 throttled_time (ns), v2 throttled_usec."""
+    return stat["throttled_usec"] / 1e6 if "throttled_usec" in stat else stat.get("throttled_time", 0) / 1e9
 
 
 def _quota_us(share: float | None, period_us: int) -> int | None:
@@ -168,6 +174,7 @@ class CgroupJob:
         self._next_leaf = itertools.count()
         self._oom_before = 0
         self._total_quota_us: int | None = None  # the whole job's cap, as written at creation
+        self._ended_leaves_throttled = 0.0  # throttled seconds of per-thread leaves already removed
 
     @classmethod
     def create(cls, memory_bytes: int, cpus: list[int], thread_quota: float | None, total_quota: float | None,
@@ -294,8 +301,10 @@ class CgroupJob:
             except OSError:
                 continue
             if not tids and leaf is not self.leaves[0]:  # leaf 0 is empty until the child joins it
+                ended = _throttled_seconds(_flat(leaf / "cpu.stat"))
                 with contextlib.suppress(OSError):
                     leaf.rmdir()
+                    self._ended_leaves_throttled += ended
                     self.leaves.remove(leaf)
                 continue
             for tid in tids[1:]:
@@ -306,6 +315,17 @@ class CgroupJob:
                 except OSError:  # the thread ended in between
                     with contextlib.suppress(OSError):
                         new.rmdir()
+
+    def throttling(self) -> dict:
+        """How much the CPU quota held the job back so far (read it before `remove`):
+        periods / throttled_periods  CFS periods of the job's cap, and those in which it ran out
+        throttled_seconds            wall time the whole job was stopped by its cap
+        thread_throttled_seconds     summed over threads, time each was stopped by its own one-core cap"""
+        job = _flat(self.dirs["cpu"] / "cpu.stat")
+        leaves = sum(_throttled_seconds(_flat(leaf / "cpu.stat")) for leaf in self.leaves if leaf.is_dir())
+        return {"periods": job.get("nr_periods", 0), "throttled_periods": job.get("nr_throttled", 0),
+                "throttled_seconds": round(_throttled_seconds(job), 4),
+                "thread_throttled_seconds": round(leaves + self._ended_leaves_throttled, 4)}
 
     def pids(self) -> list[int]:
         with contextlib.suppress(OSError):
@@ -331,8 +351,8 @@ class CgroupJob:
 
     def oom_kills(self) -> int:
         if self.version == 1:
-            return _events(self.dirs["memory"] / "memory.oom_control", "oom_kill")
-        return _events(self.dirs["memory"] / "memory.events", "oom_kill")
+            return _flat(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0)
+        return _flat(self.dirs["memory"] / "memory.events").get("oom_kill", 0)
 
     def oom_killed(self) -> bool:
         return self.oom_kills() > self._oom_before

@@ -76,6 +76,12 @@ class ConfinedResult:
     host_speed: float  # this machine's core vs the reference core, used to scale the quota
     host_speed_source: str  # measured | cached | given | reference
     time_scaled: bool  # wall time approximates the device's (a CPU quota was applied)
+    # What the CPU quota held back (cgroup mode; None otherwise): wall seconds the whole job was stopped by its cap,
+    # thread-seconds its threads were stopped by their own one-core caps, and CFS periods (throttled / all).
+    throttled_seconds: float | None = None
+    thread_throttled_seconds: float | None = None
+    throttled_periods: int | None = None
+    periods: int | None = None
     notes: list[str] = field(default_factory=list)  # caveats about this emulation
     stdout_tail: str = ""
     stderr_tail: str = ""
@@ -270,6 +276,7 @@ def _run_and_watch(cmd, env, cwd, timeout, job: CgroupJob | None, interval: floa
                 tick += 1
                 time.sleep(interval)
             wall = time.perf_counter() - t0
+            throttling = _throttling(job)
         except BaseException:
             _kill(proc.pid, job)
             with contextlib.suppress(ChildProcessError):
@@ -280,12 +287,21 @@ def _run_and_watch(cmd, env, cwd, timeout, job: CgroupJob | None, interval: floa
         return {
             "exit_code": proc.returncode, "timed_out": timed_out, "wall_seconds": wall,
             "oom_killed": job.oom_killed() if job is not None else False,
-            "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime, **throttling,
             "sampled_rss_bytes": sampled, "ru_maxrss_bytes": usage.ru_maxrss * 1024,
             "peak_rss_bytes": max(sampled, usage.ru_maxrss * 1024),
             "cgroup_peak_bytes": job.memory_peak() if job is not None else None,
             "stdout_tail": _tail(out, tail_chars), "stderr_tail": _tail(err, tail_chars),
         }
+
+
+def _throttling(job: CgroupJob | None) -> dict:
+    """The ConfinedResult throttling fields of a finished job (all None outside a cgroup)."""
+    if job is None:
+        return {}
+    t = job.throttling()
+    return {"throttled_seconds": t["throttled_seconds"], "thread_throttled_seconds": t["thread_throttled_seconds"],
+            "throttled_periods": t["throttled_periods"], "periods": t["periods"]}
 
 
 def _process_tree(pid: int) -> list[int]:
