@@ -252,6 +252,27 @@ def test_a_bad_spinning_setting_is_one_clear_error(monkeypatch):
 
 
 @needs_cgroups
+def test_a_capped_job_runs_first_when_its_quota_is_refilled_and_is_ordinary_uncapped():
+    # The quota bounds what the job takes; the weight decides that it takes it when refilled, not after neighbours.
+    name = "cpu.shares" if not cgroups.is_v2() else "cpu.weight"
+    job = CgroupJob.create(64 * MB, [sorted(os.sched_getaffinity(0))[-1]], 0.1, 0.15, 20_000)
+    try:
+        weight = lambda: int((job.dirs["cpu"] / name).read_text())  # noqa: E731
+        assert weight() == cgroups.CAPPED_WEIGHT[job.version]
+        job.set_cpu_cap(False)
+        assert weight() == cgroups.DEFAULT_WEIGHT[job.version]
+        job.set_cpu_cap(True)
+        assert weight() == cgroups.CAPPED_WEIGHT[job.version]
+    finally:
+        job.remove()
+    free = CgroupJob.create(64 * MB, [sorted(os.sched_getaffinity(0))[-1]], None, None, 20_000)
+    try:
+        assert int((free.dirs["cpu"] / name).read_text()) == cgroups.DEFAULT_WEIGHT[free.version]
+    finally:
+        free.remove()
+
+
+@needs_cgroups
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to spread jobs over")
 def test_small_boards_run_on_one_cpu_each_spread_over_the_cpus_side_by_side(tmp_path):
     # A 4-core board at 0.05 of a core here: its threads together need 0.2 of a CPU, so the job runs on one CPU
