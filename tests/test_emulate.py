@@ -271,31 +271,3 @@ def test_a_capped_job_runs_first_when_its_quota_is_refilled_and_is_ordinary_unca
     finally:
         free.remove()
 
-
-@needs_cgroups
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to spread jobs over")
-def test_small_boards_run_on_one_cpu_each_spread_over_the_cpus_side_by_side(tmp_path):
-    # A 4-core board at 0.05 of a core here: its threads together need 0.2 of a CPU, so the job runs on one CPU
-    # (CFS keeps a slice of the quota on every CPU a thread ran on); a second job beside it takes the other CPU.
-    from edge_ft.emulation.emulate import plan_cpus
-
-    board = make_profile(tmp_path, name="quad", cores=4, threads=4, cpu_speed=0.05)
-    first, second = confine(board), confine(board)
-    try:
-        assert len(first.cpus) == len(second.cpus) == 1 and first.cpus != second.cpus
-        assert set(first.cpus + second.cpus) <= set(plan_cpus(board))
-        assert any("share CPU" in note for note in first.notes)
-    finally:
-        first.remove()
-    third = confine(board)  # the first one's CPU is free again
-    try:
-        assert third.cpus == first.cpus
-    finally:
-        second.remove()
-        third.remove()
-    big = make_profile(tmp_path, name="big", cores=4, threads=4, cpu_speed=0.5)  # 2 CPUs' worth: not on one
-    wide = confine(big)
-    try:
-        assert wide.cpus == plan_cpus(big) and len(wide.cpus) > 1
-    finally:
-        wide.remove()

@@ -27,7 +27,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -124,36 +123,6 @@ def plan_cpus(profile: DeviceProfile) -> list[int]:
     return here[-min(profile.cores, len(here)):]
 
 
-# A job whose threads together may use at most this share of one CPU here runs on one CPU (see place_job).
-ONE_CPU_BELOW = 0.5
-_placed: dict[int, float] = {}  # CPU -> summed quota of this process's running jobs held on it
-_placed_lock = threading.Lock()
-
-
-def place_job(total_share: float, cpus: list[int]) -> list[int]:
-    """The CPU (of `cpus`) that holds the fewest of this process's running jobs' quota, reserved for one job.
-
-    CFS hands a group's quota out per CPU, and a CPU keeps up to 1 ms of what it was handed when its thread sleeps
-    (min_cfs_rq_runtime): a thread of a 1-2 ms-per-period board that wakes on the other CPU finds nothing there
-    and is throttled while its runtime waits where it ran, how often depending on where the scheduler put it.
-    On one CPU all of a job's runtime is where its threads run; the job needs far less than the CPU, and side by
-    side (`bench --parallel`) jobs are spread over the CPUs by their quotas."""
-    with _placed_lock:
-        cpu = min(reversed(cpus), key=lambda c: _placed.get(c, 0.0))  # ties: the last (CPU 0 takes interrupts)
-        _placed[cpu] = _placed.get(cpu, 0.0) + total_share
-    return [cpu]
-
-
-def release_job(cpus: list[int] | None, total_share: float | None) -> None:
-    if cpus and total_share is not None and len(cpus) == 1:
-        with _placed_lock:
-            left = _placed.get(cpus[0], 0.0) - total_share
-            if left > 1e-9:
-                _placed[cpus[0]] = left
-            else:
-                _placed.pop(cpus[0], None)
-
-
 def quota_period_us(share: float) -> int:
     """A short CFS period keeps throttling smooth; the kernel wants quota >= 1 ms, so slow cores get longer ones."""
     return min(1_000_000, max(20_000, math.ceil(1000 / share)))
@@ -195,7 +164,6 @@ class Confinement:
     efficiency: float | None  # the throttling correction the quota was raised by
     host: HostSpeed  # this machine's speed the quotas were scaled by
     notes: list[str]  # caveats about this emulation
-    placed: float | None = None  # the quota reserved on the job's one CPU (place_job); released by remove()
 
     def command(self, argv: list[str]) -> list[str]:
         """argv prefixed by the entry program that applies the limits before the job's first instruction."""
@@ -204,8 +172,6 @@ class Confinement:
     def remove(self) -> None:
         if self.job is not None:
             self.job.remove()
-        release_job(self.cpus, self.placed)
-        self.placed = None
 
     def fields(self) -> dict:
         """The ConfinedResult fields that describe the confinement."""
@@ -231,19 +197,15 @@ def confine(profile: DeviceProfile, env: dict | None = None, *, mode: str = "aut
         mode = "native" if profile.native else "cgroup"
     share = host.share(profile.cpu_speed)
     cpus = None if mode == "native" else plan_cpus(profile)
-    job, thread_share, total_share, efficiency, placed = None, None, None, None, None
+    job, thread_share, total_share, efficiency = None, None, None, None
     if mode == "cgroup" and share < 1 and cpu_cap:
         thread_share, efficiency = host.thread_quota(profile.cpu_speed, cpus)
         total_share = thread_share * profile.thread_speedup(threads)
-        if total_share <= ONE_CPU_BELOW and len(cpus) > 1:
-            cpus, placed = place_job(total_share, cpus), total_share
     if mode == "cgroup":
         try:
             job = CgroupJob.create(profile.budget_bytes, cpus, thread_share, total_share,
                                    quota_period_us(min(thread_share or 1, 1)))
         except CgroupUnavailable as e:
-            release_job(cpus, placed)
-            cpus, placed = plan_cpus(profile), None
             notes.append(f"cgroups unavailable ({e}); fell back to rlimit: memory cap via RLIMIT_DATA, "
                          "times are this machine's")
             mode = "rlimit"
@@ -263,7 +225,7 @@ def confine(profile: DeviceProfile, env: dict | None = None, *, mode: str = "aut
             child_env.setdefault(var, value)
     return Confinement(mode, job, spec, child_env, cpus, threads,
                        None if mode == "native" else profile.budget_bytes, thread_share, total_share, efficiency,
-                       host, notes, placed)
+                       host, notes)
 
 
 def _json(obj) -> str:
@@ -277,10 +239,7 @@ def _cgroup_notes(profile: DeviceProfile, share: float, total_share: float | Non
     notes = []
     if share >= 1:
         notes.append("the device core is at least as fast as this one: no CPU cap, times are this machine's")
-    if len(cpus) == 1 < profile.cores and total_share is not None:
-        notes.append(f"the profile's {profile.cores} cores share CPU {cpus[0]} here (together at most "
-                     f"{total_share:.3g} of it)")
-    elif profile.cores > len(cpus):
+    if profile.cores > len(cpus):
         notes.append(f"the profile has {profile.cores} cores, this machine {len(cpus)}: its threads share them")
     needed = total_share or 0.0
     if share < 1 and needed > len(cpus):
