@@ -44,6 +44,24 @@ def register(subparsers) -> None:
     cal.add_argument("--quiet", action="store_true", help="no progress message")
     cal.set_defaults(func=calibrate_handler)
 
+    _add_check_parser(sub)
+
+    run = sub.add_parser(
+        "run", help="run a command confined to a profile and report time, peak memory and whether it fit",
+        description="Runs COMMAND as the profile's device: memory capped at the profile's budget, cores and "
+        "per-core speed limited through cgroups (else RLIMIT_DATA + CPU affinity), thread counts set. "
+        "Example: edge-ft profile run rpi-3b -- edge-ft train BUNDLE --data d.npz --out runs/x")
+    run.add_argument("name", metavar="NAME|PATH", help="profile name or path")
+    run.add_argument("command", nargs="+", metavar="COMMAND", help="the command to run, after `--`")
+    run.add_argument("--timeout", type=positive_float, metavar="S", help="kill the command after S seconds")
+    run.add_argument("--mode", choices=("auto", "cgroup", "rlimit", "native"), default="auto",
+                     help="how to impose the profile (default auto)")
+    add_host_speed_option(run)
+    run.add_argument("--json", action="store_true", help="print the full result as JSON")
+    run.set_defaults(func=run_handler)
+
+
+def _add_check_parser(sub) -> None:
     chk = sub.add_parser(
         "check", help="measure how well this machine emulates each profile: speed, threads, memory cap",
         description="For every profile (or --profiles), runs the calibration workload confined to it and prints "
@@ -77,20 +95,6 @@ def register(subparsers) -> None:
     chk.add_argument("--json", action="store_true", help="print JSON")
     chk.add_argument("--quiet", action="store_true", help="no progress lines")
     chk.set_defaults(func=check_handler)
-
-    run = sub.add_parser(
-        "run", help="run a command confined to a profile and report time, peak memory and whether it fit",
-        description="Runs COMMAND as the profile's device: memory capped at the profile's budget, cores and "
-        "per-core speed limited through cgroups (else RLIMIT_DATA + CPU affinity), thread counts set. "
-        "Example: edge-ft profile run rpi-3b -- edge-ft train BUNDLE --data d.npz --out runs/x")
-    run.add_argument("name", metavar="NAME|PATH", help="profile name or path")
-    run.add_argument("command", nargs="+", metavar="COMMAND", help="the command to run, after `--`")
-    run.add_argument("--timeout", type=positive_float, metavar="S", help="kill the command after S seconds")
-    run.add_argument("--mode", choices=("auto", "cgroup", "rlimit", "native"), default="auto",
-                     help="how to impose the profile (default auto)")
-    add_host_speed_option(run)
-    run.add_argument("--json", action="store_true", help="print the full result as JSON")
-    run.set_defaults(func=run_handler)
 
 
 def _mb(n: int | None) -> str:
