@@ -334,7 +334,7 @@ class CgroupJob:
     def throttling(self) -> dict:
         """How much the CPU quota held the job back so far (read it before `remove`):
         periods / throttled_periods  CFS periods of the job's cap, and those in which it ran out
-        throttled_seconds            wall time the whole job was stopped by its cap
+        throttled_seconds            time the job was stopped by its cap, added up over the CPUs it ran on
         thread_throttled_seconds     summed over threads, time each was stopped by its own one-core cap"""
         job = _flat(self.dirs["cpu"] / "cpu.stat")
         leaves = sum(_throttled_seconds(_flat(leaf / "cpu.stat")) for leaf in self.leaves if leaf.is_dir())

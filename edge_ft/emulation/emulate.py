@@ -76,8 +76,8 @@ class ConfinedResult:
     host_speed: float  # this machine's core vs the reference core, used to scale the quota
     host_speed_source: str  # measured | cached | given | reference
     time_scaled: bool  # wall time approximates the device's (a CPU quota was applied)
-    # What the CPU quota held back (cgroup mode; None otherwise): wall seconds the whole job was stopped by its cap,
-    # thread-seconds its threads were stopped by their own one-core caps, and CFS periods (throttled / all).
+    # What the CPU quota held back (cgroup mode; None otherwise): seconds the job was stopped by its cap (added up
+    # over the CPUs it ran on), thread-seconds its threads were stopped by their own one-core caps, CFS periods.
     throttled_seconds: float | None = None
     thread_throttled_seconds: float | None = None
     throttled_periods: int | None = None
