@@ -210,7 +210,65 @@ def test_threads_share_what_the_board_s_threads_achieve_together(tmp_path):
     assert r.cpu_quota == pytest.approx(0.2) and r.total_quota == pytest.approx(0.26)
     two = float(r.stdout_tail)
     assert 0.15 < two < 0.31, two  # 0.26 of a CPU; linear scaling would give 0.4
-    # Under a shared job quota, OpenMP threads sleep instead of spinning away the worker's CPU time.
-    policy = [PY, "-c", "import os; print(os.environ.get('OMP_WAIT_POLICY'))"]
-    assert run_confined(policy, load_profile_file(path)).stdout_tail.strip() == "PASSIVE"
-    assert run_confined(policy, make_profile(tmp_path, cores=2)).stdout_tail.strip() == "None"  # linear: unchanged
+    # The quota held the job back, and the result says for how long (whole job, and summed over its threads).
+    assert r.periods > 0 and 0 < r.throttled_periods <= r.periods
+    # the kernel adds up the time the job was throttled on each CPU it ran on
+    assert 0 < r.throttled_seconds < r.wall_seconds * len(r.cpus) and r.thread_throttled_seconds > 0
+
+
+# A confined child's pools sleep when idle: onnxruntime's (both engines build their sessions from session_options),
+# OpenMP's and OpenBLAS's. The child builds the SessionOptions the engines use and reports what onnxruntime holds.
+SPIN_PROBE = [PY, "-c", "import os\nfrom edge_ft.device.ort_api import session_options\no = session_options(2)\n"
+              "def get(key):\n    try:\n        return o.get_session_config_entry(key)\n"
+              "    except Exception:\n        return 'unset'\n"
+              "print(get('session.intra_op.allow_spinning'), get('session.inter_op.allow_spinning'), "
+              "os.environ.get('OMP_WAIT_POLICY'), os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"]
+
+
+@pytest.mark.parametrize("mode", ["rlimit", pytest.param("cgroup", marks=needs_cgroups)])
+def test_a_confined_child_s_thread_pools_do_not_spin(tmp_path, mode):
+    profile = make_profile(tmp_path, name="quad", cores=4, threads=4, cpu_speed=0.2)
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGE_FT_ORT_SPINNING", "OMP_WAIT_POLICY")}
+    r = run_confined(SPIN_PROBE, profile, env=env, mode=mode, timeout=60)
+    assert r.status == "ok", r.stderr_tail
+    assert r.stdout_tail.split() == ["0", "0", "PASSIVE", "4"]
+    # A caller who wants spinning on (to measure it) keeps it.
+    r = run_confined(SPIN_PROBE, profile, env={**env, "EDGE_FT_ORT_SPINNING": "1"}, mode=mode, timeout=60)
+    assert r.stdout_tail.split()[:2] == ["1", "1"]
+
+
+def test_an_unconfined_process_keeps_onnxruntime_s_default_spinning():
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGE_FT_ORT_SPINNING", "OMP_WAIT_POLICY")}
+    r = run_confined(SPIN_PROBE, load_profile("host"), env=env, timeout=60)
+    assert r.emulation == "native" and r.stdout_tail.split()[:3] == ["unset", "unset", "None"]
+
+
+def test_a_bad_spinning_setting_is_one_clear_error(monkeypatch):
+    from edge_ft.device.ort_api import session_options
+    from edge_ft.errors import UserError
+
+    monkeypatch.setenv("EDGE_FT_ORT_SPINNING", "sometimes")
+    with pytest.raises(UserError, match="EDGE_FT_ORT_SPINNING='sometimes': use 0"):
+        session_options(1)
+
+
+@needs_cgroups
+def test_a_capped_job_runs_first_when_its_quota_is_refilled_and_is_ordinary_uncapped():
+    # The quota bounds what the job takes; the weight decides that it takes it when refilled, not after neighbours.
+    name = "cpu.shares" if not cgroups.is_v2() else "cpu.weight"
+    job = CgroupJob.create(64 * MB, [sorted(os.sched_getaffinity(0))[-1]], 0.1, 0.15, 20_000)
+    try:
+        weight = lambda: int((job.dirs["cpu"] / name).read_text())  # noqa: E731
+        assert weight() == cgroups.CAPPED_WEIGHT[job.version]
+        job.set_cpu_cap(False)
+        assert weight() == cgroups.DEFAULT_WEIGHT[job.version]
+        job.set_cpu_cap(True)
+        assert weight() == cgroups.CAPPED_WEIGHT[job.version]
+    finally:
+        job.remove()
+    free = CgroupJob.create(64 * MB, [sorted(os.sched_getaffinity(0))[-1]], None, None, 20_000)
+    try:
+        assert int((free.dirs["cpu"] / name).read_text()) == cgroups.DEFAULT_WEIGHT[free.version]
+    finally:
+        free.remove()
+

@@ -180,7 +180,11 @@ def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, s
         "peak_rss_bytes": child_peak_rss(r, spawner_peak), "sampled_rss_bytes": r.sampled_rss_bytes,
         "ru_maxrss_bytes": r.ru_maxrss_bytes, "cgroup_peak_bytes": r.cgroup_peak_bytes,
         "rss_after_imports_bytes": None, "train_peak_rss_bytes": None,
+        # Work against waiting: the CPU time the job used, and how long its quota held the job (and its threads)
+        # stopped; None outside a cgroup.
         "wall_seconds": round(r.wall_seconds, 3), "cpu_seconds": round(r.cpu_seconds, 3),
+        "throttled_seconds": r.throttled_seconds, "thread_throttled_seconds": r.thread_throttled_seconds,
+        "throttled_periods": r.throttled_periods, "periods": r.periods,
         "flops_per_step": flops, "trainable_params": est.params["trainable"],
         "total_params": count_params(cfg)["total"],
         "bundle_bytes": None, "payload_bytes": None, "payload_files": {}, "merged_model_bytes": None,

@@ -151,7 +151,9 @@ def records_for(jobs: list[Job], results: Path) -> list[dict]:
 
 def run_line(r: dict) -> str:
     accuracy = f"; accuracy {r['accuracy']:.3f}, {fmt_ms(r)} ms/step" if r.get("accuracy") is not None else ""
-    return f"{r['profile']:<12} {r['label']:<12} {r['engine']:<12} {r['verdict']}{accuracy} ({r['wall_seconds']:.0f} s)"
+    held = f", throttled {r['throttled_seconds']:.1f} s" if r.get("throttled_seconds") is not None else ""
+    return (f"{r['profile']:<12} {r['label']:<12} {r['engine']:<12} {r['verdict']}{accuracy} "
+            f"({r['wall_seconds']:.0f} s, CPU {r.get('cpu_seconds') or 0:.1f} s{held})")
 
 
 def _by_profile(jobs: list[Job]):

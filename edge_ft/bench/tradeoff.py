@@ -157,6 +157,7 @@ def measure_model(job: ModelJob, prep: Prepared, bundle: Path, manifest: dict, o
     record = base_model_record(job, manifest, prep)
     record.update(timed, cpus=r.cpus, threads=r.threads, cpu_quota=r.cpu_quota, total_quota=r.total_quota,
                   quota_efficiency=r.quota_efficiency, cpu_seconds=round(r.cpu_seconds, 3),
+                  throttled_seconds=r.throttled_seconds, thread_throttled_seconds=r.thread_throttled_seconds,
                   ru_maxrss_bytes=r.ru_maxrss_bytes, sampled_rss_bytes=r.sampled_rss_bytes,
                   cgroup_peak_bytes=r.cgroup_peak_bytes, notes=list(r.notes),
                   stderr_tail=r.stderr_tail[-600:] if r.status != "ok" else "",

@@ -48,6 +48,24 @@ def register(subparsers) -> None:
     cal.add_argument("--quiet", action="store_true", help="no progress message")
     cal.set_defaults(func=calibrate_handler)
 
+    _add_check_parser(sub)
+
+    run = sub.add_parser(
+        "run", help="run a command confined to a profile and report time, peak memory and whether it fit",
+        description="Runs COMMAND as the profile's device: memory capped at the profile's budget, cores and "
+        "per-core speed limited through cgroups (else RLIMIT_DATA + CPU affinity), thread counts set. "
+        "Example: edge-ft profile run rpi-3b -- edge-ft train BUNDLE --data d.npz --out runs/x")
+    run.add_argument("name", metavar="NAME|PATH", help="profile name or path")
+    run.add_argument("command", nargs="+", metavar="COMMAND", help="the command to run, after `--`")
+    run.add_argument("--timeout", type=positive_float, metavar="S", help="kill the command after S seconds")
+    run.add_argument("--mode", choices=("auto", "cgroup", "rlimit", "native"), default="auto",
+                     help="how to impose the profile (default auto)")
+    add_host_speed_option(run)
+    run.add_argument("--json", action="store_true", help="print the full result as JSON")
+    run.set_defaults(func=run_handler)
+
+
+def _add_check_parser(sub) -> None:
     chk = sub.add_parser(
         "check", help="measure how well this machine emulates each profile: speed, threads, memory cap",
         description="For every profile (or --profiles), runs the calibration workload confined to it and prints "
@@ -64,23 +82,23 @@ def register(subparsers) -> None:
     add_host_speed_option(chk)
     chk.add_argument("--refresh", action="store_true", help="re-measure this machine's speed and quota correction")
     chk.add_argument("--no-memory", action="store_true", help="skip the memory-cap probe")
+    chk.add_argument("--workload", choices=("speed", "train"), default="speed",
+                     help="speed: the calibration workload, thread speed-up and memory cap (default); train: the "
+                          "real training step of each --methods, --runs times per board, its spread and its ratio "
+                          "to the profile's expectation")
+    chk.add_argument("--methods", default="full,probe,lora", metavar="M1,M2",
+                     help="--workload train: methods whose ort-step step runs (default full,probe,lora)")
+    chk.add_argument("--runs", type=int_at_least(2), default=3, metavar="N",
+                     help="--workload train: runs per board, method and thread count (default 3)")
+    chk.add_argument("--steps", type=int_at_least(1), default=30, metavar="N",
+                     help="--workload train: timed steps per run (default 30)")
+    chk.add_argument("--base", metavar="BASE.safetensors",
+                     help="--workload train: base weights (default: pretrained once under --out)")
+    chk.add_argument("--out", default="runs/check", metavar="DIR",
+                     help="--workload train: folder for the base, bundles and each run's output (default runs/check)")
     chk.add_argument("--json", action="store_true", help="print JSON")
     chk.add_argument("--quiet", action="store_true", help="no progress lines")
     chk.set_defaults(func=check_handler)
-
-    run = sub.add_parser(
-        "run", help="run a command confined to a profile and report time, peak memory and whether it fit",
-        description="Runs COMMAND as the profile's device: memory capped at the profile's budget, cores and "
-        "per-core speed limited through cgroups (else RLIMIT_DATA + CPU affinity), thread counts set. "
-        "Example: edge-ft profile run rpi-3b -- edge-ft train BUNDLE --data d.npz --out runs/x")
-    run.add_argument("name", metavar="NAME|PATH", help="profile name or path")
-    run.add_argument("command", nargs="+", metavar="COMMAND", help="the command to run, after `--`")
-    run.add_argument("--timeout", type=positive_float, metavar="S", help="kill the command after S seconds")
-    run.add_argument("--mode", choices=("auto", "cgroup", "rlimit", "native"), default="auto",
-                     help="how to impose the profile (default auto)")
-    add_host_speed_option(run)
-    run.add_argument("--json", action="store_true", help="print the full result as JSON")
-    run.set_defaults(func=run_handler)
 
 
 def _mb(n: int | None) -> str:
@@ -215,6 +233,8 @@ def check_handler(args) -> int:
     if not profiles or any(p.native for p in profiles):
         raise UserError("profile check needs confined profiles (the native `host` profile is this machine)")
     host = HostSpeed.resolve(args.host_speed, refresh=args.refresh, quiet=args.quiet)
+    if args.workload == "train":
+        return train_check(args, profiles, host)
     checks = []
     for p in profiles:
         if not args.quiet:
@@ -223,9 +243,42 @@ def check_handler(args) -> int:
     if args.json:
         print(json.dumps({"host": host.to_record(), "checks": [c.to_dict() for c in checks]}, indent=2))
         return 0
-    rows = [CHECK_HEADER] + check_table(checks)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"this machine: {host.describe()}")
+    _print_table([CHECK_HEADER] + check_table(checks))
+    return 0
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def train_check(args, profiles, host) -> int:
+    """`profile check --workload train`: the bundles prepared once under --out, then every board x method."""
+    from pathlib import Path
+
+    from edge_ft.bench.measure import SweepSettings
+    from edge_ft.bench.sweep import SweepOptions, plan, prepare
+    from edge_ft.emulation.check_train import TRAIN_HEADER, TRAIN_METHODS, check_train, train_table
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in TRAIN_METHODS]
+    if unknown or not methods:
+        raise UserError(f"--methods: choose from {', '.join(TRAIN_METHODS)} (got {args.methods!r})")
+    say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    jobs = plan(["mnist→digits"], methods, ["ort-step"], profiles, SweepSettings(host_speed=host.speed))
+    prep, paths = prepare(jobs, Path(args.out), SweepOptions(base=args.base, quiet=args.quiet, host=host))
+    checks = []
+    for p in profiles:
+        for m in methods:
+            say(f"checking {p.name} {m} ...")
+            checks.append(check_train(p, m, paths["bundles"][(m, "ort-step", "mnist→digits")], prep.device_python,
+                                      prep.child_env(), host, Path(args.out) / "check", args.runs, args.steps,
+                                      args.mode, say))
+    if args.json:
+        print(json.dumps({"host": host.to_record(), "checks": [c.to_dict() for c in checks]}, indent=2))
+    else:
+        print(f"this machine: {host.describe()}")
+        _print_table([TRAIN_HEADER] + train_table(checks))
     return 0

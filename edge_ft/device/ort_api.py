@@ -27,6 +27,13 @@ _TRAINING = "onnxruntime.training"
 # equal at 32, with no measurable RSS cost at this model size; `edge-ft train --mem-arena off` turns it off.
 _mem_arena = {"default": True}
 LOG_ERRORS_ONLY = 3  # onnxruntime severity: 0 verbose ... 3 error, 4 fatal
+# Whether onnxruntime's idle pool threads spin (its default) or sleep. Spinning buys a little latency when every
+# thread has a core of its own; under a CPU quota shared by the job (an emulated board) every spin is charged to the
+# job and steals its worker's time. The confinement sets 0 for the child (edge_ft.emulation.emulate); unset leaves
+# onnxruntime's default. Read whenever a SessionOptions is built, so it covers every session of both engines.
+SPINNING_ENV = "EDGE_FT_ORT_SPINNING"
+_SPIN_ENTRIES = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+_SPIN_VALUES = {"0": "0", "off": "0", "no": "0", "false": "0", "1": "1", "on": "1", "yes": "1", "true": "1"}
 
 
 def import_onnxruntime():
@@ -80,9 +87,20 @@ def set_mem_arena(enabled: bool) -> None:
     _mem_arena["default"] = bool(enabled)
 
 
+def spinning_setting() -> str | None:
+    """onnxruntime's allow_spinning value from $EDGE_FT_ORT_SPINNING: "0", "1", or None (unset: its default)."""
+    text = os.environ.get(SPINNING_ENV, "").strip().lower()
+    if not text:
+        return None
+    if text not in _SPIN_VALUES:
+        raise UserError(f"{SPINNING_ENV}={text!r}: use 0 (idle pool threads sleep) or 1 (they spin)")
+    return _SPIN_VALUES[text]
+
+
 def session_options(threads: int = 0, mem_arena: bool | None = None, profile_prefix: str | None = None):
-    """The SessionOptions every device session uses: intra-op threads (0 = onnxruntime's choice), arena, quiet;
-    with `profile_prefix`, onnxruntime's per-node profiler writes PREFIX_<time>.json (edge_ft.device.op_profile)."""
+    """The SessionOptions every device session uses: intra-op threads (0 = onnxruntime's choice), arena, quiet,
+    idle pool threads spinning or sleeping ($EDGE_FT_ORT_SPINNING); with `profile_prefix`, onnxruntime's per-node
+    profiler writes PREFIX_<time>.json (edge_ft.device.op_profile)."""
     ort = import_onnxruntime()
     if threads < 0:
         raise UserError(f"--threads must be 0 (automatic) or a positive count, got {threads}")
@@ -91,6 +109,10 @@ def session_options(threads: int = 0, mem_arena: bool | None = None, profile_pre
     options.inter_op_num_threads = 1  # LeNet-5's graphs are chains: no parallel branches to run
     options.enable_cpu_mem_arena = _mem_arena["default"] if mem_arena is None else mem_arena
     options.log_severity_level = LOG_ERRORS_ONLY
+    spin = spinning_setting()
+    if spin is not None:
+        for entry in _SPIN_ENTRIES:
+            options.add_session_config_entry(entry, spin)
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

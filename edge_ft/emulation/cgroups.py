@@ -4,7 +4,7 @@ Layout (cgroup v1, one folder per controller, nested under the cgroup this proce
 can never escape limits placed on its caller):
   memory/<own>/edge-ft.<pid>.<n>/          memory.limit_in_bytes (+ memory.memsw.limit_in_bytes: no swap either)
   cpuset/<own>/edge-ft.<pid>.<n>/          cpuset.cpus, cpuset.mems
-  cpu/<own>/edge-ft.<pid>.<n>/             cpu.cfs_quota_us = all device cores' worth of CPU
+  cpu/<own>/edge-ft.<pid>.<n>/             cpu.cfs_quota_us = all device cores' worth, cpu.shares raised (capped)
   cpu/<own>/edge-ft.<pid>.<n>/t<k>/        cpu.cfs_quota_us = one device core's worth, one leaf per thread
 CFS bandwidth control caps a group, not a thread: with one shared quota a single-threaded phase would run `cores`
 times faster than on the device and spinning pool threads would eat the worker's share. Giving every thread its own
@@ -12,7 +12,7 @@ leaf (v1 accepts single thread ids in `tasks`) caps each thread at one device co
 start in their creator's leaf; `split_threads()`, called every sampling tick, moves them into leaves of their own.
 
 cgroup v2 (unified, /sys/fs/cgroup/cgroup.controllers present): the same shape in one hierarchy:
-  <parent>/edge-ft.<pid>.<n>/              memory.max, memory.swap.max = 0, cpuset.cpus, cpu.max = all cores' worth
+  <parent>/edge-ft.<pid>.<n>/              memory.max, memory.swap.max = 0, cpuset.cpus, cpu.max, cpu.weight
   <parent>/edge-ft.<pid>.<n>/t<k>/         cgroup.type = threaded, cpu.max = one device core's worth, per thread
 The job folder is a threaded domain, so its threads (cgroup.threads) spread over thread leaves while memory stays
 accounted to the job. v2 lets no cgroup that holds processes give controllers to children, and a CI job's commands
@@ -34,6 +34,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "edge-ft."
 V2_LEAF = "edge-ft-leaf"  # v2: where the processes of a cgroup that must delegate controllers are moved
 V2_CONTROLLERS = ("cpu", "cpuset", "memory")
+# A capped job's CPU weight (v1 cpu.shares, v2 cpu.weight; defaults 1024, 100): a board's cores are its own, so when
+# its quota is refilled its threads run then instead of queueing behind neighbours. The quota still bounds what it
+# takes; the weight only decides when. Uncapped (no quota, or lifted by set_cpu_cap) it is an ordinary process.
+CAPPED_WEIGHT = {1: 100 * 1024, 2: 10_000}
+DEFAULT_WEIGHT = {1: 1024, 2: 100}
 _counter = itertools.count()
 
 
@@ -120,14 +125,20 @@ def _mkdir(path: Path, made: list[Path]) -> None:
     made.append(path)
 
 
-def _events(path: Path, key: str) -> int:
-    """A counter from a flat-keyed file (memory.oom_control, memory.events)."""
+def _flat(path: Path) -> dict[str, int]:
+    """Every counter of a flat-keyed file (cpu.stat, memory.oom_control, memory.events); {} when unreadable."""
+    out = {}
     with contextlib.suppress(OSError):
         for line in _read(path).splitlines():
             k, _, v = line.partition(" ")
-            if k == key:
-                return int(v)
-    return 0
+            with contextlib.suppress(ValueError):
+                out[k] = int(v)
+    return out
+
+
+def _throttled_seconds(stat: dict[str, int]) -> float:
+    """Throttled time from a cpu.stat: v1 throttled_time (ns), v2 throttled_usec."""
+    return stat["throttled_usec"] / 1e6 if "throttled_usec" in stat else stat.get("throttled_time", 0) / 1e9
 
 
 def _quota_us(share: float | None, period_us: int) -> int | None:
@@ -158,6 +169,7 @@ class CgroupJob:
         self._next_leaf = itertools.count()
         self._oom_before = 0
         self._total_quota_us: int | None = None  # the whole job's cap, as written at creation
+        self._ended_leaves_throttled = 0.0  # throttled seconds of per-thread leaves already removed
 
     @classmethod
     def create(cls, memory_bytes: int, cpus: list[int], thread_quota: float | None, total_quota: float | None,
@@ -212,6 +224,7 @@ class CgroupJob:
         if job._total_quota_us is not None:
             _write(cpu / "cpu.cfs_quota_us", job._total_quota_us)
         job.thread_quota_us = _quota_us(thread_quota, period_us)
+        job._set_weight(capped=True)
         job.leaves.append(job._new_leaf(made))
         return job
 
@@ -231,6 +244,7 @@ class CgroupJob:
         _write(path / "cpu.max", f"{job._total_quota_us or 'max'} {period_us}")
         _write(path / "cgroup.subtree_control", "+cpu")  # cpu is a threaded controller: its leaves may take threads
         job.thread_quota_us = _quota_us(thread_quota, period_us)
+        job._set_weight(capped=True)
         job.leaves.append(job._new_leaf(made))
         return job
 
@@ -248,11 +262,19 @@ class CgroupJob:
             _write(leaf / "cpu.cfs_quota_us", self.thread_quota_us)
         return leaf
 
+    def _set_weight(self, capped: bool) -> None:
+        """CAPPED_WEIGHT while a quota caps the job (none at all: the default weight)."""
+        capped = capped and (self._total_quota_us is not None or self.thread_quota_us is not None)
+        name = "cpu.shares" if self.version == 1 else "cpu.weight"
+        with contextlib.suppress(OSError):  # a kernel without the file only loses the priority
+            _write(self.dirs["cpu"] / name, (CAPPED_WEIGHT if capped else DEFAULT_WEIGHT)[self.version])
+
     def set_cpu_cap(self, capped: bool) -> None:
         """Lift the CPU quota (capped=False) or restore it, without moving the job: `profile check` and the quota
         correction compare a job's speed with and without its cap inside one running process. v1 refuses a
         child quota above its parent's, so leaves are capped before the parent and lifted after it."""
         leaves = [leaf for leaf in self.leaves if leaf.is_dir()]
+        self._set_weight(capped)
         if self.version == 2:  # v2 takes a child's cpu.max above its parent's (the lower one holds): any order
             for path, quota in [(self.dirs["cpu"], self._total_quota_us)] + [(leaf, self.thread_quota_us)
                                                                             for leaf in leaves]:
@@ -286,8 +308,10 @@ class CgroupJob:
             except OSError:
                 continue
             if not tids and leaf is not self.leaves[0]:  # leaf 0 is empty until the child joins it
+                ended = _throttled_seconds(_flat(leaf / "cpu.stat"))
                 with contextlib.suppress(OSError):
                     leaf.rmdir()
+                    self._ended_leaves_throttled += ended
                     self.leaves.remove(leaf)
                 continue
             for tid in tids[1:]:
@@ -298,6 +322,17 @@ class CgroupJob:
                 except OSError:  # the thread ended in between
                     with contextlib.suppress(OSError):
                         new.rmdir()
+
+    def throttling(self) -> dict:
+        """How much the CPU quota held the job back so far (read it before `remove`):
+        periods / throttled_periods  CFS periods of the job's cap, and those in which it ran out
+        throttled_seconds            time the job was stopped by its cap, added up over the CPUs it ran on
+        thread_throttled_seconds     summed over threads, time each was stopped by its own one-core cap"""
+        job = _flat(self.dirs["cpu"] / "cpu.stat")
+        leaves = sum(_throttled_seconds(_flat(leaf / "cpu.stat")) for leaf in self.leaves if leaf.is_dir())
+        return {"periods": job.get("nr_periods", 0), "throttled_periods": job.get("nr_throttled", 0),
+                "throttled_seconds": round(_throttled_seconds(job), 4),
+                "thread_throttled_seconds": round(leaves + self._ended_leaves_throttled, 4)}
 
     def pids(self) -> list[int]:
         with contextlib.suppress(OSError):
@@ -323,8 +358,8 @@ class CgroupJob:
 
     def oom_kills(self) -> int:
         if self.version == 1:
-            return _events(self.dirs["memory"] / "memory.oom_control", "oom_kill")
-        return _events(self.dirs["memory"] / "memory.events", "oom_kill")
+            return _flat(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0)
+        return _flat(self.dirs["memory"] / "memory.events").get("oom_kill", 0)
 
     def oom_killed(self) -> bool:
         return self.oom_kills() > self._oom_before

@@ -13,7 +13,8 @@ How the profile is imposed (result.emulation says which path ran):
           that fit), CPU affinity, thread counts. Times are this machine's, not the device's (time_scaled False).
   native  the profile is this machine (`host`, or measuring on the real board): thread counts only.
 In every mode the thread variables below are set before the child starts, so numpy's BLAS, OpenMP and the trainer's
-onnxruntime session (EDGE_FT_THREADS -> intra_op_num_threads) size their pools for the device.
+onnxruntime session (EDGE_FT_THREADS -> intra_op_num_threads) size their pools for the device; in every confined
+mode those pools also sleep when idle instead of spinning (NO_SPIN_ENV).
 Running out of memory is a result ("does not fit in 512 MB"), never an exception.
 """
 
@@ -29,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_ft.device.ort_api import SPINNING_ENV
 from edge_ft.emulation import lifetime
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
 from edge_ft.emulation.hostspeed import HostSpeed
@@ -38,6 +40,12 @@ from edge_ft.errors import UserError
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                "NUMEXPR_NUM_THREADS", "EDGE_FT_THREADS")
 MODES = ("auto", "cgroup", "rlimit", "native")
+# Thread pools that wait for work by spinning: OpenMP's (torch), OpenBLAS's own (numpy) and onnxruntime's intra-
+# and inter-op pools (both engines). On the board an idle thread spins on its own idle core; in a confined child
+# it spins on CPU time the job's quota charges (or, with more device threads than CPUs here, on a core its own
+# worker needs): onnxruntime's spinning made the same Zero 2 W run 160-193 ms/step against 62-71 without it, and
+# torch ran 10x slower. Every confined child's pools sleep instead (docs/steady-emulation.md has the measurements).
+NO_SPIN_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4", SPINNING_ENV: "0"}
 _ENTER = lifetime.ENTER
 # How a process that ran out of memory without being OOM-killed says so (Python, numpy, C++/onnxruntime, glibc).
 _OOM_TEXT = re.compile(r"MemoryError|Unable to allocate|std::bad_alloc|Failed to allocate|Cannot allocate memory|"
@@ -68,6 +76,12 @@ class ConfinedResult:
     host_speed: float  # this machine's core vs the reference core, used to scale the quota
     host_speed_source: str  # measured | cached | given | reference
     time_scaled: bool  # wall time approximates the device's (a CPU quota was applied)
+    # What the CPU quota held back (cgroup mode; None otherwise): seconds the job was stopped by its cap (added up
+    # over the CPUs it ran on), thread-seconds its threads were stopped by their own one-core caps, CFS periods.
+    throttled_seconds: float | None = None
+    thread_throttled_seconds: float | None = None
+    throttled_periods: int | None = None
+    periods: int | None = None
     notes: list[str] = field(default_factory=list)  # caveats about this emulation
     stdout_tail: str = ""
     stderr_tail: str = ""
@@ -206,10 +220,9 @@ def confine(profile: DeviceProfile, env: dict | None = None, *, mode: str = "aut
             "cpus": cpus if mode == "rlimit" else None}
     child_env = thread_env(threads, env)
     child_env.update(EDGE_FT_PROFILE=profile.name, EDGE_FT_EMULATION=mode)
-    if job is not None and total_share is not None and total_share < thread_share * min(threads, profile.cores):
-        # On the board an OpenMP thread spin-waiting for work occupies its own core and costs the worker nothing;
-        # under one shared job quota it would burn the worker's CPU time (torch ran 10x slower here). Sleep instead.
-        child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if mode != "native":
+        for var, value in NO_SPIN_ENV.items():  # a caller's own choice (EDGE_FT_ORT_SPINNING=1 ...) stands
+            child_env.setdefault(var, value)
     return Confinement(mode, job, spec, child_env, cpus, threads,
                        None if mode == "native" else profile.budget_bytes, thread_share, total_share, efficiency,
                        host, notes)
@@ -248,11 +261,12 @@ def _run_and_watch(cmd, env, cwd, timeout, job: CgroupJob | None, interval: floa
                     os.wait4(proc.pid, 0)
                 proc.returncode = -9
                 raise
+            throttling = _throttling(job)
         proc.returncode = os.waitstatus_to_exitcode(status)
         return {
             "exit_code": proc.returncode, "timed_out": timed_out, "wall_seconds": wall,
             "oom_killed": job.oom_killed() if job is not None else False,
-            "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime, **throttling,
             "sampled_rss_bytes": sampled, "ru_maxrss_bytes": usage.ru_maxrss * 1024,
             "peak_rss_bytes": max(sampled, usage.ru_maxrss * 1024),
             "cgroup_peak_bytes": job.memory_peak() if job is not None else None,
@@ -285,6 +299,15 @@ def _short(cmd: list[str]) -> str:
     argv = cmd[cmd.index("--") + 1:] if "--" in cmd else cmd
     words = [Path(argv[0]).name, *argv[1:5]]
     return " ".join(words) + (" ..." if len(argv) > 5 else "")
+
+
+def _throttling(job: CgroupJob | None) -> dict:
+    """The ConfinedResult throttling fields of a finished job (all None outside a cgroup)."""
+    if job is None:
+        return {}
+    t = job.throttling()
+    return {"throttled_seconds": t["throttled_seconds"], "thread_throttled_seconds": t["thread_throttled_seconds"],
+            "throttled_periods": t["throttled_periods"], "periods": t["periods"]}
 
 
 def _process_tree(pid: int) -> list[int]:

@@ -1,0 +1,76 @@
+"""Summarise repeated bench runs of the same cells: per profile and method, each run's ms/step, the median and the
+largest departure from it, with CPU-seconds and throttled seconds beside the times.
+
+    python tools/repeatability.py docs/steady/before-alone-*.jsonl
+prints one Markdown table (the form docs/steady-emulation.md quotes). Files are `edge-ft bench --results` files;
+every record of a task run counts, in file order. The last column divides each run's ms/step by its CPU-seconds:
+when it stays put while ms/step moves, the quota delivered alike and what moved was the CPU cost of the same work.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+ORDER = {"rpi-zero-2w": 0, "rpi-3b": 1, "rpi-4b-2gb": 2, "rpi-5-4gb": 3}
+
+
+def cells(paths: list[str]) -> dict[tuple[str, str], list[dict]]:
+    runs = defaultdict(list)
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("status") == "ok" and r.get("kind", "task") == "task":
+                    runs[(r["profile"], r["label"])].append(r)
+    return runs
+
+
+def row(profile: str, label: str, runs: list[dict]) -> str:
+    ms = [r["ms_per_step_mean"] for r in runs]
+    mid = statistics.median(ms)
+    spread = max(abs(v / mid - 1) for v in ms)
+    cpu = "/".join(f"{r['cpu_seconds']:.1f}" for r in runs)
+    held = "/".join("-" if r.get("throttled_seconds") is None else f"{r['throttled_seconds']:.1f}" for r in runs)
+    # ms/step per CPU-second of the run: steady when the quota delivers alike and only the work's cost moved
+    per_cpu = [v / r["cpu_seconds"] for v, r in zip(ms, runs)]
+    per_cpu_spread = max(abs(v / statistics.median(per_cpu) - 1) for v in per_cpu)
+    return (f"| {profile} | {label} | {' / '.join(f'{v:.1f}' for v in ms)} | {mid:.1f} | ±{100 * spread:.0f}% | "
+            f"{cpu} | {held} | ±{100 * per_cpu_spread:.0f}% |")
+
+
+BOARD_ORDER = ("rpi-zero-2w", "rpi-3b", "rpi-4b-2gb")  # each at least as fast as the one before
+
+
+def inversions(runs: dict) -> list[str]:
+    """Per method: how many (slower board run, faster board run) pairs have the faster board slower."""
+    lines = []
+    for label in sorted({k[1] for k in runs}):
+        parts = []
+        for slow, fast in zip(BOARD_ORDER, BOARD_ORDER[1:]):
+            a, b = runs.get((slow, label)), runs.get((fast, label))
+            if a and b:
+                bad = sum(y["ms_per_step_mean"] > x["ms_per_step_mean"] for x in a for y in b)
+                parts.append(f"{fast} slower than {slow} in {bad} of {len(a) * len(b)} run pairs")
+        if parts:
+            lines.append(f"{label}: " + "; ".join(parts))
+    return lines
+
+
+def main(paths: list[str]) -> int:
+    print("| profile | method | ms/step per run | median | largest departure | CPU s per run | throttled s per run "
+          "| departure of ms/step per CPU-s |")
+    print("|---|---|---|---:|---:|---|---|---:|")
+    runs = cells(paths)
+    for (profile, label) in sorted(runs, key=lambda k: (ORDER.get(k[0], 9), k[0], k[1])):
+        print(row(profile, label, runs[(profile, label)]))
+    print()
+    for line in inversions(runs):
+        print(f"- {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
