@@ -142,7 +142,7 @@ def test_train_cli_writes_a_complete_run():
 
 
 def test_cached_features_train_the_same_head():
-    plain, cached = cli_run("probe"), cli_run("probe", "--cache-features")
+    plain, cached = cli_run("probe", "--no-cache"), cli_run("probe", "--cache-features")
     a, b = (json.loads((p / "results.json").read_text()) for p in (plain, cached))
     np.testing.assert_allclose(b["losses"], a["losses"], rtol=0, atol=1e-5)
     assert b["accuracy"] == a["accuracy"] and b["feature_cache_seconds"] > 0 and a["feature_cache_seconds"] is None
@@ -162,7 +162,7 @@ def test_train_cli_errors_are_one_line(tmp_path, capsys):
     save_npz(bad, mnist()[0][:10], np.full(10, 12))
     lora = str(bundle(METHODS["lora"]))
     cases = [
-        ([lora, "--data", str(train), "--cache-features"], "--cache-features needs a probe bundle"),
+        ([str(bundle(METHODS["full"])), "--data", str(train), "--cache"], "has no frozen prefix to cache"),
         ([lora, "--data", str(bad)], "labels must be >= 0 and < 10"),
         ([str(tmp_path / "nope"), "--data", str(train)], "no such bundle folder"),
     ]

@@ -55,7 +55,7 @@ def test_manifest_describes_the_bundle(method):
     assert manifest["input_shape"] == [1, 28, 28] and manifest["num_classes"] == cfg.num_classes
     assert {"torch", "onnx", "onnxruntime-training-cpu"} <= set(manifest["versions"])
     expected = {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "inference_base.onnx"}
-    if method == "probe":
+    if method != "full":  # a frozen prefix (conv1, conv2 at least): features.onnx and the head bundle
         expected |= {"features.onnx", "head/manifest.json", "head/checkpoint", "head/training_model.onnx",
                      "head/eval_model.onnx", "head/optimizer_model.onnx"}
     assert set(manifest["files"]) == expected

@@ -114,8 +114,7 @@ def job_argv(job: Job, prep: Prepared, bundle: Path | None, data: Path, run_dir:
         argv = [python, "-m", "edge_ft.cli", "train", str(bundle), "--data", str(data / "train.npz"),
                 "--eval", str(data / "test.npz"), "--seed", str(s.seed), "--threads", threads, "--quiet",
                 "--force", "--out", str(run_dir)]
-        if job.cache_features:
-            argv.append("--cache-features")
+        argv.append("--cache" if job.cache_features else "--no-cache")  # uncached labels measure the full step
         if s.steps:
             argv += ["--steps", str(s.steps)]
     if s.epochs and not s.steps:

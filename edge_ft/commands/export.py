@@ -20,7 +20,8 @@ def register(subparsers) -> None:
         help="write a training bundle (graphs, weights, manifest) for on-device fine-tuning (host)",
         description="Build the method's model on the base weights and export the bundle an engine trains on the "
         "device: for ort-training ONNX Runtime training artifacts, for ort-step one ai.onnx graph per step. "
-        "Probe bundles also carry features.onnx and a head-only bundle for `edge-ft train --cache-features`.",
+        "Bundles whose first layers stay frozen (probe, LoRA on linear layers, last-k) also carry features.onnx "
+        "(those layers) and a head bundle (the rest), so `edge-ft train` computes the frozen prefix once per example.",
     )
     p.add_argument("--method", choices=METHODS, required=True, help=" | ".join(METHODS))
     p.add_argument("--base", required=True, metavar="BASE.safetensors",

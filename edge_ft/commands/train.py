@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 from pathlib import Path
 
 from edge_ft.commands.argtypes import int_at_least, positive_float
@@ -39,8 +41,10 @@ def register(subparsers) -> None:
                    "on Ctrl-C)")
     p.add_argument("--keep", type=int_at_least(1), default=3, metavar="K",
                    help="checkpoints to keep in OUT/checkpoints, the newest (default 3)")
-    p.add_argument("--cache-features", action="store_true",
-                   help="probe bundles: run the frozen backbone once, then train fc3 on the cached features")
+    p.add_argument("--cache", "--cache-features", dest="cache", action=argparse.BooleanOptionalAction,
+                   help="run the bundle's frozen prefix (the layers before the first that trains) once per example "
+                   "and train the rest on the cached features; default: when that saves time and fits --profile's "
+                   "memory budget (else the cache is memory-mapped in --out). Full and bias bundles have no prefix")
     p.add_argument("--profile-ops", action="store_true",
                    help="ort-step bundles: time every operator of the step graph with onnxruntime's profiler "
                    "(summary in RUN/op_profile.json and printed; steps run a little slower while profiled)")
@@ -73,12 +77,15 @@ def handler(args) -> int:
     enforce("train", [args.bundle], args.trust)
     bundle = load_bundle(args.bundle)
     recipe = DEFAULTS[bundle.method.method]
-    threads = args.threads
-    if args.profile:  # read even when --threads overrides it: a broken profile is refused, never ignored
+    threads, budget = args.threads, 0
+    profile_name = args.profile or os.environ.get("EDGE_FT_PROFILE")  # `edge-ft profile run` names its profile
+    if profile_name:  # read even when --threads overrides it: a broken profile is refused, never ignored
         from edge_ft.emulation.profiles import load_profile
 
-        profile_threads = load_profile(args.profile).threads
-        threads = profile_threads if threads is None else threads
+        profile = load_profile(profile_name)
+        budget = profile.budget_bytes
+        if args.profile:
+            threads = profile.threads if threads is None else threads
     if args.mem_arena:
         ort_api.set_mem_arena(args.mem_arena == "on")
     settings = TrainSettings(
@@ -91,7 +98,8 @@ def handler(args) -> int:
         threads=threads or 0,
         checkpoint_every=args.checkpoint_every,
         keep=args.keep,
-        cache_features=args.cache_features,
+        cache_features=args.cache,
+        memory_budget=budget,
         profile_ops=args.profile_ops,
         quiet=args.quiet,
     )

@@ -37,7 +37,7 @@ class Bundle:
     method: MethodConfig
     optimizer: OptimizerConfig
     num_classes: int
-    input_shape: tuple[int, ...]  # one example, e.g. (1, 28, 28); (84,) for a probe's head-only bundle
+    input_shape: tuple[int, ...]  # one example, e.g. (1, 28, 28); a head bundle's: its frozen prefix's output
     trainable: dict[str, tuple[int, ...]]  # name -> shape, in state-dict order
     frozen: dict[str, tuple[int, ...]]
     base_sha256: str  # sha256 of the base .safetensors the bundle was exported from
@@ -49,7 +49,8 @@ class Bundle:
 
     @property
     def head(self) -> "Bundle | None":
-        """A probe bundle's head-only bundle (trains fc3 on cached 84-d features), if exported with one."""
+        """The bundle that trains everything after the frozen prefix on its cached features (features.onnx's
+        output), if the export found a prefix (probe, LoRA on linear layers, last-k; not full or bias)."""
         features = self.manifest.get("features")
         return load_bundle(self.path / features["head"]) if features else None
 
@@ -128,9 +129,14 @@ def check_model(bundle: Bundle, manifest_path: Path) -> None:
         raise UserError(f"{manifest_path}: num_classes {bundle.num_classes} differs from the method's "
                         f"{cfg.num_classes}; re-export the bundle")
     head_in = net.layer(cfg.head).input_shapes[0]
-    if bundle.input_shape == net.input_shape:  # BatchNorm statistics are frozen tensors of the bundle
+    prefix = bundle.manifest.get("prefix")
+    if isinstance(prefix, dict) and bundle.input_shape == tuple(prefix.get("shape", ())):  # a head bundle
+        dropped = set(prefix.get("tensors", ()))
+        shapes = {n: s for n, s in {**param_shapes(cfg), **net.statistics}.items() if n not in dropped}
+        trainable = trainable_names(cfg)
+    elif bundle.input_shape == net.input_shape:  # BatchNorm statistics are frozen tensors of the bundle
         shapes, trainable = {**param_shapes(cfg), **net.statistics}, trainable_names(cfg)
-    elif bundle.input_shape == head_in and cfg.method == "probe":  # a probe's head-only bundle
+    elif bundle.input_shape == head_in and cfg.method == "probe":  # a probe's head-only bundle of older exports
         shapes = {n: s for n, s in param_shapes(cfg).items() if n in net.layer(cfg.head).param_names()}
         trainable = list(shapes)
     else:

@@ -17,6 +17,11 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def available_bytes() -> int:
+    """Memory the machine can still hand out without swapping (what a run without a profile budgets against)."""
+    return int(psutil.virtual_memory().available)
+
+
 def ru_maxrss_bytes() -> int:
     """The kernel's high-water mark of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

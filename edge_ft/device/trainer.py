@@ -8,8 +8,9 @@ A run folder gets:
                          resume.json (edge_ft.device.resume); only the newest --keep stay
   results.json           settings, per-step losses, per-epoch times, accuracy, latency, memory, artifact sizes;
                          written last, so a run folder with results.json is a finished run
-With --cache-features (probe bundles) the frozen backbone runs once over the data and the bundle's head-only
-bundle trains fc3 on the cached 84-d features: the same steps on the same numbers, far less compute per epoch.
+Bundles with a frozen prefix (probe, LoRA on linear layers, last-k; edge_ft.device.feature_cache) run it once
+over the data and train their head bundle on the cached features: the same steps on the same numbers, far less
+compute per epoch. On by default when that saves prefix runs and the features fit; --no-cache turns it off.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -27,10 +29,13 @@ from edge_ft.atomic import atomic_save_safetensors, atomic_write_json
 from edge_ft.contracts import ORT_STEP, RESULTS, TRAINED
 from edge_ft.data.batches import epoch_batch_indices
 from edge_ft.data.npz import to_float
+from edge_ft.device import feature_cache
+from edge_ft.device.adapter import merged_weights
 from edge_ft.device.bundle import MANIFEST, Bundle
 from edge_ft.device.engines import engine_class
 from edge_ft.device.inference import accuracy, predict, session_runner, write_inference_model
-from edge_ft.device.metrics import MB, PeakRSS, file_sizes, latency_ms, rss_bytes, ru_maxrss_bytes
+from edge_ft.device.metrics import (MB, PeakRSS, available_bytes, file_sizes, latency_ms, rss_bytes,
+                                   ru_maxrss_bytes)
 from edge_ft.device.model_card import model_source, stamp_model
 from edge_ft.device.op_profile import PROFILE_FILE, summarize
 from edge_ft.device.ort_api import import_onnxruntime, inference_session
@@ -56,7 +61,8 @@ class TrainSettings:
     threads: int = 0  # onnxruntime intra-op threads (0 = its default)
     checkpoint_every: int = 0  # save the engine state every N steps (0 = only at the end)
     keep: int = 3  # state files kept in checkpoints/, the newest (an interrupt saves one too)
-    cache_features: bool = False  # probe only: train the head on cached backbone features
+    cache_features: bool | None = None  # train the head bundle on cached prefix features (None: if it saves)
+    memory_budget: int = 0  # bytes the run may hold (a device profile's budget); 0: what the machine has free
     profile_ops: bool = False  # ort-step only: onnxruntime's per-operator profile of the step graph
     quiet: bool = False  # no progress bar
 
@@ -174,14 +180,6 @@ class _CheckpointOnInterrupt:
         return False
 
 
-def _feature_cache(bundle: Bundle, threads: int, *xs: np.ndarray) -> list[np.ndarray]:
-    """Run the frozen backbone (features.onnx) once over each input set: x (edge_ft.data.npz) -> float32 (N,D)
-    (LeNet-5: D = 84)."""
-    session = inference_session(bundle.file(bundle.manifest["features"]["file"]), threads)
-    run = session_runner(session)
-    return [predict(run, x) if len(x) else np.zeros((0, bundle.manifest["features"]["dim"]), np.float32) for x in xs]
-
-
 def load_runtime(engine: str) -> int:
     """Import the engine and onnxruntime; return the RSS then: what the runtime costs before any data or session."""
     engine_class(engine)
@@ -206,12 +204,14 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
     out = Path(out)
     x, y = data
     x_eval, y_eval = eval_data if eval_data is not None else (x[:0], y[:0])
-    train_bundle = bundle
-    if s.cache_features:
-        if bundle.method.method != "probe" or "features" not in bundle.manifest:
-            raise UserError(f"{bundle.path}: --cache-features needs a probe bundle (only fc3 trains); "
-                            f"this one is {bundle.method.method}")
-        train_bundle = bundle.head
+    per_epoch = math.ceil(len(x) / s.batch)
+    total = s.steps or s.epochs * per_epoch
+    epochs = math.ceil(total / per_epoch)
+    cache = feature_cache.plan(bundle, s.cache_features, len(x), len(x_eval),
+                               min(total * s.batch, epochs * len(x)) + epochs * len(x_eval),
+                               s.memory_budget - rss_bytes() if s.memory_budget else available_bytes())
+    s = dataclasses.replace(s, cache_features=cache.use)  # the resolved choice: part of the run's identity
+    train_bundle = bundle.head if cache.use else bundle
     engine_cls = engine_class(train_bundle.engine)
     if s.profile_ops and train_bundle.engine != ORT_STEP:
         raise UserError(f"{bundle.path}: --profile-ops profiles the ort-step graph; this bundle's engine is "
@@ -223,16 +223,12 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
     if resume:
         print(f"{out}: resuming from step {pos.step} ({resume_state.relative_to(out)})" if resume_state else
               f"{out}: no checkpoint to resume from; starting at step 0", file=sys.stderr, flush=True)
-
-    per_epoch = math.ceil(len(x) / s.batch)
-    total = s.steps or s.epochs * per_epoch
-    epochs = math.ceil(total / per_epoch)
     started = time.perf_counter()
     with PeakRSS() as peak:
         feature_seconds = None
         if s.cache_features:
             t0 = time.perf_counter()
-            inputs, eval_inputs = _feature_cache(bundle, s.threads, x, x_eval)
+            inputs, eval_inputs = feature_cache.cached_inputs(bundle, s.threads, x, x_eval, cache, out)
             feature_seconds = time.perf_counter() - t0
         profiling = {}
         if s.profile_ops:  # onnxruntime writes its trace into the run folder, which must exist by then
@@ -307,8 +303,10 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
             trained = engine.trainable_state()
             engine.save_state(str(out / "final.state"))
             atomic_save_safetensors(out / TRAINED, trained, metadata={"format": "edge-ft-trained"})
-            if s.cache_features:  # the head bundle knows only fc3: write the whole network from the inference graph
-                write_inference_model(bundle, trained, out / "model.onnx")
+            if s.cache_features:  # the head bundle lacks the prefix: write the whole network from the inference graph
+                inputs = eval_inputs = None  # closes memory-mapped caches before their files go
+                feature_cache.remove(out)
+                write_inference_model(bundle, merged_weights(bundle, trained), out / "model.onnx")
             else:
                 engine.export_inference(str(out / "model.onnx"))
             stamp_model(out / "model.onnx", classes, model_source(bundle, made_by="edge-ft train"), bundle.input_shape)
@@ -334,6 +332,7 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
         "step_latency_ms": latency_ms(step_seconds),
         "train_seconds": round(train_seconds, 4),
         "feature_cache_seconds": None if feature_seconds is None else round(feature_seconds, 4),
+        "feature_cache": {**asdict(cache), "split": bundle.manifest.get("features", {}).get("first_trained")},
         "op_profile": None if op_summary is None else {"file": PROFILE_FILE, "ms_per_step": op_summary["ms_per_step"],
                                                        "by_op": op_summary["by_op"][:10]},
         "memory_mb": {"rss_after_imports": round(rss_after_imports / MB, 2),

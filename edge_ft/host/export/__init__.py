@@ -2,7 +2,8 @@
 
 Each engine is one module here with `build(model, cfg, opt, out_dir) -> dict` that writes its graphs and state
 into out_dir and returns extra manifest fields; everything else (model preparation, the inference and features
-graphs, the probe's head-only bundle, hashes, manifest.json) is shared and lives in this package.
+graphs, the head bundle that trains on a cached frozen prefix, hashes, manifest.json) is shared and lives in this
+package.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from edge_ft.data.npz import check_class_names
 from edge_ft.device.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_files
 from edge_ft.errors import UserError
 from edge_ft.host.describe import HostModel, host_model
+from edge_ft.host.export.prefix import split_frozen_prefix
 from edge_ft.host.export.common import (
     HEAD_FOLDER,
-    Head,
     check_base,
     input_shape_of,
     parameter_split,
@@ -76,11 +77,12 @@ def export_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         extra = {"inference": write_inference_base(model, cfg, staging)}
-        if cfg.method == "probe" and cfg.head == cfg.model.output:  # features below the output layer can be cached
-            extra["features"] = write_features_graph(model, cfg.head, staging)
-            head = Head(model.get_submodule(cfg.head), cfg.head)
+        split = split_frozen_prefix(model)  # None when the first layer trains (full, bias): nothing to cache
+        if split is not None:
+            extra["features"] = write_features_graph(split.prefix, split.manifest_entry(), staging)
             (staging / HEAD_FOLDER).mkdir()
-            _write_bundle(head, cfg, opt, staging / HEAD_FOLDER, build, common)
+            _write_bundle(split.suffix, cfg, opt, staging / HEAD_FOLDER, build,
+                          {**common, "prefix": split.manifest_entry()})
         manifest = _write_bundle(model, cfg, opt, staging, build, {**common, **extra})
         _swap_into_place(staging, out_dir)
     finally:

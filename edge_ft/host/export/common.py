@@ -3,8 +3,8 @@
   inference_base.onnx  the plain network's forward graph holding the starting weights; the manifest records the
                        byte offset of every weight so the device writes trained or merged weights into a copy
                        without the onnx package (adapter merge, inference export of cached-feature runs)
-  features.onnx        probe of the output layer only: everything below the head (LeNet-5: (B,1,28,28) ->
-                       (B,84)), run once to cache features
+  features.onnx        the frozen prefix (edge_ft.host.export.prefix): the layers before the first that trains
+                       (LeNet-5 LoRA: (B,1,28,28) -> (B,256)), run once per example to cache features
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import torch.fx
-
 from edge_ft.architecture import base_param_shapes
 from edge_ft.atomic import atomic_write_bytes
 from edge_ft.config import MethodConfig
 from edge_ft.contracts import FEATURES, INPUT, LOGITS
 from edge_ft.errors import UserError
-from edge_ft.host.describe import HostModel, set_submodule, tracer
+from edge_ft.host.describe import HostModel, set_submodule
 from edge_ft.host.lora import LoRALinear
 from edge_ft.host.methods import build_model
 from edge_ft.model_desc import ModelDesc
@@ -221,42 +219,11 @@ def write_inference_base(model: nn.Module, cfg: MethodConfig, out_dir: Path) -> 
     return {"file": INFERENCE_BASE, "input": INPUT, "output": LOGITS, "offsets": offsets}
 
 
-def backbone(model: nn.Module, head: str) -> torch.fx.GraphModule:
-    """Everything below the head layer, as a module returning the head's input (LeNet-5: (B,1,28,28) -> (B,84))."""
-    graph = tracer().trace(model)
-    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == head)
-    output = next(n for n in graph.nodes if n.op == "output")
-    output.args = (node.args[0],)
-    gm = torch.fx.GraphModule(model, graph)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    gm.input_shape = model.input_shape
-    return gm
-
-
-class Head(nn.Module):
-    """The probe's trainable part alone, on cached features; its tensors keep their names (fc3.*, head.1.*)."""
-
-    def __init__(self, layer: nn.Linear, name: str):
-        super().__init__()
-        parent = self
-        *path, leaf = name.split(".")
-        for part in path:
-            parent.add_module(part, nn.Module())
-            parent = getattr(parent, part)
-        parent.add_module(leaf, layer)
-        self.layer = [layer]  # a list: not registered twice
-        self.input_shape = (layer.in_features,)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer[0](x)
-
-
-def write_features_graph(model: nn.Module, head: str, out_dir: Path) -> dict:
-    """features.onnx: the frozen backbone of a probe bundle (eval mode; its weights never change)."""
-    atomic_write_bytes(out_dir / FEATURES_GRAPH, onnx_bytes(backbone(model, head), training=False, output=FEATURES))
-    return {"file": FEATURES_GRAPH, "input": INPUT, "output": FEATURES, "head": HEAD_FOLDER,
-            "dim": model.get_submodule(head).in_features}
+def write_features_graph(prefix: nn.Module, entry: dict, out_dir: Path) -> dict:
+    """features.onnx: a bundle's frozen prefix (eval mode; its weights never change) and the manifest's entry for it,
+    `entry` being edge_ft.host.export.prefix.Split.manifest_entry()."""
+    atomic_write_bytes(out_dir / FEATURES_GRAPH, onnx_bytes(prefix, training=False, output=FEATURES))
+    return {"file": FEATURES_GRAPH, "input": INPUT, "output": FEATURES, "head": HEAD_FOLDER, **entry}
 
 
 def parameter_split(model: nn.Module) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
