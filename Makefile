@@ -25,7 +25,7 @@ fleet-demo: $(VENV)/.installed $(DEVICE_VENV)/.installed
 	  runs/fleet-demo/full/results --out runs/fleet-demo
 
 test: $(VENV)/.installed $(DEVICE_VENV)/.installed data
-	$(HOST_PY) -m pytest -q
+	$(HOST_PY) -m pytest -q --durations=15
 
 test-fast: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(HOST_PY) -m pytest -q -m "not slow"
