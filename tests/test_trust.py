@@ -13,8 +13,8 @@ import pytest
 from edge_ft.cli import main
 from edge_ft.trust.rollout import ACTIVE, read_log
 from edge_ft.trust.signature import SIGNATURE, now_utc, sign_folder
-from tests.ort_training_support import METHODS, bundle, fresh_bundle, npz_pair
-from tests.test_adapter import trained_adapter
+from ort_training_support import METHODS, bundle, fresh_bundle, npz_pair
+from test_adapter import trained_adapter
 
 
 @pytest.fixture(autouse=True)

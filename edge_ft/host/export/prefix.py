@@ -66,7 +66,7 @@ def split_frozen_prefix(model: nn.Module) -> Split | None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     graph = tracer().trace(model)
     whole = torch.fx.GraphModule(model, graph)
-    ShapeProp(whole).propagate(torch.zeros(2, *model.input_shape))
+    _shapes(whole, model)
     nodes = list(graph.nodes)
     first = next((i for i, n in enumerate(nodes) if _trains(n, model, trainable)), None)
     cut = 0 if first is None else _cut(nodes, first)
@@ -78,6 +78,19 @@ def split_frozen_prefix(model: nn.Module) -> Split | None:
     suffix.input_shape = shape
     return Split(prefix, suffix, shape, str(nodes[first].target),
                  tuple(n for n in model_tensors(model) if n not in suffix_tensors))
+
+
+def _shapes(whole: torch.fx.GraphModule, model: nn.Module) -> None:
+    """Every node's output shape, from a forward pass that changes nothing: in eval mode (a BatchNorm in training
+    mode would fold the dummy batch into its running statistics, and the bundle would export those), no grad."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(whole).propagate(torch.zeros(2, *model.input_shape))
+    finally:
+        for m, training in modes.items():
+            m.train(training)
 
 
 def _prefix(model: nn.Module, cut: torch.fx.Node) -> torch.fx.GraphModule:
