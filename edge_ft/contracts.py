@@ -16,3 +16,7 @@ INPUT, LABELS, LR, LOSS, LOGITS, FEATURES = "input", "labels", "lr", "loss", "lo
 MANIFEST = "manifest.json"  # a bundle's description: engine, method, files with their hashes
 RESULTS = "results.json"  # a finished run's figures, written last: its presence marks the run as done
 TRAINED = "trained.safetensors"  # a device run's trained parameters
+
+# Set by `edge-ft profile run` (and every confined run) for its child: the board's memory budget in bytes, which
+# `edge-ft train` sizes its feature cache against when no --profile is given.
+MEMORY_BUDGET_ENV = "EDGE_FT_MEMORY_BUDGET"

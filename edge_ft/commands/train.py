@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from edge_ft.commands.argtypes import int_at_least, positive_float
-from edge_ft.contracts import MANIFEST, RESULTS
+from edge_ft.contracts import MANIFEST, MEMORY_BUDGET_ENV, RESULTS
 from edge_ft.errors import UserError, plural
 from edge_ft.training_defaults import recipe_default
 from edge_ft.trust.policy import add_trust_option
@@ -77,15 +77,13 @@ def handler(args) -> int:
     enforce("train", [args.bundle], args.trust)
     bundle = load_bundle(args.bundle)
     recipe = DEFAULTS[bundle.method.method]
-    threads, budget = args.threads, 0
-    profile_name = args.profile or os.environ.get("EDGE_FT_PROFILE")  # `edge-ft profile run` names its profile
-    if profile_name:  # read even when --threads overrides it: a broken profile is refused, never ignored
+    threads, budget = args.threads, _confined_budget()
+    if args.profile:  # read even when --threads overrides it: a broken profile is refused, never ignored
         from edge_ft.emulation.profiles import load_profile
 
-        profile = load_profile(profile_name)
+        profile = load_profile(args.profile)
         budget = profile.budget_bytes
-        if args.profile:
-            threads = profile.threads if threads is None else threads
+        threads = profile.threads if threads is None else threads
     if args.mem_arena:
         ort_api.set_mem_arena(args.mem_arena == "on")
     settings = TrainSettings(
@@ -121,6 +119,12 @@ def handler(args) -> int:
 
         print(table(json.loads((out / PROFILE_FILE).read_text())))
     return 0
+
+
+def _confined_budget() -> int:
+    """The memory budget a confined run's parent gave (bytes), or 0: the machine's free memory decides."""
+    value = os.environ.get(MEMORY_BUDGET_ENV, "")
+    return int(value) if value.isdigit() else 0
 
 
 def same_classes(ours: list[str] | None, our_source, theirs: list[str] | None, their_source) -> list[str] | None:

@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_ft.contracts import MEMORY_BUDGET_ENV
 from edge_ft.device.ort_api import SPINNING_ENV
 from edge_ft.emulation import lifetime
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
@@ -220,6 +221,7 @@ def confine(profile: DeviceProfile, env: dict | None = None, *, mode: str = "aut
             "cpus": cpus if mode == "rlimit" else None}
     child_env = thread_env(threads, env)
     child_env.update(EDGE_FT_PROFILE=profile.name, EDGE_FT_EMULATION=mode)
+    child_env[MEMORY_BUDGET_ENV] = str(profile.budget_bytes)  # the feature cache sizes itself against it
     if mode != "native":
         for var, value in NO_SPIN_ENV.items():  # a caller's own choice (EDGE_FT_ORT_SPINNING=1 ...) stands
             child_env.setdefault(var, value)

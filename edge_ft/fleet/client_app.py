@@ -100,7 +100,7 @@ def train_round(msg: Message, context: Context) -> Message:
         signed = verify_message(msg.content, CONFIG, _server_key(node.server_key), "train", accepted.load())
     except Refused as why:
         return refusal(msg, why)
-    accepted.remember(signed["run"], signed["round"])
+    accepted.remember(signed["run"], signed["round"], signed["start"])
     bundle = _bundle(node.bundle)
     x, y = load_npz(node.data, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
     received = msg.content[ARRAYS]

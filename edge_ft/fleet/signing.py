@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,9 +33,9 @@ from edge_ft.trust.signature import TIME_FORMAT, now_utc
 
 ROUND_DOMAIN = "edge-ft-fleet-round-v1"
 REFUSED = 4240  # Flower error code of a node's refusal of the server's message (not a failure of the node)
-SIGNATURE, KEYID, RUN, ROUND, PURPOSE, EXPIRES, TENSORS = (
-    "signature", "signer-keyid", "run-name", "signed-round", "purpose", "expires", "tensors-sha256")
-SIGNED_KEYS = (SIGNATURE, KEYID, RUN, ROUND, PURPOSE, EXPIRES, TENSORS)
+SIGNATURE, KEYID, RUN, ROUND, PURPOSE, EXPIRES, TENSORS, START = (
+    "signature", "signer-keyid", "run-name", "signed-round", "purpose", "expires", "tensors-sha256", "server-start")
+SIGNED_KEYS = (SIGNATURE, KEYID, RUN, ROUND, PURPOSE, EXPIRES, TENSORS, START)
 PURPOSES = ("train", "canary")
 LIFETIME = timedelta(days=1)  # a round's signature is good for a day: a stored message cannot be replayed later
 
@@ -62,7 +63,8 @@ def settings_of(config) -> dict:
 
 def body_of(config, tensors: str) -> dict:
     return {"domain": ROUND_DOMAIN, "run": config[RUN], "round": config[ROUND], "purpose": config[PURPOSE],
-            "expires": config[EXPIRES], "keyid": config[KEYID], "tensors": tensors, "config": settings_of(config)}
+            "expires": config[EXPIRES], "keyid": config[KEYID], "tensors": tensors, "start": config[START],
+            "config": settings_of(config)}
 
 
 @dataclass
@@ -71,6 +73,7 @@ class RoundSigner:
 
     private: object  # cryptography's Ed25519PrivateKey
     run: str
+    start: int = 0  # when this server process started (ns): a resumed server's retried round is newer than the first
 
     @property
     def keyid(self) -> str:
@@ -83,12 +86,12 @@ class RoundSigner:
             config.pop(k, None)
         expires = (now_utc() + LIFETIME).strftime(TIME_FORMAT)
         config.update({RUN: self.run, ROUND: int(round_), PURPOSE: purpose, EXPIRES: expires, KEYID: self.keyid,
-                       TENSORS: tensor_digest(content)})
+                       TENSORS: tensor_digest(content), START: int(self.start)})
         config[SIGNATURE] = sign_body(self.private, ROUND_DOMAIN, body_of(config, config[TENSORS]))
 
 
 def load_signer(key_path: str | Path, run: str) -> RoundSigner:
-    return RoundSigner(load_private_key(key_path), run)
+    return RoundSigner(load_private_key(key_path), run, time.time_ns())
 
 
 def verify_message(content, config_name: str, key: PublicKey, purpose: str, accepted: dict,
@@ -128,12 +131,20 @@ def check_current(body: dict, purpose: str, accepted: dict, now: datetime | None
     if (now or now_utc()) > expires:
         raise Refused(f"{where}: expired {body['expires']}; refusing a stale update")
     last = accepted.get(str(body["run"]))
-    if isinstance(last, int) and purpose == "train" and not int(body["round"]) > last:
+    # The same round from a server started later is a retry (a server resumed after a crash sends the round it was
+    # in once more), not a replay: the node accepts it. The same round from the same server start, or older, it
+    # refuses.
+    first_start = accepted.get(f"{body['run']}{START_SUFFIX}")
+    retried = last == int(body["round"]) and first_start is not None and int(body["start"]) > int(first_start)
+    if isinstance(last, int) and purpose == "train" and not int(body["round"]) > last and not retried:
         raise Refused(f"{where}: not newer than round {last} already accepted; refusing a replayed or stale "
                       "update")
     if isinstance(last, int) and purpose == "canary" and int(body["round"]) < last:  # a canary scores round r's
         raise Refused(f"{where}: older than round {last} already accepted; refusing a stale canary model")  # result
     return body
+
+
+START_SUFFIX = "#server-start"  # beside a run's last accepted round: the start of the server that sent it
 
 
 class AcceptedRounds:
@@ -156,8 +167,8 @@ class AcceptedRounds:
         record = self.state.config_records.get(self.STATE_KEY)
         return dict(record) if record is not None else {}
 
-    def remember(self, run: str, round_: int) -> None:
-        data = {**self.load(), run: int(round_)}
+    def remember(self, run: str, round_: int, start: int) -> None:
+        data = {**self.load(), run: int(round_), f"{run}{START_SUFFIX}": int(start)}
         if self.path is not None:
             atomic_write_json(self.path, data)
         else:
