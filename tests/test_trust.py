@@ -382,7 +382,8 @@ def test_export_signs_the_bundle_and_a_policy_device_trains_it(base_checkpoint, 
                  "--sign-key", str(key), "--sign-version", "4"]) == 0
     signed = json.loads((out / SIGNATURE).read_text())["signed"]
     assert signed["kind"] == "bundle" and signed["version"] == 4 and signed["name"] == "bundle"
-    assert {f["path"] for f in signed["files"]} == {p.name for p in out.iterdir() if p.name != SIGNATURE}
+    assert {f["path"] for f in signed["files"]} == {p.relative_to(out).as_posix() for p in out.rglob("*")
+                                                    if p.is_file() and p.name != SIGNATURE}  # head/ too
     train, _ = npz_pair()
     assert main(["train", str(out), "--data", str(train), "--steps", "2", "--quiet", "--out", str(tmp_path / "run"),
                  "--trust", str(pub)]) == 0
