@@ -107,7 +107,7 @@ def start(out: Path, identity: dict, resume: bool, replace: bool = False) -> tup
         raise UserError(f"{out}: holds a finished run (results.json); {what}, or add --force to train it again "
                         "from step 0 and replace it")
     if not resume or finished:
-        if record_path.is_file() and not finished and not replace:
+        if record_path.is_file() and not finished:  # --force replaces finished runs, never unfinished ones
             raise UserError(f"{out}: holds an unfinished run (resume.json); add --resume to continue it, "
                             "or choose another --out")
         for stale in [record_path, out / RESULTS, *sorted((out / CHECKPOINTS).glob("step-*.state"))]:

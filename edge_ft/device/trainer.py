@@ -15,10 +15,10 @@ compute per epoch. On by default when that saves prefix runs and the features fi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
