@@ -15,7 +15,7 @@ import pytest
 from edge_ft.emulation import cgroups
 from edge_ft.emulation.cgroups import CgroupJob
 from edge_ft.emulation.emulate import run_confined
-from tests.test_emulate import CGROUP_REASON, busy, leftover_cgroups, make_profile
+from tests.test_emulate import CGROUP_REASON, busy, leftover_cgroups, make_profile, share
 
 MB = 2**20
 PY = sys.executable
@@ -91,12 +91,12 @@ def test_cpuset_cpus_pins_the_job_to_the_cpus_given():
 
 
 def test_cpu_max_throttles_the_job_against_the_same_loop_unconfined(record_property):
-    free = float(subprocess.run(busy(1, 0.3), capture_output=True, text=True, timeout=600).stdout)
+    free = share(subprocess.run(busy(1, 0.3), capture_output=True, text=True, timeout=600).stdout)
     job = CgroupJob.create(256 * MB, [last_cpu()], 0.2, 0.2, 20_000)
     try:
         assert (job.dirs["cpu"] / "cpu.max").read_text().split() == ["4000", "20000"]
         assert (job.leaves[0] / "cpu.max").read_text().split() == ["4000", "20000"]
-        capped = float(run_in(job, busy(1, 0.3)).stdout)
+        capped = share(run_in(job, busy(1, 0.3)).stdout)
         stat = dict(line.split() for line in (job.dirs["cpu"] / "cpu.stat").read_text().splitlines())
     finally:
         job.remove()
@@ -121,7 +121,7 @@ def test_every_thread_gets_its_own_threaded_leaf(record_property):
                                                .split()))
             time.sleep(0.02)
         assert proc.returncode == 0
-        two = float(proc.stdout.read())
+        two = share(proc.stdout.read())
         assert all((leaf / "cgroup.type").read_text().strip() == "threaded" for leaf in job.leaves)
         assert (job.dirs["cpu"] / "cgroup.type").read_text().strip() == "domain threaded"
     finally:

@@ -48,20 +48,33 @@ def alloc(mb: int) -> list[str]:
 
 def busy(threads: int, cpu_seconds: float) -> list[str]:
     """A child running `threads` GIL-free busy threads (sha256 of 1 MiB releases the GIL) until each has used
-    `cpu_seconds` of CPU; prints the job's CPU time / wall time, i.e. the share of one CPU it obtained."""
+    `cpu_seconds` of CPU; prints the job's CPU time / wall time, i.e. the share of one CPU it obtained, then on a
+    second line the cpu cgroup each thread ended in (a JSON list)."""
     code = f"""
-import hashlib, threading, time
+import hashlib, json, threading, time
 data = b"x" * (1 << 20)
+where = []
 def spin():
     t = time.thread_time()
     while time.thread_time() - t < {cpu_seconds}:
         hashlib.sha256(data).digest()
+    lines = open("/proc/thread-self/cgroup").read().splitlines()
+    where.append([l.split(":", 2)[2] for l in lines if l.split(":")[1] in ("cpu,cpuacct", "cpu", "")][0])
 ts = [threading.Thread(target=spin) for _ in range({threads})]
 w, c = time.perf_counter(), time.process_time()
 [t.start() for t in ts]; [t.join() for t in ts]
 print((time.process_time() - c) / (time.perf_counter() - w))
+print(json.dumps(where))
 """
     return [PY, "-c", code]
+
+
+def share(out: str) -> float:
+    return float(out.split()[0])
+
+
+def thread_cgroups(out: str) -> list[str]:
+    return json.loads(out.strip().splitlines()[1])
 
 
 def leftover_cgroups() -> list[Path]:
@@ -122,13 +135,15 @@ def test_threads_env_reaches_the_child(tmp_path):
 def test_quota_caps_every_thread_at_one_device_core(tmp_path):
     # A 2-core device at 0.1 of a core here. One shared quota would give a single thread 0.2 (both cores' worth);
     # per-thread leaves hold it at 0.1, and two threads get 0.1 each (the second is moved to its own leaf).
+    # A quota is a ceiling whatever the machine does; how close a busy machine lets a job come to it is not
+    # asserted (the second thread's leaf is: each thread ends in a leaf of its own).
     profile = make_profile(tmp_path, cores=2, cpu_speed=0.1)
-    native = float(run_confined(busy(1, 0.1), profile, mode="native").stdout_tail)
-    one = float(run_confined(busy(1, 0.15), profile, timeout=30).stdout_tail)
-    two = float(run_confined(busy(2, 0.15), profile, timeout=30).stdout_tail)
-    assert 0.05 < one < 0.13, one
-    assert native > 2 * one, (native, one)  # the same loop unconfined, measured alongside on this busy machine
-    assert 0.15 < two < 0.26, two
+    one = run_confined(busy(1, 0.15), profile, timeout=60).stdout_tail
+    two = run_confined(busy(2, 0.15), profile, timeout=60).stdout_tail
+    assert 0 < share(one) < 0.13, one
+    assert 0 < share(two) < 0.26, two
+    leaves = thread_cgroups(two)
+    assert len(set(leaves)) == 2 and all(f"/{cgroups.PREFIX}" in leaf for leaf in leaves), leaves
 
 
 @needs_cgroups
@@ -194,7 +209,7 @@ def test_calibrate_under_a_profile_reports_its_speed(tmp_path, capsys):
     # Held to a quarter of a CPU: each part got at most that share of the wall time it took (one period's burst
     # allowed for). Timed against the free run above it is not, since a busy neighbour slows that one too.
     shares = {part: r["cpu_seconds"][part] / r["seconds"][part] for part in r["seconds"]}
-    assert all(share < 0.25 * 1.3 for share in shares.values()), shares
+    assert all(got < 0.25 * 1.3 for got in shares.values()), shares
     assert r["speed"] > 0.25 * 0.3 * here, (r["speed"], here)  # and not throttled to a crawl
 
 
@@ -208,8 +223,8 @@ def test_threads_share_what_the_board_s_threads_achieve_together(tmp_path):
                     'thread_scaling = [1.0, 1.3]\nthread_scaling_source = "chosen for a test"\n')
     r = run_confined(busy(2, 0.15), load_profile_file(path), timeout=30)
     assert r.cpu_quota == pytest.approx(0.2) and r.total_quota == pytest.approx(0.26)
-    two = float(r.stdout_tail)
-    assert 0.15 < two < 0.31, two  # 0.26 of a CPU; linear scaling would give 0.4
+    two = share(r.stdout_tail)
+    assert 0 < two < 0.31, two  # at most 0.26 of a CPU; linear scaling would allow 0.4
     # The quota held the job back, and the result says for how long (whole job, and summed over its threads).
     assert r.periods > 0 and 0 < r.throttled_periods <= r.periods
     # the kernel adds up the time the job was throttled on each CPU it ran on

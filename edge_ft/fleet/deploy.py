@@ -392,12 +392,13 @@ class _Progress:
             self.bar = tqdm(total=total, unit="round", dynamic_ncols=True, file=sys.stderr, desc="federation")
 
     def _kill_when_busy(self) -> None:
-        """SIGKILL the node as soon as its ClientApp runs this round's message: death mid-round."""
+        """SIGKILL the node while its ClientApp works on this round's message (taken, not yet answered): death
+        mid-round. A ClientApp seen after its reply went out would make the kill land after the round's work."""
         node = self.fed.nodes[self.fault.node]
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and not self.fed._stop.is_set():
             with self.fed._lock:
-                if node.clientapp_running():
+                if node.working_on("train"):
                     node.kill()
                     return
             time.sleep(0.05)
