@@ -113,19 +113,19 @@ def register(subparsers) -> None:
 
 def make_plan(args, method: str, out: Path, num_nodes: int, signing_key: Path | None):
     """The FleetPlan of one method for these arguments (edge_ft.fleet.plan.plan_fleet)."""
-    from edge_ft.fleet.plan import plan_fleet
+    from edge_ft.fleet.plan import PlanConfig, plan_fleet
 
-    return plan_fleet(out, method=method, task=args.task, num_nodes=num_nodes, partitioning=args.partitioning,
-                      rounds=args.rounds, local_steps=args.local_steps, aggregation=args.aggregation,
-                      seed=args.seed, base=args.base, quiet=args.quiet, signing_key=signing_key,
-                      canary=args.canary, canary_tolerance=args.canary_tolerance)
+    return plan_fleet(out, PlanConfig(method, task=args.task, num_nodes=num_nodes, partitioning=args.partitioning,
+                                      rounds=args.rounds, local_steps=args.local_steps, aggregation=args.aggregation,
+                                      seed=args.seed, base=args.base, quiet=args.quiet, signing_key=signing_key,
+                                      canary=args.canary, canary_tolerance=args.canary_tolerance))
 
 
 def handler(args) -> int:
     from edge_ft.emulation.hostspeed import HostSpeed
     from edge_ft.emulation.profiles import load_profile
     from edge_ft.errors import UserError
-    from edge_ft.fleet.deploy import run_fleet
+    from edge_ft.fleet.deploy import DeployConfig, run_fleet
     from edge_ft.fleet.measure import node_table
 
     for name in dict.fromkeys(args.nodes):
@@ -142,9 +142,10 @@ def handler(args) -> int:
         key = signing_keys(out, None)[0]
     plans = [make_plan(args, m, out / m if several else out, len(args.nodes), key) for m in args.method]
     echo = None if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
-    results = run_fleet(plans, args.nodes, tls=not args.no_tls, auth=not (args.no_auth or args.no_tls),
-                        run_dir=out / "deploy", fault=args.fault, host=host, device_python=args.device_python,
-                        mode=args.mode, cpu_cap=not args.no_cpu_cap, progress=not args.quiet, echo=echo)
+    results = run_fleet(plans, args.nodes, DeployConfig(
+        tls=not args.no_tls, auth=not (args.no_auth or args.no_tls), run_dir=out / "deploy", fault=args.fault,
+        host=host, device_python=args.device_python, mode=args.mode, cpu_cap=not args.no_cpu_cap,
+        progress=not args.quiet, echo=echo))
     for method, plan, result in zip(args.method, plans, results):
         print(f"{method}:" if several else "", node_table(result), sep="\n" if several else "")
         print(f"-> {plan.results_dir.parent / 'deploy' if several else out / 'deploy'}/federation.json; "

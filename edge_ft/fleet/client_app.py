@@ -48,6 +48,21 @@ class Node:
     holdout: Path | None  # the node's holdout set for canary evaluation
 
 
+def simulated_node_config(context: Context):
+    """The node config: the SuperNode's own, or under the Simulation Engine (whose virtual SuperNodes know only
+    their partition id) the plan's node-NN.toml of that partition, in the run config's sim-nodes folder."""
+    folder = context.run_config.get("sim-nodes") if "data" not in context.node_config else None
+    if not folder:
+        return context.node_config
+    import tomllib
+
+    path = Path(str(folder)) / f"node-{int(context.node_config['partition-id']):02d}.toml"
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"{path}: no readable node config ({e}); plan the simulation again") from None
+
+
 def node_from_config(node_config) -> Node:
     missing = [k for k in NODE_KEYS if k not in node_config]
     if missing:
@@ -94,7 +109,7 @@ def local_settings(config, partition: int) -> TrainSettings:
 
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
-    node = node_from_config(context.node_config)
+    node = node_from_config(simulated_node_config(context))
     accepted = AcceptedRounds(node.round_state, context.state)
     try:
         signed = verify_message(msg.content, CONFIG, _server_key(node.server_key), "train", accepted.load())
@@ -112,6 +127,9 @@ def train_round(msg: Message, context: Context) -> Message:
                         "install the bundle of this fleet run")
     settings = local_settings(msg.content[CONFIG], node.partition)
     settings = TrainSettings(**{**settings.__dict__, "threads": node.threads})
+    if "max-steps" in msg.content[CONFIG]:  # partial work: the steps that fit the round's deadline on this board
+        planned = settings.steps or settings.epochs * -(-len(y) // settings.batch)
+        settings = TrainSettings(**{**settings.__dict__, "steps": min(planned, int(msg.content[CONFIG]["max-steps"]))})
     with tempfile.TemporaryDirectory(prefix="edge-ft-fleet-round-") as run:
         results = train(bundle, (x, y), (x, y), settings, run, initial=start)
         trained = load_safetensors(Path(run) / TRAINED)
@@ -134,7 +152,7 @@ def canary_round(msg: Message, context: Context) -> Message:
     """Score a signed candidate global model and the current one on this node's holdout set."""
     from edge_ft.fleet.holdout import GlobalEvaluator, frozen_shipped
 
-    node = node_from_config(context.node_config)
+    node = node_from_config(simulated_node_config(context))
     try:
         verify_message(msg.content, CONFIG, _server_key(node.server_key), "canary",
                        AcceptedRounds(node.round_state, context.state).load())
