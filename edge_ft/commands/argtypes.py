@@ -35,6 +35,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """argparse type: a share in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text}")
+    return value
+
+
 def add_lora_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
     """--rank and --alpha (and, with `layers`, --targets, --modules-to-save and --bias): the same flags and
     defaults everywhere; build the MethodConfig from them with method_config()."""

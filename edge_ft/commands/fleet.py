@@ -68,23 +68,7 @@ def register(subparsers) -> None:
         "also on Ctrl-C.")
     run.add_argument("--nodes", type=node_list, default=node_list(DEFAULT_NODES), metavar="NxPROFILE,...",
                      help=f"device profiles, one node each, NxPROFILE for N alike (default {DEFAULT_NODES})")
-    run.add_argument("--rounds", type=int_at_least(1), default=10, metavar="N", help="federated rounds (default 10)")
-    run.add_argument("--method", type=method_list, default=["lora"], metavar="M[,M...]",
-                     help="what each device trains: full, probe or lora; several, comma-separated, run one after "
-                     "another on the same SuperLink and SuperNodes, each in DIR/METHOD (default lora)")
-    run.add_argument("--aggregation", default="fedavg", metavar="A",
-                     help="how the server combines updates: fedavg, or ffa for LoRA with frozen A (default fedavg)")
-    run.add_argument("--task", default="mnist-digits", metavar="TASK",
-                     help="transfer task (default mnist-digits: new writers, split by writer)")
-    run.add_argument("--partitioning", default="writers", metavar="P",
-                     help="how the task's training data is split over the nodes (default writers)")
-    run.add_argument("--local-steps", type=int_at_least(0), default=0, metavar="N",
-                     help="optimizer steps per round on each device (default 0: one pass over its data)")
-    run.add_argument("--seed", type=int, default=0, help="partitioning and batch-order seed (default 0)")
-    run.add_argument("--base", type=Path, metavar="BASE.safetensors",
-                     help="base weights from `edge-ft pretrain` (default: pretrained on MNIST once under DIR/prep)")
-    run.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                     help=f"plan, results and the deployment's files (default {DEFAULT_OUT})")
+    add_plan_options(run, DEFAULT_OUT)
     run.add_argument("--no-tls", action="store_true", help="plain HTTP between SuperNodes and the SuperLink "
                      "(also turns node authentication off)")
     run.add_argument("--no-auth", action="store_true", help="accept SuperNodes without registered keys")
@@ -109,6 +93,31 @@ def register(subparsers) -> None:
                      help="interpreter of the device venv (default .venv-device/bin/python when present)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or round lines")
     run.set_defaults(func=handler)
+    from edge_ft.commands.fleet_simulate import register_simulate
+
+    register_simulate(sub)
+
+
+def add_plan_options(p, default_out: Path) -> None:
+    """What both `fleet run` and `fleet simulate` plan: rounds, methods, task and split, local work, output."""
+    p.add_argument("--rounds", type=int_at_least(1), default=10, metavar="N", help="federated rounds (default 10)")
+    p.add_argument("--method", type=method_list, default=["lora"], metavar="M[,M...]",
+                   help="what each device trains: full, probe or lora; several, comma-separated, run one after "
+                   "another (deployed: on the same SuperLink and SuperNodes), each in DIR/METHOD (default lora)")
+    p.add_argument("--aggregation", default="fedavg", metavar="A",
+                   help="how the server combines updates: fedavg, or ffa for LoRA with frozen A (default fedavg)")
+    p.add_argument("--task", default="mnist-digits", metavar="TASK",
+                   help="transfer task (default mnist-digits: new writers, split by writer)")
+    p.add_argument("--partitioning", default="writers", metavar="P",
+                   help="how the task's training data is split over the nodes: writers, dirichlet:ALPHA (label "
+                   "skew), quantity:ALPHA (quantity skew), iid (default writers)")
+    p.add_argument("--local-steps", type=int_at_least(0), default=0, metavar="N",
+                   help="optimizer steps per round on each device (default 0: one pass over its data)")
+    p.add_argument("--seed", type=int, default=0, help="partitioning, batch-order and device-model seed (default 0)")
+    p.add_argument("--base", type=Path, metavar="BASE.safetensors",
+                   help="base weights from `edge-ft pretrain` (default: pretrained on MNIST once under DIR/prep)")
+    p.add_argument("--out", type=Path, default=default_out, metavar="DIR",
+                   help=f"plan, results and the deployment's files (default {default_out})")
 
 
 def make_plan(args, method: str, out: Path, num_nodes: int, signing_key: Path | None):

@@ -296,6 +296,10 @@ def run(grid: Grid, s: FleetSettings) -> list[dict]:
         log.info("round %d: global accuracy %.4f, %d updates, %d rejected, %d refused, %d B down, %d B up", r,
                  record["accuracy"], len(record["clients"]), len(record["rejected"]), len(record["refused"]),
                  record["bytes_down"], record["bytes_up"])
+        if devices is not None and server_round:
+            log.info("round %d: %d of %d devices online, %d sampled, %d did not fit, %d dropped, %.1f s simulated", r,
+                     info["online"], info["fleet"], info["sampled"], len(info["did_not_fit"]), len(info["dropped"]),
+                     info["sim_seconds"])
         return MetricRecord({"accuracy": record["accuracy"]})
 
     if done < s.rounds:
