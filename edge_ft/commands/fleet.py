@@ -116,6 +116,9 @@ def add_plan_options(p, default_out: Path) -> None:
     p.add_argument("--seed", type=int, default=0, help="partitioning, batch-order and device-model seed (default 0)")
     p.add_argument("--base", type=Path, metavar="BASE.safetensors",
                    help="base weights from `edge-ft pretrain` (default: pretrained on MNIST once under DIR/prep)")
+    p.add_argument("--secagg", action="store_true",
+                   help="secure aggregation (Flower's SecAgg+): the server sees only the weighted sum of the "
+                   "devices' updates, never one device's")
     p.add_argument("--out", type=Path, default=default_out, metavar="DIR",
                    help=f"plan, results and the deployment's files (default {default_out})")
 
@@ -127,7 +130,8 @@ def make_plan(args, method: str, out: Path, num_nodes: int, signing_key: Path | 
     return plan_fleet(out, PlanConfig(method, task=args.task, num_nodes=num_nodes, partitioning=args.partitioning,
                                       rounds=args.rounds, local_steps=args.local_steps, aggregation=args.aggregation,
                                       seed=args.seed, base=args.base, quiet=args.quiet, signing_key=signing_key,
-                                      canary=args.canary, canary_tolerance=args.canary_tolerance))
+                                      canary=args.canary, canary_tolerance=args.canary_tolerance,
+                                      secagg=args.secagg))
 
 
 def handler(args) -> int:

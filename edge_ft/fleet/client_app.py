@@ -25,6 +25,7 @@ from edge_ft.data.npz import load_npz
 from edge_ft.device.bundle import Bundle, load_bundle
 from edge_ft.device.trainer import TrainSettings, train
 from edge_ft.errors import UserError
+from edge_ft.fleet import secagg
 from edge_ft.fleet.signing import REFUSED, AcceptedRounds, Refused, verify_message
 from edge_ft.fleet.updates import ARRAYS, CANDIDATE_KEYS, CONFIG, METRICS, WEIGHT_KEY, from_arrays, to_arrays
 from edge_ft.trust.keys import PublicKey, load_public_key
@@ -34,7 +35,7 @@ from edge_ft.trust.keys import PublicKey, load_public_key
 NODE_KEYS = ("partition-id", "num-partitions", "data", "bundle", "server-key")
 SEED_STRIDE = 1000  # batch order differs per round and per device: seed·STRIDE² + round·STRIDE + partition
 
-app = ClientApp()
+app = ClientApp(mods=[secagg.secagg_when_asked])  # SecAgg+ for its own messages only
 
 
 @dataclass(frozen=True)
@@ -109,27 +110,41 @@ def local_settings(config, partition: int) -> TrainSettings:
 
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
+    """A train message: the fleet's own, or (under SecAgg+, edge_ft.fleet.secagg) its legacy FitIns form."""
+    if "fitins.config" not in msg.content.config_records:
+        reply = train_content(msg.content, context)
+        return refusal(msg, reply) if isinstance(reply, Refused) else Message(reply, reply_to=msg)
+    content = secagg.from_fitins(msg.content)
+    reply = train_content(content, context)
+    if isinstance(reply, Refused):
+        raise reply  # SecAgg+ counts this node as dropped from the round
+    return Message(secagg.to_fitres(reply, list(content[CONFIG][secagg.NAMES])), reply_to=msg)
+
+
+def train_content(content: RecordDict, context: Context) -> RecordDict | Refused:
+    """Train on the node's data from a signed {"arrays", "config"}; the reply's content, or why it is refused."""
     node = node_from_config(simulated_node_config(context))
     accepted = AcceptedRounds(node.round_state, context.state)
     try:
-        signed = verify_message(msg.content, CONFIG, _server_key(node.server_key), "train", accepted.load())
+        signed = verify_message(content, CONFIG, _server_key(node.server_key), "train", accepted.load())
     except Refused as why:
-        return refusal(msg, why)
+        return why
     accepted.remember(signed["run"], signed["round"], signed["start"])
     bundle = _bundle(node.bundle)
     x, y = load_npz(node.data, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
-    received = msg.content[ARRAYS]
+    received = content[ARRAYS]
     start = from_arrays(received)
     wrong = sorted(set(start) ^ set(bundle.trainable)) or [
         n for n, v in start.items() if tuple(v.shape) != bundle.trainable[n]]
     if wrong:
         raise UserError(f"the server's tensors do not fit bundle {node.bundle} ({wrong[0]!r}); "
                         "install the bundle of this fleet run")
-    settings = local_settings(msg.content[CONFIG], node.partition)
+    config = content[CONFIG]
+    settings = local_settings(config, node.partition)
     settings = TrainSettings(**{**settings.__dict__, "threads": node.threads})
-    if "max-steps" in msg.content[CONFIG]:  # partial work: the steps that fit the round's deadline on this board
+    if "max-steps" in config:  # partial work: the steps that fit the round's deadline on this board
         planned = settings.steps or settings.epochs * -(-len(y) // settings.batch)
-        settings = TrainSettings(**{**settings.__dict__, "steps": min(planned, int(msg.content[CONFIG]["max-steps"]))})
+        settings = TrainSettings(**{**settings.__dict__, "steps": min(planned, int(config["max-steps"]))})
     with tempfile.TemporaryDirectory(prefix="edge-ft-fleet-round-") as run:
         results = train(bundle, (x, y), (x, y), settings, run, initial=start)
         trained = load_safetensors(Path(run) / TRAINED)
@@ -144,7 +159,7 @@ def train_round(msg: Message, context: Context) -> Message:
         "bytes-down": int(received.count_bytes()),
         "bytes-up": int(arrays.count_bytes()),
     })
-    return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
+    return RecordDict({ARRAYS: arrays, METRICS: metrics})
 
 
 @app.evaluate()

@@ -116,6 +116,7 @@ class PlanConfig:
     stragglers: str = "drop"  # drop | partial: what a device past the deadline contributes
     link_mbps: float = 10.0  # simulated devices' link speed, megabits per second
     simulation: bool = False  # for Flower's Simulation Engine: the run config names the node configs' folder
+    secagg: bool = False  # SecAgg+ (edge_ft.fleet.secagg): the server sees only the weighted sum of the updates
 
 
 def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
@@ -152,7 +153,7 @@ def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
     save_npz(out_dir / TEST, split.x_test, split.y_test, spec.classes)
     private, public = signing_keys(out_dir, cfg.signing_key)
     node_configs = [_write_node(out_dir, cfg, i, idx, split, spec.classes, public) for i, idx in enumerate(parts)]
-    run_config = _run_config(out_dir, cfg, lr, private)
+    run_config = _run_config(out_dir, cfg, lr, private, max(len(idx) for idx in parts))
     atomic_write_text(out_dir / RUN_CONFIG, "".join(toml_line(k, v) + "\n" for k, v in run_config.items()))
     ensure_dir(out_dir / RESULTS)
     atomic_write_json(out_dir / PLAN, {
@@ -182,7 +183,8 @@ def _write_node(out_dir: Path, cfg: PlanConfig, i: int, idx: np.ndarray, split, 
     return node
 
 
-def _run_config(out_dir: Path, cfg: PlanConfig, lr: float, private: Path) -> dict[str, ConfigValue]:
+def _run_config(out_dir: Path, cfg: PlanConfig, lr: float, private: Path,
+                largest: int) -> dict[str, ConfigValue]:
     """The run config (server_app.RUN_KEYS, in that order)."""
     quorum = max(1, cfg.num_nodes - 1)
     return {
@@ -197,6 +199,7 @@ def _run_config(out_dir: Path, cfg: PlanConfig, lr: float, private: Path) -> dic
         "fleet-mix": cfg.fleet_mix, "availability": cfg.availability, "deadline": float(cfg.deadline),
         "stragglers": cfg.stragglers, "link-mbps": float(cfg.link_mbps),
         "sim-nodes": str(out_dir / NODES) if cfg.simulation else "",
+        "secagg-max-weight": float(largest) if cfg.secagg else 0.0,  # SecAgg+ weighs by examples: the most any holds
     }
 
 

@@ -28,7 +28,7 @@ from edge_ft.device.adapter import shipped_frozen, write_adapter
 from edge_ft.device.bundle import MANIFEST, Bundle, load_bundle
 from edge_ft.device.engines import open_engine
 from edge_ft.errors import UserError
-from edge_ft.fleet import records
+from edge_ft.fleet import records, secagg
 from edge_ft.fleet.aggregate import check_aggregation, product_gap
 from edge_ft.fleet.canary import canary_nodes, check_canary, run_canary
 from edge_ft.fleet.devices import DeviceModel
@@ -73,6 +73,7 @@ class FleetSettings:
     stragglers: str  # drop | partial: what a device past the deadline contributes (edge_ft.fleet.devices)
     link_mbps: float  # simulated devices' link speed, megabits per second
     sim_nodes: str  # simulation: the folder of the plan's node configs (node-NN.toml, by partition id); else ""
+    secagg_max_weight: float  # > 0: SecAgg+ (edge_ft.fleet.secagg), devices weigh at most this many examples; 0: off
 
     @classmethod
     def from_run_config(cls, run_config) -> "FleetSettings":
@@ -97,7 +98,7 @@ RUN_KEYS = tuple(f.name.replace("_", "-") for f in fields(FleetSettings))
 def run_identity(s: FleetSettings, bundle: Bundle) -> dict:
     """What a resumed run must share with the one it continues (rounds may grow; paths may move)."""
     kept = ("method", "aggregation", "local_steps", "local_epochs", "batch", "lr", "seed", "partitioning",
-            "num_nodes", "fleet_mix", "availability", "deadline", "stragglers", "link_mbps")
+            "num_nodes", "fleet_mix", "availability", "deadline", "stragglers", "link_mbps", "secagg_max_weight")
     return {"bundle_manifest_sha256": sha256_file(bundle.path / MANIFEST), "test_data_sha256":
             sha256_file(Path(s.test_data)), **{k.replace("_", "-"): getattr(s, k) for k in kept}}
 
@@ -115,6 +116,7 @@ class FleetFedAvg(FedAvg):
         self.lora, self.signer = s.method == "lora", signer
         self.devices = devices  # simulated devices (boards, availability, deadline), None for real ones
         self.boards: dict[int, str] = {}  # node -> board under the device model
+        self.pending: list[Message] = []  # under SecAgg+: the round's signed train messages, for its stages
         self.last: dict = {}  # the round in progress: clients, rejections, refusals, bytes, canary decision
         self.sent: tuple[ArrayRecord, Grid] | None = None  # the round's starting global model and the grid
 
@@ -128,6 +130,8 @@ class FleetFedAvg(FedAvg):
         # started_at (wall clock) is kept in the round record: the deployment files each node's message by it
         self.last = {"started_at": time.time(), "clients": [], "rejected": [], "refused": [], "bytes_up": 0,
                      "lora_product_gap": None, "canary": None}
+        if self.s.secagg_max_weight:  # the legacy Parameters SecAgg+ moves are nameless: the names are signed
+            config[secagg.NAMES] = list(arrays.keys())
         if self.devices is None:
             messages = list(super().configure_train(r, arrays, config, grid))
             self.last["sampled"] = len(messages)
@@ -137,7 +141,28 @@ class FleetFedAvg(FedAvg):
             self.signer.sign(content, self.configrecord_key, r)
         self.sent = (arrays, grid)
         self.last["bytes_down"] = arrays.count_bytes() * len(messages)
+        if self.s.secagg_max_weight:
+            self.pending = messages  # sent by SecAgg+'s own stages in aggregate_train
+            return []
         return messages
+
+    def secure_aggregate(self, r: int):
+        """The round through SecAgg+: the unmasked weighted mean, checked as a whole (no device's own update is
+        seen); its bytes and seconds in the round record."""
+        arrays, grid = self.sent
+        t0 = time.monotonic()
+        out = secagg.secure_round(grid, self.pending, r, list(arrays.keys()), self.s.secagg_max_weight,
+                                  self.s.round_timeout)
+        self.last.update(clients=out["clients"], bytes_down=out["bytes_down"], bytes_up=out["bytes_up"],
+                         secagg={"messages": out["messages"], "seconds": round(time.monotonic() - t0, 3)})
+        aggregate = out["aggregate"]
+        bad = aggregate is None or set(aggregate) != set(self.expected) or any(
+            v.shape != tuple(self.expected[n]) or not np.isfinite(v).all() for n, v in aggregate.items())
+        if bad:
+            log.warning("round %d: SecAgg+ gave no usable aggregate; the global model stays as it was", r)
+            return None, None
+        result = to_arrays(aggregate)
+        return (self.canary(r, result) if self.s.canary > 0 else result), None
 
     def device_messages(self, r: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
         """The round's messages under the device model: sampled among the online devices; a device whose memory
@@ -184,6 +209,8 @@ class FleetFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies):
         r, accepted, tensors, weights = self.round_of(server_round), [], [], []
+        if self.s.secagg_max_weight:
+            return self.secure_aggregate(r)
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error() and msg.error.code == REFUSED:
