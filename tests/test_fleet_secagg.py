@@ -39,6 +39,7 @@ def _run(plan, drop: int | None):
     return rounds[1], load_safetensors(records.state_file(plan.results_dir, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drop", [None, 103])
 def test_secagg_aggregates_what_fedavg_would(plans, drop):
     from edge_ft.device.bundle import load_bundle

@@ -100,6 +100,7 @@ def _plan(out: Path, base: Path, num_nodes: int, **device_model):
         simulation=True, round_timeout=3600.0, **device_model))
 
 
+@pytest.mark.slow
 def test_partial_work_in_process(base_checkpoint, tmp_path):
     """Partial work: each board's devices get the steps that fit the deadline, on the in-process grid with nodes
     that know only their partition id (as the Simulation Engine's virtual SuperNodes)."""
