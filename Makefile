@@ -53,7 +53,7 @@ $(VENV)/.installed: requirements/host.txt pyproject.toml
 	$(HOST_PY) -m pip install -q --no-deps -e .
 	touch $@
 
-# Device half: standard onnxruntime only, exactly what `pip install 'edge-ft[device]'` gives a Pi.
+# Device half: standard onnxruntime only, exactly what `pip install 'edge-ft[device,images]'` gives a Pi.
 # The package is installed from its wheel (the one `make dist` builds, with the host venv's setuptools), so it is
 # refreshed whenever a source file changes.
 DEVICE_SOURCES := $(shell find edge_ft device_profiles -name '*.py' -o -name '*.toml' 2>/dev/null)
