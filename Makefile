@@ -7,7 +7,7 @@ HOST_PY := $(VENV)/bin/python
 DEVICE_PY := $(DEVICE_VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo fleet-demo test test-fast test-arm test-cgroup-v2 dist venv device-venv data clean
+.PHONY: demo fleet-demo test test-fast test-arm test-cgroup-v2 dist docs docs-check venv device-venv data clean
 
 demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(VENV)/bin/edge-ft demo
@@ -36,6 +36,15 @@ test-arm: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 # The tests that create cgroups, on a real cgroup v2 kernel booted in qemu (root; KVM when /dev/kvm opens).
 test-cgroup-v2: $(VENV)/.installed data
 	bash tools/test-cgroup-v2.sh
+
+# The documentation site (MkDocs + Material, API reference by mkdocstrings) into site/; open site/index.html.
+# docs/hooks/results.py generates the results pages from the results files under docs/ while it builds.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# What CI runs: the same strict build into a scratch folder (a broken link, anchor or missing page fails it).
+docs-check: $(VENV)/.installed
+	@tmp=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir "$$tmp"; rc=$$?; rm -rf "$$tmp"; exit $$rc
 
 # dist/edge_ft-<version>-py3-none-any.whl and the sdist, built from a temporary copy: the checkout stays clean.
 dist: $(VENV)/.installed
@@ -80,4 +89,4 @@ data:
 	fi
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache runs
+	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache runs site
