@@ -20,11 +20,18 @@ def photos(tmp_path_factory):
     return write_class_folders(tmp_path_factory.mktemp("host-api") / "photos", per_class=4)
 
 
-def test_export_bundle_writes_what_the_cli_writes(photos, base_checkpoint, tmp_path, capsys):
-    manifest = export_bundle(method="lora", base=base_checkpoint, classes=photos, out=tmp_path / "api",
+@pytest.fixture(scope="module")
+def exported(photos, base_checkpoint):
+    """(folder, the API's manifest): one bundle from export_bundle and one from `edge-ft export`, same settings."""
+    manifest = export_bundle(method="lora", base=base_checkpoint, classes=photos, out=photos.parent / "api",
                              options=MethodOptions(rank=4))
     assert main(["export", "--method", "lora", "--base", str(base_checkpoint), "--classes", str(photos), "--rank",
-                 "4", "--out", str(tmp_path / "cli")]) == 0
+                 "4", "--out", str(photos.parent / "cli")]) == 0
+    return photos.parent, manifest
+
+
+def test_export_bundle_writes_what_the_cli_writes(exported, base_checkpoint, capsys):
+    tmp_path, manifest = exported
     cli = json.loads((tmp_path / "cli" / "manifest.json").read_text())
     assert manifest["classes"] == cli["classes"] == sorted(PICKED.values())
     assert manifest["method"] == cli["method"] and manifest["method"]["rank"] == 4
@@ -38,19 +45,19 @@ def test_export_bundle_writes_what_the_cli_writes(photos, base_checkpoint, tmp_p
     bundle = load_bundle(tmp_path / "api")
     assert bundle.num_classes == 3 and bundle.engine == "ort-step"
     with pytest.raises(UserError, match="already holds a bundle"):
-        export_bundle(method="lora", base=base_checkpoint, classes=photos, out=tmp_path / "api")
+        export_bundle(method="lora", base=base_checkpoint, classes=tmp_path / "photos", out=tmp_path / "api")
     capsys.readouterr()
 
 
-def test_analyze_describes_a_bundle_as_the_cli_does(photos, base_checkpoint, tmp_path, capsys):
-    export_bundle(method="lora", base=base_checkpoint, classes=photos, out=tmp_path / "b")
-    report = analyze(tmp_path / "b", methods=["full", "probe", "lora", "bias"])
+def test_analyze_describes_a_bundle_as_the_cli_does(exported, capsys):
+    bundle = exported[0] / "api"
+    report = analyze(bundle, methods=["full", "probe", "lora", "bias"])
     assert report.bundle is not None and list(report.estimates) == ["full", "probe", "lora", "bias"]
     capsys.readouterr()
-    assert main(["analyze", "--model", str(tmp_path / "b"), "--methods", "full,probe,lora,bias", "--json"]) == 0
+    assert main(["analyze", "--model", str(bundle), "--methods", "full,probe,lora,bias", "--json"]) == 0
     cli = json.loads(capsys.readouterr().out)
     lora = report.estimates["lora"]
-    assert lora.params["trainable"] == 1415  # LoRA on fc1, fc2 and a new 3-class head: described as exported
+    assert lora.params["trainable"] == 2575  # rank-4 LoRA on fc1, fc2 and a new 3-class head, as exported
     assert json.dumps(cli["methods"]["lora"]["flops"], sort_keys=True) == json.dumps(lora.flops, sort_keys=True)
 
 
