@@ -96,8 +96,16 @@ def handler(args) -> int:
         eval_data = (x_eval, y_eval)
         classes = agreed_classes(classes, args.data, eval_classes, args.eval)
     classes = agreed_classes(classes, args.data, bundle.classes, bundle.path / MANIFEST)
-    r = train(bundle, (x, y), eval_data, settings, out, rss_after_imports, resume=args.resume, classes=classes,
-              replace=args.force)
+    try:
+        r = train(bundle, (x, y), eval_data, settings, out, rss_after_imports, resume=args.resume, classes=classes,
+                  replace=args.force)
+    except KeyboardInterrupt:  # Ctrl-C or a signal: the trainer saved a checkpoint; the summary line names it
+        from edge_ft.device.resume import RESUME
+        from edge_ft.emulation import lifetime
+
+        if (out / RESUME).is_file():
+            lifetime.kept(f"a checkpoint in {out} (add --resume to continue); no result")
+        raise
     acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
     print(f"{out}: {plural(r['steps'], 'step')}, final loss {r['losses'][-1]:.4f}{acc}, "
           f"{r['step_latency_ms']['p50']:.2f} ms/step (p50), peak RSS {r['memory_mb']['peak_rss_sampled']:.0f} MB")
