@@ -41,6 +41,9 @@ def register_simulate(sub) -> None:
                    help=f"devices' link speed, both ways (default {LINK_MBPS:g})")
     p.add_argument("--cpus-per-client", type=positive_float, default=1.0, metavar="C",
                    help="CPUs one virtual ClientApp takes; cores / C run at once (default 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run planned in DIR (DIR/METHOD) from its last committed round, up to --rounds "
+                   "(a killed simulation resumes as the deployment's server does); the plan is not made again")
     p.add_argument("--quiet", action="store_true", help="less output")
     p.set_defaults(func=simulate_handler)
 
@@ -53,6 +56,14 @@ def simulate_handler(args) -> int:
     several = len(args.method) > 1
     for method in args.method:
         where = out / method if several else out
+        if args.resume:
+            from edge_ft.fleet.plan import load_plan
+
+            plan = load_plan(where)
+            plan.run_config.update(resume=True, rounds=args.rounds)
+            result = simulate(plan, SimulationConfig(cpus_per_client=args.cpus_per_client))
+            print(f"{method}: resumed up to round {args.rounds} in {result['wall_seconds']:.0f} s here")
+            continue
         plan = plan_fleet(where, PlanConfig(
             method, task=args.task, num_nodes=args.devices, partitioning=args.partitioning, rounds=args.rounds,
             local_steps=args.local_steps, aggregation=args.aggregation if method == "lora" else "fedavg",
