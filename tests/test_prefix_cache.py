@@ -116,3 +116,24 @@ def test_full_and_bias_have_no_prefix(method, tmp_path):
         train(b, (x[:64], y[:64]), None, TrainSettings(batch=64, cache_features=True, quiet=True), tmp_path / "r")
     r = train(b, (x[:64], y[:64]), None, TrainSettings(batch=64, epochs=2, quiet=True), tmp_path / "auto")
     assert not r["feature_cache"]["use"]
+
+
+def test_memory_mapped_cache_is_deleted_when_the_run_fails(tmp_path, monkeypatch):
+    """A run that stops on an error (here: at its first epoch's end) leaves no cache file behind either."""
+    from edge_ft.device import trainer
+    from edge_ft.device.feature_cache import CACHE_FILE
+
+    x, y = mnist()
+    seen = []
+
+    def fail(run, *args):
+        seen.extend(p.name for p in run.out.glob("*.npy"))
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(trainer, "_log_epoch", fail)
+    b = load_bundle(bundle_path(CACHED["lora"][0], ADAMW))
+    out = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="stopped"):
+        trainer.train(b, (x[:300], y[:300]), (x[300:400], y[300:400]),
+                      trainer.TrainSettings(batch=64, epochs=2, threads=1, quiet=True, memory_budget=1), out)
+    assert sorted(seen) == sorted([CACHE_FILE, f"eval-{CACHE_FILE}"]) and not list(out.glob("*.npy"))
