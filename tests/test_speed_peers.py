@@ -60,6 +60,16 @@ def test_peers_refused_in_one_line(monkeypatch, capsys, tmp_path):
     assert "make peers-venv" in capsys.readouterr().err
 
 
+def test_without_peers_option_speed_runs_the_peers_it_finds(monkeypatch, capsys, tmp_path):
+    from edge_ft.commands.speed import _peers
+
+    monkeypatch.setattr(peers, "PEERS_PYTHON", tmp_path / "missing" / "python")
+    assert _peers(None) == () and "make peers-venv" in capsys.readouterr().out
+    assert _peers("none") == ()
+    monkeypatch.setattr(peers, "PEERS_PYTHON", Path(__file__))  # any file that exists stands for the venv
+    assert _peers(None) == ("executorch",) and capsys.readouterr().out == ""
+
+
 def _logit_rounding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Per logit, how far two correct float32 forwards may differ: γ·Σ|t| (tests/lockstep.py), Σ|t| from the
     network on absolute values (ReLU and pooling pass magnitudes through), γ summed over the layers of both."""
