@@ -94,6 +94,12 @@ class Peer:
             self.process.wait(timeout=60)
         return self.closed
 
+    def stop(self) -> None:
+        """End the process if it still runs (a run cut short by an error)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=60)
+
     def _line(self) -> str:
         line = self.process.stdout.readline()
         if not line:

@@ -166,12 +166,17 @@ def measure_speed(s: SpeedSettings, progress=None) -> dict:
                 y = labels[:batch].astype(np.int64)
                 peers = _peer_runs(cfg, opt, base, x, y, s, Path(tmp))
                 peer_runs = {name: (lambda n, _x, _y, p=p: p.run(n)) for name, p in peers.items()}  # its own batch
-                ms, cpu_ms = _time_cell({**runs, **peer_runs}, x, y, s)
+                try:
+                    ms, cpu_ms = _time_cell({**runs, **peer_runs}, x, y, s)
+                    memory = {n: p.close() for n, p in peers.items()}
+                finally:
+                    for p in peers.values():
+                        p.stop()
                 flops = estimate(cfg, batch, opt, "float32").flops["total"]
                 limit_ms = flops / (gflops * 1e9) * 1e3
                 rows.append({"method": method, "batch": batch, "optimizer": opt.name, "ms": ms, "cpu_ms": cpu_ms,
                              "flops": flops, "flop_limit_ms": round(limit_ms, 4), **_ratios(ms, limit_ms),
-                             "peers": {n: {**p.close(), "optimizer": "sgd", **p.info} for n, p in peers.items()}})
+                             "peers": {n: {**memory[n], "optimizer": "sgd", **p.info} for n, p in peers.items()}})
                 if progress is not None:
                     progress(rows[-1])
     return {"sgemm_gflops": round(gflops, 2), "threads": s.threads, "steps": s.steps, "rounds": s.rounds,
