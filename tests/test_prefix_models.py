@@ -22,7 +22,9 @@ from safetensors.numpy import save_file
 
 from lockstep import run_lockstep
 from test_reference_bundles import MODELS as REFERENCE_MODELS
+from test_reference_bundles import OPT as REFERENCE_OPT
 from test_reference_bundles import base as reference_base
+from test_reference_bundles import bundle as reference_bundle
 from test_reference_bundles import host as reference_host
 from test_step_graph_models import seeded
 from edge_ft.config import MethodConfig, OptimizerConfig
@@ -36,6 +38,7 @@ from edge_ft.host.export.common import prepare_model
 
 ROOT = Path(tempfile.mkdtemp(prefix="edge-ft-prefix-models-"))
 OPT = OptimizerConfig("sgd", lr=0.05)  # no optimizer state: each lockstep step stands alone
+assert OPT == REFERENCE_OPT
 BATCH, STEPS, SEED = 4, 3, 0
 TINY = (f"{Path(__file__).parent / 'models' / 'small_nets.py'}:TinyConvNet", (1, 28, 28))
 # model -> (spec, input shape, {method: MethodConfig options}); LoRA targets the model's linear layers.
@@ -79,6 +82,8 @@ def method_config(model: str, method: str) -> MethodConfig:
 
 @lru_cache(maxsize=None)
 def bundle(model: str, method: str) -> Path:
+    if model in REFERENCE_MODELS:  # the same export test_reference_bundles makes (and caches for the session)
+        return reference_bundle(model, method, "ort-step")
     out = ROOT / f"{model}-{method}"
     export_bundle(method_config(model, method), OPT, base(model)[0], out, engine="ort-step", seed=SEED,
                   host=host(model))
