@@ -8,7 +8,8 @@ DEVICE_PY := $(DEVICE_VENV)/bin/python
 PEERS_VENV := .venv-peers
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo fleet-demo test test-fast test-arm test-cgroup-v2 dist venv device-venv peers-venv data clean
+.PHONY: demo fleet-demo test test-fast test-arm test-cgroup-v2 dist docs docs-check venv device-venv peers-venv data \
+	clean
 
 demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(VENV)/bin/edge-ft demo
@@ -38,6 +39,15 @@ test-arm: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 test-cgroup-v2: $(VENV)/.installed data
 	bash tools/test-cgroup-v2.sh
 
+# The documentation site (MkDocs + Material, API reference by mkdocstrings) into site/; open site/index.html.
+# docs/hooks/results.py generates the results pages from the results files under docs/ while it builds.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# What CI runs: the same strict build into a scratch folder (a broken link, anchor or missing page fails it).
+docs-check: $(VENV)/.installed
+	@tmp=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir "$$tmp"; rc=$$?; rm -rf "$$tmp"; exit $$rc
+
 # dist/edge_ft-<version>-py3-none-any.whl and the sdist, built from a temporary copy: the checkout stays clean.
 dist: $(VENV)/.installed
 	bash tools/build-wheel.sh --sdist dist
@@ -55,7 +65,7 @@ $(VENV)/.installed: requirements/host.txt pyproject.toml
 	$(HOST_PY) -m pip install -q --no-deps -e .
 	touch $@
 
-# Device half: standard onnxruntime only, exactly what `pip install 'edge-ft[device]'` gives a Pi.
+# Device half: standard onnxruntime only, exactly what `pip install 'edge-ft[device,images]'` gives a Pi.
 # The package is installed from its wheel (the one `make dist` builds, with the host venv's setuptools), so it is
 # refreshed whenever a source file changes.
 DEVICE_SOURCES := $(shell find edge_ft device_profiles -name '*.py' -o -name '*.toml' 2>/dev/null)
@@ -92,4 +102,4 @@ data:
 	fi
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) $(PEERS_VENV) .pytest_cache runs
+	rm -rf $(VENV) $(DEVICE_VENV) $(PEERS_VENV) .pytest_cache runs site

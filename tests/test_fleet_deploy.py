@@ -230,7 +230,7 @@ def test_interrupt_leaves_no_process_or_cgroup(tmp_path, sig):
     # the signal became a KeyboardInterrupt (edge_ft.emulation.lifetime.Cancelled); SIGKILL leaves it to the kernel
     # (PR_SET_PDEATHSIG) and the fleet's guardian
     assert driver.returncode == -signal.SIGKILL if sig == signal.SIGKILL else "Cancelled: signal" in out, out
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30  # as tests/cancel_support.py allows: a guardian on a busy machine is slow
     while time.monotonic() < deadline and (flower_processes(run_dir) or our_cgroups(driver.pid)):
         time.sleep(0.2)
     assert flower_processes(run_dir) == []
