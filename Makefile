@@ -5,9 +5,11 @@ VENV := .venv
 DEVICE_VENV := .venv-device
 HOST_PY := $(VENV)/bin/python
 DEVICE_PY := $(DEVICE_VENV)/bin/python
+PEERS_VENV := .venv-peers
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo fleet-demo fleet-sim-demo test test-fast test-arm test-cgroup-v2 dist docs docs-check venv device-venv data clean
+.PHONY: demo fleet-demo fleet-sim-demo test test-fast test-arm test-cgroup-v2 dist docs docs-check venv device-venv \
+	peers-venv data clean
 
 demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(VENV)/bin/edge-ft demo
@@ -62,6 +64,7 @@ dist: $(VENV)/.installed
 
 venv: $(VENV)/.installed
 device-venv: $(DEVICE_VENV)/.installed
+peers-venv: $(PEERS_VENV)/.installed
 
 # Host half: torch (CPU), onnx, onnxruntime-training, plots, test tools.
 $(VENV)/.installed: requirements/host.txt pyproject.toml
@@ -89,6 +92,16 @@ $(DEVICE_VENV)/.installed: $(DEVICE_VENV)/.deps $(DEVICE_SOURCES) | $(VENV)/.ins
 	  $(DEVICE_PY) -m pip install -q --no-deps --force-reinstall "$$whl"; rc=$$?; rm -rf "$$tmp"; exit $$rc
 	touch $@
 
+# Optional: the on-device training peers `edge-ft speed` compares with (ExecuTorch), not part of `make test`.
+# torch is installed alone first, so executorch's resolver finds the CPU build already there and keeps it.
+$(PEERS_VENV)/.installed: requirements/peers.txt
+	rm -rf $(PEERS_VENV)
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q $$(grep -E '^torch==' requirements/peers.txt)
+	$(PEERS_VENV)/bin/python -m pip install -q -r requirements/peers.txt
+	touch $@
+
 # Fashion-MNIST ships in a Debian package (MIT); install it where it is missing and we may.
 data:
 	@if [ ! -f $(FASHION) ]; then \
@@ -99,4 +112,4 @@ data:
 	fi
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache runs site
+	rm -rf $(VENV) $(DEVICE_VENV) $(PEERS_VENV) .pytest_cache runs site

@@ -116,3 +116,51 @@ def test_full_and_bias_have_no_prefix(method, tmp_path):
         train(b, (x[:64], y[:64]), None, TrainSettings(batch=64, cache_features=True, quiet=True), tmp_path / "r")
     r = train(b, (x[:64], y[:64]), None, TrainSettings(batch=64, epochs=2, quiet=True), tmp_path / "auto")
     assert not r["feature_cache"]["use"]
+
+
+def test_memory_mapped_cache_is_deleted_when_the_run_fails(tmp_path, monkeypatch):
+    """A run that stops on an error (here: at its first epoch's end) leaves no cache file behind either."""
+    from edge_ft.device import trainer
+    from edge_ft.device.feature_cache import CACHE_FILE
+
+    x, y = mnist()
+    seen = []
+
+    def fail(run, *args):
+        seen.extend(p.name for p in run.out.glob("*.npy"))
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(trainer, "_log_epoch", fail)
+    b = load_bundle(bundle_path(CACHED["lora"][0], ADAMW))
+    out = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="stopped"):
+        trainer.train(b, (x[:300], y[:300]), (x[300:400], y[300:400]),
+                      trainer.TrainSettings(batch=64, epochs=2, threads=1, quiet=True, memory_budget=1), out)
+    assert sorted(seen) == sorted([CACHE_FILE, f"eval-{CACHE_FILE}"]) and not list(out.glob("*.npy"))
+
+
+@pytest.mark.parametrize("budget, in_memory", [("1", False), (str(64 * 2**30), True)])
+def test_train_sizes_the_cache_against_the_budget_its_parent_gives(budget, in_memory, monkeypatch, tmp_path):
+    """A confined run gets its profile's budget in $EDGE_FT_MEMORY_BUDGET: features that do not fit half of what
+    that budget leaves are memory-mapped in the run folder (and gone at the end), else held in memory."""
+    from edge_ft.contracts import MEMORY_BUDGET_ENV
+
+    train, _ = npz_pair()
+    monkeypatch.setenv(MEMORY_BUDGET_ENV, budget)
+    out = tmp_path / "run"
+    assert main(["train", str(bundle_path(CACHED["probe"][0], ADAMW)), "--data", str(train), "--batch", "64",
+                 "--epochs", "2", "--threads", "1", "--out", str(out), "--quiet"]) == 0
+    cache = results(out)["feature_cache"]
+    assert cache["use"] and cache["in_memory"] is in_memory and not list(out.glob("*.npy"))
+
+
+def test_a_confined_run_is_given_its_profiles_budget(tmp_path):
+    from edge_ft.contracts import MEMORY_BUDGET_ENV
+    from edge_ft.emulation.emulate import confine
+    from tests.test_emulate import make_profile
+
+    conf = confine(make_profile(tmp_path, budget_mb=96), mode="native")
+    try:
+        assert conf.env[MEMORY_BUDGET_ENV] == str(96 * 2**20)
+    finally:
+        conf.remove()

@@ -50,7 +50,7 @@ def test_profile_ops_refuses_the_training_api_engine(digits, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_speed_benchmark_times_every_engine_in_one_run(tmp_path, capsys):
-    assert main(["speed", "--methods", "probe", "--batches", "8", "--steps", "5",
+    assert main(["speed", "--methods", "probe", "--batches", "8", "--steps", "5", "--peers", "none",
                  "--out", str(tmp_path / "speed.json")]) == 0
     result = json.loads((tmp_path / "speed.json").read_text())
     (row,) = result["rows"]

@@ -1,20 +1,24 @@
-"""Step speed of the three engines on this machine, measured in one run: torch eager, ort-training, ort-step.
+"""Step speed of the engines on this machine, measured in one run: torch eager, ort-training, ort-step, and the
+on-device training peers whose venv exists (ExecuTorch: edge_ft.bench.peers).
 
     rows = measure_speed(SpeedSettings(methods=("full",), batches=(256,)))
-    rows[0]["ms"]["ort-step"] / rows[0]["ms"]["torch"]     # a ratio measured in one process, interleaved
+    rows[0]["ms"]["ort-step"] / rows[0]["ms"]["torch"]     # a ratio measured in one run, interleaved
 
 Every engine trains the same method on the same real MNIST batch with the same optimizer, one after another in
-rounds (so a neighbour's burst hits all of them alike), and each cell reports the median step. The FLOP limit is
+rounds (so a neighbour's burst hits all of them alike), and each cell reports the median step, wall ("ms") and CPU
+("cpu_ms") time. A peer runs in its own process, which measures its steps and its memory. The FLOP limit is
 the method's cost-model FLOPs at this machine's single-core sgemm rate (torch.mm, measured in the same run):
 what a step would take if every multiply-accumulate ran at GEMM speed.
 """
 
 from __future__ import annotations
 
+import platform
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.contracts import BUNDLE_ENGINES
 from edge_ft.costmodel import estimate
+from edge_ft.device.ort_api import import_onnxruntime
 from edge_ft.training_defaults import DEFAULTS
 
 SGEMM_SIZE = 512  # square float32 matmul for the FLOP-limit rate: large enough to run at the kernel's peak
@@ -36,6 +41,8 @@ class SpeedSettings:
     steps: int = 40  # timed steps per engine and cell (after 3 warm-up steps)
     rounds: int = 5  # the timed steps are split into this many interleaved rounds
     threads: int = 1  # torch and onnxruntime intra-op threads
+    optimizer: str | None = None  # every engine's optimizer (None: each method's default; the peers offer sgd only)
+    peers: tuple[str, ...] = ()  # on-device training peers to run beside the engines (edge_ft.bench.peers)
 
 
 def sgemm_gflops(threads: int, repeats: int = 20) -> float:
@@ -85,20 +92,51 @@ def _ort_engine_step(cfg: MethodConfig, opt: OptimizerConfig, base_path: Path, e
     return lambda x, y: runner.train_step(x, y, opt.lr)[0]
 
 
-def _time_cell(steps: dict, x: np.ndarray, y: np.ndarray, s: SpeedSettings) -> dict[str, float]:
-    """Median ms per step of each engine, interleaved round by round."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for fn in steps.values():
-        for _ in range(3):  # warm-up: allocations, arenas, lazy kernel selection
-            fn(x, y)
+def _timed(step):
+    """run(n) -> (CPU seconds, wall seconds) of each of n calls of step(x, y), for an in-process engine."""
+    def run(n: int, x: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]]:
+        cpu, wall = [], []
+        for _ in range(n):
+            c0, w0 = time.process_time(), time.perf_counter()
+            step(x, y)
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+        return cpu, wall
+    return run
+
+
+def _time_cell(runs: dict, x: np.ndarray, y: np.ndarray, s: SpeedSettings) -> tuple[dict, dict]:
+    """Median wall and CPU ms per step of each engine, interleaved round by round."""
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run(3, x, y)  # warm-up: allocations, arenas, lazy kernel selection
     per_round = max(1, s.steps // s.rounds)
     for _ in range(s.rounds):
-        for name, fn in steps.items():
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn(x, y)
-                times[name].append(time.perf_counter() - t0)
-    return {name: round(1e3 * statistics.median(t), 4) for name, t in times.items()}
+        for name, run in runs.items():
+            c, w = run(per_round, x, y)
+            cpu[name] += c
+            wall[name] += w
+    median = lambda t: {name: round(1e3 * statistics.median(v), 4) for name, v in t.items()}  # noqa: E731
+    return median(wall), median(cpu)
+
+
+def _optimizer(method: str, s: SpeedSettings) -> OptimizerConfig:
+    default = OptimizerConfig(DEFAULTS[method].optimizer, lr=DEFAULTS[method].lr)
+    return default if s.optimizer is None else replace(default, name=s.optimizer)
+
+
+def _peer_runs(cfg: MethodConfig, opt: OptimizerConfig, base: dict, x: np.ndarray, y: np.ndarray, s: SpeedSettings,
+               folder: Path) -> dict:
+    """name -> Peer, each trained with SGD at the method's rate on this batch (the program has its shape)."""
+    from edge_ft.bench.peers import open_peer
+    from edge_ft.host.methods import build_model
+
+    peers = {}
+    for name in s.peers:
+        model = build_model(cfg, {k: torch.from_numpy(v.copy()) for k, v in base.items()}, seed=0)
+        peers[name] = open_peer(name, model, opt.lr, x, y, folder / f"{name}-{cfg.method}-{len(x)}")
+    return peers
 
 
 def measure_speed(s: SpeedSettings, progress=None) -> dict:
@@ -117,25 +155,44 @@ def measure_speed(s: SpeedSettings, progress=None) -> dict:
         base_path = Path(tmp) / "base.safetensors"
         save_base(base_path, base, {"task": "seeded-init"})
         for method in s.methods:
-            cfg = MethodConfig(method)
-            opt = OptimizerConfig(DEFAULTS[method].optimizer, lr=DEFAULTS[method].lr)
-            steps = {"torch": _torch_step(cfg, opt, base)}
+            cfg, opt = MethodConfig(method), _optimizer(method, s)
+            runs = {"torch": _timed(_torch_step(cfg, opt, base))}
             for engine in BUNDLE_ENGINES:
                 fn = _ort_engine_step(cfg, opt, base_path, engine, Path(tmp) / f"{method}-{engine}", s.threads)
                 if fn is not None:
-                    steps[engine] = fn
+                    runs[engine] = _timed(fn)
             for batch in s.batches:
                 x = (images[:batch, None].astype(np.float32) / 255.0)  # (B,1,28,28), a real batch
                 y = labels[:batch].astype(np.int64)
-                ms = _time_cell(steps, x, y, s)
+                peers = _peer_runs(cfg, opt, base, x, y, s, Path(tmp))
+                peer_runs = {name: (lambda n, _x, _y, p=p: p.run(n)) for name, p in peers.items()}  # its own batch
+                try:
+                    ms, cpu_ms = _time_cell({**runs, **peer_runs}, x, y, s)
+                    memory = {n: p.close() for n, p in peers.items()}
+                finally:
+                    for p in peers.values():
+                        p.stop()
                 flops = estimate(cfg, batch, opt, "float32").flops["total"]
                 limit_ms = flops / (gflops * 1e9) * 1e3
-                rows.append({"method": method, "batch": batch, "ms": ms, "flops": flops,
-                             "flop_limit_ms": round(limit_ms, 4), **_ratios(ms, limit_ms)})
+                rows.append({"method": method, "batch": batch, "optimizer": opt.name, "ms": ms, "cpu_ms": cpu_ms,
+                             "flops": flops, "flop_limit_ms": round(limit_ms, 4), **_ratios(ms, limit_ms),
+                             "peers": {n: {**memory[n], "optimizer": "sgd", **p.info} for n, p in peers.items()}})
                 if progress is not None:
                     progress(rows[-1])
     return {"sgemm_gflops": round(gflops, 2), "threads": s.threads, "steps": s.steps, "rounds": s.rounds,
-            "rows": rows}
+            "machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "versions": {"torch": torch.__version__, "onnxruntime": import_onnxruntime().__version__}, "rows": rows}
+
+
+def machine() -> str:
+    """This CPU's model name and architecture, as /proc/cpuinfo and the platform say."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
 
 
 def _ratios(ms: dict[str, float], limit_ms: float) -> dict:
@@ -161,3 +218,30 @@ def to_markdown(result: dict) -> str:
                      f"{vs_training} | {r.get('step_vs_torch', 0):.2f}x | {r['flop_limit_ms']:.2f} ms "
                      f"(ort-step {r.get('step_vs_limit', 0):.1f}x) |")
     return "\n".join(lines)
+
+
+def comparison_markdown(result: dict) -> str:
+    """Every engine and peer per (method, batch): CPU and wall ms/step, CPU time as a multiple of ort-step's, and
+    a peer's own memory (the engines share this process, torch included: `edge-ft train` reports ort-step's)."""
+    peer_versions = sorted({f"executorch {p['executorch']}" for r in result["rows"]
+                            for p in r.get("peers", {}).values() if "executorch" in p})
+    versions = ", ".join([*(f"{k} {v}" for k, v in result.get("versions", {}).items()), *peer_versions])
+    lines = [f"{result.get('machine', 'unknown machine')}, {result.get('date', 'undated')}, {versions}; "
+             f"{result['threads']} thread(s), median of {result['steps']} steps in {result['rounds']} interleaved "
+             "rounds.", "",
+             "| method | batch | engine | optimizer | CPU ms/step | wall ms/step | CPU / ort-step | peak RSS | "
+             "RSS after imports |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines += [_comparison_line(r, engine) for engine in r["ms"]]
+    return "\n".join(lines)
+
+
+def _comparison_line(r: dict, engine: str) -> str:
+    cpu, peer = r.get("cpu_ms", {}), r.get("peers", {}).get(engine, {})
+    mb = lambda key: f"{peer[key] / 2**20:.0f} MB" if key in peer else "–"  # noqa: E731
+    ms = lambda t: f"{t[engine]:.2f}" if engine in t else "–"  # noqa: E731
+    base = cpu.get("ort-step")
+    ratio = f"{cpu[engine] / base:.2f}x" if base and engine in cpu else "–"
+    optimizer = peer.get("optimizer", r.get("optimizer", "–"))
+    return (f"| {r['method']} | {r['batch']} | {engine} | {optimizer} | {ms(cpu)} | {ms(r['ms'])} | {ratio} | "
+            f"{mb('peak_rss')} | {mb('rss_after_imports')} |")

@@ -21,7 +21,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -40,6 +39,8 @@ from edge_ft.device.model_card import model_source, stamp_model
 from edge_ft.device.op_profile import PROFILE_FILE, summarize
 from edge_ft.device.ort_api import import_onnxruntime, inference_session
 from edge_ft.device.resume import Progress, run_identity, save_checkpoint, start
+from edge_ft.device.train_progress import (CheckpointOnInterrupt, ProgressBar, StepDone, next_epoch,
+                                          record_step)
 from edge_ft.errors import UserError
 from edge_ft.run_record import SUMMARY, make_summary
 from edge_ft.training_defaults import SCHEDULES as EPOCH_SCHEDULES
@@ -85,106 +86,46 @@ def lr_for_epoch(s: TrainSettings, epoch: int, epochs: int) -> float:
     return epoch_lr(s.lr, epoch, epochs, s.schedule)
 
 
-class _Progress:
-    """tqdm when it is installed (host installs), a line per epoch otherwise (tqdm is not a device dependency)."""
-
-    def __init__(self, total: int, quiet: bool, done: int = 0):
-        self.bar, self.quiet = None, quiet
-        if not quiet:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, leave=False)
-            except ImportError:
-                pass
-
-    def step(self, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update()
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
-    def epoch(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line)
-        elif not self.quiet:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _Step(NamedTuple):
-    """One finished optimizer step, as Progress records it: the counts after it and what it measured."""
-
-    step: int
-    batch: int
-    loss: float
-    seconds: float
-    hits: int
-    seen: int
-
-
-def _record(pos: Progress, done: _Step) -> None:
-    """Add `done` to `pos`; applying it again changes nothing, so a record cut short can be completed."""
-    if len(pos.losses) < done.step:
-        pos.losses.append(done.loss)
-    if len(pos.step_seconds) < done.step:
-        pos.step_seconds.append(done.seconds)
-    if len(pos.epoch_losses) < done.batch:
-        pos.epoch_losses.append(done.loss)
-    pos.hits, pos.seen, pos.batch, pos.step = done.hits, done.seen, done.batch, done.step
-
-
-def _next_epoch(pos: Progress) -> None:
-    """Start the epoch after the last logged one; pos.epoch is set last, so a start cut short is redone whole."""
-    pos.batch, pos.epoch_losses, pos.epoch_seconds, pos.hits, pos.seen = 0, [], 0.0, 0, 0
-    pos.epoch = len(pos.epoch_log)
-
-
-class _CheckpointOnInterrupt:
-    """Save a checkpoint when training stops on a BaseException that is not an Exception (Ctrl-C, SystemExit, the
-    exception a signal handler raises), say so in one line, and let it propagate. Errors (Exception) save nothing:
-    their state may be what went wrong. The engine's state is whole between its steps; a step whose record was
-    cut short is completed first (pending), so the checkpoint and the progress it names agree."""
-
-    def __init__(self, engine, out: Path, identity: dict, pos: Progress, keep: int, progress: _Progress,
-                 started: float):
-        self.engine, self.out, self.identity, self.pos, self.keep = engine, out, identity, pos, keep
-        self.progress, self.started = progress, started  # perf_counter of step 0, earlier processes included
-        self.pending: _Step | None = None  # the step being recorded
-        self.epoch_started: float | None = None  # perf_counter of the epoch in progress's start
-
-    def __enter__(self) -> "_CheckpointOnInterrupt":
-        return self
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if kind is None or issubclass(kind, Exception):
-            return False
-        self.progress.close()
-        pos, now = self.pos, time.perf_counter()
-        if self.pending is not None:
-            _record(pos, self.pending)
-        if len(pos.epoch_log) > pos.epoch:  # an epoch was logged; the next had not started
-            _next_epoch(pos)
-        elif self.epoch_started is not None:
-            pos.epoch_seconds = now - self.epoch_started
-        pos.train_seconds = now - self.started
-        try:
-            save_checkpoint(self.engine, self.out, self.identity, pos, self.keep)
-        except Exception as e:  # the interrupt is what the user must see; say why nothing was saved
-            print(f"interrupted at step {pos.step}: no checkpoint saved ({e})", file=sys.stderr, flush=True)
-            return False
-        print(f"interrupted at step {pos.step}: checkpoint saved; add --resume to continue", file=sys.stderr,
-              flush=True)
-        return False
-
-
 def load_runtime(engine: str) -> int:
     """Import the engine and onnxruntime; return the RSS then: what the runtime costs before any data or session."""
     engine_class(engine)
     import_onnxruntime()
     return rss_bytes()
+
+
+@dataclass
+class _Run:
+    """What the phases of one `train` call share: the data, the resolved settings and where the run stands."""
+
+    bundle: Bundle  # the bundle as given (its head bundle trains when the cache is used)
+    s: TrainSettings  # settings with cache_features resolved
+    out: Path  # the run folder
+    x: np.ndarray  # training inputs (edge_ft.data.npz form)
+    y: np.ndarray  # training labels
+    x_eval: np.ndarray  # eval inputs (empty: no eval set)
+    y_eval: np.ndarray  # eval labels
+    total: int  # optimizer steps of the whole run
+    epochs: int  # epochs those steps span
+    cache: feature_cache.CachePlan  # whether and where the prefix features are cached
+    identity: dict  # what a checkpoint must match to continue this run
+    pos: Progress  # where the run stands (restored on resume)
+    resume_state: Path | None  # the checkpoint to continue from
+    inputs: np.ndarray | None = None  # cached training features (cache on)
+    eval_inputs: np.ndarray | None = None  # cached eval features (cache on)
+
+    @property
+    def train_bundle(self) -> Bundle:
+        return self.bundle.head if self.s.cache_features else self.bundle
+
+    def batch_x(self, idx: np.ndarray) -> np.ndarray:
+        return self.inputs[idx] if self.s.cache_features else to_float(self.x[idx])
+
+    def eval_accuracy(self, engine) -> float | None:
+        if not len(self.y_eval):
+            return None
+        if self.s.cache_features:
+            return accuracy(predict(engine.logits, self.eval_inputs, images=False), self.y_eval)
+        return accuracy(predict(engine.logits, self.x_eval), self.y_eval)
 
 
 def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[np.ndarray, np.ndarray] | None,
@@ -201,7 +142,42 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
     initial: trainable tensors to start from instead of the bundle's (a fleet's global model), set after any
     applied adapter; the caller checked names and shapes.
     """
-    out = Path(out)
+    run = _prepare(bundle, data, eval_data, s, Path(out), resume, replace)
+    if rss_after_imports is None:
+        rss_after_imports = load_runtime(run.train_bundle.engine)
+    started = time.perf_counter()
+    try:
+        with PeakRSS() as peak:
+            feature_seconds = None
+            if run.s.cache_features:
+                t0 = time.perf_counter()
+                run.inputs, run.eval_inputs = feature_cache.cached_inputs(bundle, run.s.threads, run.x, run.x_eval,
+                                                                          run.cache, run.out)
+                feature_seconds = time.perf_counter() - t0
+            engine = _open_engine(run, initial)
+            first_step = run.pos.step
+            progress = ProgressBar(run.total, run.s.quiet, done=first_step)
+            earlier_seconds = run.pos.train_seconds  # training time of the processes before a resume
+            with CheckpointOnInterrupt(engine, run.out, run.identity, run.pos, run.s.keep, progress,
+                                       started - earlier_seconds) as guard:
+                _train_epochs(run, engine, guard, progress, started - earlier_seconds)
+                progress.close()
+                train_seconds = time.perf_counter() - (started - earlier_seconds)
+                op_summary = _profile_summary(run, engine, first_step)
+                final_accuracy = _write_artifacts(run, engine, classes)
+    finally:  # memory-mapped features never outlive the run, whatever ends it (a resume computes them again)
+        run.inputs = run.eval_inputs = None  # closes memory-mapped caches before their files go
+        feature_cache.remove(run.out)
+    results = _results(run, classes, final_accuracy, train_seconds, feature_seconds, op_summary,
+                       {"rss_after_imports": round(rss_after_imports / MB, 2),
+                        "peak_rss_sampled": round(peak.bytes / MB, 2), "ru_maxrss": round(ru_maxrss_bytes() / MB, 2)})
+    atomic_write_json(run.out / RESULTS, results)
+    return results
+
+
+def _prepare(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[np.ndarray, np.ndarray] | None,
+             s: TrainSettings, out: Path, resume: bool, replace: bool) -> _Run:
+    """Resolve the cache choice, check the engine can do what was asked, and find where the run starts."""
     x, y = data
     x_eval, y_eval = eval_data if eval_data is not None else (x[:0], y[:0])
     per_epoch = math.ceil(len(x) / s.batch)
@@ -212,110 +188,118 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
                                s.memory_budget - rss_bytes() if s.memory_budget else available_bytes())
     s = dataclasses.replace(s, cache_features=cache.use)  # the resolved choice: part of the run's identity
     train_bundle = bundle.head if cache.use else bundle
-    engine_cls = engine_class(train_bundle.engine)
+    engine_class(train_bundle.engine)
     if s.profile_ops and train_bundle.engine != ORT_STEP:
         raise UserError(f"{bundle.path}: --profile-ops profiles the ort-step graph; this bundle's engine is "
                         f"{train_bundle.engine} (export with --engine ort-step)")
-    if rss_after_imports is None:
-        rss_after_imports = load_runtime(train_bundle.engine)
     identity = run_identity(bundle.path / MANIFEST, x, y, s)
     pos, resume_state = start(out, identity, resume, replace)
     if resume:
         print(f"{out}: resuming from step {pos.step} ({resume_state.relative_to(out)})" if resume_state else
               f"{out}: no checkpoint to resume from; starting at step 0", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    with PeakRSS() as peak:
-        feature_seconds = None
-        if s.cache_features:
-            t0 = time.perf_counter()
-            inputs, eval_inputs = feature_cache.cached_inputs(bundle, s.threads, x, x_eval, cache, out)
-            feature_seconds = time.perf_counter() - t0
-        profiling = {}
-        if s.profile_ops:  # onnxruntime writes its trace into the run folder, which must exist by then
-            out.mkdir(parents=True, exist_ok=True)
-            profiling = {"profile_prefix": str(out / "ort-profile")}
-        engine = engine_cls(train_bundle, threads=s.threads, **profiling)
-        first_step = pos.step
-        applied = bundle.applied_adapter()  # the head bundle of a probe shares its parent's applied adapter
-        if applied:
-            engine.load_trainable(applied)
-        if initial:
-            engine.load_trainable(initial)
-        if resume_state is not None:  # rebuilds the engine's state whole: nothing of the old one is written to
-            engine.load_state(str(resume_state))
+    return _Run(bundle, s, out, x, y, x_eval, y_eval, total, epochs, cache, identity, pos, resume_state)
 
-        def batch_x(idx: np.ndarray) -> np.ndarray:
-            return inputs[idx] if s.cache_features else to_float(x[idx])
 
-        def eval_accuracy() -> float | None:
-            if not len(y_eval):
-                return None
-            run = engine.logits
-            logits = predict(run, eval_inputs, images=False) if s.cache_features else predict(run, x_eval)
-            return accuracy(logits, y_eval)
+def _open_engine(run: _Run, initial: dict[str, np.ndarray] | None):
+    """The engine on the bundle that trains, holding the applied adapter, `initial`, or the resumed state."""
+    profiling = {}
+    if run.s.profile_ops:  # onnxruntime writes its trace into the run folder, which must exist by then
+        run.out.mkdir(parents=True, exist_ok=True)
+        profiling = {"profile_prefix": str(run.out / "ort-profile")}
+    engine = engine_class(run.train_bundle.engine)(run.train_bundle, threads=run.s.threads, **profiling)
+    applied = run.bundle.applied_adapter()  # the head bundle of a probe shares its parent's applied adapter
+    if applied:
+        engine.load_trainable(applied)
+    if initial:
+        engine.load_trainable(initial)
+    if run.resume_state is not None:  # rebuilds the engine's state whole: nothing of the old one is written to
+        engine.load_state(str(run.resume_state))
+    return engine
 
-        progress = _Progress(total, s.quiet, done=pos.step)
-        earlier_seconds = pos.train_seconds  # training time of the processes before a resume
-        with _CheckpointOnInterrupt(engine, out, identity, pos, s.keep, progress, started - earlier_seconds) as guard:
-            for epoch in range(pos.epoch, epochs):
-                lr = lr_for_epoch(s, epoch, epochs)
-                if epoch != pos.epoch:
-                    _next_epoch(pos)
-                t_epoch = guard.epoch_started = time.perf_counter() - pos.epoch_seconds
-                for idx in epoch_batch_indices(len(x), s.batch, s.seed, epoch)[pos.batch:]:
-                    if pos.step == total:
-                        break
-                    xb, yb = batch_x(idx), y[idx]
-                    t0 = time.perf_counter()
-                    loss, logits = engine.train_step(xb, yb, lr)
-                    seconds = time.perf_counter() - t0
-                    if not math.isfinite(loss):
-                        raise UserError(f"training diverged at step {pos.step} (loss {loss}); lower --lr")
-                    hits, seen = pos.hits, pos.seen
-                    if logits is not None:
-                        hits, seen = hits + int((logits.argmax(1) == yb).sum()), seen + len(yb)
-                    guard.pending = _Step(pos.step + 1, pos.batch + 1, loss, seconds, hits, seen)
-                    _record(pos, guard.pending)
-                    guard.pending = None
-                    progress.step(loss)
-                    if s.checkpoint_every and pos.step % s.checkpoint_every == 0:
-                        pos.epoch_seconds = time.perf_counter() - t_epoch
-                        pos.train_seconds = earlier_seconds + time.perf_counter() - started
-                        save_checkpoint(engine, out, identity, pos, s.keep)
-                seconds = time.perf_counter() - t_epoch
-                acc = eval_accuracy()
-                pos.epoch_log.append({"epoch": epoch, "steps": len(pos.epoch_losses), "seconds": round(seconds, 4),
-                                      "lr": lr, "mean_loss": float(np.mean(pos.epoch_losses)),
-                                      "train_accuracy": pos.hits / pos.seen if pos.seen else None,
-                                      "eval_accuracy": acc})
-                progress.epoch(f"epoch {epoch + 1}/{epochs}: loss {np.mean(pos.epoch_losses):.4f}  {seconds:.2f} s"
-                               + ("" if acc is None else f"  eval accuracy {acc:.4f}"))
-            progress.close()
-            train_seconds = earlier_seconds + time.perf_counter() - started
-            step, losses, step_seconds, epoch_log = pos.step, pos.losses, pos.step_seconds, pos.epoch_log
 
-            op_summary = None
-            if s.profile_ops:
-                trace = Path(engine.end_profiling())
-                op_summary = summarize(trace, runs=pos.step - first_step)
-                trace.unlink(missing_ok=True)
-                atomic_write_json(out / PROFILE_FILE, op_summary)
-            trained = engine.trainable_state()
-            engine.save_state(str(out / "final.state"))
-            atomic_save_safetensors(out / TRAINED, trained, metadata={"format": "edge-ft-trained"})
-            if s.cache_features:  # the head bundle lacks the prefix: write the whole network from the inference graph
-                inputs = eval_inputs = None  # closes memory-mapped caches before their files go
-                feature_cache.remove(out)
-                write_inference_model(bundle, merged_weights(bundle, trained), out / "model.onnx")
-            else:
-                engine.export_inference(str(out / "model.onnx"))
-            stamp_model(out / "model.onnx", classes, model_source(bundle, made_by="edge-ft train"), bundle.input_shape)
-            # Score the exported file itself with plain onnxruntime: what a user deploys is what we report.
-            final_accuracy = None
-            if len(y_eval):
-                final_accuracy = accuracy(predict(session_runner(inference_session(out / "model.onnx", s.threads)),
-                                                  x_eval), y_eval)
+def _train_epochs(run: _Run, engine, guard: CheckpointOnInterrupt, progress: ProgressBar, t_zero: float) -> None:
+    """Every remaining step, epoch by epoch, with checkpoints and a per-epoch evaluation. t_zero: perf_counter of
+    step 0, the processes before a resume included."""
+    s, pos = run.s, run.pos
+    for epoch in range(pos.epoch, run.epochs):
+        lr = lr_for_epoch(s, epoch, run.epochs)
+        if epoch != pos.epoch:
+            next_epoch(pos)
+        t_epoch = guard.epoch_started = time.perf_counter() - pos.epoch_seconds
+        for idx in epoch_batch_indices(len(run.x), s.batch, s.seed, epoch)[pos.batch:]:
+            if pos.step == run.total:
+                break
+            progress.step(_train_step(run, engine, guard, idx, lr))
+            if s.checkpoint_every and pos.step % s.checkpoint_every == 0:
+                pos.epoch_seconds = time.perf_counter() - t_epoch
+                pos.train_seconds = time.perf_counter() - t_zero
+                save_checkpoint(engine, run.out, run.identity, pos, s.keep)
+        _log_epoch(run, engine, progress, epoch, lr, time.perf_counter() - t_epoch)
 
+
+def _train_step(run: _Run, engine, guard: CheckpointOnInterrupt, idx: np.ndarray, lr: float) -> float:
+    """One optimizer step on the batch `idx`, recorded in run.pos (whole even when an interrupt cuts it short);
+    returns its loss."""
+    pos = run.pos
+    xb, yb = run.batch_x(idx), run.y[idx]
+    t0 = time.perf_counter()
+    loss, logits = engine.train_step(xb, yb, lr)
+    seconds = time.perf_counter() - t0
+    if not math.isfinite(loss):
+        raise UserError(f"training diverged at step {pos.step} (loss {loss}); lower --lr")
+    hits, seen = pos.hits, pos.seen
+    if logits is not None:
+        hits, seen = hits + int((logits.argmax(1) == yb).sum()), seen + len(yb)
+    guard.pending = StepDone(pos.step + 1, pos.batch + 1, loss, seconds, hits, seen)
+    record_step(pos, guard.pending)
+    guard.pending = None
+    return loss
+
+
+def _log_epoch(run: _Run, engine, progress: ProgressBar, epoch: int, lr: float, seconds: float) -> None:
+    pos = run.pos
+    acc = run.eval_accuracy(engine)
+    pos.epoch_log.append({"epoch": epoch, "steps": len(pos.epoch_losses), "seconds": round(seconds, 4),
+                          "lr": lr, "mean_loss": float(np.mean(pos.epoch_losses)),
+                          "train_accuracy": pos.hits / pos.seen if pos.seen else None,
+                          "eval_accuracy": acc})
+    progress.epoch(f"epoch {epoch + 1}/{run.epochs}: loss {np.mean(pos.epoch_losses):.4f}  {seconds:.2f} s"
+                   + ("" if acc is None else f"  eval accuracy {acc:.4f}"))
+
+
+def _profile_summary(run: _Run, engine, first_step: int) -> dict | None:
+    """--profile-ops: onnxruntime's trace of this process's steps, summarized into the run folder."""
+    if not run.s.profile_ops:
+        return None
+    trace = Path(engine.end_profiling())
+    summary = summarize(trace, runs=run.pos.step - first_step)
+    trace.unlink(missing_ok=True)
+    atomic_write_json(run.out / PROFILE_FILE, summary)
+    return summary
+
+
+def _write_artifacts(run: _Run, engine, classes: list[str] | None) -> float | None:
+    """final.state, trained.safetensors and model.onnx (stamped); returns the accuracy of model.onnx itself."""
+    out, bundle = run.out, run.bundle
+    trained = engine.trainable_state()
+    engine.save_state(str(out / "final.state"))
+    atomic_save_safetensors(out / TRAINED, trained, metadata={"format": "edge-ft-trained"})
+    if run.s.cache_features:  # the head bundle lacks the prefix: write the whole network from the inference graph
+        write_inference_model(bundle, merged_weights(bundle, trained), out / "model.onnx")
+    else:
+        engine.export_inference(str(out / "model.onnx"))
+    stamp_model(out / "model.onnx", classes, model_source(bundle, made_by="edge-ft train"), bundle.input_shape)
+    # Score the exported file itself with plain onnxruntime: what a user deploys is what we report.
+    if not len(run.y_eval):
+        return None
+    return accuracy(predict(session_runner(inference_session(out / "model.onnx", run.s.threads)), run.x_eval),
+                    run.y_eval)
+
+
+def _results(run: _Run, classes: list[str] | None, final_accuracy: float | None, train_seconds: float,
+             feature_seconds: float | None, op_summary: dict | None, memory_mb: dict) -> dict:
+    """results.json's content (edge_ft.run_record's shared summary included)."""
+    bundle, pos = run.bundle, run.pos
     results = {
         "bundle": {"path": str(bundle.path), "engine": bundle.engine, "method": bundle.manifest["method"],
                    "optimizer": bundle.manifest["optimizer"], "num_classes": bundle.num_classes,
@@ -323,28 +307,25 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
                    "applied_adapter": bundle.manifest.get("applied_adapter"),
                    **({"model": bundle.manifest["model"]} if "model" in bundle.manifest else {})},
         "classes": classes,
-        "settings": {**asdict(s), "train_examples": len(x), "eval_examples": len(y_eval)},
-        "steps": step,
+        "settings": {**asdict(run.s), "train_examples": len(run.x), "eval_examples": len(run.y_eval)},
+        "steps": pos.step,
         "resumed_from": pos.resumed_from,
-        "epochs": epoch_log,
-        "losses": [round(v, 7) for v in losses],
+        "epochs": pos.epoch_log,
+        "losses": [round(v, 7) for v in pos.losses],
         "accuracy": final_accuracy,
-        "step_latency_ms": latency_ms(step_seconds),
+        "step_latency_ms": latency_ms(pos.step_seconds),
         "train_seconds": round(train_seconds, 4),
         "feature_cache_seconds": None if feature_seconds is None else round(feature_seconds, 4),
-        "feature_cache": {**asdict(cache), "split": bundle.manifest.get("features", {}).get("first_trained")},
+        "feature_cache": {**asdict(run.cache), "split": bundle.manifest.get("features", {}).get("first_trained")},
         "op_profile": None if op_summary is None else {"file": PROFILE_FILE, "ms_per_step": op_summary["ms_per_step"],
                                                        "by_op": op_summary["by_op"][:10]},
-        "memory_mb": {"rss_after_imports": round(rss_after_imports / MB, 2),
-                      "peak_rss_sampled": round(peak.bytes / MB, 2), "ru_maxrss": round(ru_maxrss_bytes() / MB, 2)},
+        "memory_mb": memory_mb,
         "bundle_bytes": file_sizes(bundle.path),
     }
     results[SUMMARY] = make_summary(  # the keys every engine's results.json shares (edge_ft.run_record)
-        bundle.engine, final_accuracy, step,
+        bundle.engine, final_accuracy, pos.step,
         [{"epoch": i + 1, "seconds": e["seconds"], "loss": e["mean_loss"], "accuracy": e["eval_accuracy"]}
-         for i, e in enumerate(epoch_log)],
-        np.asarray(step_seconds) * 1e3, results["memory_mb"]["rss_after_imports"],
-        results["memory_mb"]["peak_rss_sampled"])
-    results["artifact_bytes"] = file_sizes(out)  # before results.json itself exists
-    atomic_write_json(out / RESULTS, results)
+         for i, e in enumerate(pos.epoch_log)],
+        np.asarray(pos.step_seconds) * 1e3, memory_mb["rss_after_imports"], memory_mb["peak_rss_sampled"])
+    results["artifact_bytes"] = file_sizes(run.out)  # before results.json itself exists
     return results
