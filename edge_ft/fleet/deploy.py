@@ -82,6 +82,9 @@ class DeployConfig:
     echo: Callable[[str], None] | None = None  # receives the readable lines of the runs (rounds, aggregation)
 
 
+ACTIVATED = b"[Fleet.ActivateNode] Activated node_id"  # the SuperLink's log line for each SuperNode it accepts
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (the kernel's pick)."""
     with socket.socket() as s:
@@ -182,6 +185,17 @@ class Federation:
         for node in self.nodes:
             with self._lock:
                 node.start(self.address, free_port())
+        self._wait_activated(len(self.nodes))
+
+    def _wait_activated(self, count: int) -> None:
+        """Until the SuperLink has activated `count` SuperNodes (or START_TIMEOUT passed: the rounds' quorum then
+        decides), so that round 1 samples every device rather than those that happened to connect first."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and self.link.poll() is None:
+            with contextlib.suppress(OSError):
+                if self.link_log.read_bytes().count(ACTIVATED) >= count:
+                    return
+            time.sleep(0.1)
 
     def run(self, on_line: Callable[[str], None], plan: Plan | None = None, name: str = "run") -> int:
         """`flwr run APP_DIR fleet --stream` of `plan` (default: the federation's): its output, one plain line at a
