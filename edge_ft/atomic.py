@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from edge_ft.errors import UserError
 
@@ -55,7 +56,10 @@ def ensure_dir(folder: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """`with atomic_open(p, "w") as f: f.write(...)`: the file appears whole at `path` or not at all."""
+    """Open `path` for writing, as a context manager (`with ... as f: f.write(data)`).
+
+    The file appears whole at `path` or not at all.
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():

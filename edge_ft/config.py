@@ -113,7 +113,7 @@ class MethodConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, model: ModelDesc | None = None) -> "MethodConfig":
+    def from_dict(cls, d: dict, model: ModelDesc | None = None) -> MethodConfig:
         kw = dict(d)
         for key in ("targets", "modules_to_save"):  # JSON lists; dicts written before modules_to_save lack it
             if key in kw:

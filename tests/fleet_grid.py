@@ -1,8 +1,9 @@
 """An in-process Flower Grid for tests: each node is a Context handed to the ClientApp, messages go by call.
 
 Grid is Flower's public ABC for what a ServerApp talks to; this one runs every node's ClientApp in this process,
-sets the process identity Flower's runtime would, turns a ClientApp exception into an error reply (as a SuperNode does), and lets a test corrupt or drop a node's
-reply to play a broken or dead device, or forge what a node receives to play an attacker between server and node.
+sets the process identity Flower's runtime would, turns a ClientApp exception into an error reply (as a SuperNode
+does), and lets a test corrupt or drop a node's reply to play a broken or dead device, or forge what a node
+receives to play an attacker between server and node.
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def test_memory_peak_starts_again_after_a_reset(tmp_path):
 
 @needs_cgroups
 def test_threads_env_reaches_the_child(tmp_path):
-    code = f"import os, json; print(json.dumps({{v: os.environ.get(v) for v in {THREAD_VARS!r} + ('EDGE_FT_PROFILE',)}}))"
+    names = (*THREAD_VARS, "EDGE_FT_PROFILE")
+    code = f"import os, json; print(json.dumps({{v: os.environ.get(v) for v in {names!r}}}))"
     profile = make_profile(tmp_path, name="duo", cores=2, threads=2)
     env = {**os.environ, "OMP_NUM_THREADS": "64"}  # the profile wins over the caller's environment
     seen = json.loads(run_confined([PY, "-c", code], profile, env=env).stdout_tail)

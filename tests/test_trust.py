@@ -9,12 +9,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from ort_training_support import METHODS, bundle, fresh_bundle, npz_pair
+from test_adapter import trained_adapter
 
 from edge_ft.cli import main
 from edge_ft.trust.rollout import ACTIVE, read_log
 from edge_ft.trust.signature import SIGNATURE, now_utc, sign_folder
-from ort_training_support import METHODS, bundle, fresh_bundle, npz_pair
-from test_adapter import trained_adapter
 
 
 @pytest.fixture(autouse=True)

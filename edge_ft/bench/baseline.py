@@ -20,8 +20,16 @@ import json
 import math
 from dataclasses import dataclass
 
-from edge_ft.bench.gates import (STEP_TIME, Failure, Outcome, field_value, latest_runs, run_name, show_value,
-                                 unscaled_time)
+from edge_ft.bench.gates import (
+    STEP_TIME,
+    Failure,
+    Outcome,
+    field_value,
+    latest_runs,
+    run_name,
+    show_value,
+    unscaled_time,
+)
 from edge_ft.errors import UserError
 
 HIGHER_IS_BETTER = {"accuracy": True, "peak_rss_mb": False, "payload_bytes": False, STEP_TIME: False}

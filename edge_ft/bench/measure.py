@@ -24,7 +24,7 @@ from edge_ft.architecture import count_params
 from edge_ft.bench.prepare import Prepared, installable
 from edge_ft.bench.records import SCHEMA, run_key
 from edge_ft.config import MethodConfig
-from edge_ft.contracts import ENGINES, RESULTS
+from edge_ft.contracts import RESULTS
 from edge_ft.costmodel import estimate
 from edge_ft.data.tasks import task_slug
 from edge_ft.emulation.emulate import ConfinedResult, run_confined

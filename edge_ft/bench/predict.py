@@ -282,8 +282,8 @@ def sweep_seconds(preds: list[dict], profile: DeviceProfile, repeats: int, host_
     steps plus its start-up, native runs `repeats` times one after another, quota-limited ones side by side as the
     sweep runs them (edge_ft.bench.sweep.parallel_width, before the throttling correction). None when a run's
     length is unknown. Preparation (pretraining, exports) and a first host-speed calibration come on top."""
-    from edge_ft.emulation.emulate import usable_cpus
     from edge_ft.bench.sweep import MAX_PARALLEL
+    from edge_ft.emulation.emulate import usable_cpus
 
     jobs = [p["job_seconds"] for p in preds]
     if not jobs or any(j is None for j in jobs):

@@ -19,8 +19,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from edge_ft.bench.measure import (ENGINES, LABELS, Job, SweepSettings, fmt_ms, mb, measure,
-                                   short_result)
+from edge_ft.bench.measure import ENGINES, LABELS, Job, SweepSettings, fmt_ms, mb, measure, short_result
 from edge_ft.bench.prepare import Prepared, base_sha256, default_base, find_device_python, prepare_in_child
 from edge_ft.bench.records import append_record, latest, read_records
 from edge_ft.emulation import lifetime
@@ -160,7 +159,7 @@ def _by_profile(jobs: list[Job]):
     groups: dict[str, list[Job]] = {}
     for j in jobs:
         groups.setdefault(j.profile.name, []).append(j)
-    for name, group in groups.items():
+    for group in groups.values():
         # torch runs are the longest under a quota (importing torch alone is minutes there): start them first
         yield group[0].profile, sorted(group, key=lambda j: j.engine != "torch")
 

@@ -20,13 +20,19 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from edge_ft.bench.measure import verdict_fields
-from edge_ft.bench.prepare import (MODEL_METHODS, MODEL_NAMES, Prepared, find_device_python, installable,
-                                   prepare_in_child)
+from edge_ft.bench.prepare import (
+    MODEL_METHODS,
+    MODEL_NAMES,
+    Prepared,
+    find_device_python,
+    installable,
+    prepare_in_child,
+)
 from edge_ft.bench.records import SCHEMA, TRADEOFF, append_record, latest, read_records, run_key
 from edge_ft.contracts import ORT_STEP
 from edge_ft.emulation.emulate import run_confined

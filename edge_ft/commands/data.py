@@ -59,7 +59,8 @@ def list_tasks(args) -> int:
     for task in tasks.TASKS:
         shots = "all" if task.default_shots is None else str(task.default_shots)
         print(f"{task.slug:15s} {shots:11s}  {task.summary}")
-    print("\nSplits are fixed and documented in edge_ft/data/tasks.py; pretraining uses MNIST (see `edge-ft pretrain`).")
+    print("\nSplits are fixed and documented in edge_ft/data/tasks.py; "
+          "pretraining uses MNIST (see `edge-ft pretrain`).")
     return 0
 
 

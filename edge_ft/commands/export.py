@@ -6,8 +6,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge_ft.architecture import numel
-from edge_ft.commands.argtypes import (add_lora_options, add_method_options, input_shape, int_at_least, method_config,
-                                      positive_float)
+from edge_ft.commands.argtypes import (
+    add_lora_options,
+    add_method_options,
+    input_shape,
+    int_at_least,
+    method_config,
+    positive_float,
+)
 from edge_ft.config import METHODS, OPTIMIZERS
 from edge_ft.contracts import BUNDLE_ENGINES, MANIFEST, ORT_STEP
 from edge_ft.errors import UserError, require_host

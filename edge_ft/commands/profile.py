@@ -143,9 +143,8 @@ def show_handler(args) -> int:
 def calibrate_handler(args) -> int:
     from edge_ft.emulation.calibrate import PARTS, REFERENCE
     from edge_ft.emulation.emulate import run_confined
-    from edge_ft.emulation.profiles import load_profile
-
     from edge_ft.emulation.hostspeed import HostSpeed
+    from edge_ft.emulation.profiles import load_profile
 
     profile = load_profile(args.profile or "host")
     mode = args.mode if args.profile else "native"

@@ -9,8 +9,14 @@ import sys
 from pathlib import Path
 
 from edge_ft.commands.argtypes import positive_float
-from edge_ft.commands.bench import (DEFAULT_ENGINES, DEFAULT_METHODS, DEFAULT_RESULTS, accuracy_fraction,
-                                    add_sweep_options, comma_list)
+from edge_ft.commands.bench import (
+    DEFAULT_ENGINES,
+    DEFAULT_METHODS,
+    DEFAULT_RESULTS,
+    accuracy_fraction,
+    add_sweep_options,
+    comma_list,
+)
 from edge_ft.errors import UserError
 
 DEFAULT_TABLE = Path("runs/table/table.json")  # where `edge-ft finetune --all` writes it
@@ -69,11 +75,11 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    from edge_ft.emulation.profiles import load_profile
     from edge_ft.bench.recommend import Constraints, latest_runs, recommend
     from edge_ft.bench.records import read_records
     from edge_ft.commands.bench import resolve_tasks
     from edge_ft.data.tasks import task_name
+    from edge_ft.emulation.profiles import load_profile
 
     profile = load_profile(args.profile)
     if args.model:
@@ -132,10 +138,10 @@ def predicted(args, profile, task: str, records: list[dict], measured: list[dict
     """The predicted answer (edge_ft.bench.predict), the command that would measure it and its expected duration,
     and, when the profile is measured, the prediction checked against the measurements."""
     from edge_ft.bench import predict
-    from edge_ft.emulation.hostspeed import cached_speed
     from edge_ft.bench.recommend import choose, name, recommend
     from edge_ft.bench.sweep import plan
     from edge_ft.commands.bench import settings_from_args
+    from edge_ft.emulation.hostspeed import cached_speed
 
     host = args.host_speed or cached_speed()
     settings = settings_from_args(args, host or 1.0)

@@ -28,8 +28,15 @@ from edge_ft.checkpoint import load_json_object, load_safetensors, sha256_file
 from edge_ft.config import MethodConfig
 from edge_ft.contracts import RESULTS, TRAINED
 from edge_ft.data.npz import check_class_names
-from edge_ft.device.bundle import (APPLIED_ADAPTER, MANIFEST, PENDING_ADAPTER, Bundle, file_entry,
-                                   finish_adapter_apply, load_bundle)
+from edge_ft.device.bundle import (
+    APPLIED_ADAPTER,
+    MANIFEST,
+    PENDING_ADAPTER,
+    Bundle,
+    file_entry,
+    finish_adapter_apply,
+    load_bundle,
+)
 from edge_ft.device.inference import base_weights, write_inference_model
 from edge_ft.device.model_card import model_source, stamp_model
 from edge_ft.errors import UserError
@@ -247,10 +254,10 @@ def check_adapter(bundle: Bundle, adapter: Adapter) -> None:
         if config.get("lora_alpha") != cfg.alpha or config.get("bias") != cfg.bias:
             refuse(f"adapter lora_alpha/bias {config.get('lora_alpha')}/{config.get('bias')}, "
                    f"the bundle's are {cfg.alpha}/{cfg.bias}")
-    if cfg.method in ("bias", "last-k") and config.get("peft_type") is not None:
-        if _layers(config.get("modules_to_save")) != sorted(peft_modules_to_save(cfg)):
-            refuse(f"adapter modules_to_save {config.get('modules_to_save')}, the bundle trains "
-                   f"{peft_modules_to_save(cfg)} whole")
+    if (cfg.method in ("bias", "last-k") and config.get("peft_type") is not None
+            and _layers(config.get("modules_to_save")) != sorted(peft_modules_to_save(cfg))):
+        refuse(f"adapter modules_to_save {config.get('modules_to_save')}, the bundle trains "
+               f"{peft_modules_to_save(cfg)} whole")
     dtype = record.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         refuse(f"adapter dtype {dtype!r} is not float32 or float16")

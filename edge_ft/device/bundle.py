@@ -48,7 +48,7 @@ class Bundle:
         return self.path / name
 
     @property
-    def head(self) -> "Bundle | None":
+    def head(self) -> Bundle | None:
         """The bundle that trains everything after the frozen prefix on its cached features (features.onnx's
         output), if the export found a prefix (probe, LoRA on linear layers, last-k; not full or bias)."""
         features = self.manifest.get("features")

@@ -47,7 +47,7 @@ class PeakRSS:
             if self._stop.wait(self.interval_s):
                 return
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._thread.start()
         return self
 

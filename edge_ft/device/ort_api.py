@@ -78,7 +78,7 @@ def _has_training(folders: list[str]) -> bool:
     package = types.ModuleType(_TRAINING, "onnxruntime.training, loaded without its torch-importing __init__")
     package.__spec__, package.__path__, package.__package__ = spec, paths, _TRAINING
     sys.modules[_TRAINING] = package
-    setattr(sys.modules["onnxruntime"], "training", package)
+    sys.modules["onnxruntime"].training = package
     return True
 
 

@@ -1,4 +1,4 @@
-"""This machine's speed, measured once and cached, so every emulated board runs at its profile's speed anywhere.
+"""The host machine's speed, measured once and cached, so every emulated board runs at its profile's speed anywhere.
 
     host = HostSpeed.resolve(given=None)   # cached figure for this machine, else measured now (~20 s), or --host-speed
     host.thread_quota(profile)             # share of one CPU here per device thread, corrected for throttling losses
@@ -100,7 +100,7 @@ def _save_entry(key: dict, entry: dict) -> None:
 
 
 def cached_speed() -> float | None:
-    """This machine's cached speed, never measuring (None when it was never measured here)."""
+    """The host machine's cached speed, never measuring (None when it was never measured here)."""
     entry = _load_cache()["machines"].get(_key_text(machine_key()))
     speed = entry.get("speed") if isinstance(entry, dict) else None
     return float(speed) if isinstance(speed, (int, float)) and speed > 0 else None
@@ -126,12 +126,12 @@ class HostSpeed:
     efficiency: dict[str, float] = field(default_factory=dict)  # quota share (4 significant digits) -> efficiency
 
     @classmethod
-    def reference(cls) -> "HostSpeed":
+    def reference(cls) -> HostSpeed:
         """Treat this machine as the reference core and apply no correction (tests, explicit comparisons)."""
         return cls(1.0, "reference", correct_quota=False)
 
     @classmethod
-    def resolve(cls, given: float | None = None, refresh: bool = False, quiet: bool = False) -> "HostSpeed":
+    def resolve(cls, given: float | None = None, refresh: bool = False, quiet: bool = False) -> HostSpeed:
         """--host-speed when given, else this machine's cached figure, else measure it now and cache it."""
         key = machine_key()
         entry = _load_cache()["machines"].get(_key_text(key))

@@ -16,9 +16,10 @@ import math
 import os
 import platform
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import tomllib
 
 from edge_ft.errors import UserError
 

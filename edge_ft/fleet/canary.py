@@ -1,5 +1,7 @@
-"""Canary rounds: a round's new global model goes first to a fraction of the nodes, which score it and the current
-global model on their holdout sets; the rest of the fleet gets it (in the next round's train messages) only when
+"""Canary rounds: a round's new global model goes first to a fraction of the nodes.
+
+Those nodes score it and the current global model on their holdout sets; the rest of the fleet gets it (in the
+next round's train messages) only when
 the canary nodes' example-weighted accuracy holds within a tolerance of the current model's. Otherwise the round's
 update is rejected and the current global model is kept. Every decision goes into the round record:
 

@@ -28,10 +28,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir, replace_folder
 from edge_ft.bench.prepare import find_device_python

@@ -7,8 +7,8 @@ takes its batches from edge_ft.data.batches so a device can replay the exact sam
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import psutil
@@ -148,13 +148,13 @@ def train_epochs(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            def on_step(step, loss, logits, seconds):
+            def on_step(step, loss, logits, seconds):  # noqa: B023 (called within this epoch only)
                 nonlocal hits
-                hits += int((logits.argmax(1).numpy() == batches[step][1]).sum())
+                hits += int((logits.argmax(1).numpy() == batches[step][1]).sum())  # noqa: B023
                 history.step_seconds.append(seconds)
                 history.peak_rss_bytes = max(history.peak_rss_bytes, process.memory_info().rss)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", refresh=False)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", refresh=False)  # noqa: B023
 
             t_epoch = time.perf_counter()
             losses = run_steps(model, batches, opt_cfg, optimizer, on_step)

@@ -1,10 +1,10 @@
-"""The signed manifest of a folder: every file's sha256 and size, a name, a version and an expiry, signed with
+r"""The signed manifest of a folder: every file's sha256 and size, a name, a version and an expiry, signed with
 Ed25519 and stored beside the files as edge_ft_signature.json.
 
   {"signed": {"domain": "edge-ft-signature-v1", "kind": "adapter", "name": "digits", "version": 3,
               "created": "...Z", "expires": "...Z", "keyid": "<sha256 of the raw public key>",
               "files": [{"path": "adapter_config.json", "sha256": "...", "size": 412}, ...]},
-   "signature": "<base64 Ed25519 over 'edge-ft-signature-v1\\n' + canonical JSON of signed>",
+   "signature": "<base64 Ed25519 over 'edge-ft-signature-v1\n' + canonical JSON of signed>",
    "rotations": [<statements by which the signing key took over from a key the device trusts>]}
 
 A bundle's manifest.json is the one file a device rewrites (`edge-ft adapter apply` adds the applied adapter to
@@ -23,8 +23,17 @@ from pathlib import Path
 from edge_ft.atomic import TEMP_SUFFIX, atomic_write_json
 from edge_ft.checkpoint import sha256_file
 from edge_ft.errors import UserError
-from edge_ft.trust.keys import (PublicKey, b64, check_rotation, load_private_key, load_rotation, public_of, short,
-                                tagged, unb64)
+from edge_ft.trust.keys import (
+    PublicKey,
+    b64,
+    check_rotation,
+    load_private_key,
+    load_rotation,
+    public_of,
+    short,
+    tagged,
+    unb64,
+)
 
 SIGNATURE = "edge_ft_signature.json"
 DOMAIN = "edge-ft-signature-v1"

@@ -70,7 +70,7 @@ def engine_class(name: str):
         raise UserError(f"engine {name!r} cannot load here ({e})") from None
 
 
-def open_engine(bundle: "Bundle", threads: int = 0) -> Engine:
+def open_engine(bundle: Bundle, threads: int = 0) -> Engine:
     """The bundle's engine, started from the bundle's weights plus any adapter `edge-ft adapter apply` put in it."""
     engine = engine_class(bundle.engine)(bundle, threads=threads)
     applied = bundle.applied_adapter()
