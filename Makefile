@@ -7,7 +7,7 @@ HOST_PY := $(VENV)/bin/python
 DEVICE_PY := $(DEVICE_VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo fleet-demo test test-fast test-arm test-cgroup-v2 dist venv device-venv data clean
+.PHONY: demo fleet-demo test test-fast test-slow test-arm test-cgroup-v2 lint quality style dist venv device-venv data clean
 
 demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(VENV)/bin/edge-ft demo
@@ -23,6 +23,19 @@ fleet-demo: $(VENV)/.installed $(DEVICE_VENV)/.installed
 	  --base runs/fleet-demo/base.safetensors --out runs/fleet-demo
 	$(VENV)/bin/edge-ft report runs/fleet-demo/lora/results runs/fleet-demo/probe/results \
 	  runs/fleet-demo/full/results --out runs/fleet-demo
+
+# Lint and types, as CI runs them (.ci/run, .pre-commit-config.yaml): ruff's rules and mypy's settings are in
+# pyproject.toml. `make quality` is the same check; `make style` applies ruff's safe fixes (imports, pyupgrade).
+# The formatter is not applied: the code keeps its hand-wrapped layout; `ruff format FILE` on new files is welcome.
+LINT_PATHS := edge_ft tests tools examples
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+quality: lint
+
+style: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 
 test: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(HOST_PY) -m pytest -q --durations=15

@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_ft.bench.measure import ENGINES, LABELS, SweepSettings
+from edge_ft.bench.measure import LABELS, SweepSettings
+from edge_ft.contracts import ENGINES
 
 DEMO_PROFILES = ("host", "rpi-zero-2w", "rpi-4b-2gb")
 # 114 steps on mnist→digits: 1.2-2.5 points below the 20-epoch recipes (host, measured: full 0.968, probe 0.948,

@@ -25,7 +25,8 @@ import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from edge_ft.bench.measure import ENGINES, LABELS, step_ms
+from edge_ft.bench.measure import LABELS, step_ms
+from edge_ft.contracts import ENGINES
 from edge_ft.emulation.profiles import MB
 from edge_ft.errors import UserError
 

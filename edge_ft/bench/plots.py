@@ -14,7 +14,8 @@ import math
 from pathlib import Path
 
 from edge_ft.atomic import atomic_write_bytes
-from edge_ft.bench.measure import ENGINES, LABELS, SHORT_STATUS, step_ms
+from edge_ft.bench.measure import LABELS, SHORT_STATUS, step_ms
+from edge_ft.contracts import ENGINES
 from edge_ft.emulation.profiles import MB
 
 ENGINE_COLOURS = {"torch": "#d62728", "ort-training": "#1f77b4", "ort-step": "#2ca02c"}

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_ft.atomic import atomic_write_text
-from edge_ft.bench.measure import ENGINES, LABELS, mb, short_result
+from edge_ft.bench.measure import LABELS, mb, short_result
 from edge_ft.bench.recommend import Constraints, recommend
 from edge_ft.bench.records import latest
-from edge_ft.contracts import BUNDLE_ENGINES
+from edge_ft.contracts import BUNDLE_ENGINES, ENGINES
 
 SPEED_GOAL, MEMORY_GOAL, CACHE_GOAL = 0.5, 1.15, 0.10
 SMALL_BOARD = "rpi-zero-2w"

@@ -19,9 +19,10 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from edge_ft.bench.measure import ENGINES, LABELS, Job, SweepSettings, fmt_ms, mb, measure, short_result
+from edge_ft.bench.measure import LABELS, Job, SweepSettings, fmt_ms, mb, measure, short_result
 from edge_ft.bench.prepare import Prepared, base_sha256, default_base, find_device_python, prepare_in_child
 from edge_ft.bench.records import append_record, latest, read_records
+from edge_ft.contracts import ENGINES
 from edge_ft.emulation import lifetime
 from edge_ft.emulation.emulate import plan_cpus, usable_cpus
 from edge_ft.emulation.hostspeed import HostSpeed

@@ -51,7 +51,7 @@ class PeakRSS:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self.bytes = max(self.bytes, rss_bytes())

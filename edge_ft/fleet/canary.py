@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -38,7 +39,7 @@ def canary_nodes(node_ids: list[int], fraction: float, seed: int, round_: int) -
 
 
 def _scores(reply: Message) -> dict | None:
-    m = dict(reply.content[METRICS]) if METRICS in reply.content.metric_records else {}
+    m: dict[str, Any] = dict(reply.content[METRICS]) if METRICS in reply.content.metric_records else {}
     keys = [*CANDIDATE_KEYS, WEIGHT_KEY]
     ok = all(isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool) and math.isfinite(m[k])
              for k in keys) and m[WEIGHT_KEY] > 0 and all(0 <= m[k] <= 1 for k in CANDIDATE_KEYS)
