@@ -91,3 +91,18 @@ def load_base(path: str | Path, head: str = "fc3", model: str = "LeNet-5") -> tu
     meta.setdefault("sha256", sha256_file(path))
     meta.setdefault("num_classes", int(head_bias.shape[0]))
     return state, meta
+
+
+def default_base(root: Path) -> Path:
+    """Where a results folder keeps the base pretrained for it."""
+    return root / "prep" / "base.safetensors"
+
+
+def base_sha256(base: Path) -> str:
+    """The base's sha256 from its provenance JSON (hashing the file when the JSON is absent); '' if no base."""
+    if not base.is_file():
+        return ""
+    try:
+        return str(json.loads(meta_path(base).read_text())["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return sha256_file(base)

@@ -12,7 +12,8 @@ import pytest
 from edge_ft.cli import main
 from edge_ft.emulation import cgroups
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
-from edge_ft.emulation.emulate import THREAD_VARS, confine, run_confined
+from edge_ft.emulation.cpu import THREAD_VARS
+from edge_ft.emulation.emulate import confine, run_confined
 from edge_ft.emulation.profiles import load_profile, load_profile_file
 
 PY = sys.executable

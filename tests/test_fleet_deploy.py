@@ -16,13 +16,13 @@ import psutil
 import pytest
 from fleet_support import PLAN, fleet_plan
 
-from edge_ft.bench.prepare import find_device_python
 from edge_ft.emulation import cgroups
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.fleet.certs import make_node_key, make_tls
 from edge_ft.fleet.deploy import DEVICE_BUNDLE, Fault, Federation, free_port, run_federation, run_fleet
 from edge_ft.fleet.processes import RUN_MARK
+from edge_ft.interpreters import find_device_python
 
 DEVICE_BIN = Path(find_device_python()).parent
 pytestmark = pytest.mark.skipif(not (DEVICE_BIN / "flower-supernode").exists(),

@@ -367,7 +367,7 @@ WRITE_ALLOWED = {
     "edge_ft/emulation/enter.py": "writes its pid into a cgroup's procs file",
     "edge_ft/emulation/lifetime.py": "cgroup control files (cgroup.kill, quotas) are kernel interfaces, not files",
     "edge_ft/host/export/ort_training.py": "edits a temp copy that is then written into the bundle atomically",
-    "edge_ft/bench/cireport.py": "appends to the CI system's $GITHUB_STEP_SUMMARY, a file the CI runner owns",
+    "edge_ft/gates/cireport.py": "appends to the CI system's $GITHUB_STEP_SUMMARY, a file the CI runner owns",
     "edge_ft/fleet/deploy.py": "the SuperLink's and the run's logs are streamed by the running processes",
     "edge_ft/fleet/processes.py": "a SuperNode's log is streamed by the running process",
 }

@@ -41,11 +41,11 @@ class DemoSettings:
 
 
 def run_demo(s: DemoSettings) -> int:
-    from edge_ft.bench.recommend import Constraints, recommend
-    from edge_ft.bench.report import write_report
+    from edge_ft.advice.recommend import Constraints, recommend
     from edge_ft.bench.sweep import SweepOptions, plan, run_sweep, summarize
     from edge_ft.emulation.hostspeed import HostSpeed
     from edge_ft.emulation.profiles import load_profile
+    from edge_ft.reports.report import write_report
 
     started = time.perf_counter()
     results = s.out / "results.jsonl"

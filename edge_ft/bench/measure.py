@@ -13,7 +13,6 @@ comes from the run's results.json; the shipped adapter is written by `edge-ft ad
 from __future__ import annotations
 
 import json
-import math
 import resource
 import shutil
 import time
@@ -24,12 +23,12 @@ from edge_ft.architecture import count_params
 from edge_ft.bench.prepare import Prepared, installable
 from edge_ft.bench.records import SCHEMA, run_key
 from edge_ft.config import MethodConfig
-from edge_ft.contracts import RESULTS
+from edge_ft.contracts import MB, RESULTS
 from edge_ft.costmodel import estimate
 from edge_ft.data.tasks import task_slug
 from edge_ft.emulation.emulate import ConfinedResult, run_confined
 from edge_ft.emulation.hostspeed import HostSpeed
-from edge_ft.emulation.profiles import MB, DeviceProfile
+from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.run_record import read_summary
 from edge_ft.training_defaults import DEFAULTS
 
@@ -263,33 +262,3 @@ def verdict_fields(record: dict, profile: DeviceProfile, r: ConfinedResult, time
     if profile.native:
         return {"fits": True, "verdict": f"ok: peak RSS {peak:.0f} MB"}
     return {"fits": True, "verdict": f"fits: peak RSS {peak:.0f} of {budget} MB"}
-
-
-SHORT_STATUS = {"out_of_memory": "OOM", "timeout": "timeout", "failed": "failed"}
-
-
-def short_result(r: dict) -> str:
-    """'fits', 'over budget (328 MB)', 'OOM', 'timeout' or 'failed': the verdict in a table cell."""
-    if r.get("fits"):
-        return "fits"
-    if r["status"] == "ok":
-        return f"over budget ({mb(r['peak_rss_bytes'])} MB)"
-    return SHORT_STATUS.get(r["status"], r["status"])
-
-
-def mb(nbytes: float | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / MB:.0f}"
-
-
-def fmt_ms(record: dict) -> str:
-    """The step time to quote: the mean under a CPU quota (p50 is uneven there), p50 otherwise."""
-    value = step_ms(record)
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if value < 1 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
-
-
-def step_ms(record: dict) -> float | None:
-    key = "ms_per_step_mean" if record.get("time_scaled") else "ms_per_step_p50"
-    value = record.get(key)
-    return None if value is None or not math.isfinite(value) else value

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from edge_ft.errors import UserError
 
@@ -83,3 +86,10 @@ def latest(records: list[dict]) -> dict[str, dict]:
     for r in records:
         out[r["key"]] = r
     return out
+
+
+def step_ms(record: Mapping[str, Any]) -> float | None:
+    """The step time a record stands for: the mean under a CPU quota (p50 is uneven there), p50 otherwise."""
+    key = "ms_per_step_mean" if record.get("time_scaled") else "ms_per_step_p50"
+    value = record.get(key)
+    return None if value is None or not math.isfinite(value) else float(value)

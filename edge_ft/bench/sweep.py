@@ -19,15 +19,18 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from edge_ft.bench.measure import LABELS, Job, SweepSettings, fmt_ms, mb, measure, short_result
-from edge_ft.bench.prepare import Prepared, base_sha256, default_base, find_device_python, prepare_in_child
+from edge_ft.bench.measure import LABELS, Job, SweepSettings, measure
+from edge_ft.bench.prepare import Prepared, prepare_in_child
 from edge_ft.bench.records import append_record, latest, read_records
+from edge_ft.checkpoint import base_sha256, default_base
 from edge_ft.contracts import ENGINES
 from edge_ft.emulation import lifetime
 from edge_ft.emulation.emulate import plan_cpus, usable_cpus
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.errors import UserError
+from edge_ft.interpreters import find_device_python
+from edge_ft.reports.format import fmt_ms, mb, short_result, text_table
 
 MAX_PARALLEL = 4  # side-by-side quota-limited runs; more would only add sampling overhead in the parent
 
@@ -234,10 +237,4 @@ def summarize(records: list[dict]) -> str:
         rows.append((r["profile"], r["label"], r["engine"], acc, fmt_ms(r), mb(r["peak_rss_bytes"]),
                      "-" if r.get("payload_bytes") is None else f"{r['payload_bytes']:,}",
                      short_result(r)))
-    return plain_table(rows)
-
-
-def plain_table(rows: list[tuple]) -> str:
-    """Rows (the first is the header) as left-aligned text columns."""
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return text_table(rows)

@@ -25,19 +25,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edge_ft.bench.measure import verdict_fields
-from edge_ft.bench.prepare import (
-    MODEL_METHODS,
-    MODEL_NAMES,
-    Prepared,
-    find_device_python,
-    installable,
-    prepare_in_child,
-)
+from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES, Prepared, installable, prepare_in_child
 from edge_ft.bench.records import SCHEMA, TRADEOFF, append_record, latest, read_records, run_key
-from edge_ft.contracts import ORT_STEP
+from edge_ft.contracts import MB, ORT_STEP
 from edge_ft.emulation.emulate import run_confined
-from edge_ft.emulation.profiles import MB, DeviceProfile
+from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.errors import UserError
+from edge_ft.interpreters import find_device_python
 
 ENGINE = ORT_STEP  # the engine every board installs
 SEARCH_STEPS = 1  # timed steps per search probe, after one warm-up step (the first step allocates the buffers)
@@ -271,7 +265,7 @@ def fitting_text(r: dict) -> str:
 
 
 def model_line(r: dict) -> str:
-    from edge_ft.bench.measure import fmt_ms
+    from edge_ft.reports.format import fmt_ms
 
     return (f"{r['profile']:<12} {r['model']:<18} {r['method']:<7} batch {r['batch']}: {r['verdict']}, "
             f"{fmt_ms(r)} ms/step; largest fitting batch {fitting_text(r)}")
@@ -279,12 +273,11 @@ def model_line(r: dict) -> str:
 
 def summarize_models(records: list[dict]) -> str:
     """A short plain-text table of model records (one line per model, board and method)."""
-    from edge_ft.bench.measure import fmt_ms, mb, short_result
-    from edge_ft.bench.sweep import plain_table
+    from edge_ft.reports.format import fmt_ms, mb, short_result, text_table
 
     rows = [("profile", "model", "method", "trainable", "batch", "ms/step", "peak RSS MB", "result",
              "largest fitting batch")]
     for r in records:
         rows.append((r["profile"], r["model"], r["method"], f"{r['trainable_params']:,}", r["batch"], fmt_ms(r),
                      mb(r["peak_rss_bytes"]), short_result(r), fitting_text(r)))
-    return plain_table(rows)
+    return text_table(rows)

@@ -17,6 +17,7 @@ from edge_ft.config import METHODS, OPTIMIZERS, SEED_METHODS, MethodConfig
 from edge_ft.costmodel import DTYPES, CostEstimate, estimate, estimate_all, input_grad_layers, layer_macs
 from edge_ft.errors import UserError
 from edge_ft.model_desc import ModelDesc, lenet5
+from edge_ft.reports.format import text_table
 
 WIDTH = 110  # prose wraps here; tables are as wide as their columns
 CHEAP_ENOUGH = 1.5  # LoRA is recommended when it costs at most this many times a probing step (FLOPs and memory)
@@ -143,13 +144,8 @@ def to_json(estimates: dict[str, CostEstimate]) -> dict:
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    """First column left-aligned, the rest right-aligned, two spaces between columns."""
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    lines = []
-    for row in [headers, *rows]:
-        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    """First column left-aligned, the figures right-aligned."""
+    return text_table([headers, *rows], right_aligned=True)
 
 
 def _n(x: int) -> str:

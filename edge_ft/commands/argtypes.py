@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 
 from edge_ft.config import LORA_BIAS, MethodConfig, lora_layers_for, parse_targets
+from edge_ft.errors import UserError
 from edge_ft.model_desc import ModelDesc
 
 
@@ -91,5 +93,16 @@ def method_config(args: argparse.Namespace, method: str, num_classes: int, base_
     layers = {k: v for k, v in (("targets", targets), ("modules_to_save", saved)) if v is not None}
     if model is not None:
         layers["model"] = model
-    return MethodConfig(method, rank=args.rank, alpha=args.alpha, bias=args.bias, num_classes=num_classes,
-                        head=getattr(args, "head", None), last_k=getattr(args, "last_k", 1), **layers)
+    try:
+        return MethodConfig(method, rank=args.rank, alpha=args.alpha, bias=args.bias, num_classes=num_classes,
+                            head=getattr(args, "head", None), last_k=getattr(args, "last_k", 1), **layers)
+    except UserError as e:  # the library names its parameters; here they are the options the user typed
+        raise UserError(flag_names(str(e))) from None
+
+
+METHOD_FLAGS = {"last_k": "--last-k", "modules_to_save": "--modules-to-save", "targets": "--targets"}
+
+
+def flag_names(message: str) -> str:
+    """A MethodConfig error with its parameter names (last_k, targets, ...) written as the options that set them."""
+    return re.sub(r"\b(" + "|".join(METHOD_FLAGS) + r")\b", lambda m: METHOD_FLAGS[m.group(1)], message)

@@ -74,10 +74,10 @@ class GatePlan:
 
 def plan_gates(args) -> GatePlan:
     """Parse and check every gate option (exit 2 on the first malformed one), before a sweep starts."""
-    from edge_ft.bench.baseline import parse_limits
-    from edge_ft.bench.gates import parse_assertion
     from edge_ft.bench.records import read_records
     from edge_ft.errors import UserError
+    from edge_ft.gates.assertions import parse_assertion
+    from edge_ft.gates.baseline import parse_limits
     from edge_ft.validate import writable_file
 
     assertions = [parse_assertion(text) for text in args.asserts]
@@ -99,9 +99,9 @@ def plan_gates(args) -> GatePlan:
 
 def check_records(plan: GatePlan, records: list[dict]) -> int:
     """Evaluate the plan on `records` (one per run), print the outcome, write --junit/--summary; 1 if any failed."""
-    from edge_ft.bench import cireport
-    from edge_ft.bench.baseline import compare
-    from edge_ft.bench.gates import evaluate
+    from edge_ft.gates import cireport
+    from edge_ft.gates.assertions import evaluate
+    from edge_ft.gates.baseline import compare
 
     args = plan.args
     outcomes = evaluate(plan.assertions, records, args.allow_unscaled_time)
@@ -122,9 +122,9 @@ def check_records(plan: GatePlan, records: list[dict]) -> int:
 
 
 def handler(args) -> int:
-    from edge_ft.bench.gates import latest_runs
     from edge_ft.bench.records import read_records
     from edge_ft.errors import UserError
+    from edge_ft.gates.assertions import latest_runs
 
     plan = plan_gates(args)
     if not plan.active:

@@ -8,6 +8,7 @@ import sys
 from edge_ft.commands.argtypes import int_at_least, positive_float
 from edge_ft.commands.bench import add_host_speed_option
 from edge_ft.errors import UserError
+from edge_ft.reports.format import text_table
 
 
 def register(subparsers) -> None:
@@ -243,14 +244,8 @@ def check_handler(args) -> int:
         print(json.dumps({"host": host.to_record(), "checks": [c.to_dict() for c in checks]}, indent=2))
         return 0
     print(f"this machine: {host.describe()}")
-    _print_table([CHECK_HEADER] + check_table(checks))
+    print(text_table([CHECK_HEADER] + check_table(checks)))
     return 0
-
-
-def _print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def train_check(args, profiles, host) -> int:
@@ -279,5 +274,5 @@ def train_check(args, profiles, host) -> int:
         print(json.dumps({"host": host.to_record(), "checks": [c.to_dict() for c in checks]}, indent=2))
     else:
         print(f"this machine: {host.describe()}")
-        _print_table([TRAIN_HEADER] + train_table(checks))
+        print(text_table([TRAIN_HEADER] + train_table(checks)))
     return 0

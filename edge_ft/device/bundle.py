@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_ft.checkpoint import load_safetensors, sha256_file
 from edge_ft.config import MethodConfig, OptimizerConfig
-from edge_ft.contracts import MANIFEST, RESULTS
+from edge_ft.contracts import BUNDLE_ENGINES, MANIFEST, RESULTS
 from edge_ft.data.npz import check_class_names
 from edge_ft.errors import UserError
 from edge_ft.model_desc import ModelDesc, model_from_manifest
@@ -183,11 +183,9 @@ def _referenced_files(manifest: dict[str, Any]) -> list[str]:
 def check_file_table(manifest: dict[str, Any], manifest_path: Path) -> None:
     """The "files" table is {relative path: {"sha256": hex, "bytes": int}}, stays inside the bundle, and covers
     every file the manifest points an engine at: nothing reaches onnxruntime unverified."""
-    from edge_ft.device.engines import ENGINES
-
-    if not isinstance(manifest.get("engine"), str) or manifest["engine"] not in ENGINES:
+    if not isinstance(manifest.get("engine"), str) or manifest["engine"] not in BUNDLE_ENGINES:
         raise UserError(f"{manifest_path}: unknown engine {manifest.get('engine')!r} (this edge-ft runs "
-                        f"{', '.join(ENGINES)}); export the bundle with this edge-ft version")
+                        f"{', '.join(BUNDLE_ENGINES)}); export the bundle with this edge-ft version")
     files = manifest["files"]
     ok = isinstance(files, dict) and all(
         isinstance(e, dict) and isinstance(e.get("sha256"), str) and type(e.get("bytes")) is int

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-MB = 1 << 20
+from edge_ft.contracts import MB as MB  # edge_ft.contracts.MB, still imported from here by device.trainer
 
 
 def rss_bytes() -> int:

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from edge_ft.atomic import atomic_write_json
+from edge_ft.contracts import MB
 from edge_ft.device.bundle import load_bundle
 from edge_ft.device.engines import engine_class
-from edge_ft.device.metrics import MB, PeakRSS
+from edge_ft.device.metrics import PeakRSS
 from edge_ft.device.trainer import load_runtime
 from edge_ft.errors import UserError
 from edge_ft.run_record import SUMMARY, make_summary

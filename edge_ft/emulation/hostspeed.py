@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_ft.emulation.cpu import quota_period_us, thread_env
+
 CACHE_ENV = "EDGE_FT_CACHE_DIR"
 CACHE_FILE = "host-speed.json"
 SPEED_REPEATS = 3  # calibration runs per part when measuring this machine; the fastest counts
@@ -207,7 +209,6 @@ def _calibrate_cmd(spec: dict, argv: list[str]) -> list[str]:
 
 def _child(argv: list[str], cpus: list[int]) -> dict:
     """Run the calibration module in a child with one BLAS thread, pinned to `cpus`; its last line of JSON."""
-    from edge_ft.emulation.emulate import thread_env
     from edge_ft.emulation.lifetime import run
 
     proc = run([sys.executable, "-m", "edge_ft.emulation.calibrate", *argv], "the calibration workload",
@@ -261,7 +262,6 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
     capped run mixes that drift into the result. Toggling the cap on one process every few seconds does not.
     """
     from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
-    from edge_ft.emulation.emulate import quota_period_us, thread_env
     from edge_ft.emulation.lifetime import watched
 
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import tomllib
 
+from edge_ft.contracts import MB
 from edge_ft.errors import UserError
 
 ARCHES = ("aarch64", "armv7l", "armv6l", "x86_64")
@@ -30,7 +31,6 @@ _AUTO_KEYS = {"arch", "cores", "threads", "ram_mb", "budget_mb"}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 PROFILES_ENV = "EDGE_FT_PROFILES"
 SHIPPED_DIR = "device_profiles"  # the boards: a folder at the repository root, inside the package in a wheel
-MB = 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -94,8 +94,8 @@ def plan_fleet(out_dir: Path, *, method: str, task: str, num_nodes: int, partiti
     and min_available_nodes default to num_nodes - 1 (at least 1), so a round completes when one device dies.
     signing_key None makes a key pair for the plan (out_dir/keys); canary > 0 gives every node a holdout set.
     """
-    from edge_ft.bench.prepare import ensure_base
     from edge_ft.host.export import export_bundle
+    from edge_ft.host.train import ensure_base
 
     out_dir = Path(out_dir).resolve()
     check_aggregation(aggregation, method)

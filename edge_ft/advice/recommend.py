@@ -8,7 +8,7 @@ Rule: a run is feasible when its engine installs on the profile's architecture, 
 the memory limit (the profile's budget unless --max-rss), its step time within --max-step-ms and its accuracy at
 least --min-accuracy. Among feasible runs, those within `tolerance` of the best feasible accuracy compete on step
 time, then peak RSS, then shipped bytes: on a small board a method that is as good but cheaper wins.
-`choose` applies the rule to any run dicts, so predicted runs (edge_ft.bench.predict, "basis": "predicted") go
+`choose` applies the rule to any run dicts, so predicted runs (edge_ft.advice.forecast, "basis": "predicted") go
 through the same rule; a predicted run's accuracy may be unknown, and then only --min-accuracy rules it out.
 
 Runs compared for one profile should differ only in method and engine: `mixed_runs` names any other difference
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edge_ft.bench.measure import fmt_ms, mb, step_ms
 from edge_ft.bench.prepare import installable
-from edge_ft.emulation.profiles import MB, DeviceProfile
+from edge_ft.bench.records import step_ms
+from edge_ft.contracts import MB
+from edge_ft.emulation.profiles import DeviceProfile
+from edge_ft.reports.format import fmt_ms, mb
 
 ARCH_WHY = {"ort-training": "the onnxruntime-training wheel exists only for x86_64",
             "torch": "no PyTorch wheel for this architecture",
@@ -46,7 +48,7 @@ class Recommendation:
     lines: list[str] = field(default_factory=list)
     best: dict | None = None  # the most accurate feasible run
     near: list[dict] = field(default_factory=list)  # feasible runs within the tolerance of `best`
-    basis: str = "measured"  # measured | predicted (edge_ft.bench.predict)
+    basis: str = "measured"  # measured | predicted (edge_ft.advice.forecast)
     mixed: list[dict] = field(default_factory=list)  # how the compared runs differ beyond method and engine
     extra: dict = field(default_factory=dict)  # predictions, the command that measures them, the check
 

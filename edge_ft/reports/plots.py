@@ -12,18 +12,21 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Any
 
 from edge_ft.atomic import atomic_write_bytes
-from edge_ft.bench.measure import LABELS, SHORT_STATUS, step_ms
-from edge_ft.contracts import ENGINES
-from edge_ft.emulation.profiles import MB
+from edge_ft.bench.measure import LABELS
+from edge_ft.bench.records import step_ms
+from edge_ft.contracts import ENGINES, MB
+from edge_ft.reports.format import SHORT_STATUS
 
 ENGINE_COLOURS = {"torch": "#d62728", "ort-training": "#1f77b4", "ort-step": "#2ca02c"}
 LABEL_MARKERS = {"full": "o", "probe": "s", "probe-cached": "D", "lora": "^"}
 DPI = 110
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display); imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -32,10 +35,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """The figure as a PNG at `path`, written atomically; the figure is closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -56,7 +60,7 @@ def _profiles(records: list[dict]) -> list[str]:
 
 def accuracy_vs_payload(records: list[dict], path: Path) -> Path:
     """One point per method and engine (every profile trains the same numbers, so the first finished run counts)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     seen = set()
     for r in records:
@@ -90,7 +94,7 @@ def accuracy_vs_payload(records: list[dict], path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.margins(x=0.25, y=0.15)
     _legend(ax, _labels(records), _engines(records))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _legend(ax, labels: list[str], engines: list[str]) -> None:
@@ -105,7 +109,7 @@ def _legend(ax, labels: list[str], engines: list[str]) -> None:
 def _grouped_bars(records: list[dict], path: Path, value, ylabel: str, title: str, log: bool,
                   budget_line: bool = False) -> Path:
     """One panel per profile; x = method, one bar per engine; value(record) -> float or None (not measured)."""
-    plt = _pyplot()
+    plt = pyplot()
     profiles, labels, engines = _profiles(records), _labels(records), _engines(records)
     fig, axes = plt.subplots(1, len(profiles), figsize=(max(5.0, 4.6 * len(profiles)), 4.4), squeeze=False)
     width = 0.8 / max(len(engines), 1)
@@ -149,7 +153,7 @@ def _grouped_bars(records: list[dict], path: Path, value, ylabel: str, title: st
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     _engine_legend(fig, engines)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _engine_legend(fig, engines: list[str]) -> None:
@@ -185,7 +189,7 @@ def epoch_time(records: list[dict], path: Path) -> Path:
 
 def flops_vs_time(records: list[dict], path: Path) -> Path:
     """Log-log scatter; the legend gives each engine x profile's slope and correlation in log space."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     profiles = _profiles(records)
     markers = ["o", "^", "s", "D", "v", "P"]
@@ -208,7 +212,7 @@ def flops_vs_time(records: list[dict], path: Path) -> Path:
     ax.set_title("Do FLOPs predict step time? (slope 1 = time proportional to FLOPs)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _method_ticks(ax, records: list[dict]) -> None:

@@ -20,7 +20,8 @@ import json
 import math
 from dataclasses import dataclass
 
-from edge_ft.bench.gates import (
+from edge_ft.errors import UserError
+from edge_ft.gates.assertions import (
     STEP_TIME,
     Failure,
     Outcome,
@@ -30,7 +31,6 @@ from edge_ft.bench.gates import (
     show_value,
     unscaled_time,
 )
-from edge_ft.errors import UserError
 
 HIGHER_IS_BETTER = {"accuracy": True, "peak_rss_mb": False, "payload_bytes": False, STEP_TIME: False}
 DEFAULT_MAX_REGRESSION = "10%"

@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_ft.advice.recommend import Constraints, recommend
 from edge_ft.atomic import atomic_write_text
-from edge_ft.bench.measure import LABELS, mb, short_result
-from edge_ft.bench.recommend import Constraints, recommend
+from edge_ft.bench.measure import LABELS
 from edge_ft.bench.records import latest
 from edge_ft.contracts import BUNDLE_ENGINES, ENGINES
+from edge_ft.reports.format import mb, md_table, short_result
+from edge_ft.reports.tradeoff_report import models_section
 
 SPEED_GOAL, MEMORY_GOAL, CACHE_GOAL = 0.5, 1.15, 0.10
 SMALL_BOARD = "rpi-zero-2w"
@@ -120,14 +122,6 @@ def all_goals(records: list[dict]) -> dict[str, list[Goal]]:
 # ------------------------------------------------------------------------------------------------ markdown
 
 
-def md_table(headers: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
-    """A markdown table; the first `text_columns` columns are left-aligned, the rest (figures) right-aligned."""
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---" if i < text_columns else "---:" for i in range(len(headers))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _n(v, fmt: str = ",") -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -155,8 +149,6 @@ def write_report(records: list[dict], out: Path, source: str = "results.jsonl",
                  model_records: list[dict] = ()) -> Path:
     """report.md and its PNGs in `out` from task-sweep records and per-model records (`bench --models`, kind
     "tradeoff"); either list may be empty. Returns the report's path."""
-    from edge_ft.bench.tradeoff_report import models_section
-
     out.mkdir(parents=True, exist_ok=True)
     parts = task_parts(list(latest(records).values()), out, source) if records else [
         "# edge-ft benchmark: per model", "", f"{len(latest(model_records))} runs from `{source}`.", ""]
@@ -169,8 +161,8 @@ def write_report(records: list[dict], out: Path, source: str = "results.jsonl",
 
 def task_parts(records: list[dict], out: Path, source: str) -> list[str]:
     """The task sweep's markdown lines (its figures written into `out`)."""
-    from edge_ft.bench import plots
     from edge_ft.emulation.profiles import load_profile
+    from edge_ft.reports import plots
 
     figures = plots.write_all(records, out)
     tasks = list(dict.fromkeys(r["task"] for r in records))
