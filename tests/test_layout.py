@@ -60,3 +60,20 @@ def test_no_module_imports_private_names_of_another(path):
            if module.startswith("edge_ft") and module != module_name(path)
            for name in names if name.startswith("_") and not name.startswith("__")]
     assert not bad
+
+
+def test_a_misspelt_record_key_is_a_type_error(tmp_path):
+    """The benchmark record's schema (edge_ft.bench.records.BenchRecord) is checked: a wrong key fails mypy."""
+    from mypy import api
+
+    source = tmp_path / "reader.py"
+    source.write_text("from edge_ft.bench.records import read_records\n\n"
+                      "for r in read_records('results.jsonl'):\n"
+                      "    print(r['peak_rss_bytes'], r.get('accuracy'))\n"
+                      "    print(r['peak_rss_byte'])\n")
+    out, _, status = api.run(["--config-file", str(PACKAGE.parent / "pyproject.toml"), "--no-error-summary",
+                              str(source)])
+    assert status == 1
+    assert out.splitlines() == [f'{source}:5: error: TypedDict "BenchRecord" has no key "peak_rss_byte"  '
+                                "[typeddict-item]",
+                                f'{source}:5: note: Did you mean "peak_rss_bytes" or "train_peak_rss_bytes"?']

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edge_ft.bench.measure import LABELS, Job, SweepSettings, measure
 from edge_ft.bench.prepare import Prepared, prepare_in_child
-from edge_ft.bench.records import append_record, latest, read_records
+from edge_ft.bench.records import BenchRecord, append_record, latest, read_records
 from edge_ft.checkpoint import base_sha256, default_base
 from edge_ft.contracts import ENGINES
 from edge_ft.emulation import lifetime
@@ -91,7 +91,7 @@ def pending(jobs: list[Job], results: Path, force: bool) -> list[Job]:
     return [j for j in jobs if force or j.key not in done]
 
 
-def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> list[dict]:
+def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> list[BenchRecord]:
     """Measure what is not measured yet (each record appended to `results` as it finishes); return the latest
     record of every planned job."""
     results = Path(results)
@@ -115,7 +115,7 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
     finished = len(keyed) - len(todo)
     lifetime.kept(f"{finished} finished runs in {results}; the run in progress is not recorded")
     with _progress(len(keyed), finished, opts.quiet) as bar:
-        def finish(record: dict) -> None:
+        def finish(record: BenchRecord) -> None:
             nonlocal finished
             append_record(results, record)
             finished += 1
@@ -123,7 +123,7 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
             bar.update(1)
             bar.write(run_line(record), file=sys.stderr) if not bar.disable else say(run_line(record))
 
-        def run(job: Job) -> dict:
+        def run(job: Job) -> BenchRecord:
             # On a shared machine one native run can land on another process's busy seconds; training is
             # deterministic, so repetitions differ only in timing and the fastest is the machine's own figure.
             # Quota-limited runs are capped below what the machine offers, so one run is representative.
@@ -131,7 +131,7 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
                             *paths["data"][job.task], timeout=opts.timeout, mode=opts.mode, host=opts.host)
                     for _ in range(opts.repeats if job.profile.native else 1)]
             ok = [r for r in reps if r["status"] == "ok"]
-            best = min(ok, key=lambda r: r["ms_per_step_p50"]) if ok else reps[-1]
+            best = min(ok, key=lambda r: r.get("ms_per_step_p50") or float("inf")) if ok else reps[-1]
             best["repeats_ms_per_step_p50"] = [r["ms_per_step_p50"] for r in reps]
             return best
 
@@ -147,12 +147,12 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
     return records_for(keyed, results)
 
 
-def records_for(jobs: list[Job], results: Path) -> list[dict]:
+def records_for(jobs: list[Job], results: Path) -> list[BenchRecord]:
     by_key = latest(read_records(results))
     return [by_key[j.key] for j in jobs if j.key in by_key]
 
 
-def run_line(r: dict) -> str:
+def run_line(r: BenchRecord) -> str:
     accuracy = f"; accuracy {r['accuracy']:.3f}, {fmt_ms(r)} ms/step" if r.get("accuracy") is not None else ""
     held = f", throttled {r['throttled_seconds']:.1f} s" if r.get("throttled_seconds") is not None else ""
     return (f"{r['profile']:<12} {r['label']:<12} {r['engine']:<12} {r['verdict']}{accuracy} "
@@ -229,7 +229,7 @@ def _cgroups_work() -> bool:
     return True
 
 
-def summarize(records: list[dict]) -> str:
+def summarize(records: list[BenchRecord]) -> str:
     """A short plain-text table of records (one line per run)."""
     rows = [("profile", "method", "engine", "accuracy", "ms/step", "peak RSS MB", "payload B", "result")]
     for r in records:

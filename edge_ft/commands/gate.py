@@ -5,6 +5,11 @@ The same options on `edge-ft bench` check the sweep it just ran; both go through
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge_ft.bench.records import BenchRecord
+
 import argparse
 import sys
 from dataclasses import dataclass
@@ -64,7 +69,7 @@ class GatePlan:
 
     assertions: list  # gates.Assertion
     limits: dict  # field -> baseline.Limit
-    baseline: list[dict] | None  # the baseline's records
+    baseline: list[BenchRecord] | None  # the baseline's records
     args: argparse.Namespace
 
     @property
@@ -97,7 +102,7 @@ def plan_gates(args) -> GatePlan:
     return GatePlan(assertions, limits, baseline, args)
 
 
-def check_records(plan: GatePlan, records: list[dict]) -> int:
+def check_records(plan: GatePlan, records: list[BenchRecord]) -> int:
     """Evaluate the plan on `records` (one per run), print the outcome, write --junit/--summary; 1 if any failed."""
     from edge_ft.gates import cireport
     from edge_ft.gates.assertions import evaluate
@@ -122,9 +127,8 @@ def check_records(plan: GatePlan, records: list[dict]) -> int:
 
 
 def handler(args) -> int:
-    from edge_ft.bench.records import read_records
+    from edge_ft.bench.records import latest_runs, read_records
     from edge_ft.errors import UserError
-    from edge_ft.gates.assertions import latest_runs
 
     plan = plan_gates(args)
     if not plan.active:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge_ft.bench.records import BenchRecord
+
 import argparse
 import json
 import shlex
@@ -75,8 +80,8 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    from edge_ft.advice.recommend import Constraints, latest_runs, recommend
-    from edge_ft.bench.records import read_records
+    from edge_ft.advice.recommend import Constraints, recommend
+    from edge_ft.bench.records import latest_runs, read_records
     from edge_ft.commands.bench import resolve_tasks
     from edge_ft.data.tasks import task_name
     from edge_ft.emulation.profiles import load_profile
@@ -134,7 +139,7 @@ def model_handler(args, profile) -> int:
     return 0
 
 
-def predicted(args, profile, task: str, records: list[dict], measured: list[dict], constraints):
+def predicted(args, profile, task: str, records: list[BenchRecord], measured: list[BenchRecord], constraints):
     """The predicted answer (edge_ft.advice.forecast), the command that would measure it and its expected duration,
     and, when the profile is measured, the prediction checked against the measurements."""
     from edge_ft.advice import forecast

@@ -11,10 +11,9 @@ Standard library only (no numpy, no matplotlib).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from edge_ft.bench.records import step_ms
+from edge_ft.bench.records import BenchRecord, step_ms
 from edge_ft.contracts import MB
 
 SHORT_STATUS = {"out_of_memory": "OOM", "timeout": "timeout", "failed": "failed"}  # a failed run's status, shortened
@@ -27,7 +26,7 @@ def mb(nbytes: float | None, unit: bool = False) -> str:
     return f"{nbytes / MB:.0f} MB" if unit else f"{nbytes / MB:.0f}"
 
 
-def fmt_ms(record: Mapping[str, Any]) -> str:
+def fmt_ms(record: BenchRecord) -> str:
     """The step time to quote: the mean under a CPU quota (p50 is uneven there), p50 otherwise."""
     value = step_ms(record)
     if value is None:
@@ -35,7 +34,7 @@ def fmt_ms(record: Mapping[str, Any]) -> str:
     return f"{value:.2f}" if value < 1 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
-def short_result(r: Mapping[str, Any]) -> str:
+def short_result(r: BenchRecord) -> str:
     """'fits', 'over budget (328 MB)', 'OOM', 'timeout' or 'failed': the verdict in a table cell."""
     if r.get("fits"):
         return "fits"

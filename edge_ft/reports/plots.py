@@ -16,7 +16,7 @@ from typing import Any
 
 from edge_ft.atomic import atomic_write_bytes
 from edge_ft.bench.measure import LABELS
-from edge_ft.bench.records import step_ms
+from edge_ft.bench.records import BenchRecord, step_ms
 from edge_ft.contracts import ENGINES, MB
 from edge_ft.reports.format import SHORT_STATUS
 
@@ -44,21 +44,21 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
-def _labels(records: list[dict]) -> list[str]:
+def _labels(records: list[BenchRecord]) -> list[str]:
     present = {r["label"] for r in records}
     return [x for x in LABELS if x in present]
 
 
-def _engines(records: list[dict]) -> list[str]:
+def _engines(records: list[BenchRecord]) -> list[str]:
     present = {r["engine"] for r in records}
     return [e for e in ENGINES if e in present]
 
 
-def _profiles(records: list[dict]) -> list[str]:
+def _profiles(records: list[BenchRecord]) -> list[str]:
     return list(dict.fromkeys(r["profile"] for r in records))
 
 
-def accuracy_vs_payload(records: list[dict], path: Path) -> Path:
+def accuracy_vs_payload(records: list[BenchRecord], path: Path) -> Path:
     """One point per method and engine (every profile trains the same numbers, so the first finished run counts)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -106,7 +106,7 @@ def _legend(ax, labels: list[str], engines: list[str]) -> None:
     ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.85)
 
 
-def _grouped_bars(records: list[dict], path: Path, value, ylabel: str, title: str, log: bool,
+def _grouped_bars(records: list[BenchRecord], path: Path, value, ylabel: str, title: str, log: bool,
                   budget_line: bool = False) -> Path:
     """One panel per profile; x = method, one bar per engine; value(record) -> float or None (not measured)."""
     plt = pyplot()
@@ -165,29 +165,29 @@ def _engine_legend(fig, engines: list[str]) -> None:
     fig.legend(handles=handles, fontsize=9, loc="lower center", ncol=len(handles), frameon=False)
 
 
-def _short_status(r: dict) -> str:
+def _short_status(r: BenchRecord) -> str:
     return SHORT_STATUS.get(r["status"], "over budget")
 
 
-def peak_rss(records: list[dict], path: Path) -> Path:
+def peak_rss(records: list[BenchRecord], path: Path) -> Path:
     return _grouped_bars(records, path, lambda r: r["peak_rss_bytes"] / MB if r["peak_rss_bytes"] else None,
                          "peak RSS of the training process, MB", "Peak memory per method and engine (dashed: the "
                          "profile's memory budget; hatched: does not fit)", log=False, budget_line=True)
 
 
-def step_time(records: list[dict], path: Path) -> Path:
+def step_time(records: list[BenchRecord], path: Path) -> Path:
     return _grouped_bars(records, path, lambda r: step_ms(r) if r["status"] == "ok" else None,
                          "ms per training step (log)", "Time per training step (p50 natively, mean under a CPU "
                          "quota)", log=True)
 
 
-def epoch_time(records: list[dict], path: Path) -> Path:
+def epoch_time(records: list[BenchRecord], path: Path) -> Path:
     return _grouped_bars(records, path, lambda r: r.get("epoch_seconds_later") if r["status"] == "ok" else None,
                          "seconds per epoch after the first (log)", "Time per epoch (probe-cached: the head alone, "
                          "on features computed once)", log=True)
 
 
-def flops_vs_time(records: list[dict], path: Path) -> Path:
+def flops_vs_time(records: list[BenchRecord], path: Path) -> Path:
     """Log-log scatter; the legend gives each engine x profile's slope and correlation in log space."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
@@ -215,7 +215,7 @@ def flops_vs_time(records: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _method_ticks(ax, records: list[dict]) -> None:
+def _method_ticks(ax, records: list[BenchRecord]) -> None:
     """Name the methods along the bottom at their FLOPs (probe and LoRA, 5% apart, share one text)."""
     spots: list[tuple[float, list[str]]] = []
     for label in _labels(records):
@@ -248,5 +248,5 @@ FIGURES = {"accuracy_vs_payload.png": accuracy_vs_payload, "peak_rss.png": peak_
            "epoch_time.png": epoch_time, "flops_vs_time.png": flops_vs_time}
 
 
-def write_all(records: list[dict], out: Path) -> dict[str, Path]:
+def write_all(records: list[BenchRecord], out: Path) -> dict[str, Path]:
     return {name: fn(records, out / name) for name, fn in FIGURES.items()}
