@@ -1,4 +1,4 @@
-# Two commands matter on a fresh machine: `make demo` and `make test`.
+# Two commands matter on a fresh machine: `make demo` and `make test` (then `make test-slow` and `make lint`).
 # Each builds its virtualenv from the pinned lock files when it is missing or older than them.
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +7,7 @@ HOST_PY := $(VENV)/bin/python
 DEVICE_PY := $(DEVICE_VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo fleet-demo test test-fast test-slow test-arm test-cgroup-v2 lint quality style dist venv device-venv data clean
+.PHONY: demo fleet-demo test test-slow test-arm test-cgroup-v2 lint quality style dist venv device-venv data clean
 
 demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(VENV)/bin/edge-ft demo
@@ -37,11 +37,14 @@ quality: lint
 style: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 
+# Two tiers: `make test` leaves out the cases marked slow (end-to-end sweeps, federations, parity over many steps,
+# the reference models), `make test-slow` runs only those; CI runs both. `-m "fleet"`, `-m "cgroup"` pick one area
+# (markers in pyproject.toml). Both print their slowest tests.
 test: $(VENV)/.installed $(DEVICE_VENV)/.installed data
-	$(HOST_PY) -m pytest -q --durations=15
+	$(HOST_PY) -m pytest -q -m "not slow" --durations=15
 
-test-fast: $(VENV)/.installed $(DEVICE_VENV)/.installed data
-	$(HOST_PY) -m pytest -q -m "not slow"
+test-slow: $(VENV)/.installed $(DEVICE_VENV)/.installed data
+	$(HOST_PY) -m pytest -q -m slow --durations=15
 
 test-arm: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	bash tools/test-arm.sh
@@ -69,7 +72,7 @@ $(VENV)/.installed: requirements/host.txt pyproject.toml
 # Device half: standard onnxruntime only, exactly what `pip install 'edge-ft[device]'` gives a Pi.
 # The package is installed from its wheel (the one `make dist` builds, with the host venv's setuptools), so it is
 # refreshed whenever a source file changes.
-DEVICE_SOURCES := $(shell find edge_ft device_profiles -name '*.py' -o -name '*.toml' 2>/dev/null)
+DEVICE_SOURCES := $(shell find edge_ft -name '*.py' -o -name '*.toml' 2>/dev/null)
 
 $(DEVICE_VENV)/.deps: requirements/device.txt pyproject.toml
 	rm -rf $(DEVICE_VENV)

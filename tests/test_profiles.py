@@ -3,6 +3,10 @@
 import copy
 import json
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +67,26 @@ def test_host_profile_reads_this_machine():
 
 
 def test_repo_folder_is_the_shipped_folder():
-    # The checkout's install reads device_profiles/ at the repository root in place (the wheel carries a copy).
-    assert (REPO / "device_profiles").resolve() == shipped_profiles_dir().resolve()
-    assert {p.stem for p in (REPO / "device_profiles").glob("*.toml")} >= SHIPPED
+    # The checkout's install reads the package's own folder in place; the wheel carries it as package data.
+    folder = REPO / "edge_ft" / "emulation" / "device_profiles"
+    assert folder.resolve() == shipped_profiles_dir().resolve()
+    assert {p.stem for p in folder.glob("*.toml")} >= SHIPPED
+
+
+@pytest.mark.slow
+def test_a_plain_pip_wheel_ships_the_boards(tmp_path):
+    """`pip wheel .` alone (pyproject.toml's package data, no build script) puts every shipped board in the wheel."""
+    source = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info beside pyproject.toml
+    shutil.copytree(REPO / "edge_ft", source / "edge_ft", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                           "-q", "-w", str(tmp_path / "out"), str(source)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = (tmp_path / "out").glob("edge_ft-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"edge_ft/emulation/device_profiles/{name}.toml" for name in SHIPPED} <= names
+    assert "edge_ft/py.typed" in names
 
 
 def test_load_by_path_and_env_override(tmp_path, monkeypatch):

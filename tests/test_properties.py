@@ -39,7 +39,7 @@ LORA, ADAMW = MethodConfig("lora"), OptimizerConfig("adamw", lr=2e-3)  # shared 
 # 60 examples per loader in the suite; EDGE_FT_FUZZ_EXAMPLES=1000 for a deeper run by hand.
 FUZZ = settings(max_examples=int(os.environ.get("EDGE_FT_FUZZ_EXAMPLES", 60)), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
-PROFILE = (REPO / "device_profiles" / "rpi-3b.toml").read_bytes()
+PROFILE = (REPO / "edge_ft" / "emulation" / "device_profiles" / "rpi-3b.toml").read_bytes()
 
 
 # ------------------------------------------------------------------------------------------------ strategies

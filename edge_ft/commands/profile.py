@@ -16,7 +16,8 @@ def register(subparsers) -> None:
         "profile",
         help="device profiles: list, show, calibrate this CPU, run a command confined to a device",
         description="Device profiles describe a target board (cores, memory left to the application, per-core "
-        "speed). Shipped profiles live in device_profiles/; $EDGE_FT_PROFILES adds folders searched first.",
+        "speed). Shipped profiles live in the package (edge_ft/emulation/device_profiles/); $EDGE_FT_PROFILES adds "
+        "folders searched first.",
     )
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
