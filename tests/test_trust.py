@@ -372,6 +372,7 @@ def test_sigkill_during_deploy_leaves_one_valid_active_model(tmp_path):
     assert_one_valid_active_model(root, models)
 
 
+@pytest.mark.slow  # end to end: export, sign, a device venv trains it (a minute on a busy 2-core machine)
 def test_export_signs_the_bundle_and_a_policy_device_trains_it(base_checkpoint, tmp_path, capsys):
     key, pub = keypair(tmp_path, "release")
     out = tmp_path / "bundle"
