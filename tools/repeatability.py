@@ -2,9 +2,10 @@
 largest departure from it, with CPU-seconds and throttled seconds beside the times.
 
     python tools/repeatability.py docs/steady/before-alone-*.jsonl
-prints one Markdown table (the form docs/steady-emulation.md quotes). Files are `edge-ft bench --results` files;
-every record of a task run counts, in file order. The last column divides each run's ms/step by its CPU-seconds:
-when it stays put while ms/step moves, the quota delivered alike and what moved was the CPU cost of the same work.
+prints one Markdown table (the docs site's results page, docs/hooks/results.py, builds the same tables from them).
+Files are `edge-ft bench --results` files; every record of a task run counts, in file order. The last column divides
+each run's ms/step by its CPU-seconds: when it stays put while ms/step moves, the quota delivered alike and what moved
+was the CPU cost of the same work.
 """
 
 from __future__ import annotations

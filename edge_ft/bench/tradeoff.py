@@ -39,6 +39,7 @@ from edge_ft.bench.records import (
     run_key,
 )
 from edge_ft.contracts import MB, ORT_STEP
+from edge_ft.emulation import lifetime
 from edge_ft.emulation.emulate import run_confined
 from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.errors import UserError
@@ -256,11 +257,15 @@ def run_models(jobs: list[ModelJob], results: Path, opts, log=None) -> list[Benc
         if todo else f"all {len(jobs)} measurements are in {results} (--force re-measures)")
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="run", disable=opts.quiet or not todo,
               file=sys.stderr, dynamic_ncols=True) as bar:
+        finished = len(jobs) - len(todo)
+        lifetime.kept_runs(finished, results)
         for job in todo:
             bar.set_description(f"{job.profile.name} {job.model} {job.method}")
             folder, _, manifest = bundles[(job.model, job.method)]
             record = measure_model(job, prep, folder, manifest, opts)
             append_record(results, record)
+            finished += 1
+            lifetime.kept_runs(finished, results)
             bar.update(1)
             bar.write(model_line(record), file=sys.stderr) if not bar.disable else say(model_line(record))
     by_key = latest(read_records(results, kind=TRADEOFF))
