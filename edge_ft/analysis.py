@@ -97,6 +97,7 @@ def analyze(model: str | Path | None = None, *, methods: tuple[str, ...] | list[
 
     Raises:
         UserError: an unknown method, a damaged bundle or description, or a class count a bundle was not made for.
+
     """
     desc, exported = load_model(model, input_shape)
     methods = [m.strip() for m in methods if m.strip()]

@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any
 
 from edge_ft.errors import UserError
 
@@ -41,7 +42,7 @@ def _cannot_write(path: Path, e: OSError) -> UserError:
     return UserError(f"cannot write {path}: {e.strerror or e}; choose a writable folder with free space")
 
 
-def ensure_dir(folder: str | os.PathLike) -> Path:
+def ensure_dir(folder: str | os.PathLike[str]) -> Path:
     """mkdir -p, with a one-line error when a path component is a file or the folder is not writable."""
     folder = Path(folder)
     try:
@@ -54,8 +55,11 @@ def ensure_dir(folder: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """`with atomic_open(p, "w") as f: f.write(...)`: the file appears whole at `path` or not at all."""
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open `path` for writing, as a context manager (`with ... as f: f.write(data)`).
+
+    The file appears whole at `path` or not at all.
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
@@ -90,7 +94,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     _fsync_dir(folder)
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     """Delete the temp files of writes that a killed process (kill -9, OOM killer, power cut) never finished.
 
     Only atomic_open's own pattern (.NAME.XXXXXXXX.tmp) matches; call it where one process owns the folder.
@@ -106,21 +110,22 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
 
 
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
+def atomic_write_json(path: str | os.PathLike[str], obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(path: str | os.PathLike[str], tensors: dict[str, Any],
+                            metadata: dict[str, str] | None = None) -> None:
     """numpy arrays -> safetensors file, atomically (safetensors.numpy.save returns bytes)."""
     from safetensors.numpy import save
 
@@ -137,10 +142,10 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    return bool(renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0)
 
 
-def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+def replace_folder(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
     """Put the finished folder `staging` (a sibling of `target`) at `target`, replacing what was there.
 
     An existing target is swapped out in one atomic step where Linux allows it, so a crash leaves the old folder

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,8 @@ def meta_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def save_base(path: str | Path, state: dict[str, np.ndarray], meta: dict, head: str = "fc3") -> dict:
+def save_base(path: str | Path, state: dict[str, np.ndarray], meta: dict[str, Any], head: str = "fc3"
+              ) -> dict[str, Any]:
     """Write weights then their JSON (task, accuracy, seed, ...); the JSON gets the weights' sha256 and the class
     count of the output layer `head`."""
     path = Path(path)
@@ -57,7 +59,7 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: not a readable safetensors file ({e}); re-create or re-copy it") from None
 
 
-def load_json_object(path: str | Path, what: str, fix: str) -> dict:
+def load_json_object(path: str | Path, what: str, fix: str) -> dict[str, Any]:
     """A JSON object from `path`; unreadable or other JSON is a one-line UserError ending in `fix`."""
     try:
         data = json.loads(Path(path).read_text())
@@ -68,7 +70,8 @@ def load_json_object(path: str | Path, what: str, fix: str) -> dict:
     return data
 
 
-def load_base(path: str | Path, head: str = "fc3", model: str = "LeNet-5") -> tuple[dict[str, np.ndarray], dict]:
+def load_base(path: str | Path, head: str = "fc3", model: str = "LeNet-5"
+              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Base weights and their provenance (empty dict when the JSON is absent); `head` names the output layer
     whose bias gives the class count.
 
@@ -81,7 +84,7 @@ def load_base(path: str | Path, head: str = "fc3", model: str = "LeNet-5") -> tu
         raise UserError(f"{path}: not a {model} checkpoint (no 1-d {head}.bias with 2+ classes); "
                         + ("use the output of `edge-ft pretrain`" if model == "LeNet-5" else
                            f"save the state dict of a trained {model} with safetensors"))
-    meta: dict = {}
+    meta: dict[str, Any] = {}
     mp = meta_path(path)
     if mp.is_file():
         meta = load_json_object(mp, "a checkpoint record", "re-run `edge-ft pretrain`")
@@ -91,3 +94,18 @@ def load_base(path: str | Path, head: str = "fc3", model: str = "LeNet-5") -> tu
     meta.setdefault("sha256", sha256_file(path))
     meta.setdefault("num_classes", int(head_bias.shape[0]))
     return state, meta
+
+
+def default_base(root: Path) -> Path:
+    """Where a results folder keeps the base pretrained for it."""
+    return root / "prep" / "base.safetensors"
+
+
+def base_sha256(base: Path) -> str:
+    """The base's sha256 from its provenance JSON (hashing the file when the JSON is absent); '' if no base."""
+    if not base.is_file():
+        return ""
+    try:
+        return str(json.loads(meta_path(base).read_text())["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return sha256_file(base)

@@ -54,15 +54,15 @@ class MethodConfig:
                             f"({', '.join(linear)})")
         weighted = model.layers_of("conv2d", "linear")
         if self.method == "last-k" and not 1 <= self.last_k <= len(weighted):
-            raise UserError(f"--last-k must be between 1 and {len(weighted)} ({model.name}'s conv and linear "
+            raise UserError(f"last_k must be between 1 and {len(weighted)} ({model.name}'s conv and linear "
                             f"layers), got {self.last_k}")
         if self.modules_to_save and self.method not in SAVES_MODULES:
-            raise UserError(f"--modules-to-save is an option of {' and '.join(SAVES_MODULES)}; {self.method} "
+            raise UserError(f"modules_to_save is an option of {' and '.join(SAVES_MODULES)}; {self.method} "
                             "decides itself what trains")
         bad = [m for m in self.modules_to_save if m not in linear]
         if bad:
             raise UserError(f"unknown module to save {bad[0]!r}: choose from {', '.join(linear)} "
-                            "(--modules-to-save)")
+                            "(modules_to_save)")
         object.__setattr__(self, "modules_to_save", tuple(m for m in linear if m in self.modules_to_save))
         if self.method == "lora":
             if self.rank < 1:
@@ -70,7 +70,7 @@ class MethodConfig:
             if not self.alpha > 0:
                 raise UserError(f"LoRA alpha must be positive, got {self.alpha}")
             if not self.targets:
-                raise UserError(f"LoRA needs at least one target layer (--targets {','.join(linear)})")
+                raise UserError(f"LoRA needs at least one target layer (targets {','.join(linear)})")
             bad = [t for t in self.targets if t not in linear]
             if any(t in model.layers_of("conv2d") for t in bad):
                 raise UserError(f"LoRA targets must be linear layers ({', '.join(linear)}); conv layers are not "
@@ -82,7 +82,7 @@ class MethodConfig:
             both = [m for m in self.modules_to_save if m in self.targets]
             if both:
                 raise UserError(f"{both[0]} is both a LoRA target and a module to save: a layer either gets an "
-                                "adapter or trains whole; drop it from --targets or --modules-to-save")
+                                "adapter or trains whole; drop it from targets or modules_to_save")
             # Keep layers in forward order so names and costs never depend on how the user listed them.
             object.__setattr__(self, "targets", tuple(t for t in linear if t in self.targets))
         elif self.freeze_lora_a:
@@ -113,7 +113,7 @@ class MethodConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, model: ModelDesc | None = None) -> "MethodConfig":
+    def from_dict(cls, d: dict, model: ModelDesc | None = None) -> MethodConfig:
         kw = dict(d)
         for key in ("targets", "modules_to_save"):  # JSON lists; dicts written before modules_to_save lack it
             if key in kw:
@@ -166,7 +166,7 @@ class MethodOptions:
     last_k: int = 1  # last-k: conv/linear layers trained whole, counted back from the output
 
     @classmethod
-    def from_args(cls, args: object) -> "MethodOptions":
+    def from_args(cls, args: object) -> MethodOptions:
         """The options an argparse namespace holds; those a command does not offer keep their defaults."""
         return cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__ if getattr(args, f, None) is not None})
 

@@ -1,7 +1,7 @@
 """Names the host and the device agree on, each defined here once: engines, graph inputs/outputs, bundle and run files.
 
 Standard library only (no numpy), so the CLI can build its parsers from these on a device-only install. The results
-schema a run writes is edge_ft.run_record's; the sweep's records are edge_ft.bench.records'.
+schema a run writes is edge_ft.run_record's; the benchmark record is edge_ft.bench.records'.
 """
 
 # Training engines: torch trains in PyTorch on the host (`edge-ft finetune`); the two ORT engines train an exported
@@ -16,6 +16,8 @@ INPUT, LABELS, LR, LOSS, LOGITS, FEATURES = "input", "labels", "lr", "loss", "lo
 MANIFEST = "manifest.json"  # a bundle's description: engine, method, files with their hashes
 RESULTS = "results.json"  # a finished run's figures, written last: its presence marks the run as done
 TRAINED = "trained.safetensors"  # a device run's trained parameters
+
+MB = 1 << 20  # bytes in a MiB: every memory figure is reported in it (budgets, peak RSS, caps)
 
 # Set by `edge-ft profile run` (and every confined run) for its child: the board's memory budget in bytes, which
 # `edge-ft train` sizes its feature cache against when no --profile is given.

@@ -71,7 +71,7 @@ class Layer:
                 "params": list(self.params), "attrs": dict(self.attrs)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Layer":
+    def from_dict(cls, d: dict) -> Layer:
         attrs = dict(d.get("attrs", {}))
         missing = [a for a in REQUIRED_ATTRS.get(str(d["kind"]), ()) if a not in attrs]
         if missing:
@@ -149,7 +149,7 @@ class ModelDesc:
         a = self.layer(name).attrs
         return (a["in_features"], a["out_features"]) if "in_features" in a else (a["in_channels"], a["out_channels"])
 
-    def with_num_classes(self, num_classes: int) -> "ModelDesc":
+    def with_num_classes(self, num_classes: int) -> ModelDesc:
         """The same network with a `num_classes`-way head (what a new task's freshly initialised head gives)."""
         head = self.layer(self.output)
         if head.output_shape == (num_classes,):
@@ -170,7 +170,7 @@ class ModelDesc:
                 "layers": [layer.to_dict() for layer in self.layers]}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "model description") -> "ModelDesc":
+    def from_dict(cls, d: dict, where: str = "model description") -> ModelDesc:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise UserError(f"{where}: not an edge-ft model description; re-export the bundle")
         if d.get("version") != VERSION:

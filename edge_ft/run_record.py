@@ -15,13 +15,17 @@ either detailed layout when a file predates the block:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 SUMMARY = "summary"
 
 
-def make_summary(engine: str, accuracy: float | None, steps: int, epochs: list[dict], step_ms,
-                 rss_after_imports_mb: float | None, peak_rss_mb: float | None) -> dict:
+def make_summary(engine: str, accuracy: float | None, steps: int, epochs: list[dict[str, Any]],
+                 step_ms: Sequence[float] | np.ndarray,
+                 rss_after_imports_mb: float | None, peak_rss_mb: float | None) -> dict[str, Any]:
     """The block both writers call; `epochs` rows already carry the summary's keys, `step_ms` the timed steps' ms."""
     ms = np.asarray(step_ms, dtype=float)
     stats = {"p50": round(float(np.median(ms)), 4), "p95": round(float(np.percentile(ms, 95)), 4),
@@ -30,10 +34,10 @@ def make_summary(engine: str, accuracy: float | None, steps: int, epochs: list[d
             "memory_mb": {"rss_after_imports": rss_after_imports_mb, "peak_rss": peak_rss_mb}}
 
 
-def read_summary(results: dict) -> dict:
+def read_summary(results: dict[str, Any]) -> dict[str, Any]:
     """The summary of a results.json from any engine, old files included."""
     if isinstance(results.get(SUMMARY), dict):
-        return results[SUMMARY]
+        return dict(results[SUMMARY])
     if "step_latency_ms" in results:  # a device run written before the block existed
         lat, mem = results["step_latency_ms"], results["memory_mb"]
         return {"engine": results["bundle"]["engine"], "accuracy": results["accuracy"], "steps": results["steps"],

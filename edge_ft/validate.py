@@ -19,7 +19,7 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def writable_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+def writable_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """A folder the command may create or write into: not a file, no file on the way, writable."""
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -34,7 +34,7 @@ def writable_folder(path: str | os.PathLike, option: str = "--out") -> Path:
     return path
 
 
-def writable_file(path: str | os.PathLike, option: str = "--out") -> Path:
+def writable_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """A file path the command may (re)write: not a folder, its folder creatable and writable."""
     path = Path(path)
     if path.is_dir():

@@ -39,3 +39,18 @@ def reference_host_speed(tmp_path_factory):
         mp.setenv(hostspeed.CACHE_ENV, str(folder))
         atomic_write_json(hostspeed.cache_path(), {"machines": {hostspeed._key_text(hostspeed.machine_key()): entry}})
         yield folder
+
+
+# Areas a contributor can run alone (`pytest -m fleet`), besides `slow`: by test module, registered in pyproject.toml.
+AREA_MARKERS = {
+    "fleet": ("test_fleet", "test_fleet_deploy", "test_fleet_lean", "test_fleet_trust"),
+    "cgroup": ("test_cgroup_v2", "test_cgroup_v2_harness", "test_cancel", "test_emulate", "test_hostspeed"),
+    "arm": ("test_arm_harness", "test_pi_path"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for marker, modules in AREA_MARKERS.items():
+            if item.module.__name__ in modules:
+                item.add_marker(marker)

@@ -2,8 +2,9 @@
 
 Grid is Flower's public ABC for what a ServerApp talks to; this one runs every node's ClientApp in this process,
 sets the process identity Flower's runtime would, gives each node its own copy of a message's content (Flower's
-messages share one RecordDict among nodes; a transport would copy it), turns a ClientApp exception into an error reply (as a SuperNode does), and lets a test corrupt or drop a node's
-reply to play a broken or dead device, or forge what a node receives to play an attacker between server and node.
+messages share one RecordDict among nodes; a transport would copy it), turns a ClientApp exception into an error
+reply (as a SuperNode does), and lets a test corrupt or drop a node's reply to play a broken or dead device, or
+forge what a node receives to play an attacker between server and node.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ of 25,088 terms that nearly cancel has a result far smaller than Σ|t|, so a tol
 a correct program on a CPU that sums in another order. `rounding` below is that bound, per element of every
 trainable tensor: Σ|t| is the gradient of the layer evaluated on absolute values (|x|, |W|, |upstream gradient|),
 the gradient's bound is carried through the optimizer's own recurrences (momentum, Adam's moments) to the update,
-and the stored weight's own roundings (half an ulp each, in each implementation) are added. Tests compare each step's weight gap with it.
+and the stored weight's own roundings (half an ulp each, in each implementation) are added.
+Tests compare each step's weight gap with it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -23,28 +23,28 @@ _ROOT = Path(tempfile.mkdtemp(prefix="edge-ft-ort-step-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def base_state() -> dict[str, np.ndarray]:
     """A seeded LeNet-5: parity and cost checks need real weights, not a trained model."""
     torch.manual_seed(1)
     return {k: v.numpy().copy() for k, v in LeNet5().state_dict().items()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def base_path() -> Path:
     path = _ROOT / "base.safetensors"
     save_base(path, base_state(), {"task": "seeded-init"})
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def bundle_path(cfg: MethodConfig, opt: OptimizerConfig) -> Path:
     out = _ROOT / f"bundle-{len(list(_ROOT.iterdir()))}"
     export_bundle(cfg, opt, base_path(), out, engine="ort-step", seed=EXPORT_SEED)
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def mnist_batches(steps: int = 20, batch: int = 32, tail: int = 5,
                   classes: int = 10) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """`steps` real MNIST batches of digits < `classes` in the shared seeded order; the last has `tail` examples

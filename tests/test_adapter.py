@@ -4,7 +4,7 @@ import json
 import logging
 import shutil
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from tests.ort_training_support import ADAMW, METHODS, ROOT, base_state, bundle,
 LORA_R2_MAX_BYTES = 6500  # the shipped file for rank 2 on fc1..fc3 in float32
 
 
-@lru_cache(maxsize=None)
+@cache
 def trained_adapter(method: str, dtype: str = "float32") -> tuple[Path, Path]:
     """(run folder, adapter folder): 60 AdamW steps on real digits, then `edge-ft adapter export`."""
     classes = METHODS[method].num_classes

@@ -1,5 +1,6 @@
 """`make test-arm`'s pieces that run without qemu or root: the x86-vs-aarch64 comparison (tools/arm/compare.py),
-suites and cache keys (tools/arm/rootfs.sh), the summary (tools/arm/summary.py), and the wheel (tools/build-wheel.sh)."""
+suites and cache keys (tools/arm/rootfs.sh), the summary (tools/arm/summary.py),
+and the wheel (tools/build-wheel.sh)."""
 
 import importlib.util
 import json

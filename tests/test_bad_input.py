@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import ort_step_support as support
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import ort_step_support as support
 from edge_ft.cli import main
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.data.npz import save_npz

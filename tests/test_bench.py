@@ -80,12 +80,13 @@ def test_sweep_records_carry_every_measurement(swept, base_checkpoint):
         assert r["installable_on_device"] is True and r["versions"]["onnxruntime-training-cpu"]
         assert (r["host_speed"], r["host_speed_source"]) == (1.0, "reference")  # the quota scale, stated
         # Work and waiting beside the wall time: CPU-seconds always, throttling wherever a cgroup quota applied.
-        assert 0 < r["cpu_seconds"] and r["wall_seconds"] > 0
+        assert r["cpu_seconds"] > 0 and r["wall_seconds"] > 0
         if r["profile"] == "host" or _cgroup_reason():
             assert r["throttled_seconds"] is r["periods"] is None
         else:
             assert r["periods"] > 0 and 0 <= r["throttled_periods"] <= r["periods"]
-            assert 0 <= r["throttled_seconds"] <= r["wall_seconds"] * len(r["cpus"]) and r["thread_throttled_seconds"] >= 0
+            assert 0 <= r["throttled_seconds"] <= r["wall_seconds"] * len(r["cpus"])
+            assert r["thread_throttled_seconds"] >= 0
         repeats = r["repeats_ms_per_step_p50"]  # native runs twice, keeping the faster; a quota-limited run once
         assert len(repeats) == (2 if r["profile"] == "host" else 1) and r["ms_per_step_p50"] == min(repeats)
     lora = next(r for r in records if r["label"] == "lora")

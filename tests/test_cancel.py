@@ -16,8 +16,19 @@ import psutil
 import pytest
 
 from edge_ft.emulation import cgroups
-from tests.cancel_support import (EDGE_FT, GONE_WITHIN, SIGNALS, Command, cmdline, mark, marked,
-                                  needs_cgroups, owned_cgroups, signal_id, wait_for)
+from tests.cancel_support import (
+    EDGE_FT,
+    GONE_WITHIN,
+    SIGNALS,
+    Command,
+    cmdline,
+    mark,
+    marked,
+    needs_cgroups,
+    owned_cgroups,
+    signal_id,
+    wait_for,
+)
 
 
 def _profile_run(tmp_path, mode: str, name: str = "cmd") -> Command:

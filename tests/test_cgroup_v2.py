@@ -140,7 +140,7 @@ def test_controllers_are_delegated_from_a_cgroup_holding_processes_and_jobs_leav
     try:
         assert set(cgroups.V2_CONTROLLERS) <= set((parent / "cgroup.subtree_control").read_text().split())
         assert job.dirs["memory"].parent == parent
-        own = Path(open("/proc/self/cgroup").read().strip().split(":", 2)[2])
+        own = Path(Path("/proc/self/cgroup").read_text().strip().split(":", 2)[2])
         if parent != cgroups.CGROUP_ROOT:  # the root may hold processes; any other cgroup may not
             assert (parent / "cgroup.procs").read_text().split() == []
             assert own.name == cgroups.V2_LEAF and cgroups.job_parents() == [parent]

@@ -189,7 +189,8 @@ def test_summary_passes_only_when_every_case_ran_and_passed(tmp_path):
     measured = ('<testcase classname="t" name="test_m"><properties><property name="oom_kill" value="1"/>'
                 '<property name="nr_throttled" value="40"/></properties></testcase>')
     lines, status = summary.summarize(_junit(tmp_path / "m.xml", measured), 0)
-    assert status == 0 and lines == ["measured test_m: oom_kill=1, nr_throttled=40", "test-cgroup-v2: 1 passed, 0 failed"]
+    assert status == 0
+    assert lines == ["measured test_m: oom_kill=1, nr_throttled=40", "test-cgroup-v2: 1 passed, 0 failed"]
     skipped = '<testcase classname="tests.test_cgroup_v2" name="test_b"><skipped message="needs v2"/></testcase>'
     failed = '<testcase classname="t" name="test_c"><failure message="assert 1 == 2&#10;more">x</failure></testcase>'
     lines, status = summary.summarize(_junit(tmp_path / "b.xml", ok + skipped + failed), 1)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_ft.bench.cireport import STEP_SUMMARY_ENV
-from edge_ft.bench.gates import BOOL_FIELDS, NUMBER_FIELDS, WORD_FIELDS
 from edge_ft.bench.records import read_records
+from edge_ft.gates.assertions import BOOL_FIELDS, NUMBER_FIELDS, WORD_FIELDS
+from edge_ft.gates.cireport import STEP_SUMMARY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = ROOT / "examples" / "ci"

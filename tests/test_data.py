@@ -98,7 +98,8 @@ def test_labels_must_match_images(tmp_path):
     shutil.copy(FIXTURE / "t10k-images-idx3-ubyte.gz", tmp_path)
     shutil.copy(FIXTURE / "train-labels-idx1-ubyte.gz", tmp_path / "t10k-labels-idx1-ubyte.gz")
     labels = gzip.decompress((tmp_path / "t10k-labels-idx1-ubyte.gz").read_bytes())
-    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels[:8] + bytes([0, 0, 0, 99]) + labels[12:-99]))
+    bad_labels = labels[:8] + bytes([0, 0, 0, 99]) + labels[12:-99]
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bad_labels))
     with pytest.raises(UserError, match="t10k-labels"):
         read_idx_dataset(tmp_path, "test")
 

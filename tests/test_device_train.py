@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ UPDATE_RTOL = {"sgd": 1e-5, "adamw": 5e-3}
 ADAMW_LR = {"full": 3e-3, "probe": 3e-2, "lora": 2e-2}  # the methods' recipe rates (training_defaults) when tuned
 
 
-@lru_cache(maxsize=None)
+@cache
 def batches(steps: int = 20, batch: int = 32, tail: int = 5, classes: int = 10):
     """`steps` real MNIST batches of digits < `classes` in the shared seeded order; the last holds `tail` examples
     (dynamic batch)."""
@@ -107,7 +107,7 @@ def test_saved_state_resumes_exactly(tmp_path):
         np.testing.assert_allclose(value, straight.trainable_state()[name], rtol=0, atol=1e-6)
 
 
-@lru_cache(maxsize=None)
+@cache
 def cli_run(method: str, *extra: str) -> Path:
     """`edge-ft train` on 1000 MNIST examples (eval on 500 others), 2 epochs of 64, cosine, checkpoints every 10."""
     train, test = npz_pair()

@@ -11,9 +11,10 @@ import pytest
 
 from edge_ft.cli import main
 from edge_ft.emulation import cgroups
-from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
-from edge_ft.emulation.emulate import THREAD_VARS, confine, run_confined
 from edge_ft.emulation.calibrate import relative_speed
+from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.emulation.cpu import THREAD_VARS
+from edge_ft.emulation.emulate import confine, run_confined
 from edge_ft.emulation.profiles import load_profile, load_profile_file
 
 PY = sys.executable
@@ -123,7 +124,8 @@ def test_memory_peak_starts_again_after_a_reset(tmp_path):
 
 @needs_cgroups
 def test_threads_env_reaches_the_child(tmp_path):
-    code = f"import os, json; print(json.dumps({{v: os.environ.get(v) for v in {THREAD_VARS!r} + ('EDGE_FT_PROFILE',)}}))"
+    names = (*THREAD_VARS, "EDGE_FT_PROFILE")
+    code = f"import os, json; print(json.dumps({{v: os.environ.get(v) for v in {names!r}}}))"
     profile = make_profile(tmp_path, name="duo", cores=2, threads=2)
     env = {**os.environ, "OMP_NUM_THREADS": "64"}  # the profile wins over the caller's environment
     seen = json.loads(run_confined([PY, "-c", code], profile, env=env).stdout_tail)

@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 
 from edge_ft.errors import UserError
 from edge_ft.fleet import partitions
@@ -157,16 +157,16 @@ def test_fleet_round_rejects_bad_updates_survives_a_dead_device_and_averages_exa
     """Round 1: device 102 sends NaN (rejected, logged, never averaged); round 2: device 101 dies (no reply).
     Both rounds complete; under FFA the global B applied with the shared A is the example-weighted average of the
     accepted devices' B·A, and the final adapter merges into the model the server evaluated last."""
+    from fleet_grid import LocalGrid
     from flwr.app import Message, RecordDict
 
+    from edge_ft.data.npz import load_npz
     from edge_ft.device.adapter import merge_adapter
     from edge_ft.device.bundle import load_bundle
     from edge_ft.device.engines import open_engine
     from edge_ft.device.inference import accuracy, predict, session_runner
     from edge_ft.device.ort_api import inference_session
-    from edge_ft.data.npz import load_npz
     from edge_ft.fleet import client_app, server_app
-    from fleet_grid import LocalGrid
 
     def tamper(node, reply):
         rnd = int(grid.sent[-1].content["config"]["server-round"])
@@ -212,9 +212,10 @@ def test_fleet_round_rejects_bad_updates_survives_a_dead_device_and_averages_exa
 def test_server_killed_mid_run_resumes_from_its_last_round(ffa_plan, tmp_path):
     """A server that dies in round 2 leaves round 1 committed; without resume the folder is refused, with it the
     run continues at round 2 and ends where an uninterrupted run ends."""
+    from fleet_grid import LocalGrid
+
     from edge_ft.fleet import client_app, server_app
     from edge_ft.fleet.records import read_rounds
-    from fleet_grid import LocalGrid
 
     class Killed(Exception):
         pass
@@ -348,11 +349,12 @@ def test_fashion_with_dirichlet_label_skew_federates(base_checkpoint, tmp_path):
     """Fashion split by Dirichlet(0.3) over 5 devices: each device's data file holds the labels plan.json records,
     far more skewed than an even split of the same pool, and a federation over those devices (the real ServerApp and
     ClientApp on the in-process grid) ends with a finite accuracy well above chance (10 classes)."""
+    from fleet_grid import LocalGrid
+
     from edge_ft.data.npz import load_npz
     from edge_ft.data.tasks import target_split
     from edge_ft.fleet import client_app, server_app
     from edge_ft.fleet.plan import PlanConfig, plan_fleet
-    from fleet_grid import LocalGrid
 
     plan = plan_fleet(tmp_path / "fleet", PlanConfig(
         "probe", task="mnist-fashion", num_nodes=5, partitioning="dirichlet:0.3", rounds=3, local_steps=10,

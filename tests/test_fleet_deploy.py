@@ -14,15 +14,15 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fleet_support import PLAN, fleet_plan
 
-from edge_ft.bench.prepare import find_device_python
 from edge_ft.emulation import cgroups
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.fleet.certs import make_node_key, make_tls
 from edge_ft.fleet.deploy import DEVICE_BUNDLE, DeployConfig, Fault, Federation, free_port, run_federation, run_fleet
 from edge_ft.fleet.processes import RUN_MARK
-from fleet_support import PLAN, fleet_plan
+from edge_ft.interpreters import find_device_python
 
 DEVICE_BIN = Path(find_device_python()).parent
 pytestmark = pytest.mark.skipif(not (DEVICE_BIN / "flower-supernode").exists(),
@@ -96,7 +96,8 @@ def test_certificates_chain_and_node_keys_load(tmp_path):
 @pytest.mark.slow
 def test_two_nodes_two_rounds_with_tls_and_auth(tmp_path, base_checkpoint):
     plan = fleet_plan(tmp_path / "fleet", 2, 2, base_checkpoint)
-    result = run_federation(plan, PROFILES, DeployConfig(cpu_cap=False, progress=False))  # run_dir: fleet/deploy, beside results
+    # run_dir: fleet/deploy, beside results
+    result = run_federation(plan, PROFILES, DeployConfig(cpu_cap=False, progress=False))
     run_dir = plan.results_dir.parent / "deploy"
     assert result.status == "ok", result.message
     # the app evaluates the global model on the server, so devices only train: one message each per round
@@ -206,7 +207,8 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from fleet_support import PLAN, fleet_plan
 from edge_ft.fleet.deploy import DeployConfig, run_federation
-run_federation(PLAN(Path({out!r}), 2, 50), {profiles!r}, DeployConfig(run_dir=Path({run!r}), cpu_cap=False, progress=False))
+run_federation(PLAN(Path({out!r}), 2, 50), {profiles!r},
+               DeployConfig(run_dir=Path({run!r}), cpu_cap=False, progress=False))
 """
 
 

@@ -10,10 +10,10 @@ import pytest
 from flwr.app import Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from edge_ft.bench.prepare import find_device_python
 from edge_ft.fleet.grid import PromptGrid
 from edge_ft.fleet.lean_entry import COMMANDS, MODULE, write_shims
 from edge_ft.fleet.processes import role_of
+from edge_ft.interpreters import find_device_python
 
 DEVICE_PYTHON = Path(find_device_python())
 needs_device_flwr = pytest.mark.skipif(not (DEVICE_PYTHON.parent / "flower-supernode").exists(),

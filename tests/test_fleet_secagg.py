@@ -24,9 +24,10 @@ def plans(base_checkpoint, tmp_path_factory):
 def _run(plan, drop: int | None):
     """One round on the in-process grid; `drop`: the node whose update never arrives (under SecAgg+: it dropped
     after sharing its keys, in the masked-vector stage). Returns (the round's record, the global tensors after it)."""
+    from fleet_grid import LocalGrid
+
     from edge_ft.checkpoint import load_safetensors
     from edge_ft.fleet import client_app, records, server_app
-    from fleet_grid import LocalGrid
 
     def tamper(node, reply):
         if reply.has_error():

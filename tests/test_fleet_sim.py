@@ -104,8 +104,9 @@ def _plan(out: Path, base: Path, num_nodes: int, **device_model):
 def test_partial_work_in_process(base_checkpoint, tmp_path):
     """Partial work: each board's devices get the steps that fit the deadline, on the in-process grid with nodes
     that know only their partition id (as the Simulation Engine's virtual SuperNodes)."""
-    from edge_ft.fleet import client_app, server_app
     from fleet_grid import LocalGrid
+
+    from edge_ft.fleet import client_app, server_app
 
     mix = "50%rpi-zero-2w,50%rpi-5-4gb"
     model = DeviceModel(mix, "always", 0.0, "partial", 10.0, 0, "lora", 16, 2, 10, False)

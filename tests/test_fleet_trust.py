@@ -103,11 +103,11 @@ def test_a_forged_fleet_update_is_refused_by_every_client(plan3, tmp_path, caplo
     """Round 1 is honest. Round 2: node 100 gets tampered tensors under the server's signature, node 101 an unsigned
     message, node 102 one signed by another key. Round 3: every node gets round 1's signed message again. Every
     node refuses, the server records each refusal and keeps its model; round 4 is honest and all nodes train."""
+    from fleet_grid import LocalGrid
     from flwr.app import ConfigRecord, RecordDict
 
     from edge_ft.fleet import client_app
     from edge_ft.fleet.signing import SIGNED_KEYS
-    from fleet_grid import LocalGrid
 
     attacker = RoundSigner(load_private_key(new_key_pair(tmp_path / "attacker")[0]), "")
 
@@ -159,10 +159,10 @@ def test_canary_promotes_a_model_that_holds_and_rejects_one_that_falls(plan3, tm
     """One canary node of three. Round 1 is honest: promoted. In round 2 every device sends B far off (finite, so it
     passes the update checks): the canary's holdout accuracy falls, the update is rejected and the global model
     stays round 1's; the other nodes never receive it."""
+    from fleet_grid import LocalGrid
     from flwr.app import Message, RecordDict
 
     from edge_ft.fleet import client_app
-    from fleet_grid import LocalGrid
 
     def wreck(node, reply):
         if reply.has_error() or reply.metadata.message_type != "train" or len(grid.sent) <= 4:

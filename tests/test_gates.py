@@ -5,14 +5,14 @@ time-scaled, a baseline regression, the JUnit file's shape and the Markdown summ
 import xml.etree.ElementTree as ET
 
 import pytest
+from test_report import MB, ZERO, record, zero_records
 
-from edge_ft.bench.baseline import compare, parse_limits
-from edge_ft.bench.cireport import STEP_SUMMARY_ENV
-from edge_ft.bench.gates import evaluate, field_value, parse_assertion
 from edge_ft.bench.records import append_record
 from edge_ft.cli import main
 from edge_ft.errors import UserError
-from test_report import MB, ZERO, record, zero_records
+from edge_ft.gates.assertions import evaluate, field_value, parse_assertion
+from edge_ft.gates.baseline import compare, parse_limits
+from edge_ft.gates.cireport import STEP_SUMMARY_ENV
 
 pytestmark = pytest.mark.usefixtures("no_step_summary")
 

@@ -36,7 +36,8 @@ def test_export_bundle_writes_what_the_cli_writes(exported, base_checkpoint, cap
     assert manifest["classes"] == cli["classes"] == sorted(PICKED.values())
     assert manifest["method"] == cli["method"] and manifest["method"]["rank"] == 4
     assert manifest["files"].keys() == cli["files"].keys()
-    for name in manifest["files"]:  # the same graphs and weights (a safetensors file, and so a hash of it, may order its tensors anew)
+    # the same graphs and weights (a safetensors file, and so a hash of it, may order its tensors anew)
+    for name in manifest["files"]:
         if name.endswith(".safetensors"):
             ours, theirs = load_safetensors(tmp_path / "api" / name), load_safetensors(tmp_path / "cli" / name)
             assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours), name

@@ -71,6 +71,7 @@ def test_quota_is_the_board_share_raised_by_the_efficiency():
     assert HostSpeed.reference().thread_quota(0.3) == (0.3, 1.0)
 
 
+@pytest.mark.slow  # runs the real calibration workload (about 20 s)
 def test_real_calibration_is_cached(own_cache):
     host = HostSpeed.resolve(quiet=True)
     assert host.source == "measured" and host.speed > 0

@@ -41,7 +41,7 @@ def test_table_matches_module(cfg):
 
 def test_state_dict_matches_seed_layout():
     keys = list(LeNet5().state_dict())
-    assert keys == [f"{l}.{k}" for l in ("conv1", "conv2", "fc1", "fc2", "fc3") for k in ("weight", "bias")]
+    assert keys == [f"{layer}.{k}" for layer in ("conv1", "conv2", "fc1", "fc2", "fc3") for k in ("weight", "bias")]
 
 
 def test_lora_starts_as_base_and_merges_exactly():

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import ort_step_support as support
 import pytest
 import torch
 import torch.nn.functional as F
+from lockstep import run_lockstep
 from safetensors.numpy import load_file
 
-import ort_step_support as support
-from lockstep import run_lockstep
 from edge_ft.config import METHODS, MethodConfig, OptimizerConfig
 from edge_ft.device.bundle import load_bundle
 from edge_ft.device.engines import open_engine
@@ -229,7 +229,8 @@ def test_bound_buffers_step_exactly_like_feeding_the_graph():
         x, y = rng.random((batch, 84), dtype=np.float32), rng.integers(0, 10, batch)
         loss, logits = engine.train_step(x, y, lr)
         feeds = {i.name: state[i.name] for i in session.get_inputs()[3:]}
-        expected = dict(zip(outputs, session.run(None, {"input": x, "labels": y, "lr": np.array(lr, np.float32), **feeds})))
+        inputs = {"input": x, "labels": y, "lr": np.array(lr, np.float32), **feeds}
+        expected = dict(zip(outputs, session.run(None, inputs)))
         assert loss == expected["loss"] and np.array_equal(logits, expected["logits"])
         state.update({k.removeprefix("next."): v for k, v in expected.items() if k.startswith("next.")})
         assert all(np.array_equal(v, state[k]) for k, v in engine.trainable_state().items())

@@ -1,7 +1,7 @@
 """Your own classes end to end: image folders -> named .npz -> bundle -> device training -> model card -> predict."""
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ def write_class_folders(root: Path, per_class: int = 12, skip: int = 0) -> Path:
     return root
 
 
-@lru_cache(maxsize=None)
+@cache
 def trained_run(tmp: Path, base: Path) -> tuple[Path, Path, Path]:
     """(run, data folder, image folder): a probe for the 3 named classes, trained on the device side."""
     images = write_class_folders(tmp / "images")
@@ -203,4 +203,7 @@ def test_class_names_survive_adapter_export_and_merge(run, tmp_path, capsys):
     assert merged["classes"] == sorted(PICKED.values())
     assert main(["predict", str(run_dir), str(data / "test.npz"), "--json"]) == 0
     trained = json.loads(capsys.readouterr().out)
-    assert [p["top"][0]["class"] for p in merged["predictions"]] == [p["top"][0]["class"] for p in trained["predictions"]]
+    def classes(out):
+        return [p["top"][0]["class"] for p in out["predictions"]]
+
+    assert classes(merged) == classes(trained)

@@ -2,7 +2,7 @@
 prefix (ort-step bundles); resume keeps working with it; full and bias have no prefix to cache."""
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ CACHED = {  # method -> (config, the first layer that trains: where the prefix e
 LOSS_ATOL = 1e-5
 
 
-@lru_cache(maxsize=None)
+@cache
 def run(method: str, *extra: str) -> Path:
     """`edge-ft train` on 1000 MNIST examples (eval on 500 others): 2 epochs of 64, checkpoints every 10."""
     train, test = npz_pair()

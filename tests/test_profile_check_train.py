@@ -5,8 +5,8 @@ import json
 import pytest
 
 from edge_ft.cli import main
-from edge_ft.emulation.check_train import TrainCheck, train_table
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.emulation.check_train import TrainCheck, train_table
 
 
 def _cgroups_work() -> bool:

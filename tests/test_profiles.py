@@ -3,6 +3,10 @@
 import copy
 import json
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +14,7 @@ import pytest
 
 from edge_ft.cli import main
 from edge_ft.emulation import calibrate
-from edge_ft.emulation.profiles import (PROFILES_ENV, list_profiles, load_profile, profile_paths, shipped_profiles_dir)
+from edge_ft.emulation.profiles import PROFILES_ENV, list_profiles, load_profile, profile_paths, shipped_profiles_dir
 from edge_ft.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +35,7 @@ def write_profile(folder: Path, name: str = "board", **changes) -> Path:
 
 def test_shipped_profiles_all_load():
     profiles = {p.name: p for p in list_profiles()}
-    assert SHIPPED <= set(profiles)
+    assert set(profiles) >= SHIPPED
     for p in profiles.values():
         assert 0 < p.budget_mb <= p.ram_mb and 1 <= p.threads <= p.cores and p.cpu_speed > 0
         assert p.cpu_speed_source and p.description
@@ -63,9 +67,26 @@ def test_host_profile_reads_this_machine():
 
 
 def test_repo_folder_is_the_shipped_folder():
-    # The checkout's install reads device_profiles/ at the repository root in place (the wheel carries a copy).
-    assert (REPO / "device_profiles").resolve() == shipped_profiles_dir().resolve()
-    assert {p.stem for p in (REPO / "device_profiles").glob("*.toml")} >= SHIPPED
+    # The checkout's install reads the package's own folder in place; the wheel carries it as package data.
+    folder = REPO / "edge_ft" / "emulation" / "device_profiles"
+    assert folder.resolve() == shipped_profiles_dir().resolve()
+    assert {p.stem for p in folder.glob("*.toml")} >= SHIPPED
+
+
+@pytest.mark.slow
+def test_a_plain_pip_wheel_ships_the_boards(tmp_path):
+    """`pip wheel .` alone (pyproject.toml's package data, no build script) puts every shipped board in the wheel."""
+    source = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info beside pyproject.toml
+    shutil.copytree(REPO / "edge_ft", source / "edge_ft", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                           "-q", "-w", str(tmp_path / "out"), str(source)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = (tmp_path / "out").glob("edge_ft-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"edge_ft/emulation/device_profiles/{name}.toml" for name in SHIPPED} <= names
+    assert "edge_ft/py.typed" in names
 
 
 def test_load_by_path_and_env_override(tmp_path, monkeypatch):
@@ -152,7 +173,7 @@ def test_lenet_workload_gradients_match_finite_differences():
 
         def loss(w):
             net = copy.deepcopy(base)
-            net.w[layer] = w.astype(np.float32)
+            net.w[layer] = w.astype(np.float32)  # noqa: B023 (used within this iteration)
             return net.step(x, y, lr=0.0)
 
         numeric = (loss(base.w[layer] + 1e-2 * d) - loss(base.w[layer] - 1e-2 * d)) / 2e-2

@@ -14,16 +14,16 @@ import os
 import re
 import shutil
 import tempfile
-import tomllib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
+import ort_step_support as support
 import pytest
+import tomllib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import ort_step_support as support
 from edge_ft.checkpoint import load_base, save_base
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.data.npz import load_npz, save_npz
@@ -39,7 +39,7 @@ LORA, ADAMW = MethodConfig("lora"), OptimizerConfig("adamw", lr=2e-3)  # shared 
 # 60 examples per loader in the suite; EDGE_FT_FUZZ_EXAMPLES=1000 for a deeper run by hand.
 FUZZ = settings(max_examples=int(os.environ.get("EDGE_FT_FUZZ_EXAMPLES", 60)), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
-PROFILE = (REPO / "device_profiles" / "rpi-3b.toml").read_bytes()
+PROFILE = (REPO / "edge_ft" / "emulation" / "device_profiles" / "rpi-3b.toml").read_bytes()
 
 
 # ------------------------------------------------------------------------------------------------ strategies
@@ -103,12 +103,12 @@ def loads_or_refuses(load):
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@lru_cache(maxsize=None)
+@cache
 def bundle_dir() -> Path:
     return support.bundle_path(LORA, ADAMW)
 
 
-@lru_cache(maxsize=None)
+@cache
 def adapter_files(legacy: bool = False) -> dict[str, bytes]:
     """{file name: bytes} of an adapter that fits bundle_dir(): the current layout (edge-ft's record beside PEFT's
     config, hashing both), or format 1 (the record inside adapter_config.json, no weights hash: the safetensors
@@ -130,7 +130,7 @@ def adapter_files(legacy: bool = False) -> dict[str, bytes]:
     return {CONFIG: config, WEIGHTS: weights, RECORD: json.dumps(record).encode()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def npz_bytes(compressed: bool) -> bytes:
     x, y = read_mnist_5k()
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +142,7 @@ def npz_bytes(compressed: bool) -> bytes:
         return path.read_bytes()
 
 
-@lru_cache(maxsize=None)
+@cache
 def base_bytes() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         save_base(Path(tmp) / "b.safetensors", support.base_state(), {"task": "fuzz"})
@@ -238,7 +238,7 @@ def test_npz_mutations(compressed, data):
         if loaded is not None:
             x, y = loaded
             assert x.dtype == np.uint8 and x.ndim == 3 and x.shape[1:] == (28, 28) and len(x) > 0
-            assert y.dtype == np.int64 and y.shape == (len(x),) and 0 <= y.min() and y.max() < 10
+            assert y.dtype == np.int64 and y.shape == (len(x),) and y.min() >= 0 and y.max() < 10
 
 
 TOML_VALUES = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(), st.text(max_size=10),
@@ -309,7 +309,7 @@ def test_resume_record_mutations(data):
             assert isinstance(progress, Progress) and (state is None or state.is_file())
 
 
-@lru_cache(maxsize=None)
+@cache
 def finished_run() -> Path:
     """A real `edge-ft train` run folder (2 steps) of bundle_dir(), for `edge-ft adapter export`."""
     from edge_ft.cli import main
@@ -356,7 +356,8 @@ def test_no_pickle_on_any_load_path():
     assert not PICKLE.search("np.load(path, allow_pickle=False)")
 
 
-WRITE = re.compile(r"(?<!atomic_)open\([^)]*['\"][wax]b?\+?['\"]|\.write_(text|bytes)\(|np\.save(z|z_compressed)?\((?!f,)|"
+WRITE = re.compile(r"(?<!atomic_)open\([^)]*['\"][wax]b?\+?['\"]|\.write_(text|bytes)\(|"
+                   r"np\.save(z|z_compressed)?\((?!f,)|"
                    r"\bsave_file\(|onnx\.save\(|torch\.save\(|savefig\((?!buf)|json\.dump\((?!.*sys\.stdout)")
 # Writes that are not files a user keeps: each one says why it may bypass edge_ft.atomic.
 WRITE_ALLOWED = {
@@ -366,7 +367,7 @@ WRITE_ALLOWED = {
     "edge_ft/emulation/enter.py": "writes its pid into a cgroup's procs file",
     "edge_ft/emulation/lifetime.py": "cgroup control files (cgroup.kill, quotas) are kernel interfaces, not files",
     "edge_ft/host/export/ort_training.py": "edits a temp copy that is then written into the bundle atomically",
-    "edge_ft/bench/cireport.py": "appends to the CI system's $GITHUB_STEP_SUMMARY, a file the CI runner owns",
+    "edge_ft/gates/cireport.py": "appends to the CI system's $GITHUB_STEP_SUMMARY, a file the CI runner owns",
     "edge_ft/fleet/deploy.py": "the SuperLink's and the run's logs are streamed by the running processes",
     "edge_ft/fleet/processes.py": "a SuperNode's log is streamed by the running process",
 }

@@ -8,10 +8,10 @@ import pytest
 from test_report import TASK, ZERO, ZERO_RUNS
 from test_report import record as report_record
 
-from edge_ft.bench import predict
+from edge_ft.advice import forecast as predict
+from edge_ft.advice.recommend import Constraints, recommend
 from edge_ft.bench import sweep as sweep_module
 from edge_ft.bench.measure import SweepSettings
-from edge_ft.bench.recommend import Constraints, recommend
 from edge_ft.bench.records import append_record
 from edge_ft.cli import main
 from edge_ft.emulation.profiles import load_profile
@@ -125,7 +125,7 @@ def test_accuracy_is_borrowed_or_unknown_never_predicted(tmp_path, capsys, no_sw
 
 
 def predict_choice(preds, board, c):
-    from edge_ft.bench.recommend import choose
+    from edge_ft.advice.recommend import choose
 
     return choose(preds, board, TASK, c)
 

@@ -16,19 +16,19 @@ engines, exported once per (model, method, engine) through `export_bundle`, as `
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.numpy import load_file, save_file
-
 from lockstep import run_lockstep
+from safetensors.numpy import load_file, save_file
 from test_step_graph_costs import node_flops
 from test_step_graph_models import seeded
 from test_user_model import DEVICE_PYTHON, device
+
 from edge_ft.cli import main
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.costmodel import estimate
@@ -50,12 +50,12 @@ OPT = OptimizerConfig("sgd", lr=0.05)  # both engines offer it; no optimizer sta
 BATCH, STEPS, SEED = 4, 2, 0
 
 
-@lru_cache(maxsize=None)
+@cache
 def host(model: str):
     return host_model(*MODELS[model])
 
 
-@lru_cache(maxsize=None)
+@cache
 def base(model: str) -> tuple[Path, dict[str, np.ndarray]]:
     """Seeded weights with BatchNorm's statistics and affine parameters moved off their identity start, so a graph
     that ignored or updated them would fail."""
@@ -72,7 +72,7 @@ def method_config(model: str, method: str) -> MethodConfig:
     return MethodConfig(method, num_classes=desc.num_classes, model=desc, **METHODS[method])
 
 
-@lru_cache(maxsize=None)
+@cache
 def bundle(model: str, method: str, engine: str) -> Path:
     out = ROOT / f"{model}-{method}-{engine}"
     export_bundle(method_config(model, method), OPT, base(model)[0], out, engine=engine, seed=SEED, host=host(model))
@@ -137,7 +137,7 @@ def fashion_rgb(split: str, n: int, offset: int = 0) -> tuple[np.ndarray, np.nda
     return np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None], 3, axis=1), y
 
 
-@lru_cache(maxsize=None)
+@cache
 def fashion_base() -> Path:
     """ResNet-8 trained 120 AdamW steps (batch 32) on 2,400 Fashion-MNIST training images the device never sees."""
     torch.manual_seed(0)

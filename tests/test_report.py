@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from edge_ft.bench.recommend import Constraints, recommend
+from edge_ft.advice.recommend import Constraints, recommend
 from edge_ft.bench.records import REQUIRED, append_record
-from edge_ft.bench.report import all_goals, write_report
 from edge_ft.cli import main
 from edge_ft.emulation.profiles import load_profile
+from edge_ft.reports.report import all_goals, write_report
 
 MB = 2**20
 TASK = "mnist→digits"
@@ -185,7 +185,7 @@ def test_recommend_refuses_bad_limits_in_one_line(bad, capsys):
 
 
 def test_report_states_the_host_speed_and_the_quota_correction():
-    from edge_ft.bench.report import host_speed_text
+    from edge_ft.reports.report import host_speed_text
 
     records = [record(ZERO, "lora", "ort-step", 0.95, 60, 93, 6_008, True, host_speed_source="cached",
                       host_speed_measured="2026-11-29", quota_efficiency=q) for q in (0.66, 0.71)]
@@ -193,4 +193,4 @@ def test_report_states_the_host_speed_and_the_quota_correction():
         r["settings"]["host_speed"] = 0.57
     assert host_speed_text(records) == ("host speed 0.57 of the reference core (cached, measured 2026-11-29); CPU "
                                         "quotas raised by 1 / the measured throttling efficiency (0.66-0.71)")
-    assert "host speed 1 of the reference core (not recorded)" == host_speed_text(zero_records()[:1])
+    assert host_speed_text(zero_records()[:1]) == "host speed 1 of the reference core (not recorded)"

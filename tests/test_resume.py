@@ -16,13 +16,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
+import ort_step_support as support
 import pytest
 
-import ort_step_support as support
 from edge_ft.checkpoint import load_safetensors
 from edge_ft.cli import main
 from edge_ft.config import MethodConfig, OptimizerConfig
@@ -108,7 +108,7 @@ def random_kills(n: int, seed: int = 0) -> list[tuple]:
             for _ in range(n)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def inputs(engine: str = "ort-step") -> tuple[Path, Path, Path]:
     """(bundle, train.npz, eval.npz): a LoRA/AdamW bundle shared with the engine's own tests, real MNIST digits."""
     x, y = read_mnist_5k()
@@ -346,9 +346,9 @@ def test_killed_adapter_apply_and_export_leave_the_old_or_the_new_never_a_mix(tm
 def test_out_of_memory_in_a_sweep_is_recorded_and_leaves_no_partial_files(tmp_path, base_checkpoint):
     """The sweep's OOM job: a record saying it does not fit, and its run folder holds no file (not even a temp)."""
     from edge_ft.bench.measure import SweepSettings
-    from edge_ft.emulation.profiles import load_profile_file
     from edge_ft.bench.records import read_records
     from edge_ft.bench.sweep import SweepOptions, plan, run_sweep
+    from edge_ft.emulation.profiles import load_profile_file
 
     board = tiny_board(tmp_path)
     jobs = plan(["mnist→digits"], ["lora"], ["ort-step"], [load_profile_file(board)], SweepSettings(steps=4))

@@ -3,9 +3,9 @@
 import json
 
 import onnx
+import ort_step_support as support
 import pytest
 
-import ort_step_support as support
 from edge_ft.cli import main
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.data.npz import save_npz

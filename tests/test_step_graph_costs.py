@@ -11,11 +11,11 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnxruntime as ort
+import ort_step_support as support
 import pytest
 from onnx import TensorProto, helper
 from safetensors.numpy import load_file
 
-import ort_step_support as support
 from edge_ft.architecture import layer_io_shapes, param_shapes, trainable_names
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.costmodel import estimate, input_grad_layers

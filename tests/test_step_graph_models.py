@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lockstep import run_lockstep
 from safetensors.numpy import load_file
+from test_step_graph_costs import node_flops
 from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
-from lockstep import run_lockstep
-from test_step_graph_costs import node_flops
 from edge_ft.config import OptimizerConfig
 from edge_ft.contracts import INPUT, LABELS, LOSS, LR
 from edge_ft.device.engines.ort_step import next_name, optimizer_keys
@@ -96,7 +96,7 @@ def prepared(model_name: str, subset: str) -> tuple[nn.Module, list[str]]:
     return model, trainable
 
 
-@lru_cache(maxsize=None)
+@cache
 def exported(model_name: str, subset: str) -> Path:
     model, trainable = prepared(model_name, subset)
     folder = _ROOT / f"{model_name}-{subset}"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_ft.bench.model_choice import recommend_model
+from edge_ft.advice.model_choice import recommend_model
+from edge_ft.advice.recommend import Constraints
 from edge_ft.bench.prepare import MODEL_NAMES
-from edge_ft.bench.recommend import Constraints
 from edge_ft.bench.records import REQUIRED, TASK, TRADEOFF, append_record, read_records
 from edge_ft.bench.tradeoff import TradeoffSettings, plan_models, search_max_batch
 from edge_ft.cli import main

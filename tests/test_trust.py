@@ -9,12 +9,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from ort_training_support import METHODS, bundle, fresh_bundle, npz_pair
+from test_adapter import trained_adapter
 
 from edge_ft.cli import main
 from edge_ft.trust.rollout import ACTIVE, read_log
 from edge_ft.trust.signature import SIGNATURE, now_utc, sign_folder
-from ort_training_support import METHODS, bundle, fresh_bundle, npz_pair
-from test_adapter import trained_adapter
 
 
 @pytest.fixture(autouse=True)
@@ -372,6 +372,7 @@ def test_sigkill_during_deploy_leaves_one_valid_active_model(tmp_path):
     assert_one_valid_active_model(root, models)
 
 
+@pytest.mark.slow  # end to end: export, sign, a device venv trains it (a minute on a busy 2-core machine)
 def test_export_signs_the_bundle_and_a_policy_device_trains_it(base_checkpoint, tmp_path, capsys):
     key, pub = keypair(tmp_path, "release")
     out = tmp_path / "bundle"

@@ -6,7 +6,7 @@ import logging
 import os
 import subprocess
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ SPEC = f"{REPO / 'tests' / 'models' / 'small_nets.py'}:TinyConvNet"
 pytestmark = pytest.mark.skipif(not DEVICE_PYTHON.exists(), reason="device venv not built (make device-venv)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def base() -> tuple[Path, dict[str, np.ndarray]]:
     """TinyConvNet pretrained for 150 AdamW steps on MNIST images the device's train/test files do not hold."""
     torch.manual_seed(3)
@@ -60,7 +60,7 @@ def device(*argv: str) -> subprocess.CompletedProcess:
     return proc
 
 
-@lru_cache(maxsize=None)
+@cache
 def trained(method: str, *extra: str) -> tuple[Path, Path, Path]:
     """(bundle, run, adapter) of one method on TinyConvNet, trained 40 steps on real digits on the device."""
     name = "-".join((method, *extra))

@@ -4,10 +4,9 @@
 #   bash tools/build-wheel.sh [--sdist] DEST     prints the wheel's path (then the sdist's) on stdout
 #
 # setuptools writes build/ and *.egg-info next to pyproject.toml, so the build runs in a temporary copy of the
-# build's inputs (pyproject.toml, README.md, edge_ft/, device_profiles/) as they are in the working tree: tracked files
-# with their uncommitted edits plus new files git does not ignore. The boards (device_profiles/ at the repository
-# root) are put inside the package there, at edge_ft/emulation/device_profiles/, where pyproject's package-data
-# takes them into the wheel and the sdist and the installed edge_ft.emulation.profiles finds them.
+# build's inputs (pyproject.toml, README.md, edge_ft/) as they are in the working tree: tracked files with their
+# uncommitted edits plus new files git does not ignore. The boards (edge_ft/emulation/device_profiles/) are package
+# data in pyproject.toml, so a plain `pip wheel .` carries them too; this script only keeps the checkout clean.
 # Offline: the PEP 517 hooks of the setuptools already in PYTHON (default: the host .venv), no build isolation.
 # Used by `make dist`, `make device-venv` and `make test-arm` (tools/test-arm.sh).
 set -euo pipefail
@@ -28,7 +27,7 @@ fail() { echo "build-wheel: $*" >&2; exit 1; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/edge-ft-build.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
-INPUTS=(pyproject.toml README.md edge_ft device_profiles)
+INPUTS=(pyproject.toml README.md edge_ft)
 if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     # --cached still lists files deleted in the working tree: copy only those that exist.
     git -C "$REPO" ls-files -z --cached --others --exclude-standard -- "${INPUTS[@]}" |
@@ -37,7 +36,6 @@ if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
 else
     tar -C "$REPO" --exclude=__pycache__ -cf - "${INPUTS[@]}" | tar -C "$TMP" -xf -
 fi
-mv "$TMP/device_profiles" "$TMP/edge_ft/emulation/device_profiles"
 
 # The hooks return the file name they wrote; their own chatter goes to stderr, only paths to stdout.
 (cd "$TMP" && "$PYTHON" - "$DEST" "$SDIST" <<'EOF'

@@ -42,9 +42,9 @@ def measure(name, profile, rounds, out: Path) -> dict:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     n = r.nodes[0]
-    return {"status": r.status, "rss": n.peak_rss_by_role, "pss": n.peak_pss_by_role, "sum_pss": n.sampled_peak_pss_bytes,
-            "sum_rss": n.sampled_peak_bytes, "cgroup": n.cgroup_peak_bytes, "oom": n.oom_killed,
-            "budget": n.budget_bytes}
+    return {"status": r.status, "rss": n.peak_rss_by_role, "pss": n.peak_pss_by_role,
+            "sum_pss": n.sampled_peak_pss_bytes, "sum_rss": n.sampled_peak_bytes, "cgroup": n.cgroup_peak_bytes,
+            "oom": n.oom_killed, "budget": n.budget_bytes}
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
     names = list(VARIANTS)
     for name in [names[int(i)] for i in args.only.split(",")] if args.only else names:
         runs = []
-        for k in range(args.repeats):
+        for _ in range(args.repeats):
             with tempfile.TemporaryDirectory(prefix="edge-ft-fleet-mem.") as tmp:
                 runs.append(measure(name, args.profile, args.rounds, Path(tmp)))
         cells = []

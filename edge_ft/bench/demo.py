@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_ft.bench.measure import ENGINES, LABELS, SweepSettings
+from edge_ft.bench.measure import LABELS, SweepSettings
+from edge_ft.contracts import ENGINES
 
 DEMO_PROFILES = ("host", "rpi-zero-2w", "rpi-4b-2gb")
 # 114 steps on mnist→digits: 1.2-2.5 points below the 20-epoch recipes (host, measured: full 0.968, probe 0.948,
@@ -40,11 +41,11 @@ class DemoSettings:
 
 
 def run_demo(s: DemoSettings) -> int:
+    from edge_ft.advice.recommend import Constraints, recommend
+    from edge_ft.bench.sweep import SweepOptions, plan, run_sweep, summarize
     from edge_ft.emulation.hostspeed import HostSpeed
     from edge_ft.emulation.profiles import load_profile
-    from edge_ft.bench.recommend import Constraints, recommend
-    from edge_ft.bench.report import write_report
-    from edge_ft.bench.sweep import SweepOptions, plan, run_sweep, summarize
+    from edge_ft.reports.report import write_report
 
     started = time.perf_counter()
     results = s.out / "results.jsonl"

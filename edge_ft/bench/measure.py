@@ -13,7 +13,6 @@ comes from the run's results.json; the shipped adapter is written by `edge-ft ad
 from __future__ import annotations
 
 import json
-import math
 import resource
 import shutil
 import time
@@ -22,14 +21,14 @@ from pathlib import Path
 
 from edge_ft.architecture import count_params
 from edge_ft.bench.prepare import Prepared, installable
-from edge_ft.bench.records import SCHEMA, run_key
+from edge_ft.bench.records import SCHEMA, BenchRecord, Epoch, host_fields, run_key
 from edge_ft.config import MethodConfig
-from edge_ft.contracts import ENGINES, RESULTS
+from edge_ft.contracts import MB, RESULTS
 from edge_ft.costmodel import estimate
 from edge_ft.data.tasks import task_slug
 from edge_ft.emulation.emulate import ConfinedResult, run_confined
 from edge_ft.emulation.hostspeed import HostSpeed
-from edge_ft.emulation.profiles import MB, DeviceProfile
+from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.run_record import read_summary
 from edge_ft.training_defaults import DEFAULTS
 
@@ -125,7 +124,7 @@ def job_argv(job: Job, prep: Prepared, bundle: Path | None, data: Path, run_dir:
 
 
 def measure(job: Job, prep: Prepared, bundle: Path | None, data: Path, num_classes: int,
-            timeout: float | None = None, mode: str = "auto", host: HostSpeed | None = None) -> dict:
+            timeout: float | None = None, mode: str = "auto", host: HostSpeed | None = None) -> BenchRecord:
     """Run the job confined to its profile and return its record (every outcome is a record)."""
     run_dir = job.run_dir(prep.root)
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted earlier left files that are not this run's
@@ -133,13 +132,13 @@ def measure(job: Job, prep: Prepared, bundle: Path | None, data: Path, num_class
     started, spawner_peak = time.time(), own_peak_rss()
     result = run_confined(argv, job.profile, env=prep.child_env(), timeout=timeout, mode=mode, host=host)
     record = base_record(job, prep, num_classes, result, spawner_peak)
-    record.update((host or HostSpeed.reference()).to_record())  # the speed every quota of this run was scaled by
+    record.update(host_fields(host or HostSpeed.reference()))  # the speed every quota of this run was scaled by
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
     if result.status == "ok":
         try:
             record.update(torch_fields(run_dir) if job.engine == "torch" else device_fields(run_dir))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            record.update(status="failed", fits=False, verdict=f"failed: unreadable run output ({e!r})")
+            record.update({"status": "failed", "fits": False, "verdict": f"failed: unreadable run output ({e!r})"})
             return record
         record["time_to_accuracy_s"] = time_to_accuracy(record, job.settings.target_accuracy)
         # The trainer samples itself every 5 ms (the parent every 20 ms): a short spike only it saw still counts.
@@ -158,7 +157,7 @@ def child_peak_rss(r: ConfinedResult, spawner_peak: int) -> int:
     return max(r.sampled_rss_bytes, r.ru_maxrss_bytes) if r.ru_maxrss_bytes > spawner_peak else r.sampled_rss_bytes
 
 
-def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, spawner_peak: int) -> dict:
+def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, spawner_peak: int) -> BenchRecord:
     cfg = job.method_config(num_classes)
     est = estimate(cfg, job.settings.batch or DEFAULTS[job.method].batch, DEFAULTS[job.method].optimizer)
     flops = step_flops(cfg, job.label, est.batch)["total"]
@@ -170,7 +169,7 @@ def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, s
         "installable_on_device": installable(job.engine, p.arch),
         "emulation": r.emulation, "time_scaled": r.time_scaled, "cpu_quota": r.cpu_quota, "threads": r.threads,
         "total_quota": r.total_quota, "quota_efficiency": r.quota_efficiency,
-        "cpus": r.cpus, "status": r.status, "exit_code": r.exit_code,
+        "cpus": r.cpus or [], "status": r.status, "exit_code": r.exit_code,
         "settings": asdict(job.settings), "base_sha256": job.base_sha256,
         "accuracy": None, "epochs": [], "steps": None,
         "ms_per_step_p50": None, "ms_per_step_p95": None, "ms_per_step_mean": None,
@@ -192,10 +191,10 @@ def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, s
     }
 
 
-def _run_fields(results: dict) -> dict:
+def _run_fields(results: dict) -> BenchRecord:
     """What every engine's run reports, through the one results schema (edge_ft.run_record)."""
     r = read_summary(results)
-    rows = [{"seconds": e["seconds"], "accuracy": e["accuracy"]} for e in r["epochs"]]
+    rows: list[Epoch] = [{"seconds": e["seconds"], "accuracy": e["accuracy"]} for e in r["epochs"]]
     secs = [e["seconds"] for e in rows]
     later = secs[1:] or secs  # the first epoch carries warm-up (graph optimisation, allocator growth)
     ms, mem = r["ms_per_step"], r["memory_mb"]
@@ -208,7 +207,7 @@ def _run_fields(results: dict) -> dict:
             "train_peak_rss_bytes": None if mem["peak_rss"] is None else round(mem["peak_rss"] * MB)}
 
 
-def device_fields(run_dir: Path) -> dict:
+def device_fields(run_dir: Path) -> BenchRecord:
     """Fields from an `edge-ft train` run, plus the adapter `edge-ft adapter export` makes of it."""
     from edge_ft.device.adapter import CONFIG, RECORD, WEIGHTS, export_adapter
 
@@ -224,14 +223,14 @@ def device_fields(run_dir: Path) -> dict:
     }
 
 
-def torch_fields(run_dir: Path) -> dict:
+def torch_fields(run_dir: Path) -> BenchRecord:
     """Fields from an `edge-ft finetune --engine torch` run; its weights file is what it would ship."""
     r = json.loads((run_dir / RESULTS).read_text())
     weights = (run_dir / TORCH_WEIGHTS).stat().st_size
     return {**_run_fields(r), "payload_bytes": weights, "payload_files": {TORCH_WEIGHTS: weights}}
 
 
-def time_to_accuracy(record: dict, target: float) -> float | None:
+def time_to_accuracy(record: BenchRecord, target: float) -> float | None:
     """Training seconds (feature caching included) until the first epoch whose held-out accuracy >= target."""
     elapsed = record.get("feature_cache_seconds") or 0.0
     for e in record["epochs"]:
@@ -241,7 +240,8 @@ def time_to_accuracy(record: dict, target: float) -> float | None:
     return None
 
 
-def verdict_fields(record: dict, profile: DeviceProfile, r: ConfinedResult, timeout: float | None) -> dict:
+def verdict_fields(record: BenchRecord, profile: DeviceProfile, r: ConfinedResult,
+                   timeout: float | None) -> BenchRecord:
     """fits + one line saying why: a run counts as fitting only if it finished and its RSS stayed in budget.
 
     The cgroup charges shared-library pages to whoever read them first (often another process here), so a job can
@@ -263,33 +263,3 @@ def verdict_fields(record: dict, profile: DeviceProfile, r: ConfinedResult, time
     if profile.native:
         return {"fits": True, "verdict": f"ok: peak RSS {peak:.0f} MB"}
     return {"fits": True, "verdict": f"fits: peak RSS {peak:.0f} of {budget} MB"}
-
-
-SHORT_STATUS = {"out_of_memory": "OOM", "timeout": "timeout", "failed": "failed"}
-
-
-def short_result(r: dict) -> str:
-    """'fits', 'over budget (328 MB)', 'OOM', 'timeout' or 'failed': the verdict in a table cell."""
-    if r.get("fits"):
-        return "fits"
-    if r["status"] == "ok":
-        return f"over budget ({mb(r['peak_rss_bytes'])} MB)"
-    return SHORT_STATUS.get(r["status"], r["status"])
-
-
-def mb(nbytes: float | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / MB:.0f}"
-
-
-def fmt_ms(record: dict) -> str:
-    """The step time to quote: the mean under a CPU quota (p50 is uneven there), p50 otherwise."""
-    value = step_ms(record)
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if value < 1 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
-
-
-def step_ms(record: dict) -> float | None:
-    key = "ms_per_step_mean" if record.get("time_scaled") else "ms_per_step_p50"
-    value = record.get(key)
-    return None if value is None or not math.isfinite(value) else value

@@ -28,7 +28,6 @@ from edge_ft.config import MethodConfig
 from edge_ft.contracts import MANIFEST, ORT_STEP
 from edge_ft.errors import UserError
 
-DEVICE_PYTHON_ENV = "EDGE_FT_DEVICE_PYTHON"
 LENET5 = "lenet5"
 # Models a sweep can measure: LeNet-5 and edge_ft.host.models.REFERENCE_MODELS (named here without importing torch).
 MODEL_NAMES = (LENET5, "resnet8", "ds-cnn", "mobilenet-v1-0.25")
@@ -110,70 +109,15 @@ def pythonpath_shim(prep: Path) -> Path:
     return folder
 
 
-def find_device_python(explicit: str | None = None) -> str:
-    """--device-python, else $EDGE_FT_DEVICE_PYTHON, else the checkout's .venv-device, else this interpreter."""
-    for candidate in (explicit, os.environ.get(DEVICE_PYTHON_ENV)):
-        if candidate:
-            if not Path(candidate).is_file():
-                raise UserError(f"device python {candidate}: no such file (build it with `make device-venv`)")
-            return candidate
-    for root in (Path(edge_ft.__file__).resolve().parents[1], Path.cwd()):
-        python = root / ".venv-device" / "bin" / "python"
-        if python.is_file():
-            return str(python)
-    return sys.executable
-
-
-def default_base(root: Path) -> Path:
-    return root / "prep" / "base.safetensors"
-
-
-def base_sha256(base: Path) -> str:
-    """The base's sha256 from its provenance JSON (hashing the file when the JSON is absent); '' if no base."""
-    from edge_ft.checkpoint import meta_path, sha256_file
-
-    if not base.is_file():
-        return ""
-    try:
-        return str(json.loads(meta_path(base).read_text())["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return sha256_file(base)
-
-
-def ensure_base(root: Path, base: str | Path | None, pretrain_epochs: int | None, quiet: bool) -> tuple[Path, str]:
-    """(base weights, their sha256): the given --base, or one pretrained on MNIST once and kept under prep/."""
-    from edge_ft.checkpoint import load_base, meta_path
-
-    if base is not None:
-        base = Path(base)
-        if not base.is_file():
-            raise UserError(f"--base {base}: no such file; create it with `edge-ft pretrain --out {base}`")
-    else:
-        base = default_base(root)
-        if not (base.is_file() and meta_path(base).is_file()):
-            if not quiet:
-                print(f"pretraining the base model on MNIST -> {base}", file=sys.stderr, flush=True)
-            from dataclasses import replace
-
-            from edge_ft.host.train import pretrain_base
-            from edge_ft.training_defaults import PRETRAIN
-
-            pretrain_base(base, replace(PRETRAIN, epochs=pretrain_epochs or PRETRAIN.epochs), quiet=quiet)
-    load_base(base)  # a corrupt or foreign file fails here with one line, not inside a child
-    return base, base_sha256(base)
-
-
 def ensure_data(root: Path, task: str) -> tuple[Path, int]:
     """(folder with the task's train.npz and test.npz, class count), exported once; a data folder is its own."""
-    from edge_ft.data.tasks import get_task
+    from edge_ft.data.tasks import export_task, get_task
 
     if Path(task).is_dir():
         return Path(task), data_classes(Path(task))
     folder = root / "prep" / "data" / get_task(task).slug
     info = folder / "task.json"
     if not all((folder / f).is_file() for f in ("train.npz", "test.npz", "task.json")):
-        from edge_ft.commands.data import export_task
-
         export_task(task, folder)
     try:
         return folder, int(json.loads(info.read_text())["num_classes"])
@@ -232,7 +176,7 @@ def ensure_model_base(root: Path, model: str, host) -> tuple[Path, str]:
     is needed for them."""
     import torch
 
-    from edge_ft.checkpoint import load_base, meta_path, save_base
+    from edge_ft.checkpoint import base_sha256, load_base, meta_path, save_base
 
     base = root / "prep" / "models" / model / "base.safetensors"
     if not (base.is_file() and meta_path(base).is_file()):
@@ -284,6 +228,8 @@ def prepare_all(spec: dict) -> dict:
     root = Path(spec["root"])
     if "models" in spec:
         return prepare_models(root, spec)
+    from edge_ft.host.train import ensure_base
+
     base, sha = ensure_base(root, spec.get("base"), spec.get("pretrain_epochs"), spec.get("quiet", False))
     data = {task: ensure_data(root, task) for task in spec["tasks"]}
     bundles = []

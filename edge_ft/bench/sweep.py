@@ -19,15 +19,18 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from edge_ft.bench.measure import (ENGINES, LABELS, Job, SweepSettings, fmt_ms, mb, measure,
-                                   short_result)
-from edge_ft.bench.prepare import Prepared, base_sha256, default_base, find_device_python, prepare_in_child
-from edge_ft.bench.records import append_record, latest, read_records
+from edge_ft.bench.measure import LABELS, Job, SweepSettings, measure
+from edge_ft.bench.prepare import Prepared, prepare_in_child
+from edge_ft.bench.records import BenchRecord, append_record, latest, read_records
+from edge_ft.checkpoint import base_sha256, default_base
+from edge_ft.contracts import ENGINES
 from edge_ft.emulation import lifetime
 from edge_ft.emulation.emulate import plan_cpus, usable_cpus
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.errors import UserError
+from edge_ft.interpreters import find_device_python
+from edge_ft.reports.format import fmt_ms, mb, short_result, text_table
 
 MAX_PARALLEL = 4  # side-by-side quota-limited runs; more would only add sampling overhead in the parent
 
@@ -88,7 +91,7 @@ def pending(jobs: list[Job], results: Path, force: bool) -> list[Job]:
     return [j for j in jobs if force or j.key not in done]
 
 
-def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> list[dict]:
+def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> list[BenchRecord]:
     """Measure what is not measured yet (each record appended to `results` as it finishes); return the latest
     record of every planned job."""
     results = Path(results)
@@ -112,7 +115,7 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
     finished = len(keyed) - len(todo)
     lifetime.kept_runs(finished, results)
     with _progress(len(keyed), finished, opts.quiet) as bar:
-        def finish(record: dict) -> None:
+        def finish(record: BenchRecord) -> None:
             nonlocal finished
             append_record(results, record)
             finished += 1
@@ -120,7 +123,7 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
             bar.update(1)
             bar.write(run_line(record), file=sys.stderr) if not bar.disable else say(run_line(record))
 
-        def run(job: Job) -> dict:
+        def run(job: Job) -> BenchRecord:
             # On a shared machine one native run can land on another process's busy seconds; training is
             # deterministic, so repetitions differ only in timing and the fastest is the machine's own figure.
             # Quota-limited runs are capped below what the machine offers, so one run is representative.
@@ -128,7 +131,7 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
                             *paths["data"][job.task], timeout=opts.timeout, mode=opts.mode, host=opts.host)
                     for _ in range(opts.repeats if job.profile.native else 1)]
             ok = [r for r in reps if r["status"] == "ok"]
-            best = min(ok, key=lambda r: r["ms_per_step_p50"]) if ok else reps[-1]
+            best = min(ok, key=lambda r: r.get("ms_per_step_p50") or float("inf")) if ok else reps[-1]
             best["repeats_ms_per_step_p50"] = [r["ms_per_step_p50"] for r in reps]
             return best
 
@@ -144,12 +147,12 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
     return records_for(keyed, results)
 
 
-def records_for(jobs: list[Job], results: Path) -> list[dict]:
+def records_for(jobs: list[Job], results: Path) -> list[BenchRecord]:
     by_key = latest(read_records(results))
     return [by_key[j.key] for j in jobs if j.key in by_key]
 
 
-def run_line(r: dict) -> str:
+def run_line(r: BenchRecord) -> str:
     accuracy = f"; accuracy {r['accuracy']:.3f}, {fmt_ms(r)} ms/step" if r.get("accuracy") is not None else ""
     held = f", throttled {r['throttled_seconds']:.1f} s" if r.get("throttled_seconds") is not None else ""
     return (f"{r['profile']:<12} {r['label']:<12} {r['engine']:<12} {r['verdict']}{accuracy} "
@@ -160,7 +163,7 @@ def _by_profile(jobs: list[Job]):
     groups: dict[str, list[Job]] = {}
     for j in jobs:
         groups.setdefault(j.profile.name, []).append(j)
-    for name, group in groups.items():
+    for group in groups.values():
         # torch runs are the longest under a quota (importing torch alone is minutes there): start them first
         yield group[0].profile, sorted(group, key=lambda j: j.engine != "torch")
 
@@ -226,7 +229,7 @@ def _cgroups_work() -> bool:
     return True
 
 
-def summarize(records: list[dict]) -> str:
+def summarize(records: list[BenchRecord]) -> str:
     """A short plain-text table of records (one line per run)."""
     rows = [("profile", "method", "engine", "accuracy", "ms/step", "peak RSS MB", "payload B", "result")]
     for r in records:
@@ -234,10 +237,4 @@ def summarize(records: list[dict]) -> str:
         rows.append((r["profile"], r["label"], r["engine"], acc, fmt_ms(r), mb(r["peak_rss_bytes"]),
                      "-" if r.get("payload_bytes") is None else f"{r['payload_bytes']:,}",
                      short_result(r)))
-    return plain_table(rows)
-
-
-def plain_table(rows: list[tuple]) -> str:
-    """Rows (the first is the header) as left-aligned text columns."""
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return text_table(rows)

@@ -20,19 +20,30 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import cast
 
 from edge_ft.bench.measure import verdict_fields
-from edge_ft.bench.prepare import (MODEL_METHODS, MODEL_NAMES, Prepared, find_device_python, installable,
-                                   prepare_in_child)
-from edge_ft.bench.records import SCHEMA, TRADEOFF, append_record, latest, read_records, run_key
-from edge_ft.contracts import ORT_STEP
+from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES, Prepared, installable, prepare_in_child
+from edge_ft.bench.records import (
+    SCHEMA,
+    TRADEOFF,
+    BenchRecord,
+    SearchStep,
+    append_record,
+    host_fields,
+    latest,
+    read_records,
+    run_key,
+)
+from edge_ft.contracts import MB, ORT_STEP
 from edge_ft.emulation import lifetime
 from edge_ft.emulation.emulate import run_confined
-from edge_ft.emulation.profiles import MB, DeviceProfile
+from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.errors import UserError
+from edge_ft.interpreters import find_device_python
 
 ENGINE = ORT_STEP  # the engine every board installs
 SEARCH_STEPS = 1  # timed steps per search probe, after one warm-up step (the first step allocates the buffers)
@@ -147,7 +158,7 @@ def run_probe(job: ModelJob, prep: Prepared, bundle: Path, batch: int, steps: in
     return fields, own
 
 
-def measure_model(job: ModelJob, prep: Prepared, bundle: Path, manifest: dict, opts) -> dict:
+def measure_model(job: ModelJob, prep: Prepared, bundle: Path, manifest: dict, opts) -> BenchRecord:
     """The timed run, then the batch search; every outcome is a record."""
     from edge_ft.run_record import read_summary
 
@@ -156,42 +167,43 @@ def measure_model(job: ModelJob, prep: Prepared, bundle: Path, manifest: dict, o
     timed, own = run_probe(job, prep, bundle, s.batch, s.steps, s.warmup, True, opts)
     r = timed.pop("result")
     record = base_model_record(job, manifest, prep)
-    record.update(timed, cpus=r.cpus, threads=r.threads, cpu_quota=r.cpu_quota, total_quota=r.total_quota,
-                  quota_efficiency=r.quota_efficiency, cpu_seconds=round(r.cpu_seconds, 3),
-                  throttled_seconds=r.throttled_seconds, thread_throttled_seconds=r.thread_throttled_seconds,
-                  ru_maxrss_bytes=r.ru_maxrss_bytes, sampled_rss_bytes=r.sampled_rss_bytes,
-                  cgroup_peak_bytes=r.cgroup_peak_bytes, notes=list(r.notes),
-                  stderr_tail=r.stderr_tail[-600:] if r.status != "ok" else "",
-                  started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)))
-    record.update(opts.host.to_record())
+    record.update(cast(BenchRecord, timed))  # batch, status, emulation, peak RSS, wall time (run_probe)
+    record.update({"cpus": r.cpus or [], "threads": r.threads, "cpu_quota": r.cpu_quota, "total_quota": r.total_quota,
+                   "quota_efficiency": r.quota_efficiency, "cpu_seconds": round(r.cpu_seconds, 3),
+                   "throttled_seconds": r.throttled_seconds, "thread_throttled_seconds": r.thread_throttled_seconds,
+                   "ru_maxrss_bytes": r.ru_maxrss_bytes, "sampled_rss_bytes": r.sampled_rss_bytes,
+                   "cgroup_peak_bytes": r.cgroup_peak_bytes, "notes": list(r.notes),
+                   "stderr_tail": r.stderr_tail[-600:] if r.status != "ok" else "",
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))})
+    record.update(host_fields(opts.host))
     if own.get("summary"):
         summary = read_summary(own)
         ms, mem = summary["ms_per_step"], summary["memory_mb"]
-        record.update(steps=summary["steps"], ms_per_step_p50=ms["p50"], ms_per_step_p95=ms["p95"],
-                      ms_per_step_mean=ms["mean"], rss_after_imports_bytes=round(mem["rss_after_imports"] * MB),
-                      train_peak_rss_bytes=round(mem["peak_rss"] * MB))
+        record.update({"steps": summary["steps"], "ms_per_step_p50": ms["p50"], "ms_per_step_p95": ms["p95"],
+                      "ms_per_step_mean": ms["mean"], "rss_after_imports_bytes": round(mem["rss_after_imports"] * MB),
+                      "train_peak_rss_bytes": round(mem["peak_rss"] * MB)})
     record.update(verdict_fields(record, p, r, opts.timeout))
     if record["status"] == "timeout":  # no figure for the start batch: the search would only time out again
-        record.update(max_fitting_batch=None, first_failing_batch=None, search=[])
+        record.update({"max_fitting_batch": None, "first_failing_batch": None, "search": []})
         return record
-    search = [{"batch": s.batch, "fits": record["fits"], "status": record["status"],
+    search: list[SearchStep] = [{"batch": s.batch, "fits": record["fits"], "status": record["status"],
                "peak_rss_bytes": record["peak_rss_bytes"], "timed": True}]
 
     def fits(batch: int) -> bool:
         fields, _ = run_probe(job, prep, bundle, batch, SEARCH_STEPS, 1, False, opts)
         result = fields.pop("result")
-        verdict = verdict_fields(fields, p, result, opts.timeout)
+        verdict = verdict_fields(cast(BenchRecord, fields), p, result, opts.timeout)
         search.append({"batch": batch, "fits": verdict["fits"], "status": fields["status"],
                        "peak_rss_bytes": fields["peak_rss_bytes"], "timed": False})
         return verdict["fits"]
 
     lo, hi = search_max_batch(fits, s.batch, s.max_batch, known=record["fits"])
-    record.update(max_fitting_batch=lo, first_failing_batch=hi, search=search,
-                  wall_seconds=round(time.time() - started, 3))
+    record.update({"max_fitting_batch": lo, "first_failing_batch": hi, "search": search,
+                  "wall_seconds": round(time.time() - started, 3)})
     return record
 
 
-def base_model_record(job: ModelJob, manifest: dict, prep: Prepared) -> dict:
+def base_model_record(job: ModelJob, manifest: dict, prep: Prepared) -> BenchRecord:
     """The fields a model record shares with the task sweep's (edge_ft.bench.records.REQUIRED) and its own."""
     from edge_ft.architecture import count_params
     from edge_ft.config import MethodConfig
@@ -220,7 +232,7 @@ def base_model_record(job: ModelJob, manifest: dict, prep: Prepared) -> dict:
     }
 
 
-def run_models(jobs: list[ModelJob], results: Path, opts, log=None) -> list[dict]:
+def run_models(jobs: list[ModelJob], results: Path, opts, log=None) -> list[BenchRecord]:
     """Export what is missing, then measure what is not measured yet (each record appended as it finishes);
     return the latest record of every job."""
     from tqdm import tqdm
@@ -260,7 +272,7 @@ def run_models(jobs: list[ModelJob], results: Path, opts, log=None) -> list[dict
     return [by_key[j.key] for j in jobs if j.key in by_key]
 
 
-def fitting_text(r: dict) -> str:
+def fitting_text(r: BenchRecord) -> str:
     """'96' (largest fitting batch), '>= 1024' (the search's cap fits), 'none' or '-' (not searched)."""
     if r.get("max_fitting_batch") is None:
         return "-"
@@ -269,21 +281,20 @@ def fitting_text(r: dict) -> str:
     return str(r["max_fitting_batch"]) if r["max_fitting_batch"] else "none"
 
 
-def model_line(r: dict) -> str:
-    from edge_ft.bench.measure import fmt_ms
+def model_line(r: BenchRecord) -> str:
+    from edge_ft.reports.format import fmt_ms
 
     return (f"{r['profile']:<12} {r['model']:<18} {r['method']:<7} batch {r['batch']}: {r['verdict']}, "
             f"{fmt_ms(r)} ms/step; largest fitting batch {fitting_text(r)}")
 
 
-def summarize_models(records: list[dict]) -> str:
+def summarize_models(records: list[BenchRecord]) -> str:
     """A short plain-text table of model records (one line per model, board and method)."""
-    from edge_ft.bench.measure import fmt_ms, mb, short_result
-    from edge_ft.bench.sweep import plain_table
+    from edge_ft.reports.format import fmt_ms, mb, short_result, text_table
 
-    rows = [("profile", "model", "method", "trainable", "batch", "ms/step", "peak RSS MB", "result",
-             "largest fitting batch")]
+    rows: list[tuple[object, ...]] = [("profile", "model", "method", "trainable", "batch", "ms/step", "peak RSS MB",
+                                       "result", "largest fitting batch")]
     for r in records:
         rows.append((r["profile"], r["model"], r["method"], f"{r['trainable_params']:,}", r["batch"], fmt_ms(r),
                      mb(r["peak_rss_bytes"]), short_result(r), fitting_text(r)))
-    return plain_table(rows)
+    return text_table(rows)

@@ -11,10 +11,11 @@ import json
 import sys
 import textwrap
 
-from edge_ft.commands.argtypes import add_lora_options, add_method_options, input_shape, int_at_least
 from edge_ft.architecture import count_params, lowest_trainable_layer
+from edge_ft.commands.argtypes import add_lora_options, add_method_options, input_shape, int_at_least
 from edge_ft.config import METHODS, OPTIMIZERS, SEED_METHODS, MethodConfig, MethodOptions
 from edge_ft.costmodel import DTYPES, CostEstimate, input_grad_layers, layer_macs
+from edge_ft.reports.format import text_table
 
 WIDTH = 110  # prose wraps here; tables are as wide as their columns
 CHEAP_ENOUGH = 1.5  # LoRA is recommended when it costs at most this many times a probing step (FLOPs and memory)
@@ -89,13 +90,8 @@ def to_json(estimates: dict[str, CostEstimate]) -> dict:
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    """First column left-aligned, the rest right-aligned, two spaces between columns."""
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    lines = []
-    for row in [headers, *rows]:
-        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    """First column left-aligned, the figures right-aligned."""
+    return text_table([headers, *rows], right_aligned=True)
 
 
 def _n(x: int) -> str:
@@ -217,12 +213,14 @@ def pros_and_cons(estimates: dict[str, CostEstimate]) -> dict[str, str]:
     cached_step = head.forward + head.backward_input + head.backward_weight
     texts["probe"] = (
         f"trains only {head_name}'s {_n(probe.params['trainable'])} parameters "
-        f"({_pct(probe.params['trainable'], base_total, 2)} of {name}). Its backward is {head_name}'s weight gradient alone "
+        f"({_pct(probe.params['trainable'], base_total, 2)} of {name}). "
+        f"Its backward is {head_name}'s weight gradient alone "
         f"({_mflops(pf['backward'])}, {_pct(pf['backward'], ff['backward'])} of full fine-tuning's backward), so a "
         f"step costs {_mflops(pf['total'])} ({_pct(pf['total'], ff['total'])} of full), "
         f"{_pct(pf['forward'], pf['total'])} of it the frozen forward. Memory drops to {_kib(pm['total'])} KiB "
         f"({_pct(pm['total'], fm['total'])} of full): only {head_name}'s input and the log-probabilities are kept "
-        f"({_kib(pm['activations'])} KiB). Since nothing below {head_name} changes, the {feature_dim}-wide {feature_layer} features can be computed "
+        f"({_kib(pm['activations'])} KiB). Since nothing below {head_name} changes, "
+        f"the {feature_dim}-wide {feature_layer} features can be computed "
         f"once and cached, and a step then costs {_mflops(cached_step)}, {pf['total'] / cached_step:,.0f}x less. "
         f"The price is capacity: the features stay those of the base task, so accuracy is capped by how well they "
         f"separate the new classes."

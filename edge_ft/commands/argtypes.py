@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 from edge_ft.config import LORA_BIAS, MethodConfig, MethodOptions, method_config_for, parse_targets
+from edge_ft.errors import UserError
 from edge_ft.model_desc import ModelDesc
 
 
@@ -80,5 +82,17 @@ def input_shape(text: str) -> tuple[int, ...]:
 
 def method_config(args: argparse.Namespace, method: str, num_classes: int, base_classes: int,
                   model: ModelDesc | None = None) -> MethodConfig:
-    """The MethodConfig the command's options describe (edge_ft.config.method_config_for)."""
-    return method_config_for(MethodOptions.from_args(args), method, num_classes, base_classes, model)
+    """The MethodConfig the command's options describe (edge_ft.config.method_config_for), its errors naming the
+    options the user typed where the library names its parameters."""
+    try:
+        return method_config_for(MethodOptions.from_args(args), method, num_classes, base_classes, model)
+    except UserError as e:
+        raise UserError(flag_names(str(e))) from None
+
+
+METHOD_FLAGS = {"last_k": "--last-k", "modules_to_save": "--modules-to-save", "targets": "--targets"}
+
+
+def flag_names(message: str) -> str:
+    """A MethodConfig error with its parameter names (last_k, targets, ...) written as the options that set them."""
+    return re.sub(r"\b(" + "|".join(METHOD_FLAGS) + r")\b", lambda m: METHOD_FLAGS[m.group(1)], message)

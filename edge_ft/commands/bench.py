@@ -59,10 +59,12 @@ def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT
     p.add_argument("--base", metavar="BASE.safetensors",
                    help="base weights (default: pretrain once into the results folder's prep/)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int_at_least(1), metavar="N", help=f"passes over the data (default: {recipe_default('epochs')})")
+    length.add_argument("--epochs", type=int_at_least(1), metavar="N",
+                        help=f"passes over the data (default: {recipe_default('epochs')})")
     length.add_argument("--steps", type=int_at_least(1), metavar="N",
                         help="exact optimizer steps (ORT engines only)")
-    p.add_argument("--batch", type=int_at_least(1), metavar="N", help=f"examples per step (default: {recipe_default('batch')})")
+    p.add_argument("--batch", type=int_at_least(1), metavar="N",
+                   help=f"examples per step (default: {recipe_default('batch')})")
     p.add_argument("--seed", type=int, default=0, help="batch-order seed (default 0)")
     add_lora_options(p, layers=False)
     p.add_argument("--target-accuracy", type=accuracy_fraction, default=0.9, metavar="F",
@@ -161,9 +163,9 @@ def resolve_tasks(args) -> list[str]:
 
 def sweep_from_args(args, profiles: list[str]):
     """(jobs, options) for the sweep the arguments describe."""
+    from edge_ft.bench.sweep import SweepOptions, plan
     from edge_ft.emulation.hostspeed import HostSpeed
     from edge_ft.emulation.profiles import load_profile
-    from edge_ft.bench.sweep import SweepOptions, plan
 
     resolve_tasks(args)
     host = HostSpeed.resolve(args.host_speed, quiet=args.quiet)
@@ -192,10 +194,10 @@ def handler(args) -> int:
 
 
 def models_handler(args) -> int:
-    from edge_ft.emulation.hostspeed import HostSpeed
-    from edge_ft.emulation.profiles import load_profile
     from edge_ft.bench.sweep import SweepOptions
     from edge_ft.bench.tradeoff import plan_models, run_models, summarize_models
+    from edge_ft.emulation.hostspeed import HostSpeed
+    from edge_ft.emulation.profiles import load_profile
     from edge_ft.errors import require_host
 
     require_host("edge-ft bench --models (exporting the step graphs)")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ft.atomic import atomic_write_json
 from edge_ft.commands.argtypes import positive_float
 from edge_ft.data.npz import parse_class_names, save_npz
+from edge_ft.data.tasks import export_task
 
 
 def register(subparsers) -> None:
@@ -59,7 +59,8 @@ def list_tasks(args) -> int:
     for task in tasks.TASKS:
         shots = "all" if task.default_shots is None else str(task.default_shots)
         print(f"{task.slug:15s} {shots:11s}  {task.summary}")
-    print("\nSplits are fixed and documented in edge_ft/data/tasks.py; pretraining uses MNIST (see `edge-ft pretrain`).")
+    print("\nSplits are fixed and documented in edge_ft/data/tasks.py; "
+          "pretraining uses MNIST (see `edge-ft pretrain`).")
     return 0
 
 
@@ -67,20 +68,6 @@ def export(args) -> int:
     info = export_task(args.task, args.out, args.shots)
     print(f"{info['name']}: {info['n_train']} train / {info['n_test']} test examples -> {args.out}/")
     return 0
-
-
-def export_task(name: str, out: Path, shots: int | None = None) -> dict:
-    """`edge-ft data export` as a function: the task's train.npz, test.npz and task.json in `out`; returns what
-    task.json holds plus the task's name and split sizes."""
-    from edge_ft.data.tasks import get_task, target_split
-
-    task = get_task(name)
-    split = target_split(task, shots)
-    save_npz(out / "train.npz", split.x_train, split.y_train, task.classes)
-    save_npz(out / "test.npz", split.x_test, split.y_test, task.classes)
-    info = dict(split.info, slug=task.slug, num_classes=split.num_classes, classes=list(task.classes))
-    atomic_write_json(out / "task.json", info)
-    return dict(info, name=task.name, n_train=len(split.y_train), n_test=len(split.y_test))
 
 
 def class_names(text: str) -> list[str]:

@@ -88,7 +88,8 @@ def run_one(args) -> int:
 
 def run_table(args) -> int:
     from edge_ft.data.tasks import TASKS, get_task
-    from edge_ft.host.table import run_table as build, to_markdown, write_table
+    from edge_ft.host.table import run_table as build
+    from edge_ft.host.table import to_markdown, write_table
 
     if args.method is not None:
         raise UserError("--all runs every method; drop --method (or drop --all for a single run)")

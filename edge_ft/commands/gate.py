@@ -5,6 +5,11 @@ The same options on `edge-ft bench` check the sweep it just ran; both go through
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge_ft.bench.records import BenchRecord
+
 import argparse
 import sys
 from dataclasses import dataclass
@@ -64,7 +69,7 @@ class GatePlan:
 
     assertions: list  # gates.Assertion
     limits: dict  # field -> baseline.Limit
-    baseline: list[dict] | None  # the baseline's records
+    baseline: list[BenchRecord] | None  # the baseline's records
     args: argparse.Namespace
 
     @property
@@ -74,10 +79,10 @@ class GatePlan:
 
 def plan_gates(args) -> GatePlan:
     """Parse and check every gate option (exit 2 on the first malformed one), before a sweep starts."""
-    from edge_ft.bench.baseline import parse_limits
-    from edge_ft.bench.gates import parse_assertion
     from edge_ft.bench.records import read_records
     from edge_ft.errors import UserError
+    from edge_ft.gates.assertions import parse_assertion
+    from edge_ft.gates.baseline import parse_limits
     from edge_ft.validate import writable_file
 
     assertions = [parse_assertion(text) for text in args.asserts]
@@ -97,11 +102,11 @@ def plan_gates(args) -> GatePlan:
     return GatePlan(assertions, limits, baseline, args)
 
 
-def check_records(plan: GatePlan, records: list[dict]) -> int:
+def check_records(plan: GatePlan, records: list[BenchRecord]) -> int:
     """Evaluate the plan on `records` (one per run), print the outcome, write --junit/--summary; 1 if any failed."""
-    from edge_ft.bench import cireport
-    from edge_ft.bench.baseline import compare
-    from edge_ft.bench.gates import evaluate
+    from edge_ft.gates import cireport
+    from edge_ft.gates.assertions import evaluate
+    from edge_ft.gates.baseline import compare
 
     args = plan.args
     outcomes = evaluate(plan.assertions, records, args.allow_unscaled_time)
@@ -122,8 +127,7 @@ def check_records(plan: GatePlan, records: list[dict]) -> int:
 
 
 def handler(args) -> int:
-    from edge_ft.bench.gates import latest_runs
-    from edge_ft.bench.records import read_records
+    from edge_ft.bench.records import latest_runs, read_records
     from edge_ft.errors import UserError
 
     plan = plan_gates(args)

@@ -15,13 +15,15 @@ def register(subparsers) -> None:
         description="Reads the model's own card (input name, shape, pixel scaling, polarity, class names, stored "
         "in model.onnx by `edge-ft train` and `edge-ft adapter merge`) and prepares the inputs the way the model "
         "was trained: grey, 28x28, white ink on black (light pages are inverted), pixels / 255. Images need "
-        "pillow; a model of another input shape takes one .npz (uint8 pixels / 255, or float32 inputs as given). Inputs with a known class (a .npz's labels, or images inside a folder named like a class) are "
+        "pillow; a model of another input shape takes one .npz (uint8 pixels / 255, or float32 inputs as given). "
+        "Inputs with a known class (a .npz's labels, or images inside a folder named like a class) are "
         "also scored.",
     )
     p.add_argument("model", metavar="MODEL_OR_RUN", help="model.onnx, or a run folder from `edge-ft train`")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER|DATA.npz",
                    help="image files (png, jpg, bmp, gif, pgm), folders of them, or one .npz")
-    p.add_argument("--top-k", type=int_at_least(1), default=1, metavar="K", help="classes to list per input (default 1)")
+    p.add_argument("--top-k", type=int_at_least(1), default=1, metavar="K",
+                   help="classes to list per input (default 1)")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--threads", type=int_at_least(0), default=0, metavar="N",
                    help="onnxruntime intra-op threads (default 0: onnxruntime decides)")

@@ -8,6 +8,7 @@ import sys
 from edge_ft.commands.argtypes import int_at_least, positive_float
 from edge_ft.commands.bench import add_host_speed_option
 from edge_ft.errors import UserError
+from edge_ft.reports.format import text_table
 
 
 def register(subparsers) -> None:
@@ -15,7 +16,8 @@ def register(subparsers) -> None:
         "profile",
         help="device profiles: list, show, calibrate this CPU, run a command confined to a device",
         description="Device profiles describe a target board (cores, memory left to the application, per-core "
-        "speed). Shipped profiles live in device_profiles/; $EDGE_FT_PROFILES adds folders searched first.",
+        "speed). Shipped profiles live in the package (edge_ft/emulation/device_profiles/); $EDGE_FT_PROFILES adds "
+        "folders searched first.",
     )
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -143,9 +145,8 @@ def show_handler(args) -> int:
 def calibrate_handler(args) -> int:
     from edge_ft.emulation.calibrate import PARTS, REFERENCE
     from edge_ft.emulation.emulate import run_confined
-    from edge_ft.emulation.profiles import load_profile
-
     from edge_ft.emulation.hostspeed import HostSpeed
+    from edge_ft.emulation.profiles import load_profile
 
     profile = load_profile(args.profile or "host")
     mode = args.mode if args.profile else "native"
@@ -244,14 +245,8 @@ def check_handler(args) -> int:
         print(json.dumps({"host": host.to_record(), "checks": [c.to_dict() for c in checks]}, indent=2))
         return 0
     print(f"this machine: {host.describe()}")
-    _print_table([CHECK_HEADER] + check_table(checks))
+    print(text_table([CHECK_HEADER] + check_table(checks)))
     return 0
-
-
-def _print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def train_check(args, profiles, host) -> int:
@@ -280,5 +275,5 @@ def train_check(args, profiles, host) -> int:
         print(json.dumps({"host": host.to_record(), "checks": [c.to_dict() for c in checks]}, indent=2))
     else:
         print(f"this machine: {host.describe()}")
-        _print_table([TRAIN_HEADER] + train_table(checks))
+        print(text_table([TRAIN_HEADER] + train_table(checks)))
     return 0

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge_ft.bench.records import BenchRecord
+
 import argparse
 import json
 import shlex
@@ -9,8 +14,14 @@ import sys
 from pathlib import Path
 
 from edge_ft.commands.argtypes import positive_float
-from edge_ft.commands.bench import (DEFAULT_ENGINES, DEFAULT_METHODS, DEFAULT_RESULTS, accuracy_fraction,
-                                    add_sweep_options, comma_list)
+from edge_ft.commands.bench import (
+    DEFAULT_ENGINES,
+    DEFAULT_METHODS,
+    DEFAULT_RESULTS,
+    accuracy_fraction,
+    add_sweep_options,
+    comma_list,
+)
 from edge_ft.errors import UserError
 
 DEFAULT_TABLE = Path("runs/table/table.json")  # where `edge-ft finetune --all` writes it
@@ -69,11 +80,11 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    from edge_ft.emulation.profiles import load_profile
-    from edge_ft.bench.recommend import Constraints, latest_runs, recommend
-    from edge_ft.bench.records import read_records
+    from edge_ft.advice.recommend import Constraints, recommend
+    from edge_ft.bench.records import latest_runs, read_records
     from edge_ft.commands.bench import resolve_tasks
     from edge_ft.data.tasks import task_name
+    from edge_ft.emulation.profiles import load_profile
 
     profile = load_profile(args.profile)
     if args.model:
@@ -109,9 +120,9 @@ def handler(args) -> int:
 
 
 def model_handler(args, profile) -> int:
-    from edge_ft.bench.model_choice import recommend_model
+    from edge_ft.advice.model_choice import recommend_model
+    from edge_ft.advice.recommend import Constraints
     from edge_ft.bench.prepare import MODEL_NAMES
-    from edge_ft.bench.recommend import Constraints
     from edge_ft.bench.records import TRADEOFF, read_records
 
     if args.model not in MODEL_NAMES:
@@ -128,19 +139,19 @@ def model_handler(args, profile) -> int:
     return 0
 
 
-def predicted(args, profile, task: str, records: list[dict], measured: list[dict], constraints):
-    """The predicted answer (edge_ft.bench.predict), the command that would measure it and its expected duration,
+def predicted(args, profile, task: str, records: list[BenchRecord], measured: list[BenchRecord], constraints):
+    """The predicted answer (edge_ft.advice.forecast), the command that would measure it and its expected duration,
     and, when the profile is measured, the prediction checked against the measurements."""
-    from edge_ft.bench import predict
-    from edge_ft.emulation.hostspeed import cached_speed
-    from edge_ft.bench.recommend import choose, name, recommend
+    from edge_ft.advice import forecast
+    from edge_ft.advice.recommend import choose, name, recommend
     from edge_ft.bench.sweep import plan
     from edge_ft.commands.bench import settings_from_args
+    from edge_ft.emulation.hostspeed import cached_speed
 
     host = args.host_speed or cached_speed()
     settings = settings_from_args(args, host or 1.0)
     plan([task], args.methods, args.engines, [profile], settings)  # refuses what the sweep would refuse
-    preds = predict.predict_runs(records, profile, task, settings, args.methods, args.engines, host,
+    preds = forecast.predict_runs(records, profile, task, settings, args.methods, args.engines, host,
                                  args.accuracy_table)
     rec = choose(preds, profile, task, constraints)
     rec.basis = "predicted"
@@ -149,21 +160,21 @@ def predicted(args, profile, task: str, records: list[dict], measured: list[dict
         why = "--predict; measured answer: " + (name(actual) if actual else "nothing fits")
     else:
         why = f"nothing measured for {profile.name} on {task} yet; a prediction, not a measurement"
-    rec.lines = predict.explain(rec, profile, constraints, why)
-    seconds = predict.sweep_seconds(preds, profile, args.repeats, host)
+    rec.lines = forecast.explain(rec, profile, constraints, why)
+    seconds = forecast.sweep_seconds(preds, profile, args.repeats, host)
     extra = [] if host or profile.native else ["~2 min to calibrate this machine once"]
     if not (args.results.parent / "prep" / "bundles").is_dir():
         extra.append(f"{PREPARE} to prepare the sweep once (" + ("" if args.base else "pretrain the base, ")
                      + "export the bundles)")
-    expected = predict.fmt_duration(seconds) + "".join(f" + {e}" for e in extra)
+    expected = forecast.fmt_duration(seconds) + "".join(f" + {e}" for e in extra)
     argv = sweep_argv(args)
     command = shlex.join(["edge-ft", "bench", "--profiles", profile.name, *argv])
     rec.lines.append(f"  to measure it ({len(preds)} runs, expected {expected}): {command}")
     if not args.measure:
         again = shlex.join(["edge-ft", "recommend", "--profile", profile.name, "--measure", *argv])
         rec.lines.append(f"  or `{again}`: the same sweep, then the answer from its measurements")
-    rows = predict.check(preds, measured)
-    rec.lines += predict.check_lines(rows, profile.name)
+    rows = forecast.check(preds, measured)
+    rec.lines += forecast.check_lines(rows, profile.name)
     rec.extra = {"predictions": preds, "check": rows,
                  "measure": {"command": command, "runs": len(preds), "expected_seconds": seconds,
                              "expected": expected}}

@@ -34,8 +34,8 @@ def handler(args) -> int:
     if importlib.util.find_spec("matplotlib") is None:
         raise UserError("edge-ft report draws its plots with matplotlib: pip install matplotlib, or "
                         + install_hint("host"))
-    from edge_ft.bench.report import write_report
     from edge_ft.fleet.records import is_fleet_records
+    from edge_ft.reports.report import write_report
 
     if all(is_fleet_records(p) for p in args.results):
         from edge_ft.fleet.report import write_fleet_report

@@ -23,14 +23,19 @@ def register(subparsers) -> None:
         "peak RSS, artifact sizes) to --out. Defaults come from the method's recipe.",
     )
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder from `edge-ft export`")
-    p.add_argument("--data", required=True, metavar="TRAIN.npz", help="training data: x uint8 images or float32 inputs in the bundle's input shape, y (LeNet-5: uint8 (N,28,28))")
+    p.add_argument("--data", required=True, metavar="TRAIN.npz",
+                   help="training data: x uint8 images or float32 inputs in the bundle's input shape, "
+                        "y (LeNet-5: uint8 (N,28,28))")
     p.add_argument("--eval", metavar="TEST.npz", help="held-out data for accuracy after each epoch")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int_at_least(1), metavar="N", help=f"passes over the data (default: {recipe_default('epochs')})")
+    length.add_argument("--epochs", type=int_at_least(1), metavar="N",
+                        help=f"passes over the data (default: {recipe_default('epochs')})")
     length.add_argument("--steps", type=int_at_least(1), metavar="N", help="exact number of optimizer steps")
-    p.add_argument("--batch", type=int_at_least(1), metavar="N", help=f"examples per step (default: {recipe_default('batch')})")
+    p.add_argument("--batch", type=int_at_least(1), metavar="N",
+                   help=f"examples per step (default: {recipe_default('batch')})")
     p.add_argument("--lr", type=positive_float, help="learning rate (default: the bundle's)")
-    p.add_argument("--schedule", choices=("constant", "cosine", "step"), help=f"per-epoch schedule (default: {recipe_default('schedule')})")
+    p.add_argument("--schedule", choices=("constant", "cosine", "step"),
+                   help=f"per-epoch schedule (default: {recipe_default('schedule')})")
     p.add_argument("--threads", type=int_at_least(0), metavar="N",
                    help="onnxruntime intra-op threads (default: --profile's, else 0 = onnxruntime decides)")
     p.add_argument("--profile", metavar="NAME", help="device profile whose thread count to use (edge-ft profile)")

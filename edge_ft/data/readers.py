@@ -137,7 +137,8 @@ def read_uci_digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise UserError("the UCI digits ship with scikit-learn, which is not installed: pip install scikit-learn")
+        raise UserError("the UCI digits ship with scikit-learn, which is not installed: "
+                        "pip install scikit-learn") from None
     digits = load_digits()
     return validate_xy(digits_to_mnist(digits.images), digits.target.astype(np.int64), "sklearn load_digits")
 

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from edge_ft.data.npz import load_npz
+from edge_ft.atomic import atomic_write_json
+from edge_ft.data.npz import load_npz, save_npz
 from edge_ft.data.readers import DEBIAN_FASHION_ROOT, read_fashion, read_idx_dataset, read_mnist_5k, read_uci_digits
 from edge_ft.errors import UserError
 
@@ -157,3 +159,15 @@ def resolve_split(task_or_folder: str, shots: int | None = None) -> Split:
     if Path(task_or_folder).is_dir():
         return exported_split(task_or_folder, shots)
     return target_split(task_or_folder, shots)
+
+
+def export_task(name: str, out: Path, shots: int | None = None) -> dict[str, Any]:
+    """`edge-ft data export` as a function: the task's train.npz, test.npz and task.json in `out`; returns what
+    task.json holds plus the task's name and split sizes."""
+    task = get_task(name)
+    split = target_split(task, shots)
+    save_npz(out / "train.npz", split.x_train, split.y_train, task.classes)
+    save_npz(out / "test.npz", split.x_test, split.y_test, task.classes)
+    info = dict(split.info, slug=task.slug, num_classes=split.num_classes, classes=list(task.classes))
+    atomic_write_json(out / "task.json", info)
+    return dict(info, name=task.name, n_train=len(split.y_train), n_test=len(split.y_test))

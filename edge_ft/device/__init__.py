@@ -10,8 +10,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from edge_ft.device.api import (EpochResult, Evaluation, FitProgress, FitResult, Prediction, Predictor, Trainer,
-                                    UserError, merge, train_run)
+    from edge_ft.device.api import (
+        EpochResult,
+        Evaluation,
+        FitProgress,
+        FitResult,
+        Prediction,
+        Predictor,
+        Trainer,
+        UserError,
+        merge,
+        train_run,
+    )
 
 __all__ = ["Trainer", "Predictor", "FitProgress", "FitResult", "EpochResult", "Evaluation", "Prediction",
            "UserError", "train_run", "merge"]

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,10 +27,16 @@ from edge_ft.architecture import last_k_layers, param_shapes, trainable_names
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_json, ensure_dir, remove_stale_temps, replace_folder
 from edge_ft.checkpoint import load_json_object, load_safetensors, sha256_file
 from edge_ft.config import MethodConfig
-from edge_ft.contracts import RESULTS, TRAINED
+from edge_ft.contracts import MANIFEST, RESULTS, TRAINED
 from edge_ft.data.npz import check_class_names
-from edge_ft.device.bundle import (APPLIED_ADAPTER, MANIFEST, PENDING_ADAPTER, Bundle, file_entry,
-                                   finish_adapter_apply, load_bundle)
+from edge_ft.device.bundle import (
+    APPLIED_ADAPTER,
+    PENDING_ADAPTER,
+    Bundle,
+    file_entry,
+    finish_adapter_apply,
+    load_bundle,
+)
 from edge_ft.device.inference import base_weights, write_inference_model
 from edge_ft.device.model_card import model_source, stamp_model
 from edge_ft.errors import UserError
@@ -94,8 +101,8 @@ def carrier_tensors(cfg: MethodConfig, carrier: str) -> dict[str, np.ndarray]:
 class Adapter:
     folder: Path  # the adapter folder
     tensors: dict[str, np.ndarray]  # edge-ft names (fc1.lora_A, fc3.weight, ...) -> stored arrays
-    peft: dict  # adapter_config.json as read: what PEFT applies
-    record: dict  # edge-ft's record: method, base_sha256, num_classes, dtype, files {name: sha256}
+    peft: dict[str, Any]  # adapter_config.json as read: what PEFT applies
+    record: dict[str, Any]  # edge-ft's record: method, base_sha256, num_classes, dtype, files {name: sha256}
     record_file: str  # where the record came from: RECORD, or CONFIG for a format-1 adapter
 
 
@@ -103,7 +110,7 @@ def holds_adapter(folder: Path) -> bool:
     return any((folder / name).exists() for name in (WEIGHTS, CONFIG, RECORD))
 
 
-def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32", force: bool = False) -> dict:
+def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32", force: bool = False) -> dict[str, Any]:
     """RUN (from `edge-ft train`) -> ADAPTER_DIR with the trained tensors, PEFT's config and edge-ft's record.
 
     An adapter already in `out` is replaced only with `force`. Returns the record.
@@ -135,8 +142,8 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32", for
     return write_adapter(out, trained, cfg, info["base"], classes, dtype)
 
 
-def write_adapter(out: Path, trained: dict[str, np.ndarray], cfg: MethodConfig, base: dict,
-                  classes: list[str] | None, dtype: str = "float32") -> dict:
+def write_adapter(out: Path, trained: dict[str, np.ndarray], cfg: MethodConfig, base: dict[str, Any],
+                  classes: list[str] | None, dtype: str = "float32") -> dict[str, Any]:
     """The three adapter files for `trained` (edge-ft names) of a `cfg` model on `base` ({"sha256", "file"});
     the caller checked the tensors. Returns the record."""
     (out / RECORD).unlink(missing_ok=True)  # uncommitted until the new record is written
@@ -155,14 +162,14 @@ def write_adapter(out: Path, trained: dict[str, np.ndarray], cfg: MethodConfig, 
     return record
 
 
-def peft_config(cfg: MethodConfig, base: dict) -> dict:
+def peft_config(cfg: MethodConfig, base: dict[str, Any]) -> dict[str, Any]:
     """adapter_config.json: LoraConfig's own fields only (probe and full have no PEFT type; bias and last-k ride on
     a zero LoRA carrier, see peft_carrier)."""
     common = {"base_model_name_or_path": base.get("file"), "task_type": None}
     carrier = peft_carrier(cfg)
     if cfg.method != "lora" and not carrier:
         return {"peft_type": None, **common}
-    r, alpha, targets, bias = ((cfg.rank, cfg.alpha, list(cfg.targets), cfg.bias) if cfg.method == "lora" else
+    r, alpha, targets, bias = ((cfg.rank, cfg.alpha, list(cfg.targets or ()), cfg.bias) if cfg.method == "lora" else
                                (1, 1.0, [carrier], "all" if cfg.method == "bias" else "none"))
     return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets,
             "bias": bias, "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True,
@@ -210,7 +217,7 @@ def load_adapter(folder: str | Path) -> Adapter:
     return Adapter(folder, tensors, config, record, record_file)
 
 
-def _layers(value) -> list[str] | None:
+def _layers(value: object) -> list[str] | None:
     """A PEFT module list as sorted names; None when it is not a list of strings (null counts as empty)."""
     value = [] if value is None else value
     return sorted(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
@@ -239,18 +246,18 @@ def check_adapter(bundle: Bundle, adapter: Adapter) -> None:
     if cfg.method == "lora":  # what PEFT will apply must be what the bundle trains
         if config.get("r") != cfg.rank:
             refuse(f"adapter rank r={config.get('r')}, the bundle's LoRA rank is {cfg.rank}")
-        if _layers(config.get("target_modules")) != sorted(cfg.targets):
-            refuse(f"adapter targets {config.get('target_modules')}, the bundle's are {list(cfg.targets)}")
+        if _layers(config.get("target_modules")) != sorted(cfg.targets or ()):
+            refuse(f"adapter targets {config.get('target_modules')}, the bundle's are {list(cfg.targets or ())}")
         if _layers(config.get("modules_to_save")) != sorted(cfg.modules_to_save):
             refuse(f"adapter modules_to_save {config.get('modules_to_save')}, "
                    f"the bundle's are {list(cfg.modules_to_save)}")
         if config.get("lora_alpha") != cfg.alpha or config.get("bias") != cfg.bias:
             refuse(f"adapter lora_alpha/bias {config.get('lora_alpha')}/{config.get('bias')}, "
                    f"the bundle's are {cfg.alpha}/{cfg.bias}")
-    if cfg.method in ("bias", "last-k") and config.get("peft_type") is not None:
-        if _layers(config.get("modules_to_save")) != sorted(peft_modules_to_save(cfg)):
-            refuse(f"adapter modules_to_save {config.get('modules_to_save')}, the bundle trains "
-                   f"{peft_modules_to_save(cfg)} whole")
+    if (cfg.method in ("bias", "last-k") and config.get("peft_type") is not None
+            and _layers(config.get("modules_to_save")) != sorted(peft_modules_to_save(cfg))):
+        refuse(f"adapter modules_to_save {config.get('modules_to_save')}, the bundle trains "
+               f"{peft_modules_to_save(cfg)} whole")
     dtype = record.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         refuse(f"adapter dtype {dtype!r} is not float32 or float16")
@@ -259,7 +266,7 @@ def check_adapter(bundle: Bundle, adapter: Adapter) -> None:
         missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
         refuse(f"tensor {(missing or extra)[0]!r} is {'missing' if missing else 'not trainable in this method'}")
     for name, value in tensors.items():
-        if value.dtype != DTYPES[dtype]:
+        if value.dtype != DTYPES[str(dtype)]:
             refuse(f"{name} is {value.dtype}, the config says {dtype}")
         shape = bundle.trainable.get(name) or bundle.frozen[name]
         if tuple(value.shape) != shape:

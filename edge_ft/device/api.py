@@ -158,6 +158,7 @@ class Trainer:
 
     Raises:
         UserError: the bundle is missing, damaged, unsigned under a trust policy, or its engine cannot load here.
+
     """
 
     def __init__(self, bundle: str | Path, *, threads: int = 0, lr: float | None = None, batch: int | None = None,
@@ -183,6 +184,7 @@ class Trainer:
 
         Raises:
             UserError: the checkpoint is missing, damaged or was saved from another bundle.
+
         """
         trainer = cls(bundle, **options)
         trainer.load_checkpoint(checkpoint)
@@ -210,6 +212,7 @@ class Trainer:
             x: uint8 pixels (B, H, W) / (B, C, H, W), scaled by /255 as in training, or float32 model inputs.
             y: integer labels (B,), each below `num_classes`.
             lr: learning rate of this step (default: the trainer's `lr`).
+
         """
         xb, yb = _xy(x, y, self.bundle, "step")
         return self._step(to_float(xb), yb, self.lr if lr is None else lr)
@@ -249,6 +252,7 @@ class Trainer:
             schedule: "constant" or "cosine" over this fit's epochs (default: the recipe's).
             seed: batch-order seed.
             callback: called with a `FitProgress` after every epoch; `progress.stop()` ends the fit there.
+
         """
         xs, ys = _xy(x, y, self.bundle, "fit")
         held = None if eval_data is None else _xy(eval_data[0], eval_data[1], self.bundle, "eval_data")
@@ -335,6 +339,7 @@ class Trainer:
 
         Raises:
             UserError: `folder` already holds an adapter and `force` is not set, or dtype is unknown.
+
         """
         out = writable_folder(folder, option="adapter folder")
         if holds_adapter(out) and not force:
@@ -362,6 +367,7 @@ class Predictor:
     Args:
         model: model.onnx from `edge-ft train`, `edge-ft adapter merge` or `Trainer.export_model`, or a run folder.
         threads: onnxruntime intra-op threads (0: onnxruntime decides).
+
     """
 
     def __init__(self, model: str | Path, *, threads: int = 0) -> None:

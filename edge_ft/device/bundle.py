@@ -12,12 +12,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edge_ft.checkpoint import load_safetensors, sha256_file
 from edge_ft.config import MethodConfig, OptimizerConfig
-from edge_ft.contracts import MANIFEST, RESULTS
+from edge_ft.contracts import BUNDLE_ENGINES, MANIFEST, RESULTS
 from edge_ft.data.npz import check_class_names
 from edge_ft.errors import UserError
 from edge_ft.model_desc import ModelDesc, model_from_manifest
@@ -32,7 +33,7 @@ REQUIRED = ("engine", "method", "optimizer", "num_classes", "input_shape", "trai
 @dataclass(frozen=True)
 class Bundle:
     path: Path  # the bundle folder
-    manifest: dict  # manifest.json as read
+    manifest: dict[str, Any]  # manifest.json as read
     engine: str  # "ort-training" | "ort-step"
     method: MethodConfig
     optimizer: OptimizerConfig
@@ -48,7 +49,7 @@ class Bundle:
         return self.path / name
 
     @property
-    def head(self) -> "Bundle | None":
+    def head(self) -> Bundle | None:
         """The bundle that trains everything after the frozen prefix on its cached features (features.onnx's
         output), if the export found a prefix (probe, LoRA on linear layers, last-k; not full or bias)."""
         features = self.manifest.get("features")
@@ -128,7 +129,8 @@ def check_model(bundle: Bundle, manifest_path: Path) -> None:
     if bundle.num_classes != cfg.num_classes:
         raise UserError(f"{manifest_path}: num_classes {bundle.num_classes} differs from the method's "
                         f"{cfg.num_classes}; re-export the bundle")
-    head_in = net.layer(cfg.head).input_shapes[0]
+    head = cfg.head or ""  # MethodConfig fills it in (the model's output layer by default)
+    head_in = net.layer(head).input_shapes[0]
     prefix = bundle.manifest.get("prefix")
     if isinstance(prefix, dict) and bundle.input_shape == tuple(prefix.get("shape", ())):  # a head bundle
         dropped = set(prefix.get("tensors", ()))
@@ -137,7 +139,7 @@ def check_model(bundle: Bundle, manifest_path: Path) -> None:
     elif bundle.input_shape == net.input_shape:  # BatchNorm statistics are frozen tensors of the bundle
         shapes, trainable = {**param_shapes(cfg), **net.statistics}, trainable_names(cfg)
     elif bundle.input_shape == head_in and cfg.method == "probe":  # a probe's head-only bundle of older exports
-        shapes = {n: s for n, s in param_shapes(cfg).items() if n in net.layer(cfg.head).param_names()}
+        shapes = {n: s for n, s in param_shapes(cfg).items() if n in net.layer(head).param_names()}
         trainable = list(shapes)
     else:
         raise UserError(f"{manifest_path}: input_shape {list(bundle.input_shape)} is not {net.title}'s "
@@ -150,7 +152,7 @@ def check_model(bundle: Bundle, manifest_path: Path) -> None:
                         f"({bundle.num_classes} classes); re-export the bundle")
 
 
-def finish_adapter_apply(folder: Path, manifest: dict) -> None:
+def finish_adapter_apply(folder: Path, manifest: dict[str, Any]) -> None:
     """Complete or undo an `edge-ft adapter apply` that was cut short: rename its pending tensors into place if
     manifest.json (the commit point) already names their hash, else delete them."""
     pending = folder / PENDING_ADAPTER
@@ -166,7 +168,7 @@ def finish_adapter_apply(folder: Path, manifest: dict) -> None:
         pass  # a read-only copy: verify_files says what is wrong with it
 
 
-def _referenced_files(manifest: dict) -> list[str]:
+def _referenced_files(manifest: dict[str, Any]) -> list[str]:
     """Every file the engines and the device read, by the manifest's own entries (all must be hash-checked)."""
     names = [v for entry in (manifest.get("ort_step"), manifest.get("ort_training")) if isinstance(entry, dict)
              for k, v in entry.items() if k != "outputs"]
@@ -178,14 +180,12 @@ def _referenced_files(manifest: dict) -> list[str]:
     return names
 
 
-def check_file_table(manifest: dict, manifest_path: Path) -> None:
+def check_file_table(manifest: dict[str, Any], manifest_path: Path) -> None:
     """The "files" table is {relative path: {"sha256": hex, "bytes": int}}, stays inside the bundle, and covers
     every file the manifest points an engine at: nothing reaches onnxruntime unverified."""
-    from edge_ft.device.engines import ENGINES
-
-    if not isinstance(manifest.get("engine"), str) or manifest["engine"] not in ENGINES:
+    if not isinstance(manifest.get("engine"), str) or manifest["engine"] not in BUNDLE_ENGINES:
         raise UserError(f"{manifest_path}: unknown engine {manifest.get('engine')!r} (this edge-ft runs "
-                        f"{', '.join(ENGINES)}); export the bundle with this edge-ft version")
+                        f"{', '.join(BUNDLE_ENGINES)}); export the bundle with this edge-ft version")
     files = manifest["files"]
     ok = isinstance(files, dict) and all(
         isinstance(e, dict) and isinstance(e.get("sha256"), str) and type(e.get("bytes")) is int
@@ -202,7 +202,7 @@ def check_file_table(manifest: dict, manifest_path: Path) -> None:
                             "re-export the bundle")
 
 
-def _shapes(table: dict) -> dict[str, tuple[int, ...]]:
+def _shapes(table: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """{name: [d0, d1, ...]} -> {name: (d0, d1, ...)}; anything but lists of non-negative ints is malformed."""
     shapes = {str(k): tuple(v) for k, v in table.items()}
     if not all(type(d) is int and d >= 0 for shape in shapes.values() for d in shape):
@@ -210,7 +210,7 @@ def _shapes(table: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def verify_files(folder: Path, files: dict[str, dict]) -> None:
+def verify_files(folder: Path, files: dict[str, dict[str, Any]]) -> None:
     """Every listed file exists with the recorded size and sha256 (size first: it is free)."""
     for name, entry in files.items():
         f = folder / name
@@ -221,11 +221,11 @@ def verify_files(folder: Path, files: dict[str, dict]) -> None:
                             "copy the bundle again")
 
 
-def file_entry(path: Path) -> dict:
+def file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def list_files(folder: Path) -> dict[str, dict]:
+def list_files(folder: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file under `folder` except the manifest itself, keyed by relative path."""
     return {
         p.relative_to(folder).as_posix(): file_entry(p)

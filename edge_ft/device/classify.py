@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ MODEL_FILE = "model.onnx"  # what `edge-ft train` writes into a run folder
 class Model:
     path: Path  # the .onnx file
     card: ModelCard  # input name, shape, scaling, class names
-    session: object  # onnxruntime.InferenceSession
+    session: Any  # onnxruntime.InferenceSession
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Pixels (uint8 (N,H,W) or (N,C,H,W)) or float32 inputs -> float32 (N,C) class probabilities."""
@@ -41,7 +42,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """(N, C) logits -> float32 (N, C) class probabilities."""
     z = logits.astype(np.float64)
     z = np.exp(z - z.max(axis=1, keepdims=True))
-    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+    probabilities: np.ndarray = (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+    return probabilities
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class Prediction:
         """Whether the most probable class is the known label (None when the label is unknown)."""
         return None if self.label is None else self.name == self.label
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """As `edge-ft predict --json` prints it."""
         return {"input": self.input, "label": self.label,
                 "top": [{"class": c, "index": i, "probability": round(p, 6)} for c, i, p in self.top]}
@@ -122,7 +124,8 @@ def gather_inputs(items: list[str | Path], classes: list[str] | None,
     if tuple(input_shape) != LENET5_INPUT:
         raise UserError(f"{paths[0]}: image files are read as 28x28 grey; this model takes {list(input_shape)}: "
                         "give its inputs as one .npz (x uint8 or float32 (N,C,H,W))")
-    from edge_ft.data.readers import IMAGE_SUFFIXES, read_image
+    from edge_ft.data.npz import IMAGE_SUFFIXES
+    from edge_ft.data.readers import read_image
 
     files: list[Path] = []
     for p in paths:

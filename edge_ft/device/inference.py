@@ -7,7 +7,9 @@ surgery, one portable file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,11 +21,11 @@ from edge_ft.errors import UserError
 EVAL_BATCH = 32  # examples per scoring call: peak RSS of a LoRA run 91 MB at 32, 106 MB at 128, ~150 MB at 512
 
 
-def _inference_entry(bundle: Bundle) -> dict:
+def _inference_entry(bundle: Bundle) -> dict[str, Any]:
     entry = bundle.manifest.get("inference")
     if not entry:
         raise UserError(f"{bundle.path}: this bundle has no inference graph (a head-only bundle?); use its parent")
-    return entry
+    return dict(entry)
 
 
 def base_weights(bundle: Bundle) -> dict[str, np.ndarray]:
@@ -54,7 +56,8 @@ def write_inference_model(bundle: Bundle, weights: dict[str, np.ndarray], path: 
     atomic_write_bytes(path, bytes(data))
 
 
-def predict(run, x: np.ndarray, batch: int = EVAL_BATCH, images: bool = True) -> np.ndarray:
+def predict(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = EVAL_BATCH,
+            images: bool = True) -> np.ndarray:
     """Logits for all of x in batches; `run(batch) -> logits`. images: x as edge_ft.data.npz validates it (pixels
     are scaled by to_float), else float features."""
     out = [run(to_float(x[i : i + batch]) if images else x[i : i + batch]) for i in range(0, len(x), batch)]
@@ -65,7 +68,7 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == y).mean()) if len(y) else 0.0
 
 
-def session_runner(session):
+def session_runner(session: Any) -> Callable[[np.ndarray], np.ndarray]:
     """`run(x) -> first output` for an onnxruntime InferenceSession with one input."""
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-MB = 1 << 20
+from edge_ft.contracts import MB as MB  # edge_ft.contracts.MB, still imported from here by device.trainer
 
 
 def rss_bytes() -> int:
@@ -47,11 +47,11 @@ class PeakRSS:
             if self._stop.wait(self.interval_s):
                 return
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self.bytes = max(self.bytes, rss_bytes())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from edge_ft.atomic import atomic_write_bytes
 from edge_ft.contracts import INPUT
 from edge_ft.device.engines.onnx_wire import with_metadata
 from edge_ft.errors import UserError
+
+if TYPE_CHECKING:
+    from edge_ft.device.bundle import Bundle
 
 PREFIX = "edge_ft."
 PIXEL_DIVISOR = 255.0  # float input = uint8 pixel / 255, in [0, 1] (edge_ft.data.npz.to_float)
@@ -35,7 +39,7 @@ class ModelCard:
     polarity: str  # white-on-black
     classes: list[str] | None  # name of each logit, or None when the training data named none
 
-    def to_props(self, source: dict) -> dict[str, str]:
+    def to_props(self, source: dict[str, Any]) -> dict[str, str]:
         pixels = "uint8 0..255 grey, resized to HxW" if self.input_shape[0] == 1 else "uint8 0..255, CxHxW"
         pre = {"input": self.input_name, "shape": list(self.input_shape), "dtype": "float32", "divisor": self.divisor,
                "polarity": self.polarity, "pixels": pixels}
@@ -49,7 +53,8 @@ class ModelCard:
         .npz of model inputs) pass as they are."""
         if pixels.dtype == np.float32:
             return pixels
-        return (pixels.astype(np.float32) / np.float32(self.divisor)).reshape(len(pixels), *self.input_shape)
+        scaled: np.ndarray = pixels.astype(np.float32) / np.float32(self.divisor)
+        return scaled.reshape(len(pixels), *self.input_shape)
 
     def class_name(self, index: int) -> str:
         return self.classes[index] if self.classes else str(index)
@@ -60,14 +65,14 @@ def card_for(classes: list[str] | None, input_shape: tuple[int, ...] = INPUT_SHA
     return ModelCard(INPUT, tuple(input_shape), PIXEL_DIVISOR, POLARITY, classes)
 
 
-def model_source(bundle, **origin: str) -> dict:
+def model_source(bundle: Bundle, **origin: str) -> dict[str, Any]:
     """Provenance stored with a model: what trained it and from which base (no paths: the same training gives
     the same model.onnx byte for byte, wherever its run folder is)."""
     return {"method": bundle.manifest["method"], "engine": bundle.engine, "base_sha256": bundle.base_sha256,
             **origin}
 
 
-def stamp_model(path: str | Path, classes: list[str] | None, source: dict,
+def stamp_model(path: str | Path, classes: list[str] | None, source: dict[str, Any],
                 input_shape: tuple[int, ...] = INPUT_SHAPE) -> None:
     """Rewrite model.onnx at `path` (atomically) with its card in metadata_props."""
     path = Path(path)

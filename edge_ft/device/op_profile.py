@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from edge_ft.errors import UserError
 
@@ -17,19 +18,20 @@ PROFILE_FILE = "op_profile.json"  # the summary a run folder keeps
 TOP_NODES = 15
 
 
-def summarize(trace: str | Path, runs: int) -> dict:
+def summarize(trace: str | Path, runs: int) -> dict[str, Any]:
     """{"runs", "ms_per_step", "by_op": [...], "by_node": [...]} from a trace of `runs` session runs."""
     trace = Path(trace)
     try:
         events = json.loads(trace.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{trace}: onnxruntime's profile is unreadable ({e})") from None
-    by_op, by_node = Counter(), Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            op = e.get("args", {}).get("op_name", "?")
-            by_op[op] += e["dur"]
-            by_node[(e["name"].removesuffix("_kernel_time"), op)] += e["dur"]
+    by_op: Counter[str] = Counter()
+    by_node: Counter[tuple[str, str]] = Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "?")
+            by_op[op] += event["dur"]
+            by_node[(event["name"].removesuffix("_kernel_time"), op)] += event["dur"]
     total = sum(by_op.values()) or 1
     per_step = 1e-3 / max(runs, 1)  # microseconds summed over runs -> milliseconds per step
     return {
@@ -42,7 +44,7 @@ def summarize(trace: str | Path, runs: int) -> dict:
     }
 
 
-def table(summary: dict, rows: int = 10) -> str:
+def table(summary: dict[str, Any], rows: int = 10) -> str:
     """The heaviest operator types as aligned text lines."""
     from edge_ft.errors import plural
 

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import sys
 import types
+from typing import Any
 
 from edge_ft.errors import UserError, install_hint
 
@@ -36,13 +37,13 @@ _SPIN_ENTRIES = ("session.intra_op.allow_spinning", "session.inter_op.allow_spin
 _SPIN_VALUES = {"0": "0", "off": "0", "no": "0", "false": "0", "1": "1", "on": "1", "yes": "1", "true": "1"}
 
 
-def import_onnxruntime():
+def import_onnxruntime() -> Any:
     """`import onnxruntime` without the training wheel's torch probe; every device module imports it this way."""
     if "onnxruntime" in sys.modules:
         return sys.modules["onnxruntime"]
     blocked = _ORTMODULE not in sys.modules
     if blocked:
-        sys.modules[_ORTMODULE] = None  # the probe catches the ImportError and carries on without ORTModule
+        sys.modules[_ORTMODULE] = None  # type: ignore[assignment]  # the probe catches the ImportError and carries on without ORTModule
     try:
         import onnxruntime
     except ImportError as e:
@@ -54,11 +55,12 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def load_training_api():
+def load_training_api() -> Any:
     """The `onnxruntime.training.api` module (CheckpointState, Module, Optimizer), torch-free."""
     ort = import_onnxruntime()
     if _TRAINING not in sys.modules:
-        folders = list(importlib.util.find_spec("onnxruntime").submodule_search_locations or [])
+        found = importlib.util.find_spec("onnxruntime")
+        folders = list(found.submodule_search_locations or []) if found else []
         spec = importlib.util.find_spec("onnxruntime.training.api") if _has_training(folders) else None
         if spec is None:
             raise UserError(
@@ -78,7 +80,7 @@ def _has_training(folders: list[str]) -> bool:
     package = types.ModuleType(_TRAINING, "onnxruntime.training, loaded without its torch-importing __init__")
     package.__spec__, package.__path__, package.__package__ = spec, paths, _TRAINING
     sys.modules[_TRAINING] = package
-    setattr(sys.modules["onnxruntime"], "training", package)
+    sys.modules["onnxruntime"].training = package  # type: ignore[attr-defined]
     return True
 
 
@@ -97,7 +99,7 @@ def spinning_setting() -> str | None:
     return _SPIN_VALUES[text]
 
 
-def session_options(threads: int = 0, mem_arena: bool | None = None, profile_prefix: str | None = None):
+def session_options(threads: int = 0, mem_arena: bool | None = None, profile_prefix: str | None = None) -> Any:
     """The SessionOptions every device session uses: intra-op threads (0 = onnxruntime's choice), arena, quiet,
     idle pool threads spinning or sleeping ($EDGE_FT_ORT_SPINNING); with `profile_prefix`, onnxruntime's per-node
     profiler writes PREFIX_<time>.json (edge_ft.device.op_profile)."""
@@ -119,7 +121,8 @@ def session_options(threads: int = 0, mem_arena: bool | None = None, profile_pre
     return options
 
 
-def inference_session(path, threads: int = 0, mem_arena: bool | None = None, profile_prefix: str | None = None):
+def inference_session(path: str | os.PathLike[str], threads: int = 0, mem_arena: bool | None = None,
+                      profile_prefix: str | None = None) -> Any:
     """A CPU InferenceSession for a graph (a step graph, features, an inference model)."""
     ort = import_onnxruntime()
     options = session_options(threads, mem_arena, profile_prefix)

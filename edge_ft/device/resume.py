@@ -17,6 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from edge_ft.atomic import atomic_write_json, remove_stale_temps
 from edge_ft.checkpoint import sha256_file
 from edge_ft.contracts import RESULTS
 from edge_ft.errors import UserError
+
+if TYPE_CHECKING:
+    from edge_ft.device.engines import Engine
 
 RESUME = "resume.json"
 CHECKPOINTS = "checkpoints"
@@ -41,7 +45,7 @@ class Progress:
     batch: int = 0  # batches of `epoch` done (== batches per epoch: its steps ran, its evaluation did not)
     losses: list[float] = field(default_factory=list)  # every step's loss so far
     step_seconds: list[float] = field(default_factory=list)  # every step's time so far
-    epoch_log: list[dict] = field(default_factory=list)  # finished epochs, as results.json lists them
+    epoch_log: list[dict[str, Any]] = field(default_factory=list)  # finished epochs, as results.json lists them
     epoch_losses: list[float] = field(default_factory=list)  # losses of the epoch in progress
     epoch_seconds: float = 0.0  # time spent in the epoch in progress before the checkpoint
     hits: int = 0  # correct training predictions in the epoch in progress
@@ -50,7 +54,7 @@ class Progress:
     resumed_from: list[int] = field(default_factory=list)  # steps this run was resumed at
 
 
-def run_identity(manifest_path: Path, x: np.ndarray, y: np.ndarray, settings) -> dict:
+def run_identity(manifest_path: Path, x: np.ndarray, y: np.ndarray, settings: Any) -> dict[str, Any]:
     """What must be equal for a checkpoint to continue this run: the bundle, the data and the settings."""
     data = hashlib.sha256(np.ascontiguousarray(x).tobytes())
     data.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
@@ -62,7 +66,8 @@ def state_path(out: Path, step: int) -> Path:
     return out / CHECKPOINTS / f"step-{step:06d}.state"
 
 
-def save_checkpoint(engine, out: Path, identity: dict, progress: Progress, keep: int | None = None) -> Path:
+def save_checkpoint(engine: Engine, out: Path, identity: dict[str, Any], progress: Progress,
+                    keep: int | None = None) -> Path:
     """Engine state first, then resume.json naming it: resume.json only ever names a complete state file. With
     `keep`, only the newest `keep` state files up to this step stay (the one resume.json names among them)."""
     path = state_path(out, progress.step)
@@ -90,7 +95,7 @@ def prune_checkpoints(out: Path, step: int, keep: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def start(out: Path, identity: dict, resume: bool, replace: bool = False) -> tuple[Progress, Path | None]:
+def start(out: Path, identity: dict[str, Any], resume: bool, replace: bool = False) -> tuple[Progress, Path | None]:
     """(progress, state file to load) for a run writing to `out`.
 
     A finished run (results.json) is never trained over unless `replace`: resuming it has nothing left to do,
@@ -126,7 +131,7 @@ def start(out: Path, identity: dict, resume: bool, replace: bool = False) -> tup
     return progress, state
 
 
-def _read_record(path: Path) -> dict:
+def _read_record(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
         if record.get("format") != FORMAT or record.get("format_version") != 1:
@@ -138,22 +143,22 @@ def _read_record(path: Path) -> dict:
             raise ValueError("'state_sha256' must be a string")
         if not isinstance(record["state"], str) or ".." in Path(record["state"]).parts:
             raise ValueError("state must be a path inside the run folder")
-        return record
+        return dict(record)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError,
             OSError) as e:
         raise UserError(f"{path}: not a readable resume record ({e}); start the run again without --resume "
                         "or with another --out") from None
 
 
-def _is_count(v) -> bool:
+def _is_count(v: object) -> bool:
     return type(v) is int and v >= 0
 
 
-def _is_number(v) -> bool:
-    return type(v) in (int, float) and math.isfinite(v)
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and type(v) is not bool and math.isfinite(v)
 
 
-def _progress(raw: dict) -> Progress:
+def _progress(raw: dict[str, Any]) -> Progress:
     """Progress(**raw) with every field's type and the counts' consistency checked."""
     p = Progress(**raw)
     ok = (all(_is_count(v) for v in (p.step, p.epoch, p.batch, p.hits, p.seen))
@@ -169,7 +174,7 @@ def _progress(raw: dict) -> Progress:
     return p
 
 
-def _check_identity(path: Path, saved: dict, current: dict) -> None:
+def _check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     what = {"bundle_manifest_sha256": "the bundle (manifest.json) changed", "data_sha256": "the --data file changed"}
     for key, why in what.items():
         if saved.get(key) != current[key]:

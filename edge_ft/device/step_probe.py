@@ -16,13 +16,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edge_ft.atomic import atomic_write_json
+from edge_ft.contracts import MB
 from edge_ft.device.bundle import load_bundle
 from edge_ft.device.engines import engine_class
-from edge_ft.device.metrics import MB, PeakRSS
+from edge_ft.device.metrics import PeakRSS
 from edge_ft.device.trainer import load_runtime
 from edge_ft.errors import UserError
 from edge_ft.run_record import SUMMARY, make_summary
@@ -30,7 +32,8 @@ from edge_ft.run_record import SUMMARY, make_summary
 INPUTS = "synthetic: standard normal inputs of the model's input shape, uniform random labels"
 
 
-def synthetic_batch(input_shape: tuple[int, ...], num_classes: int, batch: int, seed: int = 0):
+def synthetic_batch(input_shape: tuple[int, ...], num_classes: int, batch: int,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(x float32 (batch, *input_shape), y int64 (batch,)) drawn from `seed`."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
@@ -38,7 +41,7 @@ def synthetic_batch(input_shape: tuple[int, ...], num_classes: int, batch: int, 
 
 
 def probe(bundle_path: str | Path, batch: int, steps: int, warmup: int = 2, threads: int = 0, seed: int = 0,
-          lr: float | None = None) -> dict:
+          lr: float | None = None) -> dict[str, Any]:
     """Run warmup + steps training steps of the bundle at `batch`; return its results (summary block included)."""
     bundle = load_bundle(bundle_path)
     rss_after_imports = load_runtime(bundle.engine)
@@ -61,7 +64,7 @@ def probe(bundle_path: str | Path, batch: int, steps: int, warmup: int = 2, thre
             "optimizer": bundle.optimizer.name, "model": bundle.model.title if bundle.model else "LeNet-5",
             "input_shape": list(bundle.input_shape), "batch": batch, "warmup_steps": warmup, "threads": threads,
             "inputs": INPUTS, "losses": [round(float(v), 6) for v in losses],
-            SUMMARY: make_summary(bundle.engine, None, warmup + steps, [], np.asarray(seconds) * 1e3,
+            SUMMARY: make_summary(bundle.engine, None, warmup + steps, [], [s * 1e3 for s in seconds],
                                   round(rss_after_imports / MB, 2), round(peak_mb, 2))}
 
 

@@ -173,7 +173,7 @@ class CgroupJob:
 
     @classmethod
     def create(cls, memory_bytes: int, cpus: list[int], thread_quota: float | None, total_quota: float | None,
-               period_us: int) -> "CgroupJob":
+               period_us: int) -> CgroupJob:
         """Quotas are fractions of one of this machine's CPUs (None: no cap). Raises CgroupUnavailable."""
         if os.geteuid() != 0:
             raise CgroupUnavailable("not running as root, so cgroups cannot be created")
@@ -201,7 +201,7 @@ class CgroupJob:
         return job
 
     @classmethod
-    def _create_v1(cls, own, name, made, memory_bytes, cpus, thread_quota, total_quota, period_us) -> "CgroupJob":
+    def _create_v1(cls, own, name, made, memory_bytes, cpus, thread_quota, total_quota, period_us) -> CgroupJob:
         dirs = {}
         for controller in ("memory", "cpuset", "cpu"):
             mount = _v1_mount(controller)
@@ -232,7 +232,7 @@ class CgroupJob:
         return job
 
     @classmethod
-    def _create_v2(cls, path, made, memory_bytes, cpus, thread_quota, total_quota, period_us) -> "CgroupJob":
+    def _create_v2(cls, path, made, memory_bytes, cpus, thread_quota, total_quota, period_us) -> CgroupJob:
         parent = path.parent
         remove_stale(parent)
         _v2_delegate(parent)
@@ -327,7 +327,8 @@ class CgroupJob:
                         new.rmdir()
 
     def throttling(self) -> dict:
-        """How much the CPU quota held the job back so far (read it before `remove`):
+        """How much the CPU quota held the job back so far (read it before `remove`).
+
         periods / throttled_periods  CFS periods of the job's cap, and those in which it ran out
         throttled_seconds            time the job was stopped by its cap, added up over the CPUs it ran on
         thread_throttled_seconds     summed over threads, time each was stopped by its own one-core cap"""

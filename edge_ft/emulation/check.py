@@ -41,15 +41,15 @@ for t in threads: t.start()
 for t in threads: t.join()
 print((time.process_time() - c) / (time.perf_counter() - w))
 """
-_MEMORY = """
+_MEMORY = f"""
 import sys
 import numpy as np
 held, total, limit = [], 0, int(sys.argv[1])
 while total < limit:
-    held.append(np.ones({step} << 17))  # {step} MiB of float64, every page written
-    total += {step}
+    held.append(np.ones({STEP_MB} << 17))  # {STEP_MB} MiB of float64, every page written
+    total += {STEP_MB}
     print(total, flush=True)
-""".format(step=STEP_MB)
+"""
 
 
 CYCLES = 5  # capped phases of the speed measurement; the median counts
@@ -131,11 +131,12 @@ def check_table(checks: list[ProfileCheck]) -> list[list[str]]:
                    None: "board >= this core: not scaled" if c.thread_quota is None else "-"}[c.within_tolerance]
         spread = f" ({min(c.accuracy):.2f}-{max(c.accuracy):.2f})" if len(c.accuracy) > 1 else ""
         rows.append([c.profile, c.emulation, num(c.target_speed, ".3g"), num(c.achieved_speed, ".3g"),
-                     num(c.speed_ratio, ".2f") + spread, verdict, num(c.thread_quota, ".3f"), num(c.quota_efficiency, ".2f"),
+                     num(c.speed_ratio, ".2f") + spread, verdict, num(c.thread_quota, ".3f"),
+                     num(c.quota_efficiency, ".2f"),
                      f"{num(c.achieved_speedup, '.2f')} ({c.target_speedup:.2f})" if c.threads > 1 else "-",
                      str(c.memory_cap_mb), f"{c.largest_allocation_mb} ({c.memory_end})"])
     return rows
 
 
-CHECK_HEADER = ["profile", "mode", "target speed", "achieved", "ratio (range)", "speed", "quota/thread", "throttle eff.",
-                "threads speed-up (target)", "cap MB", "largest allocation MB (end)"]
+CHECK_HEADER = ["profile", "mode", "target speed", "achieved", "ratio (range)", "speed", "quota/thread",
+                "throttle eff.", "threads speed-up (target)", "cap MB", "largest allocation MB (end)"]

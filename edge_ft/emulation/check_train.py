@@ -1,4 +1,4 @@
-"""Does an emulated board give the same answer twice? (`edge-ft profile check --workload train`)
+"""Does an emulated board give the same answer twice? (`edge-ft profile check --workload train`).
 
 The real training step of each method (the ort-step bundle of mnist-digits, on synthetic inputs of its shape:
 edge_ft.device.step_probe) run confined to each board, `runs` times:

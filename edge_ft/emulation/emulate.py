@@ -21,7 +21,6 @@ Running out of memory is a result ("does not fit in 512 MB"), never an exception
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import subprocess
@@ -34,12 +33,11 @@ from edge_ft.contracts import MEMORY_BUDGET_ENV
 from edge_ft.device.ort_api import SPINNING_ENV
 from edge_ft.emulation import lifetime
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
+from edge_ft.emulation.cpu import quota_period_us, thread_env
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.errors import UserError
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-               "NUMEXPR_NUM_THREADS", "EDGE_FT_THREADS")
 MODES = ("auto", "cgroup", "rlimit", "native")
 # Thread pools that wait for work by spinning: OpenMP's (torch), OpenBLAS's own (numpy) and onnxruntime's intra-
 # and inter-op pools (both engines). On the board an idle thread spins on its own idle core; in a confined child
@@ -109,12 +107,6 @@ class ConfinedResult:
         return {**asdict(self), "status": self.status, "fits": self.fits}
 
 
-def thread_env(threads: int, base: dict | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    env.update({var: str(threads) for var in THREAD_VARS})
-    return env
-
-
 def usable_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
@@ -123,11 +115,6 @@ def plan_cpus(profile: DeviceProfile) -> list[int]:
     """The last `cores` CPUs this process may use (CPU 0 usually takes most interrupts)."""
     here = usable_cpus()
     return here[-min(profile.cores, len(here)):]
-
-
-def quota_period_us(share: float) -> int:
-    """A short CFS period keeps throttling smooth; the kernel wants quota >= 1 ms, so slow cores get longer ones."""
-    return min(1_000_000, max(20_000, math.ceil(1000 / share)))
 
 
 def run_confined(argv: list[str], profile: DeviceProfile, env: dict | None = None, timeout: float | None = None,

@@ -1,4 +1,4 @@
-"""This machine's speed, measured once and cached, so every emulated board runs at its profile's speed anywhere.
+"""The host machine's speed, measured once and cached, so every emulated board runs at its profile's speed anywhere.
 
     host = HostSpeed.resolve(given=None)   # cached figure for this machine, else measured now (~20 s), or --host-speed
     host.thread_quota(profile)             # share of one CPU here per device thread, corrected for throttling losses
@@ -33,6 +33,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from edge_ft.emulation.cpu import quota_period_us, thread_env
 
 CACHE_ENV = "EDGE_FT_CACHE_DIR"
 CACHE_FILE = "host-speed.json"
@@ -100,7 +102,7 @@ def _save_entry(key: dict, entry: dict) -> None:
 
 
 def cached_speed() -> float | None:
-    """This machine's cached speed, never measuring (None when it was never measured here)."""
+    """The host machine's cached speed, never measuring (None when it was never measured here)."""
     entry = _load_cache()["machines"].get(_key_text(machine_key()))
     speed = entry.get("speed") if isinstance(entry, dict) else None
     return float(speed) if isinstance(speed, (int, float)) and speed > 0 else None
@@ -126,12 +128,12 @@ class HostSpeed:
     efficiency: dict[str, float] = field(default_factory=dict)  # quota share (4 significant digits) -> efficiency
 
     @classmethod
-    def reference(cls) -> "HostSpeed":
+    def reference(cls) -> HostSpeed:
         """Treat this machine as the reference core and apply no correction (tests, explicit comparisons)."""
         return cls(1.0, "reference", correct_quota=False)
 
     @classmethod
-    def resolve(cls, given: float | None = None, refresh: bool = False, quiet: bool = False) -> "HostSpeed":
+    def resolve(cls, given: float | None = None, refresh: bool = False, quiet: bool = False) -> HostSpeed:
         """--host-speed when given, else this machine's cached figure, else measure it now and cache it."""
         key = machine_key()
         entry = _load_cache()["machines"].get(_key_text(key))
@@ -207,7 +209,6 @@ def _calibrate_cmd(spec: dict, argv: list[str]) -> list[str]:
 
 def _child(argv: list[str], cpus: list[int]) -> dict:
     """Run the calibration module in a child with one BLAS thread, pinned to `cpus`; its last line of JSON."""
-    from edge_ft.emulation.emulate import thread_env
     from edge_ft.emulation.lifetime import run
 
     proc = run([sys.executable, "-m", "edge_ft.emulation.calibrate", *argv], "the calibration workload",
@@ -261,7 +262,6 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
     capped run mixes that drift into the result. Toggling the cap on one process every few seconds does not.
     """
     from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
-    from edge_ft.emulation.emulate import quota_period_us, thread_env
     from edge_ft.emulation.lifetime import watched
 
     try:

@@ -1,8 +1,7 @@
 """Device profiles: what a target board offers an application (cores, memory budget, per-core speed).
 
-Profiles are TOML files. The shipped ones live in the repository's device_profiles/ folder, which an editable install
-reads in place; the wheel carries a copy as package data (tools/build-wheel.sh puts it at
-edge_ft/emulation/device_profiles/), so there is one source, nothing to keep in sync.
+Profiles are TOML files. The shipped ones live in edge_ft/emulation/device_profiles/, package data of the wheel
+(pyproject.toml), read in place by an editable install: one source, nothing to keep in sync.
 A profile is named by file stem (`rpi-3b`) or given by path (`./my-board.toml`); folders listed in
 $EDGE_FT_PROFILES (os.pathsep-separated) are searched before the shipped ones, so a user's measured profile
 overrides a shipped estimate of the same name.
@@ -16,10 +15,12 @@ import math
 import os
 import platform
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import tomllib
+
+from edge_ft.contracts import MB
 from edge_ft.errors import UserError
 
 ARCHES = ("aarch64", "armv7l", "armv6l", "x86_64")
@@ -28,8 +29,7 @@ AUTO = "auto"
 _AUTO_KEYS = {"arch", "cores", "threads", "ram_mb", "budget_mb"}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 PROFILES_ENV = "EDGE_FT_PROFILES"
-SHIPPED_DIR = "device_profiles"  # the boards: a folder at the repository root, inside the package in a wheel
-MB = 1024 * 1024
+SHIPPED_DIR = "device_profiles"  # the boards: a folder beside this module, package data of the wheel
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,8 @@ _OPTIONAL = {"native": bool, "notes": str, "thread_scaling": list, "thread_scali
 
 
 def shipped_profiles_dir() -> Path:
-    """The copy an installed wheel carries, else (editable install, source checkout) the repository's folder."""
-    packaged = Path(__file__).with_name(SHIPPED_DIR)
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / SHIPPED_DIR
+    """The shipped boards: the folder beside this module (in a wheel and in a checkout alike)."""
+    return Path(__file__).with_name(SHIPPED_DIR)
 
 
 def search_dirs() -> list[Path]:

@@ -1,5 +1,7 @@
-"""Canary rounds: a round's new global model goes first to a fraction of the nodes, which score it and the current
-global model on their holdout sets; the rest of the fleet gets it (in the next round's train messages) only when
+"""Canary rounds: a round's new global model goes first to a fraction of the nodes.
+
+Those nodes score it and the current global model on their holdout sets; the rest of the fleet gets it (in the
+next round's train messages) only when
 the canary nodes' example-weighted accuracy holds within a tolerance of the current model's. Otherwise the round's
 update is rejected and the current global model is kept. Every decision goes into the round record:
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -36,7 +39,7 @@ def canary_nodes(node_ids: list[int], fraction: float, seed: int, round_: int) -
 
 
 def _scores(reply: Message) -> dict | None:
-    m = dict(reply.content[METRICS]) if METRICS in reply.content.metric_records else {}
+    m: dict[str, Any] = dict(reply.content[METRICS]) if METRICS in reply.content.metric_records else {}
     keys = [*CANDIDATE_KEYS, WEIGHT_KEY]
     ok = all(isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool) and math.isfinite(m[k])
              for k in keys) and m[WEIGHT_KEY] > 0 and all(0 <= m[k] <= 1 for k in CANDIDATE_KEYS)

@@ -28,13 +28,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir
-from edge_ft.bench.prepare import find_device_python
 from edge_ft.emulation import lifetime
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import load_profile
@@ -45,6 +44,7 @@ from edge_ft.fleet.measure import RESULT_FILE, FederationResult, node_result
 from edge_ft.fleet.processes import SuperNode, flower_env, kill_pids, plain, stop_groups, toml_value, write_config
 from edge_ft.fleet.records import round_starts
 from edge_ft.fleet.shared_runs import Plan, install_bundle, shared_node_configs
+from edge_ft.interpreters import find_device_python
 
 CONNECTION = "fleet"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 DEVICE_BUNDLE = "device-bundle"  # where a shared federation's devices find the bundle of the current run

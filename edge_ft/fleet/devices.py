@@ -9,7 +9,7 @@ speed with the real engine; this module says how long the board would have taken
   step time   cost-model FLOPs of one training step (edge_ft.costmodel, at the batch) / (RATE[method] x the board's
               cpu_speed x thread_speedup(threads)): RATE is the effective GFLOP/s one reference core achieved for
               the ort-step engine on emulated boards (`make demo`, 2026-11-29: the constants of the bench's
-              prediction model), cpu_speed the board's calibrated or estimated speed (device_profiles/).
+              prediction model), cpu_speed the board's calibrated or estimated speed (emulation/device_profiles/).
   link        bytes down and up over LINK_MBPS (the board's Wi-Fi in practice), in seconds.
   memory      CLIENT_STACK_MB (what the fleet's client stack, SuperNode + SuperExec + ClientApp with flwr, numpy and
               onnxruntime, held on a Zero 2 W in `make fleet-demo`) + the cost model's training memory (weights,
@@ -37,8 +37,9 @@ from functools import lru_cache
 import numpy as np
 
 from edge_ft.config import MethodConfig
+from edge_ft.contracts import MB
 from edge_ft.costmodel import estimate
-from edge_ft.emulation.profiles import MB, DeviceProfile, load_profile
+from edge_ft.emulation.profiles import DeviceProfile, load_profile
 from edge_ft.errors import UserError
 
 RATE = {"full": 4.79, "probe": 5.54, "lora": 4.45}  # effective GFLOP/s per reference core, ort-step, emulated boards

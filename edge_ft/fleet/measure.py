@@ -8,8 +8,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass, field
 
-from edge_ft.emulation.profiles import MB
 from edge_ft.fleet.processes import SuperNode
+from edge_ft.reports.format import mb
 
 RESULT_FILE = "federation.json"
 
@@ -77,10 +77,6 @@ def node_result(node: SuperNode, round_starts: list[tuple[float, int]] | None = 
         log=str(lives[-1].log) if lives else "")
 
 
-def mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / MB:.0f} MB"
-
-
 def node_table(result: FederationResult) -> str:
     """One line per node: profile, peak memory against the budget, median train time per round, faults."""
     rows = [f"{'node':8} {'profile':12} {'cgroup peak':>11} {'RSS sum':>8} {'PSS sum':>8} {'budget':>7} "
@@ -90,8 +86,9 @@ def node_table(result: FederationResult) -> str:
         verdict = "OOM-killed" if n.oom_killed else ("fits" if n.fits else "over budget")
         if n.restarts:
             verdict += f", restarted {n.restarts}x"
-        rows.append(f"{n.name:8} {n.profile:12} {mb(n.cgroup_peak_bytes):>11} {mb(n.sampled_peak_bytes):>8} "
-                    f"{mb(n.sampled_peak_pss_bytes):>8} {mb(n.budget_bytes):>7} "
+        cgroup, rss, pss, budget = (mb(v, unit=True) for v in (n.cgroup_peak_bytes, n.sampled_peak_bytes,
+                                                                n.sampled_peak_pss_bytes, n.budget_bytes))
+        rows.append(f"{n.name:8} {n.profile:12} {cgroup:>11} {rss:>8} {pss:>8} {budget:>7} "
                     f"{(f'{statistics.median(secs):.1f}' if secs else '-'):>7}  {verdict}")
     done = sum(1 for r in result.rounds.values() if "train" in r)
     rows.append(f"{result.status}: {done} rounds in {result.wall_seconds:.0f} s (TLS {'on' if result.tls else 'off'}, "

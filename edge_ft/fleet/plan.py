@@ -126,8 +126,8 @@ def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
     device dies. signing_key None makes a key pair for the plan (out_dir/keys); canary > 0 gives every node a
     holdout set.
     """
-    from edge_ft.bench.prepare import ensure_base
     from edge_ft.host.export import export_bundle
+    from edge_ft.host.train import ensure_base
 
     out_dir = Path(out_dir).resolve()
     check_aggregation(cfg.aggregation, cfg.method)

@@ -65,7 +65,8 @@ def start(results: Path, identity: dict, resume: bool) -> tuple[int, list[dict],
             raise ValueError(f"format {saved.get('format')!r}")
         done, tensors_file, digest = int(saved["round"]), results / saved["state"], saved["state_sha256"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not a readable fleet server state ({e}); start the run again without resume") from None
+        raise UserError(f"{path}: not a readable fleet server state ({e}); "
+                        "start the run again without resume") from None
     for key, value in identity.items():
         if saved.get("identity", {}).get(key) != value:
             raise UserError(f"{path}: the run started with {key}={saved.get('identity', {}).get(key)!r}, this one "

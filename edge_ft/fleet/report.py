@@ -14,12 +14,12 @@ import json
 from pathlib import Path
 
 from edge_ft.atomic import atomic_write_text
-from edge_ft.bench.plots import LABEL_MARKERS, _pyplot, _save
-from edge_ft.bench.report import md_table
-from edge_ft.emulation.profiles import MB
+from edge_ft.contracts import MB
 from edge_ft.fleet.measure import RESULT_FILE
 from edge_ft.fleet.records import read_rounds
 from edge_ft.fleet.sim_report import sim_section
+from edge_ft.reports.format import md_table
+from edge_ft.reports.plots import LABEL_MARKERS, pyplot, save_figure
 
 PLOTS = {"accuracy_vs_round": "fleet_accuracy_vs_round.png", "accuracy_vs_bytes": "fleet_accuracy_vs_bytes.png",
          "memory_per_node": "fleet_memory_per_node.png"}
@@ -48,7 +48,7 @@ def summary_row(rounds: list[dict]) -> list[str]:
 
 
 def _plot(runs: list[list[dict]], path: Path, x_of, xlabel: str, log_x: bool) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for rounds in runs:
         ax.plot(x_of(rounds), [r["accuracy"] for r in rounds], marker=LABEL_MARKERS.get(rounds[0]["method"], "o"),
@@ -59,7 +59,7 @@ def _plot(runs: list[list[dict]], path: Path, x_of, xlabel: str, log_x: bool) ->
     ax.set_ylabel("global accuracy (held-out test set)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def read_federation(results: Path) -> dict | None:
@@ -76,7 +76,7 @@ def read_federation(results: Path) -> dict | None:
 def memory_plot(panels: list[tuple[str, dict]], path: Path) -> list[str]:
     """Per node, the highest summed PSS of its client stack per round against its board's budget (dashed), one
     panel per (run label, federation.json). Returns the legend's labels: what the figure names."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.6, 3.8), sharey=True, squeeze=False)
     profiles = sorted({n["profile"] for _, fed in panels for n in fed["nodes"]})
     colours = {p: plt.get_cmap("tab10")(i) for i, p in enumerate(profiles)}
@@ -102,7 +102,7 @@ def memory_plot(panels: list[tuple[str, dict]], path: Path) -> list[str]:
         legend.update((lab, h) for h, lab in zip(*ax.get_legend_handles_labels()) if lab not in legend)
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(0.8, 0.5), fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return list(legend)
 
 

@@ -128,9 +128,9 @@ def secure_round(grid, messages, round_: int, names: list[str], max_weight: floa
     "clients": [{"node", num-examples, metrics...}], "bytes_down", "bytes_up", "messages"}."""
     from flwr.app import ConfigRecord, Context, RecordDict
     from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
     fitins = {}

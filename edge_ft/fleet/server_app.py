@@ -2,7 +2,8 @@
 
 Signs every message it sends with the run's key (edge_ft.fleet.signing); a node that refuses one is recorded as
 refused and never averaged. With canary > 0 a round's new global model is promoted only when the canary nodes'
-holdout accuracy holds (edge_ft.fleet.canary). Starts from the bundle (or the last committed round of an interrupted run, with resume=true), runs Flower's
+holdout accuracy holds (edge_ft.fleet.canary). Starts from the bundle (or the last committed round of an
+interrupted run, with resume=true), runs Flower's
 FedAvg (weighted by each device's examples) for the configured rounds, rejects malformed client updates with a
 logged reason (edge_ft.fleet.updates), evaluates the global model after every round on the held-out test set
 (the merged model on onnxruntime's inference session), commits each round (edge_ft.fleet.records) and ends by
@@ -76,7 +77,7 @@ class FleetSettings:
     secagg_max_weight: float  # > 0: SecAgg+ (edge_ft.fleet.secagg), devices weigh at most this many examples; 0: off
 
     @classmethod
-    def from_run_config(cls, run_config) -> "FleetSettings":
+    def from_run_config(cls, run_config) -> FleetSettings:
         values = {}
         for f in fields(cls):
             key = f.name.replace("_", "-")

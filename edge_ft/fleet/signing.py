@@ -1,6 +1,6 @@
-"""Signed global models: the ServerApp signs what each message carries, a ClientApp verifies it before applying.
+r"""Signed global models: the ServerApp signs what each message carries, a ClientApp verifies it before applying.
 
-The signed body (Ed25519 over ROUND_DOMAIN + "\\n" + canonical JSON, edge_ft.trust.keys):
+The signed body (Ed25519 over ROUND_DOMAIN + "\n" + canonical JSON, edge_ft.trust.keys):
 
   {"domain": "edge-ft-fleet-round-v1", "run": "<fleet run name>", "round": 3, "purpose": "train" | "canary",
    "expires": "...Z", "keyid": "<server key id>", "tensors": "<sha256 of the tensor listing>",

@@ -11,7 +11,7 @@ import json
 from itertools import accumulate
 from pathlib import Path
 
-from edge_ft.bench.report import md_table
+from edge_ft.reports.format import md_table
 
 PLOT = "fleet_accuracy_vs_sim_time.png"
 

@@ -72,6 +72,7 @@ def export_bundle(model: str | None = None, *, method: str, base: str | Path, ou
 
     Raises:
         UserError: a bad base, class list, method option or output folder, in the CLI's one-line messages.
+
     """
     from edge_ft.checkpoint import load_base
     from edge_ft.host.describe import host_model

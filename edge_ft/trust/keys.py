@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from edge_ft.atomic import atomic_write_bytes, atomic_write_json
 from edge_ft.errors import UserError
@@ -20,7 +21,7 @@ from edge_ft.errors import UserError
 ROTATION_DOMAIN = "edge-ft-key-rotation-v1"
 
 
-def _crypto():
+def _crypto() -> Any:
     """cryptography's Ed25519 and serialization modules, or one line saying how to install them."""
     try:
         from cryptography.exceptions import InvalidSignature
@@ -92,7 +93,7 @@ def _read(path: Path, what: str) -> bytes:
         raise UserError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
 
 
-def load_private_key(path: str | Path):
+def load_private_key(path: str | Path) -> Any:
     """An Ed25519 private key from a PEM file (`edge-ft keys new`)."""
     ed25519, serialization, _ = _crypto()
     path = Path(path)
@@ -106,7 +107,7 @@ def load_private_key(path: str | Path):
     return key
 
 
-def public_of(private) -> PublicKey:
+def public_of(private: Any) -> PublicKey:
     _, serialization, _ = _crypto()
     raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return PublicKey(raw, "the signing key")
@@ -126,23 +127,23 @@ def load_public_key(path: str | Path) -> PublicKey:
     return PublicKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw), str(path))
 
 
-def canonical(obj) -> bytes:
+def canonical(obj: object) -> bytes:
     """The one byte string a JSON value signs as: sorted keys, no spaces, ASCII."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
-def tagged(domain: str, body: dict) -> bytes:
+def tagged(domain: str, body: dict[str, Any]) -> bytes:
     """What is signed: the domain tag, a newline, the canonical JSON. The tag keeps a signature made for one
     purpose (a folder manifest, a key rotation) from being valid as the other."""
     return domain.encode() + b"\n" + canonical(body)
 
 
-def sign_body(private, domain: str, body: dict) -> str:
+def sign_body(private: Any, domain: str, body: dict[str, Any]) -> str:
     """The base64 Ed25519 signature of `body` under `domain` (see `tagged`)."""
     return b64(private.sign(tagged(domain, body)))
 
 
-def verify_body(key: PublicKey, domain: str, body: dict, signature: object, where: str) -> bool:
+def verify_body(key: PublicKey, domain: str, body: dict[str, Any], signature: object, where: str) -> bool:
     """Whether `signature` (base64) is `key`'s signature of `body` under `domain`."""
     return key.verify(unb64(signature, where), tagged(domain, body))
 
@@ -158,7 +159,7 @@ def unb64(text: object, where: str) -> bytes:
         raise UserError(f"{where}: not base64; sign again") from None
 
 
-def rotation_statement(old_private_path: str | Path, new_public_path: str | Path, out: str | Path) -> dict:
+def rotation_statement(old_private_path: str | Path, new_public_path: str | Path, out: str | Path) -> dict[str, Any]:
     """A statement, signed by the old key, that the new key takes over from it; written to `out` as JSON."""
     old = load_private_key(old_private_path)
     new = load_public_key(new_public_path)
@@ -169,7 +170,7 @@ def rotation_statement(old_private_path: str | Path, new_public_path: str | Path
     return statement
 
 
-def check_rotation(statement: object, where: str) -> tuple[str, PublicKey, bytes, dict]:
+def check_rotation(statement: object, where: str) -> tuple[str, PublicKey, bytes, dict[str, Any]]:
     """(old key id, new key, signature, signed body) of a well-formed rotation statement; the caller verifies the
     signature with the old key it trusts."""
     body = statement.get("signed") if isinstance(statement, dict) else None
@@ -179,14 +180,15 @@ def check_rotation(statement: object, where: str) -> tuple[str, PublicKey, bytes
     new = PublicKey(unb64(body["new_public_key"], where), f"a rotation from key {short(body['old_keyid'])}")
     if new.keyid != body["new_keyid"]:
         raise UserError(f"{where}: the new key does not match its key id; make the statement again")
+    assert isinstance(statement, dict)  # checked with `body` above
     return body["old_keyid"], new, unb64(statement.get("signature"), where), body
 
 
-def load_rotation(path: str | Path) -> dict:
+def load_rotation(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         statement = json.loads(_read(path, "rotation statement"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path}: not JSON; make the statement with `edge-ft keys rotate`") from None
     check_rotation(statement, str(path))
-    return statement
+    return dict(statement)

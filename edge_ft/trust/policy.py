@@ -13,6 +13,7 @@ once a device has seen key B take over from key A, A alone no longer signs for i
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from edge_ft.atomic import atomic_write_json, ensure_dir
 from edge_ft.errors import UserError
@@ -50,7 +52,7 @@ def installed_keys() -> list[Path]:
 
 def load_policy(trust: list[str] | None = None) -> Policy | None:
     """The keys from --trust and from $EDGE_FT_HOME/trusted-keys; None when there are none (no policy)."""
-    keys = {}
+    keys: dict[str, PublicKey] = {}
     for path in [*map(Path, trust or []), *installed_keys()]:
         key = load_public_key(path)
         keys.setdefault(key.keyid, key)
@@ -69,7 +71,7 @@ def trust_key(public: str | Path) -> tuple[Path, str]:
     return target, key.keyid
 
 
-def read_state(path: Path) -> dict:
+def read_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {"accepted": {}, "retired": {}}
     try:
@@ -83,7 +85,7 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def check_fresh(v: Verified, state: dict) -> None:
+def check_fresh(v: Verified, state: dict[str, Any]) -> None:
     """Refuse a retired key, an older version than one accepted, or an accepted version with other content."""
     retired = state["retired"]
     if v.keyid in retired:
@@ -100,7 +102,7 @@ def check_fresh(v: Verified, state: dict) -> None:
                         f"version {v.version} accepted before; a new release needs a higher version")
 
 
-def record(v: Verified, state: dict, path: Path) -> None:
+def record(v: Verified, state: dict[str, Any], path: Path) -> None:
     """Remember `v` as accepted (its version becomes the floor) and the keys its rotations retired."""
     seen = state["accepted"].get(v.name)
     if not isinstance(seen, dict) or v.version > seen.get("version", 0):
@@ -153,7 +155,7 @@ def trusted_model(path: str | Path, trust: list[str] | None) -> Path:
     return path
 
 
-def add_trust_option(parser) -> None:
+def add_trust_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust", action="append", metavar="PUBKEY",
                         help="accept only artifacts signed by this public key (repeatable); keys installed with "
                         "`edge-ft keys trust` apply too")

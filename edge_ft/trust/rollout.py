@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from edge_ft.atomic import atomic_write_json, ensure_dir, replace_folder
 from edge_ft.checkpoint import sha256_file
@@ -34,7 +35,7 @@ def default_root() -> Path:
     return home() / "deploy"
 
 
-def read_active(root: Path) -> dict | None:
+def read_active(root: Path) -> dict[str, Any] | None:
     """active.json when it names a slot whose model has the recorded hash; None before the first deploy."""
     path = root / ACTIVE
     if not path.is_file():
@@ -46,7 +47,7 @@ def read_active(root: Path) -> dict | None:
         raise UserError(f"{path}: unreadable ({e!r}); restore it or deploy again") from None
     if slot not in SLOTS or not slot_holds(root, slot, digest):
         raise UserError(f"{path}: slot {slot!r} does not hold the model it names; deploy again")
-    return active
+    return dict(active)
 
 
 def slot_holds(root: Path, slot: str | None, digest: str | None) -> bool:
@@ -60,10 +61,10 @@ def active_model(root: str | Path) -> Path:
     active = read_active(root)
     if active is None:
         raise UserError(f"{root}: no active model yet; `edge-ft deploy ADAPTER --bundle B --holdout TEST.npz`")
-    return root / active["active"] / MODEL
+    return root / str(active["active"]) / MODEL
 
 
-def read_slot(slot: Path) -> dict:
+def read_slot(slot: Path) -> dict[str, Any]:
     """A slot's slot.json (written by deploy before the slot was swapped in)."""
     try:
         record = json.loads((slot / SLOT_RECORD).read_text())
@@ -74,7 +75,7 @@ def read_slot(slot: Path) -> dict:
     return record
 
 
-def log(root: Path, event: dict) -> None:
+def log(root: Path, event: dict[str, Any]) -> None:
     """Append one JSON line and fsync: the log only grows (a kill mid-write can leave one partial last line)."""
     line = json.dumps({"time": now_utc().strftime(TIME_FORMAT), **event}, sort_keys=True) + "\n"
     fd = os.open(root / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -85,7 +86,7 @@ def log(root: Path, event: dict) -> None:
         os.close(fd)
 
 
-def read_log(root: str | Path) -> list[dict]:
+def read_log(root: str | Path) -> list[dict[str, Any]]:
     path = Path(root) / LOG
     if not path.is_file():
         return []
@@ -111,7 +112,7 @@ def holdout_accuracy(model: Path, holdout: str | Path) -> float:
     return float(np.mean([m.card.class_name(int(p)) == label for p, label in zip(predicted, batch.labels)]))
 
 
-def _stage(root: Path, bundle_path: str | Path, adapter: str | Path, holdout: str | Path, verified) -> Path:
+def _stage(root: Path, bundle_path: str | Path, adapter: str | Path, holdout: str | Path, verified: Any) -> Path:
     """The new slot's contents in a staging folder under ROOT: merged model, its record and holdout accuracy."""
     from edge_ft.device.adapter import merge_adapter
     from edge_ft.device.bundle import load_bundle
@@ -129,7 +130,7 @@ def _stage(root: Path, bundle_path: str | Path, adapter: str | Path, holdout: st
 
 
 def deploy(adapter: str | Path, bundle: str | Path, holdout: str | Path, root: str | Path | None = None,
-           tolerance: float = 0.01, trust: list[str] | None = None) -> dict:
+           tolerance: float = 0.01, trust: list[str] | None = None) -> dict[str, Any]:
     """Verify, merge into the inactive slot, score, and switch when accuracy holds; returns the logged decision.
     Not activating (lower accuracy) and refusing (verification) are logged, then raised as one-line errors."""
     from edge_ft.trust.policy import enforce
@@ -164,7 +165,7 @@ def deploy(adapter: str | Path, bundle: str | Path, holdout: str | Path, root: s
     return event
 
 
-def rollback(root: str | Path | None = None) -> dict:
+def rollback(root: str | Path | None = None) -> dict[str, Any]:
     """Make the previous slot active again (when it still holds the model that was active before)."""
     root = Path(root or default_root())
     active = read_active(root)

@@ -1,10 +1,10 @@
-"""The signed manifest of a folder: every file's sha256 and size, a name, a version and an expiry, signed with
+r"""The signed manifest of a folder: every file's sha256 and size, a name, a version and an expiry, signed with
 Ed25519 and stored beside the files as edge_ft_signature.json.
 
   {"signed": {"domain": "edge-ft-signature-v1", "kind": "adapter", "name": "digits", "version": 3,
               "created": "...Z", "expires": "...Z", "keyid": "<sha256 of the raw public key>",
               "files": [{"path": "adapter_config.json", "sha256": "...", "size": 412}, ...]},
-   "signature": "<base64 Ed25519 over 'edge-ft-signature-v1\\n' + canonical JSON of signed>",
+   "signature": "<base64 Ed25519 over 'edge-ft-signature-v1\n' + canonical JSON of signed>",
    "rotations": [<statements by which the signing key took over from a key the device trusts>]}
 
 A bundle's manifest.json is the one file a device rewrites (`edge-ft adapter apply` adds the applied adapter to
@@ -16,15 +16,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from edge_ft.atomic import TEMP_SUFFIX, atomic_write_json
 from edge_ft.checkpoint import sha256_file
 from edge_ft.errors import UserError
-from edge_ft.trust.keys import (PublicKey, b64, check_rotation, load_private_key, load_rotation, public_of, short,
-                                tagged, unb64)
+from edge_ft.trust.keys import (
+    PublicKey,
+    b64,
+    check_rotation,
+    load_private_key,
+    load_rotation,
+    public_of,
+    short,
+    tagged,
+    unb64,
+)
 
 SIGNATURE = "edge_ft_signature.json"
 DOMAIN = "edge-ft-signature-v1"
@@ -82,7 +93,7 @@ def _bundle_manifest_digest(path: Path) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _entry(folder: Path, rel: str, kind: str) -> dict:
+def _entry(folder: Path, rel: str, kind: str) -> dict[str, Any]:
     path = folder / rel
     if kind == "bundle" and path.name == BUNDLE_MANIFEST:
         return {"path": rel, "digest": MANIFEST_DIGEST, "sha256": _bundle_manifest_digest(path)}
@@ -90,7 +101,7 @@ def _entry(folder: Path, rel: str, kind: str) -> dict:
 
 
 def sign_folder(folder: str | Path, key_path: str | Path, version: int, name: str | None = None,
-                expires: datetime | None = None, rotations: list[str | Path] = ()) -> dict:
+                expires: datetime | None = None, rotations: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Write FOLDER/edge_ft_signature.json (atomically) over every file in FOLDER; returns the signed body."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -115,7 +126,7 @@ def sign_folder(folder: str | Path, key_path: str | Path, version: int, name: st
     return body
 
 
-def read_signature(folder: Path) -> dict:
+def read_signature(folder: Path) -> dict[str, Any]:
     """The parsed signature file, checked for shape; an unsigned folder is its own one-line refusal."""
     path = folder / SIGNATURE
     if not path.is_file():
@@ -133,10 +144,11 @@ def read_signature(folder: Path) -> dict:
           and isinstance(doc.get("rotations", []), list))
     if not ok:
         raise UserError(f"{path}: not an {DOMAIN} signature (domain, keyid, name, version, files); sign again")
-    return doc
+    return dict(doc)
 
 
-def resolve_key(doc: dict, trusted: dict[str, PublicKey], where: str) -> tuple[PublicKey, list[tuple[str, str]]]:
+def resolve_key(doc: dict[str, Any], trusted: dict[str, PublicKey],
+                where: str) -> tuple[PublicKey, list[tuple[str, str]]]:
     """The trusted key that signed, directly or through rotation statements each signed by a key already
     trusted; otherwise the one-line refusal naming the signing key."""
     known, used = dict(trusted), []
@@ -176,9 +188,9 @@ def _parse_time(text: object, where: str) -> datetime:
         raise UserError(f"{where}: unreadable time {text!r}; sign again") from None
 
 
-def check_files(folder: Path, body: dict, signer: str) -> None:
+def check_files(folder: Path, body: dict[str, Any], signer: str) -> None:
     """Every listed file is there with its signed digest, and no file is there that the signature does not list."""
-    kind = body.get("kind")
+    kind = str(body.get("kind", ""))
     listed = {f["path"]: f for f in body["files"]}
     for rel, entry in listed.items():
         path = folder / rel

@@ -1,6 +1,7 @@
 """The closing lines of `make test-cgroup-v2`, from the junit XML pytest wrote inside the VM.
 
-Stdlib only. Figures a test recorded (pytest's record_property) are printed with it. Inside the VM every cgroup test must run: a skipped one means the v2 path was not exercised, so it
+Stdlib only. Figures a test recorded (pytest's record_property) are printed with it.
+Inside the VM every cgroup test must run: a skipped one means the v2 path was not exercised, so it
 counts as a failure here (with its reason), as does pytest's own non-zero exit (e.g. 5: no tests collected).
 
     python3 summary.py JUNIT.xml PYTEST_EXIT_CODE      exit 0 only when all ran and passed

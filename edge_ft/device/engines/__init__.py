@@ -10,6 +10,7 @@ one runs. Engines are imported lazily: importing this package loads no runtime.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -58,19 +59,20 @@ class Engine(Protocol):
         """Write a forward-only ONNX model with the current weights that plain onnxruntime runs."""
 
 
-def engine_class(name: str):
+def engine_class(name: str) -> Callable[..., Engine]:
     from edge_ft.errors import UserError
 
     if name not in ENGINES:
         raise UserError(f"unknown engine {name!r}: this edge-ft knows {', '.join(ENGINES)}")
     module, cls = ENGINES[name].split(":")
     try:
-        return getattr(importlib.import_module(module), cls)
+        found: Callable[..., Engine] = getattr(importlib.import_module(module), cls)
+        return found
     except ImportError as e:
         raise UserError(f"engine {name!r} cannot load here ({e})") from None
 
 
-def open_engine(bundle: "Bundle", threads: int = 0) -> Engine:
+def open_engine(bundle: Bundle, threads: int = 0) -> Engine:
     """The bundle's engine, started from the bundle's weights plus any adapter `edge-ft adapter apply` put in it."""
     engine = engine_class(bundle.engine)(bundle, threads=threads)
     applied = bundle.applied_adapter()

@@ -9,6 +9,8 @@ ValueInfoProto.name = 1; TensorProto.dims = 1, .data_type = 2, .name = 8, .raw_d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from edge_ft.errors import UserError
@@ -38,14 +40,14 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _fields(buf: bytes):
-    """Yield (field number, raw bytes of the whole field, payload of a length-delimited field or None)."""
+def _fields(buf: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """Yield (field number, raw bytes of the whole field, payload of a length-delimited field or b"")."""
     pos = 0
     while pos < len(buf):
         start = pos
         key, pos = _read_varint(buf, pos)
         number, wire = key >> 3, key & 7
-        payload = None
+        payload = b""
         if wire == 0:
             _, pos = _read_varint(buf, pos)
         elif wire == 1:

@@ -18,6 +18,8 @@ and optimizer-state key. Forward graph: (input, every model tensor) -> logits.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_bytes
@@ -68,10 +70,11 @@ class OrtStepEngine:
         self._buffers = [{k: np.empty_like(state[k]) for k in self._updated} for _ in range(2)]
         self._current = 0  # which buffer set holds the state now
         self._bindings = [self._bind(reads, writes) for reads, writes in ((0, 1), (1, 0))]
-        self._batch = self._lr = None  # the loss/logits outputs and lr input are bound when they change
+        self._batch: int | None = None  # the loss/logits outputs and lr input are bound when they change
+        self._lr: float | None = None
         self._set_state(state)
 
-    def _bind(self, reads: int, writes: int):
+    def _bind(self, reads: int, writes: int) -> Any:
         """An IOBinding that reads buffer set `reads` and the frozen tensors and writes set `writes` in place."""
         ort = import_onnxruntime()
         binding = self.train_session.io_binding()
@@ -100,9 +103,10 @@ class OrtStepEngine:
         return {k: self._buffers[self._current][k] for k in self.opt_keys}
 
     @staticmethod
-    def _check(state: dict, shapes: dict[str, tuple], opt_keys: list[str], source) -> None:
+    def _check(state: dict[str, Any], shapes: dict[str, tuple[int, ...]], opt_keys: list[str], source: object) -> None:
         """Every tensor the graph reads is present with the shape and dtype the bundle says."""
-        expected = {k: (tuple(s), np.float32) for k, s in shapes.items()}
+        expected: dict[str, tuple[tuple[int, ...], type[np.generic]]] = {
+            k: (tuple(s), np.float32) for k, s in shapes.items()}
         for key in opt_keys:  # a buffer has its tensor's shape: "exp_avg.fc1.weight" -> fc1.weight
             expected[key] = ((), np.int64) if key == STEP_KEY else (tuple(shapes[key.split(".", 1)[1]]), np.float32)
         for key, (shape, dtype) in expected.items():
@@ -112,7 +116,7 @@ class OrtStepEngine:
                 raise UserError(f"{source}: {key!r} is {state[key].dtype} {state[key].shape}, this bundle needs "
                                 f"{np.dtype(dtype)} {shape}; was it written for another bundle?")
 
-    def _check_batch(self, x: np.ndarray, y: np.ndarray | None = None):
+    def _check_batch(self, x: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         shape = self._bundle.input_shape
         if x.dtype != np.float32 or x.shape[1:] != shape or len(x) == 0:
             raise UserError(f"input must be float32 (B, {', '.join(map(str, shape))}), got {x.dtype} {x.shape}")
@@ -126,7 +130,7 @@ class OrtStepEngine:
         return np.ascontiguousarray(x), y
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
-        x, y = self._check_batch(x, y)
+        x, labels = self._check_batch(x, y)
         if len(x) != self._batch:  # loss and logits land in arrays kept per batch size
             self._loss = np.empty((), np.float32)
             self._logits = np.empty((len(x), self._bundle.num_classes), np.float32)
@@ -139,7 +143,7 @@ class OrtStepEngine:
             self._lr = lr
         binding = self._bindings[self._current]
         binding.bind_cpu_input(INPUT, x)  # x and y stay alive until run returns; the next step rebinds them
-        binding.bind_cpu_input(LABELS, y)
+        binding.bind_cpu_input(LABELS, labels)
         self.train_session.run_with_iobinding(binding)
         self._current = 1 - self._current
         return float(self._loss), self._logits.copy()
@@ -152,11 +156,12 @@ class OrtStepEngine:
 
     def end_profiling(self) -> str:
         """Stop the step graph's profiler (started with profile_prefix); the path of its trace."""
-        return self.train_session.end_profiling()
+        return str(self.train_session.end_profiling())
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         x, _ = self._check_batch(x)
-        return self.forward_session.run([LOGITS], {INPUT: x, **self.params, **self.fixed})[0]
+        logits: np.ndarray = self.forward_session.run([LOGITS], {INPUT: x, **self.params, **self.fixed})[0]
+        return logits
 
     def trainable_state(self) -> dict[str, np.ndarray]:
         return {n: v.copy() for n, v in self.params.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,11 @@ from edge_ft.errors import UserError
 
 
 class OrtTrainingEngine:
+    # onnxruntime.training.api objects (the package has no type information)
+    _state: Any  # CheckpointState
+    _module: Any  # Module
+    _optimizer: Any  # Optimizer
+
     def __init__(self, bundle: Bundle, threads: int = 0):
         self._api = load_training_api()
         self._bundle = bundle
@@ -63,7 +69,8 @@ class OrtTrainingEngine:
         x = self._check_input(x)
         self._module.eval()
         _, logits = self._module(x, np.zeros(len(x), dtype=np.int64))  # the eval graph ends in the loss too
-        return logits
+        out: np.ndarray = logits
+        return out
 
     def trainable_state(self) -> dict[str, np.ndarray]:
         return {name: self._state.parameters[name].data.copy() for name in self._bundle.trainable}

@@ -8,6 +8,7 @@ package.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import shutil
@@ -25,7 +26,6 @@ from edge_ft.data.npz import check_class_names
 from edge_ft.device.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_files
 from edge_ft.errors import UserError
 from edge_ft.host.describe import HostModel, host_model
-from edge_ft.host.export.prefix import split_frozen_prefix
 from edge_ft.host.export.common import (
     HEAD_FOLDER,
     check_base,
@@ -35,6 +35,7 @@ from edge_ft.host.export.common import (
     write_features_graph,
     write_inference_base,
 )
+from edge_ft.host.export.prefix import split_frozen_prefix
 
 ENGINE_MODULES = {ORT_TRAINING: "ort_training", ORT_STEP: "ort_step"}
 
@@ -123,8 +124,6 @@ def _versions() -> dict[str, str]:
     providers = importlib.metadata.packages_distributions()
     for module in ("torch", "onnx", "onnxruntime"):
         for dist in providers.get(module, [module]):
-            try:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
                 versions[dist] = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                pass
     return versions

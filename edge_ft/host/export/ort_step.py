@@ -8,8 +8,8 @@ Graphs hold no weights, so they stay tens of kB and the state file is the only t
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 import torch
 
@@ -20,8 +20,14 @@ from edge_ft.device.engines.ort_step import STATE_FORMAT, optimizer_keys
 from edge_ft.errors import UserError
 from edge_ft.host.export import common
 from edge_ft.host.export.step_ops import check_supported
-from edge_ft.host.export.step_trace import (export_onnx, initial_state, make_forward, make_step, model_tensors,
-                                           train_io_names)
+from edge_ft.host.export.step_trace import (
+    export_onnx,
+    initial_state,
+    make_forward,
+    make_step,
+    model_tensors,
+    train_io_names,
+)
 
 TRAIN_GRAPH = "train_step.onnx"
 FORWARD_GRAPH = "forward.onnx"

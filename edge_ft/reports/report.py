@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_ft.advice.recommend import Constraints, recommend
 from edge_ft.atomic import atomic_write_text
-from edge_ft.bench.measure import ENGINES, LABELS, mb, short_result
-from edge_ft.bench.recommend import Constraints, recommend
-from edge_ft.bench.records import latest
-from edge_ft.contracts import BUNDLE_ENGINES
+from edge_ft.bench.measure import LABELS
+from edge_ft.bench.records import BenchRecord, latest
+from edge_ft.contracts import BUNDLE_ENGINES, ENGINES
+from edge_ft.reports.format import mb, md_table, short_result
+from edge_ft.reports.tradeoff_report import models_section
 
 SPEED_GOAL, MEMORY_GOAL, CACHE_GOAL = 0.5, 1.15, 0.10
 SMALL_BOARD = "rpi-zero-2w"
@@ -38,14 +40,14 @@ class Goal:
         return {True: "met", False: "**missed**", None: "not measured"}[self.met]
 
 
-def _find(records: list[dict], profile: str, label: str, engine: str) -> dict | None:
+def _find(records: list[BenchRecord], profile: str, label: str, engine: str) -> dict | None:
     for r in reversed(records):
         if (r["profile"], r["label"], r["engine"]) == (profile, label, engine) and r["status"] == "ok":
             return r
     return None
 
 
-def speed_goals(records: list[dict]) -> list[Goal]:
+def speed_goals(records: list[BenchRecord]) -> list[Goal]:
     goals = []
     for label in BASE_METHODS:
         torch = _find(records, "host", label, "torch")
@@ -61,7 +63,7 @@ def speed_goals(records: list[dict]) -> list[Goal]:
     return goals
 
 
-def memory_goals(records: list[dict]) -> list[Goal]:
+def memory_goals(records: list[BenchRecord]) -> list[Goal]:
     """One row per profile and ORT engine: the range of peak / after-import RSS over its methods."""
     groups: dict[tuple[str, str], list[tuple[float, dict]]] = {}
     for r in records:
@@ -80,7 +82,7 @@ def memory_goals(records: list[dict]) -> list[Goal]:
     return goals
 
 
-def cache_goals(records: list[dict]) -> list[Goal]:
+def cache_goals(records: list[BenchRecord]) -> list[Goal]:
     goals = []
     for r in records:
         if r["label"] != "probe-cached" or r["status"] != "ok":
@@ -95,7 +97,7 @@ def cache_goals(records: list[dict]) -> list[Goal]:
     return goals
 
 
-def small_board_goals(records: list[dict]) -> list[Goal]:
+def small_board_goals(records: list[BenchRecord]) -> list[Goal]:
     goals = []
     for engine in ORT:
         runs = {r["label"]: r for r in records if r["profile"] == SMALL_BOARD and r["engine"] == engine}
@@ -112,7 +114,7 @@ def small_board_goals(records: list[dict]) -> list[Goal]:
     return goals
 
 
-def all_goals(records: list[dict]) -> dict[str, list[Goal]]:
+def all_goals(records: list[BenchRecord]) -> dict[str, list[Goal]]:
     return {"speed": speed_goals(records), "memory": memory_goals(records), "caching": cache_goals(records),
             "small board": small_board_goals(records)}
 
@@ -120,19 +122,11 @@ def all_goals(records: list[dict]) -> dict[str, list[Goal]]:
 # ------------------------------------------------------------------------------------------------ markdown
 
 
-def md_table(headers: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
-    """A markdown table; the first `text_columns` columns are left-aligned, the rest (figures) right-aligned."""
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---" if i < text_columns else "---:" for i in range(len(headers))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _n(v, fmt: str = ",") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def results_table(rows: list[dict]) -> str:
+def results_table(rows: list[BenchRecord]) -> str:
     headers = ["method", "engine", "result", "accuracy", "ms/step p50", "mean", "p95", "s/epoch", "time to acc. s",
                "peak RSS MB", "RSS after import MB", "MFLOPs/step", "trainable", "payload B", "bundle B",
                "merged B"]
@@ -151,12 +145,10 @@ def results_table(rows: list[dict]) -> str:
     return table + ("\n\n" + "\n".join(failures) if failures else "")
 
 
-def write_report(records: list[dict], out: Path, source: str = "results.jsonl",
-                 model_records: list[dict] = ()) -> Path:
+def write_report(records: list[BenchRecord], out: Path, source: str = "results.jsonl",
+                 model_records: list[BenchRecord] = ()) -> Path:
     """report.md and its PNGs in `out` from task-sweep records and per-model records (`bench --models`, kind
     "tradeoff"); either list may be empty. Returns the report's path."""
-    from edge_ft.bench.tradeoff_report import models_section
-
     out.mkdir(parents=True, exist_ok=True)
     parts = task_parts(list(latest(records).values()), out, source) if records else [
         "# edge-ft benchmark: per model", "", f"{len(latest(model_records))} runs from `{source}`.", ""]
@@ -167,10 +159,10 @@ def write_report(records: list[dict], out: Path, source: str = "results.jsonl",
     return out / "report.md"
 
 
-def task_parts(records: list[dict], out: Path, source: str) -> list[str]:
+def task_parts(records: list[BenchRecord], out: Path, source: str) -> list[str]:
     """The task sweep's markdown lines (its figures written into `out`)."""
-    from edge_ft.bench import plots
     from edge_ft.emulation.profiles import load_profile
+    from edge_ft.reports import plots
 
     figures = plots.write_all(records, out)
     tasks = list(dict.fromkeys(r["task"] for r in records))
@@ -226,7 +218,7 @@ CAPTIONS = {
 }
 
 
-def host_speed_text(records: list[dict]) -> str:
+def host_speed_text(records: list[BenchRecord]) -> str:
     """The host speed every quota was scaled by, where it came from, and the throttling correction applied."""
     r = records[0]
     source = r.get("host_speed_source", "not recorded")
@@ -239,7 +231,7 @@ def host_speed_text(records: list[dict]) -> str:
     return text
 
 
-def settings_text(records: list[dict]) -> str:
+def settings_text(records: list[BenchRecord]) -> str:
     s = records[0]["settings"]
     length = f"{s['steps']} steps" if s.get("steps") else (f"{s['epochs']} epochs" if s.get("epochs")
                                                           else "each method's recipe epochs")

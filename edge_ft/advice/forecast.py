@@ -30,11 +30,15 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from edge_ft.bench.measure import LABELS, SweepSettings, fmt_ms, step_flops, step_ms
+from edge_ft.bench.measure import LABELS, SweepSettings, step_flops
+from edge_ft.bench.records import BenchRecord, step_ms
 from edge_ft.config import MethodConfig
+from edge_ft.contracts import MB
 from edge_ft.costmodel import estimate
-from edge_ft.emulation.profiles import MB, DeviceProfile
+from edge_ft.emulation.profiles import DeviceProfile
+from edge_ft.reports.format import fmt_ms
 from edge_ft.training_defaults import DEFAULTS
 
 OFF_BY = 3.0  # a prediction this many times off the measurement (either way) is flagged as such
@@ -71,9 +75,9 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def _latest_ok(records: list[dict]) -> list[dict]:
+def _latest_ok(records: list[BenchRecord]) -> list[BenchRecord]:
     """The last finished record per (profile, task, label, engine)."""
-    out: dict[tuple, dict] = {}
+    out: dict[tuple[Any, ...], BenchRecord] = {}
     for r in records:
         if r.get("status") == "ok" and r.get("basis") != "predicted":
             out[r["profile"], r["task"], r.get("label", r["method"]), r["engine"]] = r
@@ -91,7 +95,7 @@ def _profile_speed(name: str, threads: int | None) -> tuple[float, float] | None
     return p.cpu_speed, p.cpu_speed * p.thread_speedup(threads or p.threads)
 
 
-def run_speed(r: dict) -> tuple[float, float] | None:
+def run_speed(r: BenchRecord) -> tuple[float, float] | None:
     """(one thread, all threads) of a measured run in reference cores: what its CPU quota delivered (the record's
     own quota figures, else its profile's stated speed), or this machine's host speed natively."""
     if r.get("time_scaled"):
@@ -111,7 +115,7 @@ def board_speed(profile: DeviceProfile, host_speed: float | None) -> tuple[float
     return profile.cpu_speed, profile.cpu_speed * profile.thread_speedup(profile.threads)
 
 
-def _sources(runs: list[dict]) -> str:
+def _sources(runs: list[BenchRecord]) -> str:
     return ", ".join(dict.fromkeys(r["profile"] for r in runs))
 
 
@@ -126,12 +130,12 @@ def _figures(groups: dict, constants: dict, fallback: str, what: str) -> dict:
     return out
 
 
-def _others(records: list[dict], exclude: str) -> list[dict]:
+def _others(records: list[BenchRecord], exclude: str) -> list[dict]:
     """The latest finished runs of every profile but `exclude`: a prediction never sees its own measurements."""
     return [r for r in _latest_ok(records) if r["profile"] != exclude]
 
 
-def rates(records: list[dict], exclude: str, native: bool) -> dict[tuple[str, str], Figure]:
+def rates(records: list[BenchRecord], exclude: str, native: bool) -> dict[tuple[str, str], Figure]:
     """(label, engine) -> effective GFLOP/s per reference core, from the other profiles' latest runs of the same
     kind (quota-limited or native); DEMO constants where none."""
     groups: dict[tuple[str, str], list[tuple[float, dict]]] = {}
@@ -146,7 +150,7 @@ def rates(records: list[dict], exclude: str, native: bool) -> dict[tuple[str, st
     return _figures(groups, DEMO_RATES, DEMO_SOURCE, "quota-limited runs")
 
 
-def memory_figures(records: list[dict], exclude: str) -> tuple[dict[str, Figure], dict[str, Figure]]:
+def memory_figures(records: list[BenchRecord], exclude: str) -> tuple[dict[str, Figure], dict[str, Figure]]:
     """(engine -> import floor MB, engine -> working memory MB beyond import and model) from the other profiles'
     runs."""
     floors: dict[str, list[tuple[float, dict]]] = {}
@@ -162,7 +166,7 @@ def memory_figures(records: list[dict], exclude: str) -> tuple[dict[str, Figure]
             _figures(working, DEMO_WORKING_MB, DEMO_SOURCE, "runs"))
 
 
-def job_seconds(records: list[dict], exclude: str) -> dict[str, Figure]:
+def job_seconds(records: list[BenchRecord], exclude: str) -> dict[str, Figure]:
     """engine -> seconds a run takes beyond its training steps (start-up, imports, evaluation, export), on one
     reference core; from the other profiles' wall times, else DEMO constants."""
     groups: dict[str, list[tuple[float, dict]]] = {}
@@ -174,7 +178,7 @@ def job_seconds(records: list[dict], exclude: str) -> dict[str, Figure]:
     return _figures(groups, DEMO_JOB_SECONDS, DEMO_SOURCE, "wall times of runs")
 
 
-def _batch(r: dict) -> int:
+def _batch(r: BenchRecord) -> int:
     return (r.get("settings") or {}).get("batch") or DEFAULTS[r["method"]].batch
 
 
@@ -185,7 +189,7 @@ def training_memory(method: str, batch: int, settings: dict, num_classes: int = 
     return estimate(cfg, batch, DEFAULTS[method].optimizer).memory["total"]
 
 
-def accuracy_figure(records: list[dict], task: str, label: str, settings: SweepSettings,
+def accuracy_figure(records: list[BenchRecord], task: str, label: str, settings: SweepSettings,
                     table: Path | None) -> Figure | None:
     """The accuracy measured for this method on the task: runs of the same length first, then any run, then the
     finetune table; None when nobody measured it."""
@@ -218,7 +222,7 @@ def table_accuracy(table: Path | None, task: str, method: str, rank: int) -> Fig
         return None
 
 
-def steps_per_epoch(records: list[dict], task: str, batch: int) -> int | None:
+def steps_per_epoch(records: list[BenchRecord], task: str, batch: int) -> int | None:
     """Optimizer steps in one epoch of the task at `batch`: from a run's own count, else from the data."""
     for r in _latest_ok(records):
         if r["task"] == task and r.get("steps") and r.get("epochs") and _batch(r) == batch:
@@ -232,9 +236,9 @@ def steps_per_epoch(records: list[dict], task: str, batch: int) -> int | None:
         return None
 
 
-def predict_runs(records: list[dict], profile: DeviceProfile, task: str, settings: SweepSettings,
+def predict_runs(records: list[BenchRecord], profile: DeviceProfile, task: str, settings: SweepSettings,
                  labels: list[str], engines: list[str], host_speed: float | None = None,
-                 table: Path | None = None) -> list[dict]:
+                 table: Path | None = None) -> list[BenchRecord]:
     """One predicted run (a dict shaped like a record, "basis": "predicted") per label x engine the sweep has."""
     speed = rates(records, profile.name, profile.native)
     floors, working = memory_figures(records, profile.name)
@@ -276,14 +280,14 @@ def predict_runs(records: list[dict], profile: DeviceProfile, task: str, setting
     return out
 
 
-def sweep_seconds(preds: list[dict], profile: DeviceProfile, repeats: int, host_speed: float | None
+def sweep_seconds(preds: list[BenchRecord], profile: DeviceProfile, repeats: int, host_speed: float | None
                   ) -> float | None:
     """Expected wall seconds of measuring `preds` with `edge-ft bench` (cgroup emulation): every run's predicted
     steps plus its start-up, native runs `repeats` times one after another, quota-limited ones side by side as the
     sweep runs them (edge_ft.bench.sweep.parallel_width, before the throttling correction). None when a run's
     length is unknown. Preparation (pretraining, exports) and a first host-speed calibration come on top."""
-    from edge_ft.emulation.emulate import usable_cpus
     from edge_ft.bench.sweep import MAX_PARALLEL
+    from edge_ft.emulation.emulate import usable_cpus
 
     jobs = [p["job_seconds"] for p in preds]
     if not jobs or any(j is None for j in jobs):
@@ -301,7 +305,7 @@ def fmt_duration(seconds: float | None) -> str:
     return f"~{seconds:.0f} s" if seconds < 120 else f"~{seconds / 60:.0f} min"
 
 
-def check(preds: list[dict], measured: list[dict]) -> list[dict]:
+def check(preds: list[BenchRecord], measured: list[BenchRecord]) -> list[dict]:
     """Predicted / measured step time and peak RSS for every run both have (status ok)."""
     by_run = {(m.get("label", m["method"]), m["engine"]): m for m in measured if m["status"] == "ok"}
     rows = []
@@ -336,7 +340,7 @@ def check_lines(rows: list[dict], profile: str) -> list[str]:
 
 def explain(rec, profile: DeviceProfile, c, why: str) -> list[str]:
     """The predicted answer, every line tagged: what is chosen, from which figures, and what rules out the rest."""
-    from edge_ft.bench.recommend import describe, explain_exclusions, name
+    from edge_ft.advice.recommend import describe, explain_exclusions, name
 
     tag = "  [predicted]"
     r = rec.choice

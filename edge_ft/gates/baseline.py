@@ -20,9 +20,9 @@ import json
 import math
 from dataclasses import dataclass
 
-from edge_ft.bench.gates import (STEP_TIME, Failure, Outcome, field_value, latest_runs, run_name, show_value,
-                                 unscaled_time)
+from edge_ft.bench.records import BenchRecord, latest_runs
 from edge_ft.errors import UserError
+from edge_ft.gates.assertions import STEP_TIME, Failure, Outcome, field_value, run_name, show_value, unscaled_time
 
 HIGHER_IS_BETTER = {"accuracy": True, "peak_rss_mb": False, "payload_bytes": False, STEP_TIME: False}
 DEFAULT_MAX_REGRESSION = "10%"
@@ -64,14 +64,14 @@ def _parse_limit(text: str, amount: str) -> Limit:
     return Limit(value / 100 if relative else value, relative)
 
 
-def identity(record: dict) -> str:
+def identity(record: BenchRecord) -> str:
     """What was measured, without what belongs to the machine (host speed) or the base's bytes."""
     settings = {k: v for k, v in (record.get("settings") or {}).items() if k not in ("host_speed", "target_accuracy")}
     return json.dumps([record.get("task"), record.get("label"), record.get("engine"), record.get("profile"),
                        settings], sort_keys=True)
 
 
-def comparable(record: dict, name: str):
+def comparable(record: BenchRecord, name: str):
     """The figure as compared across runners (time: see the module docstring); None when it cannot be."""
     value = field_value(record, name)
     if name != STEP_TIME or value is None:
@@ -82,7 +82,7 @@ def comparable(record: dict, name: str):
     return None if unscaled_time(record) else value
 
 
-def compare(new: list[dict], old: list[dict], limits: dict[str, Limit], source: str = "baseline"
+def compare(new: list[BenchRecord], old: list[BenchRecord], limits: dict[str, Limit], source: str = "baseline"
             ) -> tuple[list[Outcome], list[str]]:
     """One Outcome per new run that has a baseline run; notes for what was not compared and why."""
     before = {identity(r): r for r in latest_runs(old)}
@@ -103,7 +103,7 @@ def compare(new: list[dict], old: list[dict], limits: dict[str, Limit], source: 
     return outcomes, notes
 
 
-def _compare_run(new: dict, old: dict, limits: dict[str, Limit], notes: list[str]) -> Outcome:
+def _compare_run(new: BenchRecord, old: BenchRecord, limits: dict[str, Limit], notes: list[str]) -> Outcome:
     name = f"{run_name(new)} vs baseline"
     failures, changes = [], []
     if old.get("fits") and not new.get("fits"):

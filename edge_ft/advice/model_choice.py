@@ -14,22 +14,24 @@ sweep to say (`edge-ft bench --task`).
 
 from __future__ import annotations
 
-from edge_ft.bench.measure import fmt_ms, mb, step_ms
-from edge_ft.bench.recommend import Constraints, Recommendation
+from edge_ft.advice.recommend import Constraints, Recommendation
+from edge_ft.bench.records import BenchRecord, step_ms
 from edge_ft.bench.tradeoff import fitting_text
-from edge_ft.emulation.profiles import MB, DeviceProfile
+from edge_ft.contracts import MB
+from edge_ft.emulation.profiles import DeviceProfile
+from edge_ft.reports.format import fmt_ms, mb
 
 
-def model_runs(records: list[dict], profile: str, model: str) -> list[dict]:
+def model_runs(records: list[BenchRecord], profile: str, model: str) -> list[BenchRecord]:
     """The latest record per method of `model` on `profile`."""
-    out: dict[str, dict] = {}
+    out: dict[str, BenchRecord] = {}
     for r in records:
         if r["profile"] == profile and r["model"] == model:
             out[r["method"]] = r
     return list(out.values())
 
 
-def fits_batch(r: dict, batch: int) -> bool | None:
+def fits_batch(r: BenchRecord, batch: int) -> bool | None:
     """Whether the search says `batch` fits (None: beyond what the search tried)."""
     lo, hi = r.get("max_fitting_batch"), r.get("first_failing_batch")
     if lo is None:
@@ -39,7 +41,7 @@ def fits_batch(r: dict, batch: int) -> bool | None:
     return None if hi is None or batch < hi else False
 
 
-def model_exclusion(r: dict, profile: DeviceProfile, c: Constraints, batch: int) -> tuple[str, str] | None:
+def model_exclusion(r: BenchRecord, profile: DeviceProfile, c: Constraints, batch: int) -> tuple[str, str] | None:
     """(reason, this run's figure) that rules the method out, or None when it is feasible."""
     if r["status"] == "out_of_memory" or (r["status"] == "ok" and not r.get("fits")):
         return f"does not fit in {r['budget_mb']} MB at batch {r['batch']}", f"peak RSS {mb(r['peak_rss_bytes'])} MB"
@@ -58,13 +60,13 @@ def model_exclusion(r: dict, profile: DeviceProfile, c: Constraints, batch: int)
     return None
 
 
-def describe(r: dict) -> str:
+def describe(r: BenchRecord) -> str:
     return (f"{r['method']}: {r['trainable_params']:,} of {r['total_params']:,} parameters train, "
             f"{fmt_ms(r)} ms/step and peak RSS {mb(r['peak_rss_bytes'])} of {r['budget_mb']} MB at batch "
             f"{r['batch']}, largest fitting batch {fitting_text(r)}")
 
 
-def recommend_model(records: list[dict], profile: DeviceProfile, model: str, c: Constraints = Constraints(),
+def recommend_model(records: list[BenchRecord], profile: DeviceProfile, model: str, c: Constraints = Constraints(),
                     batch: int | None = None) -> Recommendation:
     runs = model_runs(records, profile.name, model)
     rec = Recommendation(profile.name, f"{model} (synthetic inputs)", None)

@@ -12,17 +12,21 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Any
 
 from edge_ft.atomic import atomic_write_bytes
-from edge_ft.bench.measure import ENGINES, LABELS, SHORT_STATUS, step_ms
-from edge_ft.emulation.profiles import MB
+from edge_ft.bench.measure import LABELS
+from edge_ft.bench.records import BenchRecord, step_ms
+from edge_ft.contracts import ENGINES, MB
+from edge_ft.reports.format import SHORT_STATUS
 
 ENGINE_COLOURS = {"torch": "#d62728", "ort-training": "#1f77b4", "ort-step": "#2ca02c"}
 LABEL_MARKERS = {"full": "o", "probe": "s", "probe-cached": "D", "lora": "^"}
 DPI = 110
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display); imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -31,31 +35,32 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """The figure as a PNG at `path`, written atomically; the figure is closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
-def _labels(records: list[dict]) -> list[str]:
+def _labels(records: list[BenchRecord]) -> list[str]:
     present = {r["label"] for r in records}
     return [x for x in LABELS if x in present]
 
 
-def _engines(records: list[dict]) -> list[str]:
+def _engines(records: list[BenchRecord]) -> list[str]:
     present = {r["engine"] for r in records}
     return [e for e in ENGINES if e in present]
 
 
-def _profiles(records: list[dict]) -> list[str]:
+def _profiles(records: list[BenchRecord]) -> list[str]:
     return list(dict.fromkeys(r["profile"] for r in records))
 
 
-def accuracy_vs_payload(records: list[dict], path: Path) -> Path:
+def accuracy_vs_payload(records: list[BenchRecord], path: Path) -> Path:
     """One point per method and engine (every profile trains the same numbers, so the first finished run counts)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     seen = set()
     for r in records:
@@ -89,7 +94,7 @@ def accuracy_vs_payload(records: list[dict], path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.margins(x=0.25, y=0.15)
     _legend(ax, _labels(records), _engines(records))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _legend(ax, labels: list[str], engines: list[str]) -> None:
@@ -101,10 +106,10 @@ def _legend(ax, labels: list[str], engines: list[str]) -> None:
     ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.85)
 
 
-def _grouped_bars(records: list[dict], path: Path, value, ylabel: str, title: str, log: bool,
+def _grouped_bars(records: list[BenchRecord], path: Path, value, ylabel: str, title: str, log: bool,
                   budget_line: bool = False) -> Path:
     """One panel per profile; x = method, one bar per engine; value(record) -> float or None (not measured)."""
-    plt = _pyplot()
+    plt = pyplot()
     profiles, labels, engines = _profiles(records), _labels(records), _engines(records)
     fig, axes = plt.subplots(1, len(profiles), figsize=(max(5.0, 4.6 * len(profiles)), 4.4), squeeze=False)
     width = 0.8 / max(len(engines), 1)
@@ -148,7 +153,7 @@ def _grouped_bars(records: list[dict], path: Path, value, ylabel: str, title: st
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     _engine_legend(fig, engines)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _engine_legend(fig, engines: list[str]) -> None:
@@ -160,31 +165,31 @@ def _engine_legend(fig, engines: list[str]) -> None:
     fig.legend(handles=handles, fontsize=9, loc="lower center", ncol=len(handles), frameon=False)
 
 
-def _short_status(r: dict) -> str:
+def _short_status(r: BenchRecord) -> str:
     return SHORT_STATUS.get(r["status"], "over budget")
 
 
-def peak_rss(records: list[dict], path: Path) -> Path:
+def peak_rss(records: list[BenchRecord], path: Path) -> Path:
     return _grouped_bars(records, path, lambda r: r["peak_rss_bytes"] / MB if r["peak_rss_bytes"] else None,
                          "peak RSS of the training process, MB", "Peak memory per method and engine (dashed: the "
                          "profile's memory budget; hatched: does not fit)", log=False, budget_line=True)
 
 
-def step_time(records: list[dict], path: Path) -> Path:
+def step_time(records: list[BenchRecord], path: Path) -> Path:
     return _grouped_bars(records, path, lambda r: step_ms(r) if r["status"] == "ok" else None,
                          "ms per training step (log)", "Time per training step (p50 natively, mean under a CPU "
                          "quota)", log=True)
 
 
-def epoch_time(records: list[dict], path: Path) -> Path:
+def epoch_time(records: list[BenchRecord], path: Path) -> Path:
     return _grouped_bars(records, path, lambda r: r.get("epoch_seconds_later") if r["status"] == "ok" else None,
                          "seconds per epoch after the first (log)", "Time per epoch (probe-cached: the head alone, "
                          "on features computed once)", log=True)
 
 
-def flops_vs_time(records: list[dict], path: Path) -> Path:
+def flops_vs_time(records: list[BenchRecord], path: Path) -> Path:
     """Log-log scatter; the legend gives each engine x profile's slope and correlation in log space."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     profiles = _profiles(records)
     markers = ["o", "^", "s", "D", "v", "P"]
@@ -207,10 +212,10 @@ def flops_vs_time(records: list[dict], path: Path) -> Path:
     ax.set_title("Do FLOPs predict step time? (slope 1 = time proportional to FLOPs)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _method_ticks(ax, records: list[dict]) -> None:
+def _method_ticks(ax, records: list[BenchRecord]) -> None:
     """Name the methods along the bottom at their FLOPs (probe and LoRA, 5% apart, share one text)."""
     spots: list[tuple[float, list[str]]] = []
     for label in _labels(records):
@@ -243,5 +248,5 @@ FIGURES = {"accuracy_vs_payload.png": accuracy_vs_payload, "peak_rss.png": peak_
            "epoch_time.png": epoch_time, "flops_vs_time.png": flops_vs_time}
 
 
-def write_all(records: list[dict], out: Path) -> dict[str, Path]:
+def write_all(records: list[BenchRecord], out: Path) -> dict[str, Path]:
     return {name: fn(records, out / name) for name, fn in FIGURES.items()}

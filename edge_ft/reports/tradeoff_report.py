@@ -11,27 +11,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_ft.bench.measure import fmt_ms, mb, short_result
 from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES
+from edge_ft.bench.records import BenchRecord
 from edge_ft.bench.tradeoff import fitting_text
-from edge_ft.emulation.profiles import MB
+from edge_ft.contracts import MB
+from edge_ft.reports.format import fmt_ms, mb, md_table, short_result
+from edge_ft.reports.plots import pyplot, save_figure
 
 FIGURE = "peak_rss_vs_batch.png"
 METHOD_COLOURS = {"full": "#d62728", "last-k": "#ff7f0e", "bias": "#9467bd", "lora": "#1f77b4", "probe": "#2ca02c"}
 
 
-def _models(records: list[dict]) -> list[str]:
+def _models(records: list[BenchRecord]) -> list[str]:
     present = {r["model"] for r in records}
     return [m for m in MODEL_NAMES if m in present]
 
 
-def _ordered(records: list[dict]) -> list[dict]:
+def _ordered(records: list[BenchRecord]) -> list[BenchRecord]:
     return sorted(records, key=lambda r: (r["profile"], MODEL_METHODS.index(r["method"])))
 
 
-def model_table(records: list[dict]) -> str:
-    from edge_ft.bench.report import md_table
-
+def model_table(records: list[BenchRecord]) -> str:
     rows = []
     for r in _ordered(records):
         rows.append([r["profile"], r["method"], f"{r['total_params']:,}", f"{r['trainable_params']:,}",
@@ -41,7 +41,7 @@ def model_table(records: list[dict]) -> str:
                      "result", "largest fitting batch", "budget MB"], rows, text_columns=2)
 
 
-def models_section(records: list[dict], out: Path) -> list[str]:
+def models_section(records: list[BenchRecord], out: Path) -> list[str]:
     """Markdown lines of the per-model part; draws its figure into `out`."""
     first = records[0]
     s = first["settings"]
@@ -69,11 +69,9 @@ def models_section(records: list[dict], out: Path) -> list[str]:
     return parts
 
 
-def peak_rss_vs_batch(records: list[dict], path: Path) -> Path:
+def peak_rss_vs_batch(records: list[BenchRecord], path: Path) -> Path:
     """One panel per (model, board): peak RSS (MB) against batch (log 2), a line per method, the budget dashed."""
-    from edge_ft.bench.plots import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     panels = [(m, p) for m in _models(records) for p in dict.fromkeys(r["profile"] for r in records)
               if any(r["model"] == m and r["profile"] == p for r in records)]
     cols = min(3, len(panels))
@@ -102,4 +100,4 @@ def peak_rss_vs_batch(records: list[dict], path: Path) -> Path:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -8,7 +8,7 @@ Rule: a run is feasible when its engine installs on the profile's architecture, 
 the memory limit (the profile's budget unless --max-rss), its step time within --max-step-ms and its accuracy at
 least --min-accuracy. Among feasible runs, those within `tolerance` of the best feasible accuracy compete on step
 time, then peak RSS, then shipped bytes: on a small board a method that is as good but cheaper wins.
-`choose` applies the rule to any run dicts, so predicted runs (edge_ft.bench.predict, "basis": "predicted") go
+`choose` applies the rule to any run dicts, so predicted runs (edge_ft.advice.forecast, "basis": "predicted") go
 through the same rule; a predicted run's accuracy may be unknown, and then only --min-accuracy rules it out.
 
 Runs compared for one profile should differ only in method and engine: `mixed_runs` names any other difference
@@ -18,10 +18,13 @@ Runs compared for one profile should differ only in method and engine: `mixed_ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from edge_ft.bench.measure import fmt_ms, mb, step_ms
 from edge_ft.bench.prepare import installable
-from edge_ft.emulation.profiles import MB, DeviceProfile
+from edge_ft.bench.records import BenchRecord, latest_runs, step_ms
+from edge_ft.contracts import MB
+from edge_ft.emulation.profiles import DeviceProfile
+from edge_ft.reports.format import fmt_ms, mb
 
 ARCH_WHY = {"ort-training": "the onnxruntime-training wheel exists only for x86_64",
             "torch": "no PyTorch wheel for this architecture",
@@ -40,14 +43,14 @@ class Constraints:
 class Recommendation:
     profile: str
     task: str
-    choice: dict | None  # the chosen record
-    feasible: list[dict] = field(default_factory=list)
-    excluded: list[tuple[dict, str, str, str]] = field(default_factory=list)  # (record, kind, reason, figure)
+    choice: BenchRecord | None  # the chosen record
+    feasible: list[BenchRecord] = field(default_factory=list)
+    excluded: list[tuple[BenchRecord, str, str, str]] = field(default_factory=list)  # (record, kind, reason, figure)
     lines: list[str] = field(default_factory=list)
-    best: dict | None = None  # the most accurate feasible run
-    near: list[dict] = field(default_factory=list)  # feasible runs within the tolerance of `best`
-    basis: str = "measured"  # measured | predicted (edge_ft.bench.predict)
-    mixed: list[dict] = field(default_factory=list)  # how the compared runs differ beyond method and engine
+    best: BenchRecord | None = None  # the most accurate feasible run
+    near: list[BenchRecord] = field(default_factory=list)  # feasible runs within the tolerance of `best`
+    basis: str = "measured"  # measured | predicted (edge_ft.advice.forecast)
+    mixed: list[dict[str, Any]] = field(default_factory=list)  # how the compared runs differ beyond method and engine
     extra: dict = field(default_factory=dict)  # predictions, the command that measures them, the check
 
     def to_dict(self) -> dict:
@@ -60,16 +63,7 @@ class Recommendation:
                 "mixed_runs": self.mixed, "explanation": self.lines, **self.extra}
 
 
-def latest_runs(records: list[dict], profile: str, task: str | None) -> list[dict]:
-    """The last record per (method label, engine) for the profile (and task), in first-seen order."""
-    out: dict[tuple[str, str], dict] = {}
-    for r in records:
-        if r["profile"] == profile and (task is None or r["task"] == task):
-            out[r.get("label", r["method"]), r["engine"]] = r
-    return list(out.values())
-
-
-def exclusion(r: dict, profile: DeviceProfile, c: Constraints) -> tuple[str, str, str] | None:
+def exclusion(r: BenchRecord, profile: DeviceProfile, c: Constraints) -> tuple[str, str, str] | None:
     """(kind, reason, this run's figure) that rules the run out, or None when it is feasible."""
     if not installable(r["engine"], profile.arch):
         return "arch", f"not installable on {profile.arch} ({ARCH_WHY[r['engine']]})", ""
@@ -93,11 +87,11 @@ def exclusion(r: dict, profile: DeviceProfile, c: Constraints) -> tuple[str, str
     return None
 
 
-def name(r: dict) -> str:
+def name(r: BenchRecord) -> str:
     return f"{r.get('label', r['method'])} on {r['engine']}"
 
 
-def choose(runs: list[dict], profile: DeviceProfile, task: str | None, c: Constraints) -> Recommendation:
+def choose(runs: list[BenchRecord], profile: DeviceProfile, task: str | None, c: Constraints) -> Recommendation:
     """Apply the rule to `runs` (measured or predicted): feasible / excluded, best, near and the choice."""
     rec = Recommendation(profile.name, task or "any", None)
     for r in runs:
@@ -118,7 +112,7 @@ def choose(runs: list[dict], profile: DeviceProfile, task: str | None, c: Constr
     return rec
 
 
-def recommend(records: list[dict], profile: DeviceProfile, task: str | None, c: Constraints = Constraints()
+def recommend(records: list[BenchRecord], profile: DeviceProfile, task: str | None, c: Constraints = Constraints()
               ) -> Recommendation:
     runs = latest_runs(records, profile.name, task)
     rec = choose(runs, profile, task, c)
@@ -142,7 +136,7 @@ def recommend(records: list[dict], profile: DeviceProfile, task: str | None, c: 
     return rec
 
 
-def faster_but_less_accurate(rec: Recommendation) -> dict | None:
+def faster_but_less_accurate(rec: Recommendation) -> BenchRecord | None:
     """The fastest feasible run outside the tolerance that beats the choice's step time, if any."""
     chosen = step_ms(rec.choice) or 0
     faster = [r for r in rec.feasible if r not in rec.near and r["accuracy"] is not None
@@ -150,7 +144,7 @@ def faster_but_less_accurate(rec: Recommendation) -> dict | None:
     return min(faster, key=lambda r: step_ms(r) or 0) if faster else None
 
 
-def _setting(r: dict, key: str):
+def _setting(r: BenchRecord, key: str):
     return (r.get("settings") or {}).get(key)
 
 
@@ -171,7 +165,7 @@ COMPARED = (
 )
 
 
-def host_speed_of(r: dict) -> str | None:
+def host_speed_of(r: BenchRecord) -> str | None:
     """'0.597 (this machine)' or '0.5 (given)': the speed a run's quota was scaled by, and where it came from."""
     speed = r.get("host_speed", _setting(r, "host_speed"))
     if speed is None:
@@ -181,7 +175,7 @@ def host_speed_of(r: dict) -> str | None:
     return f"{speed:g} ({origin.get(source, 'not recorded')})"
 
 
-def mixed_runs(runs: list[dict]) -> list[dict]:
+def mixed_runs(runs: list[BenchRecord]) -> list[dict[str, Any]]:
     """[{"field", "what", "values": {value: ["label/engine", ...]}}] for every field the runs disagree on."""
     out = []
     for key, words, get in COMPARED:
@@ -195,7 +189,7 @@ def mixed_runs(runs: list[dict]) -> list[dict]:
     return out
 
 
-def mixed_warning(mixed: list[dict]) -> str:
+def mixed_warning(mixed: list[dict[str, Any]]) -> str:
     """One line: 'warning: the compared runs differ in batch (recipe: 7 runs; 64: lora/ort-step); ...' (a group of
     more than three runs is counted, not listed; --json lists them all)."""
     parts = []
@@ -217,7 +211,8 @@ def describe(c: Constraints, profile: DeviceProfile) -> str:
     return ", ".join(p for p in parts if p) or "no limits"
 
 
-def explain_choice(r: dict, best: dict, near: list[dict], profile: DeviceProfile, c: Constraints) -> list[str]:
+def explain_choice(r: BenchRecord, best: BenchRecord, near: list[BenchRecord], profile: DeviceProfile,
+                   c: Constraints) -> list[str]:
     timing = "mean under the CPU quota" if r.get("time_scaled") else "p50"
     budget = "" if profile.native else f" of the {profile.budget_mb} MB budget"
     lines = [f"{profile.name}: {name(r)}.",

@@ -13,8 +13,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from edge_ft.atomic import atomic_write_bytes, atomic_write_text
-from edge_ft.bench.gates import Outcome
-from edge_ft.bench.report import md_table
+from edge_ft.gates.assertions import Outcome
+from edge_ft.reports.format import md_table, text_table
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"  # the file GitHub Actions renders on the job's page
 SUITE_TITLES = {"gates": ("gate", "gates"), "baseline": ("baseline comparison", "baseline comparisons")}
@@ -47,13 +47,8 @@ def terminal_text(outcomes: list[Outcome]) -> str:
               for o in outcomes]
     rows = failure_rows(outcomes)
     if rows:
-        lines += ["", "what failed:"] + ["  " + line for line in _plain_table([FAILURE_HEADER, *rows])]
+        lines += ["", "what failed:"] + ["  " + line for line in text_table([FAILURE_HEADER, *rows]).splitlines()]
     return "\n".join(lines)
-
-
-def _plain_table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def junit_xml(outcomes: list[Outcome]) -> bytes:

@@ -6,7 +6,8 @@
 
 Grammar: PROFILE:METHOD[:ENGINE]:FIELD OP VALUE, or PROFILE:METHOD[:ENGINE]:fits
   PROFILE, METHOD, ENGINE  a name or a pattern with `*` (`rpi-*`, `*`); ENGINE left out means every engine
-  FIELD                    a record field (NUMBER_FIELDS, BOOL_FIELDS, WORD_FIELDS); X_mb / X_kb read the record's X_bytes in MiB / KiB,
+  FIELD                    a record field (NUMBER_FIELDS, BOOL_FIELDS, WORD_FIELDS);
+                           X_mb / X_kb read the record's X_bytes in MiB / KiB,
                            ms_per_step is the step time the report quotes (mean under a CPU quota, p50 otherwise)
   OP                       <= < >= > == != (true/false and words such as emulation==cgroup take only == and !=)
   VALUE                    a bare number in the field's unit (accuracy is a fraction: 0.9), true/false, or a word
@@ -24,8 +25,9 @@ import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from edge_ft.bench.measure import ENGINES, LABELS, step_ms
-from edge_ft.emulation.profiles import MB
+from edge_ft.bench.measure import LABELS
+from edge_ft.bench.records import BenchRecord, step_ms
+from edge_ft.contracts import ENGINES, MB
 from edge_ft.errors import UserError
 
 OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt}
@@ -61,7 +63,7 @@ class Assertion:
     op: str = ""  # one of OPS; "" for the built-in
     value: float | bool | str | None = None
 
-    def matches(self, record: dict) -> bool:
+    def matches(self, record: BenchRecord) -> bool:
         return all(fnmatchcase(str(record.get(k)), pattern) for k, pattern in
                    (("profile", self.profile), ("label", self.method), ("engine", self.engine)))
 
@@ -91,7 +93,7 @@ class Outcome:
         return "; ".join(f"{f.run}: {f.measured} {f.why}" for f in self.failures) or self.detail
 
 
-def run_name(record: dict) -> str:
+def run_name(record: BenchRecord) -> str:
     return f"{record['profile']} {record['label']} {record['engine']}"
 
 
@@ -121,7 +123,7 @@ def source_field(name: str) -> tuple[str, int]:
     return name, 1
 
 
-def field_value(record: dict, name: str):
+def field_value(record: BenchRecord, name: str):
     """The record's value of a (possibly derived) field, in the unit its name states; None when not measured."""
     if name == STEP_TIME:
         return step_ms(record)
@@ -198,22 +200,23 @@ def is_time_field(name: str) -> bool:
     return name in TIME_FIELDS
 
 
-def unscaled_time(record: dict) -> bool:
+def unscaled_time(record: BenchRecord) -> bool:
     """A confined run whose wall time is this machine's, not the board's (no CPU quota was applied)."""
     return not record.get("native") and not record.get("time_scaled")
 
 
-def unscaled_why(record: dict) -> str:
+def unscaled_why(record: BenchRecord) -> str:
     return (f"not time-scaled ({record.get('emulation')} emulation): this machine's time, not "
             f"{record['profile']}'s; gate time only on runs under a CPU quota (cgroup mode)")
 
 
-def evaluate(assertions: list[Assertion], records: list[dict], allow_unscaled_time: bool = False) -> list[Outcome]:
+def evaluate(assertions: list[Assertion], records: list[BenchRecord],
+             allow_unscaled_time: bool = False) -> list[Outcome]:
     """One Outcome per assertion over `records` (one per run: latest_runs or a sweep's records)."""
     return [_evaluate_one(a, records, allow_unscaled_time) for a in assertions]
 
 
-def _evaluate_one(a: Assertion, records: list[dict], allow_unscaled_time: bool) -> Outcome:
+def _evaluate_one(a: Assertion, records: list[BenchRecord], allow_unscaled_time: bool) -> Outcome:
     matched = [r for r in records if a.matches(r)]
     if not matched:
         runs = ", ".join(sorted({run_name(r) for r in records})) or "none"
@@ -259,12 +262,3 @@ def show_value(value) -> str:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return str(value).lower() if isinstance(value, bool) else str(value)
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-
-
-def latest_runs(records: list[dict]) -> list[dict]:
-    """The last record of every (task, profile, method, engine) in a results file: what a gate on the file judges
-    (older settings of the same run, kept in the file by --force or other sweeps, do not count)."""
-    out: dict[tuple, dict] = {}
-    for r in records:
-        out[(r.get("task"), r.get("profile"), r.get("label"), r.get("engine"))] = r
-    return list(out.values())
