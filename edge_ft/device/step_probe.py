@@ -5,10 +5,10 @@
 What a board's memory and step time depend on is the batch's shape, not its values, so the probe feeds standard
 normal inputs of the bundle's input shape and uniform random labels: no data set has to exist on the board. It
 runs `warmup` untimed steps (onnxruntime plans and allocates its buffers in the first one), then `steps` timed
-ones, samples its own RSS every 5 ms from before the engine loads, and writes the one results schema's summary block
-(edge_ft.run_record) with accuracy None and no epochs, plus what it ran and the CPU time per timed step
-(`cpu_ms_per_step`, every thread of the process: what the step costs, apart from how long it waited). `edge-ft
-bench --models` runs it confined to each board.
+ones, takes its own peak RSS from before the engine loads (edge_ft.device.metrics.PeakRSS), and writes the one
+results schema's summary block (edge_ft.run_record) with accuracy None and no epochs, plus what it ran and the CPU
+time per timed step (`cpu_ms_per_step`, every thread of the process: what the step costs, apart from how long it
+waited). `edge-ft bench --models` runs it confined to each board.
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ def probe(bundle_path: str | Path, batch: int, steps: int, warmup: int = 2, thre
             if i >= warmup:
                 seconds.append(time.perf_counter() - t0)
             losses.append(loss)
-        cpu_ms = (time.process_time() - cpu0) / steps * 1e3  # all the process's threads, the RSS sampler's too
+        cpu_ms = (time.process_time() - cpu0) / steps * 1e3  # all the process's threads
     if not all(np.isfinite(losses)):
         raise UserError(f"{bundle_path}: the step's loss is not finite ({losses}); the bundle is broken")
-    # Sampled only: ru_maxrss would include the spawner's high-water mark, which Linux carries across fork and exec.
+    # PeakRSS only: ru_maxrss would include the spawner's high-water mark, which Linux carries across fork and exec.
     peak_mb = peak.bytes / MB
     return {"bundle": str(bundle_path), "engine": bundle.engine, "method": bundle.method.to_dict(),
             "optimizer": bundle.optimizer.name, "model": bundle.model.title if bundle.model else "LeNet-5",

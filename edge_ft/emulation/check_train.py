@@ -88,7 +88,7 @@ class TrainCheck:
 
 def probe_ms(argv_for, profile: DeviceProfile, host: HostSpeed, out: Path, threads: int, capped: bool,
              mode: str, env: dict) -> tuple[float, float]:
-    """One confined step-probe run: (its p50 ms/step with the cap lifted, its mean under the quota; CPU ms/step)."""
+    """One confined step-probe run: (ms/step, p50 with the cap lifted or mean under the quota; its CPU ms/step)."""
     out.unlink(missing_ok=True)
     r = run_confined(argv_for(threads, out), profile, env=env, mode=mode, threads=threads, host=host,
                      cpu_cap=capped, timeout=900)
