@@ -7,7 +7,7 @@ HOST_PY := $(VENV)/bin/python
 DEVICE_PY := $(DEVICE_VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo fleet-demo test test-fast test-arm test-cgroup-v2 dist venv device-venv data clean
+.PHONY: demo fleet-demo fleet-sim-demo test test-fast test-arm test-cgroup-v2 dist docs docs-check venv device-venv data clean
 
 demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(VENV)/bin/edge-ft demo
@@ -24,6 +24,16 @@ fleet-demo: $(VENV)/.installed $(DEVICE_VENV)/.installed
 	$(VENV)/bin/edge-ft report runs/fleet-demo/lora/results runs/fleet-demo/probe/results \
 	  runs/fleet-demo/full/results --out runs/fleet-demo
 
+# A thousand simulated devices (60% Pi Zero 2 W, 30% Pi 4, 10% Pi 5) through Flower's Simulation Engine: the same
+# ServerApp and ClientApp as fleet-demo, Fashion-MNIST with Dirichlet(1) label skew, a diurnal availability trace and
+# a round deadline; LoRA then probing, 20% of the online devices a round. docs/fleet-simulation.md has the figures.
+fleet-sim-demo: $(VENV)/.installed data
+	@[ -f runs/fleet-sim-demo/base.safetensors ] || $(VENV)/bin/edge-ft pretrain --out runs/fleet-sim-demo/base.safetensors
+	FLWR_TELEMETRY_ENABLED=0 $(VENV)/bin/edge-ft fleet simulate --devices 1000 --rounds 5 --method lora,probe \
+	  --task mnist-fashion --shots 1000 --partitioning dirichlet:1 --local-steps 5 --batch 16 --fraction 0.2 \
+	  --availability diurnal:0.3-0.9 --deadline 0.2 --base runs/fleet-sim-demo/base.safetensors --out runs/fleet-sim-demo
+	$(VENV)/bin/edge-ft report runs/fleet-sim-demo/lora/results runs/fleet-sim-demo/probe/results --out runs/fleet-sim-demo
+
 test: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 	$(HOST_PY) -m pytest -q --durations=15
 
@@ -36,6 +46,15 @@ test-arm: $(VENV)/.installed $(DEVICE_VENV)/.installed data
 # The tests that create cgroups, on a real cgroup v2 kernel booted in qemu (root; KVM when /dev/kvm opens).
 test-cgroup-v2: $(VENV)/.installed data
 	bash tools/test-cgroup-v2.sh
+
+# The documentation site (MkDocs + Material, API reference by mkdocstrings) into site/; open site/index.html.
+# docs/hooks/results.py generates the results pages from the results files under docs/ while it builds.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# What CI runs: the same strict build into a scratch folder (a broken link, anchor or missing page fails it).
+docs-check: $(VENV)/.installed
+	@tmp=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir "$$tmp"; rc=$$?; rm -rf "$$tmp"; exit $$rc
 
 # dist/edge_ft-<version>-py3-none-any.whl and the sdist, built from a temporary copy: the checkout stays clean.
 dist: $(VENV)/.installed
@@ -53,7 +72,7 @@ $(VENV)/.installed: requirements/host.txt pyproject.toml
 	$(HOST_PY) -m pip install -q --no-deps -e .
 	touch $@
 
-# Device half: standard onnxruntime only, exactly what `pip install 'edge-ft[device]'` gives a Pi.
+# Device half: standard onnxruntime only, exactly what `pip install 'edge-ft[device,images]'` gives a Pi.
 # The package is installed from its wheel (the one `make dist` builds, with the host venv's setuptools), so it is
 # refreshed whenever a source file changes.
 DEVICE_SOURCES := $(shell find edge_ft device_profiles -name '*.py' -o -name '*.toml' 2>/dev/null)
@@ -80,4 +99,4 @@ data:
 	fi
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache runs
+	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache runs site

@@ -153,6 +153,50 @@ def lora_layers_for(num_classes: int, base_classes: int, targets: tuple[str, ...
     return targets, modules_to_save, note
 
 
+@dataclass(frozen=True)
+class MethodOptions:
+    """What a user chooses about a method beyond its name (the CLI's --rank, --targets, ... options)."""
+
+    rank: int = 2  # LoRA rank r
+    alpha: float | None = None  # LoRA alpha (None: 2 x rank)
+    bias: str = "none"  # LoRA bias training: none | all | lora_only
+    targets: tuple[str, ...] | None = None  # LoRA target layers (None: every linear layer; not the head if new)
+    modules_to_save: tuple[str, ...] | None = None  # layers trained whole beside LoRA or bias (None: a new head)
+    head: str | None = None  # probe: the layer that trains (None: the model's output layer)
+    last_k: int = 1  # last-k: conv/linear layers trained whole, counted back from the output
+
+    @classmethod
+    def from_args(cls, args: object) -> "MethodOptions":
+        """The options an argparse namespace holds; those a command does not offer keep their defaults."""
+        return cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__ if getattr(args, f, None) is not None})
+
+
+def method_config_for(options: MethodOptions, method: str, num_classes: int, base_classes: int,
+                      model: ModelDesc | None = None) -> MethodConfig:
+    """The MethodConfig `options` describe for `model` (default LeNet-5); for LoRA and bias on a new class count
+    the head trains whole (modules_to_save; LoRA's targets then the other linear layers, see lora_layers_for),
+    said in one line on stderr."""
+    import sys
+
+    targets, saved = options.targets, options.modules_to_save
+    if method == "lora":
+        targets, saved, note = lora_layers_for(num_classes, base_classes, targets, saved, model)
+        if note:
+            print(note, file=sys.stderr)
+    elif method == "bias" and saved is None and num_classes != base_classes:
+        head = (model or MethodConfig().model).output
+        saved = (head,)
+        print(f"new class count ({base_classes} -> {num_classes}): biases and a new, fully trained head {head} "
+              "(modules_to_save)", file=sys.stderr)
+    if method != "lora":
+        targets = None  # LoRA's option; other methods ignore it
+    layers: dict = {k: v for k, v in (("targets", targets), ("modules_to_save", saved)) if v is not None}
+    if model is not None:
+        layers["model"] = model
+    return MethodConfig(method, rank=options.rank, alpha=options.alpha, bias=options.bias, num_classes=num_classes,
+                        head=options.head, last_k=options.last_k, **layers)
+
+
 OPTIMIZERS = ("sgd", "sgd-momentum", "adamw")
 
 

@@ -1,12 +1,14 @@
 """An in-process Flower Grid for tests: each node is a Context handed to the ClientApp, messages go by call.
 
 Grid is Flower's public ABC for what a ServerApp talks to; this one runs every node's ClientApp in this process,
-sets the process identity Flower's runtime would, turns a ClientApp exception into an error reply (as a SuperNode does), and lets a test corrupt or drop a node's
+sets the process identity Flower's runtime would, gives each node its own copy of a message's content (Flower's
+messages share one RecordDict among nodes; a transport would copy it), turns a ClientApp exception into an error reply (as a SuperNode does), and lets a test corrupt or drop a node's
 reply to play a broken or dead device, or forge what a node receives to play an attacker between server and node.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -53,6 +55,7 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
         replies = []
         for msg in messages:
+            msg.content = copy.deepcopy(msg.content)  # each node gets its own, as through a transport
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             forged = self.forge(node, msg) if self.forge is not None else None

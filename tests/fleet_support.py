@@ -31,7 +31,8 @@ PLAN = smoke_plan
 
 def fleet_plan(out_dir: Path, num_nodes: int, rounds: int, base: Path):
     """edge-ft's own Flower App: LoRA (FFA) on ort-step, 3 local steps of 16 examples a round, digits by writer."""
-    from edge_ft.fleet.plan import plan_fleet
+    from edge_ft.fleet.plan import PlanConfig, plan_fleet
 
-    return plan_fleet(out_dir, method="lora", task="mnist-digits", num_nodes=num_nodes, partitioning="writers",
-                      rounds=rounds, local_steps=3, batch=16, aggregation="ffa", seed=0, base=base, threads=1)
+    return plan_fleet(out_dir, PlanConfig("lora", task="mnist-digits", num_nodes=num_nodes, partitioning="writers",
+                                          rounds=rounds, local_steps=3, batch=16, aggregation="ffa", seed=0,
+                                          base=base, threads=1))

@@ -152,7 +152,7 @@ def test_qemu_shares_the_root_read_only_and_the_run_folder_writable(accel, cpu):
 def test_without_kvm_only_the_v2_module_runs_and_kvm_needs_vmx_or_svm(tmp_path):
     r = _bash('default_tests kvm; default_tests tcg; CGV2_TESTS="tests/x.py -k y"; echo "$CGV2_TESTS"')
     assert r.stdout.splitlines() == ["tests/test_cgroup_v2.py tests/test_emulate.py tests/test_hostspeed.py "
-                                     "tests/test_cancel.py",
+                                     "tests/test_cancel.py tests/test_cancel_commands.py",
                                      "tests/test_cgroup_v2.py", "tests/x.py -k y"]
     plain = tmp_path / "cpuinfo"
     plain.write_text("flags\t\t: fpu sse2 avx2 hypervisor\n")  # a VM whose CPU shows no virtualization

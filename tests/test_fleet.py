@@ -120,11 +120,11 @@ def test_check_update_names_what_is_wrong():
 
 @pytest.fixture(scope="module")
 def ffa_plan(base_checkpoint, tmp_path_factory):
-    from edge_ft.fleet.plan import plan_fleet
+    from edge_ft.fleet.plan import PlanConfig, plan_fleet
 
-    return plan_fleet(tmp_path_factory.mktemp("fleet"), method="lora", task="mnist-digits", num_nodes=3,
-                      partitioning="writers", rounds=2, local_steps=4, batch=16, aggregation="ffa", seed=0,
-                      base=base_checkpoint, threads=1)
+    return plan_fleet(tmp_path_factory.mktemp("fleet"), PlanConfig(
+        "lora", task="mnist-digits", num_nodes=3, partitioning="writers", rounds=2, local_steps=4, batch=16,
+        aggregation="ffa", seed=0, base=base_checkpoint, threads=1))
 
 
 def _settings(plan, **overrides):
@@ -351,12 +351,12 @@ def test_fashion_with_dirichlet_label_skew_federates(base_checkpoint, tmp_path):
     from edge_ft.data.npz import load_npz
     from edge_ft.data.tasks import target_split
     from edge_ft.fleet import client_app, server_app
-    from edge_ft.fleet.plan import plan_fleet
+    from edge_ft.fleet.plan import PlanConfig, plan_fleet
     from fleet_grid import LocalGrid
 
-    plan = plan_fleet(tmp_path / "fleet", method="probe", task="mnist-fashion", num_nodes=5,
-                      partitioning="dirichlet:0.3", rounds=3, local_steps=10, batch=16, aggregation="fedavg", seed=0,
-                      base=base_checkpoint, threads=1)
+    plan = plan_fleet(tmp_path / "fleet", PlanConfig(
+        "probe", task="mnist-fashion", num_nodes=5, partitioning="dirichlet:0.3", rounds=3, local_steps=10,
+        batch=16, aggregation="fedavg", seed=0, base=base_checkpoint, threads=1))
     recorded = [p["labels"] for p in json.loads((tmp_path / "fleet" / "plan.json").read_text())["partitions"]]
     held = [np.bincount(load_npz(n["data"])[1], minlength=10).tolist() for n in plan.node_configs]
     assert held == recorded

@@ -75,11 +75,11 @@ def test_a_signed_round_verifies_and_each_forgery_is_refused_in_one_line(keys):
 
 @pytest.fixture(scope="module")
 def plan3(base_checkpoint, tmp_path_factory):
-    from edge_ft.fleet.plan import plan_fleet
+    from edge_ft.fleet.plan import PlanConfig, plan_fleet
 
-    return plan_fleet(tmp_path_factory.mktemp("fleet-trust"), method="lora", task="mnist-digits", num_nodes=3,
-                      partitioning="writers", rounds=4, local_steps=2, batch=16, aggregation="ffa", seed=0,
-                      base=base_checkpoint, threads=1, canary=0.25, canary_tolerance=0.05)
+    return plan_fleet(tmp_path_factory.mktemp("fleet-trust"), PlanConfig(
+        "lora", task="mnist-digits", num_nodes=3, partitioning="writers", rounds=4, local_steps=2, batch=16,
+        aggregation="ffa", seed=0, base=base_checkpoint, threads=1, canary=0.25, canary_tolerance=0.05))
 
 
 def _run(plan, tmp_path, grid, **overrides):

@@ -171,6 +171,7 @@ def test_relative_speed_is_a_geometric_mean():
 def test_cli_calibrate_measures_this_machine(capsys):
     assert main(["profile", "calibrate", "--repeats", "1", "--json", "--quiet"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["emulation"] == "native" and set(r["seconds"]) == set(calibrate.PARTS)
-    # This machine is the reference; a busy neighbour can only make it look slower, never 3x faster.
-    assert 0.1 < r["speed"] < 3
+    assert r["emulation"] == "native" and set(r["seconds"]) == set(calibrate.PARTS) and r["clock"] == "cpu"
+    # A free core is timed by CPU time; its speed is that of the parts against the reference, whatever it comes to
+    # on this machine and at this moment (that figure is what `profile calibrate` reports, not what it asserts).
+    assert r["speed"] == pytest.approx(calibrate.relative_speed(r["cpu_seconds"])["speed"]) and r["speed"] > 0

@@ -43,20 +43,21 @@ print((time.perf_counter() - w) / iterations * 1000)
 """
 
 
-def summarise(path: str) -> None:
+def summarise(path: str) -> list[str]:
+    """The Markdown table of a file of this probe's lines: per chunk size, board and label, each run's ratio."""
     runs = defaultdict(list)
     with open(path, encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
             runs[(r["chunk_ms"], r["profile"], r["label"])].append(r)
-    print("| CPU ms per thread between barriers | profile | design | floor ms | ms per iteration per run "
-          "| floor / measured per run | median |")
-    print("|---:|---|---|---:|---|---|---:|")
+    lines = ["| CPU ms per thread between barriers | profile | design | floor ms | ms per iteration per run "
+             "| floor / measured per run | median |", "|---:|---|---|---:|---|---|---:|"]
     for (chunk, profile, label), rs in sorted(runs.items()):
         ratios = [r["ratio"] for r in rs]
         times = " / ".join(f"{r['ms_per_iteration']:.1f}" for r in rs)
-        print(f"| {chunk:g} | {profile} | {label} | {rs[0]['floor_ms']:.1f} | {times} | "
-              + " / ".join(f"{v:.2f}" for v in ratios) + f" | {statistics.median(ratios):.2f} |")
+        lines.append(f"| {chunk:g} | {profile} | {label} | {rs[0]['floor_ms']:.1f} | {times} | "
+                     + " / ".join(f"{v:.2f}" for v in ratios) + f" | {statistics.median(ratios):.2f} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summarise", metavar="FILE.jsonl", help="print the table of earlier runs' lines and stop")
     args = p.parse_args(argv)
     if args.summarise:
-        summarise(args.summarise)
+        print("\n".join(summarise(args.summarise)))
         return 0
     from edge_ft.emulation.emulate import run_confined
     from edge_ft.emulation.hostspeed import HostSpeed

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fleet_support import smoke_plan  # noqa: E402
 
-from edge_ft.fleet.deploy import run_federation  # noqa: E402
+from edge_ft.fleet.deploy import DeployConfig, run_federation  # noqa: E402
 
 VARIANTS = {  # name -> (isolation, extra environment, run config[, lean])
     "subprocess, lean SuperExec and ClientApp (edge-ft's default)": ("subprocess", {}, {}, True),
@@ -36,8 +36,8 @@ def measure(name, profile, rounds, out: Path) -> dict:
     try:
         plan = smoke_plan(out / "plan", 1, rounds)
         plan.run_config.update(run_config)
-        r = run_federation(plan, [profile], run_dir=out / "run", cpu_cap=False, isolation=isolation,
-                           lean=bool(lean), progress=False)
+        r = run_federation(plan, [profile], DeployConfig(run_dir=out / "run", cpu_cap=False, isolation=isolation,
+                                                         lean=bool(lean), progress=False))
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -2,9 +2,10 @@
 largest departure from it, with CPU-seconds and throttled seconds beside the times.
 
     python tools/repeatability.py docs/steady/before-alone-*.jsonl
-prints one Markdown table (the form docs/steady-emulation.md quotes). Files are `edge-ft bench --results` files;
-every record of a task run counts, in file order. The last column divides each run's ms/step by its CPU-seconds:
-when it stays put while ms/step moves, the quota delivered alike and what moved was the CPU cost of the same work.
+prints one Markdown table (the docs site's results page, docs/hooks/results.py, builds the same tables from them).
+Files are `edge-ft bench --results` files; every record of a task run counts, in file order. The last column divides
+each run's ms/step by its CPU-seconds: when it stays put while ms/step moves, the quota delivered alike and what moved
+was the CPU cost of the same work.
 
     python tools/repeatability.py --check docs/steady/check-train-lora-*.json
 prints the table of `edge-ft profile check --workload train --json` outputs, the runs of every file pooled per
@@ -63,8 +64,9 @@ def inversions(runs: dict) -> list[str]:
     return lines
 
 
-def check_table(paths: list[str]) -> None:
-    """The `profile check --workload train` table over several --json outputs, runs pooled per cell."""
+def check_table(paths: list[str]) -> list[str]:
+    """The `profile check --workload train` table (Markdown lines) over several --json outputs, runs pooled per
+    cell."""
     from dataclasses import fields
 
     from edge_ft.emulation.check_train import TRAIN_HEADER, TrainCheck, train_table
@@ -82,15 +84,13 @@ def check_table(paths: list[str]) -> None:
                     old.free_ms, old.expected_ms = min(old.free_ms, check.free_ms), min(old.expected_ms,
                                                                                         check.expected_ms)
     checks = sorted(pooled.values(), key=lambda c: (ORDER.get(c.profile, 9), c.profile, c.method))
-    print("| " + " | ".join(TRAIN_HEADER) + " |")
-    print("|" + "---|" * len(TRAIN_HEADER))
-    for cells in train_table(checks):
-        print("| " + " | ".join(cells) + " |")
+    return (["| " + " | ".join(TRAIN_HEADER) + " |", "|" + "---|" * len(TRAIN_HEADER)]
+            + ["| " + " | ".join(cells) + " |" for cells in train_table(checks)])
 
 
 def main(paths: list[str]) -> int:
     if paths[:1] == ["--check"]:
-        check_table(paths[1:])
+        print("\n".join(check_table(paths[1:])))
         return 0
     print("| profile | method | ms/step per run | median | largest departure | CPU s per run | throttled s per run "
           "| departure of ms/step per CPU-s |")

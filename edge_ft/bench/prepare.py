@@ -86,10 +86,13 @@ def runtime_versions(python: str) -> dict:
     code = ("import importlib.metadata as m, json, platform\nout = {'python': platform.python_version()}\n"
             "for d in ('numpy', 'torch', 'onnxruntime', 'onnxruntime-training-cpu', 'onnxruntime-training'):\n"
             "    try: out[d] = m.version(d)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(out))")
-    try:
-        done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-        return json.loads(done.stdout)
-    except (OSError, subprocess.SubprocessError, json.JSONDecodeError):
+    from edge_ft.emulation.lifetime import run
+
+    try:  # a child like any other the sweep starts: it ends with the sweep, however the sweep ends
+        done = run([python, "-c", code], "the version query", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   text=True)
+        return json.loads(done.stdout) if done.returncode == 0 else {}
+    except (OSError, json.JSONDecodeError):
         return {}
 
 

@@ -110,13 +110,13 @@ def run_sweep(jobs: list[Job], results: Path, opts: SweepOptions, log=None) -> l
         say(f"ort-step runs use {prep.device_python} "
             f"(onnxruntime {prep.versions('ort-step').get('onnxruntime', 'not installed')})")
     finished = len(keyed) - len(todo)
-    lifetime.kept(f"{finished} finished runs in {results}; the run in progress is not recorded")
+    lifetime.kept_runs(finished, results)
     with _progress(len(keyed), finished, opts.quiet) as bar:
         def finish(record: dict) -> None:
             nonlocal finished
             append_record(results, record)
             finished += 1
-            lifetime.kept(f"{finished} finished runs in {results}; the run in progress is not recorded")
+            lifetime.kept_runs(finished, results)
             bar.update(1)
             bar.write(run_line(record), file=sys.stderr) if not bar.disable else say(run_line(record))
 

@@ -29,6 +29,7 @@ from edge_ft.bench.prepare import (MODEL_METHODS, MODEL_NAMES, Prepared, find_de
                                    prepare_in_child)
 from edge_ft.bench.records import SCHEMA, TRADEOFF, append_record, latest, read_records, run_key
 from edge_ft.contracts import ORT_STEP
+from edge_ft.emulation import lifetime
 from edge_ft.emulation.emulate import run_confined
 from edge_ft.emulation.profiles import MB, DeviceProfile
 from edge_ft.errors import UserError
@@ -244,11 +245,15 @@ def run_models(jobs: list[ModelJob], results: Path, opts, log=None) -> list[dict
         if todo else f"all {len(jobs)} measurements are in {results} (--force re-measures)")
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="run", disable=opts.quiet or not todo,
               file=sys.stderr, dynamic_ncols=True) as bar:
+        finished = len(jobs) - len(todo)
+        lifetime.kept_runs(finished, results)
         for job in todo:
             bar.set_description(f"{job.profile.name} {job.model} {job.method}")
             folder, _, manifest = bundles[(job.model, job.method)]
             record = measure_model(job, prep, folder, manifest, opts)
             append_record(results, record)
+            finished += 1
+            lifetime.kept_runs(finished, results)
             bar.update(1)
             bar.write(model_line(record), file=sys.stderr) if not bar.disable else say(model_line(record))
     by_key = latest(read_records(results, kind=TRADEOFF))

@@ -11,12 +11,10 @@ import json
 import sys
 import textwrap
 
-from edge_ft.commands.argtypes import add_lora_options, add_method_options, input_shape, int_at_least, method_config
+from edge_ft.commands.argtypes import add_lora_options, add_method_options, input_shape, int_at_least
 from edge_ft.architecture import count_params, lowest_trainable_layer
-from edge_ft.config import METHODS, OPTIMIZERS, SEED_METHODS, MethodConfig
-from edge_ft.costmodel import DTYPES, CostEstimate, estimate, estimate_all, input_grad_layers, layer_macs
-from edge_ft.errors import UserError
-from edge_ft.model_desc import ModelDesc, lenet5
+from edge_ft.config import METHODS, OPTIMIZERS, SEED_METHODS, MethodConfig, MethodOptions
+from edge_ft.costmodel import DTYPES, CostEstimate, input_grad_layers, layer_macs
 
 WIDTH = 110  # prose wraps here; tables are as wide as their columns
 CHEAP_ENOUGH = 1.5  # LoRA is recommended when it costs at most this many times a probing step (FLOPs and memory)
@@ -53,19 +51,12 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    model, exported = load_model(args.model, args.input_shape)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise UserError(f"--methods: unknown method {bad[0] if bad else '(none)'!r}; choose from {', '.join(METHODS)}")
-    optimizer = args.optimizer or (exported.optimizer if exported else "adamw")
-    configs = method_configs(args, model, exported, methods)
-    estimates = estimate_all(configs.pop("lora"), args.batch, optimizer, args.dtype)
-    for method, cfg in configs.items():
-        estimates[method] = estimate(cfg, args.batch, optimizer, args.dtype)
-    if exported:
-        methods = [*methods, exported.method.method]
-    estimates = {m: estimates[m] for m in [*SEED_METHODS, *methods] if m in estimates}
+    from edge_ft.analysis import analyze
+
+    report = analyze(args.model, methods=args.methods.split(","), input_shape=args.input_shape,
+                     num_classes=args.num_classes, batch=args.batch, optimizer=args.optimizer, dtype=args.dtype,
+                     options=MethodOptions.from_args(args))
+    exported, estimates = report.bundle, report.estimates
     if args.json:
         doc = to_json(estimates)
         if exported:
@@ -77,51 +68,6 @@ def handler(args) -> int:
                   "described as exported\n")
         sys.stdout.write(render(estimates, per_layer=args.per_layer))
     return 0
-
-
-def method_configs(args, model: ModelDesc, exported, methods: list[str]) -> dict[str, MethodConfig]:
-    """The MethodConfig of LoRA and of every method asked for beyond full and probe (estimate_all's own); a
-    bundle's method is taken as exported, and the others are sized for its class count."""
-    num_classes = args.num_classes or model.num_classes
-    if exported:
-        if args.num_classes and args.num_classes != exported.num_classes:
-            raise UserError(f"--num-classes {args.num_classes}: {exported.path} was exported for "
-                            f"{exported.num_classes} classes; drop --num-classes to describe it")
-        num_classes = exported.num_classes
-    own = exported.method if exported else None
-    configs = {"lora": own if own and own.method == "lora" else
-               method_config(args, "lora", num_classes, model.num_classes, model)}
-    for method in [*methods, *([own.method] if own else [])]:
-        if own and method == own.method:
-            configs[method] = own
-        elif method not in ("full", "probe", "lora"):
-            configs[method] = method_config(args, method, num_classes, model.num_classes, model)
-    return configs
-
-
-def load_model(spec: str | None, shape: tuple[int, ...] | None):
-    """--model -> (ModelDesc, the Bundle when it is a bundle folder, else None): a bundle folder or description
-    .json read without torch, or a class traced on the host."""
-    from pathlib import Path
-
-    if spec is None and shape is None:
-        return lenet5(), None
-    if spec is not None and Path(spec).is_dir():
-        from edge_ft.device.bundle import load_bundle
-
-        bundle = load_bundle(spec, verify=False)
-        return bundle.model, bundle
-    if spec is not None and spec.endswith(".json"):
-        from edge_ft.checkpoint import load_json_object
-
-        return ModelDesc.from_dict(load_json_object(spec, "a model description", "write it with `edge-ft export`"),
-                                   spec), None
-    from edge_ft.errors import require_host
-
-    require_host("edge-ft analyze --model CLASS")
-    from edge_ft.host.describe import host_model
-
-    return host_model(spec, shape).desc, None
 
 
 def to_json(estimates: dict[str, CostEstimate]) -> dict:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
-from edge_ft.config import LORA_BIAS, MethodConfig, lora_layers_for, parse_targets
+from edge_ft.config import LORA_BIAS, MethodConfig, MethodOptions, method_config_for, parse_targets
 from edge_ft.model_desc import ModelDesc
 
 
@@ -32,6 +31,14 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def share(text: str) -> float:
+    """argparse type: a share in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text}")
     return value
 
 
@@ -73,23 +80,5 @@ def input_shape(text: str) -> tuple[int, ...]:
 
 def method_config(args: argparse.Namespace, method: str, num_classes: int, base_classes: int,
                   model: ModelDesc | None = None) -> MethodConfig:
-    """The MethodConfig the options describe for `model` (default LeNet-5); for LoRA and bias on a new class count
-    the head trains whole (modules_to_save; LoRA's targets then the other linear layers, see
-    edge_ft.config.lora_layers_for), said in one line on stderr."""
-    targets, saved = getattr(args, "targets", None), getattr(args, "modules_to_save", None)
-    if method == "lora":
-        targets, saved, note = lora_layers_for(num_classes, base_classes, targets, saved, model)
-        if note:
-            print(note, file=sys.stderr)
-    elif method == "bias" and saved is None and num_classes != base_classes:
-        head = (model or MethodConfig().model).output
-        saved = (head,)
-        print(f"new class count ({base_classes} -> {num_classes}): biases and a new, fully trained head {head} "
-              "(modules_to_save)", file=sys.stderr)
-    if method != "lora":
-        targets = None  # LoRA's option; other methods ignore it
-    layers = {k: v for k, v in (("targets", targets), ("modules_to_save", saved)) if v is not None}
-    if model is not None:
-        layers["model"] = model
-    return MethodConfig(method, rank=args.rank, alpha=args.alpha, bias=args.bias, num_classes=num_classes,
-                        head=getattr(args, "head", None), last_k=getattr(args, "last_k", 1), **layers)
+    """The MethodConfig the command's options describe (edge_ft.config.method_config_for)."""
+    return method_config_for(MethodOptions.from_args(args), method, num_classes, base_classes, model)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from edge_ft.architecture import numel
-from edge_ft.commands.argtypes import (add_lora_options, add_method_options, input_shape, int_at_least, method_config,
-                                      positive_float)
+from edge_ft.commands.argtypes import add_lora_options, add_method_options, input_shape, int_at_least, positive_float
 from edge_ft.config import METHODS, OPTIMIZERS
 from edge_ft.contracts import BUNDLE_ENGINES, MANIFEST, ORT_STEP
-from edge_ft.errors import UserError, require_host
+from edge_ft.errors import require_host
 from edge_ft.training_defaults import recipe_default
 
 
@@ -63,42 +61,25 @@ def register(subparsers) -> None:
 
 def handler(args) -> int:
     require_host("edge-ft export")
-    from edge_ft.validate import writable_folder
-
     if args.sign_key:  # a bad key is refused before anything is written
         from edge_ft.trust.keys import load_private_key
 
         load_private_key(args.sign_key)
 
-    args.out = args.out or default_out(args.method, args.engine, rank=args.rank, last_k=args.last_k)
-    writable_folder(args.out)
-    from edge_ft.checkpoint import load_base
-    from edge_ft.config import OptimizerConfig
-    from edge_ft.host.describe import host_model
-    from edge_ft.host.export import export_bundle
-    from edge_ft.training_defaults import DEFAULTS
+    from edge_ft.config import MethodOptions
+    from edge_ft.host.api import default_out, export_bundle
 
-    host = host_model(args.model, args.input_shape)
-    _, meta = load_base(args.base, head=host.desc.output, model=host.desc.title)
-    host = replace(host, desc=host.desc.with_num_classes(meta["num_classes"]))  # the base's head
-    classes = task_classes(args.classes) if args.classes else None
-    if classes and args.num_classes and args.num_classes != len(classes):
-        raise UserError(f"--num-classes {args.num_classes} but --classes names {len(classes)} classes")
-    num_classes = len(classes) if classes else args.num_classes or meta["num_classes"]
-    if classes is None and num_classes == meta["num_classes"]:
-        classes = meta.get("classes")  # same head: the base's names still hold
-    if (Path(args.out) / MANIFEST).is_file() and not args.force:
-        raise UserError(f"{args.out}: already holds a bundle (manifest.json); choose another --out, or add --force "
-                        "to replace it")
-    cfg = method_config(args, args.method, num_classes, meta["num_classes"], host.desc)
-    recipe = DEFAULTS[args.method]
-    opt = OptimizerConfig(args.optimizer or recipe.optimizer, lr=args.lr or recipe.lr, weight_decay=args.weight_decay)
-    manifest = export_bundle(cfg, opt, args.base, args.out, engine=args.engine, seed=args.seed, classes=classes,
-                             host=host)
+    args.out = args.out or default_out(args.method, args.engine, rank=args.rank, last_k=args.last_k)
+    manifest = export_bundle(args.model, method=args.method, base=args.base, out=args.out,
+                             input_shape=args.input_shape, engine=args.engine, classes=args.classes,
+                             num_classes=args.num_classes, options=MethodOptions.from_args(args),
+                             optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                             force=args.force)
+    cfg_method = manifest["method"]["method"]
     files = len(manifest["files"]) + 1  # the table lists every file but manifest.json itself
     total = sum(f["bytes"] for f in manifest["files"].values()) + (Path(args.out) / MANIFEST).stat().st_size
     trainable = sum(numel(s) for s in manifest["trainable"].values())
-    print(f"{Path(args.out)}: {args.engine} bundle, {cfg.method}, {trainable:,} trainable values, "
+    print(f"{Path(args.out)}: {args.engine} bundle, {cfg_method}, {trainable:,} trainable values, "
           f"{files} files, {total / 1024:.1f} KiB")
     if args.sign_key:
         from edge_ft.trust.signature import sign_folder
@@ -107,29 +88,3 @@ def handler(args) -> int:
         print(f"{Path(args.out)}: signed by key {body['keyid'][:16]}, {body['name']} version {body['version']}, "
               f"expires {body['expires']}")
     return 0
-
-
-def default_out(method: str, engine: str, rank: int, last_k: int) -> Path:
-    """export/<method>-<engine>, the method named with what sets its size: lora-r2, last-k1."""
-    name = {"lora": f"lora-r{rank}", "last-k": f"last-k{last_k}"}.get(method, method)
-    return Path("export") / f"{name}-{engine}"
-
-
-def task_classes(text: str) -> list[str]:
-    """--classes: 'a,b,c', a .npz whose class names to use, or a folder of class folders (their sorted names)."""
-    from edge_ft.data.npz import load_labelled_npz, parse_class_names
-
-    if Path(text).is_dir():
-        from edge_ft.data.readers import class_folders
-
-        names = class_folders(Path(text))
-        if len(names) < 2:
-            raise UserError(f"--classes {text}: is a folder with {len(names)} class folder(s); give a folder of "
-                            "class folders, NAME,NAME,..., or the .npz `edge-ft data convert` makes of your images")
-        return names
-    if not text.endswith(".npz"):
-        return parse_class_names(text)
-    classes = load_labelled_npz(text)[2]
-    if classes is None:
-        raise UserError(f"--classes {text}: the file names no classes; give them as --classes NAME,NAME,...")
-    return classes

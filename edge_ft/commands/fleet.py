@@ -68,23 +68,7 @@ def register(subparsers) -> None:
         "also on Ctrl-C.")
     run.add_argument("--nodes", type=node_list, default=node_list(DEFAULT_NODES), metavar="NxPROFILE,...",
                      help=f"device profiles, one node each, NxPROFILE for N alike (default {DEFAULT_NODES})")
-    run.add_argument("--rounds", type=int_at_least(1), default=10, metavar="N", help="federated rounds (default 10)")
-    run.add_argument("--method", type=method_list, default=["lora"], metavar="M[,M...]",
-                     help="what each device trains: full, probe or lora; several, comma-separated, run one after "
-                     "another on the same SuperLink and SuperNodes, each in DIR/METHOD (default lora)")
-    run.add_argument("--aggregation", default="fedavg", metavar="A",
-                     help="how the server combines updates: fedavg, or ffa for LoRA with frozen A (default fedavg)")
-    run.add_argument("--task", default="mnist-digits", metavar="TASK",
-                     help="transfer task (default mnist-digits: new writers, split by writer)")
-    run.add_argument("--partitioning", default="writers", metavar="P",
-                     help="how the task's training data is split over the nodes (default writers)")
-    run.add_argument("--local-steps", type=int_at_least(0), default=0, metavar="N",
-                     help="optimizer steps per round on each device (default 0: one pass over its data)")
-    run.add_argument("--seed", type=int, default=0, help="partitioning and batch-order seed (default 0)")
-    run.add_argument("--base", type=Path, metavar="BASE.safetensors",
-                     help="base weights from `edge-ft pretrain` (default: pretrained on MNIST once under DIR/prep)")
-    run.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                     help=f"plan, results and the deployment's files (default {DEFAULT_OUT})")
+    add_plan_options(run, DEFAULT_OUT)
     run.add_argument("--no-tls", action="store_true", help="plain HTTP between SuperNodes and the SuperLink "
                      "(also turns node authentication off)")
     run.add_argument("--no-auth", action="store_true", help="accept SuperNodes without registered keys")
@@ -109,23 +93,52 @@ def register(subparsers) -> None:
                      help="interpreter of the device venv (default .venv-device/bin/python when present)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or round lines")
     run.set_defaults(func=handler)
+    from edge_ft.commands.fleet_simulate import register_simulate
+
+    register_simulate(sub)
+
+
+def add_plan_options(p, default_out: Path) -> None:
+    """What both `fleet run` and `fleet simulate` plan: rounds, methods, task and split, local work, output."""
+    p.add_argument("--rounds", type=int_at_least(1), default=10, metavar="N", help="federated rounds (default 10)")
+    p.add_argument("--method", type=method_list, default=["lora"], metavar="M[,M...]",
+                   help="what each device trains: full, probe or lora; several, comma-separated, run one after "
+                   "another (deployed: on the same SuperLink and SuperNodes), each in DIR/METHOD (default lora)")
+    p.add_argument("--aggregation", default="fedavg", metavar="A",
+                   help="how the server combines updates: fedavg, or ffa for LoRA with frozen A (default fedavg)")
+    p.add_argument("--task", default="mnist-digits", metavar="TASK",
+                   help="transfer task (default mnist-digits: new writers, split by writer)")
+    p.add_argument("--partitioning", default="writers", metavar="P",
+                   help="how the task's training data is split over the nodes: writers, dirichlet:ALPHA (label "
+                   "skew), quantity:ALPHA (quantity skew), iid (default writers)")
+    p.add_argument("--local-steps", type=int_at_least(0), default=0, metavar="N",
+                   help="optimizer steps per round on each device (default 0: one pass over its data)")
+    p.add_argument("--seed", type=int, default=0, help="partitioning, batch-order and device-model seed (default 0)")
+    p.add_argument("--base", type=Path, metavar="BASE.safetensors",
+                   help="base weights from `edge-ft pretrain` (default: pretrained on MNIST once under DIR/prep)")
+    p.add_argument("--secagg", action="store_true",
+                   help="secure aggregation (Flower's SecAgg+): the server sees only the weighted sum of the "
+                   "devices' updates, never one device's")
+    p.add_argument("--out", type=Path, default=default_out, metavar="DIR",
+                   help=f"plan, results and the deployment's files (default {default_out})")
 
 
 def make_plan(args, method: str, out: Path, num_nodes: int, signing_key: Path | None):
     """The FleetPlan of one method for these arguments (edge_ft.fleet.plan.plan_fleet)."""
-    from edge_ft.fleet.plan import plan_fleet
+    from edge_ft.fleet.plan import PlanConfig, plan_fleet
 
-    return plan_fleet(out, method=method, task=args.task, num_nodes=num_nodes, partitioning=args.partitioning,
-                      rounds=args.rounds, local_steps=args.local_steps, aggregation=args.aggregation,
-                      seed=args.seed, base=args.base, quiet=args.quiet, signing_key=signing_key,
-                      canary=args.canary, canary_tolerance=args.canary_tolerance)
+    return plan_fleet(out, PlanConfig(method, task=args.task, num_nodes=num_nodes, partitioning=args.partitioning,
+                                      rounds=args.rounds, local_steps=args.local_steps, aggregation=args.aggregation,
+                                      seed=args.seed, base=args.base, quiet=args.quiet, signing_key=signing_key,
+                                      canary=args.canary, canary_tolerance=args.canary_tolerance,
+                                      secagg=args.secagg))
 
 
 def handler(args) -> int:
     from edge_ft.emulation.hostspeed import HostSpeed
     from edge_ft.emulation.profiles import load_profile
     from edge_ft.errors import UserError
-    from edge_ft.fleet.deploy import run_fleet
+    from edge_ft.fleet.deploy import DeployConfig, run_fleet
     from edge_ft.fleet.measure import node_table
 
     for name in dict.fromkeys(args.nodes):
@@ -142,9 +155,10 @@ def handler(args) -> int:
         key = signing_keys(out, None)[0]
     plans = [make_plan(args, m, out / m if several else out, len(args.nodes), key) for m in args.method]
     echo = None if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
-    results = run_fleet(plans, args.nodes, tls=not args.no_tls, auth=not (args.no_auth or args.no_tls),
-                        run_dir=out / "deploy", fault=args.fault, host=host, device_python=args.device_python,
-                        mode=args.mode, cpu_cap=not args.no_cpu_cap, progress=not args.quiet, echo=echo)
+    results = run_fleet(plans, args.nodes, DeployConfig(
+        tls=not args.no_tls, auth=not (args.no_auth or args.no_tls), run_dir=out / "deploy", fault=args.fault,
+        host=host, device_python=args.device_python, mode=args.mode, cpu_cap=not args.no_cpu_cap,
+        progress=not args.quiet, echo=echo))
     for method, plan, result in zip(args.method, plans, results):
         print(f"{method}:" if several else "", node_table(result), sep="\n" if several else "")
         print(f"-> {plan.results_dir.parent / 'deploy' if several else out / 'deploy'}/federation.json; "

@@ -30,32 +30,25 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    import numpy as np
-
-    from edge_ft.device.classify import gather_inputs, open_model
-
+    from edge_ft.device.classify import gather_inputs, open_model, top_k
     from edge_ft.trust.policy import trusted_model
 
     model = open_model(trusted_model(args.model, args.trust), args.threads)
     batch = gather_inputs(args.inputs, model.card.classes, model.card.input_shape)
-    probs = model.probabilities(batch.pixels)  # (N, C)
-    k = min(args.top_k, probs.shape[1])
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k), most probable first
-    rows = [{"input": name, "label": label,
-             "top": [{"class": model.card.class_name(int(c)), "index": int(c), "probability": round(float(p[c]), 6)}
-                     for c in order]}
-            for name, label, p, order in zip(batch.names, batch.labels, probs, top)]
-    scored = [r for r in rows if r["label"] is not None]
-    accuracy = sum(r["top"][0]["class"] == r["label"] for r in scored) / len(scored) if scored else None
+    predictions = top_k(model.probabilities(batch.pixels), args.top_k, model.card.classes, batch.names,
+                        batch.labels)
+    scored = [p for p in predictions if p.label is not None]
+    accuracy = sum(bool(p.correct) for p in scored) / len(scored) if scored else None
     if args.json:
-        print(json.dumps({"model": str(model.path), "classes": model.card.classes, "predictions": rows,
-                          "accuracy": accuracy, "scored": len(scored)}, indent=2))
+        print(json.dumps({"model": str(model.path), "classes": model.card.classes,
+                          "predictions": [p.to_dict() for p in predictions], "accuracy": accuracy,
+                          "scored": len(scored)}, indent=2))
         return 0
-    width = min(max(len(r["input"]) for r in rows), 60)
-    for r in rows:
-        guesses = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-        truth = "" if r["label"] is None else ("  ok" if r["top"][0]["class"] == r["label"] else f"  (is {r['label']})")
-        print(f"{r['input']:<{width}}  {guesses}{truth}")
+    width = min(max(len(p.input) for p in predictions), 60)
+    for p in predictions:
+        guesses = "  ".join(f"{name} {prob:.3f}" for name, _, prob in p.top)
+        truth = "" if p.label is None else ("  ok" if p.correct else f"  (is {p.label})")
+        print(f"{p.input:<{width}}  {guesses}{truth}")
     if accuracy is not None:
         print(f"accuracy {accuracy:.4f} on {len(scored)} labelled inputs")
     return 0

@@ -59,12 +59,11 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    from edge_ft.data.npz import load_labelled_npz
+    from edge_ft.data.npz import agreed_classes, load_labelled_npz
     from edge_ft.device import ort_api
+    from edge_ft.device.api import run_settings
     from edge_ft.device.bundle import load_bundle
-    from edge_ft.device.trainer import TrainSettings, load_runtime, train
-    from edge_ft.training_defaults import DEFAULTS
-
+    from edge_ft.device.trainer import load_runtime, train
     from edge_ft.validate import writable_folder
 
     out = writable_folder(args.out or Path("runs") / Path(args.bundle).resolve().name)
@@ -76,7 +75,6 @@ def handler(args) -> int:
 
     enforce("train", [args.bundle], args.trust)
     bundle = load_bundle(args.bundle)
-    recipe = DEFAULTS[bundle.method.method]
     threads, budget = args.threads, _confined_budget()
     if args.profile:  # read even when --threads overrides it: a broken profile is refused, never ignored
         from edge_ft.emulation.profiles import load_profile
@@ -86,31 +84,28 @@ def handler(args) -> int:
         threads = profile.threads if threads is None else threads
     if args.mem_arena:
         ort_api.set_mem_arena(args.mem_arena == "on")
-    settings = TrainSettings(
-        batch=args.batch or recipe.batch,
-        epochs=args.epochs or recipe.epochs,
-        steps=args.steps,
-        lr=args.lr or bundle.optimizer.lr,
-        schedule=args.schedule or recipe.schedule,
-        seed=args.seed,
-        threads=threads or 0,
-        checkpoint_every=args.checkpoint_every,
-        keep=args.keep,
-        cache_features=args.cache,
-        memory_budget=budget,
-        profile_ops=args.profile_ops,
-        quiet=args.quiet,
-    )
+    settings = run_settings(bundle, epochs=args.epochs, steps=args.steps, batch=args.batch, lr=args.lr,
+                            schedule=args.schedule, seed=args.seed, threads=threads or 0,
+                            checkpoint_every=args.checkpoint_every, keep=args.keep, cache_features=args.cache,
+                            memory_budget=budget, profile_ops=args.profile_ops, quiet=args.quiet)
     rss_after_imports = load_runtime(bundle.engine)
     x, y, classes = load_labelled_npz(args.data, bundle.num_classes, bundle.input_shape)
     eval_data = None
     if args.eval:
         x_eval, y_eval, eval_classes = load_labelled_npz(args.eval, bundle.num_classes, bundle.input_shape)
         eval_data = (x_eval, y_eval)
-        classes = same_classes(classes, args.data, eval_classes, args.eval)
-    classes = same_classes(classes, args.data, bundle.classes, bundle.path / MANIFEST)
-    r = train(bundle, (x, y), eval_data, settings, out, rss_after_imports, resume=args.resume, classes=classes,
-              replace=args.force)
+        classes = agreed_classes(classes, args.data, eval_classes, args.eval)
+    classes = agreed_classes(classes, args.data, bundle.classes, bundle.path / MANIFEST)
+    try:
+        r = train(bundle, (x, y), eval_data, settings, out, rss_after_imports, resume=args.resume, classes=classes,
+                  replace=args.force)
+    except KeyboardInterrupt:  # Ctrl-C or a signal: the trainer saved a checkpoint; the summary line names it
+        from edge_ft.device.resume import RESUME
+        from edge_ft.emulation import lifetime
+
+        if (out / RESUME).is_file():
+            lifetime.kept(f"a checkpoint in {out} (add --resume to continue); no result")
+        raise
     acc = "" if r["accuracy"] is None else f", eval accuracy {r['accuracy']:.4f}"
     print(f"{out}: {plural(r['steps'], 'step')}, final loss {r['losses'][-1]:.4f}{acc}, "
           f"{r['step_latency_ms']['p50']:.2f} ms/step (p50), peak RSS {r['memory_mb']['peak_rss_sampled']:.0f} MB")
@@ -126,10 +121,3 @@ def _confined_budget() -> int:
     value = os.environ.get(MEMORY_BUDGET_ENV, "")
     return int(value) if value.isdigit() else 0
 
-
-def same_classes(ours: list[str] | None, our_source, theirs: list[str] | None, their_source) -> list[str] | None:
-    """The class names two sources agree on (either may name none); a disagreement is the user's to fix."""
-    if ours is not None and theirs is not None and ours != theirs:
-        raise UserError(f"{our_source} names its classes {', '.join(ours)}; {their_source} names them "
-                        f"{', '.join(theirs)}: labels would mean different things")
-    return ours if ours is not None else theirs

@@ -55,6 +55,15 @@ def check_class_names(names: Sequence[str], source: str, num_classes: int | None
     return names
 
 
+def agreed_classes(ours: list[str] | None, our_source: object, theirs: list[str] | None,
+                   their_source: object) -> list[str] | None:
+    """The class names two sources agree on (either may name none); a disagreement is the user's to fix."""
+    if ours is not None and theirs is not None and ours != theirs:
+        raise UserError(f"{our_source} names its classes {', '.join(ours)}; {their_source} names them "
+                        f"{', '.join(theirs)}: labels would mean different things")
+    return ours if ours is not None else theirs
+
+
 def parse_class_names(text: str, option: str = "--classes") -> list[str]:
     """'cat,dog,bird' -> ['cat', 'dog', 'bird'] (checked)."""
     return check_class_names([t.strip() for t in text.split(",")], option)

@@ -3,6 +3,7 @@
     model = open_model("runs/lora")                # a run folder or a .onnx file; refuses one without a card
     batch = gather_inputs(["photos/", "a.png"])    # images (pillow) or one .npz; labels when they are known
     probs = model.probabilities(batch.pixels)      # (N, C) softmax
+    rows = top_k(probs, 2, model.card.classes, batch.names, batch.labels)
 Torch- and onnx-free: numpy, onnxruntime and, for image files, pillow.
 """
 
@@ -33,9 +34,49 @@ class Model:
         """Pixels (uint8 (N,H,W) or (N,C,H,W)) or float32 inputs -> float32 (N,C) class probabilities."""
         logits = [self.session.run(None, {self.card.input_name: self.card.inputs(pixels[i : i + EVAL_BATCH])})[0]
                   for i in range(0, len(pixels), EVAL_BATCH)]
-        z = np.concatenate(logits).astype(np.float64)
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+        return softmax(np.concatenate(logits))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """(N, C) logits -> float32 (N, C) class probabilities."""
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One input's most probable classes."""
+
+    input: str  # the image path, "FILE.npz[i]" or "x[i]"
+    label: str | None  # its true class name when known (a class folder, a .npz's y)
+    top: list[tuple[str, int, float]]  # (class name, index, probability), most probable first
+
+    @property
+    def name(self) -> str:
+        """The most probable class's name."""
+        return self.top[0][0]
+
+    @property
+    def correct(self) -> bool | None:
+        """Whether the most probable class is the known label (None when the label is unknown)."""
+        return None if self.label is None else self.name == self.label
+
+    def to_dict(self) -> dict:
+        """As `edge-ft predict --json` prints it."""
+        return {"input": self.input, "label": self.label,
+                "top": [{"class": c, "index": i, "probability": round(p, 6)} for c, i, p in self.top]}
+
+
+def top_k(probs: np.ndarray, k: int, classes: list[str] | None, names: list[str],
+          labels: list[str | None]) -> list[Prediction]:
+    """The `k` most probable classes of every row of `probs` (ties keep class order)."""
+    if k < 1:
+        raise UserError(f"top-k must be at least 1, got {k}")
+    k = min(k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [Prediction(name, label, [(classes[c] if classes else str(c), int(c), float(p[c])) for c in row])
+            for name, label, p, row in zip(names, labels, probs, order)]
 
 
 @dataclass

@@ -177,6 +177,9 @@ class CgroupJob:
         """Quotas are fractions of one of this machine's CPUs (None: no cap). Raises CgroupUnavailable."""
         if os.geteuid() != 0:
             raise CgroupUnavailable("not running as root, so cgroups cannot be created")
+        from edge_ft.emulation.lifetime import ensure_guardian
+
+        ensure_guardian()  # before the first cgroup named after this process: should it die now, they go too
         own = _own_paths()
         name = f"{PREFIX}{os.getpid()}.{next(_counter)}"
         made: list[Path] = []

@@ -45,7 +45,8 @@ MODES = ("auto", "cgroup", "rlimit", "native")
 # and inter-op pools (both engines). On the board an idle thread spins on its own idle core; in a confined child
 # it spins on CPU time the job's quota charges (or, with more device threads than CPUs here, on a core its own
 # worker needs): onnxruntime's spinning made the same Zero 2 W run 160-193 ms/step against 62-71 without it, and
-# torch ran 10x slower. Every confined child's pools sleep instead (docs/steady-emulation.md has the measurements).
+# torch ran 10x slower. Every confined child's pools sleep instead (docs/emulation.md says why; the generated
+# results page of the docs site has the measurements).
 NO_SPIN_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4", SPINNING_ENV: "0"}
 _ENTER = lifetime.ENTER
 # How a process that ran out of memory without being OOM-killed says so (Python, numpy, C++/onnxruntime, glibc).

@@ -8,9 +8,12 @@ Three layers, each a net for the one before:
                     PR_SET_PDEATHSIG=SIGKILL before it execs the job (and exits if the parent is already gone), and
                     runs in a process group of its own, registered with a guardian: a small process (this file run
                     as a script, standard library only) that holds the read end of a pipe only the command writes
-                    to. When the command dies in any way, SIGKILL and the OOM killer included, the pipe ends; the
-                    guardian kills the registered process groups and every cgroup named after the command's pid
-                    (cgroup.kill on v2, each task on v1), removes those cgroups and exits.
+                    to and a pidfd of the command. When the command dies in any way, SIGKILL and the OOM killer
+                    included, the pidfd turns readable (the pipe ends too, unless a forked descendant still holds
+                    its write end); the guardian kills the registered process groups and every cgroup named after
+                    the command's pid (cgroup.kill on v2, each task on v1), removes those cgroups and exits. The
+                    guardian is started before the first cgroup or guarded child exists (ensure_guardian), so there
+                    is no instant at which a SIGKILL would leave either with nobody to clean up.
   3. sweep()        at start every command removes edge-ft cgroups whose owning process is gone (names carry the
                     owner's pid: edge-ft.<pid>.<n>), killing what still runs in them; a live owner's are never
                     touched.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -82,6 +86,11 @@ def kept(what: str | None) -> None:
     _state["kept"] = what
 
 
+def kept_runs(finished: int, results) -> None:
+    """What a cancelled sweep keeps: the runs it finished, each appended to `results` when it ended."""
+    kept(f"{finished} finished runs in {results}; the run in progress is not recorded")
+
+
 def exit_status(e: KeyboardInterrupt) -> int:
     return 128 + getattr(e, "signum", signal.SIGINT)
 
@@ -101,9 +110,10 @@ def reset() -> None:
 
 def guarded(argv: list[str], spec: dict | None = None) -> list[str]:
     """argv run through emulate's entry program, which applies `spec` (cgroups, rlimits, affinity) and makes the
-    child die with this process before the job's first instruction."""
+    child die with this process before the job's first instruction. Starts the guardian first (ensure_guardian)."""
     import json
 
+    ensure_guardian()
     spec = {**(spec or {}), "parent": os.getpid()}
     return [sys.executable, "-I", "-S", str(ENTER), json.dumps(spec), "--", *argv]
 
@@ -121,6 +131,12 @@ def _guardian() -> subprocess.Popen | None:
             _guard["proc"] = proc
             return proc
         return None
+
+
+def ensure_guardian() -> None:
+    """Start this process's guardian unless it runs. Called before a cgroup named after this process is made and
+    before a guarded child starts: a SIGKILL between the two and the first watch() must not leave them behind."""
+    _guardian()
 
 
 def guardian_pid() -> int | None:
@@ -189,10 +205,17 @@ def _read(path: Path) -> str:
         return f.read()
 
 
+def _tree(path: Path) -> list[Path]:
+    """A cgroup and its leaves (v1 thread leaves, v2 threaded leaves); [] once it is gone."""
+    with contextlib.suppress(OSError):
+        return [path, *(p for p in path.iterdir() if p.is_dir())]
+    return []
+
+
 def _members(path: Path) -> list[int]:
-    """Processes in cgroup `path` and its leaves (v1 thread leaves, v2 threaded leaves)."""
+    """Processes in cgroup `path` and its leaves."""
     pids: set[int] = set()
-    for group in [path, *(p for p in path.iterdir() if p.is_dir())] if path.is_dir() else []:
+    for group in _tree(path):
         with contextlib.suppress(OSError, ValueError):
             pids.update(int(p) for p in _read(group / "cgroup.procs").split())
     return sorted(pids)
@@ -201,35 +224,47 @@ def _members(path: Path) -> list[int]:
 def _uncap(path: Path) -> None:
     """Lift the CPU quota of a job, then of its leaves (v1 refuses a leaf above its parent): killed processes exit
     unthrottled."""
-    groups = [path] + [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
-    for group, name, value in [(g, n, v) for g in groups for n, v in (("cpu.cfs_quota_us", "-1"), ("cpu.max", "max"))]:
+    for group, name, value in [(g, n, v) for g in _tree(path) for n, v in (("cpu.cfs_quota_us", "-1"),
+                                                                            ("cpu.max", "max"))]:
         with contextlib.suppress(OSError):
             with open(group / name, "w") as f:
                 f.write(value)
 
 
-def purge(path: Path, wait: float = 5.0) -> bool:
-    """Kill everything in cgroup `path` (cgroup.kill where the kernel has it, else each process), then rmdir it and
-    its leaves (cgroups are removed with rmdir, never rm -r). True when it is gone."""
-    deadline = time.monotonic() + wait
-    _uncap(path)
-    while (pids := _members(path)) and time.monotonic() < deadline:
-        try:
-            with open(path / "cgroup.kill", "w") as f:
-                f.write("1")
-        except OSError:  # v1, or a v2 kernel before 5.14
-            for pid in pids:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-        time.sleep(0.01)
-    if path.is_dir():
-        for leaf in path.iterdir():
-            if leaf.is_dir():
-                with contextlib.suppress(OSError):
-                    leaf.rmdir()
+def _kill_members(path: Path, pids: list[int]) -> None:
+    try:
+        with open(path / "cgroup.kill", "w") as f:
+            f.write("1")
+    except OSError:  # v1, or a v2 kernel before 5.14
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _remove(path: Path) -> bool:
+    """rmdir a cgroup's leaves, then the cgroup (never rm -r); True when it is gone."""
+    for group in reversed(_tree(path)):
         with contextlib.suppress(OSError):
-            path.rmdir()
+            group.rmdir()
     return not path.exists()
+
+
+def purge(paths, wait: float = 5.0) -> list[Path]:
+    """Kill everything in the cgroups `paths` (a job has one per v1 controller), then remove them; the ones gone.
+    Every quota is lifted and every member killed before any rmdir, so a killed task held by its CPU quota in one
+    controller does not keep its memory cgroup busy, and an rmdir refused while killed tasks finish exiting
+    (EBUSY) is tried again until `wait` seconds have passed. Another process may remove them meanwhile."""
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    deadline = time.monotonic() + wait
+    for path in paths:
+        _uncap(path)
+    while (busy := [(path, pids) for path in paths if (pids := _members(path))]) and time.monotonic() < deadline:
+        for path, pids in busy:
+            _kill_members(path, pids)
+        time.sleep(0.01)
+    while (left := [path for path in paths if not _remove(path)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [path for path in paths if path not in left]
 
 
 def owner_of(path: Path) -> int | None:
@@ -255,16 +290,15 @@ def _alive(pid: int) -> bool:
 def purge_owned(parents, owner: int | None = None) -> int:
     """Purge the edge-ft cgroups under `parents` owned by `owner` (None: by any process that is gone, never this
     one or a live one). Returns how many distinct jobs were removed."""
-    removed = set()
+    paths = []  # every job's folder under each parent (v1: one per controller), all killed before any is removed
     for parent in parents:
         with contextlib.suppress(OSError):
             for path in Path(parent).glob(f"{PREFIX}*"):
                 pid = owner_of(path)
                 if pid is None or (pid != owner if owner is not None else pid == os.getpid() or _alive(pid)):
                     continue
-                if purge(path):
-                    removed.add(path.name)
-    return len(removed)
+                paths.append(path)
+    return len({path.name for path in purge(paths)}) if paths else 0
 
 
 def sweep() -> int:
@@ -273,19 +307,52 @@ def sweep() -> int:
     return purge_owned(parents) if parents else 0
 
 
-def _guard_main(argv: list[str]) -> None:
-    """The guardian: wait for the owner's pipe to end, then kill its process groups and purge its cgroups."""
-    for sig in SIGNALS:  # a group signal meant for the command must not end its cleanup
-        signal.signal(sig, signal.SIG_IGN)
-    owner, parents = int(argv[0]), [Path(p) for p in argv[1:]]
-    groups: set[int] = set()
-    for line in sys.stdin.buffer:
-        text = line.decode().strip()
+def _owner_exit(owner: int) -> int | None:
+    """A pidfd that turns readable when `owner`, our parent, exits; None where the kernel has none (< 5.3)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return os.pidfd_open(owner)
+    return None
+
+
+def _apply(lines: bytes, groups: set[int]) -> None:
+    for text in lines.decode().split():
         if text[:1] == "+":
             groups.add(int(text[1:]))
         elif text[:1] == "-":
             groups.discard(int(text[1:]))
-    for pgid in groups:
+
+
+def _watch_owner(owner: int) -> set[int]:
+    """Read the owner's +pgid / -pgid lines until it is gone; the process groups still registered then.
+
+    Gone is the end of the pipe or, whichever comes first, the owner's exit (its pidfd, else a check every half
+    second): a descendant that forked without exec can hold the pipe's write end open after the owner died."""
+    pidfd = _owner_exit(owner)
+    groups: set[int] = set()
+    pending = b""
+    gone = os.getppid() != owner  # it died before we looked: we were reparented
+    while True:
+        waits = [0] + ([pidfd] if pidfd is not None else [])
+        ready = select.select(waits, [], [], 0 if gone else None if pidfd is not None else 0.5)[0]
+        if 0 in ready:
+            chunk = os.read(0, 65536)
+            if not chunk:
+                break
+            *complete, pending = (pending + chunk).split(b"\n")
+            _apply(b"\n".join(complete), groups)
+            continue  # the owner's last lines are read before its exit is acted on
+        if gone:
+            break
+        gone = (pidfd in ready) if pidfd is not None else not _alive(owner)
+    return groups
+
+
+def _guard_main(argv: list[str]) -> None:
+    """The guardian: wait until the owner is gone, then kill its process groups and purge its cgroups."""
+    for sig in SIGNALS:  # a group signal meant for the command must not end its cleanup
+        signal.signal(sig, signal.SIG_IGN)
+    owner, parents = int(argv[0]), [Path(p) for p in argv[1:]]
+    for pgid in _watch_owner(owner):
         with contextlib.suppress(OSError):
             os.killpg(pgid, signal.SIGKILL)
     purge_owned(parents, owner)

@@ -25,6 +25,7 @@ from edge_ft.data.npz import load_npz
 from edge_ft.device.bundle import Bundle, load_bundle
 from edge_ft.device.trainer import TrainSettings, train
 from edge_ft.errors import UserError
+from edge_ft.fleet import secagg
 from edge_ft.fleet.signing import REFUSED, AcceptedRounds, Refused, verify_message
 from edge_ft.fleet.updates import ARRAYS, CANDIDATE_KEYS, CONFIG, METRICS, WEIGHT_KEY, from_arrays, to_arrays
 from edge_ft.trust.keys import PublicKey, load_public_key
@@ -34,7 +35,7 @@ from edge_ft.trust.keys import PublicKey, load_public_key
 NODE_KEYS = ("partition-id", "num-partitions", "data", "bundle", "server-key")
 SEED_STRIDE = 1000  # batch order differs per round and per device: seed·STRIDE² + round·STRIDE + partition
 
-app = ClientApp()
+app = ClientApp(mods=[secagg.secagg_when_asked])  # SecAgg+ for its own messages only
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,21 @@ class Node:
     server_key: Path  # the public key of the fleet's server: the only signer whose global models the node applies
     round_state: Path | None  # where the last accepted round per run is kept (None: the run's context state)
     holdout: Path | None  # the node's holdout set for canary evaluation
+
+
+def simulated_node_config(context: Context):
+    """The node config: the SuperNode's own, or under the Simulation Engine (whose virtual SuperNodes know only
+    their partition id) the plan's node-NN.toml of that partition, in the run config's sim-nodes folder."""
+    folder = context.run_config.get("sim-nodes") if "data" not in context.node_config else None
+    if not folder:
+        return context.node_config
+    import tomllib
+
+    path = Path(str(folder)) / f"node-{int(context.node_config['partition-id']):02d}.toml"
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"{path}: no readable node config ({e}); plan the simulation again") from None
 
 
 def node_from_config(node_config) -> Node:
@@ -94,24 +110,41 @@ def local_settings(config, partition: int) -> TrainSettings:
 
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
-    node = node_from_config(context.node_config)
+    """A train message: the fleet's own, or (under SecAgg+, edge_ft.fleet.secagg) its legacy FitIns form."""
+    if "fitins.config" not in msg.content.config_records:
+        reply = train_content(msg.content, context)
+        return refusal(msg, reply) if isinstance(reply, Refused) else Message(reply, reply_to=msg)
+    content = secagg.from_fitins(msg.content)
+    reply = train_content(content, context)
+    if isinstance(reply, Refused):
+        raise reply  # SecAgg+ counts this node as dropped from the round
+    return Message(secagg.to_fitres(reply, list(content[CONFIG][secagg.NAMES])), reply_to=msg)
+
+
+def train_content(content: RecordDict, context: Context) -> RecordDict | Refused:
+    """Train on the node's data from a signed {"arrays", "config"}; the reply's content, or why it is refused."""
+    node = node_from_config(simulated_node_config(context))
     accepted = AcceptedRounds(node.round_state, context.state)
     try:
-        signed = verify_message(msg.content, CONFIG, _server_key(node.server_key), "train", accepted.load())
+        signed = verify_message(content, CONFIG, _server_key(node.server_key), "train", accepted.load())
     except Refused as why:
-        return refusal(msg, why)
+        return why
     accepted.remember(signed["run"], signed["round"], signed["start"])
     bundle = _bundle(node.bundle)
     x, y = load_npz(node.data, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
-    received = msg.content[ARRAYS]
+    received = content[ARRAYS]
     start = from_arrays(received)
     wrong = sorted(set(start) ^ set(bundle.trainable)) or [
         n for n, v in start.items() if tuple(v.shape) != bundle.trainable[n]]
     if wrong:
         raise UserError(f"the server's tensors do not fit bundle {node.bundle} ({wrong[0]!r}); "
                         "install the bundle of this fleet run")
-    settings = local_settings(msg.content[CONFIG], node.partition)
+    config = content[CONFIG]
+    settings = local_settings(config, node.partition)
     settings = TrainSettings(**{**settings.__dict__, "threads": node.threads})
+    if "max-steps" in config:  # partial work: the steps that fit the round's deadline on this board
+        planned = settings.steps or settings.epochs * -(-len(y) // settings.batch)
+        settings = TrainSettings(**{**settings.__dict__, "steps": min(planned, int(config["max-steps"]))})
     with tempfile.TemporaryDirectory(prefix="edge-ft-fleet-round-") as run:
         results = train(bundle, (x, y), (x, y), settings, run, initial=start)
         trained = load_safetensors(Path(run) / TRAINED)
@@ -126,7 +159,7 @@ def train_round(msg: Message, context: Context) -> Message:
         "bytes-down": int(received.count_bytes()),
         "bytes-up": int(arrays.count_bytes()),
     })
-    return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
+    return RecordDict({ARRAYS: arrays, METRICS: metrics})
 
 
 @app.evaluate()
@@ -134,7 +167,7 @@ def canary_round(msg: Message, context: Context) -> Message:
     """Score a signed candidate global model and the current one on this node's holdout set."""
     from edge_ft.fleet.holdout import GlobalEvaluator, frozen_shipped
 
-    node = node_from_config(context.node_config)
+    node = node_from_config(simulated_node_config(context))
     try:
         verify_message(msg.content, CONFIG, _server_key(node.server_key), "canary",
                        AcceptedRounds(node.round_state, context.state).load())

@@ -1,6 +1,6 @@
 """Run a federation on this machine: one SuperLink, N SuperNodes each confined to a device profile, one `flwr run`.
 
-    result = run_federation(plan, ["rpi-zero-2w"] * 4 + ["rpi-4b-2gb"] * 2)   # tls=True, auth=True
+    result = run_federation(plan, ["rpi-zero-2w"] * 4 + ["rpi-4b-2gb"] * 2)   # DeployConfig(): TLS, node auth
 
 plan is a FleetPlan (edge_ft.fleet.plan): app_dir (the Flower App), run_config (`flwr run --run-config`),
 node_configs (one --node-config per SuperNode) and results_dir. What runs, with Flower 1.42's CLI:
@@ -31,9 +31,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
-from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir, replace_folder
+from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir
 from edge_ft.bench.prepare import find_device_python
 from edge_ft.emulation import lifetime
 from edge_ft.emulation.hostspeed import HostSpeed
@@ -44,6 +44,7 @@ from edge_ft.fleet.lean_entry import write_shims
 from edge_ft.fleet.measure import RESULT_FILE, FederationResult, node_result
 from edge_ft.fleet.processes import SuperNode, flower_env, kill_pids, plain, stop_groups, toml_value, write_config
 from edge_ft.fleet.records import round_starts
+from edge_ft.fleet.shared_runs import Plan, install_bundle, shared_node_configs
 
 CONNECTION = "fleet"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 DEVICE_BUNDLE = "device-bundle"  # where a shared federation's devices find the bundle of the current run
@@ -54,15 +55,6 @@ _ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 _AGGREGATED = re.compile(r"aggregate_(train|evaluate): Received (\d+) results and (\d+) failures")
 
 
-class Plan(Protocol):
-    """What run_federation needs of a FleetPlan (edge_ft.fleet.plan)."""
-
-    app_dir: Path
-    run_config: dict
-    node_configs: list[dict]
-    results_dir: Path
-
-
 @dataclass(frozen=True)
 class Fault:
     """Kill a node mid-round, let the round finish with the others, restart the node once it has."""
@@ -70,6 +62,24 @@ class Fault:
     node: int  # index of the node to kill
     round: int  # the round whose train message it dies in (killed while its ClientApp runs)
     rejoin: bool = True  # restart its SuperNode (same key) once that round's training is aggregated
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """How run_fleet runs plans on this machine."""
+
+    tls: bool = True  # TLS between the SuperNodes and the SuperLink
+    auth: bool = True  # SuperNode authentication: registered node keys only (needs TLS)
+    run_dir: Path | None = None  # certificates, keys, FLWR_HOME, logs, federation.json (None: first plan's ../deploy)
+    fault: Fault | None = None  # kill one node mid-round in the first run and restart it (runtime tests)
+    host: HostSpeed | None = None  # this machine's core speed for the CPU quotas (None: the reference core)
+    device_python: str | None = None  # the device venv's interpreter (None: .venv-device/bin/python when present)
+    mode: str = "auto"  # how profiles are imposed: auto | cgroup | rlimit
+    cpu_cap: bool = True  # False: devices' memory and cores, this machine's CPU speed
+    isolation: str = "subprocess"  # how ClientApps start: subprocess (by the SuperNode) | process (beside it)
+    lean: bool = True  # SuperExec and ClientApps through edge_ft.fleet.lean_entry, not Flower's console scripts
+    progress: bool = True  # a progress bar over rounds
+    echo: Callable[[str], None] | None = None  # receives the readable lines of the runs (rounds, aggregation)
 
 
 def free_port() -> int:
@@ -225,37 +235,28 @@ class Federation:
         kill_pids(self._link_pids, self.run_dir)
 
 
-def run_federation(plan: Plan, node_profiles: list[str], **options) -> FederationResult:
-    """Run `plan` on emulated devices (one profile name per node) and measure every node (run_fleet's options)."""
-    return run_fleet([plan], node_profiles, **options)[0]
+def run_federation(plan: Plan, node_profiles: list[str], cfg: DeployConfig | None = None) -> FederationResult:
+    """Run `plan` on emulated devices (one profile name per node) and measure every node."""
+    return run_fleet([plan], node_profiles, cfg)[0]
 
 
-def run_fleet(plans: list[Plan], node_profiles: list[str], *, tls: bool = True, auth: bool = True,
-              run_dir: Path | None = None, fault: Fault | None = None, host: HostSpeed | None = None,
-              device_python: str | None = None, mode: str = "auto", cpu_cap: bool = True,
-              isolation: str = "subprocess", lean: bool = True, progress: bool = True,
-              echo: Callable[[str], None] | None = None) -> list[FederationResult]:
+def run_fleet(plans: list[Plan], node_profiles: list[str], cfg: DeployConfig | None = None) -> list[FederationResult]:
     """Run the plans one after another on one SuperLink and one set of SuperNodes, started once; measure every node
     in every run. Never leaves a process. Returns one result per run that started (a failed run ends the series).
-
-    run_dir: where certificates, keys, FLWR_HOME, logs and federation.json go (default: the first plan's
-    results_dir/../deploy); with several plans each run's federation.json goes to its plan's results_dir/../deploy,
-    the devices keep the same data and install each run's bundle before it (DEVICE_BUNDLE). fault: kill one node
-    mid-round in the first run and restart it (tests of the runtime). isolation: how ClientApps are started
-    (subprocess: the SuperNode starts its SuperExec; process: started beside it). lean=False: the SuperExec and
-    ClientApps through Flower's console scripts instead of edge_ft.fleet.lean_entry. cpu_cap=False: devices' memory and
-    cores, this machine's CPU speed. echo: receives the readable lines of the runs (rounds, aggregation).
-    """
-    run_dir = ensure_dir(run_dir or Path(plans[0].results_dir).parent / "deploy").resolve()
-    host = host or HostSpeed.reference()
-    device_bin = Path(find_device_python(device_python)).parent
+    With several plans each run's federation.json goes to its plan's results_dir/../deploy and the devices install
+    each run's bundle before it (DEVICE_BUNDLE, edge_ft.fleet.shared_runs)."""
+    cfg = cfg or DeployConfig()
+    tls, auth, fault = cfg.tls, cfg.auth, cfg.fault
+    run_dir = ensure_dir(cfg.run_dir or Path(plans[0].results_dir).parent / "deploy").resolve()
+    host = cfg.host or HostSpeed.reference()
+    device_bin = Path(find_device_python(cfg.device_python)).parent
     for tool in ("flower-supernode", "flower-superexec", "flwr-clientapp"):
         if not (device_bin / tool).exists():
             raise UserError(f"{device_bin}/{tool} not found: the device venv needs the fleet extra "
                             "(flwr; `make device-venv`)")
     several = len(plans) > 1
     fed = Federation(plans[0], node_profiles, run_dir, tls=tls, auth=auth, host=host, device_bin=device_bin,
-                     mode=mode, cpu_cap=cpu_cap, isolation=isolation, lean=lean,
+                     mode=cfg.mode, cpu_cap=cfg.cpu_cap, isolation=cfg.isolation, lean=cfg.lean,
                      node_configs=shared_node_configs(plans, run_dir / DEVICE_BUNDLE) if several else None)
     results: list[FederationResult] = []
     t0 = started = time.monotonic()
@@ -275,7 +276,7 @@ def run_fleet(plans: list[Plan], node_profiles: list[str], *, tls: bool = True, 
                     started = time.monotonic()
                 if several:
                     install_bundle(Path(plan.run_config["bundle"]), run_dir / DEVICE_BUNDLE)
-                watcher = _Progress(fed, result, fault if i == 0 else None, progress, echo)
+                watcher = _Progress(fed, result, fault if i == 0 else None, cfg.progress, cfg.echo)
                 try:
                     name = f"run-{Path(plan.results_dir).parent.name}" if several else "run"
                     code = fed.run(watcher.line, plan, name)
@@ -305,51 +306,6 @@ def _record(result: FederationResult, fed: Federation, plan: Plan, several: bool
     where = ensure_dir(Path(plan.results_dir).parent / "deploy") if several else fed.run_dir
     with contextlib.suppress(UserError):
         atomic_write_json(where / RESULT_FILE, result.to_dict())
-
-
-def shared_node_configs(plans: list[Plan], device_bundle: Path) -> list[dict]:
-    """The SuperNodes' configs when several plans share them: every plan must give each device the same data;
-    the bundle is the one installed for the current run."""
-    first = plans[0].node_configs
-    for plan in plans[1:]:
-        same = len(plan.node_configs) == len(first) and all(
-            _same_data(a.get("data"), b.get("data")) for a, b in zip(first, plan.node_configs))
-        if not same:
-            raise UserError("runs that share one federation must give each device the same data: plan them with "
-                            "the same task, partitioning, seed and number of nodes")
-    for plan in plans[1:]:
-        if plan.node_configs and plan.node_configs[0].get("server-key") and not _same_key(
-                plan.node_configs[0]["server-key"], first[0].get("server-key")):
-            raise UserError("runs that share one federation must be signed by one server key (the devices trust "
-                            "one): plan them with the same signing_key")
-    return [{**cfg, "bundle": str(device_bundle)} if "bundle" in cfg else dict(cfg) for cfg in first]
-
-
-def _same_key(a: str, b: str | None) -> bool:
-    from edge_ft.trust.keys import load_public_key
-
-    return b is not None and load_public_key(a).raw == load_public_key(b).raw
-
-
-def _same_data(a: str | None, b: str | None) -> bool:
-    """The same examples and labels in two node data files (.npz; written apart, their bytes differ)."""
-    import numpy as np
-
-    from edge_ft.data.npz import load_npz
-
-    if a is None or b is None or a == b:
-        return a == b
-    return all(np.array_equal(u, v) for u, v in zip(load_npz(a), load_npz(b)))
-
-
-def install_bundle(bundle: Path, target: Path) -> None:
-    """Install a run's bundle where the devices look for it, as a device would before a new fleet run."""
-    import shutil
-
-    staging = target.with_name(f".{target.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(bundle, staging)
-    replace_folder(staging, target)
 
 
 class _Progress:

@@ -6,7 +6,12 @@
                    not recorded in the file: a block edge may fall a few rows inside a neighbour's digits.
   dirichlet:ALPHA  label skew: for each class, the shares of the devices are drawn from Dirichlet(ALPHA) (small
                    ALPHA: few classes per device; large: near-IID), the usual non-IID benchmark for Fashion.
-  iid              a seeded shuffle dealt out evenly (the reference the two skews are measured against).
+  quantity:ALPHA   quantity skew: labels as in iid, but each device's share of the examples drawn from
+                   Dirichlet(ALPHA) over the devices (small ALPHA: a few devices hold most data), every device >= 1.
+  iid              a seeded shuffle dealt out evenly (the reference the skews are measured against).
+The Dirichlet draws are those of flwr-datasets' DirichletPartitioner (per class, shares over the devices, redrawn
+until every device holds enough), done here on the in-memory arrays: flwr-datasets partitions Hugging Face
+`datasets` tables, which would bring that library and pyarrow into the host for a dozen lines of numpy.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import numpy as np
 from edge_ft.errors import UserError
 
 UCI_ROWS, UCI_WRITERS = 1797, 13  # scikit-learn's copy of the UCI optdigits test file
-SCHEMES = ("writers", "dirichlet:ALPHA", "iid")
-DIRICHLET_TRIES = 100  # redraws until every device holds at least `min_size` examples
+SCHEMES = ("writers", "dirichlet:ALPHA", "quantity:ALPHA", "iid")
+DIRICHLET_TRIES = 100  # redraws until every device holds at least `min_size` examples (then top_up)
 
 
 def parse_partitioning(text: str) -> tuple[str, float | None]:
@@ -25,13 +30,13 @@ def parse_partitioning(text: str) -> tuple[str, float | None]:
     name, _, arg = text.partition(":")
     if name in ("writers", "iid") and not arg:
         return name, None
-    if name == "dirichlet":
+    if name in ("dirichlet", "quantity"):
         try:
             alpha = float(arg)
         except ValueError:
             alpha = float("nan")
         if not alpha > 0 or not np.isfinite(alpha):
-            raise UserError(f"partitioning {text!r}: dirichlet needs a positive concentration, e.g. dirichlet:0.5")
+            raise UserError(f"partitioning {text!r}: {name} needs a positive concentration, e.g. {name}:0.5")
         return name, alpha
     raise UserError(f"unknown partitioning {text!r}: choose one of {', '.join(SCHEMES)}")
 
@@ -68,8 +73,29 @@ def by_dirichlet(y: np.ndarray, num_nodes: int, alpha: float, seed: int, min_siz
         out = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(p) for p in out) >= min_size:
             return out
-    raise UserError(f"dirichlet:{alpha} left a device with fewer than {min_size} examples in {DIRICHLET_TRIES} "
-                    "draws; raise alpha or use fewer devices")
+    return top_up(out, min_size)
+
+
+def top_up(parts: list[np.ndarray], min_size: int) -> list[np.ndarray]:
+    """The last draw with each short device given examples from the largest one, one at a time (with many devices
+    and a small alpha, no draw leaves every device min_size examples)."""
+    parts = [list(p) for p in parts]
+    for short in (i for i in range(len(parts)) if len(parts[i]) < min_size):
+        while len(parts[short]) < min_size:
+            largest = max(range(len(parts)), key=lambda i: len(parts[i]))
+            parts[short].append(parts[largest].pop())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def by_quantity(n: int, num_nodes: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """A seeded shuffle dealt out in Dirichlet(alpha) shares: 1 example per device, the rest by the shares."""
+    if n < num_nodes:
+        raise UserError(f"{n} training examples cannot give {num_nodes} devices one each")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    extra = rng.multinomial(n - num_nodes, rng.dirichlet(np.full(num_nodes, alpha)))
+    cuts = np.cumsum(extra + 1)[:-1]
+    return [np.sort(part) for part in np.split(order, cuts)]
 
 
 def by_iid(n: int, num_nodes: int, seed: int) -> list[np.ndarray]:
@@ -89,6 +115,8 @@ def partition(scheme: str, y: np.ndarray, num_nodes: int, seed: int, task_target
         return by_writer(len(y), num_nodes)
     if name == "dirichlet":
         return by_dirichlet(y, num_nodes, alpha, seed)
+    if name == "quantity":
+        return by_quantity(len(y), num_nodes, alpha, seed)
     return by_iid(len(y), num_nodes, seed)
 
 

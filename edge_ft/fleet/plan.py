@@ -1,7 +1,7 @@
 """Plan a fleet run on the host: the bundle, one data file per device, the test set and the configs Flower needs.
 
-    plan = plan_fleet(Path("runs/fleet/lora-ffa"), method="lora", task="mnist-digits", num_nodes=6,
-                      partitioning="writers", rounds=10, local_steps=0, aggregation="ffa", seed=0)
+    plan = plan_fleet(Path("runs/fleet/lora-ffa"), PlanConfig("lora", task="mnist-digits", num_nodes=6,
+                      partitioning="writers", rounds=10, aggregation="ffa"))
     flwr run plan.app_dir CONNECTION --run-config plan.run_config_file    # the deployment runs it
     # each SuperNode: flower-supernode ... --node-config <plan.node_config_files[i]>
 
@@ -81,73 +81,126 @@ def config_arg(config: dict[str, ConfigValue]) -> str:
     return " ".join(toml_line(k, v).replace(" = ", "=", 1) for k, v in config.items())
 
 
-def plan_fleet(out_dir: Path, *, method: str, task: str, num_nodes: int, partitioning: str, rounds: int,
-               local_steps: int, aggregation: str, seed: int, local_epochs: int = 1, batch: int = 32,
-               lr: float | None = None, rank: int = 2, engine: str = "ort-step", base: Path | None = None,
-               shots: int | None = None, fraction_train: float = 1.0, min_train_nodes: int | None = None,
-               min_available_nodes: int | None = None, round_timeout: float = 600.0, threads: int = 0,
-               resume: bool = False, quiet: bool = True, signing_key: Path | None = None, canary: float = 0.0,
-               canary_tolerance: float = DEFAULT_CANARY_TOLERANCE) -> FleetPlan:
+@dataclass(frozen=True)
+class PlanConfig:
+    """What plan_fleet plans: the task and its split, the method, the rounds and the server's settings."""
+
+    method: str  # full | probe | lora
+    task: str = "mnist-digits"  # transfer task (edge_ft.data.tasks)
+    num_nodes: int = 6  # devices in the fleet (one data partition each)
+    partitioning: str = "writers"  # how the train pool is split (edge_ft.fleet.partitions)
+    rounds: int = 10  # federated rounds
+    local_steps: int = 0  # optimizer steps per device per round (0: local_epochs passes instead)
+    aggregation: str = "fedavg"  # fedavg | ffa (LoRA with lora_A frozen)
+    seed: int = 0  # partitioning, bundle export, batch order, simulated devices
+    local_epochs: int = 1  # passes over the device's data per round when local_steps is 0
+    batch: int = 32  # examples per step on the device
+    lr: float | None = None  # learning rate of round 1 (None: the method's recipe default)
+    rank: int = 2  # LoRA rank
+    engine: str = "ort-step"  # the devices' engine
+    base: Path | None = None  # pretrained base weights (None: pretrained once under out_dir/prep)
+    shots: int | None = None  # examples per class of the task's train pool (None: the task's default)
+    fraction_train: float = 1.0  # share of connected devices sampled per round
+    min_train_nodes: int | None = None  # devices sampled at least per round (None: num_nodes - 1, at least 1)
+    min_available_nodes: int | None = None  # connected devices a round waits for (None: as above)
+    round_timeout: float = 600.0  # seconds the server waits for a round's replies
+    threads: int = 0  # onnxruntime threads per device (0: its default)
+    resume: bool = False  # continue the run committed in the results folder
+    quiet: bool = True  # no progress output while pretraining the base
+    signing_key: Path | None = None  # the server's Ed25519 key (None: a key pair made in out_dir/keys)
+    canary: float = 0.0  # share of nodes that score a new global model first (0: off)
+    canary_tolerance: float = DEFAULT_CANARY_TOLERANCE  # accuracy drop a canary still accepts
+    fleet_mix: str = ""  # simulated devices' boards, e.g. devices.DEFAULT_MIX ("": real devices, no device model)
+    availability: str = "always"  # simulated devices' availability trace (edge_ft.fleet.devices)
+    deadline: float = 0.0  # simulated seconds a round waits for a device (0: none)
+    stragglers: str = "drop"  # drop | partial: what a device past the deadline contributes
+    link_mbps: float = 10.0  # simulated devices' link speed, megabits per second
+    simulation: bool = False  # for Flower's Simulation Engine: the run config names the node configs' folder
+    secagg: bool = False  # SecAgg+ (edge_ft.fleet.secagg): the server sees only the weighted sum of the updates
+
+
+def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
     """Write everything a fleet run needs into out_dir and return the plan (see the module docstring).
 
-    local_steps 0 trains local_epochs passes per round; lr None takes the method's recipe default; min_train_nodes
-    and min_available_nodes default to num_nodes - 1 (at least 1), so a round completes when one device dies.
-    signing_key None makes a key pair for the plan (out_dir/keys); canary > 0 gives every node a holdout set.
+    min_train_nodes and min_available_nodes default to num_nodes - 1 (at least 1), so a round completes when one
+    device dies. signing_key None makes a key pair for the plan (out_dir/keys); canary > 0 gives every node a
+    holdout set.
     """
     from edge_ft.bench.prepare import ensure_base
     from edge_ft.host.export import export_bundle
 
     out_dir = Path(out_dir).resolve()
-    check_aggregation(aggregation, method)
-    check_canary(canary, canary_tolerance)
-    if rounds < 1 or batch < 1 or local_steps < 0 or (local_steps == 0 and local_epochs < 1):
+    check_aggregation(cfg.aggregation, cfg.method)
+    check_canary(cfg.canary, cfg.canary_tolerance)
+    if cfg.rounds < 1 or cfg.batch < 1 or cfg.local_steps < 0 or (cfg.local_steps == 0 and cfg.local_epochs < 1):
         raise UserError("rounds and batch must be positive, and local steps (or local epochs) too")
-    spec = get_task(task)
-    split = target_split(spec, shots)
-    parts = partition(partitioning, split.y_train, num_nodes, seed, spec.target)
+    if cfg.fleet_mix:
+        from edge_ft.fleet.devices import parse_availability, parse_mix
+
+        parse_mix(cfg.fleet_mix)
+        parse_availability(cfg.availability)
+    spec = get_task(cfg.task)
+    split = target_split(spec, cfg.shots)
+    parts = partition(cfg.partitioning, split.y_train, cfg.num_nodes, cfg.seed, spec.target)
     ensure_dir(out_dir / NODES)
-    base, _ = ensure_base(out_dir, base, None, quiet)  # a given base is checked; without one, pretrained once
-    cfg = MethodConfig(method, rank=rank, num_classes=split.num_classes, freeze_lora_a=aggregation == "ffa")
-    lr = DEFAULT_LR[method] if lr is None else lr
+    base, _ = ensure_base(out_dir, cfg.base, None, cfg.quiet)  # a given base is checked; without one, pretrained once
+    method = MethodConfig(cfg.method, rank=cfg.rank, num_classes=split.num_classes,
+                          freeze_lora_a=cfg.aggregation == "ffa")
+    lr = DEFAULT_LR[cfg.method] if cfg.lr is None else cfg.lr
     (out_dir / PLAN).unlink(missing_ok=True)  # uncommitted until the new plan is written
-    export_bundle(cfg, OptimizerConfig("adamw", lr=lr), base, out_dir / BUNDLE, engine=engine, seed=seed,
+    export_bundle(method, OptimizerConfig("adamw", lr=lr), base, out_dir / BUNDLE, engine=cfg.engine, seed=cfg.seed,
                   classes=list(spec.classes))
     save_npz(out_dir / TEST, split.x_test, split.y_test, spec.classes)
-    private, public = signing_keys(out_dir, signing_key)
-    node_configs = []
-    for i, idx in enumerate(parts):
-        data = out_dir / NODES / f"node-{i:02d}.npz"
-        train, holdout = (idx, None) if not canary else (np.delete(idx, np.s_[::HOLDOUT_EVERY]), idx[::HOLDOUT_EVERY])
-        save_npz(data, split.x_train[train], split.y_train[train], spec.classes)
-        node = {"partition-id": i, "num-partitions": num_nodes, "data": str(data), "bundle": str(out_dir / BUNDLE),
-                "server-key": str(public), "round-state": str(out_dir / NODES / f"node-{i:02d}.rounds.json")}
-        if holdout is not None:
-            node["holdout"] = str(out_dir / NODES / f"node-{i:02d}-holdout.npz")
-            save_npz(node["holdout"], split.x_train[holdout], split.y_train[holdout], spec.classes)
-        if threads:
-            node["threads"] = threads
-        node_configs.append(node)
-        atomic_write_text(out_dir / NODES / f"node-{i:02d}.toml", "".join(toml_line(k, v) + "\n"
-                                                                          for k, v in node.items()))
-    quorum = max(1, num_nodes - 1)
-    run_config: dict[str, ConfigValue] = {
-        "method": method, "aggregation": aggregation, "rounds": rounds, "local-steps": local_steps,
-        "local-epochs": local_epochs, "batch": batch, "lr": float(lr), "seed": seed, "partitioning": partitioning,
-        "num-nodes": num_nodes, "fraction-train": float(fraction_train),
-        "min-train-nodes": quorum if min_train_nodes is None else min_train_nodes,
-        "min-available-nodes": quorum if min_available_nodes is None else min_available_nodes,
-        "round-timeout": float(round_timeout), "bundle": str(out_dir / BUNDLE), "test-data": str(out_dir / TEST),
-        "results-dir": str(out_dir / RESULTS), "resume": resume, "signing-key": str(private),
-        "canary": float(canary), "canary-tolerance": float(canary_tolerance),
-    }
+    private, public = signing_keys(out_dir, cfg.signing_key)
+    node_configs = [_write_node(out_dir, cfg, i, idx, split, spec.classes, public) for i, idx in enumerate(parts)]
+    run_config = _run_config(out_dir, cfg, lr, private, max(len(idx) for idx in parts))
     atomic_write_text(out_dir / RUN_CONFIG, "".join(toml_line(k, v) + "\n" for k, v in run_config.items()))
     ensure_dir(out_dir / RESULTS)
     atomic_write_json(out_dir / PLAN, {
-        "task": spec.name, "engine": engine, "rank": rank if method == "lora" else None, "shots": shots,
+        "task": spec.name, "engine": cfg.engine, "rank": cfg.rank if cfg.method == "lora" else None,
+        "shots": cfg.shots, "partitioning": cfg.partitioning,
         "partitions": [{"examples": len(idx), "labels": label_histogram(split.y_train[idx], split.num_classes)}
                        for idx in parts],
         "test_examples": len(split.y_test), "run_config": run_config, "node_configs": node_configs})
     return FleetPlan(app_dir(), run_config, node_configs, out_dir / RESULTS)
+
+
+def _write_node(out_dir: Path, cfg: PlanConfig, i: int, idx: np.ndarray, split, classes,
+                public: Path) -> dict[str, ConfigValue]:
+    """Device i's data file (and holdout under a canary) and its node config, also as nodes/node-NN.toml."""
+    data = out_dir / NODES / f"node-{i:02d}.npz"
+    train, holdout = (idx, None) if not cfg.canary else (np.delete(idx, np.s_[::HOLDOUT_EVERY]), idx[::HOLDOUT_EVERY])
+    save_npz(data, split.x_train[train], split.y_train[train], classes)
+    node: dict[str, ConfigValue] = {
+        "partition-id": i, "num-partitions": cfg.num_nodes, "data": str(data), "bundle": str(out_dir / BUNDLE),
+        "server-key": str(public), "round-state": str(out_dir / NODES / f"node-{i:02d}.rounds.json")}
+    if holdout is not None:
+        node["holdout"] = str(out_dir / NODES / f"node-{i:02d}-holdout.npz")
+        save_npz(node["holdout"], split.x_train[holdout], split.y_train[holdout], classes)
+    if cfg.threads:
+        node["threads"] = cfg.threads
+    atomic_write_text(out_dir / NODES / f"node-{i:02d}.toml", "".join(toml_line(k, v) + "\n" for k, v in node.items()))
+    return node
+
+
+def _run_config(out_dir: Path, cfg: PlanConfig, lr: float, private: Path,
+                largest: int) -> dict[str, ConfigValue]:
+    """The run config (server_app.RUN_KEYS, in that order)."""
+    quorum = max(1, cfg.num_nodes - 1)
+    return {
+        "method": cfg.method, "aggregation": cfg.aggregation, "rounds": cfg.rounds, "local-steps": cfg.local_steps,
+        "local-epochs": cfg.local_epochs, "batch": cfg.batch, "lr": float(lr), "seed": cfg.seed,
+        "partitioning": cfg.partitioning, "num-nodes": cfg.num_nodes, "fraction-train": float(cfg.fraction_train),
+        "min-train-nodes": quorum if cfg.min_train_nodes is None else cfg.min_train_nodes,
+        "min-available-nodes": quorum if cfg.min_available_nodes is None else cfg.min_available_nodes,
+        "round-timeout": float(cfg.round_timeout), "bundle": str(out_dir / BUNDLE),
+        "test-data": str(out_dir / TEST), "results-dir": str(out_dir / RESULTS), "resume": cfg.resume,
+        "signing-key": str(private), "canary": float(cfg.canary), "canary-tolerance": float(cfg.canary_tolerance),
+        "fleet-mix": cfg.fleet_mix, "availability": cfg.availability, "deadline": float(cfg.deadline),
+        "stragglers": cfg.stragglers, "link-mbps": float(cfg.link_mbps),
+        "sim-nodes": str(out_dir / NODES) if cfg.simulation else "",
+        "secagg-max-weight": float(largest) if cfg.secagg else 0.0,  # SecAgg+ weighs by examples: the most any holds
+    }
 
 
 def signing_keys(out_dir: Path, given: Path | None) -> tuple[Path, Path]:

@@ -11,6 +11,11 @@ A round record: {"round", "method", "aggregation", "partitioning", "accuracy", "
 "partition", metrics...}], "rejected": [{"node", "reason"}], "bytes_down", "bytes_up" (totals of the round),
 "lora_product_gap" (LoRA only, edge_ft.fleet.aggregate.product_gap), "seconds", "refused": [{"node", "reason"}]
 (nodes that refused the server's signed message: never averaged), "canary" (edge_ft.fleet.canary, or null)}.
+A simulated fleet's records (a run config with a fleet mix, edge_ft.fleet.devices) add "simulated" (the device
+model: mix, availability, deadline, stragglers, link, each board's step seconds and memory fit) and per round
+"fleet" (devices), "online", "sampled" (online devices sampled), "did_not_fit": [{"node", "board", "memory_mb",
+"budget_mb"}] (sampled, never sent), "dropped": [{"node", "board", "reason"}] (past the deadline), "sim_seconds"
+(simulated round time: the slowest kept device), and per client "board" and "sim-seconds".
 The run's identity holds its name ("run-name"): what the server signs every round with, and what nodes remember
 the last accepted round of. A fresh run gets a new name; a resumed run keeps its own.
 """

@@ -4,7 +4,8 @@
 writes fleet.md (one row per run: final accuracy, bytes per device per round, total bytes, LoRA's product gap)
 and two plots: accuracy vs round, accuracy vs cumulative bytes transferred (up + down, all devices). Runs made
 through the deployment runtime (RUN/deploy/federation.json beside RUN/results) add a third: per node, the highest
-summed PSS of its client stack in each round against its board's memory budget, one panel per run.
+summed PSS of its client stack in each round against its board's memory budget, one panel per run. Simulated
+runs (`edge-ft fleet simulate`) add their own table and accuracy vs simulated fleet time (edge_ft.fleet.sim_report).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from edge_ft.bench.report import md_table
 from edge_ft.emulation.profiles import MB
 from edge_ft.fleet.measure import RESULT_FILE
 from edge_ft.fleet.records import read_rounds
+from edge_ft.fleet.sim_report import sim_section
 
 PLOTS = {"accuracy_vs_round": "fleet_accuracy_vs_round.png", "accuracy_vs_bytes": "fleet_accuracy_vs_bytes.png",
          "memory_per_node": "fleet_memory_per_node.png"}
@@ -123,13 +125,14 @@ def write_fleet_report(results: list[Path], out: Path) -> Path:
         memory = ["## Client memory per node (deployment runtime)", "",
                   md_table(["run", "node", "profile", "budget MiB", "highest round PSS MiB", "within budget"],
                            rows, text_columns=3), "", f"![client memory per node]({PLOTS['memory_per_node']})", ""]
+    simulated = sim_section(runs, results, [run_label(rs) for rs in runs], out, _plot)
     headers = ["run", "partitioning", "rounds", "start acc.", "final acc.", "best acc.", "bytes up per device-round",
                "total bytes", "LoRA product gap (max)"]
     text = "\n".join([
         "# Fleet report", "",
         md_table(headers, [summary_row(rs) for rs in runs], text_columns=2), "",
         f"![accuracy vs round]({PLOTS['accuracy_vs_round']})", "",
-        f"![accuracy vs bytes]({PLOTS['accuracy_vs_bytes']})", "", *memory,
+        f"![accuracy vs bytes]({PLOTS['accuracy_vs_bytes']})", "", *memory, *simulated,
         "Sources: " + ", ".join(str(p) for p in results), ""])
     path = out / "fleet.md"
     atomic_write_text(path, text)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -28,9 +28,10 @@ from edge_ft.device.adapter import shipped_frozen, write_adapter
 from edge_ft.device.bundle import MANIFEST, Bundle, load_bundle
 from edge_ft.device.engines import open_engine
 from edge_ft.errors import UserError
-from edge_ft.fleet import records
+from edge_ft.fleet import records, secagg
 from edge_ft.fleet.aggregate import check_aggregation, product_gap
 from edge_ft.fleet.canary import canary_nodes, check_canary, run_canary
+from edge_ft.fleet.devices import DeviceModel
 from edge_ft.fleet.grid import PromptGrid
 from edge_ft.fleet.holdout import GlobalEvaluator
 from edge_ft.fleet.signing import REFUSED, RoundSigner, load_signer
@@ -66,6 +67,13 @@ class FleetSettings:
     signing_key: str  # the server's Ed25519 private key (PEM); the nodes hold its public key (node config)
     canary: float  # share of nodes that score a new global model before the rest get it (0: off)
     canary_tolerance: float  # accuracy drop on the canary holdouts that still promotes the new model
+    fleet_mix: str  # simulated devices' boards (edge_ft.fleet.devices), "" for real devices: no device model
+    availability: str  # simulated devices' availability trace: always | random:P | diurnal:LOW-HIGH
+    deadline: float  # simulated seconds a round waits for a device (0: no deadline)
+    stragglers: str  # drop | partial: what a device past the deadline contributes (edge_ft.fleet.devices)
+    link_mbps: float  # simulated devices' link speed, megabits per second
+    sim_nodes: str  # simulation: the folder of the plan's node configs (node-NN.toml, by partition id); else ""
+    secagg_max_weight: float  # > 0: SecAgg+ (edge_ft.fleet.secagg), devices weigh at most this many examples; 0: off
 
     @classmethod
     def from_run_config(cls, run_config) -> "FleetSettings":
@@ -90,7 +98,7 @@ RUN_KEYS = tuple(f.name.replace("_", "-") for f in fields(FleetSettings))
 def run_identity(s: FleetSettings, bundle: Bundle) -> dict:
     """What a resumed run must share with the one it continues (rounds may grow; paths may move)."""
     kept = ("method", "aggregation", "local_steps", "local_epochs", "batch", "lr", "seed", "partitioning",
-            "num_nodes")
+            "num_nodes", "fleet_mix", "availability", "deadline", "stragglers", "link_mbps", "secagg_max_weight")
     return {"bundle_manifest_sha256": sha256_file(bundle.path / MANIFEST), "test_data_sha256":
             sha256_file(Path(s.test_data)), **{k.replace("_", "-"): getattr(s, k) for k in kept}}
 
@@ -101,11 +109,14 @@ class FleetFedAvg(FedAvg):
     kept for its record."""
 
     def __init__(self, s: FleetSettings, expected: dict[str, tuple[int, ...]], frozen: dict[str, np.ndarray],
-                 first_round: int, signer: RoundSigner):
+                 first_round: int, signer: RoundSigner, devices: DeviceModel | None = None):
         super().__init__(fraction_train=s.fraction_train, fraction_evaluate=0.0, min_train_nodes=s.min_train_nodes,
                          min_evaluate_nodes=0, min_available_nodes=s.min_available_nodes, weighted_by_key=WEIGHT_KEY)
         self.s, self.expected, self.frozen, self.offset = s, expected, frozen, first_round - 1
         self.lora, self.signer = s.method == "lora", signer
+        self.devices = devices  # simulated devices (boards, availability, deadline), None for real ones
+        self.boards: dict[int, str] = {}  # node -> board under the device model
+        self.pending: list[Message] = []  # under SecAgg+: the round's signed train messages, for its stages
         self.last: dict = {}  # the round in progress: clients, rejections, refusals, bytes, canary decision
         self.sent: tuple[ArrayRecord, Grid] | None = None  # the round's starting global model and the grid
 
@@ -116,18 +127,95 @@ class FleetFedAvg(FedAvg):
         r = self.round_of(server_round)
         config = ConfigRecord(dict(config))  # signed per round: never the run's shared train config
         config["lr"] = epoch_lr(self.s.lr, r - 1, self.s.rounds, "cosine")
-        messages = list(super().configure_train(r, arrays, config, grid))
+        # started_at (wall clock) is kept in the round record: the deployment files each node's message by it
+        self.last = {"started_at": time.time(), "clients": [], "rejected": [], "refused": [], "bytes_up": 0,
+                     "lora_product_gap": None, "canary": None}
+        if self.s.secagg_max_weight:  # the legacy Parameters SecAgg+ moves are nameless: the names are signed
+            config[secagg.NAMES] = list(arrays.keys())
+        if self.devices is None:
+            messages = list(super().configure_train(r, arrays, config, grid))
+            self.last["sampled"] = len(messages)
+        else:
+            messages = self.device_messages(r, arrays, config, grid)
         for content in {id(m.content): m.content for m in messages}.values():  # FedAvg shares one RecordDict
             self.signer.sign(content, self.configrecord_key, r)
         self.sent = (arrays, grid)
-        # started_at (wall clock) is kept in the round record: the deployment files each node's message by it
-        self.last = {"started_at": time.time(), "sampled": len(messages), "clients": [], "rejected": [],
-                     "refused": [], "bytes_down": arrays.count_bytes() * len(messages), "bytes_up": 0,
-                     "lora_product_gap": None, "canary": None}
+        self.last["bytes_down"] = arrays.count_bytes() * len(messages)
+        if self.s.secagg_max_weight:
+            self.pending = messages  # sent by SecAgg+'s own stages in aggregate_train
+            return []
         return messages
+
+    def secure_aggregate(self, r: int):
+        """The round through SecAgg+: the unmasked weighted mean, checked as a whole (no device's own update is
+        seen); its bytes and seconds in the round record."""
+        arrays, grid = self.sent
+        t0 = time.monotonic()
+        out = secagg.secure_round(grid, self.pending, r, list(arrays.keys()), self.s.secagg_max_weight,
+                                  self.s.round_timeout)
+        self.last.update(clients=out["clients"], bytes_down=out["bytes_down"], bytes_up=out["bytes_up"],
+                         secagg={"messages": out["messages"], "seconds": round(time.monotonic() - t0, 3)})
+        for client in out["clients"] if self.devices is not None else []:  # simulated time only: no drop after
+            board = self.boards[client["node"]]  # the fact, the server cannot take one masked update out
+            seconds, _ = self.devices.settle(board, int(client["steps"]), arrays.count_bytes(), arrays.count_bytes())
+            client.update(board=board, **{"sim-seconds": round(seconds, 3)})
+            self.last["sim_seconds"] = max(self.last["sim_seconds"], round(seconds, 3))
+        aggregate = out["aggregate"]
+        bad = aggregate is None or set(aggregate) != set(self.expected) or any(
+            v.shape != tuple(self.expected[n]) or not np.isfinite(v).all() for n, v in aggregate.items())
+        if bad:
+            log.warning("round %d: SecAgg+ gave no usable aggregate; the global model stays as it was", r)
+            return None, None
+        result = to_arrays(aggregate)
+        return (self.canary(r, result) if self.s.canary > 0 else result), None
+
+    def device_messages(self, r: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """The round's messages under the device model: sampled among the online devices; a device whose memory
+        the method does not fit, or (partial work) where not one step fits the deadline, is counted, not sent;
+        under partial work each board's devices are told their step cap ("max-steps")."""
+        nodes = list(grid.get_node_ids())
+        self.boards = self.devices.boards(nodes)
+        up = self.devices.online_nodes(nodes, r)
+        self.last.update(fleet=len(nodes), online=len(up), sampled=0, did_not_fit=[], dropped=[], sim_seconds=0.0)
+        if not up:
+            log.warning("round %d: no device online", r)
+            return []
+        sampled = list(super().configure_train(r, arrays, config, _Online(up)))
+        self.last["sampled"] = len(sampled)
+        groups: dict[int | None, list[int]] = {}
+        for node in (m.metadata.dst_node_id for m in sampled):
+            board = self.boards[node]
+            cost, cap = self.devices.cost(board), self.devices.step_cap(board, arrays.count_bytes())
+            if not cost.fits:
+                self.last["did_not_fit"].append({"node": node, "board": board, "memory_mb": cost.memory_mb,
+                                                 "budget_mb": cost.budget_mb})
+            elif cap == 0:
+                self.last["dropped"].append({"node": node, "board": board, "reason": "not one step fits the "
+                                             f"{self.devices.deadline:g} s deadline"})
+            else:
+                groups.setdefault(cap, []).append(node)
+        messages = []
+        for cap, ids in groups.items():
+            cfg = config if cap is None else ConfigRecord({**dict(config), "max-steps": cap})
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+            messages += self._construct_messages(record, ids, MessageType.TRAIN)
+        return messages
+
+    def kept_by_deadline(self, node: int, metrics: dict, bytes_down: int, bytes_up: int) -> bool:
+        """Under the device model: the device's simulated round time into its metrics; False when past the deadline."""
+        board = self.boards[node]
+        seconds, why = self.devices.settle(board, int(metrics["steps"]), bytes_down, bytes_up)
+        metrics.update(board=board, **{"sim-seconds": round(seconds, 3)})
+        if why:
+            self.last["dropped"].append({"node": node, "board": board, "reason": why})
+            return False
+        self.last["sim_seconds"] = max(self.last["sim_seconds"], round(seconds, 3))
+        return True
 
     def aggregate_train(self, server_round: int, replies):
         r, accepted, tensors, weights = self.round_of(server_round), [], [], []
+        if self.s.secagg_max_weight:
+            return self.secure_aggregate(r)
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error() and msg.error.code == REFUSED:
@@ -143,6 +231,9 @@ class FleetFedAvg(FedAvg):
                 self.last["rejected"].append({"node": node, "reason": why})
                 continue
             metrics = dict(msg.content["metrics"])
+            if self.devices is not None and not self.kept_by_deadline(
+                    node, metrics, self.sent[0].count_bytes(), msg.content["arrays"].count_bytes()):
+                continue
             accepted.append(msg)
             tensors.append(update)
             weights.append(metrics[WEIGHT_KEY])
@@ -167,6 +258,24 @@ class FleetFedAvg(FedAvg):
         self.last["canary"] = outcome
         log.info("round %d: canary on nodes %s: %s, %s", r, nodes, outcome["decision"], outcome["why"])
         return candidate if outcome["decision"] == "promoted" else previous
+
+
+class _Online:
+    """The part of a grid FedAvg samples from: the devices online this round."""
+
+    def __init__(self, nodes: list[int]):
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def device_model(s: FleetSettings, bundle: Bundle) -> DeviceModel | None:
+    """The run's simulated devices (None without a fleet mix: real devices)."""
+    if not s.fleet_mix:
+        return None
+    return DeviceModel(s.fleet_mix, s.availability, s.deadline, s.stragglers, s.link_mbps, s.seed, s.method,
+                       s.batch, bundle.method.rank, bundle.num_classes, bundle.method.freeze_lora_a)
 
 
 def _settings_record(s: FleetSettings) -> ConfigRecord:
@@ -197,10 +306,11 @@ def run(grid: Grid, s: FleetSettings) -> list[dict]:
     current = saved if saved is not None else engine.trainable_state()
     del engine
     evaluate = GlobalEvaluator(bundle, frozen, x_test, y_test)
+    devices = device_model(s, bundle)
     strategy = FleetFedAvg(s, dict(bundle.trainable), frozen, done + 1, load_signer(s.signing_key,
-                                                                                       identity["run-name"]))
+                                                                                       identity["run-name"]), devices)
     base = {"method": s.method, "aggregation": s.aggregation, "partitioning": s.partitioning,
-            "num_nodes": s.num_nodes}
+            "num_nodes": s.num_nodes, **({"simulated": devices.describe()} if devices else {})}
 
     def on_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         nonlocal current
@@ -218,6 +328,10 @@ def run(grid: Grid, s: FleetSettings) -> list[dict]:
         log.info("round %d: global accuracy %.4f, %d updates, %d rejected, %d refused, %d B down, %d B up", r,
                  record["accuracy"], len(record["clients"]), len(record["rejected"]), len(record["refused"]),
                  record["bytes_down"], record["bytes_up"])
+        if devices is not None and server_round:
+            log.info("round %d: %d of %d devices online, %d sampled, %d did not fit, %d dropped, %.1f s simulated", r,
+                     info["online"], info["fleet"], info["sampled"], len(info["did_not_fit"]), len(info["dropped"]),
+                     info["sim_seconds"])
         return MetricRecord({"accuracy": record["accuracy"]})
 
     if done < s.rounds:

@@ -109,7 +109,8 @@ pick_accel() {
 # there only the v2 module runs, which times nothing against a clock.
 default_tests() {
     if [ "$1" = kvm ]; then
-        echo "tests/test_cgroup_v2.py tests/test_emulate.py tests/test_hostspeed.py tests/test_cancel.py"
+        echo "tests/test_cgroup_v2.py tests/test_emulate.py tests/test_hostspeed.py tests/test_cancel.py" \
+            "tests/test_cancel_commands.py"
     else
         echo "tests/test_cgroup_v2.py"
     fi
