@@ -13,8 +13,8 @@ from edge_ft.cli import main
 from edge_ft.emulation import cgroups
 from edge_ft.emulation.calibrate import relative_speed
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
-from edge_ft.emulation.cpu import THREAD_VARS
-from edge_ft.emulation.emulate import confine, run_confined
+from edge_ft.emulation.cpu import THREAD_VARS, quota_period_us
+from edge_ft.emulation.emulate import confine, plan_cpus, run_confined
 from edge_ft.emulation.profiles import load_profile, load_profile_file
 
 PY = sys.executable
@@ -134,19 +134,39 @@ def test_threads_env_reaches_the_child(tmp_path):
     assert seen["OPENBLAS_NUM_THREADS"] == seen["EDGE_FT_THREADS"] == "1"
 
 
+def written_quota(folder: Path) -> tuple[int, int]:
+    """(quota, period) in microseconds as written in a cpu cgroup (v1 cfs files, v2 cpu.max); quota -1: none."""
+    if (folder / "cpu.max").exists():
+        quota, period = (folder / "cpu.max").read_text().split()
+        return (-1 if quota == "max" else int(quota)), int(period)
+    return int((folder / "cpu.cfs_quota_us").read_text()), int((folder / "cpu.cfs_period_us").read_text())
+
+
 @needs_cgroups
 def test_quota_caps_every_thread_at_one_device_core(tmp_path):
-    # A 2-core device at 0.1 of a core here. One shared quota would give a single thread 0.2 (both cores' worth);
-    # per-thread leaves hold it at 0.1, and two threads get 0.1 each (the second is moved to its own leaf).
-    # A quota is a ceiling whatever the machine does; how close a busy machine lets a job come to it is not
-    # asserted (the second thread's leaf is: each thread ends in a leaf of its own).
-    profile = make_profile(tmp_path, cores=2, cpu_speed=0.1)
-    one = run_confined(busy(1, 0.15), profile, timeout=60).stdout_tail
-    two = run_confined(busy(2, 0.15), profile, timeout=60).stdout_tail
-    assert 0 < share(one) < 0.13, one
-    assert 0 < share(two) < 0.26, two
-    leaves = thread_cgroups(two)
+    # A 2-core device at 0.1 of a core here whose two cores together go 1.3x one: the job is capped at 0.13 of a
+    # CPU, every thread's own leaf at one device core (0.1), all in one period; each busy thread of the child ends
+    # in a leaf of its own. Asserted: the layout and the quotas as written, never what a busy machine lets a job reach.
+    path = tmp_path / "duo.toml"
+    path.write_text('description = "test box"\narch = "x86_64"\ncpu = "test"\ncores = 2\nram_mb = 256\n'
+                    'budget_mb = 128\nthreads = 2\ncpu_speed = 0.1\ncpu_speed_source = "chosen for a test"\n'
+                    'thread_scaling = [1.0, 1.3]\nthread_scaling_source = "chosen for a test"\n')
+    profile = load_profile_file(path)
+    conf = confine(profile)
+    try:
+        job, period = conf.job, quota_period_us(0.1)
+        assert (conf.thread_share, conf.total_share) == (pytest.approx(0.1), pytest.approx(0.13))
+        assert written_quota(job.dirs["cpu"]) == (round(0.13 * period), period)
+        assert [written_quota(leaf) for leaf in job.leaves] == [(round(0.1 * period), period)]
+        assert job.entry_files()[-1].startswith(str(job.leaves[0]))  # the child starts in the first leaf
+        assert cgroups.parse_cpulist((job.dirs["cpuset"] / "cpuset.cpus").read_text()) == plan_cpus(profile)
+    finally:
+        conf.remove()
+    two = run_confined(busy(2, 0.05), profile, timeout=60)
+    assert two.status == "ok", two.stderr_tail
+    leaves = thread_cgroups(two.stdout_tail)
     assert len(set(leaves)) == 2 and all(f"/{cgroups.PREFIX}" in leaf for leaf in leaves), leaves
+    assert all(Path(leaf).name.startswith("t") for leaf in leaves), leaves
 
 
 @needs_cgroups

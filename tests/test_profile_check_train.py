@@ -28,6 +28,17 @@ def test_the_verdict_needs_both_the_ratio_and_the_spread_within_10_percent():
     assert slow.ratio == pytest.approx(0.8) and not slow.holds
     rows = train_table([steady, jumpy])
     assert rows[0][3] == "40.0 (±2%)" and rows[0][-1] == "within 10%" and rows[1][-1] == "off by more than 10%"
+    assert steady.thread_cost is None and rows[0][7] == rows[0][8] == "-"  # CPU per step not recorded
+
+
+def test_threads_that_cost_twice_the_cpu_per_step_are_allowed_half_the_profile_s_speed_up():
+    # The quota hands two threads 1.5 cores' worth of CPU time; a step whose two threads burn 2x the CPU time of one
+    # (waking each other between kernels) can only go 0.75x as fast as one thread under it, whatever the quota does.
+    c = TrainCheck("b", "lora", 2, 2.0, 40.0, [40.0, 40.0], [53.0, 54.0], 1.5, one_cpu_ms=[2.0, 2.2],
+                   many_cpu_ms=[4.2, 4.2])
+    assert c.thread_cost == pytest.approx(2.0) and c.allowed_speedup == pytest.approx(0.75)
+    row = train_table([c])[0]
+    assert row[7:9] == ["2.00x", "0.75"] and c.to_dict()["allowed_speedup"] == pytest.approx(0.75)
 
 
 @pytest.mark.skipif(not _cgroups_work(), reason="cgroups not writable here: nothing is time-scaled")
@@ -44,6 +55,7 @@ def test_check_train_measures_each_method_and_prints_its_table(tmp_path, base_ch
     assert len(check["one_ms"]) == len(check["many_ms"]) == 2 and check["free_ms"] > 0
     assert check["expected_ms"] == pytest.approx(check["free_ms"] * 1.0 / 0.5, rel=1e-3)  # host speed 1.0 (tests)
     assert check["ratio"] > 0 and check["one_spread"] >= 0 and isinstance(check["holds"], bool)
+    assert len(check["one_cpu_ms"]) == len(check["many_cpu_ms"]) == 2 and check["thread_cost"] > 0
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "1 thread: median ms (spread)" in out and out.strip().splitlines()[-1].split()[:2] == ["board", "probe"]

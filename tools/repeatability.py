@@ -6,6 +6,10 @@ prints one Markdown table (the docs site's results page, docs/hooks/results.py, 
 Files are `edge-ft bench --results` files; every record of a task run counts, in file order. The last column divides
 each run's ms/step by its CPU-seconds: when it stays put while ms/step moves, the quota delivered alike and what moved
 was the CPU cost of the same work.
+
+    python tools/repeatability.py --check docs/steady/check-train-lora-*.json
+prints the table of `edge-ft profile check --workload train --json` outputs, the runs of every file pooled per
+profile and method (files measured in turn, so a slow minute touches every file's runs alike).
 """
 
 from __future__ import annotations
@@ -60,7 +64,34 @@ def inversions(runs: dict) -> list[str]:
     return lines
 
 
+def check_table(paths: list[str]) -> list[str]:
+    """The `profile check --workload train` table (Markdown lines) over several --json outputs, runs pooled per
+    cell."""
+    from dataclasses import fields
+
+    from edge_ft.emulation.check_train import TRAIN_HEADER, TrainCheck, train_table
+
+    pooled: dict[tuple[str, str], TrainCheck] = {}
+    names = [f.name for f in fields(TrainCheck)]
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for c in json.load(f)["checks"]:
+                check = TrainCheck(**{k: c[k] for k in names if k in c})  # older files: no CPU per step
+                old = pooled.setdefault((check.profile, check.method), check)
+                if old is not check:
+                    old.one_ms += check.one_ms
+                    old.many_ms += check.many_ms
+                    old.free_ms, old.expected_ms = min(old.free_ms, check.free_ms), min(old.expected_ms,
+                                                                                        check.expected_ms)
+    checks = sorted(pooled.values(), key=lambda c: (ORDER.get(c.profile, 9), c.profile, c.method))
+    return (["| " + " | ".join(TRAIN_HEADER) + " |", "|" + "---|" * len(TRAIN_HEADER)]
+            + ["| " + " | ".join(cells) + " |" for cells in train_table(checks)])
+
+
 def main(paths: list[str]) -> int:
+    if paths[:1] == ["--check"]:
+        print("\n".join(check_table(paths[1:])))
+        return 0
     print("| profile | method | ms/step per run | median | largest departure | CPU s per run | throttled s per run "
           "| departure of ms/step per CPU-s |")
     print("|---|---|---|---:|---:|---|---|---:|")

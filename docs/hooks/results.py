@@ -5,7 +5,9 @@ states the machine, the dates the records carry and the versions that measured t
 runs it; nothing is written into docs/.
 
   results/steady.md   docs/steady/*.jsonl (bench records, one file per run), machine.json and load.txt beside them,
-                      as tables of tools/repeatability.py
+                      as tables of tools/repeatability.py; the train checks (docs/steady/check-train-*.json,
+                      `profile check --workload train --json`, one file per run, pooled per set) and the barrier probe
+                      (docs/steady/barrier-probe.jsonl, tools/barrier_probe.py) after them
 """
 
 from __future__ import annotations
@@ -21,11 +23,34 @@ from mkdocs.structure.files import File, Files
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _repeatability():
-    spec = importlib.util.spec_from_file_location("repeatability", REPO / "tools" / "repeatability.py")
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _repeatability():
+    return _tool("repeatability")
+
+
+def _checks_and_probe(folder: Path, meta: dict, loads: dict[str, list[float]]) -> list[str]:
+    """The train-check sets (files `<set>-<n>.json`, runs pooled) and the barrier probe's table."""
+    rep, lines, sets = _repeatability(), [], defaultdict(list)
+    for path in sorted(folder.glob("check-train-*.json")):
+        sets[re.sub(r"-\d+$", "", path.stem)].append(path)
+    for prefix, paths in sets.items():
+        load = [v for p in paths for v in loads.get(p.stem, [])]
+        lines += [f"## {prefix}", "", meta["sets"].get(prefix, ""), "",
+                  f"{len(paths)} runs of `edge-ft profile check --workload train --json`"
+                  + (f", load average (1 min) {min(load):.1f}–{max(load):.1f}" if load else "")
+                  + f" ({', '.join(p.name for p in paths)})", ""]
+        lines += rep.check_table([str(p) for p in paths]) + [""]
+    probe = folder / "barrier-probe.jsonl"
+    if probe.exists():
+        lines += ["## barrier-probe", "", meta["sets"].get("barrier-probe", ""), ""]
+        lines += _tool("barrier_probe").summarise(str(probe)) + [""]
+    return lines
 
 
 def _loads(path: Path) -> dict[str, list[float]]:
@@ -71,7 +96,7 @@ def steady_page(folder: Path) -> str:
         for key in sorted(runs, key=lambda k: (rep.ORDER.get(k[0], 9), k[0], k[1])):
             lines.append(rep.row(key[0], key[1], runs[key]))
         lines += [""] + [f"- {line}" for line in rep.inversions(runs)] + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + _checks_and_probe(folder, meta, loads))
 
 
 def on_files(files: Files, config) -> Files:

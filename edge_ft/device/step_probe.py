@@ -5,9 +5,10 @@
 What a board's memory and step time depend on is the batch's shape, not its values, so the probe feeds standard
 normal inputs of the bundle's input shape and uniform random labels: no data set has to exist on the board. It
 runs `warmup` untimed steps (onnxruntime plans and allocates its buffers in the first one), then `steps` timed
-ones, samples its own RSS every 5 ms from before the engine loads, and writes the one results schema's summary block
-(edge_ft.run_record) with accuracy None and no epochs, plus what it ran. `edge-ft bench --models` runs it confined
-to each board.
+ones, takes its own peak RSS from before the engine loads (edge_ft.device.metrics.PeakRSS), and writes the one
+results schema's summary block (edge_ft.run_record) with accuracy None and no epochs, plus what it ran and the CPU
+time per timed step (`cpu_ms_per_step`, every thread of the process: what the step costs, apart from how long it
+waited). `edge-ft bench --models` runs it confined to each board.
 """
 
 from __future__ import annotations
@@ -47,23 +48,26 @@ def probe(bundle_path: str | Path, batch: int, steps: int, warmup: int = 2, thre
     rss_after_imports = load_runtime(bundle.engine)
     x, y = synthetic_batch(bundle.input_shape, bundle.num_classes, batch, seed)
     lr = bundle.optimizer.lr if lr is None else lr
-    seconds, losses = [], []
+    seconds, losses, cpu0 = [], [], 0.0
     with PeakRSS(0.005) as peak:
         engine = engine_class(bundle.engine)(bundle, threads=threads)
         for i in range(warmup + steps):
+            if i == warmup:
+                cpu0 = time.process_time()
             t0 = time.perf_counter()
             loss, _ = engine.train_step(x, y, lr)
             if i >= warmup:
                 seconds.append(time.perf_counter() - t0)
             losses.append(loss)
+        cpu_ms = (time.process_time() - cpu0) / steps * 1e3  # all the process's threads
     if not all(np.isfinite(losses)):
         raise UserError(f"{bundle_path}: the step's loss is not finite ({losses}); the bundle is broken")
-    # Sampled only: ru_maxrss would include the spawner's high-water mark, which Linux carries across fork and exec.
+    # PeakRSS only: ru_maxrss would include the spawner's high-water mark, which Linux carries across fork and exec.
     peak_mb = peak.bytes / MB
     return {"bundle": str(bundle_path), "engine": bundle.engine, "method": bundle.method.to_dict(),
             "optimizer": bundle.optimizer.name, "model": bundle.model.title if bundle.model else "LeNet-5",
             "input_shape": list(bundle.input_shape), "batch": batch, "warmup_steps": warmup, "threads": threads,
-            "inputs": INPUTS, "losses": [round(float(v), 6) for v in losses],
+            "inputs": INPUTS, "losses": [round(float(v), 6) for v in losses], "cpu_ms_per_step": round(cpu_ms, 4),
             SUMMARY: make_summary(bundle.engine, None, warmup + steps, [], [s * 1e3 for s in seconds],
                                   round(rss_after_imports / MB, 2), round(peak_mb, 2))}
 

@@ -10,6 +10,10 @@ edge_ft.device.step_probe) run confined to each board, `runs` times:
             (1.0: the board's speed exactly)
   threads   `runs` runs with the profile's threads: median, spread, and the speed-up over one thread beside the
             profile's thread_scaling (the emulation caps a job at it; onnxruntime may reach less)
+  thread cost  CPU time per step with the profile's threads over one thread's, both under the quota (step_probe's
+            cpu_ms_per_step): the quota hands a job thread_scaling x one core's CPU time, so the speed-up it allows
+            this step is thread_scaling / thread cost. Above 1 the threads' hand-offs cost CPU time (onnxruntime's
+            pool sleeps and wakes between kernels when it may not spin): the step's, not the quota's.
 Goal: every spread and every ratio within 10%.
 """
 
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_ft.emulation.emulate import run_confined
@@ -39,6 +43,8 @@ class TrainCheck:
     one_ms: list[float]  # per run, one thread under the quota: mean ms/step
     many_ms: list[float]  # per run, the profile's threads under the quota
     target_speedup: float  # profile.thread_speedup(threads)
+    one_cpu_ms: list[float] = field(default_factory=list)  # per run, one thread: CPU ms per step, all threads
+    many_cpu_ms: list[float] = field(default_factory=list)  # per run, the profile's threads: CPU ms per step
 
     @staticmethod
     def _spread(values: list[float]) -> float | None:
@@ -57,6 +63,18 @@ class TrainCheck:
             else None
 
     @property
+    def thread_cost(self) -> float | None:
+        """CPU per step of the profile's threads over one thread's (1.0: the threads add no work)."""
+        if not self.one_cpu_ms or not self.many_cpu_ms:
+            return None
+        return statistics.median(self.many_cpu_ms) / statistics.median(self.one_cpu_ms)
+
+    @property
+    def allowed_speedup(self) -> float | None:
+        """The speed-up the quota allows this step: thread_scaling / thread_cost."""
+        return self.target_speedup / self.thread_cost if self.thread_cost else None
+
+    @property
     def holds(self) -> bool:
         spreads = [self._spread(self.one_ms), self._spread(self.many_ms)]
         return (self.ratio is not None and abs(self.ratio - 1) <= TOLERANCE
@@ -64,12 +82,13 @@ class TrainCheck:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ratio": self.ratio, "one_spread": self._spread(self.one_ms),
-                "many_spread": self._spread(self.many_ms), "speedup": self.speedup, "holds": self.holds}
+                "many_spread": self._spread(self.many_ms), "speedup": self.speedup, "thread_cost": self.thread_cost,
+                "allowed_speedup": self.allowed_speedup, "holds": self.holds}
 
 
 def probe_ms(argv_for, profile: DeviceProfile, host: HostSpeed, out: Path, threads: int, capped: bool,
-             mode: str, env: dict) -> float:
-    """One confined step-probe run: its p50 ms/step with the cap lifted, its mean under the quota."""
+             mode: str, env: dict) -> tuple[float, float]:
+    """One confined step-probe run: (ms/step, p50 with the cap lifted or mean under the quota; its CPU ms/step)."""
     out.unlink(missing_ok=True)
     r = run_confined(argv_for(threads, out), profile, env=env, mode=mode, threads=threads, host=host,
                      cpu_cap=capped, timeout=900)
@@ -79,8 +98,9 @@ def probe_ms(argv_for, profile: DeviceProfile, host: HostSpeed, out: Path, threa
     if capped and not r.time_scaled:
         raise UserError(f"{profile.name} is not time-scaled here ({r.emulation}): nothing to check "
                         "(cgroups need root; a board at least as fast as this core is run unscaled)")
-    ms = json.loads(out.read_text())["summary"]["ms_per_step"]
-    return ms["mean"] if capped else ms["p50"]
+    result = json.loads(out.read_text())
+    ms = result["summary"]["ms_per_step"]
+    return (ms["mean"] if capped else ms["p50"]), result["cpu_ms_per_step"]
 
 
 def check_train(profile: DeviceProfile, method: str, bundle: Path, python: str, env: dict, host: HostSpeed,
@@ -93,23 +113,29 @@ def check_train(profile: DeviceProfile, method: str, bundle: Path, python: str, 
 
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"{profile.name}-{method}.json"
-    free, one, many = [], [], []
+    free, one, many, one_cpu, many_cpu = [], [], [], [], []
     for k in range(runs):
-        free.append(probe_ms(argv_for, profile, host, out, 1, False, mode, env))
-        one.append(probe_ms(argv_for, profile, host, out, 1, True, mode, env))
+        free.append(probe_ms(argv_for, profile, host, out, 1, False, mode, env)[0])
+        ms, cpu = probe_ms(argv_for, profile, host, out, 1, True, mode, env)
+        one.append(ms)
+        one_cpu.append(cpu)
         if profile.threads > 1:
-            many.append(probe_ms(argv_for, profile, host, out, profile.threads, True, mode, env))
+            ms, cpu = probe_ms(argv_for, profile, host, out, profile.threads, True, mode, env)
+            many.append(ms)
+            many_cpu.append(cpu)
         if say:
             say(f"  {profile.name} {method} run {k + 1}/{runs}: free {free[-1]:.2f} ms, one thread {one[-1]:.1f} ms"
                 + (f", {profile.threads} threads {many[-1]:.1f} ms" if many else ""))
     expected = min(free) * host.speed / profile.cpu_speed
     return TrainCheck(profile.name, method, profile.threads, round(min(free), 4), round(expected, 3),
                       [round(v, 3) for v in one], [round(v, 3) for v in many],
-                      profile.thread_speedup(profile.threads))
+                      profile.thread_speedup(profile.threads), [round(v, 4) for v in one_cpu],
+                      [round(v, 4) for v in many_cpu])
 
 
 TRAIN_HEADER = ["profile", "method", "expected ms (1 thread)", "1 thread: median ms (spread)", "ratio",
-                "threads: median ms (spread)", "speed-up (profile)", "verdict"]
+                "threads: median ms (spread)", "speed-up (profile)", "threads' CPU/step (x one)",
+                "speed-up the quota allows", "verdict"]
 
 
 def train_table(checks: list[TrainCheck]) -> list[list[str]]:
@@ -124,5 +150,7 @@ def train_table(checks: list[TrainCheck]) -> list[list[str]]:
         rows.append([c.profile, c.method, f"{c.expected_ms:.1f}", cell(c.one_ms, d["one_spread"]),
                      f"{c.ratio:.2f}", cell(c.many_ms, d["many_spread"]),
                      f"{c.speedup:.2f} ({c.target_speedup:.2f})" if c.speedup else "-",
+                     f"{c.thread_cost:.2f}x" if c.thread_cost else "-",
+                     f"{c.allowed_speedup:.2f}" if c.allowed_speedup else "-",
                      "within 10%" if c.holds else "off by more than 10%"])
     return rows
