@@ -12,21 +12,21 @@ same float32 rounding bound and differences cannot compound. The uncached engine
 from __future__ import annotations
 
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
-
 from lockstep import run_lockstep
+from safetensors.numpy import save_file
 from test_reference_bundles import MODELS as REFERENCE_MODELS
 from test_reference_bundles import OPT as REFERENCE_OPT
 from test_reference_bundles import base as reference_base
 from test_reference_bundles import bundle as reference_bundle
 from test_reference_bundles import host as reference_host
 from test_step_graph_models import seeded
+
 from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.device.bundle import Bundle, load_bundle
 from edge_ft.device.engines import open_engine
@@ -58,12 +58,12 @@ TOLERANCE = {"lenet5": (2e-6, 1e-5), "tiny": (2e-6, 1e-5), **{m: (1e-5, 5e-5) fo
 CASES = [(model, method) for model, (_, _, methods) in MODELS.items() for method in methods]
 
 
-@lru_cache(maxsize=None)
+@cache
 def host(model: str):
     return reference_host(model) if model in REFERENCE_MODELS else host_model(*MODELS[model][:2])
 
 
-@lru_cache(maxsize=None)
+@cache
 def base(model: str) -> tuple[Path, dict[str, np.ndarray]]:
     if model in REFERENCE_MODELS:
         return reference_base(model)
@@ -80,7 +80,7 @@ def method_config(model: str, method: str) -> MethodConfig:
                         **MODELS[model][2][method])
 
 
-@lru_cache(maxsize=None)
+@cache
 def bundle(model: str, method: str) -> Path:
     if model in REFERENCE_MODELS:  # the same export test_reference_bundles makes (and caches for the session)
         return reference_bundle(model, method, "ort-step")

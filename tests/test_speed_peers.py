@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from lockstep import UNIT_ROUNDOFF
+
 from edge_ft.bench import peers
 from edge_ft.bench.speed import comparison_markdown
 from edge_ft.cli import main

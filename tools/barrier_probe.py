@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
 import statistics
+import sys
 from collections import defaultdict
 
 CHUNK_MS = 0.5  # CPU time each thread spends between two barriers

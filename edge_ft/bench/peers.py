@@ -80,6 +80,7 @@ class Peer:
 
     def run(self, steps: int) -> tuple[list[float], list[float]]:
         """CPU and wall seconds of each of `steps` more steps."""
+        assert self.process.stdin is not None  # started with stdin=PIPE
         self.process.stdin.write(f"{steps}\n")
         self.process.stdin.flush()
         answer = json.loads(self._line())
@@ -89,6 +90,7 @@ class Peer:
     def close(self) -> dict:
         """{"rss_after_imports": bytes, "peak_rss": bytes}; the process has ended."""
         if not self.closed:
+            assert self.process.stdin is not None  # started with stdin=PIPE
             self.process.stdin.close()
             self.closed = {"rss_after_imports": self.info["rss_after_imports"], **json.loads(self._line())}
             self.process.wait(timeout=60)
@@ -101,7 +103,8 @@ class Peer:
             self.process.wait(timeout=60)
 
     def _line(self) -> str:
-        line = self.process.stdout.readline()
+        assert self.process.stdout is not None and self.process.stderr is not None  # started with PIPEs
+        line: str = self.process.stdout.readline()
         if not line:
             self.process.wait(timeout=60)
             raise RuntimeError(f"{self.name} peer ended (exit {self.process.returncode}): "

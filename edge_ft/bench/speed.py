@@ -185,7 +185,7 @@ def measure_speed(s: SpeedSettings, progress=None) -> dict:
 
 
 def machine() -> str:
-    """This CPU's model name and architecture, as /proc/cpuinfo and the platform say."""
+    """The CPU's model name and architecture, as /proc/cpuinfo and the platform say."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from types import TracebackType
+from typing import Any, Literal, NamedTuple
 
 from edge_ft.device.resume import Progress, save_checkpoint
 
@@ -77,17 +78,18 @@ class CheckpointOnInterrupt:
     their state may be what went wrong. The engine's state is whole between its steps; a step whose record was
     cut short is completed first (pending), so the checkpoint and the progress it names agree."""
 
-    def __init__(self, engine, out: Path, identity: dict, pos: Progress, keep: int, progress: ProgressBar,
-                 started: float):
+    def __init__(self, engine: Any, out: Path, identity: dict[str, Any], pos: Progress, keep: int,
+                 progress: ProgressBar, started: float):
         self.engine, self.out, self.identity, self.pos, self.keep = engine, out, identity, pos, keep
         self.progress, self.started = progress, started  # perf_counter of step 0, earlier processes included
         self.pending: StepDone | None = None  # the step being recorded
         self.epoch_started: float | None = None  # perf_counter of the epoch in progress's start
 
-    def __enter__(self) -> "CheckpointOnInterrupt":
+    def __enter__(self) -> CheckpointOnInterrupt:
         return self
 
-    def __exit__(self, kind, exc, tb) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
         if kind is None or issubclass(kind, Exception):
             return False
         self.progress.close()

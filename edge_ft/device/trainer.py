@@ -115,7 +115,10 @@ class _Run:
 
     @property
     def train_bundle(self) -> Bundle:
-        return self.bundle.head if self.s.cache_features else self.bundle
+        if self.s.cache_features:
+            assert self.bundle.head is not None  # a bundle is cached only when it has a head graph
+            return self.bundle.head
+        return self.bundle
 
     def batch_x(self, idx: np.ndarray) -> np.ndarray:
         return self.inputs[idx] if self.s.cache_features else to_float(self.x[idx])
@@ -124,6 +127,7 @@ class _Run:
         if not len(self.y_eval):
             return None
         if self.s.cache_features:
+            assert self.eval_inputs is not None  # set with the cache, before the first epoch
             return accuracy(predict(engine.logits, self.eval_inputs, images=False), self.y_eval)
         return accuracy(predict(engine.logits, self.x_eval), self.y_eval)
 
