@@ -175,6 +175,13 @@ def test_report_cli_refuses_a_missing_or_empty_file(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("not json\n")
     assert main(["report", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "r")]) == 2
     assert "no benchmark records" in capsys.readouterr().err
+    # a record cut down by hand (the timing fields kept, the rest dropped) is named in one line, not a KeyError
+    (tmp_path / "slim.jsonl").write_text(json.dumps({"key": "k1", "task": TASK, "method": "lora", "status": "ok",
+                                                     "ms_per_step_p50": 12.5}) + "\n")
+    assert main(["report", str(tmp_path / "slim.jsonl"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "record 'k1' lacks" in err[0] and "peak_rss_bytes" in err[0], err
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("bad", [["--max-rss", "0"], ["--min-accuracy", "1.5"], ["--tolerance", "x"]])

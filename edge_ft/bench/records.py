@@ -193,6 +193,16 @@ def read_records(path: str | os.PathLike[str], missing_ok: bool = True, kind: st
     return records
 
 
+def require_fields(records: list[BenchRecord], path: str | os.PathLike[str]) -> list[BenchRecord]:
+    """`records`, or one line naming the first that lacks a field every bench record carries (REQUIRED): a file
+    cut down by hand or written by another program."""
+    for r in records:
+        if missing := [k for k in REQUIRED if k not in r]:
+            raise UserError(f"{path}: record {r.get('key', '?')!r} lacks {', '.join(missing)}: not a whole "
+                            "`edge-ft bench` record (cut down, or written by another program)")
+    return records
+
+
 def latest(records: list[BenchRecord], by: Callable[[BenchRecord], Hashable] = lambda r: r["key"]
            ) -> dict[Hashable, BenchRecord]:
     """by(record) -> the last record written for it (insertion order follows the first time a key appeared). By

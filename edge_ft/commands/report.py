@@ -28,7 +28,7 @@ def register(subparsers) -> None:
 def handler(args) -> int:
     import importlib.util
 
-    from edge_ft.bench.records import TRADEOFF, read_records
+    from edge_ft.bench.records import TRADEOFF, read_records, require_fields
     from edge_ft.errors import UserError, install_hint
 
     if importlib.util.find_spec("matplotlib") is None:
@@ -46,7 +46,7 @@ def handler(args) -> int:
     if len(args.results) > 1:
         raise UserError("several results are fleet results folders only; give one `edge-ft bench` results file")
     args.results = args.results[0]
-    records = read_records(args.results, missing_ok=False)
+    records = require_fields(read_records(args.results, missing_ok=False), args.results)
     models = [] if args.task else read_records(args.results, kind=TRADEOFF)
     if args.task:
         from edge_ft.data.tasks import get_task
