@@ -60,7 +60,7 @@ class Fault:
     """Kill a node mid-round, let the round finish with the others, restart the node once it has."""
 
     node: int  # index of the node to kill
-    round: int  # the round whose train message it dies in (killed while its ClientApp runs)
+    round: int  # the round whose train message it dies in (its n-th train message; every node trains each round)
     rejoin: bool = True  # restart its SuperNode (same key) once that round's training is aggregated
 
 
@@ -331,6 +331,9 @@ class _Progress:
         self.round, self.finished, self.bar = 0, False, None
         self.progress = progress
         self._killer: threading.Thread | None = None
+        if fault is not None:  # watching from the start: the streamed [ROUND n/N] line can come after the message
+            self._killer = threading.Thread(target=self._kill_when_busy, daemon=True)
+            self._killer.start()
 
     def line(self, text: str) -> None:
         if m := _ROUND.search(text):
@@ -338,9 +341,6 @@ class _Progress:
             for node in self.fed.nodes:
                 node.server_round = self.round
             self._bar(total)
-            if self.fault and self.round == self.fault.round:
-                self._killer = threading.Thread(target=self._kill_when_busy, daemon=True)
-                self._killer.start()
         elif m := _AGGREGATED.search(text):
             phase, ok, failed = m.group(1), int(m.group(2)), int(m.group(3))
             self.result.rounds.setdefault(self.round, {})[phase] = [ok, failed]
@@ -362,13 +362,15 @@ class _Progress:
             self.bar = tqdm(total=total, unit="round", dynamic_ncols=True, file=sys.stderr, desc="federation")
 
     def _kill_when_busy(self) -> None:
-        """SIGKILL the node while its ClientApp works on this round's message (taken, not yet answered): death
-        mid-round. A ClientApp seen after its reply went out would make the kill land after the round's work."""
+        """SIGKILL the node while it works on its train message of the fault's round (taken, not yet answered):
+        death mid-round. The node trains in every round (the federations faults are used with sample every node),
+        so its n-th train message of the run is round n's."""
+        assert self.fault is not None
         node = self.fed.nodes[self.fault.node]
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + START_TIMEOUT * self.fault.round
         while time.monotonic() < deadline and not self.fed._stop.is_set():
             with self.fed._lock:
-                if node.working_on("train"):
+                if node.working_on("train", self.fault.round):
                     node.kill()
                     return
             time.sleep(0.05)

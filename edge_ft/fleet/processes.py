@@ -310,15 +310,15 @@ class SuperNode:
         return any(role == "clientapp" and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                    for p, role in list(self._procs.values()))
 
-    def working_on(self, mtype: str = "train") -> bool:
-        """The node took a `mtype` message and has not answered it yet (its log read up to now): a ClientApp
-        still running after it sent its reply is not working on anything."""
+    def working_on(self, mtype: str = "train", nth: int = 1) -> bool:
+        """The node took its `nth` `mtype` message of this run (or a later one) and has not answered it yet, as its
+        log reads now."""
         life = self.current
         if life is None or life.ended is not None:
             return False
         self._read_log(life)
-        last = [kind for _, kind, _, m in self.events if m == mtype][-1:]
-        return last == ["receive"] and self.clientapp_running()
+        kinds = [kind for _, kind, _, m in self.events if m == mtype]
+        return kinds.count("receive") >= nth and kinds[-1] == "receive"
 
     def kill(self) -> None:
         """SIGKILL the whole node at once (SuperNode, SuperExec, ClientApp): a device that lost power."""
