@@ -362,6 +362,9 @@ WRITE = re.compile(r"(?<!atomic_)open\([^)]*['\"][wax]b?\+?['\"]|\.write_(text|b
 # Writes that are not files a user keeps: each one says why it may bypass edge_ft.atomic.
 WRITE_ALLOWED = {
     "edge_ft/atomic.py": "the atomic writers themselves",
+    "edge_ft/bench/executorch_peer.py": "runs in the peers' venv on torch and executorch alone; its one file is a "
+                                        "scratch program in the measuring run's own temporary folder",
+    "edge_ft/device/metrics.py": "/proc/self/clear_refs is a kernel interface, not a file",
     "edge_ft/bench/records.py": "results.jsonl is an fsynced append-only journal; a torn last line is skipped",
     "edge_ft/emulation/cgroups.py": "cgroup control files are kernel interfaces, not files",
     "edge_ft/emulation/enter.py": "writes its pid into a cgroup's procs file",

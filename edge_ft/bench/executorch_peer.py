@@ -55,7 +55,7 @@ def train(batch: Path, pte: Path, lr: float) -> None:
 
     after_imports = _rss_bytes()
     torch.set_num_threads(1)
-    with np.load(batch) as held:
+    with np.load(batch, allow_pickle=False) as held:
         x, y = torch.from_numpy(held["x"]), torch.from_numpy(held["y"])
     module = _load_for_executorch_for_training(str(pte))
     module.forward_backward("forward", (x, y))  # its parameters are known only after a first call

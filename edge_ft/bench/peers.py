@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from edge_ft.atomic import atomic_open
+
 REPO = Path(__file__).resolve().parents[2]
 PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
 PEERS = ("executorch",)
@@ -130,7 +132,8 @@ def open_peer(name: str, model: nn.Module, lr: float, x: np.ndarray, y: np.ndarr
     if lowered.returncode:
         raise RuntimeError(f"{name} could not lower the training step: {lowered.stderr.strip().splitlines()[-1:]}")
     batch = folder / "batch.npz"
-    np.savez(batch, x=x, y=y)
+    with atomic_open(batch, "wb") as f:
+        np.savez(f, x=x, y=y)
     process = subprocess.Popen([*worker, "train", str(batch), str(pte), repr(lr)], cwd=REPO, env=env,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peer = Peer(name, process, {})
