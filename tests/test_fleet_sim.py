@@ -5,6 +5,7 @@ Engine)."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -155,7 +156,9 @@ def test_simulation_engine_runs_the_fleet_app(base_checkpoint, tmp_path, monkeyp
         return real(**kwargs)
 
     monkeypatch.setattr(flower_sim, "_run_simulation", spy)
+    environ = dict(os.environ)
     machine = simulate(plan, SimulationConfig())
+    assert dict(os.environ) == environ  # Ray's PYTHONPATH for its workers does not leak into the caller
     assert seen["server_app"] is server_app.app and seen["client_app"] is client_app.app
     assert seen["num_supernodes"] == 60
     rounds = [json.loads(line) for line in (plan.results_dir / "rounds.jsonl").read_text().splitlines()]

@@ -109,20 +109,26 @@ def simulate(plan, cfg: SimulationConfig | None = None) -> dict:
     cfg = cfg or SimulationConfig()
     if not plan.run_config.get("sim-nodes"):
         raise UserError("the plan is not for the Simulation Engine: plan it with PlanConfig(simulation=True)")
+    # Ray writes PYTHONPATH (this interpreter's whole sys.path), PYTHONBREAKPOINT and RAY_* into the calling
+    # process's environment (some on import) for its workers; a caller that goes on to start other Pythons (a device
+    # venv) must not inherit them, so the environment is put back as it was.
+    saved = dict(os.environ)
     try:
         import ray
     except ImportError:
         raise UserError("Flower's Simulation Engine needs ray: pip install 'edge-ft[simulation]'") from None
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     num_nodes = int(plan.run_config["num-nodes"])
     t0 = time.monotonic()
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         with _PeakMemory() as memory:
             _run(plan.run_config, plan.app_dir, num_nodes, cfg)
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
     import flwr
 
     results = Path(plan.results_dir)
