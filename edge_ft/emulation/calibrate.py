@@ -22,6 +22,7 @@ import math
 import platform
 import sys
 import time
+from typing import Any
 
 # The reference core: every shipped cpu_speed is relative to it. Fastest run of each part over 11 invocations x 7
 # repeats (the machine was shared, so the minimum is the uncontended figure), one BLAS thread.
@@ -165,7 +166,7 @@ WORKLOADS = {"matmul": _matmul, "lenet_step": _lenet_step, "python": _python}
 RATE_UNIT = {"lenet_steps": 1, "matmuls": 7, "python_iters": 30_000}
 
 
-def work_rate(seconds: float, stamps: bool = False) -> dict:
+def work_rate(seconds: float, stamps: bool = False) -> dict[str, Any]:
     """Rate units completed per wall second over `seconds` (after one warm-up unit); with `stamps`, also every
     unit's end time (time.perf_counter, the system-wide monotonic clock a parent process can compare with)."""
     import numpy as np
@@ -211,14 +212,14 @@ def measure(repeats: int = 3, clock: str = "wall") -> tuple[dict[str, float], di
     return best, cpu
 
 
-def relative_speed(seconds: dict[str, float], reference: dict = REFERENCE) -> dict:
+def relative_speed(seconds: dict[str, float], reference: dict[str, Any] = REFERENCE) -> dict[str, Any]:
     """Per-part and overall (geometric mean) speed against the reference figures."""
     per_part = {p: reference["seconds"][p] / seconds[p] for p in PARTS}
     overall = math.exp(sum(math.log(v) for v in per_part.values()) / len(per_part))
     return {"speed": overall, "per_part": per_part}
 
 
-def report(repeats: int = 3, clock: str = "wall") -> dict:
+def report(repeats: int = 3, clock: str = "wall") -> dict[str, Any]:
     """The speed by `clock`: wall time for a confined run (what the board would take), CPU time for a free one
     (what this core does while the job runs, so a neighbour that takes the core away does not count as slowness:
     here, beside a load of 12 on 2 vCPUs, 0.15 by wall time and 0.36-0.40 by CPU time against 0.53 when quiet)."""

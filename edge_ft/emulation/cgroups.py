@@ -29,6 +29,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "edge-ft."
@@ -326,7 +327,7 @@ class CgroupJob:
                     with contextlib.suppress(OSError):
                         new.rmdir()
 
-    def throttling(self) -> dict:
+    def throttling(self) -> dict[str, Any]:
         """How much the CPU quota held the job back so far (read it before `remove`).
 
         periods / throttled_periods  CFS periods of the job's cap, and those in which it ran out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 import sys
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from edge_ft.emulation.emulate import plan_cpus, run_confined
 from edge_ft.emulation.hostspeed import HostSpeed, work_fractions
@@ -85,7 +86,7 @@ class ProfileCheck:
         ratio = self.speed_ratio
         return None if ratio is None else abs(ratio - 1) <= SPEED_TOLERANCE
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "speed_ratio": self.speed_ratio, "achieved_speed": self.achieved_speed,
                 "within_tolerance": self.within_tolerance}
 

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 PREFIX = "edge-ft."  # edge_ft.emulation.cgroups.PREFIX (this file also runs alone, without the package)
 SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -45,7 +46,7 @@ class Cancelled(KeyboardInterrupt):
 
 
 _state = {"signum": None, "stopped": [], "kept": None}
-_guard: dict = {"proc": None, "lock": threading.Lock()}
+_guard: dict[str, Any] = {"proc": None, "lock": threading.Lock()}
 
 
 def _raise(signum, frame):
@@ -108,7 +109,7 @@ def reset() -> None:
     _state.update(signum=None, stopped=[], kept=None)
 
 
-def guarded(argv: list[str], spec: dict | None = None) -> list[str]:
+def guarded(argv: list[str], spec: dict[str, Any] | None = None) -> list[str]:
     """argv run through emulate's entry program, which applies `spec` (cgroups, rlimits, affinity) and makes the
     child die with this process before the job's first instruction. Starts the guardian first (ensure_guardian)."""
     import json
@@ -176,7 +177,7 @@ def watched(pgid: int, what: str = "", cgroups: bool = False):
         unwatch(pgid)
 
 
-def run(argv: list[str], what: str, spec: dict | None = None, **popen) -> subprocess.CompletedProcess:
+def run(argv: list[str], what: str, spec: dict[str, Any] | None = None, **popen) -> subprocess.CompletedProcess:
     """subprocess.run for a child that dies with this process: through the entry program, in a process group of
     its own that is killed should we be cancelled (or die)."""
     with subprocess.Popen(guarded(argv, spec), start_new_session=True, **popen) as proc, watched(proc.pid, what):
