@@ -22,7 +22,10 @@ import math
 import platform
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
 
 # The reference core: every shipped cpu_speed is relative to it. Fastest run of each part over 11 invocations x 7
 # repeats (the machine was shared, so the minimum is the uncontended figure), one BLAS thread.
@@ -74,7 +77,7 @@ class NumpyLeNet:
         self.b = {k: np.zeros(s[1], np.float32) for k, s in shapes.items()}
 
     @staticmethod
-    def _cols(x, k: int = 5):
+    def _cols(x: NDArray[Any], k: int = 5) -> tuple[NDArray[Any], tuple[int, int, int, int]]:
         """(B,C,H,W) -> (B*Ho*Wo, C*k*k) patches for a valid k x k convolution."""
         import numpy as np
 
@@ -83,7 +86,7 @@ class NumpyLeNet:
         return win.transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * k * k), (b, c, ho, wo)
 
     @staticmethod
-    def _uncols(dcols, dims, k: int = 5):
+    def _uncols(dcols: NDArray[Any], dims: tuple[int, int, int, int], k: int = 5) -> NDArray[Any]:
         """Gradient of _cols: scatter-add (B*Ho*Wo, C*k*k) back onto (B,C,Ho+k-1,Wo+k-1)."""
         import numpy as np
 
@@ -96,14 +99,14 @@ class NumpyLeNet:
         return dx
 
     @staticmethod
-    def _pool(x):
+    def _pool(x: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
         """2x2 max pool of (B,C,H,W) and the mask of the winners (ties share the gradient)."""
         b, c, h, w = x.shape
         y = x.reshape(b, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
         mask = x == y.repeat(2, axis=2).repeat(2, axis=3)
         return y, mask
 
-    def step(self, x, y, lr: float = 0.05) -> float:
+    def step(self, x: NDArray[Any], y: NDArray[Any], lr: float = 0.05) -> float:
         """One SGD step on x float32 (B,1,28,28), y int (B,); returns the mean cross-entropy before the step."""
         import numpy as np
 
@@ -145,7 +148,7 @@ class NumpyLeNet:
         return loss
 
 
-def synthetic_batch(n: int = LENET_BATCH, seed: int = 0):
+def synthetic_batch(n: int = LENET_BATCH, seed: int = 0) -> tuple[NDArray[Any], NDArray[Any]]:
     import numpy as np
 
     rng = np.random.default_rng(seed)

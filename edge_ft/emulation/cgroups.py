@@ -57,7 +57,7 @@ def parse_cpulist(text: str) -> list[int]:
     return cpus
 
 
-def _write(path: Path, value) -> None:
+def _write(path: Path, value: object) -> None:
     with open(path, "w") as f:
         f.write(str(value))
 
@@ -202,7 +202,8 @@ class CgroupJob:
         return job
 
     @classmethod
-    def _create_v1(cls, own, name, made, memory_bytes, cpus, thread_quota, total_quota, period_us) -> CgroupJob:
+    def _create_v1(cls, own: dict[str, str], name: str, made: list[Path], memory_bytes: int, cpus: list[int],
+                   thread_quota: float | None, total_quota: float | None, period_us: int) -> CgroupJob:
         dirs = {}
         for controller in ("memory", "cpuset", "cpu"):
             mount = _v1_mount(controller)
@@ -233,7 +234,8 @@ class CgroupJob:
         return job
 
     @classmethod
-    def _create_v2(cls, path, made, memory_bytes, cpus, thread_quota, total_quota, period_us) -> CgroupJob:
+    def _create_v2(cls, path: Path, made: list[Path], memory_bytes: int, cpus: list[int], thread_quota: float | None,
+                   total_quota: float | None, period_us: int) -> CgroupJob:
         parent = path.parent
         remove_stale(parent)
         _v2_delegate(parent)

@@ -100,6 +100,7 @@ def check_profile(profile: DeviceProfile, host: HostSpeed, mode: str = "auto", c
     cal = run_confined([py, "-c", "pass"], profile, mode=mode, threads=1, host=host)
     accuracy, speedup = [], None
     if cal.time_scaled:  # under rlimit, or for a board at least as fast as this machine, there is nothing to check
+        assert cal.cpu_quota is not None  # a time-scaled run has its quota
         accuracy = [round(f / intended, 4) for f in work_fractions(cal.cpu_quota, cpus[-1:], cycles)]
         many = run_confined([py, "-c", _THREADS, str(profile.threads), str(THREAD_CPU_SECONDS)], profile, mode=mode,
                             host=host)
@@ -123,7 +124,7 @@ def check_profile(profile: DeviceProfile, host: HostSpeed, mode: str = "auto", c
 
 def check_table(checks: list[ProfileCheck]) -> list[list[str]]:
     """Rows for a Markdown or plain table: one per profile."""
-    def num(x, fmt):
+    def num(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
     rows = []

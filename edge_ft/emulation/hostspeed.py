@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,8 @@ def _child(argv: list[str], cpus: list[int]) -> dict[str, Any]:
 
         last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         raise UserError(f"the calibration workload failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def calibrate_native(repeats: int, cpus: list[int] | None = None) -> dict[str, Any]:
@@ -280,6 +282,7 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
                                 start_new_session=True)
         try:
             with watched(proc.pid, "the quota calibration workload", cgroups=True):
+                assert proc.stdout is not None  # stdout=PIPE
                 proc.stdout.readline()  # {"started": ...}: the workload is warm and timing
                 reader = threading.Thread(target=_read_stamps, args=(proc.stdout, ends), daemon=True)
                 reader.start()
@@ -311,12 +314,13 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
     fractions = []
     for k in range(1, len(bounds), 2):
         free = [r for r in (rates[k - 1], rates[k + 1]) if r]
-        if rates[k] and free:
-            fractions.append(rates[k] / (sum(free) / len(free)))
+        capped_rate = rates[k]
+        if capped_rate and free:
+            fractions.append(capped_rate / (sum(free) / len(free)))
     return fractions
 
 
-def _read_stamps(stream, ends: list[tuple[float, float]]) -> None:
+def _read_stamps(stream: Iterable[str], ends: list[tuple[float, float]]) -> None:
     for line in stream:
         with contextlib.suppress(ValueError):
             wall, cpu = map(float, line.split())

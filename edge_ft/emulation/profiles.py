@@ -17,7 +17,7 @@ import platform
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import tomllib
 
@@ -100,7 +100,7 @@ def list_profiles() -> list[DeviceProfile]:
     return [load_profile_file(p) for p in profile_paths().values()]
 
 
-def load_profile(name_or_path: str | os.PathLike) -> DeviceProfile:
+def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
     """A profile by name (`rpi-3b`) or by path (anything with a slash or ending in .toml)."""
     text = str(name_or_path)
     if text.endswith(".toml") or os.sep in text or "/" in text:
@@ -143,7 +143,7 @@ def parse_profile(raw: dict[str, Any], path: Path) -> DeviceProfile:
     return DeviceProfile(name=name, path=path, **values)
 
 
-def _typed(path: Path, key: str, value, kind: type):
+def _typed(path: Path, key: str, value: Any, kind: type) -> Any:
     if value == AUTO and key in _AUTO_KEYS:
         return AUTO
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))
@@ -176,7 +176,7 @@ def normalise_arch(machine: str) -> str:
 
 
 def _check_values(path: Path, v: dict[str, Any]) -> None:
-    def bad(key: str, why: str):
+    def bad(key: str, why: str) -> NoReturn:
         raise UserError(f"{path}: key {key!r} = {v[key]!r} {why}")
 
     if normalise_arch(v["arch"]) not in ARCHES:
