@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from edge_ft.model_desc import ModelDesc, lenet5
 
@@ -34,7 +35,7 @@ class MethodConfig:
     last_k: int = 1  # last-k: weight layers (conv/linear), counted back from the output, trained whole
     model: ModelDesc = field(default_factory=lenet5, repr=False)  # the network; manifests carry it as "model"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         from edge_ft.errors import UserError
 
         model = self.model
@@ -45,6 +46,7 @@ class MethodConfig:
             object.__setattr__(self, "targets", linear)
         if self.head is None:
             object.__setattr__(self, "head", model.output)
+        assert self.alpha is not None and self.targets is not None  # set just above when not given
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.num_classes < 2:
@@ -90,6 +92,7 @@ class MethodConfig:
 
     @property
     def scaling(self) -> float:
+        assert self.alpha is not None  # __post_init__ fills it
         return self.alpha / self.rank
 
     @property
@@ -97,10 +100,11 @@ class MethodConfig:
         """The model as this method trains it: with a num_classes-way head."""
         return self.model.with_num_classes(self.num_classes)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """The method's settings (the model travels beside it, as the manifest's "model")."""
-        d = {"method": self.method, "num_classes": self.num_classes}
+        d: dict[str, Any] = {"method": self.method, "num_classes": self.num_classes}
         if self.method == "lora":
+            assert self.targets is not None  # __post_init__ fills it
             d.update(rank=self.rank, alpha=self.alpha, targets=list(self.targets), bias=self.bias)
             if self.freeze_lora_a:  # only when set: records of plain LoRA stay as they were
                 d["freeze_lora_a"] = True
@@ -113,12 +117,13 @@ class MethodConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, model: ModelDesc | None = None) -> MethodConfig:
+    def from_dict(cls, d: dict[str, Any], model: ModelDesc | None = None) -> MethodConfig:
         kw = dict(d)
         for key in ("targets", "modules_to_save"):  # JSON lists; dicts written before modules_to_save lack it
             if key in kw:
                 kw[key] = tuple(kw[key])
-        return cls(**kw, **({"model": model} if model is not None else {}))
+        extra: dict[str, Any] = {"model": model} if model is not None else {}
+        return cls(**kw, **extra)
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
@@ -190,7 +195,7 @@ def method_config_for(options: MethodOptions, method: str, num_classes: int, bas
               "(modules_to_save)", file=sys.stderr)
     if method != "lora":
         targets = None  # LoRA's option; other methods ignore it
-    layers: dict = {k: v for k, v in (("targets", targets), ("modules_to_save", saved)) if v is not None}
+    layers: dict[str, Any] = {k: v for k, v in (("targets", targets), ("modules_to_save", saved)) if v is not None}
     if model is not None:
         layers["model"] = model
     return MethodConfig(method, rank=options.rank, alpha=options.alpha, bias=options.bias, num_classes=num_classes,
@@ -209,7 +214,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # adamw only
     eps: float = 1e-8  # adamw only
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         from edge_ft.errors import UserError
 
         if self.name not in OPTIMIZERS:
@@ -222,6 +227,6 @@ class OptimizerConfig:
         """Optimizer state tensors kept per trainable tensor: momentum buffer, or Adam's two moments."""
         return {"sgd": 0, "sgd-momentum": 1, "adamw": 2}[self.name]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
                 "betas": list(self.betas), "eps": self.eps}

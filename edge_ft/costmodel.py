@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from edge_ft.architecture import count_params, numel, owner, trainable_names
 from edge_ft.config import MethodConfig, OptimizerConfig
@@ -71,8 +71,8 @@ def _macs(layer: Layer) -> int:
         a = layer.attrs
         kh, kw = a["kernel_size"]
         # every output value is a dot product over its group's (in_c / groups x kh x kw) window
-        return numel(layer.output_shape) * (a["in_channels"] // a["groups"]) * kh * kw
-    return layer.attrs["in_features"] * layer.attrs["out_features"]
+        return int(numel(layer.output_shape) * (a["in_channels"] // a["groups"]) * kh * kw)
+    return int(layer.attrs["in_features"] * layer.attrs["out_features"])
 
 
 def layer_macs(layer: str, num_classes: int, model: ModelDesc | None = None) -> int:
@@ -114,7 +114,7 @@ def layer_flops(cfg: MethodConfig, batch: int) -> list[LayerFlops]:
         forward = base
         backward_input = base if layer.name in needs_input_grad else 0
         backward_weight = base if f"{layer.name}.weight" in trainable else 0
-        if cfg.method == "lora" and layer.name in cfg.targets:
+        if cfg.method == "lora" and layer.name in (cfg.targets or ()):
             fan_in, fan_out = layer.attrs["in_features"], layer.attrs["out_features"]
             down = 2 * batch * fan_in * cfg.rank  # z = x A^T: (B,in) x (in,r); also dA = dz^T x and dx += dz A
             up = 2 * batch * cfg.rank * fan_out  # z B^T: (B,r) x (r,out); also dB = dy^T z and dz = dy B
@@ -141,7 +141,7 @@ def _saves(layer: Layer, cfg: MethodConfig, trainable: set[str]) -> list[tuple[i
     if kind == "adaptiveavgpool2d":  # a 1x1 output is computed as a mean, which keeps nothing
         return [] if layer.output_shape[1:] == (1, 1) else [(0, "input")]
     if kind == "linear":
-        adapted = cfg.method == "lora" and layer.name in cfg.targets
+        adapted = cfg.method == "lora" and layer.name in (cfg.targets or ())
         return [(0, "input")] if f"{layer.name}.weight" in trainable or adapted else []
     if kind == "relu":
         return [(-1, "relu")]
@@ -150,7 +150,7 @@ def _saves(layer: Layer, cfg: MethodConfig, trainable: set[str]) -> list[tuple[i
 
 def _extra_saved(layer: Layer, batch: int, cfg: MethodConfig) -> dict[str, tuple[int, int | None]]:
     """Tensors a layer keeps besides activations: name -> (elements, fixed bytes per element or None)."""
-    if cfg.method == "lora" and layer.name in cfg.targets:
+    if cfg.method == "lora" and layer.name in (cfg.targets or ()):
         return {f"{layer.name}.lora_hidden": (batch * cfg.rank, None)}  # z = x A^T, needed for dB
     if layer.kind == "batchnorm2d":  # per-channel batch mean and inverse std
         return {f"{layer.name}.batch_stats": (2 * layer.output_shape[0], None)}
@@ -170,7 +170,7 @@ def saved_tensors(cfg: MethodConfig, batch: int) -> dict[str, tuple[int, int | N
     records, _ = _grad_flow(cfg)
     by_name = {layer.name: layer for layer in net.layers}
     storage = {INPUT: INPUT}  # tensor -> the tensor whose memory it is (views share it)
-    source = {INPUT: None}  # tensor -> nearest conv/linear layer at or above it
+    source: dict[str, str | None] = {INPUT: None}  # tensor -> nearest conv/linear layer at or above it
     names: dict[str, str] = {}  # storage -> name
     kept_as_input: set[str] = set()  # storages a conv/linear layer keeps (and names) as its input
     elements: dict[str, int] = {}
@@ -194,7 +194,7 @@ def saved_tensors(cfg: MethodConfig, batch: int) -> dict[str, tuple[int, int | N
                 names[key] = (f"{source[key]}.{producer.kind}" if producer and source[key] else
                               f"{layer.name}.{role}")
         extra.update(_extra_saved(layer, batch, cfg))
-    saved = {names[k]: (n, None) for k, n in elements.items()}
+    saved: dict[str, tuple[int, int | None]] = {names[k]: (n, None) for k, n in elements.items()}
     for name, value in extra.items():
         saved[name] = value
     saved["loss.log_probs"] = (batch * cfg.num_classes, None)  # log_softmax saves its output; nll_loss reuses it
@@ -226,7 +226,7 @@ class CostEstimate:
         return {"forward": forward, "backward_input": backward_input, "backward_weight": backward_weight,
                 "backward": backward, "total": forward + backward}
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.config.method,
             "config": self.config.to_dict(),

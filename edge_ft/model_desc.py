@@ -32,6 +32,7 @@ import json
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from edge_ft.errors import UserError
 
@@ -60,18 +61,18 @@ class Layer:
     input_shapes: tuple[tuple[int, ...], ...]  # per example, one per input
     output_shape: tuple[int, ...]  # per example
     params: tuple[str, ...] = ()  # local parameter names, e.g. ("weight", "bias")
-    attrs: dict = field(default_factory=dict, hash=False)  # kind-specific settings (JSON values)
+    attrs: dict[str, Any] = field(default_factory=dict, hash=False)  # kind-specific settings (JSON values)
 
     def param_names(self) -> list[str]:
         return [f"{self.name}.{p}" for p in self.params]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "inputs": list(self.inputs),
                 "input_shapes": [list(s) for s in self.input_shapes], "output_shape": list(self.output_shape),
                 "params": list(self.params), "attrs": dict(self.attrs)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Layer:
+    def from_dict(cls, d: dict[str, Any]) -> Layer:
         attrs = dict(d.get("attrs", {}))
         missing = [a for a in REQUIRED_ATTRS.get(str(d["kind"]), ()) if a not in attrs]
         if missing:
@@ -91,7 +92,7 @@ class ModelDesc:
     buffers: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (name, shape) in state-dict order
     source: str = ""  # where the class came from (provenance only)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         names = [layer.name for layer in self.layers]
         if len(set(names)) != len(names) or INPUT in names:
             raise UserError(f"model {self.name}: layer names must be unique and not {INPUT!r}")
@@ -162,7 +163,7 @@ class ModelDesc:
 
     # ------------------------------------------------------------------------------------------ JSON
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "name": self.name, "source": self.source,
                 "input_shape": list(self.input_shape), "output": self.output,
                 "parameters": {n: list(s) for n, s in self.parameters},
@@ -170,7 +171,7 @@ class ModelDesc:
                 "layers": [layer.to_dict() for layer in self.layers]}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "model description") -> ModelDesc:
+    def from_dict(cls, d: dict[str, Any], where: str = "model description") -> ModelDesc:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise UserError(f"{where}: not an edge-ft model description; re-export the bundle")
         if d.get("version") != VERSION:
@@ -189,7 +190,7 @@ class ModelDesc:
         return json.dumps(self.to_dict()) + "\n"
 
 
-def _shape(value) -> tuple[int, ...]:
+def _shape(value: Any) -> tuple[int, ...]:
     shape = tuple(value)
     if not all(type(d) is int and d >= 0 for d in shape):
         raise ValueError(f"shape {value!r} is not a list of non-negative integers")
@@ -202,7 +203,7 @@ def lenet5() -> ModelDesc:
     return ModelDesc.from_dict(json.loads(LENET5_FILE.read_text()), str(LENET5_FILE))
 
 
-def model_from_manifest(manifest: dict, where: str) -> ModelDesc:
+def model_from_manifest(manifest: dict[str, Any], where: str) -> ModelDesc:
     """The manifest's "model"; bundles and runs written before it existed were all LeNet-5 exports."""
     if "model" not in manifest:
         return lenet5()

@@ -22,7 +22,7 @@ from edge_ft.device.engines import open_engine
 from edge_ft.device.inference import accuracy, predict, session_runner
 from edge_ft.device.ort_api import inference_session
 from edge_ft.host.methods import build_model
-from edge_ft.run_record import read_summary
+from edge_ft.run_record import read_results, read_summary
 from edge_ft.training_defaults import epoch_lr
 from tests.lockstep import run_lockstep
 from tests.ort_training_support import ADAMW, EXPORT_SEED, METHODS, ROOT, SGD, base_state, bundle, mnist, npz_pair
@@ -139,6 +139,7 @@ def test_train_cli_writes_a_complete_run():
     # The one results schema: the block both engines write equals what the reader derives from an older file.
     assert r["summary"] == read_summary({k: v for k, v in r.items() if k != "summary"})
     assert r["summary"]["engine"] == "ort-training" and r["summary"]["accuracy"] == r["accuracy"]
+    assert read_results(out)["summary"] == r["summary"]  # the file holds what train() returned
 
 
 def test_cached_features_train_the_same_head():

@@ -16,8 +16,10 @@ import json
 import resource
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_ft.architecture import count_params
 from edge_ft.bench.prepare import Prepared, installable
@@ -29,7 +31,7 @@ from edge_ft.data.tasks import task_slug
 from edge_ft.emulation.emulate import ConfinedResult, run_confined
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import DeviceProfile
-from edge_ft.run_record import read_summary
+from edge_ft.run_record import read_results, read_summary
 from edge_ft.training_defaults import DEFAULTS
 
 TORCH_WEIGHTS = "weights.safetensors"  # edge_ft.host.finetune.WEIGHTS_FILE; that module imports torch
@@ -191,7 +193,7 @@ def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, s
     }
 
 
-def _run_fields(results: dict) -> BenchRecord:
+def _run_fields(results: Mapping[str, Any]) -> BenchRecord:
     """What every engine's run reports, through the one results schema (edge_ft.run_record)."""
     r = read_summary(results)
     rows: list[Epoch] = [{"seconds": e["seconds"], "accuracy": e["accuracy"]} for e in r["epochs"]]
@@ -211,7 +213,7 @@ def device_fields(run_dir: Path) -> BenchRecord:
     """Fields from an `edge-ft train` run, plus the adapter `edge-ft adapter export` makes of it."""
     from edge_ft.device.adapter import CONFIG, RECORD, WEIGHTS, export_adapter
 
-    r = json.loads((run_dir / RESULTS).read_text())
+    r = read_results(run_dir)
     export_adapter(run_dir, run_dir / "adapter", force=True)  # the sweep owns this folder; --force re-runs
     adapter = {name: (run_dir / "adapter" / name).stat().st_size for name in (WEIGHTS, CONFIG, RECORD)}
     return {

@@ -179,6 +179,7 @@ def measure_model(job: ModelJob, prep: Prepared, bundle: Path, manifest: dict, o
     if own.get("summary"):
         summary = read_summary(own)
         ms, mem = summary["ms_per_step"], summary["memory_mb"]
+        assert mem["rss_after_imports"] is not None and mem["peak_rss"] is not None  # the step probe measures both
         record.update({"steps": summary["steps"], "ms_per_step_p50": ms["p50"], "ms_per_step_p95": ms["p95"],
                       "ms_per_step_mean": ms["mean"], "rss_after_imports_bytes": round(mem["rss_after_imports"] * MB),
                       "train_peak_rss_bytes": round(mem["peak_rss"] * MB)})

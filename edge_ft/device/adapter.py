@@ -41,6 +41,7 @@ from edge_ft.device.inference import base_weights, write_inference_model
 from edge_ft.device.model_card import model_source, stamp_model
 from edge_ft.errors import UserError
 from edge_ft.model_desc import model_from_manifest
+from edge_ft.run_record import read_results
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 # A sidecar rather than safetensors header metadata: it can hash both PEFT files (the config's r, alpha and
@@ -124,7 +125,7 @@ def export_adapter(run: str | Path, out: str | Path, dtype: str = "float32", for
     if not results_path.is_file() or not (run / TRAINED).is_file():
         raise UserError(f"{run}: not a finished run (no results.json / trained.safetensors); run `edge-ft train`")
     try:
-        results = json.loads(results_path.read_text())
+        results = read_results(run)
         info = results["bundle"]
         cfg = MethodConfig.from_dict(info["method"], model=model_from_manifest(info, f"{results_path}: bundle.model"))
         classes = results.get("classes")

@@ -43,6 +43,7 @@ from edge_ft.device.engines import Engine, open_engine
 from edge_ft.device.inference import EVAL_BATCH, accuracy
 from edge_ft.device.model_card import model_source, stamp_model
 from edge_ft.errors import UserError
+from edge_ft.run_record import TrainResults
 from edge_ft.training_defaults import DEFAULTS
 from edge_ft.validate import writable_file, writable_folder
 
@@ -420,7 +421,7 @@ def train_run(bundle: str | Path, data: str | Path | tuple[npt.ArrayLike, npt.Ar
               steps: int | None = None, batch: int | None = None, lr: float | None = None,
               schedule: str | None = None, seed: int = 0, threads: int = 0, checkpoint_every: int = 0,
               keep: int = 3, cache_features: bool | None = None, resume: bool = False, force: bool = False,
-              quiet: bool = True, trust: list[str] | None = None) -> dict[str, Any]:
+              quiet: bool = True, trust: list[str] | None = None) -> TrainResults:
     """`edge-ft train` as a function: train a bundle into a run folder (model.onnx, trained tensors,
     checkpoints, results.json) and return results.json's contents. Data is a .npz path or an (x, y) pair.
 
@@ -445,7 +446,7 @@ def train_run(bundle: str | Path, data: str | Path | tuple[npt.ArrayLike, npt.Ar
         held = (xe, ye)
         classes = agreed_classes(classes, str(data), eval_classes, str(eval_data))
     classes = agreed_classes(classes, "data", b.classes, str(b.path / MANIFEST))
-    results: dict[str, Any] = run_trainer.train(b, (x, y), held, settings, folder, rss, resume=resume,
+    results: TrainResults = run_trainer.train(b, (x, y), held, settings, folder, rss, resume=resume,
                                                 classes=classes, replace=force)
     return results
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ft.atomic import atomic_save_safetensors, atomic_write_json
-from edge_ft.contracts import ORT_STEP, RESULTS, TRAINED
+from edge_ft.contracts import ORT_STEP, TRAINED
 from edge_ft.data.batches import epoch_batch_indices
 from edge_ft.data.npz import to_float
 from edge_ft.device import feature_cache
@@ -42,7 +42,7 @@ from edge_ft.device.resume import Progress, run_identity, save_checkpoint, start
 from edge_ft.device.train_progress import (CheckpointOnInterrupt, ProgressBar, StepDone, next_epoch,
                                           record_step)
 from edge_ft.errors import UserError
-from edge_ft.run_record import SUMMARY, make_summary
+from edge_ft.run_record import DeviceMemory, TrainResults, make_summary, write_results
 from edge_ft.training_defaults import SCHEDULES as EPOCH_SCHEDULES
 from edge_ft.training_defaults import epoch_lr
 
@@ -135,7 +135,7 @@ class _Run:
 def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[np.ndarray, np.ndarray] | None,
           s: TrainSettings, out: str | Path, rss_after_imports: int | None = None, resume: bool = False,
           classes: list[str] | None = None, initial: dict[str, np.ndarray] | None = None,
-          replace: bool = False) -> dict:
+          replace: bool = False) -> TrainResults:
     """Fine-tune `bundle` on data (x as edge_ft.data.npz validates it for the bundle's input shape, y int64 (N,));
     write the run folder; return results.
 
@@ -175,7 +175,7 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
     results = _results(run, classes, final_accuracy, train_seconds, feature_seconds, op_summary,
                        {"rss_after_imports": round(rss_after_imports / MB, 2),
                         "peak_rss_sampled": round(peak.bytes / MB, 2), "ru_maxrss": round(ru_maxrss_bytes() / MB, 2)})
-    atomic_write_json(run.out / RESULTS, results)
+    write_results(run.out, results)
     return results
 
 
@@ -301,10 +301,10 @@ def _write_artifacts(run: _Run, engine, classes: list[str] | None) -> float | No
 
 
 def _results(run: _Run, classes: list[str] | None, final_accuracy: float | None, train_seconds: float,
-             feature_seconds: float | None, op_summary: dict | None, memory_mb: dict) -> dict:
+             feature_seconds: float | None, op_summary: dict | None, memory_mb: DeviceMemory) -> TrainResults:
     """results.json's content (edge_ft.run_record's shared summary included)."""
     bundle, pos = run.bundle, run.pos
-    results = {
+    results: TrainResults = {
         "bundle": {"path": str(bundle.path), "engine": bundle.engine, "method": bundle.manifest["method"],
                    "optimizer": bundle.manifest["optimizer"], "num_classes": bundle.num_classes,
                    "base": bundle.manifest["base"], "trainable": {k: list(v) for k, v in bundle.trainable.items()},
@@ -326,7 +326,7 @@ def _results(run: _Run, classes: list[str] | None, final_accuracy: float | None,
         "memory_mb": memory_mb,
         "bundle_bytes": file_sizes(bundle.path),
     }
-    results[SUMMARY] = make_summary(  # the keys every engine's results.json shares (edge_ft.run_record)
+    results["summary"] = make_summary(  # the keys every engine's results.json shares (edge_ft.run_record)
         bundle.engine, final_accuracy, pos.step,
         [{"epoch": i + 1, "seconds": e["seconds"], "loss": e["mean_loss"], "accuracy": e["eval_accuracy"]}
          for i, e in enumerate(pos.epoch_log)],

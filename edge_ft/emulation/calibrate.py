@@ -22,6 +22,10 @@ import math
 import platform
 import sys
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
 
 # The reference core: every shipped cpu_speed is relative to it. Fastest run of each part over 11 invocations x 7
 # repeats (the machine was shared, so the minimum is the uncontended figure), one BLAS thread.
@@ -73,7 +77,7 @@ class NumpyLeNet:
         self.b = {k: np.zeros(s[1], np.float32) for k, s in shapes.items()}
 
     @staticmethod
-    def _cols(x, k: int = 5):
+    def _cols(x: NDArray[Any], k: int = 5) -> tuple[NDArray[Any], tuple[int, int, int, int]]:
         """(B,C,H,W) -> (B*Ho*Wo, C*k*k) patches for a valid k x k convolution."""
         import numpy as np
 
@@ -82,7 +86,7 @@ class NumpyLeNet:
         return win.transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * k * k), (b, c, ho, wo)
 
     @staticmethod
-    def _uncols(dcols, dims, k: int = 5):
+    def _uncols(dcols: NDArray[Any], dims: tuple[int, int, int, int], k: int = 5) -> NDArray[Any]:
         """Gradient of _cols: scatter-add (B*Ho*Wo, C*k*k) back onto (B,C,Ho+k-1,Wo+k-1)."""
         import numpy as np
 
@@ -95,14 +99,14 @@ class NumpyLeNet:
         return dx
 
     @staticmethod
-    def _pool(x):
+    def _pool(x: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
         """2x2 max pool of (B,C,H,W) and the mask of the winners (ties share the gradient)."""
         b, c, h, w = x.shape
         y = x.reshape(b, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
         mask = x == y.repeat(2, axis=2).repeat(2, axis=3)
         return y, mask
 
-    def step(self, x, y, lr: float = 0.05) -> float:
+    def step(self, x: NDArray[Any], y: NDArray[Any], lr: float = 0.05) -> float:
         """One SGD step on x float32 (B,1,28,28), y int (B,); returns the mean cross-entropy before the step."""
         import numpy as np
 
@@ -144,7 +148,7 @@ class NumpyLeNet:
         return loss
 
 
-def synthetic_batch(n: int = LENET_BATCH, seed: int = 0):
+def synthetic_batch(n: int = LENET_BATCH, seed: int = 0) -> tuple[NDArray[Any], NDArray[Any]]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -165,7 +169,7 @@ WORKLOADS = {"matmul": _matmul, "lenet_step": _lenet_step, "python": _python}
 RATE_UNIT = {"lenet_steps": 1, "matmuls": 7, "python_iters": 30_000}
 
 
-def work_rate(seconds: float, stamps: bool = False) -> dict:
+def work_rate(seconds: float, stamps: bool = False) -> dict[str, Any]:
     """Rate units completed per wall second over `seconds` (after one warm-up unit); with `stamps`, also every
     unit's end time (time.perf_counter, the system-wide monotonic clock a parent process can compare with)."""
     import numpy as np
@@ -211,14 +215,14 @@ def measure(repeats: int = 3, clock: str = "wall") -> tuple[dict[str, float], di
     return best, cpu
 
 
-def relative_speed(seconds: dict[str, float], reference: dict = REFERENCE) -> dict:
+def relative_speed(seconds: dict[str, float], reference: dict[str, Any] = REFERENCE) -> dict[str, Any]:
     """Per-part and overall (geometric mean) speed against the reference figures."""
     per_part = {p: reference["seconds"][p] / seconds[p] for p in PARTS}
     overall = math.exp(sum(math.log(v) for v in per_part.values()) / len(per_part))
     return {"speed": overall, "per_part": per_part}
 
 
-def report(repeats: int = 3, clock: str = "wall") -> dict:
+def report(repeats: int = 3, clock: str = "wall") -> dict[str, Any]:
     """The speed by `clock`: wall time for a confined run (what the board would take), CPU time for a free one
     (what this core does while the job runs, so a neighbour that takes the core away does not count as slowness:
     here, beside a load of 12 on 2 vCPUs, 0.15 by wall time and 0.36-0.40 by CPU time against 0.53 when quiet)."""

@@ -29,6 +29,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "edge-ft."
@@ -56,7 +57,7 @@ def parse_cpulist(text: str) -> list[int]:
     return cpus
 
 
-def _write(path: Path, value) -> None:
+def _write(path: Path, value: object) -> None:
     with open(path, "w") as f:
         f.write(str(value))
 
@@ -201,7 +202,8 @@ class CgroupJob:
         return job
 
     @classmethod
-    def _create_v1(cls, own, name, made, memory_bytes, cpus, thread_quota, total_quota, period_us) -> CgroupJob:
+    def _create_v1(cls, own: dict[str, str], name: str, made: list[Path], memory_bytes: int, cpus: list[int],
+                   thread_quota: float | None, total_quota: float | None, period_us: int) -> CgroupJob:
         dirs = {}
         for controller in ("memory", "cpuset", "cpu"):
             mount = _v1_mount(controller)
@@ -232,7 +234,8 @@ class CgroupJob:
         return job
 
     @classmethod
-    def _create_v2(cls, path, made, memory_bytes, cpus, thread_quota, total_quota, period_us) -> CgroupJob:
+    def _create_v2(cls, path: Path, made: list[Path], memory_bytes: int, cpus: list[int], thread_quota: float | None,
+                   total_quota: float | None, period_us: int) -> CgroupJob:
         parent = path.parent
         remove_stale(parent)
         _v2_delegate(parent)
@@ -326,7 +329,7 @@ class CgroupJob:
                     with contextlib.suppress(OSError):
                         new.rmdir()
 
-    def throttling(self) -> dict:
+    def throttling(self) -> dict[str, Any]:
         """How much the CPU quota held the job back so far (read it before `remove`).
 
         periods / throttled_periods  CFS periods of the job's cap, and those in which it ran out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 import sys
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from edge_ft.emulation.emulate import plan_cpus, run_confined
 from edge_ft.emulation.hostspeed import HostSpeed, work_fractions
@@ -85,7 +86,7 @@ class ProfileCheck:
         ratio = self.speed_ratio
         return None if ratio is None else abs(ratio - 1) <= SPEED_TOLERANCE
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "speed_ratio": self.speed_ratio, "achieved_speed": self.achieved_speed,
                 "within_tolerance": self.within_tolerance}
 
@@ -99,6 +100,7 @@ def check_profile(profile: DeviceProfile, host: HostSpeed, mode: str = "auto", c
     cal = run_confined([py, "-c", "pass"], profile, mode=mode, threads=1, host=host)
     accuracy, speedup = [], None
     if cal.time_scaled:  # under rlimit, or for a board at least as fast as this machine, there is nothing to check
+        assert cal.cpu_quota is not None  # a time-scaled run has its quota
         accuracy = [round(f / intended, 4) for f in work_fractions(cal.cpu_quota, cpus[-1:], cycles)]
         many = run_confined([py, "-c", _THREADS, str(profile.threads), str(THREAD_CPU_SECONDS)], profile, mode=mode,
                             host=host)
@@ -122,7 +124,7 @@ def check_profile(profile: DeviceProfile, host: HostSpeed, mode: str = "auto", c
 
 def check_table(checks: list[ProfileCheck]) -> list[list[str]]:
     """Rows for a Markdown or plain table: one per profile."""
-    def num(x, fmt):
+    def num(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
     rows = []

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edge_ft.emulation.emulate import run_confined
 from edge_ft.emulation.hostspeed import HostSpeed
@@ -80,14 +82,14 @@ class TrainCheck:
         return (self.ratio is not None and abs(self.ratio - 1) <= TOLERANCE
                 and all(s is not None and s <= TOLERANCE for s in spreads))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ratio": self.ratio, "one_spread": self._spread(self.one_ms),
                 "many_spread": self._spread(self.many_ms), "speedup": self.speedup, "thread_cost": self.thread_cost,
                 "allowed_speedup": self.allowed_speedup, "holds": self.holds}
 
 
-def probe_ms(argv_for, profile: DeviceProfile, host: HostSpeed, out: Path, threads: int, capped: bool,
-             mode: str, env: dict) -> tuple[float, float]:
+def probe_ms(argv_for: Callable[[int, Path], list[str]], profile: DeviceProfile, host: HostSpeed, out: Path,
+             threads: int, capped: bool, mode: str, env: dict[str, str]) -> tuple[float, float]:
     """One confined step-probe run: (ms/step, p50 with the cap lifted or mean under the quota; its CPU ms/step)."""
     out.unlink(missing_ok=True)
     r = run_confined(argv_for(threads, out), profile, env=env, mode=mode, threads=threads, host=host,
@@ -103,8 +105,9 @@ def probe_ms(argv_for, profile: DeviceProfile, host: HostSpeed, out: Path, threa
     return (ms["mean"] if capped else ms["p50"]), result["cpu_ms_per_step"]
 
 
-def check_train(profile: DeviceProfile, method: str, bundle: Path, python: str, env: dict, host: HostSpeed,
-                work: Path, runs: int = 3, steps: int = 30, mode: str = "auto", say=None) -> TrainCheck:
+def check_train(profile: DeviceProfile, method: str, bundle: Path, python: str, env: dict[str, str], host: HostSpeed,
+                work: Path, runs: int = 3, steps: int = 30, mode: str = "auto",
+                say: Callable[[str], None] | None = None) -> TrainCheck:
     """`runs` free, one-thread and many-thread runs of `bundle`'s step under `profile`, interleaved (free, one,
     many, free, ...) so a slow minute here touches every kind alike."""
     def argv_for(threads: int, out: Path) -> list[str]:
@@ -142,6 +145,7 @@ def train_table(checks: list[TrainCheck]) -> list[list[str]]:
     def cell(values: list[float], spread: float | None) -> str:
         if not values:
             return "-"
+        assert spread is not None  # measured values have a spread
         return f"{statistics.median(values):.1f} (±{100 * spread:.0f}%)"
 
     rows = []

@@ -28,6 +28,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import IO, Any
 
 from edge_ft.contracts import MEMORY_BUDGET_ENV
 from edge_ft.device.ort_api import SPINNING_ENV
@@ -103,7 +105,7 @@ class ConfinedResult:
         """False when the job needed more memory than the profile's budget."""
         return self.status != "out_of_memory"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "status": self.status, "fits": self.fits}
 
 
@@ -117,10 +119,10 @@ def plan_cpus(profile: DeviceProfile) -> list[int]:
     return here[-min(profile.cores, len(here)):]
 
 
-def run_confined(argv: list[str], profile: DeviceProfile, env: dict | None = None, timeout: float | None = None,
-                 *, mode: str = "auto", threads: int | None = None, host: HostSpeed | None = None,
-                 cwd: str | os.PathLike | None = None, sample_interval: float = 0.02,
-                 tail_chars: int = 4000, cpu_cap: bool = True) -> ConfinedResult:
+def run_confined(argv: list[str], profile: DeviceProfile, env: dict[str, str] | None = None,
+                 timeout: float | None = None, *, mode: str = "auto", threads: int | None = None,
+                 host: HostSpeed | None = None, cwd: str | os.PathLike[str] | None = None,
+                 sample_interval: float = 0.02, tail_chars: int = 4000, cpu_cap: bool = True) -> ConfinedResult:
     """Run `argv` under `profile`'s limits and measure it.
 
     mode: auto (native for native profiles, else cgroup, else rlimit) | cgroup | rlimit | native.
@@ -143,7 +145,7 @@ class Confinement:
 
     mode: str  # native | cgroup | rlimit (after any fallback)
     job: CgroupJob | None  # the cgroups (cgroup mode)
-    spec: dict  # what enter.py applies before exec: cgroup.procs files, RLIMIT_DATA, CPU affinity
+    spec: dict[str, Any]  # what enter.py applies before exec: cgroup.procs files, RLIMIT_DATA, CPU affinity
     env: dict[str, str]  # the child's environment: thread counts, EDGE_FT_PROFILE, EDGE_FT_EMULATION
     cpus: list[int] | None  # CPUs the job may use (None: all)
     threads: int  # thread count given to BLAS/OpenMP/onnxruntime
@@ -162,7 +164,7 @@ class Confinement:
         if self.job is not None:
             self.job.remove()
 
-    def fields(self) -> dict:
+    def fields(self) -> dict[str, Any]:
         """The ConfinedResult fields that describe the confinement."""
         scaled = self.job is not None and self.thread_share is not None
         return dict(emulation=self.mode, threads=self.threads, cpus=self.cpus,
@@ -172,8 +174,8 @@ class Confinement:
                     host_speed_source=self.host.source, time_scaled=scaled, notes=list(self.notes))
 
 
-def confine(profile: DeviceProfile, env: dict | None = None, *, mode: str = "auto", threads: int | None = None,
-            host: HostSpeed | None = None, cpu_cap: bool = True) -> Confinement:
+def confine(profile: DeviceProfile, env: dict[str, str] | None = None, *, mode: str = "auto",
+            threads: int | None = None, host: HostSpeed | None = None, cpu_cap: bool = True) -> Confinement:
     """Create the limits for one job under `profile` (see run_confined); the caller starts the child with
     `command(argv)` and `env`, and calls `remove()` when it has ended. cpu_cap=False keeps memory, cores and
     thread counts but lifts the CPU quota (times are then this machine's)."""
@@ -191,6 +193,7 @@ def confine(profile: DeviceProfile, env: dict | None = None, *, mode: str = "aut
         thread_share, efficiency = host.thread_quota(profile.cpu_speed, cpus)
         total_share = thread_share * profile.thread_speedup(threads)
     if mode == "cgroup":
+        assert cpus is not None  # plan_cpus gives every mode but native its cores
         try:
             job = CgroupJob.create(profile.budget_bytes, cpus, thread_share, total_share,
                                    quota_period_us(min(thread_share or 1, 1)))
@@ -199,6 +202,7 @@ def confine(profile: DeviceProfile, env: dict | None = None, *, mode: str = "aut
                          "times are this machine's")
             mode = "rlimit"
     if job is not None and cpu_cap:
+        assert cpus is not None  # a cgroup job has its cores
         notes += _cgroup_notes(profile, share, total_share, cpus, threads)
     elif job is not None and share < 1:
         notes.append("CPU quota lifted: memory cap, cores and threads are the device's, times are this machine's")
@@ -234,7 +238,8 @@ def _cgroup_notes(profile: DeviceProfile, share: float, total_share: float | Non
     return notes
 
 
-def _run_and_watch(cmd, env, cwd, timeout, job: CgroupJob | None, interval: float, tail_chars: int) -> dict:
+def _run_and_watch(cmd: list[str], env: dict[str, str] | None, cwd: str | os.PathLike[str] | None,
+                   timeout: float | None, job: CgroupJob | None, interval: float, tail_chars: int) -> dict[str, Any]:
     """Start the child, sample its memory (and split its threads) until it exits; return the measured fields."""
     import psutil
 
@@ -264,9 +269,11 @@ def _run_and_watch(cmd, env, cwd, timeout, job: CgroupJob | None, interval: floa
         }
 
 
-def _watch(proc, t0: float, timeout, job: CgroupJob | None, interval: float, psutil) -> tuple:
+def _watch(proc: subprocess.Popen[bytes], t0: float, timeout: float | None, job: CgroupJob | None, interval: float,
+           psutil: ModuleType) -> tuple[int, Any, int, bool, float]:
     """Sample until the child exits: (wait status, rusage, highest RSS, timed out, wall seconds)."""
-    sampled, timed_out, tick, procs = 0, False, 0, {}
+    sampled, timed_out, tick = 0, False, 0
+    procs: dict[int, Any] = {}  # pid -> psutil.Process
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
@@ -291,7 +298,7 @@ def _short(cmd: list[str]) -> str:
     return " ".join(words) + (" ..." if len(argv) > 5 else "")
 
 
-def _throttling(job: CgroupJob | None) -> dict:
+def _throttling(job: CgroupJob | None) -> dict[str, Any]:
     """The ConfinedResult throttling fields of a finished job (all None outside a cgroup)."""
     if job is None:
         return {}
@@ -308,7 +315,7 @@ def _process_tree(pid: int) -> list[int]:
     return [pid]
 
 
-def _total_rss(pids: list[int], cache: dict, psutil) -> int:
+def _total_rss(pids: list[int], cache: dict[int, Any], psutil: ModuleType) -> int:
     """Sum of RSS over `pids`; psutil.Process objects are cached so each sample is one /proc read per process."""
     total = 0
     for pid in pids:
@@ -327,7 +334,7 @@ def _kill(pid: int, job: CgroupJob | None) -> None:
         job.kill()
 
 
-def _tail(f, chars: int) -> str:
+def _tail(f: IO[bytes], chars: int) -> str:
     f.seek(0, os.SEEK_END)
     size = f.tell()
     f.seek(max(0, size - 4 * chars))

@@ -31,8 +31,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edge_ft.emulation.cpu import quota_period_us, thread_env
 
@@ -58,7 +60,7 @@ def cache_path() -> Path:
 CALIBRATION_VERSION = 2
 
 
-def machine_key() -> dict:
+def machine_key() -> dict[str, Any]:
     """What the cached figures belong to: the same CPU model, core count and numeric libraries."""
     import numpy as np
 
@@ -77,11 +79,11 @@ def machine_key() -> dict:
             "calibration": CALIBRATION_VERSION}
 
 
-def _key_text(key: dict) -> str:
+def _key_text(key: dict[str, Any]) -> str:
     return json.dumps(key, sort_keys=True)
 
 
-def _load_cache() -> dict:
+def _load_cache() -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError):
         data = json.loads(cache_path().read_text())
         if isinstance(data, dict) and isinstance(data.get("machines"), dict):
@@ -89,7 +91,7 @@ def _load_cache() -> dict:
     return {"machines": {}}
 
 
-def _save_entry(key: dict, entry: dict) -> None:
+def _save_entry(key: dict[str, Any], entry: dict[str, Any]) -> None:
     """Merge this machine's entry into the cache file; a cache that cannot be written only costs a re-measure."""
     from edge_ft.atomic import atomic_write_json
     from edge_ft.errors import UserError
@@ -122,7 +124,7 @@ class HostSpeed:
     speed: float  # one core here relative to the reference core (1.0 = the reference)
     source: str  # measured | cached | given (--host-speed) | reference (no scaling, no correction)
     measured: str = ""  # date of the measurement this figure comes from ("" when given)
-    key: dict = field(default_factory=dict)  # machine_key() the figures belong to
+    key: dict[str, Any] = field(default_factory=dict)  # machine_key() the figures belong to
     correct_quota: bool = True  # raise quotas by 1/efficiency (measured per share, cached)
     quiet: bool = False  # no progress lines while measuring
     efficiency: dict[str, float] = field(default_factory=dict)  # quota share (4 significant digits) -> efficiency
@@ -191,7 +193,7 @@ class HostSpeed:
         when = f", {self.measured}" if self.measured else ""
         return f"{self.speed:.3g} of the reference core ({self.source}{when})"
 
-    def to_record(self) -> dict:
+    def to_record(self) -> dict[str, Any]:
         return {"host_speed": self.speed, "host_speed_source": self.source, "host_speed_measured": self.measured}
 
 
@@ -199,7 +201,7 @@ def _last_cpu() -> list[int]:
     return sorted(os.sched_getaffinity(0))[-1:]
 
 
-def _calibrate_cmd(spec: dict, argv: list[str]) -> list[str]:
+def _calibrate_cmd(spec: dict[str, Any], argv: list[str]) -> list[str]:
     """The calibration module as a child confined by emulate's entry program (`spec`: cgroup files or CPUs), dying
     with this process."""
     from edge_ft.emulation.lifetime import guarded
@@ -207,7 +209,7 @@ def _calibrate_cmd(spec: dict, argv: list[str]) -> list[str]:
     return guarded([sys.executable, "-m", "edge_ft.emulation.calibrate", *argv], spec)
 
 
-def _child(argv: list[str], cpus: list[int]) -> dict:
+def _child(argv: list[str], cpus: list[int]) -> dict[str, Any]:
     """Run the calibration module in a child with one BLAS thread, pinned to `cpus`; its last line of JSON."""
     from edge_ft.emulation.lifetime import run
 
@@ -219,10 +221,11 @@ def _child(argv: list[str], cpus: list[int]) -> dict:
 
         last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         raise UserError(f"the calibration workload failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
-def calibrate_native(repeats: int, cpus: list[int] | None = None) -> dict:
+def calibrate_native(repeats: int, cpus: list[int] | None = None) -> dict[str, Any]:
     """The calibration report of one unconfined core here (pinned to the last usable CPU), timed by CPU time."""
     return _child(["--repeats", str(repeats), "--clock", "cpu"], cpus or _last_cpu())
 
@@ -279,6 +282,7 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
                                 start_new_session=True)
         try:
             with watched(proc.pid, "the quota calibration workload", cgroups=True):
+                assert proc.stdout is not None  # stdout=PIPE
                 proc.stdout.readline()  # {"started": ...}: the workload is warm and timing
                 reader = threading.Thread(target=_read_stamps, args=(proc.stdout, ends), daemon=True)
                 reader.start()
@@ -310,12 +314,13 @@ def work_fractions(thread_share: float, cpus: list[int] | None = None, cycles: i
     fractions = []
     for k in range(1, len(bounds), 2):
         free = [r for r in (rates[k - 1], rates[k + 1]) if r]
-        if rates[k] and free:
-            fractions.append(rates[k] / (sum(free) / len(free)))
+        capped_rate = rates[k]
+        if capped_rate and free:
+            fractions.append(capped_rate / (sum(free) / len(free)))
     return fractions
 
 
-def _read_stamps(stream, ends: list[tuple[float, float]]) -> None:
+def _read_stamps(stream: Iterable[str], ends: list[tuple[float, float]]) -> None:
     for line in stream:
         with contextlib.suppress(ValueError):
             wall, cpu = map(float, line.split())

@@ -29,7 +29,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 PREFIX = "edge-ft."  # edge_ft.emulation.cgroups.PREFIX (this file also runs alone, without the package)
 SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -44,11 +47,11 @@ class Cancelled(KeyboardInterrupt):
         self.signum = signum
 
 
-_state = {"signum": None, "stopped": [], "kept": None}
-_guard: dict = {"proc": None, "lock": threading.Lock()}
+_state: dict[str, Any] = {"signum": None, "stopped": [], "kept": None}
+_guard: dict[str, Any] = {"proc": None, "lock": threading.Lock()}
 
 
-def _raise(signum, frame):
+def _raise(signum: int, frame: FrameType | None) -> None:
     if _state["signum"] is not None:  # cleanup is running: a second signal must not cut it short
         return
     _state["signum"] = signum
@@ -56,14 +59,14 @@ def _raise(signum, frame):
 
 
 @contextlib.contextmanager
-def cancellable():
+def cancellable() -> Iterator[None]:
     """Turn SIGTERM, SIGHUP and SIGINT into Cancelled for the duration (main thread only; elsewhere a no-op).
     SIGINT is taken even when inherited as ignored (a background shell starts us so, but a supervisor that signals
     one process means it); SIGHUP stays ignored under nohup."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {}
+    previous: dict[signal.Signals, Any] = {}  # signal -> the handler it had
     for sig in SIGNALS:
         old = signal.getsignal(sig)
         if sig == signal.SIGHUP and old == signal.SIG_IGN or old is _raise:
@@ -86,7 +89,7 @@ def kept(what: str | None) -> None:
     _state["kept"] = what
 
 
-def kept_runs(finished: int, results) -> None:
+def kept_runs(finished: int, results: str | Path) -> None:
     """What a cancelled sweep keeps: the runs it finished, each appended to `results` when it ended."""
     kept(f"{finished} finished runs in {results}; the run in progress is not recorded")
 
@@ -108,7 +111,7 @@ def reset() -> None:
     _state.update(signum=None, stopped=[], kept=None)
 
 
-def guarded(argv: list[str], spec: dict | None = None) -> list[str]:
+def guarded(argv: list[str], spec: dict[str, Any] | None = None) -> list[str]:
     """argv run through emulate's entry program, which applies `spec` (cgroups, rlimits, affinity) and makes the
     child die with this process before the job's first instruction. Starts the guardian first (ensure_guardian)."""
     import json
@@ -118,10 +121,10 @@ def guarded(argv: list[str], spec: dict | None = None) -> list[str]:
     return [sys.executable, "-I", "-S", str(ENTER), json.dumps(spec), "--", *argv]
 
 
-def _guardian() -> subprocess.Popen | None:
+def _guardian() -> subprocess.Popen[bytes] | None:
     """The guardian of this process, started on first use (None where it cannot start)."""
     with _guard["lock"]:
-        proc = _guard["proc"]
+        proc: subprocess.Popen[bytes] | None = _guard["proc"]
         if proc is not None and proc.poll() is None:
             return proc
         with contextlib.suppress(OSError):
@@ -148,6 +151,7 @@ def _tell(line: str) -> None:
     proc = _guardian()
     if proc is None:
         return
+    assert proc.stdin is not None  # started with stdin=PIPE
     with _guard["lock"], contextlib.suppress(OSError, ValueError):
         proc.stdin.write(f"{line}\n".encode())
         proc.stdin.flush()
@@ -163,7 +167,7 @@ def unwatch(pgid: int) -> None:
 
 
 @contextlib.contextmanager
-def watched(pgid: int, what: str = "", cgroups: bool = False):
+def watched(pgid: int, what: str = "", cgroups: bool = False) -> Iterator[None]:
     """watch(pgid) while the block runs. The block ends the group itself when it raises; on a cancel `what` is
     noted as stopped (see summary)."""
     watch(pgid)
@@ -176,7 +180,8 @@ def watched(pgid: int, what: str = "", cgroups: bool = False):
         unwatch(pgid)
 
 
-def run(argv: list[str], what: str, spec: dict | None = None, **popen) -> subprocess.CompletedProcess:
+def run(argv: list[str], what: str, spec: dict[str, Any] | None = None,
+        **popen: Any) -> subprocess.CompletedProcess[Any]:
     """subprocess.run for a child that dies with this process: through the entry program, in a process group of
     its own that is killed should we be cancelled (or die)."""
     with subprocess.Popen(guarded(argv, spec), start_new_session=True, **popen) as proc, watched(proc.pid, what):
@@ -249,22 +254,22 @@ def _remove(path: Path) -> bool:
     return not path.exists()
 
 
-def purge(paths, wait: float = 5.0) -> list[Path]:
+def purge(paths: str | Path | Iterable[str | Path], wait: float = 5.0) -> list[Path]:
     """Kill everything in the cgroups `paths` (a job has one per v1 controller), then remove them; the ones gone.
     Every quota is lifted and every member killed before any rmdir, so a killed task held by its CPU quota in one
     controller does not keep its memory cgroup busy, and an rmdir refused while killed tasks finish exiting
     (EBUSY) is tried again until `wait` seconds have passed. Another process may remove them meanwhile."""
-    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    folders = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     deadline = time.monotonic() + wait
-    for path in paths:
+    for path in folders:
         _uncap(path)
-    while (busy := [(path, pids) for path in paths if (pids := _members(path))]) and time.monotonic() < deadline:
+    while (busy := [(path, pids) for path in folders if (pids := _members(path))]) and time.monotonic() < deadline:
         for path, pids in busy:
             _kill_members(path, pids)
         time.sleep(0.01)
-    while (left := [path for path in paths if not _remove(path)]) and time.monotonic() < deadline:
+    while (left := [path for path in folders if not _remove(path)]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return [path for path in paths if path not in left]
+    return [path for path in folders if path not in left]
 
 
 def owner_of(path: Path) -> int | None:
@@ -287,7 +292,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def purge_owned(parents, owner: int | None = None) -> int:
+def purge_owned(parents: Iterable[str | Path], owner: int | None = None) -> int:
     """Purge the edge-ft cgroups under `parents` owned by `owner` (None: by any process that is gone, never this
     one or a live one). Returns how many distinct jobs were removed."""
     paths = []  # every job's folder under each parent (v1: one per controller), all killed before any is removed

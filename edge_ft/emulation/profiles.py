@@ -17,6 +17,7 @@ import platform
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, NoReturn
 
 import tomllib
 
@@ -63,7 +64,7 @@ class DeviceProfile:
     def cpu_speed_is_estimate(self) -> bool:
         return not self.cpu_speed_source.lower().startswith("measured")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}
         d["thread_scaling"] = list(self.thread_scaling)
         d["path"] = str(self.path) if self.path else None
@@ -99,7 +100,7 @@ def list_profiles() -> list[DeviceProfile]:
     return [load_profile_file(p) for p in profile_paths().values()]
 
 
-def load_profile(name_or_path: str | os.PathLike) -> DeviceProfile:
+def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
     """A profile by name (`rpi-3b`) or by path (anything with a slash or ending in .toml)."""
     text = str(name_or_path)
     if text.endswith(".toml") or os.sep in text or "/" in text:
@@ -124,7 +125,7 @@ def load_profile_file(path: Path) -> DeviceProfile:
     return parse_profile(raw, path)
 
 
-def parse_profile(raw: dict, path: Path) -> DeviceProfile:
+def parse_profile(raw: dict[str, Any], path: Path) -> DeviceProfile:
     """Check keys, types and values of a parsed TOML table; every failure names the file and the key."""
     name = path.stem
     if not _NAME.match(name):
@@ -142,7 +143,7 @@ def parse_profile(raw: dict, path: Path) -> DeviceProfile:
     return DeviceProfile(name=name, path=path, **values)
 
 
-def _typed(path: Path, key: str, value, kind: type):
+def _typed(path: Path, key: str, value: Any, kind: type) -> Any:
     if value == AUTO and key in _AUTO_KEYS:
         return AUTO
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))
@@ -153,7 +154,7 @@ def _typed(path: Path, key: str, value, kind: type):
     return float(value) if kind is float else value
 
 
-def _resolve_auto(values: dict) -> dict:
+def _resolve_auto(values: dict[str, Any]) -> dict[str, Any]:
     """Fill "auto" from this machine: usable cores, total RAM, RAM available right now."""
     if AUTO not in values.values():
         return values
@@ -174,8 +175,8 @@ def normalise_arch(machine: str) -> str:
     return _ARCH_ALIASES.get(m, m)
 
 
-def _check_values(path: Path, v: dict) -> None:
-    def bad(key: str, why: str):
+def _check_values(path: Path, v: dict[str, Any]) -> None:
+    def bad(key: str, why: str) -> NoReturn:
         raise UserError(f"{path}: key {key!r} = {v[key]!r} {why}")
 
     if normalise_arch(v["arch"]) not in ARCHES:
@@ -197,7 +198,7 @@ def _check_values(path: Path, v: dict) -> None:
         _check_thread_scaling(path, v)
 
 
-def _check_thread_scaling(path: Path, v: dict) -> None:
+def _check_thread_scaling(path: Path, v: dict[str, Any]) -> None:
     """thread_scaling = [1.0, s2, ..., s_cores]: starts at 1, never falls, n threads at most n times one."""
     scaling = v["thread_scaling"]
     ok = (len(scaling) == v["cores"] and all(isinstance(x, (int, float)) and not isinstance(x, bool)

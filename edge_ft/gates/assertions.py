@@ -22,15 +22,18 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Any
 
 from edge_ft.bench.measure import LABELS
 from edge_ft.bench.records import BenchRecord, step_ms
 from edge_ft.contracts import ENGINES, MB
 from edge_ft.errors import UserError
 
-OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt}
+OPS: dict[str, Callable[[Any, Any], bool]] = {"<=": operator.le, ">=": operator.ge, "==": operator.eq,
+                                              "!=": operator.ne, "<": operator.lt, ">": operator.gt}
 _OP = re.compile(r"(<=|>=|==|!=|<|>)")
 _FIELD_NAME = re.compile(r"[a-z][a-z0-9_]*")
 FITS = "fits"  # the built-in gate
@@ -123,7 +126,7 @@ def source_field(name: str) -> tuple[str, int]:
     return name, 1
 
 
-def field_value(record: BenchRecord, name: str):
+def field_value(record: BenchRecord, name: str) -> Any:
     """The record's value of a (possibly derived) field, in the unit its name states; None when not measured."""
     if name == STEP_TIME:
         return step_ms(record)
@@ -161,7 +164,7 @@ def parse_assertion(text: str) -> Assertion:
     return Assertion(text, profile, method, engine, name, op, _parse_value(text, name, kind, op, raw))
 
 
-def _parse_value(text: str, name: str, kind: str, op: str, raw: str):
+def _parse_value(text: str, name: str, kind: str, op: str, raw: str) -> float | bool | str:
     if not raw or _OP.search(raw):
         raise UserError(f"assertion {text!r}: expected one value after {op}")
     if kind != "number":
@@ -222,7 +225,8 @@ def _evaluate_one(a: Assertion, records: list[BenchRecord], allow_unscaled_time:
         runs = ", ".join(sorted({run_name(r) for r in records})) or "none"
         return Outcome("gates", a.text, "fail", "matched no run",
                        [Failure("no run", "-", f"matched no run (runs: {runs})")])
-    failures, skipped = [], []
+    failures: list[Failure] = []
+    skipped: list[Failure] = []
     for r in matched:
         if a.field == FITS and not a.op:  # the built-in; fits==false is an ordinary comparison
             if not r.get("fits"):
@@ -252,13 +256,13 @@ def _evaluate_one(a: Assertion, records: list[BenchRecord], allow_unscaled_time:
     return Outcome("gates", a.text, "pass", f"holds for {held} run{'s' * (held != 1)}{note}", skipped)
 
 
-def _comparable(value, limit) -> bool:
+def _comparable(value: Any, limit: Any) -> bool:
     if isinstance(limit, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(limit, bool)
     return isinstance(value, str) == isinstance(limit, str)
 
 
-def show_value(value) -> str:
+def show_value(value: Any) -> str:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return str(value).lower() if isinstance(value, bool) else str(value)
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"

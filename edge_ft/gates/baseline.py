@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from edge_ft.bench.records import BenchRecord, latest_runs
 from edge_ft.errors import UserError
@@ -71,7 +72,7 @@ def identity(record: BenchRecord) -> str:
                        settings], sort_keys=True)
 
 
-def comparable(record: BenchRecord, name: str):
+def comparable(record: BenchRecord, name: str) -> Any:
     """The figure as compared across runners (time: see the module docstring); None when it cannot be."""
     value = field_value(record, name)
     if name != STEP_TIME or value is None:
@@ -86,7 +87,9 @@ def compare(new: list[BenchRecord], old: list[BenchRecord], limits: dict[str, Li
             ) -> tuple[list[Outcome], list[str]]:
     """One Outcome per new run that has a baseline run; notes for what was not compared and why."""
     before = {identity(r): r for r in latest_runs(old)}
-    outcomes, notes, unmatched = [], [], []
+    outcomes: list[Outcome] = []
+    notes: list[str] = []
+    unmatched: list[str] = []
     for r in new:
         base = before.get(identity(r))
         if base is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 
 from edge_ft.atomic import atomic_write_bytes, atomic_write_text
@@ -74,14 +75,15 @@ def junit_xml(outcomes: list[Outcome]) -> bytes:
             else:
                 ET.SubElement(case, "system-out").text = o.detail
     ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+    data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return data + b"\n"
 
 
 def write_junit(path: Path, outcomes: list[Outcome]) -> None:
     atomic_write_bytes(path, junit_xml(outcomes))
 
 
-def summary_markdown(outcomes: list[Outcome], notes: list[str] = ()) -> str:
+def summary_markdown(outcomes: list[Outcome], notes: Sequence[str] = ()) -> str:
     rows = [[_code(o.name), "**FAIL**" if o.failed else o.status, _cell(o.detail)] for o in outcomes]
     parts = [f"## {headline(outcomes)}", "", md_table(["check", "result", "detail"], rows, text_columns=3)]
     failed = failure_rows(outcomes)
@@ -102,7 +104,7 @@ def _code(text: str) -> str:
     return f"`{_cell(text)}`"
 
 
-def write_summary(path: Path | None, outcomes: list[Outcome], notes: list[str] = ()) -> Path | None:
+def write_summary(path: Path | None, outcomes: list[Outcome], notes: Sequence[str] = ()) -> Path | None:
     """Write the summary to `path` (atomically) and append it to $GITHUB_STEP_SUMMARY when that is set; returns
     the step-summary file appended to, if any."""
     text = summary_markdown(outcomes, notes)
