@@ -196,7 +196,11 @@ def test_node_killed_mid_round_rejoins(tmp_path):
     assert result.rounds[3]["train"] == [2, 0]  # the killed node is back by the last round
     killed = result.nodes[1]
     assert killed.restarts == 1 and killed.exit_codes[0] == -signal.SIGKILL
-    assert 1 not in killed.round_seconds and 3 in killed.round_seconds
+    # The first life died holding round 1's message: it took it and never answered. (Its restart may be handed the
+    # same message again by the SuperLink and answer it, too late for the round: that is Flower's timing, not ours.)
+    first_life = log_text(tmp_path / "run" / "logs" / "node-01.log")
+    assert "Receiving: train message" in first_life and "Sending: train" not in first_life
+    assert 3 in killed.round_seconds
     assert flower_processes(tmp_path / "run") == [] and our_cgroups(os.getpid()) == []
 
 
