@@ -71,8 +71,9 @@ def test_a_misspelt_record_key_is_a_type_error(tmp_path):
                       "for r in read_records('results.jsonl'):\n"
                       "    print(r['peak_rss_bytes'], r.get('accuracy'))\n"
                       "    print(r['peak_rss_byte'])\n")
+    # a cache of its own: the checkout's .mypy_cache would answer for an earlier run's reader.py at another path
     out, _, status = api.run(["--config-file", str(PACKAGE.parent / "pyproject.toml"), "--no-error-summary",
-                              str(source)])
+                              "--cache-dir", str(tmp_path / "mypy-cache"), str(source)])
     assert status == 1
     assert out.splitlines() == [f'{source}:5: error: TypedDict "BenchRecord" has no key "peak_rss_byte"  '
                                 "[typeddict-item]",
