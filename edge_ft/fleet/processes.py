@@ -306,10 +306,6 @@ class SuperNode:
             life.oom_killed = job.oom_killed()
             life.cgroup_peak_bytes = job.memory_peak()
 
-    def clientapp_running(self) -> bool:
-        return any(role == "clientapp" and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                   for p, role in list(self._procs.values()))
-
     def working_on(self, mtype: str = "train", nth: int = 1) -> bool:
         """The node took its `nth` `mtype` message of this run (or a later one) and has not answered it yet, as its
         log reads now."""
