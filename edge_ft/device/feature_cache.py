@@ -13,6 +13,7 @@ Cache when that saves prefix runs and the cache fits the budget.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,13 +64,19 @@ def plan(bundle: Bundle, requested: bool | None, n_train: int, n_eval: int, exam
     return CachePlan(True, "saves prefix runs", size, in_memory, saved)
 
 
-def compute(bundle: Bundle, threads: int, x: np.ndarray, into: Path | None = None) -> np.ndarray:
+def features_runner(bundle: Bundle, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """`run(images) -> features`: an inference session on the bundle's features.onnx."""
+    return session_runner(inference_session(bundle.file(bundle.manifest["features"]["file"]), threads))
+
+
+def compute(bundle: Bundle, threads: int, x: np.ndarray, into: Path | None = None,
+            run: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """features.onnx over all of x (edge_ft.data.npz inputs) -> float32 (N, *features), in memory or, with `into`,
-    in a memory-mapped .npy file there."""
+    in a memory-mapped .npy file there. run: a features_runner to reuse (else one is opened)."""
     shape = (len(x), *features_shape(bundle))
     out = np.zeros(shape, np.float32) if into is None else np.lib.format.open_memmap(into, "w+", np.float32, shape)
     if len(x):
-        run = session_runner(inference_session(bundle.file(bundle.manifest["features"]["file"]), threads))
+        run = run or features_runner(bundle, threads)
         for i in range(0, len(x), EVAL_BATCH):
             out[i:i + EVAL_BATCH] = run(to_float(x[i:i + EVAL_BATCH]))
     return out

@@ -3,29 +3,28 @@
 Torch- and onnx-free (numpy + onnxruntime + safetensors + flwr). The node holds its data and bundle; the node
 config names them (NODE_KEYS). Each train message brings the global trainable tensors and the round's settings;
 the device first verifies the server's signature over them (edge_ft.fleet.signing: an unsigned, forged, foreign,
-expired or replayed message is refused with a one-line error reply and never applied), then sets the tensors into its
-engine, runs the device trainer (edge_ft.device.trainer, the bundle's engine)
-for the configured local steps or epochs, and replies with only the trainable tensors plus its metrics
-(edge_ft.fleet.updates.METRIC_KEYS). Nothing else leaves the device. Under a canary run, evaluate messages bring
-a candidate global model and the current one; the device scores both on its holdout set (node config "holdout").
+expired or replayed message is refused with a one-line error reply and never applied), then runs the device
+trainer's steps from those tensors (edge_ft.fleet.local_round: the bundle's engine, kept per process and reset each
+round, nothing written) for the configured local steps or epochs, and replies with only the trainable tensors plus
+its metrics (edge_ft.fleet.updates.METRIC_KEYS). Nothing else leaves the device. Under a canary run, evaluate
+messages bring a candidate global model and the current one; the device scores both on its holdout set (node config
+"holdout").
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from edge_ft.checkpoint import load_safetensors
-from edge_ft.contracts import TRAINED
 from edge_ft.data.npz import load_npz
 from edge_ft.device.bundle import Bundle, load_bundle
-from edge_ft.device.trainer import TrainSettings, train
+from edge_ft.device.trainer import TrainSettings
 from edge_ft.errors import UserError
 from edge_ft.fleet import secagg
+from edge_ft.fleet.local_round import train_round as train_round_in_memory
 from edge_ft.fleet.signing import REFUSED, AcceptedRounds, Refused, verify_message
 from edge_ft.fleet.updates import ARRAYS, CANDIDATE_KEYS, CONFIG, METRICS, WEIGHT_KEY, from_arrays, to_arrays
 from edge_ft.trust.keys import PublicKey, load_public_key
@@ -145,17 +144,15 @@ def train_content(content: RecordDict, context: Context) -> RecordDict | Refused
     if "max-steps" in config:  # partial work: the steps that fit the round's deadline on this board
         planned = settings.steps or settings.epochs * -(-len(y) // settings.batch)
         settings = TrainSettings(**{**settings.__dict__, "steps": min(planned, int(config["max-steps"]))})
-    with tempfile.TemporaryDirectory(prefix="edge-ft-fleet-round-") as run:
-        results = train(bundle, (x, y), (x, y), settings, run, initial=start)
-        trained = load_safetensors(Path(run) / TRAINED)
-    arrays = to_arrays(trained)
+    done = train_round_in_memory(bundle, x, y, settings, start)
+    arrays = to_arrays(done.trained)
     metrics = MetricRecord({
         WEIGHT_KEY: len(y),  # FedAvg weighs a device by the examples it holds
-        "steps": int(results["steps"]),
-        "loss": float(sum(results["losses"]) / len(results["losses"])),
-        "local-accuracy": float(results["accuracy"]),
-        "ms-per-step": float(results["step_latency_ms"]["p50"]),
-        "peak-rss-mb": float(results["memory_mb"]["peak_rss_sampled"]),
+        "steps": done.steps,
+        "loss": float(sum(done.losses) / len(done.losses)),
+        "local-accuracy": float(done.accuracy),
+        "ms-per-step": float(done.ms_per_step),
+        "peak-rss-mb": float(done.peak_rss_mb),
         "bytes-down": int(received.count_bytes()),
         "bytes-up": int(arrays.count_bytes()),
     })

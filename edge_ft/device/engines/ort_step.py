@@ -72,6 +72,7 @@ class OrtStepEngine:
         self._bindings = [self._bind(reads, writes) for reads, writes in ((0, 1), (1, 0))]
         self._batch: int | None = None  # the loss/logits outputs and lr input are bound when they change
         self._lr: float | None = None
+        self._initial = {k: state[k] for k in self._updated}  # the bundle's state, for reset()
         self._set_state(state)
 
     def _bind(self, reads: int, writes: int) -> Any:
@@ -178,6 +179,11 @@ class OrtStepEngine:
                 raise UserError(f"{name} has shape {np.shape(value)}, bundle {self._bundle.path} needs "
                                 f"{self.params[name].shape}")
         self._set_state(tensors)
+
+    def reset(self) -> None:
+        """Back to the bundle's own state (trainable tensors and optimizer state), as a newly opened engine: one
+        engine, its sessions built once, serves run after run (a fleet device's rounds)."""
+        self._set_state(self._initial)
 
     def save_state(self, path: str) -> None:
         atomic_save_safetensors(path, {**self.params, **self.opt_state},
