@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ft.atomic import atomic_write_json, atomic_write_text, ensure_dir
+from edge_ft.atomic import atomic_write_json, atomic_write_text, deferred_sync, ensure_dir
 from edge_ft.config import MethodConfig, OptimizerConfig
+from edge_ft.contracts import MANIFEST
 from edge_ft.data.npz import save_npz
 from edge_ft.data.tasks import get_task, target_split
 from edge_ft.errors import UserError
@@ -101,6 +102,7 @@ class PlanConfig:
     base: Path | None = None  # pretrained base weights (None: pretrained once under out_dir/prep)
     shots: int | None = None  # examples per class of the task's train pool (None: the task's default)
     fraction_train: float = 1.0  # share of connected devices sampled per round
+    clients_per_round: int = 0  # simulated devices: this many online devices sampled per round (0: fraction_train)
     min_train_nodes: int | None = None  # devices sampled at least per round (None: num_nodes - 1, at least 1)
     min_available_nodes: int | None = None  # connected devices a round waits for (None: as above)
     round_timeout: float = 600.0  # seconds the server waits for a round's replies
@@ -117,6 +119,7 @@ class PlanConfig:
     link_mbps: float = 10.0  # simulated devices' link speed, megabits per second
     simulation: bool = False  # for Flower's Simulation Engine: the run config names the node configs' folder
     secagg: bool = False  # SecAgg+ (edge_ft.fleet.secagg): the server sees only the weighted sum of the updates
+    bundle_cache: Path | None = None  # folder of bundles exported before, by their export inputs (None: export anew)
 
 
 def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
@@ -126,7 +129,6 @@ def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
     device dies. signing_key None makes a key pair for the plan (out_dir/keys); canary > 0 gives every node a
     holdout set.
     """
-    from edge_ft.host.export import export_bundle
     from edge_ft.host.train import ensure_base
 
     out_dir = Path(out_dir).resolve()
@@ -148,11 +150,17 @@ def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
                           freeze_lora_a=cfg.aggregation == "ffa")
     lr = DEFAULT_LR[cfg.method] if cfg.lr is None else cfg.lr
     (out_dir / PLAN).unlink(missing_ok=True)  # uncommitted until the new plan is written
-    export_bundle(method, OptimizerConfig("adamw", lr=lr), base, out_dir / BUNDLE, engine=cfg.engine, seed=cfg.seed,
-                  classes=list(spec.classes))
+    export = ExportInputs(method, OptimizerConfig("adamw", lr=lr), base, cfg.engine, cfg.seed, list(spec.classes))
+    if cfg.bundle_cache is None:
+        export.write(out_dir / BUNDLE)
+    else:
+        from edge_ft.fleet.shared_runs import install_bundle
+
+        install_bundle(export.cached(cfg.bundle_cache), out_dir / BUNDLE)
     save_npz(out_dir / TEST, split.x_test, split.y_test, spec.classes)
     private, public = signing_keys(out_dir, cfg.signing_key)
-    node_configs = [_write_node(out_dir, cfg, i, idx, split, spec.classes, public) for i, idx in enumerate(parts)]
+    with deferred_sync():  # plan.json, written last, commits them: one flush to disk, not four per device
+        node_configs = [_write_node(out_dir, cfg, i, idx, split, spec.classes, public) for i, idx in enumerate(parts)]
     run_config = _run_config(out_dir, cfg, lr, private, max(len(idx) for idx in parts))
     atomic_write_text(out_dir / RUN_CONFIG, "".join(toml_line(k, v) + "\n" for k, v in run_config.items()))
     ensure_dir(out_dir / RESULTS)
@@ -163,6 +171,46 @@ def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
                        for idx in parts],
         "test_examples": len(split.y_test), "run_config": run_config, "node_configs": node_configs})
     return FleetPlan(app_dir(), run_config, node_configs, out_dir / RESULTS)
+
+
+@dataclass(frozen=True)
+class ExportInputs:
+    """What export_bundle makes a fleet's bundle from: the same inputs give the same bundle, so a plan may install
+    one exported before (exporting traces the step graphs with torch: most of a plan's time)."""
+
+    method: MethodConfig  # method, rank, classes, lora_A frozen
+    optimizer: OptimizerConfig  # AdamW at the run's learning rate
+    base: Path  # the pretrained base (.safetensors)
+    engine: str  # the devices' engine
+    seed: int  # LoRA's A draw
+    classes: list[str]  # class names in the manifest
+
+    def write(self, folder: Path) -> None:
+        from edge_ft.host.export import export_bundle
+
+        export_bundle(self.method, self.optimizer, self.base, folder, engine=self.engine, seed=self.seed,
+                      classes=self.classes)
+
+    def key(self) -> str:
+        """A digest of the inputs, the base file's content and the exporter's source (edge_ft/host)."""
+        import hashlib
+
+        from edge_ft.checkpoint import sha256_file
+
+        sources = sorted((Path(__file__).resolve().parents[1] / "host").rglob("*.py"))
+        inputs = {"method": self.method.to_dict(), "optimizer": self.optimizer.to_dict(), "engine": self.engine,
+                  "seed": self.seed, "classes": self.classes, "base": [self.base.name, sha256_file(self.base)]}
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())
+        for path in sources:
+            digest.update(path.read_bytes())
+        return digest.hexdigest()[:20]
+
+    def cached(self, cache: Path) -> Path:
+        """The bundle of these inputs in `cache`, exported there first when it is not (a folder appears whole)."""
+        folder = Path(cache).resolve() / f"{self.method.method}-{self.key()}"
+        if not (folder / MANIFEST).is_file():
+            self.write(folder)
+        return folder
 
 
 def _write_node(out_dir: Path, cfg: PlanConfig, i: int, idx: np.ndarray, split, classes,
@@ -200,6 +248,7 @@ def _run_config(out_dir: Path, cfg: PlanConfig, lr: float, private: Path,
         "stragglers": cfg.stragglers, "link-mbps": float(cfg.link_mbps),
         "sim-nodes": str(out_dir / NODES) if cfg.simulation else "",
         "secagg-max-weight": float(largest) if cfg.secagg else 0.0,  # SecAgg+ weighs by examples: the most any holds
+        "clients-per-round": cfg.clients_per_round,
     }
 
 
