@@ -34,8 +34,15 @@ def test_writer_split_gives_each_device_whole_writer_blocks():
     for p in parts:
         assert p[0] in starts and p[-1] + 1 in ends  # cut only at writer edges
         assert 1 <= sum(a >= p[0] and b <= p[-1] + 1 for a, b in blocks) <= 2
-    with pytest.raises(UserError, match="only 9 writers"):
-        partitions.by_writer(1200, 10)
+    for many in (10, 100, 1000):  # more devices than writers: each device holds a run of one writer's block
+        parts = partitions.by_writer(1200, many)
+        assert len(parts) == many and np.array_equal(np.concatenate(parts), np.arange(1200))
+        assert min(map(len, parts)) >= 1
+        assert all(any(a <= p[0] and p[-1] < b for a, b in blocks) for p in parts)
+        per_writer = [sum(a <= p[0] < b for p in parts) for a, b in blocks]
+        assert all(abs(n - (b - a) * many / 1200) <= 1 for n, (a, b) in zip(per_writer, blocks))  # by their rows
+    with pytest.raises(UserError, match="only 1200 examples"):
+        partitions.by_writer(1200, 1201)
 
 
 def test_dirichlet_skews_labels_more_for_small_alpha():

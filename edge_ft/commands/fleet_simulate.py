@@ -29,6 +29,8 @@ def register_simulate(sub) -> None:
                    help="examples per class of the task's train pool (default: the task's own)")
     p.add_argument("--fraction", type=share, default=0.1, metavar="F",
                    help="share of the online devices sampled per round (default 0.1)")
+    p.add_argument("--clients-per-round", type=int_at_least(1), metavar="K",
+                   help="sample this many online devices per round, seeded, instead of --fraction")
     p.add_argument("--mix", default=DEFAULT_MIX, metavar="P%BOARD,...",  # argparse formats help (not metavar) with %
                    help=f"the fleet's boards, device profiles by share (default {DEFAULT_MIX})".replace("%", "%%"))
     p.add_argument("--availability", default="always", metavar="TRACE",
@@ -70,7 +72,8 @@ def simulate_handler(args) -> int:
             seed=args.seed, batch=args.batch, base=args.base, shots=args.shots, fraction_train=args.fraction,
             min_train_nodes=1, min_available_nodes=1, round_timeout=24 * 3600.0, threads=1, quiet=args.quiet,
             fleet_mix=args.mix, availability=args.availability, deadline=args.deadline,
-            stragglers=args.stragglers, link_mbps=args.link_mbps, simulation=True, secagg=args.secagg))
+            stragglers=args.stragglers, link_mbps=args.link_mbps, simulation=True, secagg=args.secagg,
+            clients_per_round=args.clients_per_round or 0, bundle_cache=out / "bundles"))
         result = simulate(plan, SimulationConfig(cpus_per_client=args.cpus_per_client))
         print(f"{method}: {args.devices} devices, {args.rounds} rounds in {result['wall_seconds']:.0f} s here, peak "
               f"memory {result['peak_memory_mb']:.0f} MiB ({result['peak_memory_mb_per_device']:.2f} per device); "

@@ -2,8 +2,11 @@
 
   writers          mnist→digits: each device holds the digits of one writer or a few. The UCI file lists its
                    13 writers one after another (edge_ft.data.tasks), so the train pool is cut into writer-sized
-                   blocks of 1797/13 ≈ 138 rows and each device gets a run of whole blocks. Writer boundaries are
-                   not recorded in the file: a block edge may fall a few rows inside a neighbour's digits.
+                   blocks of 1797/13 ≈ 138 rows and each device gets a run of whole blocks; with more devices than
+                   writers, the devices are shared out among the writers in proportion to their rows and each
+                   writer's block is cut into contiguous runs among its devices (a device holds some of the digits
+                   of one writer). Writer boundaries are not recorded in the file: a block edge may fall a few rows
+                   inside a neighbour's digits.
   dirichlet:ALPHA  label skew: for each class, the shares of the devices are drawn from Dirichlet(ALPHA) (small
                    ALPHA: few classes per device; large: near-IID), the usual non-IID benchmark for Fashion.
   quantity:ALPHA   quantity skew: labels as in iid, but each device's share of the examples drawn from
@@ -48,11 +51,18 @@ def writer_blocks(rows: int) -> list[tuple[int, int]]:
 
 
 def by_writer(rows: int, num_nodes: int) -> list[np.ndarray]:
-    """Row indices per device: runs of whole writer blocks, as even as whole blocks allow."""
+    """Row indices per device: runs of whole writer blocks, as even as whole blocks allow; with more devices than
+    writers, each writer's block cut into contiguous runs among devices in proportion to its rows (every device
+    holds digits of one writer)."""
     blocks = writer_blocks(rows)
+    if num_nodes > rows:
+        raise UserError(f"{num_nodes} devices but the train pool holds only {rows} examples; use at most {rows}")
     if num_nodes > len(blocks):
-        raise UserError(f"{num_nodes} devices but the train pool holds only {len(blocks)} writers; "
-                        f"use at most {len(blocks)} devices for the writer split")
+        # device d goes to the writer of row (d + 1/2)·rows/num_nodes: devices in proportion to a writer's rows,
+        # never more devices than rows
+        middles = (np.arange(num_nodes) + 0.5) * rows / num_nodes
+        counts = [int(((a <= middles) & (middles < b)).sum()) for a, b in blocks]
+        return [part for (a, b), n in zip(blocks, counts) if n for part in np.array_split(np.arange(a, b), n)]
     cuts = [round(i * len(blocks) / num_nodes) for i in range(num_nodes + 1)]
     return [np.arange(blocks[a][0], blocks[b - 1][1]) for a, b in zip(cuts, cuts[1:])]
 

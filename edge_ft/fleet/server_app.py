@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +75,15 @@ class FleetSettings:
     link_mbps: float  # simulated devices' link speed, megabits per second
     sim_nodes: str  # simulation: the folder of the plan's node configs (node-NN.toml, by partition id); else ""
     secagg_max_weight: float  # > 0: SecAgg+ (edge_ft.fleet.secagg), devices weigh at most this many examples; 0: off
+    clients_per_round: int = 0  # simulated devices: online devices sampled a round, seeded (0: fraction-train)
 
     @classmethod
     def from_run_config(cls, run_config) -> FleetSettings:
         values = {}
         for f in fields(cls):
             key = f.name.replace("_", "-")
+            if key not in run_config and f.default is not MISSING:  # a key added later: older run configs lack it
+                continue
             if key not in run_config:
                 raise UserError(f"run config lacks {key!r}; plan the run with edge_ft.fleet.plan.plan_fleet")
             kind = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
@@ -90,6 +93,8 @@ class FleetSettings:
         check_canary(s.canary, s.canary_tolerance)
         if s.rounds < 1 or s.batch < 1 or s.num_nodes < 1 or (s.local_steps < 1 and s.local_epochs < 1):
             raise UserError("rounds, batch, num-nodes and local-steps (or local-epochs) must be positive")
+        if s.clients_per_round < 0 or (s.clients_per_round and not s.fleet_mix):
+            raise UserError("clients-per-round samples simulated devices: it needs a fleet mix and must be >= 0")
         return s
 
 
@@ -99,7 +104,8 @@ RUN_KEYS = tuple(f.name.replace("_", "-") for f in fields(FleetSettings))
 def run_identity(s: FleetSettings, bundle: Bundle) -> dict:
     """What a resumed run must share with the one it continues (rounds may grow; paths may move)."""
     kept = ("method", "aggregation", "local_steps", "local_epochs", "batch", "lr", "seed", "partitioning",
-            "num_nodes", "fleet_mix", "availability", "deadline", "stragglers", "link_mbps", "secagg_max_weight")
+            "num_nodes", "fleet_mix", "availability", "deadline", "stragglers", "link_mbps", "secagg_max_weight",
+            "clients_per_round")
     return {"bundle_manifest_sha256": sha256_file(bundle.path / MANIFEST), "test_data_sha256":
             sha256_file(Path(s.test_data)), **{k.replace("_", "-"): getattr(s, k) for k in kept}}
 
@@ -181,10 +187,15 @@ class FleetFedAvg(FedAvg):
         if not up:
             log.warning("round %d: no device online", r)
             return []
-        sampled = list(super().configure_train(r, arrays, config, _Online(up)))
+        if self.s.clients_per_round:  # a fixed number, seeded per round: runs that differ only in method compare
+            pick = np.random.default_rng([self.s.seed, 17, r]).permutation(len(up))[:self.s.clients_per_round]
+            sampled = [up[i] for i in sorted(pick)]
+            config["server-round"] = r  # as FedAvg's own sampling puts it
+        else:
+            sampled = [m.metadata.dst_node_id for m in super().configure_train(r, arrays, config, _Online(up))]
         self.last["sampled"] = len(sampled)
         groups: dict[int | None, list[int]] = {}
-        for node in (m.metadata.dst_node_id for m in sampled):
+        for node in sampled:
             board = self.boards[node]
             cost, cap = self.devices.cost(board), self.devices.step_cap(board, arrays.count_bytes())
             if not cost.fits:
