@@ -93,9 +93,11 @@ def register(subparsers) -> None:
                      help="interpreter of the device venv (default .venv-device/bin/python when present)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or round lines")
     run.set_defaults(func=handler)
+    from edge_ft.commands.fleet_scale import register_scale
     from edge_ft.commands.fleet_simulate import register_simulate
 
     register_simulate(sub)
+    register_scale(sub)
 
 
 def add_plan_options(p, default_out: Path) -> None:
