@@ -19,7 +19,6 @@ from typing import IO, Any
 
 from edge_ft.errors import UserError
 
-
 _deferred = threading.local()  # .active: inside deferred_sync(), atomic writes leave flushing to disk to its end
 
 

@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,6 @@ def train_round(bundle: Bundle, x: np.ndarray, y: np.ndarray, s: TrainSettings,
         engine.load_trainable(initial)
         losses: list[float] = []
         seconds: list[float] = []
-        s = replace(s, cache_features=cached)
         for epoch in range(epochs):
             lr = lr_for_epoch(s, epoch, epochs)
             for idx in epoch_batch_indices(len(y), s.batch, s.seed, epoch):

@@ -115,7 +115,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("edge-ft", "flwr", "ray", "onnxruntime", "numpy"):
+    for name in ("edge-ft", "flwr", "ray", "onnxruntime", "onnxruntime-training", "numpy"):
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
     return out
