@@ -8,7 +8,7 @@ DEVICE_PY := $(DEVICE_VENV)/bin/python
 PEERS_VENV := .venv-peers
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo fleet-demo fleet-sim-demo test test-slow test-arm test-cgroup-v2 lint quality style dist docs docs-check \
+.PHONY: demo fleet-demo fleet-sim fleet-scale test test-slow test-arm test-cgroup-v2 lint quality style dist docs docs-check \
 	venv device-venv peers-venv data clean
 
 demo: $(VENV)/.installed $(DEVICE_VENV)/.installed data
@@ -28,13 +28,21 @@ fleet-demo: $(VENV)/.installed $(DEVICE_VENV)/.installed
 
 # A thousand simulated devices (60% Pi Zero 2 W, 30% Pi 4, 10% Pi 5) through Flower's Simulation Engine: the same
 # ServerApp and ClientApp as fleet-demo, Fashion-MNIST with Dirichlet(1) label skew, a diurnal availability trace and
-# a round deadline; LoRA then probing, 20% of the online devices a round. docs/fleet-simulation.md has the figures.
-fleet-sim-demo: $(VENV)/.installed data
-	@[ -f runs/fleet-sim-demo/base.safetensors ] || $(VENV)/bin/edge-ft pretrain --out runs/fleet-sim-demo/base.safetensors
-	FLWR_TELEMETRY_ENABLED=0 $(VENV)/bin/edge-ft fleet simulate --devices 1000 --rounds 5 --method lora,probe \
+# a 0.2 s round deadline; LoRA then probing, 20% of the online devices a round, 10 rounds, then the report.
+# docs/fleet-simulation.md has the figures (a few minutes here).
+fleet-sim: $(VENV)/.installed data
+	@[ -f runs/fleet-sim/base.safetensors ] || $(VENV)/bin/edge-ft pretrain --out runs/fleet-sim/base.safetensors
+	FLWR_TELEMETRY_ENABLED=0 $(VENV)/bin/edge-ft fleet simulate --devices 1000 --rounds 10 --method lora,probe \
 	  --task mnist-fashion --shots 1000 --partitioning dirichlet:1 --local-steps 5 --batch 16 --fraction 0.2 \
-	  --availability diurnal:0.3-0.9 --deadline 0.2 --base runs/fleet-sim-demo/base.safetensors --out runs/fleet-sim-demo
-	$(VENV)/bin/edge-ft report runs/fleet-sim-demo/lora/results runs/fleet-sim-demo/probe/results --out runs/fleet-sim-demo
+	  --availability diurnal:0.3-0.9 --deadline 0.2 --base runs/fleet-sim/base.safetensors --out runs/fleet-sim
+	$(VENV)/bin/edge-ft report runs/fleet-sim/lora/results runs/fleet-sim/probe/results --out runs/fleet-sim
+
+# The scale table: 10, 100 and 1,000 simulated devices × LoRA FedAvg, FFA-LoRA, probe, full × writers,
+# Dirichlet(0.1), Dirichlet(1) (`edge-ft fleet scale`, its defaults; about half an hour here), copied to where the
+# docs page is generated from (docs/hooks/results.py). Stopped, it resumes where it was on the next run.
+fleet-scale: $(VENV)/.installed
+	FLWR_TELEMETRY_ENABLED=0 $(VENV)/bin/edge-ft fleet scale --out runs/fleet-scale
+	cp runs/fleet-scale/fleet-scale.json docs/fleet-scale/fleet-scale.json
 
 # Lint and types, as CI runs them (.ci/run, .pre-commit-config.yaml): ruff's rules and mypy's settings are in
 # pyproject.toml. `make quality` is the same check; `make style` applies ruff's safe fixes (imports, pyupgrade).
