@@ -78,3 +78,6 @@ def test_the_site_builds_strictly_with_the_quickstart_api_and_results(tmp_path):
     results = text_of(site / "results" / "steady" / "index.html")
     assert "machine" in results and "onnxruntime 1.32.0" in results and "2026-12-06" in results
     assert results.count("rpi-zero-2w") >= 10  # one table per set of runs
+    scale = text_of(site / "results" / "fleet-scale" / "index.html")  # from docs/fleet-scale/fleet-scale.json
+    assert "ray 2.55.1" in scale and "rounds to 0.9" in scale and scale.count("FFA-LoRA") >= 9
+    assert (site / "results" / "fleet_scale.png").stat().st_size > 10_000

@@ -8,6 +8,8 @@ runs it; nothing is written into docs/.
                       as tables of tools/repeatability.py; the train checks (docs/steady/check-train-*.json,
                       `profile check --workload train --json`, one file per run, pooled per set) and the barrier probe
                       (docs/steady/barrier-probe.jsonl, tools/barrier_probe.py) after them
+  results/fleet-scale.md  docs/fleet-scale/fleet-scale.json (`edge-ft fleet scale`), its table and plot
+                      (edge_ft.fleet.scale_report; the plot, results/fleet_scale.png, is drawn here too)
 """
 
 from __future__ import annotations
@@ -99,7 +101,21 @@ def steady_page(folder: Path) -> str:
     return "\n".join(lines + _checks_and_probe(folder, meta, loads))
 
 
+def fleet_scale_files(config, docs: Path) -> list[File]:
+    """The scale table's page and plot from the committed results file."""
+    from edge_ft.fleet.scale_record import SCALE_FILE, load_scale
+    from edge_ft.fleet.scale_report import PLOT, plot_png, scale_page
+
+    source = docs / "fleet-scale" / SCALE_FILE
+    results = load_scale(source)
+    return [File.generated(config, "results/fleet-scale.md",
+                           content=scale_page(results, str(source.relative_to(REPO)))),
+            File.generated(config, f"results/{PLOT}", content=plot_png(results))]
+
+
 def on_files(files: Files, config) -> Files:
     docs = Path(config["docs_dir"])
     files.append(File.generated(config, "results/steady.md", content=steady_page(docs / "steady")))
+    for file in fleet_scale_files(config, docs):
+        files.append(file)
     return files
