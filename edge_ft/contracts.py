@@ -22,3 +22,7 @@ MB = 1 << 20  # bytes in a MiB: every memory figure is reported in it (budgets, 
 # Set by `edge-ft profile run` (and every confined run) for its child: the board's memory budget in bytes, which
 # `edge-ft train` sizes its feature cache against when no --profile is given.
 MEMORY_BUDGET_ENV = "EDGE_FT_MEMORY_BUDGET"
+# Set for a child whose time an emulated board scales by a CPU quota: "THREAD,JOB", the shares of one CPU here that each
+# thread and the whole job may use. The trainer turns its CPU time into the board's time with them
+# (edge_ft.device.board_time).
+QUOTA_ENV = "EDGE_FT_CPU_QUOTA"

@@ -175,6 +175,7 @@ def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, s
         "settings": asdict(job.settings), "base_sha256": job.base_sha256,
         "accuracy": None, "epochs": [], "steps": None,
         "ms_per_step_p50": None, "ms_per_step_p95": None, "ms_per_step_mean": None,
+        "cpu_ms_per_step": None, "busiest_thread_ms_per_step": None, "board_ms_per_step": None,
         "epoch_seconds_mean": None, "epoch_seconds_later": None, "time_to_accuracy_s": None,
         "feature_cache_seconds": None,
         "peak_rss_bytes": child_peak_rss(r, spawner_peak), "sampled_rss_bytes": r.sampled_rss_bytes,
@@ -209,6 +210,14 @@ def _run_fields(results: Mapping[str, Any]) -> BenchRecord:
             "train_peak_rss_bytes": None if mem["peak_rss"] is None else round(mem["peak_rss"] * MB)}
 
 
+def cpu_fields(cpu: Mapping[str, Any] | None) -> BenchRecord:
+    """The steps' CPU time and, on an emulated board, the board time it stands for (edge_ft.device.board_time)."""
+    cpu = cpu or {}
+    return {"cpu_ms_per_step": cpu.get("ms_per_step"),
+            "busiest_thread_ms_per_step": cpu.get("busiest_thread_ms_per_step"),
+            "board_ms_per_step": cpu.get("board_ms_per_step")}
+
+
 def device_fields(run_dir: Path) -> BenchRecord:
     """Fields from an `edge-ft train` run, plus the adapter `edge-ft adapter export` makes of it."""
     from edge_ft.device.adapter import CONFIG, RECORD, WEIGHTS, export_adapter
@@ -219,6 +228,7 @@ def device_fields(run_dir: Path) -> BenchRecord:
     return {
         **_run_fields(r),
         "feature_cache_seconds": r.get("feature_cache_seconds"),
+        **cpu_fields(r.get("cpu")),
         "bundle_bytes": sum(r["bundle_bytes"].values()),
         "payload_bytes": adapter[WEIGHTS], "payload_files": adapter,
         "merged_model_bytes": r["artifact_bytes"].get("model.onnx"),
