@@ -25,7 +25,7 @@ from edge_ft.data.npz import load_npz
 from edge_ft.device.bundle import Bundle, load_bundle
 from edge_ft.device.trainer import TrainSettings, train
 from edge_ft.errors import UserError
-from edge_ft.fleet import secagg
+from edge_ft.fleet import dp, faults, secagg
 from edge_ft.fleet.signing import REFUSED, AcceptedRounds, Refused, verify_message
 from edge_ft.fleet.updates import ARRAYS, CANDIDATE_KEYS, CONFIG, METRICS, WEIGHT_KEY, from_arrays, to_arrays
 from edge_ft.trust.keys import PublicKey, load_public_key
@@ -123,7 +123,8 @@ def train_round(msg: Message, context: Context) -> Message:
 
 def train_content(content: RecordDict, context: Context) -> RecordDict | Refused:
     """Train on the node's data from a signed {"arrays", "config"}; the reply's content, or why it is refused."""
-    node = node_from_config(simulated_node_config(context))
+    node_config = simulated_node_config(context)
+    node = node_from_config(node_config)
     accepted = AcceptedRounds(node.round_state, context.state)
     try:
         signed = verify_message(content, CONFIG, _server_key(node.server_key), "train", accepted.load())
@@ -148,6 +149,9 @@ def train_content(content: RecordDict, context: Context) -> RecordDict | Refused
     with tempfile.TemporaryDirectory(prefix="edge-ft-fleet-round-") as run:
         results = train(bundle, (x, y), (x, y), settings, run, initial=start)
         trained = load_safetensors(Path(run) / TRAINED)
+    if dp.CLIP_KEY in config:  # DP: the update (the delta from the global model) clipped before it leaves
+        trained = dp.clip_update(trained, start, float(config[dp.CLIP_KEY]))
+    trained = faults.inject(str(node_config.get(faults.FAULT_KEY, "")), int(config["server-round"]), trained)
     arrays = to_arrays(trained)
     metrics = MetricRecord({
         WEIGHT_KEY: len(y),  # FedAvg weighs a device by the examples it holds

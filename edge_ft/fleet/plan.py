@@ -34,6 +34,7 @@ from edge_ft.data.tasks import get_task, target_split
 from edge_ft.errors import UserError
 from edge_ft.fleet.aggregate import check_aggregation
 from edge_ft.fleet.canary import check_canary
+from edge_ft.fleet.dp import check_dp
 from edge_ft.fleet.partitions import label_histogram, partition
 from edge_ft.training_defaults import DEFAULT_LR
 from edge_ft.trust.keys import load_public_key, new_key_pair
@@ -117,6 +118,8 @@ class PlanConfig:
     link_mbps: float = 10.0  # simulated devices' link speed, megabits per second
     simulation: bool = False  # for Flower's Simulation Engine: the run config names the node configs' folder
     secagg: bool = False  # SecAgg+ (edge_ft.fleet.secagg): the server sees only the weighted sum of the updates
+    dp_noise: float = 0.0  # DP (edge_ft.fleet.dp): noise multiplier of the Gaussian noise on the average
+    dp_clip: float = 0.0  # DP: L2 norm each device's update (delta) is clipped to (0: no DP)
 
 
 def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
@@ -132,6 +135,7 @@ def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
     out_dir = Path(out_dir).resolve()
     check_aggregation(cfg.aggregation, cfg.method)
     check_canary(cfg.canary, cfg.canary_tolerance)
+    check_dp(cfg.dp_noise, cfg.dp_clip)
     if cfg.rounds < 1 or cfg.batch < 1 or cfg.local_steps < 0 or (cfg.local_steps == 0 and cfg.local_epochs < 1):
         raise UserError("rounds and batch must be positive, and local steps (or local epochs) too")
     if cfg.fleet_mix:
@@ -200,6 +204,7 @@ def _run_config(out_dir: Path, cfg: PlanConfig, lr: float, private: Path,
         "stragglers": cfg.stragglers, "link-mbps": float(cfg.link_mbps),
         "sim-nodes": str(out_dir / NODES) if cfg.simulation else "",
         "secagg-max-weight": float(largest) if cfg.secagg else 0.0,  # SecAgg+ weighs by examples: the most any holds
+        "dp-noise": float(cfg.dp_noise), "dp-clip": float(cfg.dp_clip),
     }
 
 
