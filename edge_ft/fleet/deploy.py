@@ -62,6 +62,8 @@ class Fault:
     node: int  # index of the node to kill
     round: int  # the round whose train message it dies in (its n-th train message; every node trains each round)
     rejoin: bool = True  # restart its SuperNode (same key) once that round's training is aggregated
+    message: int = 0  # > 0: die in its message-th train message of the run instead (SecAgg+ sends four a round:
+    #                   setup, key shares, masked vector, unmasking; 3 = after sharing its keys in round 1)
 
 
 @dataclass(frozen=True)
@@ -370,7 +372,7 @@ class _Progress:
         deadline = time.monotonic() + START_TIMEOUT * self.fault.round
         while time.monotonic() < deadline and not self.fed._stop.is_set():
             with self.fed._lock:
-                if node.working_on("train", self.fault.round):
+                if node.working_on("train", self.fault.message or self.fault.round):
                     node.kill()
                     return
             time.sleep(0.05)
