@@ -7,6 +7,7 @@ did_not_fit); "drop_reasons" counts them by kind (REASONS), so a round of a thou
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # kind -> what it means
 REASONS = {
@@ -37,7 +38,7 @@ def rejection_kind(why: str) -> str:
     return "non-finite" if "NaN or Inf" in why or "must be finite" in why else "malformed"
 
 
-def drop_counts(info: dict) -> dict[str, int]:
+def drop_counts(info: dict[str, Any]) -> dict[str, int]:
     """{kind: devices} for one round's record (kinds with none left out)."""
     counts = dict.fromkeys(REASONS, 0)
     for item in info.get("rejected", []):
