@@ -48,7 +48,8 @@ def _run(base, out, tamper=None, **kw):
     grid = LocalGrid(client_app.app, plan.node_configs, plan.run_config, tamper=tamper)
     rounds = server_app.run(grid, server_app.FleetSettings.from_run_config(plan.run_config))
     start = open_engine(load_bundle(plan.run_config["bundle"])).trainable_state()
-    replies = {m.metadata.src_node_id: {n: a.numpy() for n, a in m.content["arrays"].items()} for m in grid.replies}
+    replies = {m.metadata.src_node_id: {n: a.numpy() for n, a in m.content["arrays"].items()} for m in grid.replies
+               if not m.has_error() and "arrays" in m.content.array_records}  # the fleet's own (not SecAgg+'s)
     return rounds[1], load_safetensors(records.state_file(plan.results_dir, 1)), start, replies
 
 
@@ -83,3 +84,17 @@ def test_an_unclipped_update_is_refused(base_checkpoint, tmp_path):
     assert [x["node"] for x in record["rejected"]] == [101] and "exceeds the clipping norm" in \
         record["rejected"][0]["reason"]
     assert record["drop_reasons"] == {"malformed": 1} and len(record["clients"]) == 3
+
+
+@pytest.mark.slow
+def test_secagg_rounds_clip_too(base_checkpoint, tmp_path):
+    """Under SecAgg+ the devices clip the same way (in the ClientApp, not a mod): the clipped average is plain DP's
+    within SecAgg+'s quantisation (1e-4, tests/test_fleet_secagg.py), and the server adds its noise to it."""
+    _, plain, start, plain_replies = _run(base_checkpoint, tmp_path / "plain")
+    clip = 0.5 * min(dp.delta_norm(u, start) for u in plain_replies.values())
+    _, clipped, _, _ = _run(base_checkpoint, tmp_path / "clip", dp_clip=clip)
+    record, secure, _, _ = _run(base_checkpoint, tmp_path / "secure", dp_clip=clip, secagg=True)
+    assert len(record["clients"]) == 4 and record["dp"]["std"] == 0.0 and "secagg" in record
+    for name, value in clipped.items():
+        np.testing.assert_allclose(secure[name], value, atol=1e-4, rtol=0)
+    assert dp.delta_norm(plain, start) > clip * 1.2 > dp.delta_norm(secure, start)
