@@ -33,7 +33,6 @@ from edge_ft.fleet import dp, outcomes, records, secagg
 from edge_ft.fleet.aggregate import check_aggregation, product_gap
 from edge_ft.fleet.canary import canary_nodes, check_canary, run_canary
 from edge_ft.fleet.devices import DeviceModel
-from edge_ft.fleet.dp import check_dp
 from edge_ft.fleet.grid import PromptGrid
 from edge_ft.fleet.holdout import GlobalEvaluator
 from edge_ft.fleet.signing import REFUSED, RoundSigner, load_signer
@@ -91,7 +90,7 @@ class FleetSettings:
         s = cls(**values)
         check_aggregation(s.aggregation, s.method)
         check_canary(s.canary, s.canary_tolerance)
-        check_dp(s.dp_noise, s.dp_clip)
+        dp.check_dp(s.dp_noise, s.dp_clip)
         if s.rounds < 1 or s.batch < 1 or s.num_nodes < 1 or (s.local_steps < 1 and s.local_epochs < 1):
             raise UserError("rounds, batch, num-nodes and local-steps (or local-epochs) must be positive")
         return s
