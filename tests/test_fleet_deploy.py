@@ -292,6 +292,7 @@ def test_secagg_through_superlink_and_supernodes_aggregates_what_fedavg_does(tmp
     # vector, unmasking) in the SecAgg+ run, one in the plain run
     assert [n.messages for n in results[0].nodes] == [1, 1, 1]
     assert [n.messages for n in results[1].nodes] == [4, 4, 4]
+    assert results[0].rounds == results[1].rounds == {1: {"train": [3, 0]}}  # the watcher reads SecAgg+'s line
     start = _start(plain)
     plain_global, secure_global = _global(plain), _global(secure)
     assert set(secure_global) == set(plain_global) == set(start)
@@ -320,6 +321,7 @@ def test_secagg_survives_a_device_killed_after_sharing_keys(tmp_path, base_check
     result = run_federation(secure, SECAGG_PROFILES, DeployConfig(run_dir=tmp_path / "run", cpu_cap=False,
                                                                   progress=False, fault=fault))
     assert result.status == "ok", result.message
+    assert result.rounds[1]["train"][0] == 2  # results SecAgg+ unmasked
     killed = result.nodes[1]
     assert killed.exit_codes[0] == -signal.SIGKILL and killed.restarts == 0
     life = log_text(tmp_path / "run" / "logs" / "node-01.log")
