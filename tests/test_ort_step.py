@@ -25,6 +25,7 @@ from edge_ft.config import METHODS, MethodConfig, OptimizerConfig
 from edge_ft.device.bundle import load_bundle
 from edge_ft.device.engines import open_engine
 from edge_ft.device.engines.onnx_wire import bake_weights
+from edge_ft.device.engines.ort_step import FLAT
 from edge_ft.errors import UserError
 from edge_ft.host.methods import build_model
 
@@ -152,6 +153,8 @@ def test_onnx_reference_evaluator_runs_the_step_graph_like_onnxruntime():
     state = load_file(folder / "state.safetensors")
     graph = onnx.load(folder / "train_step.onnx")
     feed = {"input": features, "labels": y, "lr": np.array(LR["sgd"], np.float32)}
+    trainable = json.loads((folder / "manifest.json").read_text())["trainable"]  # a head's step is flat
+    feed[FLAT] = np.concatenate([state[n].ravel() for n in trainable])
     feed |= {i.name: state[i.name] for i in graph.graph.input if i.name not in feed}
     ours = ReferenceEvaluator(graph).run(None, feed)
     theirs = ort.InferenceSession(folder / "train_step.onnx", providers=["CPUExecutionProvider"]).run(None, feed)
