@@ -6,8 +6,8 @@ such predictions were where measurements exist.
     check(preds, latest_runs(records, "rpi-3b", task))  # predicted / measured, per run
 
 Step time = FLOPs per step / (rate x board speed):
-  FLOPs       the cost model's forward + input-gradient + weight-gradient FLOPs at the sweep's batch (fc3's forward
-              and weight gradient alone on cached features): `measure.step_flops`, the figure every record carries.
+  FLOPs       the cost model's forward + input-gradient + weight-gradient FLOPs at the sweep's batch (a cached label:
+              those of the layers after the cached prefix): `measure.step_flops`, the figure every record carries.
   board speed reference cores the board offers: cpu_speed x thread_speedup(threads) (native: this machine's
               cached host speed x threads).
   rate        effective GFLOP/s one reference core achieved for this engine and method label: FLOPs / measured
