@@ -13,6 +13,13 @@ ENGINES = (TORCH, *BUNDLE_ENGINES)
 # Graph input and output names of every exported graph (training step, inference, features).
 INPUT, LABELS, LR, LOSS, LOGITS, FEATURES = "input", "labels", "lr", "loss", "logits", "features"
 
+# The methods a benchmark sweep measures (bench, demo, recommend, gates): label -> (fine-tuning method, trained on
+# the cached frozen prefix). A cached label trains the same bundle as its method on features computed once.
+SWEEP_LABELS: dict[str, tuple[str, bool]] = {
+    "full": ("full", False), "probe": ("probe", False), "probe-cached": ("probe", True), "lora": ("lora", False),
+    "lora-cached": ("lora", True), "last-k-cached": ("last-k", True),
+}
+
 MANIFEST = "manifest.json"  # a bundle's description: engine, method, files with their hashes
 RESULTS = "results.json"  # a finished run's figures, written last: its presence marks the run as done
 TRAINED = "trained.safetensors"  # a device run's trained parameters
@@ -22,3 +29,7 @@ MB = 1 << 20  # bytes in a MiB: every memory figure is reported in it (budgets, 
 # Set by `edge-ft profile run` (and every confined run) for its child: the board's memory budget in bytes, which
 # `edge-ft train` sizes its feature cache against when no --profile is given.
 MEMORY_BUDGET_ENV = "EDGE_FT_MEMORY_BUDGET"
+# Set for a child whose time an emulated board scales by a CPU quota: "THREAD,JOB", the shares of one CPU here that each
+# thread and the whole job may use. The trainer turns its CPU time into the board's time with them
+# (edge_ft.device.board_time).
+QUOTA_ENV = "EDGE_FT_CPU_QUOTA"

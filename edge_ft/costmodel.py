@@ -38,6 +38,10 @@ Conventions (the tests hold them against torch.utils.flop_counter and autograd's
   one formula for input, weight and bias), so bias-only keeps no linear layer's input but still the convs'.
   Not counted: the loss's int64 labels (8 bytes per example) and nll_loss's scalar weight sum, which autograd
   also keeps; they are inputs and bookkeeping, not activations, and the tests assert exactly that difference.
+- cached=True prices a step on a cached frozen prefix (edge_ft.host.export.prefix): the layers up to the cut (the
+  latest layer before the first that trains which no later layer reads around) run once per example, not per
+  step, and count nothing; when the first layer that trains is a LoRA target reading the cut, its frozen product
+  W0 x comes cached too and its forward counts the adapter's path alone.
 """
 
 from __future__ import annotations
@@ -101,17 +105,36 @@ def input_grad_layers(cfg: MethodConfig) -> list[str]:
             if layer.kind in WEIGHTED and any(requires[i] for i in layer.inputs)]
 
 
-def layer_flops(cfg: MethodConfig, batch: int) -> list[LayerFlops]:
+def cached_prefix(cfg: MethodConfig) -> tuple[set[str], str | None]:
+    """(the layers a cached frozen prefix runs once per example, the LoRA target whose frozen product it hands
+    over too or None), cut where the exporter cuts: the latest layer before the first that trains which no later
+    layer reads around. Empty when the first layer trains (full, bias)."""
+    layers, owners = cfg.network.layers, {owner(n) for n in trainable_names(cfg)}
+    first = next((i for i, layer in enumerate(layers) if layer.name in owners), 0)
+    position = {layer.name: i for i, layer in enumerate(layers)}
+    lowest_read = len(layers)  # the lowest layer index read by any layer after the candidate (INPUT: -1)
+    for i in range(len(layers) - 1, -1, -1):
+        if i < first and lowest_read >= i:
+            target = layers[first]
+            lora = (cfg.method == "lora" and target.name in (cfg.targets or ()) and target.inputs == (layers[i].name,)
+                    and not {f"{target.name}.weight", f"{target.name}.bias"} & set(trainable_names(cfg)))
+            return {layer.name for layer in layers[:i + 1]}, target.name if lora else None
+        lowest_read = min([lowest_read, *(position.get(n, -1) for n in layers[i].inputs)])
+    return set(), None
+
+
+def layer_flops(cfg: MethodConfig, batch: int, cached: bool = False) -> list[LayerFlops]:
     """Per-layer forward / input-gradient / weight-gradient FLOPs of one step at `batch`, conv/linear layers in
-    forward order."""
+    forward order; cached: a step on the cached frozen prefix (the suffix's layers alone)."""
     trainable = set(trainable_names(cfg))
     needs_input_grad = set(input_grad_layers(cfg))
+    prefix, product = cached_prefix(cfg) if cached else (set(), None)
     rows = []
     for layer in cfg.network.layers:
-        if layer.kind not in WEIGHTED:
+        if layer.kind not in WEIGHTED or layer.name in prefix:
             continue  # flop_counter's convention: only conv and matmul ops count
         base = 2 * batch * _macs(layer)  # y = W x, and each of dx = W^T dy, dW = dy x^T
-        forward = base
+        forward = 0 if layer.name == product else base
         backward_input = base if layer.name in needs_input_grad else 0
         backward_weight = base if f"{layer.name}.weight" in trainable else 0
         if cfg.method == "lora" and layer.name in (cfg.targets or ()):
@@ -244,8 +267,9 @@ class CostEstimate:
 
 
 def estimate(cfg: MethodConfig, batch: int = 32, optimizer: OptimizerConfig | str = "adamw",
-             dtype: str = "float32") -> CostEstimate:
-    """Parameters, FLOPs per training step and memory of training cfg.model with `cfg` at `batch`."""
+             dtype: str = "float32", cached: bool = False) -> CostEstimate:
+    """Parameters, FLOPs per training step and memory of training cfg.model with `cfg` at `batch`; cached: the
+    step's FLOPs on a cached frozen prefix (layer_flops)."""
     batch_arg = batch
     try:
         batch = -1 if isinstance(batch, bool) else operator.index(batch)  # ints, numpy ints; not 2.5, "32", True
@@ -266,7 +290,7 @@ def estimate(cfg: MethodConfig, batch: int = 32, optimizer: OptimizerConfig | st
         "activations": sum(saved.values()),
     }
     memory["total"] = sum(memory.values())
-    return CostEstimate(cfg, batch, opt.name, dtype, params, tuple(layer_flops(cfg, batch)), saved, memory)
+    return CostEstimate(cfg, batch, opt.name, dtype, params, tuple(layer_flops(cfg, batch, cached)), saved, memory)
 
 
 def estimate_all(lora: MethodConfig, batch: int = 32, optimizer: OptimizerConfig | str = "adamw",
@@ -280,5 +304,5 @@ def estimate_all(lora: MethodConfig, batch: int = 32, optimizer: OptimizerConfig
     return {name: estimate(cfg, batch, optimizer, dtype) for name, cfg in configs.items()}
 
 
-__all__ = ["DTYPES", "DTYPE_BYTES", "CostEstimate", "LayerFlops", "estimate", "estimate_all", "input_grad_layers",
-           "layer_flops", "layer_macs", "saved_activation_elements"]
+__all__ = ["DTYPES", "DTYPE_BYTES", "CostEstimate", "LayerFlops", "cached_prefix", "estimate", "estimate_all",
+           "input_grad_layers", "layer_flops", "layer_macs", "saved_activation_elements"]

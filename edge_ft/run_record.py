@@ -64,6 +64,16 @@ class DeviceMemory(TypedDict):
     ru_maxrss: float  # MB, the kernel's high-water mark for the process
 
 
+class StepCpu(TypedDict):
+    """The CPU time of the training steps, and on an emulated board the board's time it stands for."""
+
+    steps: int  # steps counted: whole epochs' step loops, every process of a resumed run
+    ms_per_step: float | None  # CPU ms per step, all threads of the process
+    busiest_thread_ms_per_step: float | None  # the busiest thread's share of it
+    quota: dict[str, float] | None  # {"thread", "job"}: the emulated board's CPU shares; None outside one
+    board_ms_per_step: float | None  # the board's time per step the quota makes of it (edge_ft.device.board_time)
+
+
 class TrainResults(TypedDict):
     """`edge-ft train`'s results.json."""
 
@@ -81,6 +91,7 @@ class TrainResults(TypedDict):
     feature_cache: NotRequired[dict[str, Any]]  # the cache's settings and the first trained layer
     op_profile: NotRequired[dict[str, Any] | None]  # the per-op profile's summary, when one was taken
     memory_mb: DeviceMemory
+    cpu: NotRequired[StepCpu]  # absent in files written before it
     bundle_bytes: dict[str, int]  # bytes of each file of the bundle
     summary: NotRequired[RunSummary]  # absent in files written before it; read it with read_summary
     artifact_bytes: NotRequired[dict[str, int]]  # bytes of each file of the run folder, results.json excepted

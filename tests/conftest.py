@@ -43,7 +43,8 @@ def reference_host_speed(tmp_path_factory):
 
 # Areas a contributor can run alone (`pytest -m fleet`), besides `slow`: by test module, registered in pyproject.toml.
 AREA_MARKERS = {
-    "fleet": ("test_fleet", "test_fleet_deploy", "test_fleet_lean", "test_fleet_trust"),
+    "fleet": ("test_fleet", "test_fleet_deploy", "test_fleet_lean", "test_fleet_trust", "test_fleet_secagg",
+              "test_fleet_sim", "test_fleet_dp", "test_fleet_faults"),
     "cgroup": ("test_cgroup_v2", "test_cgroup_v2_harness", "test_cancel", "test_emulate", "test_hostspeed"),
     "arm": ("test_arm_harness", "test_pi_path"),
 }

@@ -224,3 +224,23 @@ def test_default_split_by_hand():
 def test_bad_arguments_are_user_errors(kw):
     with pytest.raises(UserError):
         estimate(MethodConfig("full"), **kw)
+
+
+def test_a_cached_step_counts_the_layers_after_the_prefix():
+    """estimate(cached=True): the prefix's layers count nothing; LoRA's first target keeps its adapter path alone
+    (its frozen product comes cached); the head graphs' counted FLOPs hold it (test_step_graph_costs, slow)."""
+    from edge_ft.bench.measure import step_flops
+
+    def layers(cfg):
+        return {r.layer: r for r in estimate(cfg, 32, "adamw", cached=True).layers}
+
+    probe = layers(MethodConfig("probe"))
+    assert list(probe) == ["fc3"] and sum(r.forward + r.backward_weight for r in probe.values()) == 107_520
+    assert step_flops(MethodConfig("probe"), "probe-cached", 32)["total"] == 107_520  # the figure records carried
+    lora = layers(MethodConfig("lora", rank=2))
+    fc1 = estimate(MethodConfig("lora", rank=2), 32).layers[2]
+    assert list(lora) == ["fc1", "fc2", "fc3"] and lora["fc1"].forward == fc1.forward - 2 * 32 * 256 * 120
+    assert lora["fc2"] == estimate(MethodConfig("lora", rank=2), 32).layers[3]
+    assert list(layers(MethodConfig("last-k", last_k=2))) == ["fc2", "fc3"]
+    full = MethodConfig("full")
+    assert estimate(full, 32, cached=True).flops == estimate(full, 32).flops  # no prefix: the first layer trains

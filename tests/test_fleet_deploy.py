@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from fleet_support import PLAN, fleet_plan
@@ -242,3 +243,97 @@ def test_interrupt_leaves_no_process_or_cgroup(tmp_path, sig):
         time.sleep(0.2)
     assert flower_processes(run_dir) == []
     assert our_cgroups(driver.pid) == []
+
+
+# SecAgg+ quantises each weighted value to 16 / 2^22 (Flower's defaults: clipping range 8, 2^22 levels): ~4e-6 per
+# device and value; 1e-4 bounds three devices with room, and the round moves the model by far more.
+QUANTISATION = 1e-4
+SECAGG_PROFILES = ["rpi-zero-2w", "rpi-4b-2gb", "rpi-4b-2gb"]  # SecAgg+ needs 3 devices to survive a drop-out
+
+
+def _secagg_plan(out: Path, base: Path, secure: bool, key: Path | None = None):
+    """LoRA FedAvg, 3 devices by writer, 1 round; every device sampled (a round waits for all three)."""
+    from edge_ft.fleet.plan import PlanConfig, plan_fleet
+
+    return plan_fleet(out, PlanConfig("lora", task="mnist-digits", num_nodes=3, partitioning="writers", rounds=1,
+                                      local_steps=3, batch=16, aggregation="fedavg", seed=0, base=base, threads=1,
+                                      min_train_nodes=3, min_available_nodes=3, round_timeout=90.0, secagg=secure,
+                                      signing_key=key))
+
+
+def _global(plan) -> dict:
+    from edge_ft.checkpoint import load_safetensors
+    from edge_ft.fleet import records
+
+    return load_safetensors(records.state_file(plan.results_dir, 1))
+
+
+def _start(plan) -> dict:
+    from edge_ft.device.bundle import load_bundle
+    from edge_ft.device.engines import open_engine
+
+    return open_engine(load_bundle(plan.run_config["bundle"])).trainable_state()
+
+
+def _round_one(plan) -> dict:
+    return [json.loads(line) for line in (plan.results_dir / "rounds.jsonl").read_text().splitlines()][1]
+
+
+@pytest.mark.slow
+def test_secagg_through_superlink_and_supernodes_aggregates_what_fedavg_does(tmp_path, base_checkpoint):
+    """Plain FedAvg, then SecAgg+, on one SuperLink and the same three SuperNodes (TLS, node auth): the same devices
+    train the same data from the same bundle, and the global model after the round agrees within quantisation."""
+    plain = _secagg_plan(tmp_path / "plain", base_checkpoint, False)
+    secure = _secagg_plan(tmp_path / "secure", base_checkpoint, True, Path(plain.run_config["signing-key"]))
+    results = run_fleet([plain, secure], SECAGG_PROFILES,
+                        DeployConfig(run_dir=tmp_path / "deploy", cpu_cap=False, progress=False))
+    assert [r.status for r in results] == ["ok", "ok"], [r.message for r in results]
+    # through the real runtime each device got the protocol's four train messages (setup, key shares, masked
+    # vector, unmasking) in the SecAgg+ run, one in the plain run
+    assert [n.messages for n in results[0].nodes] == [1, 1, 1]
+    assert [n.messages for n in results[1].nodes] == [4, 4, 4]
+    assert results[0].rounds == results[1].rounds == {1: {"train": [3, 0]}}  # the watcher reads SecAgg+'s line
+    start = _start(plain)
+    plain_global, secure_global = _global(plain), _global(secure)
+    assert set(secure_global) == set(plain_global) == set(start)
+    for name, value in plain_global.items():
+        assert np.abs(value - start[name]).max() > 100 * QUANTISATION  # the round moved the model
+        np.testing.assert_allclose(secure_global[name], value, atol=QUANTISATION, rtol=0)
+    p, s = _round_one(plain), _round_one(secure)
+    assert len(p["clients"]) == len(s["clients"]) == 3 and p["drop_reasons"] == s["drop_reasons"] == {}
+    assert sorted(c["num-examples"] for c in p["clients"]) == sorted(c["num-examples"] for c in s["clients"])
+    assert s["secagg"]["messages"] == 3 * 4 * 2  # four exchanges with each device, a message each way
+    assert s["bytes_down"] > p["bytes_down"] and s["bytes_up"] > p["bytes_up"]  # keys, shares, masked vectors
+    assert flower_processes(tmp_path / "deploy") == [] and our_cgroups(os.getpid()) == []
+
+
+@pytest.mark.slow
+def test_secagg_survives_a_device_killed_after_sharing_keys(tmp_path, base_checkpoint):
+    """SIGKILL one SuperNode when its third train message arrives (the masked-vector stage, its keys shared): the
+    survivors' shares rebuild its masks and the round aggregates the other two devices, as plain FedAvg of those two
+    does (in process, tests/fleet_grid.py, the same partitions)."""
+    from fleet_grid import LocalGrid
+
+    from edge_ft.fleet import client_app, server_app
+
+    secure = _secagg_plan(tmp_path / "secure", base_checkpoint, True)
+    fault = Fault(node=1, round=1, rejoin=False, message=3)
+    result = run_federation(secure, SECAGG_PROFILES, DeployConfig(run_dir=tmp_path / "run", cpu_cap=False,
+                                                                  progress=False, fault=fault))
+    assert result.status == "ok", result.message
+    assert result.rounds[1]["train"][0] == 2  # results SecAgg+ unmasked
+    killed = result.nodes[1]
+    assert killed.exit_codes[0] == -signal.SIGKILL and killed.restarts == 0
+    life = log_text(tmp_path / "run" / "logs" / "node-01.log")
+    assert life.count("Receiving: train message") == 3 and life.count("Sending: train") == 2  # keys shared
+    r = _round_one(secure)
+    assert len(r["clients"]) == 2 and r["drop_reasons"] == {"no-reply": 1} and r["sampled"] == 3
+    plain = _secagg_plan(tmp_path / "plain", base_checkpoint, False)  # the survivors, partitions 0 and 2
+    grid = LocalGrid(client_app.app, plain.node_configs, plain.run_config,
+                     tamper=lambda node, reply: None if node == 101 else reply)
+    server_app.run(grid, server_app.FleetSettings.from_run_config(plain.run_config))
+    start, expected, after = _start(secure), _global(plain), _global(secure)
+    for name, value in expected.items():
+        assert np.abs(value - start[name]).max() > 100 * QUANTISATION
+        np.testing.assert_allclose(after[name], value, atol=QUANTISATION, rtol=0)
+    assert flower_processes(tmp_path / "run") == [] and our_cgroups(os.getpid()) == []

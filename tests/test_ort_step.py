@@ -25,6 +25,7 @@ from edge_ft.config import METHODS, MethodConfig, OptimizerConfig
 from edge_ft.device.bundle import load_bundle
 from edge_ft.device.engines import open_engine
 from edge_ft.device.engines.onnx_wire import bake_weights
+from edge_ft.device.engines.ort_step import FLAT
 from edge_ft.errors import UserError
 from edge_ft.host.methods import build_model
 
@@ -152,6 +153,8 @@ def test_onnx_reference_evaluator_runs_the_step_graph_like_onnxruntime():
     state = load_file(folder / "state.safetensors")
     graph = onnx.load(folder / "train_step.onnx")
     feed = {"input": features, "labels": y, "lr": np.array(LR["sgd"], np.float32)}
+    trainable = json.loads((folder / "manifest.json").read_text())["trainable"]  # a head's step is flat
+    feed[FLAT] = np.concatenate([state[n].ravel() for n in trainable])
     feed |= {i.name: state[i.name] for i in graph.graph.input if i.name not in feed}
     ours = ReferenceEvaluator(graph).run(None, feed)
     theirs = ort.InferenceSession(folder / "train_step.onnx", providers=["CPUExecutionProvider"]).run(None, feed)
@@ -318,3 +321,41 @@ def test_decompositions_match_autograd_beyond_lenet(tmp_path):
     assert loss == pytest.approx(torch_loss.item(), rel=1e-6)
     for name, p, new in zip(names, model.parameters(), updated):
         np.testing.assert_allclose(new, (p - opt.lr * p.grad).detach().numpy(), rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_flat_step_updates_exactly_like_the_step_per_tensor(tmp_path):
+    """A head's flat step graph (every trainable tensor in one vector) and the per-tensor step graph of the same model
+    give the same loss, logits, weights and AdamW moments, bit for bit, over three steps."""
+    from edge_ft.device.engines.ort_step import STEP_KEY, next_name, optimizer_keys
+    from edge_ft.host.export.ort_step import write_step_graphs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(84, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    model.input_shape = (84,)
+    model[0].weight.requires_grad = False  # a frozen tensor too: it stays a graph input in both forms
+    opt, trainable = OptimizerConfig("adamw", lr=0.05), ["0.bias", "2.weight", "2.bias"]
+    runs = {}
+    for flat in (False, True):
+        write_step_graphs(model, trainable, opt, tmp_path / str(flat), flat=flat)
+        session = ort.InferenceSession(tmp_path / str(flat) / "train_step.onnx", providers=["CPUExecutionProvider"])
+        state = load_file(tmp_path / str(flat) / "state.safetensors")
+        names = [FLAT] if flat else trainable
+        updated = {FLAT: np.concatenate([state[n].ravel() for n in trainable])} if flat else {
+            n: state[n] for n in trainable}
+        updated |= {k: np.zeros((), np.int64) if k == STEP_KEY else np.zeros_like(updated[k.split(".", 1)[1]])
+                    for k in optimizer_keys(opt.name, names)}
+        outs = []
+        for _, y in support.mnist_batches()[:3]:
+            feed = {"input": np.random.default_rng(len(outs)).random((len(y), 84), dtype=np.float32), "labels": y,
+                    "lr": np.array(opt.lr, np.float32), "0.weight": state["0.weight"], **updated}
+            got = session.run(None, feed)
+            updated = dict(zip(updated, got[2:]))
+            assert [o.name for o in session.get_outputs()][2:] == [next_name(k) for k in updated]
+            outs.append(got[:2])
+        runs[flat] = (outs, updated)
+    (per_tensor, last), (flat_outs, flat_last) = runs[False], runs[True]
+    for (loss, logits), (flat_loss, flat_logits) in zip(per_tensor, flat_outs):
+        assert np.array_equal(loss, flat_loss) and np.array_equal(logits, flat_logits)
+    for buf in ("", "exp_avg.", "exp_avg_sq."):
+        assert np.array_equal(np.concatenate([last[buf + n].ravel() for n in trainable]), flat_last[buf + FLAT])
+    assert last[STEP_KEY] == flat_last[STEP_KEY] == 3

@@ -50,6 +50,11 @@ def test_cached_prefix_trains_the_same_steps(method):
     cfg, first = CACHED[method]
     b = load_bundle(bundle_path(cfg, ADAMW))
     assert b.manifest["features"]["first_trained"] == first and set(b.head.trainable) == set(b.trainable)
+    # LoRA's first target (fc1) hands its frozen product W0 x + b over with its input: 256 + 120 features
+    product = 120 if method.startswith("lora") else 0
+    assert b.manifest["features"]["frozen_product"] == product
+    assert b.manifest["features"]["shape"][-1] == {"fc1": 256 + product, "fc2": 120, "fc3": 84}[first]
+    assert ("fc1.weight" in b.head.frozen) == (first == "fc1" and not product)
     plain, cached = run(method, "--no-cache"), run(method)  # cached by default: two epochs read each example twice
     a, c = results(plain), results(cached)
     assert not a["feature_cache"]["use"] and c["feature_cache"]["use"] and c["feature_cache"]["in_memory"]

@@ -6,6 +6,7 @@ cost model's convention. Nodes whose output has no batch axis produce parameter 
 are the forward (the forward graph's nodes) plus the activation gradients.
 """
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -21,6 +22,7 @@ from edge_ft.config import MethodConfig, OptimizerConfig
 from edge_ft.costmodel import estimate, input_grad_layers
 from edge_ft.data.npz import to_float
 from edge_ft.data.readers import read_mnist_5k
+from edge_ft.device.engines.ort_step import FLAT, optimizer_keys
 
 BATCH = 61
 COUNTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -95,6 +97,23 @@ def test_graph_flops_equal_the_cost_model(cfg):
     assert activation - est["forward"] == est["backward_input"]
     assert weight_grads == est["backward_weight"]
     assert sum(f for *_, f in train) == est["total"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.method != "full"], ids=config_id)
+def test_head_graph_flops_equal_the_cached_cost_model(cfg):
+    """The step on a cached prefix (the head bundle: LoRA's first target adds its adapter to a cached frozen
+    product) runs what estimate(cached=True) prices, no more."""
+    folder = support.bundle_path(cfg, OPT) / "head"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    state = load_file(folder / "state.safetensors")
+    flat = np.concatenate([state[n].ravel() for n in manifest["trainable"]])
+    feeds = {"input": np.random.default_rng(0).random((BATCH, *manifest["input_shape"]), dtype=np.float32),
+             "labels": np.arange(BATCH, dtype=np.int64) % cfg.num_classes, "lr": np.array(0.05, np.float32),
+             FLAT: flat, **{k: np.zeros_like(flat) for k in optimizer_keys(OPT.name, [FLAT])},
+             **{n: state[n] for n in manifest["frozen"]}}
+    train = node_flops(folder / "train_step.onnx", feeds)
+    assert sum(f for *_, f in train) == estimate(cfg, BATCH, OPT, "float32", cached=True).flops["total"]
 
 
 @pytest.mark.slow

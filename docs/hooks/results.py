@@ -93,7 +93,8 @@ def steady_page(folder: Path) -> str:
                   + (f", load average (1 min) {min(load):.1f}–{max(load):.1f}" if load else "")
                   + f" ({', '.join(p.name for p in paths)})", "",
                   "| profile | method | ms/step per run | median | largest departure | CPU s per run | "
-                  "throttled s per run | departure of ms/step per CPU-s |", "|---|---|---|---:|---:|---|---|---:|"]
+                  "throttled s per run | departure of ms/step per CPU-s | board ms/step from CPU time |",
+                  "|---|---|---|---:|---:|---|---|---:|---|"]
         runs = rep.cells([str(p) for p in paths])
         for key in sorted(runs, key=lambda k: (rep.ORDER.get(k[0], 9), k[0], k[1])):
             lines.append(rep.row(key[0], key[1], runs[key]))

@@ -6,8 +6,8 @@ such predictions were where measurements exist.
     check(preds, latest_runs(records, "rpi-3b", task))  # predicted / measured, per run
 
 Step time = FLOPs per step / (rate x board speed):
-  FLOPs       the cost model's forward + input-gradient + weight-gradient FLOPs at the sweep's batch (fc3's forward
-              and weight gradient alone on cached features): `measure.step_flops`, the figure every record carries.
+  FLOPs       the cost model's forward + input-gradient + weight-gradient FLOPs at the sweep's batch (a cached label:
+              those of the layers after the cached prefix): `measure.step_flops`, the figure every record carries.
   board speed reference cores the board offers: cpu_speed x thread_speedup(threads) (native: this machine's
               cached host speed x threads).
   rate        effective GFLOP/s one reference core achieved for this engine and method label: FLOPs / measured
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_ft.bench.measure import LABELS, SweepSettings, step_flops
+from edge_ft.bench.measure import LABELS, SweepSettings, label_config, step_flops
 from edge_ft.bench.records import BenchRecord, step_ms
 from edge_ft.config import MethodConfig
 from edge_ft.contracts import MB
@@ -185,7 +185,7 @@ def _batch(r: BenchRecord) -> int:
 def training_memory(method: str, batch: int, settings: dict, num_classes: int = 10) -> int:
     """Bytes the cost model counts for training: weights, gradients, optimizer state, saved activations."""
     cfg = MethodConfig(method, rank=settings.get("rank") or 2, alpha=settings.get("alpha") or 4.0,
-                       num_classes=num_classes)
+                       last_k=settings.get("last_k") or 2, num_classes=num_classes)
     return estimate(cfg, batch, DEFAULTS[method].optimizer).memory["total"]
 
 
@@ -254,7 +254,7 @@ def predict_runs(records: list[BenchRecord], profile: DeviceProfile, task: str, 
         for engine in engines:
             if engine == "torch" and LABELS[label][1] or (label, engine) not in speed:
                 continue
-            flops = step_flops(MethodConfig(method, rank=settings.rank, alpha=settings.alpha), label, batch)
+            flops = step_flops(label_config(label, settings), label, batch)
             ms = flops["total"] / (speed[label, engine].value * 1e9 * together) * 1000
             model = training_memory(method, batch, vars(settings))
             peak = floors[engine].value * MB + working[engine].value * MB + model

@@ -25,7 +25,7 @@ from edge_ft.architecture import count_params
 from edge_ft.bench.prepare import Prepared, installable
 from edge_ft.bench.records import SCHEMA, BenchRecord, Epoch, host_fields, run_key
 from edge_ft.config import MethodConfig
-from edge_ft.contracts import MB, RESULTS
+from edge_ft.contracts import MB, RESULTS, SWEEP_LABELS
 from edge_ft.costmodel import estimate
 from edge_ft.data.tasks import task_slug
 from edge_ft.emulation.emulate import ConfinedResult, run_confined
@@ -35,8 +35,7 @@ from edge_ft.run_record import read_results, read_summary
 from edge_ft.training_defaults import DEFAULTS
 
 TORCH_WEIGHTS = "weights.safetensors"  # edge_ft.host.finetune.WEIGHTS_FILE; that module imports torch
-# Method tokens of a sweep -> (method, train on cached backbone features).
-LABELS = {"full": ("full", False), "probe": ("probe", False), "probe-cached": ("probe", True), "lora": ("lora", False)}
+LABELS = SWEEP_LABELS  # method tokens of a sweep -> (method, train on the cached frozen prefix)
 
 
 @dataclass(frozen=True)
@@ -47,17 +46,19 @@ class SweepSettings:
     seed: int = 0  # batch order (and LoRA/head init of the torch engine)
     rank: int = 2  # LoRA rank
     alpha: float = 4.0  # LoRA alpha
+    last_k: int = 2  # last-k: weight layers trained whole, counted back from the output (LeNet-5: fc2, fc3)
     host_speed: float = 1.0  # this machine's core speed vs the reference core (scales the CPU quota)
     target_accuracy: float = 0.9  # time-to-accuracy threshold (derived from per-epoch figures, not part of the key)
 
     def identity(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "target_accuracy"}
+        """What makes two runs comparable; last_k only for last-k runs (Job.key), so other runs keep their keys."""
+        return {k: v for k, v in asdict(self).items() if k not in ("target_accuracy", "last_k")}
 
 
 @dataclass(frozen=True)
 class Job:
     task: str  # canonical task name, e.g. "mnist→digits", or the absolute path of a data folder (--data)
-    label: str  # full | probe | probe-cached | lora
+    label: str  # a key of SWEEP_LABELS
     engine: str  # torch | ort-training | ort-step
     profile: DeviceProfile
     settings: SweepSettings
@@ -73,26 +74,28 @@ class Job:
 
     @property
     def key(self) -> str:
+        settings = self.settings.identity()
+        if self.method == "last-k":
+            settings["last_k"] = self.settings.last_k
         return run_key({"task": self.task, "label": self.label, "engine": self.engine,
-                        "profile": profile_identity(self.profile), "settings": self.settings.identity(),
-                        "base": self.base_sha256})
+                        "profile": profile_identity(self.profile), "settings": settings, "base": self.base_sha256})
 
     def method_config(self, num_classes: int) -> MethodConfig:
-        s = self.settings
-        return MethodConfig(self.method, rank=s.rank, alpha=s.alpha, num_classes=num_classes)
+        return label_config(self.label, self.settings, num_classes)
 
     def run_dir(self, root: Path) -> Path:
         return root / "runs" / self.profile.name / task_slug(self.task) / f"{self.label}-{self.engine}"
 
 
+def label_config(label: str, s: SweepSettings, num_classes: int = 10) -> MethodConfig:
+    """The MethodConfig a sweep label trains with these settings."""
+    return MethodConfig(LABELS[label][0], rank=s.rank, alpha=s.alpha, last_k=s.last_k, num_classes=num_classes)
+
+
 def step_flops(cfg: MethodConfig, label: str, batch: int) -> dict[str, int]:
     """The cost model's FLOPs of one training step of a sweep label: forward, backward_input, backward_weight and
-    total (a record's flops_per_step)."""
-    est = estimate(cfg, batch, DEFAULTS[cfg.method].optimizer)
-    if LABELS[label][1]:  # the head alone trains on cached 84-d features: fc3's forward and weight gradient
-        fc3 = est.layers[-1]
-        return {"forward": fc3.forward, "backward_input": 0, "backward_weight": fc3.backward_weight,
-                "total": fc3.forward + fc3.backward_weight}
+    total (a record's flops_per_step); a cached label's step runs the suffix after the cached frozen prefix."""
+    est = estimate(cfg, batch, DEFAULTS[cfg.method].optimizer, cached=LABELS[label][1])
     return {k: est.flops[k] for k in ("forward", "backward_input", "backward_weight", "total")}
 
 
@@ -175,6 +178,7 @@ def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, s
         "settings": asdict(job.settings), "base_sha256": job.base_sha256,
         "accuracy": None, "epochs": [], "steps": None,
         "ms_per_step_p50": None, "ms_per_step_p95": None, "ms_per_step_mean": None,
+        "cpu_ms_per_step": None, "busiest_thread_ms_per_step": None, "board_ms_per_step": None,
         "epoch_seconds_mean": None, "epoch_seconds_later": None, "time_to_accuracy_s": None,
         "feature_cache_seconds": None,
         "peak_rss_bytes": child_peak_rss(r, spawner_peak), "sampled_rss_bytes": r.sampled_rss_bytes,
@@ -209,6 +213,14 @@ def _run_fields(results: Mapping[str, Any]) -> BenchRecord:
             "train_peak_rss_bytes": None if mem["peak_rss"] is None else round(mem["peak_rss"] * MB)}
 
 
+def cpu_fields(cpu: Mapping[str, Any] | None) -> BenchRecord:
+    """The steps' CPU time and, on an emulated board, the board time it stands for (edge_ft.device.board_time)."""
+    cpu = cpu or {}
+    return {"cpu_ms_per_step": cpu.get("ms_per_step"),
+            "busiest_thread_ms_per_step": cpu.get("busiest_thread_ms_per_step"),
+            "board_ms_per_step": cpu.get("board_ms_per_step")}
+
+
 def device_fields(run_dir: Path) -> BenchRecord:
     """Fields from an `edge-ft train` run, plus the adapter `edge-ft adapter export` makes of it."""
     from edge_ft.device.adapter import CONFIG, RECORD, WEIGHTS, export_adapter
@@ -219,6 +231,7 @@ def device_fields(run_dir: Path) -> BenchRecord:
     return {
         **_run_fields(r),
         "feature_cache_seconds": r.get("feature_cache_seconds"),
+        **cpu_fields(r.get("cpu")),
         "bundle_bytes": sum(r["bundle_bytes"].values()),
         "payload_bytes": adapter[WEIGHTS], "payload_files": adapter,
         "merged_model_bytes": r["artifact_bytes"].get("model.onnx"),

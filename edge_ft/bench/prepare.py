@@ -234,7 +234,8 @@ def prepare_all(spec: dict) -> dict:
     data = {task: ensure_data(root, task) for task in spec["tasks"]}
     bundles = []
     for label, method, engine, task in spec["bundles"]:
-        cfg = MethodConfig(method, rank=spec["rank"], alpha=spec["alpha"], num_classes=data[task][1])
+        cfg = MethodConfig(method, rank=spec["rank"], alpha=spec["alpha"], last_k=spec.get("last_k", 1),
+                           num_classes=data[task][1])
         bundles.append([label, engine, task, str(ensure_bundle(root, base, sha, cfg, engine))])
     return {"base": str(base), "base_sha256": sha, "data": {t: [str(f), n] for t, (f, n) in data.items()},
             "bundles": bundles}

@@ -61,8 +61,8 @@ class BenchRecord(TypedDict, total=False):
     key: str  # run_key of what was measured: equal inputs, equal key
     task: str  # canonical task name, a data folder, or "synthetic" (per-model records)
     method: str  # full | probe | lora | bias | last-k
-    label: str  # the sweep's method token: full | probe | probe-cached | lora (a per-model record: its method)
-    cache_features: bool  # probe trained on cached backbone features
+    label: str  # the sweep's method token, a key of SWEEP_LABELS (a per-model record: its method)
+    cache_features: bool  # trained on the cached frozen prefix
     engine: str  # torch | ort-training | ort-step
     settings: dict[str, Any]  # SweepSettings / TradeoffSettings as a dict
     base_sha256: str  # the base weights every run starts from
@@ -105,7 +105,10 @@ class BenchRecord(TypedDict, total=False):
     # time
     ms_per_step_p50: float | None  # step time, median
     ms_per_step_p95: float | None  # step time, 95th percentile
-    ms_per_step_mean: float | None  # step time, mean (what a quota-limited run quotes: see step_ms)
+    ms_per_step_mean: float | None  # step time, mean (wall time under a quota)
+    cpu_ms_per_step: float | None  # CPU time of a step, all threads (device engines)
+    busiest_thread_ms_per_step: float | None  # the busiest thread's part of it
+    board_ms_per_step: float | None  # under a quota: the board's time its CPU time stands for (see step_ms)
     repeats_ms_per_step_p50: list[float | None]  # a native run's repetitions (the fastest is the record)
     wall_seconds: float  # the whole child's wall time
     cpu_seconds: float  # CPU time the job used
@@ -227,7 +230,12 @@ def latest_runs(records: list[BenchRecord], profile: str | None = None, task: st
 
 
 def step_ms(record: Mapping[str, Any]) -> float | None:
-    """The step time a record stands for: the mean under a CPU quota (p50 is uneven there), p50 otherwise."""
-    key = "ms_per_step_mean" if record.get("time_scaled") else "ms_per_step_p50"
-    value = record.get(key)
-    return None if value is None or not math.isfinite(value) else float(value)
+    """The step time a record stands for. Under a CPU quota: the board time its CPU time stands for
+    (edge_ft.device.board_time: steady where wall time moves with how the host delivers the quota), else the mean
+    wall time (records without it; p50 is uneven there). Otherwise p50."""
+    keys = ("board_ms_per_step", "ms_per_step_mean") if record.get("time_scaled") else ("ms_per_step_p50",)
+    for key in keys:
+        value = record.get(key)
+        if value is not None and math.isfinite(value):
+            return float(value)
+    return None

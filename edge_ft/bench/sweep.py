@@ -78,7 +78,8 @@ def prepare(jobs: list[Job], root: Path, opts: SweepOptions) -> tuple[Prepared, 
     wanted = {(j.label, j.method, j.engine, j.task): None for j in jobs if j.engine != "torch"}
     got = prepare_in_child({"root": str(root), "base": opts.base, "pretrain_epochs": opts.pretrain_epochs,
                             "quiet": opts.quiet, "tasks": list(dict.fromkeys(j.task for j in jobs)),
-                            "bundles": [list(k) for k in wanted], "rank": settings.rank, "alpha": settings.alpha})
+                            "bundles": [list(k) for k in wanted], "rank": settings.rank, "alpha": settings.alpha,
+                            "last_k": settings.last_k})
     prep = Prepared(root=root, base=Path(got["base"]), base_sha256=got["base_sha256"],
                     device_python=find_device_python(opts.device_python), host_python=sys.executable)
     data = {task: (Path(folder), classes) for task, (folder, classes) in got["data"].items()}

@@ -9,13 +9,13 @@ from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES
 from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
 from edge_ft.commands.gate import add_gate_options
 from edge_ft.config import default_alpha
-from edge_ft.contracts import ENGINES, ORT_STEP
+from edge_ft.contracts import ENGINES, ORT_STEP, SWEEP_LABELS
 from edge_ft.errors import UserError
 from edge_ft.training_defaults import recipe_default
 
 DEFAULT_RESULTS = Path("runs/bench/results.jsonl")
 DEFAULT_PROFILES = "host,rpi-zero-2w"
-DEFAULT_METHODS = "full,probe,probe-cached,lora"
+DEFAULT_METHODS = ",".join(SWEEP_LABELS)
 DEFAULT_ENGINES = ",".join(ENGINES)
 
 
@@ -45,7 +45,7 @@ def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT
         p.add_argument("--profiles", type=comma_list, default=comma_list(profiles), metavar="P1,P2",
                        help=f"device profiles (edge-ft profile list; default {profiles})")
     p.add_argument("--methods", type=comma_list, default=comma_list(DEFAULT_METHODS), metavar="M1,M2",
-                   help=f"full, probe, probe-cached (probe on cached backbone features), lora "
+                   help=f"{', '.join(SWEEP_LABELS)} (-cached: trained on the cached frozen prefix) "
                         f"(default {DEFAULT_METHODS})")
     p.add_argument("--engines", type=comma_list, default=comma_list(DEFAULT_ENGINES), metavar="E1,E2",
                    help=f"torch, ort-training, ort-step (default {DEFAULT_ENGINES})")

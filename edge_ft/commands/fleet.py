@@ -121,6 +121,12 @@ def add_plan_options(p, default_out: Path) -> None:
     p.add_argument("--secagg", action="store_true",
                    help="secure aggregation (Flower's SecAgg+): the server sees only the weighted sum of the "
                    "devices' updates, never one device's")
+    p.add_argument("--dp-clip", type=float, default=0.0, metavar="C",
+                   help="differential privacy (Flower's central DP, client-side fixed clipping): each device clips "
+                   "its update (the change it made to the global model) to L2 norm C (default 0: off)")
+    p.add_argument("--dp-noise", type=float, default=0.0, metavar="SIGMA",
+                   help="with --dp-clip: the server adds Gaussian noise of std SIGMA*C/n to the average of n updates "
+                   "(default 0)")
     p.add_argument("--out", type=Path, default=default_out, metavar="DIR",
                    help=f"plan, results and the deployment's files (default {default_out})")
 
@@ -133,7 +139,7 @@ def make_plan(args, method: str, out: Path, num_nodes: int, signing_key: Path | 
                                       rounds=args.rounds, local_steps=args.local_steps, aggregation=args.aggregation,
                                       seed=args.seed, base=args.base, quiet=args.quiet, signing_key=signing_key,
                                       canary=args.canary, canary_tolerance=args.canary_tolerance,
-                                      secagg=args.secagg))
+                                      secagg=args.secagg, dp_noise=args.dp_noise, dp_clip=args.dp_clip))
 
 
 def handler(args) -> int:

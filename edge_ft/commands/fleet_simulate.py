@@ -73,7 +73,8 @@ def simulate_handler(args) -> int:
             min_train_nodes=1, min_available_nodes=1, round_timeout=24 * 3600.0, threads=1, quiet=args.quiet,
             fleet_mix=args.mix, availability=args.availability, deadline=args.deadline,
             stragglers=args.stragglers, link_mbps=args.link_mbps, simulation=True, secagg=args.secagg,
-            clients_per_round=args.clients_per_round or 0, bundle_cache=out / "bundles"))
+            dp_noise=args.dp_noise, dp_clip=args.dp_clip, clients_per_round=args.clients_per_round or 0,
+            bundle_cache=out / "bundles"))
         result = simulate(plan, SimulationConfig(cpus_per_client=args.cpus_per_client))
         print(f"{method}: {args.devices} devices, {args.rounds} rounds in {result['wall_seconds']:.0f} s here, peak "
               f"memory {result['peak_memory_mb']:.0f} MiB ({result['peak_memory_mb_per_device']:.2f} per device); "

@@ -15,10 +15,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_ft.contracts import SWEEP_LABELS
+
 GATE_HELP = (
     "Gates: --assert 'PROFILE:METHOD[:ENGINE]:FIELD OP VALUE' (or PROFILE:METHOD[:ENGINE]:fits), repeatable. "
-    "PROFILE, METHOD (full, probe, probe-cached, lora) and ENGINE take * patterns; ENGINE left out means every "
-    "engine. FIELD is any record field; X_mb / X_kb read X_bytes in MiB / KiB (peak_rss_mb, payload_kb), "
+    f"PROFILE, METHOD (a sweep label: {', '.join(SWEEP_LABELS)}) and ENGINE take * patterns; ENGINE left out "
+    "means every engine. FIELD is any record field; X_mb / X_kb read X_bytes in MiB / KiB (peak_rss_mb, payload_kb), "
     "ms_per_step is the quoted step time (mean under a CPU quota, else p50), accuracy is a fraction. OP is one of "
     "<= < >= > == != (== and != for true/false and words: emulation==cgroup). `fits` holds when every matched run "
     "finished within the profile's memory budget. Every matched run must hold, and a gate that matches no run "

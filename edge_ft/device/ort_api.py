@@ -122,12 +122,13 @@ def session_options(threads: int = 0, mem_arena: bool | None = None, profile_pre
 
 
 def inference_session(path: str | os.PathLike[str], threads: int = 0, mem_arena: bool | None = None,
-                      profile_prefix: str | None = None) -> Any:
-    """A CPU InferenceSession for a graph (a step graph, features, an inference model)."""
+                      profile_prefix: str | None = None, model: bytes | None = None) -> Any:
+    """A CPU InferenceSession for a graph (a step graph, features, an inference model): the file at `path`, or
+    `model`, that file's graph as edited in memory (`path` then names it in errors)."""
     ort = import_onnxruntime()
     options = session_options(threads, mem_arena, profile_prefix)
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path) if model is None else model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         if "INVALID_PROTOBUF" in str(e):  # not an ONNX file at all, or cut short in a copy
             raise UserError(f"{path}: corrupt or truncated (onnxruntime cannot parse it as an ONNX model); copy it "

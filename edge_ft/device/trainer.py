@@ -30,6 +30,7 @@ from edge_ft.data.batches import epoch_batch_indices
 from edge_ft.data.npz import to_float
 from edge_ft.device import feature_cache
 from edge_ft.device.adapter import merged_weights
+from edge_ft.device.board_time import CpuMeter, quota_from_env, step_cpu
 from edge_ft.device.bundle import MANIFEST, Bundle
 from edge_ft.device.engines import engine_class
 from edge_ft.device.inference import accuracy, predict, session_runner, write_inference_model
@@ -230,6 +231,7 @@ def _train_epochs(run: _Run, engine, guard: CheckpointOnInterrupt, progress: Pro
         if epoch != pos.epoch:
             next_epoch(pos)
         t_epoch = guard.epoch_started = time.perf_counter() - pos.epoch_seconds
+        meter, first = CpuMeter().start(), pos.step
         for idx in epoch_batch_indices(len(run.x), s.batch, s.seed, epoch)[pos.batch:]:
             if pos.step == run.total:
                 break
@@ -238,6 +240,9 @@ def _train_epochs(run: _Run, engine, guard: CheckpointOnInterrupt, progress: Pro
                 pos.epoch_seconds = time.perf_counter() - t_epoch
                 pos.train_seconds = time.perf_counter() - t_zero
                 save_checkpoint(engine, run.out, run.identity, pos, s.keep)
+        cpu, busiest = meter.stop()
+        pos.cpu_steps, pos.cpu_seconds = pos.cpu_steps + pos.step - first, pos.cpu_seconds + cpu
+        pos.busiest_cpu_seconds += busiest
         _log_epoch(run, engine, progress, epoch, lr, time.perf_counter() - t_epoch)
 
 
@@ -324,6 +329,7 @@ def _results(run: _Run, classes: list[str] | None, final_accuracy: float | None,
         "op_profile": None if op_summary is None else {"file": PROFILE_FILE, "ms_per_step": op_summary["ms_per_step"],
                                                        "by_op": op_summary["by_op"][:10]},
         "memory_mb": memory_mb,
+        "cpu": step_cpu(pos.cpu_steps, pos.cpu_seconds, pos.busiest_cpu_seconds, quota_from_env()),
         "bundle_bytes": file_sizes(bundle.path),
     }
     results["summary"] = make_summary(  # the keys every engine's results.json shares (edge_ft.run_record)

@@ -31,7 +31,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
 
-from edge_ft.contracts import MEMORY_BUDGET_ENV
+from edge_ft.contracts import MEMORY_BUDGET_ENV, QUOTA_ENV
+from edge_ft.device.board_time import Quota
 from edge_ft.device.ort_api import SPINNING_ENV
 from edge_ft.emulation import lifetime
 from edge_ft.emulation.cgroups import CgroupJob, CgroupUnavailable
@@ -214,6 +215,9 @@ def confine(profile: DeviceProfile, env: dict[str, str] | None = None, *, mode: 
     child_env = thread_env(threads, env)
     child_env.update(EDGE_FT_PROFILE=profile.name, EDGE_FT_EMULATION=mode)
     child_env[MEMORY_BUDGET_ENV] = str(profile.budget_bytes)  # the feature cache sizes itself against it
+    child_env.pop(QUOTA_ENV, None)
+    if job is not None and thread_share is not None and total_share is not None:  # time-scaled: see board_time
+        child_env[QUOTA_ENV] = Quota(thread_share, total_share).env_value()
     if mode != "native":
         for var, value in NO_SPIN_ENV.items():  # a caller's own choice (EDGE_FT_ORT_SPINNING=1 ...) stands
             child_env.setdefault(var, value)

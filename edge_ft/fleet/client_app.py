@@ -23,7 +23,7 @@ from edge_ft.data.npz import load_npz
 from edge_ft.device.bundle import Bundle, load_bundle
 from edge_ft.device.trainer import TrainSettings
 from edge_ft.errors import UserError
-from edge_ft.fleet import secagg
+from edge_ft.fleet import dp, faults, secagg
 from edge_ft.fleet.local_round import train_round as train_round_in_memory
 from edge_ft.fleet.signing import REFUSED, AcceptedRounds, Refused, verify_message
 from edge_ft.fleet.updates import ARRAYS, CANDIDATE_KEYS, CONFIG, METRICS, WEIGHT_KEY, from_arrays, to_arrays
@@ -122,7 +122,8 @@ def train_round(msg: Message, context: Context) -> Message:
 
 def train_content(content: RecordDict, context: Context) -> RecordDict | Refused:
     """Train on the node's data from a signed {"arrays", "config"}; the reply's content, or why it is refused."""
-    node = node_from_config(simulated_node_config(context))
+    node_config = simulated_node_config(context)
+    node = node_from_config(node_config)
     accepted = AcceptedRounds(node.round_state, context.state)
     try:
         signed = verify_message(content, CONFIG, _server_key(node.server_key), "train", accepted.load())
@@ -145,7 +146,11 @@ def train_content(content: RecordDict, context: Context) -> RecordDict | Refused
         planned = settings.steps or settings.epochs * -(-len(y) // settings.batch)
         settings = TrainSettings(**{**settings.__dict__, "steps": min(planned, int(config["max-steps"]))})
     done = train_round_in_memory(bundle, x, y, settings, start)
-    arrays = to_arrays(done.trained)
+    trained = done.trained
+    if dp.CLIP_KEY in config:  # DP: the update (the delta from the global model) clipped before it leaves
+        trained = dp.clip_update(trained, start, float(config[dp.CLIP_KEY]))
+    trained = faults.inject(str(node_config.get(faults.FAULT_KEY, "")), int(config["server-round"]), trained)
+    arrays = to_arrays(trained)
     metrics = MetricRecord({
         WEIGHT_KEY: len(y),  # FedAvg weighs a device by the examples it holds
         "steps": done.steps,

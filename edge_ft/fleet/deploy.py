@@ -52,7 +52,8 @@ SAMPLE_SECONDS = 0.1  # memory sampling tick
 LINK_EVERY = 10  # look for the SuperLink's new descendants every 10th tick: they live for a whole run
 START_TIMEOUT = 120.0  # seconds the SuperLink may take to listen (under a loaded machine)
 _ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
-_AGGREGATED = re.compile(r"aggregate_(train|evaluate): Received (\d+) results and (\d+) failures")
+# FedAvg's line per phase; under SecAgg+ the legacy workflow's ("aggregate_fit: received ..."), a train phase
+_AGGREGATED = re.compile(r"aggregate_(train|evaluate|fit): [Rr]eceived (\d+) results and (\d+) failures")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Fault:
     node: int  # index of the node to kill
     round: int  # the round whose train message it dies in (its n-th train message; every node trains each round)
     rejoin: bool = True  # restart its SuperNode (same key) once that round's training is aggregated
+    message: int = 0  # > 0: die in its message-th train message of the run instead (SecAgg+ sends four a round:
+    #                   setup, key shares, masked vector, unmasking; 3 = after sharing its keys in round 1)
 
 
 @dataclass(frozen=True)
@@ -342,7 +345,7 @@ class _Progress:
                 node.server_round = self.round
             self._bar(total)
         elif m := _AGGREGATED.search(text):
-            phase, ok, failed = m.group(1), int(m.group(2)), int(m.group(3))
+            phase, ok, failed = m.group(1).replace("fit", "train"), int(m.group(2)), int(m.group(3))
             self.result.rounds.setdefault(self.round, {})[phase] = [ok, failed]
             if phase == "train" and self.bar is not None:  # the app evaluates on the server: train ends a round
                 self.bar.update(1)
@@ -370,7 +373,7 @@ class _Progress:
         deadline = time.monotonic() + START_TIMEOUT * self.fault.round
         while time.monotonic() < deadline and not self.fed._stop.is_set():
             with self.fed._lock:
-                if node.working_on("train", self.fault.round):
+                if node.working_on("train", self.fault.message or self.fault.round):
                     node.kill()
                     return
             time.sleep(0.05)

@@ -35,6 +35,7 @@ from edge_ft.data.tasks import get_task, target_split
 from edge_ft.errors import UserError
 from edge_ft.fleet.aggregate import check_aggregation
 from edge_ft.fleet.canary import check_canary
+from edge_ft.fleet.dp import check_dp
 from edge_ft.fleet.partitions import label_histogram, partition
 from edge_ft.training_defaults import DEFAULT_LR
 from edge_ft.trust.keys import load_public_key, new_key_pair
@@ -120,6 +121,8 @@ class PlanConfig:
     simulation: bool = False  # for Flower's Simulation Engine: the run config names the node configs' folder
     secagg: bool = False  # SecAgg+ (edge_ft.fleet.secagg): the server sees only the weighted sum of the updates
     bundle_cache: Path | None = None  # folder of bundles exported before, by their export inputs (None: export anew)
+    dp_noise: float = 0.0  # DP (edge_ft.fleet.dp): noise multiplier of the Gaussian noise on the average
+    dp_clip: float = 0.0  # DP: L2 norm each device's update (delta) is clipped to (0: no DP)
 
 
 def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
@@ -134,6 +137,7 @@ def plan_fleet(out_dir: Path, cfg: PlanConfig) -> FleetPlan:
     out_dir = Path(out_dir).resolve()
     check_aggregation(cfg.aggregation, cfg.method)
     check_canary(cfg.canary, cfg.canary_tolerance)
+    check_dp(cfg.dp_noise, cfg.dp_clip)
     if cfg.rounds < 1 or cfg.batch < 1 or cfg.local_steps < 0 or (cfg.local_steps == 0 and cfg.local_epochs < 1):
         raise UserError("rounds and batch must be positive, and local steps (or local epochs) too")
     if cfg.fleet_mix:
@@ -248,6 +252,7 @@ def _run_config(out_dir: Path, cfg: PlanConfig, lr: float, private: Path,
         "stragglers": cfg.stragglers, "link-mbps": float(cfg.link_mbps),
         "sim-nodes": str(out_dir / NODES) if cfg.simulation else "",
         "secagg-max-weight": float(largest) if cfg.secagg else 0.0,  # SecAgg+ weighs by examples: the most any holds
+        "dp-noise": float(cfg.dp_noise), "dp-clip": float(cfg.dp_clip),
         "clients-per-round": cfg.clients_per_round,
     }
 

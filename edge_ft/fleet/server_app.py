@@ -29,7 +29,7 @@ from edge_ft.device.adapter import shipped_frozen, write_adapter
 from edge_ft.device.bundle import MANIFEST, Bundle, load_bundle
 from edge_ft.device.engines import open_engine
 from edge_ft.errors import UserError
-from edge_ft.fleet import records, secagg
+from edge_ft.fleet import dp, outcomes, records, secagg
 from edge_ft.fleet.aggregate import check_aggregation, product_gap
 from edge_ft.fleet.canary import canary_nodes, check_canary, run_canary
 from edge_ft.fleet.devices import DeviceModel
@@ -75,6 +75,8 @@ class FleetSettings:
     link_mbps: float  # simulated devices' link speed, megabits per second
     sim_nodes: str  # simulation: the folder of the plan's node configs (node-NN.toml, by partition id); else ""
     secagg_max_weight: float  # > 0: SecAgg+ (edge_ft.fleet.secagg), devices weigh at most this many examples; 0: off
+    dp_noise: float  # DP (edge_ft.fleet.dp): noise multiplier; the average gets Gaussian noise of std noise·clip/n
+    dp_clip: float  # > 0: DP, each device's update (delta) clipped to this L2 norm; 0: off
     clients_per_round: int = 0  # simulated devices: online devices sampled a round, seeded (0: fraction-train)
 
     @classmethod
@@ -91,6 +93,7 @@ class FleetSettings:
         s = cls(**values)
         check_aggregation(s.aggregation, s.method)
         check_canary(s.canary, s.canary_tolerance)
+        dp.check_dp(s.dp_noise, s.dp_clip)
         if s.rounds < 1 or s.batch < 1 or s.num_nodes < 1 or (s.local_steps < 1 and s.local_epochs < 1):
             raise UserError("rounds, batch, num-nodes and local-steps (or local-epochs) must be positive")
         if s.clients_per_round < 0 or (s.clients_per_round and not s.fleet_mix):
@@ -105,7 +108,7 @@ def run_identity(s: FleetSettings, bundle: Bundle) -> dict:
     """What a resumed run must share with the one it continues (rounds may grow; paths may move)."""
     kept = ("method", "aggregation", "local_steps", "local_epochs", "batch", "lr", "seed", "partitioning",
             "num_nodes", "fleet_mix", "availability", "deadline", "stragglers", "link_mbps", "secagg_max_weight",
-            "clients_per_round")
+            "dp_noise", "dp_clip", "clients_per_round")
     return {"bundle_manifest_sha256": sha256_file(bundle.path / MANIFEST), "test_data_sha256":
             sha256_file(Path(s.test_data)), **{k.replace("_", "-"): getattr(s, k) for k in kept}}
 
@@ -124,6 +127,7 @@ class FleetFedAvg(FedAvg):
         self.devices = devices  # simulated devices (boards, availability, deadline), None for real ones
         self.boards: dict[int, str] = {}  # node -> board under the device model
         self.pending: list[Message] = []  # under SecAgg+: the round's signed train messages, for its stages
+        self.asked: list[int] = []  # the nodes the round's train messages went to
         self.last: dict = {}  # the round in progress: clients, rejections, refusals, bytes, canary decision
         self.sent: tuple[ArrayRecord, Grid] | None = None  # the round's starting global model and the grid
 
@@ -139,6 +143,8 @@ class FleetFedAvg(FedAvg):
                      "lora_product_gap": None, "canary": None}
         if self.s.secagg_max_weight:  # the legacy Parameters SecAgg+ moves are nameless: the names are signed
             config[secagg.NAMES] = list(arrays.keys())
+        if self.s.dp_clip:  # the devices clip their updates to this norm (edge_ft.fleet.dp)
+            config[dp.CLIP_KEY] = self.s.dp_clip
         if self.devices is None:
             messages = list(super().configure_train(r, arrays, config, grid))
             self.last["sampled"] = len(messages)
@@ -146,7 +152,7 @@ class FleetFedAvg(FedAvg):
             messages = self.device_messages(r, arrays, config, grid)
         for content in {id(m.content): m.content for m in messages}.values():  # FedAvg shares one RecordDict
             self.signer.sign(content, self.configrecord_key, r)
-        self.sent = (arrays, grid)
+        self.sent, self.asked = (arrays, grid), [m.metadata.dst_node_id for m in messages]
         self.last["bytes_down"] = arrays.count_bytes() * len(messages)
         if self.s.secagg_max_weight:
             self.pending = messages  # sent by SecAgg+'s own stages in aggregate_train
@@ -162,6 +168,9 @@ class FleetFedAvg(FedAvg):
                                   self.s.round_timeout)
         self.last.update(clients=out["clients"], bytes_down=out["bytes_down"], bytes_up=out["bytes_up"],
                          secagg={"messages": out["messages"], "seconds": round(time.monotonic() - t0, 3)})
+        kept = {c["node"] for c in out["clients"]}
+        self.last["no_reply"] = [{"node": n, "reason": "dropped out of SecAgg+ (no reply or an error in a stage)"}
+                                 for n in self.asked if n not in kept]
         for client in out["clients"] if self.devices is not None else []:  # simulated time only: no drop after
             board = self.boards[client["node"]]  # the fact, the server cannot take one masked update out
             seconds, _ = self.devices.settle(board, int(client["steps"]), arrays.count_bytes(), arrays.count_bytes())
@@ -173,7 +182,7 @@ class FleetFedAvg(FedAvg):
         if bad:
             log.warning("round %d: SecAgg+ gave no usable aggregate; the global model stays as it was", r)
             return None, None
-        result = to_arrays(aggregate)
+        result = self.with_noise(to_arrays(aggregate))
         return (self.canary(r, result) if self.s.canary > 0 else result), None
 
     def device_messages(self, r: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
@@ -228,6 +237,10 @@ class FleetFedAvg(FedAvg):
         r, accepted, tensors, weights = self.round_of(server_round), [], [], []
         if self.s.secagg_max_weight:
             return self.secure_aggregate(r)
+        replies = list(replies)
+        answered = {m.metadata.src_node_id for m in replies}
+        self.last["no_reply"] = [{"node": n, "reason": f"no reply within the {self.s.round_timeout:g} s round "
+                                  "timeout"} for n in self.asked if n not in answered]
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error() and msg.error.code == REFUSED:
@@ -235,9 +248,11 @@ class FleetFedAvg(FedAvg):
                 self.last["refused"].append({"node": node, "reason": msg.error.reason})
                 continue
             if msg.has_error():
-                why = f"error reply: {msg.error.reason}"
+                why = outcomes.error_reason(msg.error.reason)
             else:
                 update, why = check_update(msg.content, self.expected)
+                if not why and self.s.dp_clip:
+                    why = dp.unclipped(update, from_arrays(self.sent[0]), self.s.dp_clip)
             if why:
                 log.warning("round %d: rejected the update of node %d: %s", r, node, why)
                 self.last["rejected"].append({"node": node, "reason": why})
@@ -257,9 +272,18 @@ class FleetFedAvg(FedAvg):
             log.warning("round %d: no update to aggregate; the global model stays as it was", r)
             return None, None
         arrays, metrics = super().aggregate_train(r, accepted)
+        arrays = self.with_noise(arrays) if arrays is not None else None
         if self.s.canary > 0 and arrays is not None:
             arrays = self.canary(r, arrays)
         return arrays, metrics
+
+    def with_noise(self, average: ArrayRecord) -> ArrayRecord:
+        """Under DP: the average with its Gaussian noise (edge_ft.fleet.dp), the noise in the round record."""
+        if not self.s.dp_clip:
+            return average
+        noised, std = dp.add_noise(from_arrays(average), self.s.dp_noise, self.s.dp_clip, len(self.last["clients"]))
+        self.last["dp"] = {"clip": self.s.dp_clip, "noise": self.s.dp_noise, "std": std}
+        return to_arrays(noised)
 
     def canary(self, r: int, candidate: ArrayRecord) -> ArrayRecord:
         """The candidate when the canary nodes' holdout accuracy holds, else the round's starting model."""
@@ -331,15 +355,16 @@ def run(grid: Grid, s: FleetSettings) -> list[dict]:
             return MetricRecord({"accuracy": rounds[-1]["accuracy"]})
         current = from_arrays(arrays)
         info = strategy.last if server_round else {"sampled": 0, "clients": [], "rejected": [], "refused": [],
-                                                   "bytes_down": 0, "bytes_up": 0, "lora_product_gap": None,
-                                                   "canary": None}
+                                                   "no_reply": [], "bytes_down": 0, "bytes_up": 0,
+                                                   "lora_product_gap": None, "canary": None}
         seconds = time.time() - info["started_at"] if "started_at" in info else 0.0
-        record = {"round": r, **base, "accuracy": evaluate(current), "seconds": round(seconds, 3), **info}
+        record = {"round": r, **base, "accuracy": evaluate(current), "seconds": round(seconds, 3), **info,
+                  "drop_reasons": outcomes.drop_counts(info)}
         rounds.append(record)
         records.commit_round(results, identity, r, current, rounds)
-        log.info("round %d: global accuracy %.4f, %d updates, %d rejected, %d refused, %d B down, %d B up", r,
-                 record["accuracy"], len(record["clients"]), len(record["rejected"]), len(record["refused"]),
-                 record["bytes_down"], record["bytes_up"])
+        log.info("round %d: global accuracy %.4f, %d updates, not averaged %s, %d B down, %d B up", r,
+                 record["accuracy"], len(record["clients"]), record["drop_reasons"] or "none", record["bytes_down"],
+                 record["bytes_up"])
         if devices is not None and server_round:
             log.info("round %d: %d of %d devices online, %d sampled, %d did not fit, %d dropped, %.1f s simulated", r,
                      info["online"], info["fleet"], info["sampled"], len(info["did_not_fit"]), len(info["dropped"]),

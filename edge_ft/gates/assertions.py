@@ -60,7 +60,7 @@ UNITS = {"_mb": MB, "_kb": 1024}  # derived field suffix -> bytes per unit, read
 class Assertion:
     text: str  # as the user wrote it
     profile: str  # name or `*` pattern
-    method: str  # sweep label (full, probe, probe-cached, lora) or pattern
+    method: str  # sweep label (edge_ft.contracts.SWEEP_LABELS) or pattern
     engine: str  # engine or pattern; "*" when left out
     field: str  # record field, derived field (peak_rss_mb, ms_per_step) or "fits"
     op: str = ""  # one of OPS; "" for the built-in

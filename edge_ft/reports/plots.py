@@ -21,7 +21,8 @@ from edge_ft.contracts import ENGINES, MB
 from edge_ft.reports.format import SHORT_STATUS
 
 ENGINE_COLOURS = {"torch": "#d62728", "ort-training": "#1f77b4", "ort-step": "#2ca02c"}
-LABEL_MARKERS = {"full": "o", "probe": "s", "probe-cached": "D", "lora": "^"}
+LABEL_MARKERS = {"full": "o", "probe": "s", "probe-cached": "D", "lora": "^", "lora-cached": "v",
+                 "last-k-cached": "P"}
 DPI = 110
 
 
@@ -183,8 +184,8 @@ def step_time(records: list[BenchRecord], path: Path) -> Path:
 
 def epoch_time(records: list[BenchRecord], path: Path) -> Path:
     return _grouped_bars(records, path, lambda r: r.get("epoch_seconds_later") if r["status"] == "ok" else None,
-                         "seconds per epoch after the first (log)", "Time per epoch (probe-cached: the head alone, "
-                         "on features computed once)", log=True)
+                         "seconds per epoch after the first (log)", "Time per epoch (-cached: the layers after the "
+                         "frozen prefix, on features computed once)", log=True)
 
 
 def flops_vs_time(records: list[BenchRecord], path: Path) -> Path:

@@ -4,7 +4,9 @@ onnxruntime-training has no aarch64 wheels (and no releases after 1.19.2); stand
 The bundle's train graph does forward, cross-entropy, backward and the optimizer update in one call, with every
 tensor it reads or updates passed in and out. The engine keeps that state in two sets of buffers that onnxruntime
 reads and writes in place (IOBinding): step k reads set A and writes set B, step k+1 reads B and writes A, so no
-tensor is copied or allocated between steps; numpy copies are taken only for checkpoints and results.
+tensor is copied or allocated between steps; numpy copies are taken only for checkpoints and results. The frozen
+tensors never change: the engine writes them into its in-memory copy of each graph as constants (initializers),
+so onnxruntime folds what depends on them alone (a frozen weight's transpose) once, when the session starts.
 
 State file (state.safetensors) keys, shared with the exporter:
   <param>                every model tensor by its state-dict name (trainable and frozen), float32
@@ -18,6 +20,7 @@ and optimizer-state key. Forward graph: (input, every model tensor) -> logits.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,7 @@ from edge_ft.errors import UserError
 OPT_BUFFERS = {"sgd": (), "sgd-momentum": ("momentum",), "adamw": ("exp_avg", "exp_avg_sq")}
 STEP_KEY = "step"
 NEXT = "next."
+FLAT = "flat:trainable"  # a flat step graph's input: every trainable tensor, flattened, in state-dict order
 STATE_FORMAT = "edge-ft-ort-step-state"
 
 
@@ -61,27 +65,52 @@ class OrtStepEngine:
         self.opt_keys = optimizer_keys(bundle.optimizer.name, self.trainable)
         state = load_safetensors(bundle.file(state_file))
         self._check(state, {**bundle.trainable, **bundle.frozen}, self.opt_keys, bundle.file(state_file))
-        self.fixed = {n: np.ascontiguousarray(state[n]) for n in self.frozen}  # bound once, never written
+        self.fixed = {n: np.ascontiguousarray(state[n]) for n in self.frozen}  # baked into the graphs, never written
         self.forward_path = bundle.file(forward_graph)
-        self.train_session = inference_session(bundle.file(train_graph), threads, mem_arena, profile_prefix)
-        self.forward_session = inference_session(self.forward_path, threads, mem_arena)
-        self._updated = self.trainable + self.opt_keys  # what each step reads and writes back
-        # Two copies of every updated tensor and one IOBinding per direction (A -> B, B -> A), bound once.
-        self._buffers = [{k: np.empty_like(state[k]) for k in self._updated} for _ in range(2)]
+        self.train_session = self._session(bundle.file(train_graph), threads, mem_arena, profile_prefix)
+        self.forward_session = self._session(self.forward_path, threads, mem_arena)
+        # Two copies of every updated tensor and one IOBinding per direction (A -> B, B -> A), bound once. A flat
+        # step graph reads and writes one vector per kind (the tensors, each optimizer buffer); self._views holds
+        # every tensor and optimizer buffer by its own name, as views into those vectors.
+        if FLAT in {i.name for i in self.train_session.get_inputs()}:
+            self._buffers, self._views = zip(*(self._flat_buffers(state) for _ in range(2)))
+        else:
+            self._buffers = self._views = tuple({k: np.empty_like(state[k]) for k in self.trainable + self.opt_keys}
+                                                for _ in range(2))
+        self._updated = list(self._buffers[0])  # the graph's names of what each step reads and writes back
         self._current = 0  # which buffer set holds the state now
         self._bindings = [self._bind(reads, writes) for reads, writes in ((0, 1), (1, 0))]
         self._batch: int | None = None  # the loss/logits outputs and lr input are bound when they change
         self._lr: float | None = None
-        self._initial = {k: state[k] for k in self._updated}  # the bundle's state, for reset()
+        self._initial = {k: state[k] for k in self.trainable + self.opt_keys}  # the bundle's state, for reset()
         self._set_state(state)
 
+    def _session(self, path: Path, threads: int, mem_arena: bool | None, profile_prefix: str | None = None) -> Any:
+        """A session on the graph at `path` with the frozen tensors baked in as initializers."""
+        return inference_session(path, threads, mem_arena, profile_prefix,
+                                 model=bake_weights(path.read_bytes(), self.fixed, str(path)))
+
+    def _flat_buffers(self, state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One buffer set of a flat step graph (FLAT and its optimizer keys) and its per-tensor views."""
+        size = sum(state[n].size for n in self.trainable)
+        buffers: dict[str, np.ndarray] = {FLAT: np.empty(size, np.float32)}
+        for key in optimizer_keys(self._bundle.optimizer.name, [FLAT]):
+            buffers[key] = np.empty((), np.int64) if key == STEP_KEY else np.empty(size, np.float32)
+        views: dict[str, np.ndarray] = {STEP_KEY: buffers[STEP_KEY]} if STEP_KEY in buffers else {}
+        start = 0
+        for n in self.trainable:
+            end = start + state[n].size
+            views[n] = buffers[FLAT][start:end].reshape(state[n].shape)
+            for buf in OPT_BUFFERS[self._bundle.optimizer.name]:
+                views[f"{buf}.{n}"] = buffers[f"{buf}.{FLAT}"][start:end].reshape(state[n].shape)
+            start = end
+        return buffers, views
+
     def _bind(self, reads: int, writes: int) -> Any:
-        """An IOBinding that reads buffer set `reads` and the frozen tensors and writes set `writes` in place."""
+        """An IOBinding that reads buffer set `reads` and writes set `writes` in place."""
         ort = import_onnxruntime()
         binding = self.train_session.io_binding()
         wrap = ort.OrtValue.ortvalue_from_numpy  # on the CPU an OrtValue over the array's own memory, no copy
-        for name, value in self.fixed.items():
-            binding.bind_ortvalue_input(name, wrap(value))
         for key in self._updated:
             binding.bind_ortvalue_input(key, wrap(self._buffers[reads][key]))
             binding.bind_ortvalue_output(next_name(key), wrap(self._buffers[writes][key]))
@@ -90,18 +119,18 @@ class OrtStepEngine:
     def _set_state(self, tensors: dict[str, np.ndarray]) -> None:
         """Copy the updated tensors present in `tensors` into the current buffer set."""
         for key, value in tensors.items():
-            if key in self._buffers[self._current]:
-                self._buffers[self._current][key][...] = value
+            if key in self._views[self._current]:
+                self._views[self._current][key][...] = value
 
     @property
     def params(self) -> dict[str, np.ndarray]:
         """The trainable tensors as they are now (views of the current buffers: the next step overwrites the
         other set, then these)."""
-        return {n: self._buffers[self._current][n] for n in self.trainable}
+        return {n: self._views[self._current][n] for n in self.trainable}
 
     @property
     def opt_state(self) -> dict[str, np.ndarray]:
-        return {k: self._buffers[self._current][k] for k in self.opt_keys}
+        return {k: self._views[self._current][k] for k in self.opt_keys}
 
     @staticmethod
     def _check(state: dict[str, Any], shapes: dict[str, tuple[int, ...]], opt_keys: list[str], source: object) -> None:
@@ -161,7 +190,7 @@ class OrtStepEngine:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         x, _ = self._check_batch(x)
-        logits: np.ndarray = self.forward_session.run([LOGITS], {INPUT: x, **self.params, **self.fixed})[0]
+        logits: np.ndarray = self.forward_session.run([LOGITS], {INPUT: x, **self.params})[0]
         return logits
 
     def trainable_state(self) -> dict[str, np.ndarray]:

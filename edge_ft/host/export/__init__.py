@@ -83,7 +83,7 @@ def export_bundle(
             extra["features"] = write_features_graph(split.prefix, split.manifest_entry(), staging)
             (staging / HEAD_FOLDER).mkdir()
             _write_bundle(split.suffix, cfg, opt, staging / HEAD_FOLDER, build,
-                          {**common, "prefix": split.manifest_entry()})
+                          {**common, "prefix": split.manifest_entry()}, head=True)
         manifest = _write_bundle(model, cfg, opt, staging, build, {**common, **extra})
         _swap_into_place(staging, out_dir)
     finally:
@@ -91,9 +91,9 @@ def export_bundle(
     return manifest
 
 
-def _write_bundle(model: nn.Module, cfg, opt, folder: Path, build, fields: dict) -> dict:
+def _write_bundle(model: nn.Module, cfg, opt, folder: Path, build, fields: dict, head: bool = False) -> dict:
     trainable, frozen = parameter_split(model)
-    engine_fields = build(model, cfg, opt, folder)
+    engine_fields = build(model, cfg, opt, folder, head=head)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

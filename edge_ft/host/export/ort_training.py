@@ -29,7 +29,9 @@ FROZEN_NORMS = True  # BatchNorm as arithmetic: ORT's gradient builder would tra
 TORCH_ADAMW = 0  # AdamWOptimizer adam_mode: 0 = torch.optim.AdamW (decay before the update), 1 = Hugging Face's
 
 
-def build(model: nn.Module, cfg: MethodConfig, opt: OptimizerConfig, out_dir: Path) -> dict:
+def build(model: nn.Module, cfg: MethodConfig, opt: OptimizerConfig, out_dir: Path, head: bool = False) -> dict:
+    """Write ORT's training artifacts into out_dir; return the manifest's fields. head (the suffix of a cached
+    prefix) changes nothing here."""
     from onnxruntime import __version__, set_default_logger_severity
 
     try:

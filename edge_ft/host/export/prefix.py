@@ -8,20 +8,28 @@ The cut is a single tensor of the traced graph (torch.fx): the latest node befor
 every later node reaches only through it. In a plain chain (LeNet-5) that is the trained layer's input; a skip
 connection that crosses the first trained layer moves the cut below the branch, so the suffix never needs a
 tensor the prefix did not hand it.
+
+When the first layer that trains is a LoRA Linear (its base weight frozen) reading the cut tensor, its frozen
+product W0 x + b is fixed per example too: the prefix hands over both, concatenated on the last axis, and the suffix
+computes only the adapter's low-rank path (x A^T B^T) on top of the cached product: the step's largest matrix
+product leaves the step.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from edge_ft.host.describe import tracer
 from edge_ft.host.export.step_trace import model_tensors
+from edge_ft.host.lora import LoRALinear
 
 
 @dataclass(frozen=True)
@@ -31,10 +39,11 @@ class Split:
     shape: tuple[int, ...]  # one example's features, the suffix's input shape
     first_trained: str  # the module (or attribute) that trains first, in forward order
     prefix_tensors: tuple[str, ...]  # the model tensors only the prefix reads
+    frozen_product: int = 0  # trailing features that are first_trained's frozen product W0 x + b (0: none)
 
     def manifest_entry(self) -> dict:
         return {"shape": list(self.shape), "dim": math.prod(self.shape), "first_trained": self.first_trained,
-                "tensors": list(self.prefix_tensors)}
+                "tensors": list(self.prefix_tensors), "frozen_product": self.frozen_product}
 
 
 def _trains(node: torch.fx.Node, model: nn.Module, trainable: set[str]) -> bool:
@@ -72,12 +81,44 @@ def split_frozen_prefix(model: nn.Module) -> Split | None:
     cut = 0 if first is None else _cut(nodes, first)
     if cut == 0 or nodes[cut].op == "placeholder":
         return None
-    prefix, suffix = _prefix(model, nodes[cut]), _suffix(model, nodes, cut)
+    lora = _frozen_product_layer(model, nodes[first], nodes[cut], trainable)
+    prefix = _prefix(model, nodes[cut])
+    suffix = _suffix(model, nodes, cut, None if lora is None else (nodes[first], lora))
     suffix_tensors = set(model_tensors(suffix))
     shape = tuple(int(d) for d in nodes[cut].meta["tensor_meta"].shape[1:])
+    if lora is not None:
+        prefix = _WithFrozenProduct(prefix, lora)
+        shape = (*shape[:-1], shape[-1] + lora.out_features)
     suffix.input_shape = shape
     return Split(prefix, suffix, shape, str(nodes[first].target),
-                 tuple(n for n in model_tensors(model) if n not in suffix_tensors))
+                 tuple(n for n in model_tensors(model) if n not in suffix_tensors),
+                 0 if lora is None else lora.out_features)
+
+
+def _frozen_product_layer(model: nn.Module, first: torch.fx.Node, cut: torch.fx.Node,
+                          trainable: set[str]) -> LoRALinear | None:
+    """The LoRA Linear whose frozen product the prefix can hand over: the first layer that trains, reading the cut
+    tensor itself, its base weight and bias frozen. None otherwise (probe, last-k: the base itself trains)."""
+    if first.op != "call_module" or first.args != (cut,) or first.kwargs:
+        return None
+    layer = model.get_submodule(str(first.target))
+    if not isinstance(layer, LoRALinear) or layer.merged:
+        return None
+    base = [f"{first.target}.{n}" for n in ("weight", "bias") if getattr(layer, n) is not None]
+    return None if any(n in trainable for n in base) else layer
+
+
+class _WithFrozenProduct(nn.Module):
+    """The prefix, then the LoRA layer's frozen product of its output: cat([x, W0 x + b], -1)."""
+
+    def __init__(self, prefix: torch.fx.GraphModule, lora: LoRALinear):
+        super().__init__()
+        self.prefix, self.weight, self.bias = prefix, lora.weight, lora.bias
+        self.input_shape = prefix.input_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.prefix(x)
+        return torch.cat([features, F.linear(features, self.weight, self.bias)], dim=-1)
 
 
 def _shapes(whole: torch.fx.GraphModule, model: nn.Module) -> None:
@@ -105,9 +146,17 @@ def _prefix(model: nn.Module, cut: torch.fx.Node) -> torch.fx.GraphModule:
     return gm
 
 
-def _suffix(model: nn.Module, nodes: list[torch.fx.Node], cut: int) -> torch.fx.GraphModule:
+def _suffix(model: nn.Module, nodes: list[torch.fx.Node], cut: int,
+            frozen_product: tuple[torch.fx.Node, LoRALinear] | None) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
-    env = {nodes[cut]: graph.placeholder("features")}
+    features = graph.placeholder("features")
+    env = {nodes[cut]: features}
+    if frozen_product is not None:  # features = cat([x, W0 x + b], -1): the layer adds its low-rank path alone
+        node, lora = frozen_product
+        x = graph.call_function(operator.getitem, (features, (Ellipsis, slice(None, lora.in_features))))
+        product = graph.call_function(operator.getitem, (features, (Ellipsis, slice(lora.in_features, None))))
+        env[nodes[cut]] = x
+        env[node] = graph.call_function(operator.add, (product, _low_rank(graph, x, str(node.target), lora)))
 
     def arg(n: torch.fx.Node) -> torch.fx.Node:
         if n not in env:  # an attribute read before the cut (a constant), copied along
@@ -115,8 +164,18 @@ def _suffix(model: nn.Module, nodes: list[torch.fx.Node], cut: int) -> torch.fx.
         return env[n]
 
     for node in nodes[cut + 1:]:
-        env[node] = graph.node_copy(node, arg)
+        if node not in env:
+            env[node] = graph.node_copy(node, arg)
     gm = torch.fx.GraphModule(model, graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _low_rank(graph: torch.fx.Graph, x: torch.fx.Node, name: str, lora: LoRALinear) -> torch.fx.Node:
+    """(x A^T B^T) * scaling, LoRALinear.forward's adapter term in its order, reading the layer's A and B."""
+    a, b = graph.get_attr(f"{name}.lora_A"), graph.get_attr(f"{name}.lora_B")
+    at = graph.call_method("transpose", (a, 0, 1))
+    bt = graph.call_method("transpose", (b, 0, 1))
+    path = graph.call_function(operator.matmul, (graph.call_function(operator.matmul, (x, at)), bt))
+    return graph.call_function(operator.mul, (path, lora.scaling))

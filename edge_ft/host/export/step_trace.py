@@ -15,7 +15,9 @@ torch.optim step agree to float rounding.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -24,7 +26,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from edge_ft.config import OptimizerConfig
 from edge_ft.contracts import INPUT, LABELS, LOGITS, LOSS, LR
-from edge_ft.device.engines.ort_step import OPT_BUFFERS, STEP_KEY, next_name
+from edge_ft.device.engines.ort_step import FLAT, OPT_BUFFERS, STEP_KEY, next_name
 from edge_ft.host.export.step_ops import ONNX_TRANSLATIONS, cross_entropy_and_grad, decompositions
 
 OPSET = 21  # highest opset onnxruntime-training 1.19.2 runs; standard onnxruntime runs it too
@@ -102,18 +104,45 @@ def make_step(model: torch.nn.Module, trainable: list[str], frozen: list[str], s
         params = dict(zip(trainable, tensors[:n_train]))
         fixed = dict(zip(frozen, tensors[n_train:n_train + n_frozen]))
         state = dict(zip(state_keys, tensors[n_train + n_frozen:]))
-
-        def logits_of(params):
-            with eval_mode(model):
-                return torch.func.functional_call(model, {**params, **fixed}, (x,))
-
-        # Only `params` is differentiated: autograd never builds gradients for frozen tensors or the input. The
-        # loss's gradient comes with the loss, from one op (step_ops.cross_entropy_and_grad), not from autograd.
-        logits, pullback = torch.func.vjp(logits_of, params)
-        loss, grad_logits = cross_entropy_and_grad(logits, y)
-        grads, = pullback(grad_logits)
+        loss, logits, grads = _loss_and_grads(model, params, fixed, x, y)
         new_params, new_state = optimizer_update(opt, params, grads, state, lr)
         return (loss, logits, *(new_params[n] for n in trainable), *(new_state[k] for k in state_keys))
+
+    return step
+
+
+def _loss_and_grads(model: torch.nn.Module, params: dict, fixed: dict, x, y) -> tuple:
+    """(loss, logits, gradient of the loss per tensor of `params`) of the model in eval mode."""
+
+    def logits_of(params):
+        with eval_mode(model):
+            return torch.func.functional_call(model, {**params, **fixed}, (x,))
+
+    # Only `params` is differentiated: autograd never builds gradients for frozen tensors or the input. The
+    # loss's gradient comes with the loss, from one op (step_ops.cross_entropy_and_grad), not from autograd.
+    logits, pullback = torch.func.vjp(logits_of, params)
+    loss, grad_logits = cross_entropy_and_grad(logits, y)
+    grads, = pullback(grad_logits)
+    return loss, logits, grads
+
+
+def make_flat_step(model: torch.nn.Module, trainable: dict[str, tuple[int, ...]], frozen: list[str],
+                   state_keys: list[str], opt: OptimizerConfig) -> Callable:
+    """step(x, y, lr, flat, *frozen, *state) -> (loss, logits, new flat, *new state): make_step with the trainable
+    tensors as one vector (FLAT, state-dict order) and the optimizer state of that vector (optimizer_keys(name,
+    [FLAT])). The same arithmetic element by element, in one node per operation instead of one per tensor: in a
+    step of small tensors (a cached prefix's suffix) onnxruntime's per-node cost outweighs the arithmetic."""
+    names, ends = list(trainable), list(itertools.accumulate(math.prod(s) for s in trainable.values()))
+    n_frozen = len(frozen)
+
+    def step(x, y, lr, flat, *tensors):
+        fixed = dict(zip(frozen, tensors[:n_frozen]))
+        state = dict(zip(state_keys, tensors[n_frozen:]))
+        params = {n: flat[end - math.prod(trainable[n]):end].reshape(trainable[n]) for n, end in zip(names, ends)}
+        loss, logits, grads = _loss_and_grads(model, params, fixed, x, y)
+        grad = torch.cat([grads[n].reshape(-1) for n in names])
+        new_params, new_state = optimizer_update(opt, {FLAT: flat}, {FLAT: grad}, state, lr)
+        return (loss, logits, new_params[FLAT], *(new_state[k] for k in state_keys))
 
     return step
 

@@ -1,0 +1,90 @@
+"""The CPU time a stretch of training took, per thread, and the board time an emulated board's quota makes of it.
+
+Under an emulated board (edge_ft.emulation) every thread is capped at one board core's share of a CPU here, and the
+whole job at what the board's threads achieve together. Wall time under such caps moves with how the host delivers
+them: CFS charges a quota at the scheduler tick (4 ms at HZ=250, a tenth of a second of a Zero 2 W's time), so a
+capped job runs and stops in tick-sized bursts, and a busy host refills a quota late. The CPU time the work took
+moves far less, and the quota's own arithmetic turns it into the time the board needs:
+
+    board seconds = max(busiest thread's CPU seconds / thread share, all threads' CPU seconds / job share)
+
+no thread can go faster than one board core and the job no faster than its threads together: this is the wall time
+a perfectly delivered quota gives. The emulation hands its shares to the child in QUOTA_ENV; outside an emulated
+board there is no quota and no board time.
+
+Per-thread CPU time comes from /proc/self/task/*/schedstat (nanoseconds on a CPU, not tick-rounded), else psutil.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_ft.contracts import QUOTA_ENV
+from edge_ft.run_record import StepCpu
+
+_TASKS = Path("/proc/self/task")
+
+
+def thread_cpu_seconds() -> dict[int, float]:
+    """CPU seconds each live thread of this process has used, by thread id."""
+    try:
+        return {int(t.name): int((t / "schedstat").read_text().split()[0]) / 1e9 for t in _TASKS.iterdir()}
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
+
+
+@dataclass(frozen=True)
+class Quota:
+    """An emulated board's CPU quota, as shares of one CPU here."""
+
+    thread: float  # what each thread may use (one board core)
+    job: float  # what the whole job may use (the board's threads together)
+
+    def board_seconds(self, cpu_seconds: float, busiest_seconds: float) -> float:
+        """The time the board needs for work that took `cpu_seconds` over all threads, `busiest_seconds` on one."""
+        return max(busiest_seconds / self.thread, cpu_seconds / self.job)
+
+    def env_value(self) -> str:
+        return f"{self.thread!r},{self.job!r}"
+
+
+def quota_from_env(environ: dict[str, str] | None = None) -> Quota | None:
+    """The quota an emulated board's child runs under (QUOTA_ENV), None outside one or when it is malformed."""
+    text = (os.environ if environ is None else environ).get(QUOTA_ENV, "")
+    try:
+        thread, job = (float(v) for v in text.split(","))
+    except ValueError:
+        return None
+    return Quota(thread, job) if 0 < thread <= job and job < float("inf") else None
+
+
+class CpuMeter:
+    """CPU seconds of this process's threads between start() and stop(): the sum, and the busiest thread's."""
+
+    def __init__(self) -> None:
+        self._start: dict[int, float] = {}
+
+    def start(self) -> CpuMeter:
+        self._start = thread_cpu_seconds()
+        return self
+
+    def stop(self) -> tuple[float, float]:
+        used = [max(0.0, v - self._start.get(tid, 0.0)) for tid, v in thread_cpu_seconds().items()]
+        return sum(used), max(used, default=0.0)
+
+
+def step_cpu(steps: int, cpu_seconds: float, busiest_seconds: float, quota: Quota | None) -> StepCpu:
+    """results.json's "cpu" block for `steps` steps that took `cpu_seconds` (`busiest_seconds` on one thread)."""
+    if not steps:
+        return {"steps": 0, "ms_per_step": None, "busiest_thread_ms_per_step": None,
+                "quota": None if quota is None else {"thread": quota.thread, "job": quota.job},
+                "board_ms_per_step": None}
+    return {"steps": steps, "ms_per_step": round(cpu_seconds / steps * 1e3, 4),
+            "busiest_thread_ms_per_step": round(busiest_seconds / steps * 1e3, 4),
+            "quota": None if quota is None else {"thread": quota.thread, "job": quota.job},
+            "board_ms_per_step": None if quota is None else
+            round(quota.board_seconds(cpu_seconds, busiest_seconds) / steps * 1e3, 4)}

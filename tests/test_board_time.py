@@ -1,0 +1,93 @@
+"""Board time from CPU time: the meter counts this process's threads, the quota's arithmetic, the emulation hands
+the child its shares, and a run's results.json and bench record carry the figures."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from edge_ft.bench.measure import cpu_fields
+from edge_ft.bench.records import step_ms
+from edge_ft.cli import main
+from edge_ft.contracts import QUOTA_ENV
+from edge_ft.device.board_time import CpuMeter, Quota, quota_from_env, step_cpu, thread_cpu_seconds
+from tests.ort_step_support import bundle_path
+from tests.ort_training_support import npz_pair
+from tests.test_emulate import CGROUP_REASON, make_profile
+from tests.test_prefix_cache import ADAMW, CACHED
+
+
+def burn(seconds: float) -> None:
+    """Spin until this thread has used `seconds` of CPU time (however long that takes on a busy machine)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_the_meter_counts_every_thread_and_finds_the_busiest():
+    """Threads alive at stop() count (onnxruntime's pool lives as long as its session)."""
+    done, release = threading.Event(), threading.Event()
+
+    def work():
+        burn(0.3)
+        done.set()
+        release.wait()
+
+    meter = CpuMeter().start()
+    worker = threading.Thread(target=work)
+    worker.start()
+    burn(0.1)
+    done.wait()
+    total, busiest = meter.stop()
+    release.set()
+    worker.join()
+    assert 0.3 <= busiest < total  # the worker's 0.3 s, on its own thread
+    assert total >= 0.4
+    assert threading.get_native_id() in thread_cpu_seconds()
+
+
+def test_the_quota_bounds_a_step_by_its_busiest_thread_and_by_the_whole_job():
+    quota = Quota(thread=0.05, job=0.09)
+    assert quota.board_seconds(cpu_seconds=1.0, busiest_seconds=1.0) == pytest.approx(20.0)  # one thread
+    assert quota.board_seconds(cpu_seconds=4.0, busiest_seconds=1.0) == pytest.approx(4.0 / 0.09)  # four, even
+    assert quota_from_env({QUOTA_ENV: quota.env_value()}) == quota
+    for bad in ("", "0.05", "x,y", "0,0.1", "0.2,0.1", "0.05,inf"):
+        assert quota_from_env({QUOTA_ENV: bad}) is None
+    block = step_cpu(10, 0.02, 0.015, quota)
+    assert block["ms_per_step"] == 2.0 and block["busiest_thread_ms_per_step"] == 1.5
+    assert block["board_ms_per_step"] == pytest.approx(0.015 / 0.05 / 10 * 1e3)
+    assert step_cpu(10, 0.02, 0.015, None)["board_ms_per_step"] is None
+
+
+@pytest.mark.skipif(CGROUP_REASON is not None, reason=f"cgroups not writable: {CGROUP_REASON}")
+def test_a_time_scaled_child_is_given_its_shares_and_an_unscaled_one_none(tmp_path, monkeypatch):
+    from edge_ft.emulation.emulate import confine
+
+    monkeypatch.setenv(QUOTA_ENV, "0.5,1")  # a caller's stale value never reaches a child
+    scaled = confine(make_profile(tmp_path, cores=2, threads=2, cpu_speed=0.5), mode="cgroup")
+    lifted = confine(make_profile(tmp_path, cores=2, threads=2, cpu_speed=0.5), mode="cgroup", cpu_cap=False)
+    try:
+        assert quota_from_env(scaled.env) == Quota(scaled.thread_share, scaled.total_share)
+        assert QUOTA_ENV not in lifted.env
+    finally:
+        scaled.remove()
+        lifted.remove()
+
+
+def test_a_run_records_its_steps_cpu_time_and_the_board_time_under_a_quota(tmp_path, monkeypatch):
+    train, _ = npz_pair()
+    monkeypatch.setenv(QUOTA_ENV, Quota(0.05, 0.09).env_value())
+    out = tmp_path / "run"
+    assert main(["train", str(bundle_path(CACHED["lora"][0], ADAMW)), "--data", str(train), "--batch", "64",
+                 "--epochs", "2", "--threads", "1", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    cpu = results["cpu"]
+    assert cpu["steps"] == results["steps"]
+    assert 0 < cpu["busiest_thread_ms_per_step"] <= cpu["ms_per_step"]
+    assert cpu["quota"] == {"thread": 0.05, "job": 0.09}
+    per_step = Quota(0.05, 0.09).board_seconds(cpu["ms_per_step"], cpu["busiest_thread_ms_per_step"])
+    assert cpu["board_ms_per_step"] == pytest.approx(per_step, rel=1e-3)
+    record = {"time_scaled": True, "ms_per_step_mean": 1.0, **cpu_fields(cpu)}
+    assert step_ms(record) == cpu["board_ms_per_step"]  # what bench, report and recommend read
+    assert step_ms({**record, "board_ms_per_step": None}) == 1.0  # records from before it
