@@ -225,6 +225,10 @@ def test_bound_buffers_step_exactly_like_feeding_the_graph():
     files = bundle.manifest["ort_step"]
     session = ort.InferenceSession(str(bundle.file(files["train_graph"])), providers=["CPUExecutionProvider"])
     state = load_file(bundle.file(files["state"]))
+    trainable = list(bundle.trainable)
+    if FLAT in {i.name for i in session.get_inputs()}:  # a flat step graph: one vector per kind, in state order
+        for kind in ("", "exp_avg.", "exp_avg_sq."):
+            state[kind + FLAT] = np.concatenate([state[kind + n].ravel() for n in trainable])
     outputs = [o.name for o in session.get_outputs()]
     rng = np.random.default_rng(0)
     snapshot = None
@@ -236,6 +240,9 @@ def test_bound_buffers_step_exactly_like_feeding_the_graph():
         expected = dict(zip(outputs, session.run(None, inputs)))
         assert loss == expected["loss"] and np.array_equal(logits, expected["logits"])
         state.update({k.removeprefix("next."): v for k, v in expected.items() if k.startswith("next.")})
+        if FLAT in state:
+            ends = np.cumsum([state[n].size for n in trainable])[:-1]
+            state.update({n: v.reshape(state[n].shape) for n, v in zip(trainable, np.split(state[FLAT], ends))})
         assert all(np.array_equal(v, state[k]) for k, v in engine.trainable_state().items())
         if step == 1:
             snapshot = engine.trainable_state()
