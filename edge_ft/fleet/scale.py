@@ -124,7 +124,9 @@ def _versions() -> dict[str, str]:
 def _machine() -> dict[str, Any]:
     import psutil
 
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+    from edge_ft.bench.speed import machine
+
+    return {"cpus": os.cpu_count(), "processor": machine(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "system": platform.platform(),
             "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}
 
