@@ -67,7 +67,8 @@ class DeviceMemory(TypedDict):
 class StepCpu(TypedDict):
     """The CPU time of the training steps, and on an emulated board the board's time it stands for."""
 
-    steps: int  # steps counted: whole epochs' step loops, every process of a resumed run
+    steps: int  # steps counted: the epochs' step loops (the first epoch's left out when later ones exist)
+    warmup_left_out: bool  # whether the first epoch (onnxruntime's first-step planning) was left out
     ms_per_step: float | None  # CPU ms per step, all threads of the process
     busiest_thread_ms_per_step: float | None  # the busiest thread's share of it
     quota: dict[str, float] | None  # {"thread", "job"}: the emulated board's CPU shares; None outside one

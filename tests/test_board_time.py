@@ -11,7 +11,7 @@ from edge_ft.bench.measure import cpu_fields
 from edge_ft.bench.records import step_ms
 from edge_ft.cli import main
 from edge_ft.contracts import QUOTA_ENV
-from edge_ft.device.board_time import CpuMeter, Quota, quota_from_env, step_cpu, thread_cpu_seconds
+from edge_ft.device.board_time import CpuMeter, Quota, epochs_cpu, quota_from_env, step_cpu, thread_cpu_seconds
 from tests.ort_step_support import bundle_path
 from tests.ort_training_support import npz_pair
 from tests.test_emulate import CGROUP_REASON, make_profile
@@ -54,6 +54,7 @@ def test_the_quota_bounds_a_step_by_its_busiest_thread_and_by_the_whole_job():
     assert quota_from_env({QUOTA_ENV: quota.env_value()}) == quota
     for bad in ("", "0.05", "x,y", "0,0.1", "0.2,0.1", "0.05,inf"):
         assert quota_from_env({QUOTA_ENV: bad}) is None
+    assert epochs_cpu([{"cpu_steps": 5, "cpu_seconds": 1.0, "busiest_cpu_seconds": 1.0}], quota)["steps"] == 5
     block = step_cpu(10, 0.02, 0.015, quota)
     assert block["ms_per_step"] == 2.0 and block["busiest_thread_ms_per_step"] == 1.5
     assert block["board_ms_per_step"] == pytest.approx(0.015 / 0.05 / 10 * 1e3)
@@ -83,7 +84,9 @@ def test_a_run_records_its_steps_cpu_time_and_the_board_time_under_a_quota(tmp_p
                  "--epochs", "2", "--threads", "1", "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     cpu = results["cpu"]
-    assert cpu["steps"] == results["steps"]
+    epochs = results["epochs"]
+    assert all(e["cpu_steps"] == e["steps"] and e["busiest_cpu_seconds"] <= e["cpu_seconds"] for e in epochs)
+    assert cpu["warmup_left_out"] and cpu["steps"] == sum(e["steps"] for e in epochs[1:])  # the first: warm-up
     assert 0 < cpu["busiest_thread_ms_per_step"] <= cpu["ms_per_step"]
     assert cpu["quota"] == {"thread": 0.05, "job": 0.09}
     per_step = Quota(0.05, 0.09).board_seconds(cpu["ms_per_step"], cpu["busiest_thread_ms_per_step"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_ft.contracts import QUOTA_ENV
 from edge_ft.run_record import StepCpu
@@ -77,14 +78,24 @@ class CpuMeter:
         return sum(used), max(used, default=0.0)
 
 
-def step_cpu(steps: int, cpu_seconds: float, busiest_seconds: float, quota: Quota | None) -> StepCpu:
+def step_cpu(steps: int, cpu_seconds: float, busiest_seconds: float, quota: Quota | None,
+             warmup_left_out: bool = False) -> StepCpu:
     """results.json's "cpu" block for `steps` steps that took `cpu_seconds` (`busiest_seconds` on one thread)."""
+    shares = None if quota is None else {"thread": quota.thread, "job": quota.job}
     if not steps:
-        return {"steps": 0, "ms_per_step": None, "busiest_thread_ms_per_step": None,
-                "quota": None if quota is None else {"thread": quota.thread, "job": quota.job},
-                "board_ms_per_step": None}
-    return {"steps": steps, "ms_per_step": round(cpu_seconds / steps * 1e3, 4),
-            "busiest_thread_ms_per_step": round(busiest_seconds / steps * 1e3, 4),
-            "quota": None if quota is None else {"thread": quota.thread, "job": quota.job},
+        return {"steps": 0, "warmup_left_out": False, "ms_per_step": None, "busiest_thread_ms_per_step": None,
+                "quota": shares, "board_ms_per_step": None}
+    return {"steps": steps, "warmup_left_out": warmup_left_out, "ms_per_step": round(cpu_seconds / steps * 1e3, 4),
+            "busiest_thread_ms_per_step": round(busiest_seconds / steps * 1e3, 4), "quota": shares,
             "board_ms_per_step": None if quota is None else
             round(quota.board_seconds(cpu_seconds, busiest_seconds) / steps * 1e3, 4)}
+
+
+def epochs_cpu(epochs: list[dict[str, Any]], quota: Quota | None) -> StepCpu:
+    """The "cpu" block of a run from its epochs' CPU figures. The first epoch is left out when a later one has
+    figures: it carries the warm-up (onnxruntime plans and allocates in the first step; tens of ms of CPU time,
+    a fifth of a short run's per-step figure), as `bench`'s epoch_seconds_later leaves it out of the epoch time."""
+    timed = [e for e in epochs if e.get("cpu_steps")]
+    counted = timed[1:] or timed
+    return step_cpu(sum(e["cpu_steps"] for e in counted), sum(e["cpu_seconds"] for e in counted),
+                    sum(e["busiest_cpu_seconds"] for e in counted), quota, warmup_left_out=len(counted) < len(timed))

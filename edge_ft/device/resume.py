@@ -52,9 +52,6 @@ class Progress:
     seen: int = 0  # training examples scored in the epoch in progress
     train_seconds: float = 0.0  # training time before the checkpoint (all earlier processes)
     resumed_from: list[int] = field(default_factory=list)  # steps this run was resumed at
-    cpu_steps: int = 0  # steps whose CPU time is counted below (whole epochs' step loops, all processes)
-    cpu_seconds: float = 0.0  # CPU time of those steps, every thread of the process
-    busiest_cpu_seconds: float = 0.0  # the part of it on the busiest thread (edge_ft.device.board_time)
 
 
 def run_identity(manifest_path: Path, x: np.ndarray, y: np.ndarray, settings: Any) -> dict[str, Any]:
@@ -164,8 +161,8 @@ def _is_number(v: object) -> bool:
 def _progress(raw: dict[str, Any]) -> Progress:
     """Progress(**raw) with every field's type and the counts' consistency checked."""
     p = Progress(**raw)
-    ok = (all(_is_count(v) for v in (p.step, p.epoch, p.batch, p.hits, p.seen, p.cpu_steps))
-          and all(_is_number(v) for v in (p.epoch_seconds, p.train_seconds, p.cpu_seconds, p.busiest_cpu_seconds))
+    ok = (all(_is_count(v) for v in (p.step, p.epoch, p.batch, p.hits, p.seen))
+          and all(_is_number(v) for v in (p.epoch_seconds, p.train_seconds))
           and all(isinstance(v, list) for v in (p.losses, p.step_seconds, p.epoch_log, p.epoch_losses,
                                                p.resumed_from))
           and all(_is_number(v) for v in (*p.losses, *p.step_seconds, *p.epoch_losses))

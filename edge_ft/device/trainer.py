@@ -30,7 +30,7 @@ from edge_ft.data.batches import epoch_batch_indices
 from edge_ft.data.npz import to_float
 from edge_ft.device import feature_cache
 from edge_ft.device.adapter import merged_weights
-from edge_ft.device.board_time import CpuMeter, quota_from_env, step_cpu
+from edge_ft.device.board_time import CpuMeter, epochs_cpu, quota_from_env
 from edge_ft.device.bundle import MANIFEST, Bundle
 from edge_ft.device.engines import engine_class
 from edge_ft.device.inference import accuracy, predict, session_runner, write_inference_model
@@ -231,7 +231,7 @@ def _train_epochs(run: _Run, engine, guard: CheckpointOnInterrupt, progress: Pro
         if epoch != pos.epoch:
             next_epoch(pos)
         t_epoch = guard.epoch_started = time.perf_counter() - pos.epoch_seconds
-        meter, first = CpuMeter().start(), pos.step
+        meter, first = CpuMeter().start(), pos.step  # the epoch's CPU time, for edge_ft.device.board_time
         for idx in epoch_batch_indices(len(run.x), s.batch, s.seed, epoch)[pos.batch:]:
             if pos.step == run.total:
                 break
@@ -241,9 +241,7 @@ def _train_epochs(run: _Run, engine, guard: CheckpointOnInterrupt, progress: Pro
                 pos.train_seconds = time.perf_counter() - t_zero
                 save_checkpoint(engine, run.out, run.identity, pos, s.keep)
         cpu, busiest = meter.stop()
-        pos.cpu_steps, pos.cpu_seconds = pos.cpu_steps + pos.step - first, pos.cpu_seconds + cpu
-        pos.busiest_cpu_seconds += busiest
-        _log_epoch(run, engine, progress, epoch, lr, time.perf_counter() - t_epoch)
+        _log_epoch(run, engine, progress, epoch, lr, time.perf_counter() - t_epoch, (pos.step - first, cpu, busiest))
 
 
 def _train_step(run: _Run, engine, guard: CheckpointOnInterrupt, idx: np.ndarray, lr: float) -> float:
@@ -265,13 +263,17 @@ def _train_step(run: _Run, engine, guard: CheckpointOnInterrupt, idx: np.ndarray
     return loss
 
 
-def _log_epoch(run: _Run, engine, progress: ProgressBar, epoch: int, lr: float, seconds: float) -> None:
+def _log_epoch(run: _Run, engine, progress: ProgressBar, epoch: int, lr: float, seconds: float,
+               cpu: tuple[int, float, float]) -> None:
+    """Evaluate and log a finished epoch; `cpu`: (steps this process ran of it, their CPU seconds over all threads,
+    the busiest thread's), edge_ft.device.board_time."""
     pos = run.pos
     acc = run.eval_accuracy(engine)
     pos.epoch_log.append({"epoch": epoch, "steps": len(pos.epoch_losses), "seconds": round(seconds, 4),
                           "lr": lr, "mean_loss": float(np.mean(pos.epoch_losses)),
                           "train_accuracy": pos.hits / pos.seen if pos.seen else None,
-                          "eval_accuracy": acc})
+                          "eval_accuracy": acc, "cpu_steps": cpu[0], "cpu_seconds": round(cpu[1], 6),
+                          "busiest_cpu_seconds": round(cpu[2], 6)})
     progress.epoch(f"epoch {epoch + 1}/{run.epochs}: loss {np.mean(pos.epoch_losses):.4f}  {seconds:.2f} s"
                    + ("" if acc is None else f"  eval accuracy {acc:.4f}"))
 
@@ -329,7 +331,7 @@ def _results(run: _Run, classes: list[str] | None, final_accuracy: float | None,
         "op_profile": None if op_summary is None else {"file": PROFILE_FILE, "ms_per_step": op_summary["ms_per_step"],
                                                        "by_op": op_summary["by_op"][:10]},
         "memory_mb": memory_mb,
-        "cpu": step_cpu(pos.cpu_steps, pos.cpu_seconds, pos.busiest_cpu_seconds, quota_from_env()),
+        "cpu": epochs_cpu(pos.epoch_log, quota_from_env()),
         "bundle_bytes": file_sizes(bundle.path),
     }
     results["summary"] = make_summary(  # the keys every engine's results.json shares (edge_ft.run_record)
