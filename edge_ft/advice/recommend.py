@@ -213,7 +213,8 @@ def describe(c: Constraints, profile: DeviceProfile) -> str:
 
 def explain_choice(r: BenchRecord, best: BenchRecord, near: list[BenchRecord], profile: DeviceProfile,
                    c: Constraints) -> list[str]:
-    timing = "mean under the CPU quota" if r.get("time_scaled") else "p50"
+    timing = ("the board time its CPU time stands for" if r.get("time_scaled") and r.get("board_ms_per_step")
+              else "mean under the CPU quota" if r.get("time_scaled") else "p50")
     budget = "" if profile.native else f" of the {profile.budget_mb} MB budget"
     lines = [f"{profile.name}: {name(r)}.",
              f"  accuracy {r['accuracy']:.3f} after {r['steps']} steps"

@@ -8,7 +8,7 @@ Grammar: PROFILE:METHOD[:ENGINE]:FIELD OP VALUE, or PROFILE:METHOD[:ENGINE]:fits
   PROFILE, METHOD, ENGINE  a name or a pattern with `*` (`rpi-*`, `*`); ENGINE left out means every engine
   FIELD                    a record field (NUMBER_FIELDS, BOOL_FIELDS, WORD_FIELDS);
                            X_mb / X_kb read the record's X_bytes in MiB / KiB,
-                           ms_per_step is the step time the report quotes (mean under a CPU quota, p50 otherwise)
+                           ms_per_step is the step time the report quotes (board time under a CPU quota, p50 otherwise)
   OP                       <= < >= > == != (true/false and words such as emulation==cgroup take only == and !=)
   VALUE                    a bare number in the field's unit (accuracy is a fraction: 0.9), true/false, or a word
   fits                     every matched run finished within the profile's memory budget (the record's verdict)

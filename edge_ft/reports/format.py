@@ -27,7 +27,7 @@ def mb(nbytes: float | None, unit: bool = False) -> str:
 
 
 def fmt_ms(record: BenchRecord) -> str:
-    """The step time to quote: the mean under a CPU quota (p50 is uneven there), p50 otherwise."""
+    """The step time to quote (edge_ft.bench.records.step_ms): under a CPU quota the board time, p50 otherwise."""
     value = step_ms(record)
     if value is None:
         return "-"

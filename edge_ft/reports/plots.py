@@ -178,8 +178,8 @@ def peak_rss(records: list[BenchRecord], path: Path) -> Path:
 
 def step_time(records: list[BenchRecord], path: Path) -> Path:
     return _grouped_bars(records, path, lambda r: step_ms(r) if r["status"] == "ok" else None,
-                         "ms per training step (log)", "Time per training step (p50 natively, mean under a CPU "
-                         "quota)", log=True)
+                         "ms per training step (log)", "Time per training step (p50 natively, board time under a "
+                         "CPU quota)", log=True)
 
 
 def epoch_time(records: list[BenchRecord], path: Path) -> Path:

@@ -176,8 +176,10 @@ def task_parts(records: list[BenchRecord], out: Path, source: str) -> list[str]:
     parts = [f"# edge-ft benchmark: {', '.join(tasks)}", "",
              f"{len(records)} runs from `{source}`. Every run is a child process confined to its device profile "
              "(memory cap, cores, per-core CPU quota via cgroups; `host` runs natively). Step times are p50 on "
-             "native runs and the mean under a CPU quota (the quota's 20 ms slices make per-step percentiles "
-             "uneven); peak RSS is the training process's own (sampled every 20 ms, plus its ru_maxrss). s/epoch is "
+             "native runs; under a CPU quota, the board time the steps' CPU time stands for (the quota's slices make "
+             "per-step percentiles uneven, and wall time moves with how the host delivers the quota; runs recorded "
+             "before it: the mean wall time); peak RSS is the training process's own (sampled every 20 ms, plus its "
+             "ru_maxrss). s/epoch is "
              "the mean over epochs after the first; RSS after import is the ORT trainer's right after importing "
              "onnxruntime, the torch engine's after importing torch and loading the data.", "",
              "## Settings", "", settings_text(records), "", "## Results"]
@@ -217,7 +219,7 @@ CAPTIONS = {
     "rounding).",
     "peak_rss.png": "Peak RSS of the training process per method and engine; the dashed line is the profile's "
     "memory budget, hatched bars did not fit.",
-    "step_time.png": "Time per training step (log scale). Under a CPU quota the mean is shown (see above).",
+    "step_time.png": "Time per training step (log scale). Under a CPU quota the board time is shown (see above).",
     "epoch_time.png": "Seconds per epoch after the first: cached-feature probing trains only fc3 on features "
     "computed once.",
     "flops_vs_time.png": "Analytical FLOPs per step (cost model) against measured step time; a slope well below 1 "
