@@ -33,22 +33,24 @@ def cells(paths: list[str]) -> dict[tuple[str, str], list[dict]]:
     return runs
 
 
+def departure(values: list[float]) -> float:
+    """The largest |value / median - 1|: how far the furthest run strayed."""
+    mid = statistics.median(values)
+    return max(abs(v / mid - 1) for v in values)
+
+
 def row(profile: str, label: str, runs: list[dict]) -> str:
     ms = [r["ms_per_step_mean"] for r in runs]
-    mid = statistics.median(ms)
-    spread = max(abs(v / mid - 1) for v in ms)
+    mid, spread = statistics.median(ms), departure(ms)
     cpu = "/".join(f"{r['cpu_seconds']:.1f}" for r in runs)
     held = "/".join("-" if r.get("throttled_seconds") is None else f"{r['throttled_seconds']:.1f}" for r in runs)
     # ms/step per CPU-second of the run: steady when the quota delivers alike and only the work's cost moved
-    per_cpu = [v / r["cpu_seconds"] for v, r in zip(ms, runs)]
-    per_cpu_spread = max(abs(v / statistics.median(per_cpu) - 1) for v in per_cpu)
+    per_cpu_spread = departure([v / r["cpu_seconds"] for v, r in zip(ms, runs)])
     # the board time the steps' CPU time stands for (edge_ft.device.board_time; records before it have none)
     board = [r.get("board_ms_per_step") for r in runs]
     board_cell = "-"
     if all(v is not None for v in board):
-        b_mid = statistics.median(board)
-        b_spread = max(abs(v / b_mid - 1) for v in board)
-        board_cell = f"{' / '.join(f'{v:.1f}' for v in board)} (±{100 * b_spread:.0f}%)"
+        board_cell = f"{' / '.join(f'{v:.1f}' for v in board)} (±{100 * departure(board):.0f}%)"
     return (f"| {profile} | {label} | {' / '.join(f'{v:.1f}' for v in ms)} | {mid:.1f} | ±{100 * spread:.0f}% | "
             f"{cpu} | {held} | ±{100 * per_cpu_spread:.0f}% | {board_cell} |")
 

@@ -180,17 +180,24 @@ def train(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[
     return results
 
 
+def plan_run(bundle: Bundle, s: TrainSettings, n_train: int, n_eval: int,
+             budget: int) -> tuple[feature_cache.CachePlan, int, int]:
+    """A run on n_train examples scored on n_eval after every epoch: the feature-cache decision within `budget`
+    bytes, its total steps and the epochs they span."""
+    per_epoch = math.ceil(n_train / s.batch)
+    total = s.steps or s.epochs * per_epoch
+    epochs = math.ceil(total / per_epoch)
+    read = min(total * s.batch, epochs * n_train) + epochs * n_eval  # examples the prefix would run on
+    return feature_cache.plan(bundle, s.cache_features, n_train, n_eval, read, budget), total, epochs
+
+
 def _prepare(bundle: Bundle, data: tuple[np.ndarray, np.ndarray], eval_data: tuple[np.ndarray, np.ndarray] | None,
              s: TrainSettings, out: Path, resume: bool, replace: bool) -> _Run:
     """Resolve the cache choice, check the engine can do what was asked, and find where the run starts."""
     x, y = data
     x_eval, y_eval = eval_data if eval_data is not None else (x[:0], y[:0])
-    per_epoch = math.ceil(len(x) / s.batch)
-    total = s.steps or s.epochs * per_epoch
-    epochs = math.ceil(total / per_epoch)
-    cache = feature_cache.plan(bundle, s.cache_features, len(x), len(x_eval),
-                               min(total * s.batch, epochs * len(x)) + epochs * len(x_eval),
-                               s.memory_budget - rss_bytes() if s.memory_budget else available_bytes())
+    cache, total, epochs = plan_run(bundle, s, len(x), len(x_eval),
+                                    s.memory_budget - rss_bytes() if s.memory_budget else available_bytes())
     s = dataclasses.replace(s, cache_features=cache.use)  # the resolved choice: part of the run's identity
     train_bundle = bundle.head if cache.use else bundle
     engine_class(train_bundle.engine)

@@ -31,7 +31,7 @@ from edge_ft.device.bundle import Bundle
 from edge_ft.device.engines import Engine, engine_class
 from edge_ft.device.inference import accuracy, predict
 from edge_ft.device.metrics import MB, PeakRSS, available_bytes, latency_ms
-from edge_ft.device.trainer import TrainSettings, lr_for_epoch
+from edge_ft.device.trainer import TrainSettings, lr_for_epoch, plan_run
 from edge_ft.errors import UserError
 
 
@@ -66,23 +66,13 @@ def _engine_and_features(bundle: Bundle, threads: int, cached: bool) -> tuple[En
     return engine, features
 
 
-def _cache_plan(bundle: Bundle, s: TrainSettings, n: int) -> tuple[feature_cache.CachePlan, int, int]:
-    """The trainer's cache decision for a run on n examples scored on the same n (the ClientApp's run), its total
-    steps and the epochs they span."""
-    per_epoch = math.ceil(n / s.batch)
-    total = s.steps or s.epochs * per_epoch
-    epochs = math.ceil(total / per_epoch)
-    read = min(total * s.batch, epochs * n) + epochs * n
-    return feature_cache.plan(bundle, s.cache_features, n, n, read, available_bytes()), total, epochs
-
-
 def train_round(bundle: Bundle, x: np.ndarray, y: np.ndarray, s: TrainSettings,
                 initial: dict[str, np.ndarray]) -> RoundResult:
     """Train from `initial` (the global trainable tensors; names and shapes checked by the caller) on (x, y)."""
     if not len(y):
         raise UserError("the device holds no training examples")
     with PeakRSS() as peak:
-        cache, total, epochs = _cache_plan(bundle, s, len(y))
+        cache, total, epochs = plan_run(bundle, s, len(y), len(y), available_bytes())  # scored on its own data
         cached = cache.use and bundle.head is not None
         engine, features = _engine_and_features(bundle, s.threads, cached)
         inputs = feature_cache.compute(bundle, s.threads, x, run=features) if cached else None
