@@ -18,6 +18,8 @@ Per-thread CPU time comes from /proc/self/task/*/schedstat (nanoseconds on a CPU
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,19 @@ _TASKS = Path("/proc/self/task")
 
 
 def thread_cpu_seconds() -> dict[int, float]:
-    """CPU seconds each live thread of this process has used, by thread id."""
+    """CPU seconds each live thread of this process has used, by thread id.
+
+    schedstat shows a thread's runtime as of its last tick or switch: current for threads that are asleep (a
+    stopped pool), up to a tick (4 ms at HZ=250) stale for the running caller, which therefore reads its own
+    clock (CLOCK_THREAD_CPUTIME_ID brings the runtime up to date)."""
     try:
-        return {int(t.name): int((t / "schedstat").read_text().split()[0]) / 1e9 for t in _TASKS.iterdir()}
+        used = {int(t.name): int((t / "schedstat").read_text().split()[0]) / 1e9 for t in _TASKS.iterdir()}
     except (OSError, ValueError, IndexError):
         import psutil
 
-        return {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
+        used = {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
+    used[threading.get_native_id()] = time.thread_time()
+    return used
 
 
 @dataclass(frozen=True)
