@@ -33,3 +33,11 @@ MEMORY_BUDGET_ENV = "EDGE_FT_MEMORY_BUDGET"
 # thread and the whole job may use. The trainer turns its CPU time into the board's time with them
 # (edge_ft.device.board_time).
 QUOTA_ENV = "EDGE_FT_CPU_QUOTA"
+
+# How an emulated board's step time is obtained (edge_ft.emulation.emulate): "quota" paces the job with CPU quotas,
+# so its wall time approximates the board's; "cpu" runs it at this machine's speed under the board's memory, cores
+# and threads, and its board time is its CPU time scaled by the same shares (edge_ft.device.board_time).
+TIMINGS = ("cpu", "quota")
+# Set to "cpu" for a child timed by its CPU time: nothing throttles it, so it reads its CPU clock every step and its
+# board time comes from the typical (median) step, which a stretch of this machine's slower seconds does not move.
+TIMING_ENV = "EDGE_FT_TIMING"

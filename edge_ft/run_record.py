@@ -71,8 +71,11 @@ class StepCpu(TypedDict):
     warmup_left_out: bool  # whether the first epoch (onnxruntime's first-step planning) was left out
     ms_per_step: float | None  # CPU ms per step, all threads of the process
     busiest_thread_ms_per_step: float | None  # the busiest thread's share of it
+    wall_ms_per_step: NotRequired[float | None]  # the same steps' wall time (their epochs' step loops)
+    typical_ms_per_step: NotRequired[float | None]  # the median step's CPU ms, where clocked every step (timing cpu)
     quota: dict[str, float] | None  # {"thread", "job"}: the emulated board's CPU shares; None outside one
-    board_ms_per_step: float | None  # the board's time per step the quota makes of it (edge_ft.device.board_time)
+    board_ms_per_step: float | None  # the board's time per step its shares make of it (edge_ft.device.board_time):
+    # of the typical step where clocked every step, else of the mean
 
 
 class TrainResults(TypedDict):

@@ -3,6 +3,7 @@ an out-of-memory kill recorded as a result while the sweep carries on, and torn-
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from edge_ft.architecture import count_params
 from edge_ft.bench import sweep as sweep_module
 from edge_ft.bench.measure import SweepSettings
-from edge_ft.bench.records import REQUIRED, append_record, latest, read_records
+from edge_ft.bench.records import REQUIRED, append_record, latest, read_records, step_ms
 from edge_ft.bench.sweep import SweepOptions, plan, run_sweep
 from edge_ft.cli import main
 from edge_ft.config import MethodConfig
@@ -88,7 +89,7 @@ def test_sweep_records_carry_every_measurement(swept, base_checkpoint):
             assert 0 <= r["throttled_seconds"] <= r["wall_seconds"] * len(r["cpus"])
             assert r["thread_throttled_seconds"] >= 0
         repeats = r["repeats_ms_per_step_p50"]  # native runs twice, keeping the faster; a quota-limited run once
-        assert len(repeats) == (2 if r["profile"] == "host" else 1) and r["ms_per_step_p50"] == min(repeats)
+        assert len(repeats) == (2 if r["profile"] == "host" else 1) and step_ms(r) == min(repeats)
     lora = next(r for r in records if r["label"] == "lora")
     assert lora["flops_per_step"] == estimate(MethodConfig("lora"), 32).flops["total"]
     cached = next(r for r in records if r["label"] == "probe-cached")
@@ -98,6 +99,22 @@ def test_sweep_records_carry_every_measurement(swept, base_checkpoint):
     assert all(r["time_scaled"] and r["cpu_quota"] == pytest.approx(0.5) for r in board) or _cgroup_reason()
     lines = (root / "results.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(line)["key"] for line in lines)
+
+
+@pytest.mark.slow
+def test_a_board_timed_by_cpu_time_runs_unthrottled_and_without_root(swept):
+    """--timing cpu under rlimit (what a user without root gets): one thread at this machine's speed, its board time
+    its CPU time over one board core's share here (0.5), every time figure scaled alike, the fastest of 2 kept."""
+    root, _, opts, _ = swept
+    jobs = plan([TASK], ["lora"], ["ort-training"], [make_profile(root, "board", 512)],
+                SweepSettings(steps=STEPS, timing="cpu"))
+    [r] = run_sweep(jobs, root / "cpu-timed.jsonl", replace(opts, mode="rlimit"))
+    assert (r["status"], r["timing"], r["time_scaled"], r["emulation"], r["threads"]) == ("ok", "cpu", True,
+                                                                                         "rlimit", 1)
+    assert r["throttled_seconds"] is None and r["cpu_quota"] == r["total_quota"] == 0.5
+    assert r["board_ms_per_step"] == pytest.approx(r["cpu_ms_per_step"] / 0.5, rel=0.01)
+    assert r["board_scale"] == pytest.approx(r["board_ms_per_step"] / r["wall_ms_per_step"], rel=1e-3)
+    assert len(r["repeats_ms_per_step_p50"]) == 2 and r["board_ms_per_step"] == min(r["repeats_ms_per_step_p50"])
 
 
 @pytest.mark.slow
@@ -180,6 +197,30 @@ def test_run_key_changes_with_settings_and_board_limits(tmp_path):
     d = plan([TASK], ["lora"], ["ort-step"], [make_profile(tmp_path, "b", 256)],
              SweepSettings(epochs=1, target_accuracy=0.5))[0]
     assert len({a.key, b.key, c.key}) == 3 and a.key == d.key  # the target only changes a derived figure
+    e = plan([TASK], ["lora"], ["ort-step"], [make_profile(tmp_path, "b", 256)],
+             SweepSettings(epochs=1, timing="cpu"))[0]
+    assert e.key != a.key  # timed by CPU time is another measurement; the quota's keys are those of older files
+
+
+def test_repetitions_run_in_rounds_and_the_fastest_is_kept(tmp_path):
+    """Runs at this machine's speed repeat in rounds (a slow stretch here touches different jobs' repetitions);
+    a run that did not finish is not repeated; the record kept is the fastest, with every repetition's time."""
+    jobs = plan([TASK], ["lora", "probe"], ["ort-step"], [make_profile(tmp_path, "b", 256)],
+                SweepSettings(epochs=1, timing="cpu"))
+    times = {jobs[0].key: iter([3.0, 2.0, 4.0]), jobs[1].key: iter([None])}
+    order = []
+
+    def once(job):
+        order.append(job.label)
+        ms = next(times[job.key])
+        return {"status": "ok" if ms else "out_of_memory", "label": job.label, "time_scaled": True,
+                "board_ms_per_step": ms, "ms_per_step_mean": ms}
+
+    done = list(sweep_module._in_rounds(jobs, once, 3))
+    assert order == ["lora", "probe", "lora", "lora"]
+    assert [runs[0]["label"] for runs in done] == ["probe", "lora"]  # the failed run is done after its first
+    best = sweep_module.fastest(done[1])
+    assert best["board_ms_per_step"] == 2.0 and best["repeats_ms_per_step_p50"] == [3.0, 2.0, 4.0]
 
 
 def _own_data(folder: Path) -> Path:

@@ -63,6 +63,7 @@ def test_the_running_thread_is_counted_to_the_moment_not_to_its_last_tick():
         assert own - 0.0003 <= busiest <= own  # the caller was the busiest, counted to the moment
         assert busiest <= total
 
+
 def test_the_quota_bounds_a_step_by_its_busiest_thread_and_by_the_whole_job():
     quota = Quota(thread=0.05, job=0.09)
     assert quota.board_seconds(cpu_seconds=1.0, busiest_seconds=1.0) == pytest.approx(20.0)  # one thread
@@ -70,7 +71,12 @@ def test_the_quota_bounds_a_step_by_its_busiest_thread_and_by_the_whole_job():
     assert quota_from_env({QUOTA_ENV: quota.env_value()}) == quota
     for bad in ("", "0.05", "x,y", "0,0.1", "0.2,0.1", "0.05,inf"):
         assert quota_from_env({QUOTA_ENV: bad}) is None
-    assert epochs_cpu([{"cpu_steps": 5, "cpu_seconds": 1.0, "busiest_cpu_seconds": 1.0}], quota)["steps"] == 5
+    epochs = [{"cpu_steps": 5, "cpu_seconds": 1.0, "busiest_cpu_seconds": 1.0, "seconds": 1.5},
+              {"cpu_steps": 4, "cpu_seconds": 0.8, "busiest_cpu_seconds": 0.8, "seconds": 0.9}]
+    assert epochs_cpu(epochs[:1], quota)["steps"] == 5
+    later = epochs_cpu(epochs, quota)  # the first epoch left out: the same steps' CPU and wall time
+    assert later["steps"] == 4 and later["warmup_left_out"]
+    assert later["wall_ms_per_step"] == pytest.approx(225.0) and later["ms_per_step"] == pytest.approx(200.0)
     block = step_cpu(10, 0.02, 0.015, quota)
     assert block["ms_per_step"] == 2.0 and block["busiest_thread_ms_per_step"] == 1.5
     assert block["board_ms_per_step"] == pytest.approx(0.015 / 0.05 / 10 * 1e3)
@@ -110,3 +116,41 @@ def test_a_run_records_its_steps_cpu_time_and_the_board_time_under_a_quota(tmp_p
     record = {"time_scaled": True, "ms_per_step_mean": 1.0, **cpu_fields(cpu)}
     assert step_ms(record) == cpu["board_ms_per_step"]  # what bench, report and recommend read
     assert step_ms({**record, "board_ms_per_step": None}) == 1.0  # records from before it
+
+
+def test_cpu_timing_runs_one_unthrottled_thread_and_hands_it_the_boards_threads_together(tmp_path):
+    """--timing cpu: no quota, the memory cap and cores kept, one thread standing for the board's threads (its CPU
+    time over one board core's share x thread_scaling); rlimit mode (no root) is timed the same way."""
+    from edge_ft.emulation.emulate import confine
+    from edge_ft.emulation.hostspeed import HostSpeed
+
+    board = make_profile(tmp_path, cores=2, threads=2, cpu_speed=0.3)
+    host = HostSpeed(0.6, "given")
+    for mode in ("rlimit",) + (("cgroup",) if CGROUP_REASON is None else ()):
+        conf = confine(board, mode=mode, host=host, timing="cpu")
+        try:
+            fields = conf.fields()
+            speedup = board.thread_speedup(2)
+            assert quota_from_env(conf.env) == Quota(0.5 * speedup, 0.5 * speedup)
+            assert (fields["timing"], fields["time_scaled"], fields["threads"]) == ("cpu", True, 1)
+            assert conf.thread_share is None and conf.efficiency is None  # nothing throttles it
+            assert conf.memory_limit_bytes == board.budget_bytes
+            assert any("timed by CPU time" in note for note in fields["notes"])
+        finally:
+            conf.remove()
+    paced = confine(board, mode="rlimit", host=host)  # the quota's timing without cgroups: not time-scaled
+    assert QUOTA_ENV not in paced.env and paced.fields()["timing"] is None
+
+
+def test_a_cpu_timed_record_reads_as_the_board_every_time_figure_scaled_alike():
+    from edge_ft.bench.measure import board_clock_fields
+
+    record = {"board_ms_per_step": 40.0, "wall_ms_per_step": 2.0, "ms_per_step_p50": 1.9, "ms_per_step_p95": 2.5,
+              "ms_per_step_mean": 2.2, "epoch_seconds_mean": 0.5, "epoch_seconds_later": 0.4,
+              "feature_cache_seconds": None, "epochs": [{"seconds": 0.6, "accuracy": 0.5},
+                                                         {"seconds": 0.4, "accuracy": 0.7}]}
+    scaled = board_clock_fields(record)
+    assert scaled["board_scale"] == 20.0
+    assert (scaled["ms_per_step_p50"], scaled["ms_per_step_p95"], scaled["epoch_seconds_later"]) == (38.0, 50.0, 8.0)
+    assert [e["seconds"] for e in scaled["epochs"]] == [12.0, 8.0] and scaled["feature_cache_seconds"] is None
+    assert board_clock_fields({**record, "board_ms_per_step": None}) == {"time_scaled": False, "board_scale": None}

@@ -75,6 +75,6 @@ def test_a_misspelt_record_key_is_a_type_error(tmp_path):
     out, _, status = api.run(["--config-file", str(PACKAGE.parent / "pyproject.toml"), "--no-error-summary",
                               "--cache-dir", str(tmp_path / "mypy-cache"), str(source)])
     assert status == 1
-    assert out.splitlines() == [f'{source}:5: error: TypedDict "BenchRecord" has no key "peak_rss_byte"  '
-                                "[typeddict-item]",
-                                f'{source}:5: note: Did you mean "peak_rss_bytes" or "train_peak_rss_bytes"?']
+    error, note = out.splitlines()  # only line 5; the note's other near misses depend on the schema's other keys
+    assert error == f'{source}:5: error: TypedDict "BenchRecord" has no key "peak_rss_byte"  [typeddict-item]'
+    assert note.startswith(f'{source}:5: note: Did you mean "peak_rss_bytes"')

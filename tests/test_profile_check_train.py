@@ -48,7 +48,7 @@ def test_check_train_measures_each_method_and_prints_its_table(tmp_path, base_ch
                      'budget_mb = 512\nthreads = 2\ncpu_speed = 0.5\ncpu_speed_source = "chosen for a test"\n')
     args = ["profile", "check", "--workload", "train", "--profiles", str(board), "--methods", "probe",
             "--runs", "2", "--steps", "3", "--base", str(base_checkpoint), "--out", str(tmp_path / "check"),
-            "--quiet"]
+            "--quiet", "--timing", "quota"]
     assert main(args + ["--json"]) == 0
     (check,) = json.loads(capsys.readouterr().out)["checks"]
     assert (check["profile"], check["method"], check["threads"]) == ("board", "probe", 2)
@@ -59,6 +59,23 @@ def test_check_train_measures_each_method_and_prints_its_table(tmp_path, base_ch
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "1 thread: median ms (spread)" in out and out.strip().splitlines()[-1].split()[:2] == ["board", "probe"]
+
+
+def test_check_train_timed_by_cpu_time_needs_no_cgroup_and_lands_on_the_expectation(tmp_path, base_checkpoint,
+                                                                                    capsys):
+    """--timing cpu (rlimit: no root needed): every run is one unthrottled thread, its board time the typical
+    step's CPU time over one board core's share (0.5 here), the board's 2 threads credited with 2x; so one thread's
+    board time lands near the free run scaled by the same share (the expectation), and the threads cost no more."""
+    board = tmp_path / "board.toml"
+    board.write_text('description = "test board"\narch = "x86_64"\ncpu = "test"\ncores = 2\nram_mb = 1024\n'
+                     'budget_mb = 512\nthreads = 2\ncpu_speed = 0.5\ncpu_speed_source = "chosen for a test"\n')
+    assert main(["profile", "check", "--workload", "train", "--profiles", str(board), "--methods", "lora",
+                 "--runs", "2", "--steps", "40", "--base", str(base_checkpoint), "--out", str(tmp_path / "check"),
+                 "--quiet", "--timing", "cpu", "--mode", "rlimit", "--json"]) == 0
+    (check,) = json.loads(capsys.readouterr().out)["checks"]
+    assert check["timing"] == "cpu" and len(check["one_ms"]) == len(check["many_ms"]) == 2
+    assert 0.5 < check["ratio"] < 1.5  # a wrong share or thread credit is off by 2x or more
+    assert 0.5 < check["thread_cost"] < 1.5 and 1.2 < check["speedup"] < 3.3  # 2x by construction, give or take
 
 
 def test_check_train_refuses_an_unknown_method(capsys):

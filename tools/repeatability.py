@@ -59,14 +59,17 @@ BOARD_ORDER = ("rpi-zero-2w", "rpi-3b", "rpi-4b-2gb")  # each at least as fast a
 
 
 def inversions(runs: dict) -> list[str]:
-    """Per method: how many (slower board run, faster board run) pairs have the faster board slower."""
+    """Per method: how many (slower board run, faster board run) pairs have the faster board slower, by the step
+    time the report, recommend and gates read (step_ms: the board time where a record has one)."""
+    from edge_ft.bench.records import step_ms
+
     lines = []
     for label in sorted({k[1] for k in runs}):
         parts = []
         for slow, fast in zip(BOARD_ORDER, BOARD_ORDER[1:]):
             a, b = runs.get((slow, label)), runs.get((fast, label))
             if a and b:
-                bad = sum(y["ms_per_step_mean"] > x["ms_per_step_mean"] for x in a for y in b)
+                bad = sum((step_ms(y) or 0) > (step_ms(x) or 0) for x in a for y in b)
                 parts.append(f"{fast} slower than {slow} in {bad} of {len(a) * len(b)} run pairs")
         if parts:
             lines.append(f"{label}: " + "; ".join(parts))

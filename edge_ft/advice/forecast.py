@@ -98,6 +98,8 @@ def _profile_speed(name: str, threads: int | None) -> tuple[float, float] | None
 def run_speed(r: BenchRecord) -> tuple[float, float] | None:
     """(one thread, all threads) of a measured run in reference cores: what its CPU quota delivered (the record's
     own quota figures, else its profile's stated speed), or this machine's host speed natively."""
+    if r.get("timing") == "cpu":  # one thread stood for the board's: its profile's speeds are what it was timed at
+        return _profile_speed(r["profile"], None)
     if r.get("time_scaled"):
         host, efficiency = r.get("host_speed"), r.get("quota_efficiency") or 1.0
         if host and r.get("cpu_quota") and r.get("total_quota"):
@@ -280,21 +282,24 @@ def predict_runs(records: list[BenchRecord], profile: DeviceProfile, task: str, 
     return out
 
 
-def sweep_seconds(preds: list[BenchRecord], profile: DeviceProfile, repeats: int, host_speed: float | None
-                  ) -> float | None:
+def sweep_seconds(preds: list[BenchRecord], profile: DeviceProfile, repeats: int | None, host_speed: float | None,
+                  timing: str = "quota") -> float | None:
     """Expected wall seconds of measuring `preds` with `edge-ft bench` (cgroup emulation): every run's predicted
-    steps plus its start-up, native runs `repeats` times one after another, quota-limited ones side by side as the
-    sweep runs them (edge_ft.bench.sweep.parallel_width, before the throttling correction). None when a run's
-    length is unknown. Preparation (pretraining, exports) and a first host-speed calibration come on top."""
-    from edge_ft.bench.sweep import MAX_PARALLEL
+    steps plus its start-up, native runs `repeats` times one after another, runs timed by CPU time too (at this
+    machine's speed: the board's time x its share here), quota-limited ones side by side as the sweep runs them
+    (edge_ft.bench.sweep.parallel_width, before the throttling correction). None when a run's length is unknown.
+    Preparation (pretraining, exports) and a first host-speed calibration come on top."""
+    from edge_ft.bench.sweep import CPU_TIMED_REPEATS, MAX_PARALLEL, NATIVE_REPEATS
     from edge_ft.emulation.emulate import usable_cpus
 
     jobs = [p["job_seconds"] for p in preds]
     if not jobs or any(j is None for j in jobs):
         return None
     if profile.native:
-        return sum(jobs) * repeats
+        return sum(jobs) * (repeats or NATIVE_REPEATS)
     share = profile.cpu_speed / (host_speed or 1.0) * profile.thread_speedup(profile.threads)
+    if timing == "cpu":
+        return sum(jobs) * share * (repeats or CPU_TIMED_REPEATS)
     width = 1 if share >= 0.5 else max(1, min(MAX_PARALLEL, int(0.5 * len(usable_cpus()) / share)))
     return max(max(jobs), sum(jobs) / width)
 

@@ -37,6 +37,7 @@ class DemoSettings:
     pretrain_epochs: int | None = None  # None: the pretraining recipe
     timeout: float = 900.0  # per measured run
     host_speed: float | None = None  # this machine's core vs the reference (None: measured once, cached)
+    timing: str = "cpu"  # an emulated board's time: its CPU time scaled (cpu) or paced by a CPU quota (quota)
     quiet: bool = False
 
 
@@ -56,8 +57,9 @@ def run_demo(s: DemoSettings) -> int:
               f"{s.out}/", flush=True)
     host = HostSpeed.resolve(s.host_speed, quiet=s.quiet)
     if not s.quiet:
-        print(f"this machine's core: {host.describe()}; every board's CPU quota is scaled by it", flush=True)
-    jobs = plan([s.task], list(LABELS), list(ENGINES), profiles, SweepSettings(epochs=s.epochs, host_speed=host.speed))
+        print(f"this machine's core: {host.describe()}; every board's time is scaled by it", flush=True)
+    settings = SweepSettings(epochs=s.epochs, host_speed=host.speed, timing=s.timing)
+    jobs = plan([s.task], list(LABELS), list(ENGINES), profiles, settings)
     records = run_sweep(jobs, results, SweepOptions(pretrain_epochs=s.pretrain_epochs, timeout=s.timeout,
                                                     quiet=s.quiet, host=host))
     report = write_report(records, s.out, source=str(results))

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from edge_ft.architecture import count_params
 from edge_ft.bench.prepare import Prepared, installable
@@ -49,10 +49,17 @@ class SweepSettings:
     last_k: int = 2  # last-k: weight layers trained whole, counted back from the output (LeNet-5: fc2, fc3)
     host_speed: float = 1.0  # this machine's core speed vs the reference core (scales the CPU quota)
     target_accuracy: float = 0.9  # time-to-accuracy threshold (derived from per-epoch figures, not part of the key)
+    timing: str = "quota"  # an emulated board's time: paced by a CPU quota, or "cpu" (contracts.TIMINGS)
 
     def identity(self) -> dict:
-        """What makes two runs comparable; last_k only for last-k runs (Job.key), so other runs keep their keys."""
-        return {k: v for k, v in asdict(self).items() if k not in ("target_accuracy", "last_k")}
+        """What makes two runs comparable; last_k only for last-k runs (Job.key), so other runs keep their keys;
+        timing only when it is not the quota, so runs measured before it existed keep theirs."""
+        skip = ("target_accuracy", "last_k") + (("timing",) if self.timing == "quota" else ())
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    def timing_for(self, engine: str) -> str:
+        """The timing a job of `engine` runs under: the torch engine has no CPU meter, so a quota paces it."""
+        return "quota" if engine == "torch" else self.timing
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,8 @@ def profile_identity(p: DeviceProfile) -> dict:
 
 
 def job_argv(job: Job, prep: Prepared, bundle: Path | None, data: Path, run_dir: Path) -> list[str]:
-    s, threads = job.settings, str(job.profile.threads)
+    # timing cpu runs one thread and credits the board's threads with its thread_scaling (edge_ft.emulation.emulate)
+    s, threads = job.settings, "1" if job.settings.timing_for(job.engine) == "cpu" else str(job.profile.threads)
     python = prep.python_for(job.engine)
     if job.engine == "torch":
         argv = [python, "-m", "edge_ft.cli", "finetune", "--engine", "torch", "--method", job.method,
@@ -135,7 +143,8 @@ def measure(job: Job, prep: Prepared, bundle: Path | None, data: Path, num_class
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted earlier left files that are not this run's
     argv = job_argv(job, prep, bundle, data, run_dir)
     started, spawner_peak = time.time(), own_peak_rss()
-    result = run_confined(argv, job.profile, env=prep.child_env(), timeout=timeout, mode=mode, host=host)
+    result = run_confined(argv, job.profile, env=prep.child_env(), timeout=timeout, mode=mode, host=host,
+                          timing=job.settings.timing_for(job.engine))
     record = base_record(job, prep, num_classes, result, spawner_peak)
     record.update(host_fields(host or HostSpeed.reference()))  # the speed every quota of this run was scaled by
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
@@ -145,6 +154,8 @@ def measure(job: Job, prep: Prepared, bundle: Path | None, data: Path, num_class
         except (OSError, ValueError, KeyError, TypeError) as e:
             record.update({"status": "failed", "fits": False, "verdict": f"failed: unreadable run output ({e!r})"})
             return record
+        if result.timing == "cpu":
+            record.update(board_clock_fields(record))
         record["time_to_accuracy_s"] = time_to_accuracy(record, job.settings.target_accuracy)
         # The trainer samples itself every 5 ms (the parent every 20 ms): a short spike only it saw still counts.
         record["peak_rss_bytes"] = max(record["peak_rss_bytes"], record["train_peak_rss_bytes"] or 0)
@@ -172,13 +183,15 @@ def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, s
         "task": job.task, "method": job.method, "label": job.label, "cache_features": job.cache_features,
         "engine": job.engine, "profile": p.name, "arch": p.arch, "budget_mb": p.budget_mb, "native": p.native,
         "installable_on_device": installable(job.engine, p.arch),
-        "emulation": r.emulation, "time_scaled": r.time_scaled, "cpu_quota": r.cpu_quota, "threads": r.threads,
+        "emulation": r.emulation, "time_scaled": r.time_scaled, "timing": r.timing, "board_scale": None,
+        "cpu_quota": r.cpu_quota, "threads": r.threads,
         "total_quota": r.total_quota, "quota_efficiency": r.quota_efficiency,
         "cpus": r.cpus or [], "status": r.status, "exit_code": r.exit_code,
         "settings": asdict(job.settings), "base_sha256": job.base_sha256,
         "accuracy": None, "epochs": [], "steps": None,
         "ms_per_step_p50": None, "ms_per_step_p95": None, "ms_per_step_mean": None,
-        "cpu_ms_per_step": None, "busiest_thread_ms_per_step": None, "board_ms_per_step": None,
+        "cpu_ms_per_step": None, "busiest_thread_ms_per_step": None, "wall_ms_per_step": None,
+        "board_ms_per_step": None,
         "epoch_seconds_mean": None, "epoch_seconds_later": None, "time_to_accuracy_s": None,
         "feature_cache_seconds": None,
         "peak_rss_bytes": child_peak_rss(r, spawner_peak), "sampled_rss_bytes": r.sampled_rss_bytes,
@@ -218,7 +231,28 @@ def cpu_fields(cpu: Mapping[str, Any] | None) -> BenchRecord:
     cpu = cpu or {}
     return {"cpu_ms_per_step": cpu.get("ms_per_step"),
             "busiest_thread_ms_per_step": cpu.get("busiest_thread_ms_per_step"),
-            "board_ms_per_step": cpu.get("board_ms_per_step")}
+            "wall_ms_per_step": cpu.get("wall_ms_per_step"), "board_ms_per_step": cpu.get("board_ms_per_step")}
+
+
+def board_clock_fields(record: BenchRecord) -> BenchRecord:
+    """A run timed by CPU time ran at this machine's speed: its time figures (per-step percentiles, epochs, the
+    feature pass) are this machine's wall times. Each is scaled by the run's board time over its wall time per step
+    (`board_scale`), so they read as the board's; without a board time the run is not time-scaled."""
+    board, wall = record.get("board_ms_per_step"), record.get("wall_ms_per_step")
+    if not board or not wall:
+        return {"time_scaled": False, "board_scale": None}
+    f = board / wall
+
+    def scaled(key: str) -> float | None:
+        v = record.get(key)
+        return None if v is None else round(float(cast(float, v)) * f, 4)
+
+    return {"board_scale": round(f, 4),
+            "epochs": [{**e, "seconds": round(e["seconds"] * f, 4)} for e in record["epochs"]],
+            "ms_per_step_p50": scaled("ms_per_step_p50"), "ms_per_step_p95": scaled("ms_per_step_p95"),
+            "ms_per_step_mean": scaled("ms_per_step_mean"), "epoch_seconds_mean": scaled("epoch_seconds_mean"),
+            "epoch_seconds_later": scaled("epoch_seconds_later"),
+            "feature_cache_seconds": scaled("feature_cache_seconds")}
 
 
 def device_fields(run_dir: Path) -> BenchRecord:

@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
 from edge_ft.errors import UserError
 
@@ -75,9 +75,11 @@ class BenchRecord(TypedDict, total=False):
     native: bool  # the profile is this machine, unconfined
     installable_on_device: bool  # the engine's wheels exist for the board's arch
     emulation: str  # cgroup | rlimit | native
-    time_scaled: bool  # ran under a CPU quota: its times are the board's, not this machine's
-    cpu_quota: float | None  # CPU quota per thread, in cores
-    total_quota: float | None  # the job's whole quota, in cores
+    time_scaled: bool  # its times are the board's, not this machine's (by `timing`)
+    timing: NotRequired[str | None]  # quota: paced by a CPU quota | cpu: run here, its CPU time scaled; None: neither
+    board_scale: NotRequired[float | None]  # timing cpu: board time over wall time per step, applied to every time
+    cpu_quota: float | None  # one board core as a share of a CPU here: each thread's quota (or CPU-time divisor)
+    total_quota: float | None  # the same for the whole job
     quota_efficiency: float | None  # speed-up the threads achieved against their quota
     threads: int  # threads the run used
     cpus: list[int]  # CPUs it was pinned to
@@ -108,8 +110,9 @@ class BenchRecord(TypedDict, total=False):
     ms_per_step_mean: float | None  # step time, mean (wall time under a quota)
     cpu_ms_per_step: float | None  # CPU time of a step, all threads (device engines)
     busiest_thread_ms_per_step: float | None  # the busiest thread's part of it
-    board_ms_per_step: float | None  # under a quota: the board's time its CPU time stands for (see step_ms)
-    repeats_ms_per_step_p50: list[float | None]  # a native run's repetitions (the fastest is the record)
+    wall_ms_per_step: NotRequired[float | None]  # wall time of the same steps (their epochs' step loops)
+    board_ms_per_step: float | None  # on an emulated board: the board's time its CPU time stands for (see step_ms)
+    repeats_ms_per_step_p50: list[float | None]  # step_ms of each repetition of a repeated run (the fastest is it)
     wall_seconds: float  # the whole child's wall time
     cpu_seconds: float  # CPU time the job used
     throttled_seconds: float | None  # time the quota held the job stopped (None outside a cgroup)

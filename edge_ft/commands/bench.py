@@ -9,7 +9,7 @@ from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES
 from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
 from edge_ft.commands.gate import add_gate_options
 from edge_ft.config import default_alpha
-from edge_ft.contracts import ENGINES, ORT_STEP, SWEEP_LABELS
+from edge_ft.contracts import ENGINES, ORT_STEP, SWEEP_LABELS, TIMINGS
 from edge_ft.errors import UserError
 from edge_ft.training_defaults import recipe_default
 
@@ -17,6 +17,7 @@ DEFAULT_RESULTS = Path("runs/bench/results.jsonl")
 DEFAULT_PROFILES = "host,rpi-zero-2w"
 DEFAULT_METHODS = ",".join(SWEEP_LABELS)
 DEFAULT_ENGINES = ",".join(ENGINES)
+DEFAULT_TIMING = "cpu"  # needs no root, takes this machine's time, leaves out throttling (docs/emulation.md)
 
 
 def comma_list(text: str) -> list[str]:
@@ -37,6 +38,14 @@ def add_host_speed_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-speed", type=positive_float, metavar="X",
                    help="this machine's core speed relative to the reference core, which scales every CPU quota "
                         "(default: measured once per machine and cached; `edge-ft profile check` shows it)")
+
+
+def add_timing_option(p: argparse.ArgumentParser, default: str, scope: str = "") -> None:
+    p.add_argument("--timing", choices=TIMINGS, default=default,
+                   help=f"{scope}an emulated board's step time: cpu runs the job on one thread at this machine's speed "
+                        "(memory and cores still the board's) and scales its CPU time to the board's, its threads by "
+                        "the profile's thread_scaling; quota paces the board's threads with CPU quotas so the wall "
+                        f"time is the board's, and needs root (default {default})")
 
 
 def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT_PROFILES) -> None:
@@ -76,11 +85,13 @@ def add_sweep_options(p: argparse.ArgumentParser, profiles: str | None = DEFAULT
     p.add_argument("--mode", choices=("auto", "cgroup", "rlimit"), default="auto",
                    help="how confined profiles are imposed (default auto: cgroup, else rlimit)")
     p.add_argument("--parallel", type=int_at_least(0), default=0, metavar="N",
-                   help="CPU-quota-limited runs side by side (default 0: as many as fit in half the CPUs, max 4)")
-    p.add_argument("--repeats", type=int_at_least(1), default=3, metavar="N",
-                   help="native runs: measure N times and keep the least disturbed (lowest p50) one; runs under "
-                        "a CPU quota run once (default 3)")
+                   help="quota-paced runs side by side (default 0: as many as fit in half the CPUs, max 4); runs timed "
+                        "by CPU time run one at a time")
+    p.add_argument("--repeats", type=int_at_least(1), metavar="N",
+                   help="runs at this machine's speed (native, or --timing cpu): measure N times, in rounds, and keep "
+                        "the least disturbed (fastest) one; quota-paced runs once (default 3 native, 5 by CPU time)")
     add_host_speed_option(p)
+    add_timing_option(p, DEFAULT_TIMING)
     p.add_argument("--device-python", metavar="PYTHON",
                    help="interpreter with standard onnxruntime for ort-step runs (default .venv-device/bin/python "
                         "when present, else this one)")
@@ -141,7 +152,7 @@ def settings_from_args(args, host_speed: float):
 
     return SweepSettings(epochs=args.epochs, steps=args.steps, batch=args.batch, seed=args.seed, rank=args.rank,
                          alpha=args.alpha if args.alpha is not None else default_alpha(args.rank),
-                         host_speed=host_speed, target_accuracy=args.target_accuracy)
+                         host_speed=host_speed, target_accuracy=args.target_accuracy, timing=args.timing)
 
 
 def resolve_tasks(args) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_ft.commands.argtypes import int_at_least, positive_float
-from edge_ft.commands.bench import add_host_speed_option, comma_list
+from edge_ft.commands.bench import DEFAULT_TIMING, add_host_speed_option, add_timing_option, comma_list
 
 
 def register(subparsers) -> None:
@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=positive_float, default=900.0, metavar="S",
                    help="seconds per measured run (default 900)")
     add_host_speed_option(p)
+    add_timing_option(p, DEFAULT_TIMING)
     p.add_argument("--quiet", action="store_true", help="only the final table and recommendation")
     p.set_defaults(func=handler)
 
@@ -44,4 +45,4 @@ def handler(args) -> int:
     require_host("edge-ft demo")
     return run_demo(DemoSettings(out=args.out, profiles=tuple(args.profiles), task=get_task(args.task).name,
                                  epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, timeout=args.timeout,
-                                 host_speed=args.host_speed, quiet=args.quiet))
+                                 host_speed=args.host_speed, timing=args.timing, quiet=args.quiet))

@@ -6,7 +6,7 @@ import json
 import sys
 
 from edge_ft.commands.argtypes import int_at_least, positive_float
-from edge_ft.commands.bench import add_host_speed_option
+from edge_ft.commands.bench import DEFAULT_TIMING, add_host_speed_option, add_timing_option
 from edge_ft.errors import UserError
 from edge_ft.reports.format import text_table
 
@@ -63,6 +63,7 @@ def register(subparsers) -> None:
     run.add_argument("--mode", choices=("auto", "cgroup", "rlimit", "native"), default="auto",
                      help="how to impose the profile (default auto)")
     add_host_speed_option(run)
+    add_timing_option(run, "quota")
     run.add_argument("--json", action="store_true", help="print the full result as JSON")
     run.set_defaults(func=run_handler)
 
@@ -88,6 +89,7 @@ def _add_check_parser(sub) -> None:
                      help="speed: the calibration workload, thread speed-up and memory cap (default); train: the "
                           "real training step of each --methods, --runs times per board, its spread and its ratio "
                           "to the profile's expectation")
+    add_timing_option(chk, DEFAULT_TIMING, "--workload train (the speed workload checks the quota): ")
     chk.add_argument("--methods", default="full,probe,lora", metavar="M1,M2",
                      help="--workload train: methods whose ort-step step runs (default full,probe,lora)")
     chk.add_argument("--runs", type=int_at_least(2), default=3, metavar="N",
@@ -201,9 +203,9 @@ def run_handler(args) -> int:
     from edge_ft.emulation.hostspeed import HostSpeed
 
     profile = load_profile(args.name)
-    confined = not profile.native and args.mode in ("auto", "cgroup")
+    confined = not profile.native and (args.mode in ("auto", "cgroup") or args.timing == "cpu")
     host = HostSpeed.resolve(args.host_speed) if confined else HostSpeed.reference()
-    r = run_confined(command, profile, timeout=args.timeout, mode=args.mode, host=host)
+    r = run_confined(command, profile, timeout=args.timeout, mode=args.mode, host=host, timing=args.timing)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
     else:
@@ -213,7 +215,7 @@ def run_handler(args) -> int:
         print(f"{profile.name} ({r.emulation}): {fit} in {_mb(r.memory_limit_bytes)}, exit {r.exit_code}, "
               f"{r.wall_seconds:.2f} s wall, {r.cpu_seconds:.2f} s CPU, peak RSS {_mb(r.peak_rss_bytes)}"
               f"{', cgroup peak ' + _mb(r.cgroup_peak_bytes) if r.cgroup_peak_bytes else ''}", file=sys.stderr)
-        if r.time_scaled:
+        if r.timing == "quota":
             print(f"speed: {profile.cpu_speed:g} of the reference core; this machine's core is {host.describe()}, so "
                   f"each thread gets {r.cpu_quota:.3g} of a CPU here (throttling efficiency {r.quota_efficiency:.2f})",
                   file=sys.stderr)
@@ -270,10 +272,10 @@ def train_check(args, profiles, host) -> int:
             say(f"checking {p.name} {m} ...")
             checks.append(check_train(p, m, paths["bundles"][(m, "ort-step", "mnist→digits")], prep.device_python,
                                       prep.child_env(), host, Path(args.out) / "check", args.runs, args.steps,
-                                      args.mode, say))
+                                      args.mode, say, args.timing))
     if args.json:
         print(json.dumps({"host": host.to_record(), "checks": [c.to_dict() for c in checks]}, indent=2))
     else:
-        print(f"this machine: {host.describe()}")
+        print(f"this machine: {host.describe()}; timing: {args.timing}")
         print(text_table([TRAIN_HEADER] + train_table(checks)))
     return 0

@@ -18,6 +18,7 @@ from edge_ft.commands.bench import (
     DEFAULT_ENGINES,
     DEFAULT_METHODS,
     DEFAULT_RESULTS,
+    DEFAULT_TIMING,
     accuracy_fraction,
     add_sweep_options,
     comma_list,
@@ -161,7 +162,7 @@ def predicted(args, profile, task: str, records: list[BenchRecord], measured: li
     else:
         why = f"nothing measured for {profile.name} on {task} yet; a prediction, not a measurement"
     rec.lines = forecast.explain(rec, profile, constraints, why)
-    seconds = forecast.sweep_seconds(preds, profile, args.repeats, host)
+    seconds = forecast.sweep_seconds(preds, profile, args.repeats, host, args.timing)
     extra = [] if host or profile.native else ["~2 min to calibrate this machine once"]
     if not (args.results.parent / "prep" / "bundles").is_dir():
         extra.append(f"{PREPARE} to prepare the sweep once (" + ("" if args.base else "pretrain the base, ")
@@ -197,6 +198,8 @@ def sweep_argv(args) -> list[str]:
             argv += [f"--{option.replace('_', '-')}", str(value)]
     if args.seed:
         argv += ["--seed", str(args.seed)]
+    if args.timing != DEFAULT_TIMING:
+        argv += ["--timing", args.timing]
     if args.results != DEFAULT_RESULTS:
         argv += ["--results", str(args.results)]
     return argv

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_ft.contracts import QUOTA_ENV
+from edge_ft.contracts import QUOTA_ENV, TIMING_ENV
 from edge_ft.run_record import StepCpu
 
 _TASKS = Path("/proc/self/task")
@@ -71,6 +71,12 @@ def quota_from_env(environ: dict[str, str] | None = None) -> Quota | None:
     return Quota(thread, job) if 0 < thread <= job and job < float("inf") else None
 
 
+def clock_every_step(environ: dict[str, str] | None = None) -> bool:
+    """Whether this child is timed by CPU time (TIMING_ENV): unthrottled, so reading the CPU clock every step moves
+    nothing, and the typical step's CPU time is what its board time comes from."""
+    return (os.environ if environ is None else environ).get(TIMING_ENV) == "cpu"
+
+
 class CpuMeter:
     """CPU seconds of this process's threads between start() and stop(): the sum, and the busiest thread's."""
 
@@ -87,16 +93,23 @@ class CpuMeter:
 
 
 def step_cpu(steps: int, cpu_seconds: float, busiest_seconds: float, quota: Quota | None,
-             warmup_left_out: bool = False) -> StepCpu:
-    """results.json's "cpu" block for `steps` steps that took `cpu_seconds` (`busiest_seconds` on one thread)."""
+             warmup_left_out: bool = False, wall_seconds: float | None = None,
+             typical_seconds: float | None = None) -> StepCpu:
+    """results.json's "cpu" block for `steps` steps that took `cpu_seconds` (`busiest_seconds` on one thread) and
+    `wall_seconds` of wall time. `typical_seconds`: the median step's CPU time, where it was clocked every step (a
+    child timed by CPU time); the board time then comes from it, the busiest thread taking the same share of it."""
     shares = None if quota is None else {"thread": quota.thread, "job": quota.job}
     if not steps:
         return {"steps": 0, "warmup_left_out": False, "ms_per_step": None, "busiest_thread_ms_per_step": None,
-                "quota": shares, "board_ms_per_step": None}
-    return {"steps": steps, "warmup_left_out": warmup_left_out, "ms_per_step": round(cpu_seconds / steps * 1e3, 4),
+                "wall_ms_per_step": None, "typical_ms_per_step": None, "quota": shares, "board_ms_per_step": None}
+    per_step, busiest_share = cpu_seconds / steps, busiest_seconds / cpu_seconds if cpu_seconds else 1.0
+    basis = per_step if typical_seconds is None else typical_seconds
+    return {"steps": steps, "warmup_left_out": warmup_left_out, "ms_per_step": round(per_step * 1e3, 4),
+            "wall_ms_per_step": None if wall_seconds is None else round(wall_seconds / steps * 1e3, 4),
+            "typical_ms_per_step": None if typical_seconds is None else round(typical_seconds * 1e3, 4),
             "busiest_thread_ms_per_step": round(busiest_seconds / steps * 1e3, 4), "quota": shares,
             "board_ms_per_step": None if quota is None else
-            round(quota.board_seconds(cpu_seconds, busiest_seconds) / steps * 1e3, 4)}
+            round(quota.board_seconds(basis, basis * busiest_share) * 1e3, 4)}
 
 
 def epochs_cpu(epochs: list[dict[str, Any]], quota: Quota | None) -> StepCpu:
@@ -105,5 +118,10 @@ def epochs_cpu(epochs: list[dict[str, Any]], quota: Quota | None) -> StepCpu:
     a fifth of a short run's per-step figure), as `bench`'s epoch_seconds_later leaves it out of the epoch time."""
     timed = [e for e in epochs if e.get("cpu_steps")]
     counted = timed[1:] or timed
-    return step_cpu(sum(e["cpu_steps"] for e in counted), sum(e["cpu_seconds"] for e in counted),
-                    sum(e["busiest_cpu_seconds"] for e in counted), quota, warmup_left_out=len(counted) < len(timed))
+    steps = sum(e["cpu_steps"] for e in counted)
+    typical = None  # clocked every step: the epochs' median steps, weighted by their step counts
+    if counted and all(e.get("cpu_median_seconds") is not None for e in counted):
+        typical = sum(e["cpu_median_seconds"] * e["cpu_steps"] for e in counted) / steps
+    return step_cpu(steps, sum(e["cpu_seconds"] for e in counted),
+                    sum(e["busiest_cpu_seconds"] for e in counted), quota, warmup_left_out=len(counted) < len(timed),
+                    wall_seconds=sum(e["seconds"] for e in counted), typical_seconds=typical)

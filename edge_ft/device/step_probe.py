@@ -8,7 +8,9 @@ runs `warmup` untimed steps (onnxruntime plans and allocates its buffers in the 
 ones, takes its own peak RSS from before the engine loads (edge_ft.device.metrics.PeakRSS), and writes the one
 results schema's summary block (edge_ft.run_record) with accuracy None and no epochs, plus what it ran and the CPU
 time per timed step (`cpu_ms_per_step`, every thread of the process: what the step costs, apart from how long it
-waited). `edge-ft bench --models` runs it confined to each board.
+waited) with the "cpu" block `edge-ft train` writes (edge_ft.device.board_time: on an emulated board, the board
+time that CPU time stands for). `edge-ft bench --models` and `edge-ft profile check --workload train` run it
+confined to each board.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from edge_ft.atomic import atomic_write_json
 from edge_ft.contracts import MB
+from edge_ft.device.board_time import CpuMeter, clock_every_step, quota_from_env, step_cpu
 from edge_ft.device.bundle import load_bundle
 from edge_ft.device.engines import engine_class
 from edge_ft.device.metrics import PeakRSS
@@ -48,18 +51,22 @@ def probe(bundle_path: str | Path, batch: int, steps: int, warmup: int = 2, thre
     rss_after_imports = load_runtime(bundle.engine)
     x, y = synthetic_batch(bundle.input_shape, bundle.num_classes, batch, seed)
     lr = bundle.optimizer.lr if lr is None else lr
-    seconds, losses, cpu0 = [], [], 0.0
+    seconds, cpu, losses, cpu0, meter = [], [], [], 0.0, CpuMeter()
+    every_step = clock_every_step()  # timed by CPU time: the typical step's counts (edge_ft.device.board_time)
     with PeakRSS(0.005) as peak:
         engine = engine_class(bundle.engine)(bundle, threads=threads)
         for i in range(warmup + steps):
             if i == warmup:
-                cpu0 = time.process_time()
-            t0 = time.perf_counter()
+                cpu0, meter = time.process_time(), meter.start()
+            t0, c0 = time.perf_counter(), time.process_time() if every_step else 0.0
             loss, _ = engine.train_step(x, y, lr)
             if i >= warmup:
                 seconds.append(time.perf_counter() - t0)
+                if every_step:
+                    cpu.append(time.process_time() - c0)
             losses.append(loss)
         cpu_ms = (time.process_time() - cpu0) / steps * 1e3  # all the process's threads
+        used, busiest = meter.stop()
     if not all(np.isfinite(losses)):
         raise UserError(f"{bundle_path}: the step's loss is not finite ({losses}); the bundle is broken")
     # PeakRSS only: ru_maxrss would include the spawner's high-water mark, which Linux carries across fork and exec.
@@ -68,6 +75,8 @@ def probe(bundle_path: str | Path, batch: int, steps: int, warmup: int = 2, thre
             "optimizer": bundle.optimizer.name, "model": bundle.model.title if bundle.model else "LeNet-5",
             "input_shape": list(bundle.input_shape), "batch": batch, "warmup_steps": warmup, "threads": threads,
             "inputs": INPUTS, "losses": [round(float(v), 6) for v in losses], "cpu_ms_per_step": round(cpu_ms, 4),
+            "cpu": step_cpu(steps, used, busiest, quota_from_env(), warmup_left_out=warmup > 0,
+                            wall_seconds=sum(seconds), typical_seconds=float(np.median(cpu)) if cpu else None),
             SUMMARY: make_summary(bundle.engine, None, warmup + steps, [], [s * 1e3 for s in seconds],
                                   round(rss_after_imports / MB, 2), round(peak_mb, 2))}
 

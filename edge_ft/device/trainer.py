@@ -30,7 +30,7 @@ from edge_ft.data.batches import epoch_batch_indices
 from edge_ft.data.npz import to_float
 from edge_ft.device import feature_cache
 from edge_ft.device.adapter import merged_weights
-from edge_ft.device.board_time import CpuMeter, epochs_cpu, quota_from_env
+from edge_ft.device.board_time import CpuMeter, clock_every_step, epochs_cpu, quota_from_env
 from edge_ft.device.bundle import MANIFEST, Bundle
 from edge_ft.device.engines import engine_class
 from edge_ft.device.inference import accuracy, predict, session_runner, write_inference_model
@@ -239,16 +239,22 @@ def _train_epochs(run: _Run, engine, guard: CheckpointOnInterrupt, progress: Pro
             next_epoch(pos)
         t_epoch = guard.epoch_started = time.perf_counter() - pos.epoch_seconds
         meter, first = CpuMeter().start(), pos.step  # the epoch's CPU time, for edge_ft.device.board_time
+        step_cpu: list[float] | None = [] if clock_every_step() else None  # timed by CPU time: every step's
         for idx in epoch_batch_indices(len(run.x), s.batch, s.seed, epoch)[pos.batch:]:
             if pos.step == run.total:
                 break
+            c0 = time.process_time() if step_cpu is not None else 0.0  # under a quota the clock is read twice an epoch
             progress.step(_train_step(run, engine, guard, idx, lr))
+            if step_cpu is not None:
+                step_cpu.append(time.process_time() - c0)
             if s.checkpoint_every and pos.step % s.checkpoint_every == 0:
                 pos.epoch_seconds = time.perf_counter() - t_epoch
                 pos.train_seconds = time.perf_counter() - t_zero
                 save_checkpoint(engine, run.out, run.identity, pos, s.keep)
         cpu, busiest = meter.stop()
-        _log_epoch(run, engine, progress, epoch, lr, time.perf_counter() - t_epoch, (pos.step - first, cpu, busiest))
+        median = float(np.median(step_cpu)) if step_cpu else None
+        _log_epoch(run, engine, progress, epoch, lr, time.perf_counter() - t_epoch,
+                   (pos.step - first, cpu, busiest, median))
 
 
 def _train_step(run: _Run, engine, guard: CheckpointOnInterrupt, idx: np.ndarray, lr: float) -> float:
@@ -271,16 +277,17 @@ def _train_step(run: _Run, engine, guard: CheckpointOnInterrupt, idx: np.ndarray
 
 
 def _log_epoch(run: _Run, engine, progress: ProgressBar, epoch: int, lr: float, seconds: float,
-               cpu: tuple[int, float, float]) -> None:
+               cpu: tuple[int, float, float, float | None]) -> None:
     """Evaluate and log a finished epoch; `cpu`: (steps this process ran of it, their CPU seconds over all threads,
-    the busiest thread's), edge_ft.device.board_time."""
+    the busiest thread's, the median step's where every step was clocked), edge_ft.device.board_time."""
     pos = run.pos
     acc = run.eval_accuracy(engine)
     pos.epoch_log.append({"epoch": epoch, "steps": len(pos.epoch_losses), "seconds": round(seconds, 4),
                           "lr": lr, "mean_loss": float(np.mean(pos.epoch_losses)),
                           "train_accuracy": pos.hits / pos.seen if pos.seen else None,
                           "eval_accuracy": acc, "cpu_steps": cpu[0], "cpu_seconds": round(cpu[1], 6),
-                          "busiest_cpu_seconds": round(cpu[2], 6)})
+                          "busiest_cpu_seconds": round(cpu[2], 6),
+                          **({} if cpu[3] is None else {"cpu_median_seconds": round(cpu[3], 7)})})
     progress.epoch(f"epoch {epoch + 1}/{run.epochs}: loss {np.mean(pos.epoch_losses):.4f}  {seconds:.2f} s"
                    + ("" if acc is None else f"  eval accuracy {acc:.4f}"))
 

@@ -15,6 +15,10 @@ edge_ft.device.step_probe) run confined to each board, `runs` times:
             this step is thread_scaling / thread cost. Above 1 the threads' hand-offs cost CPU time (onnxruntime's
             pool sleeps and wakes between kernels when it may not spin): the step's, not the quota's.
 Goal: every spread and every ratio within 10%.
+With timing "cpu" (the emulation `bench` uses by default) `one` and `threads` are the board times the runs' CPU
+time stands for (one unthrottled thread here each; the board's threads credited with thread_scaling, so their
+speed-up is thread_scaling by construction and thread cost is 1): the check then says how steady that figure is
+and how close to the expectation.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class TrainCheck:
     target_speedup: float  # profile.thread_speedup(threads)
     one_cpu_ms: list[float] = field(default_factory=list)  # per run, one thread: CPU ms per step, all threads
     many_cpu_ms: list[float] = field(default_factory=list)  # per run, the profile's threads: CPU ms per step
+    timing: str = "quota"  # how one_ms and many_ms were timed (contracts.TIMINGS)
 
     @staticmethod
     def _spread(values: list[float]) -> float | None:
@@ -89,11 +94,14 @@ class TrainCheck:
 
 
 def probe_ms(argv_for: Callable[[int, Path], list[str]], profile: DeviceProfile, host: HostSpeed, out: Path,
-             threads: int, capped: bool, mode: str, env: dict[str, str]) -> tuple[float, float]:
-    """One confined step-probe run: (ms/step, p50 with the cap lifted or mean under the quota; its CPU ms/step)."""
+             threads: int, capped: bool, mode: str, env: dict[str, str], timing: str = "quota"
+             ) -> tuple[float, float]:
+    """One confined step-probe run: (ms/step, p50 with the cap lifted, the mean under the quota, or the board time
+    of its CPU time under timing cpu; its CPU ms/step)."""
     out.unlink(missing_ok=True)
-    r = run_confined(argv_for(threads, out), profile, env=env, mode=mode, threads=threads, host=host,
-                     cpu_cap=capped, timeout=900)
+    ran = 1 if capped and timing == "cpu" else threads  # timing cpu: one thread stands for the board's `threads`
+    r = run_confined(argv_for(ran, out), profile, env=env, mode=mode, threads=threads, host=host,
+                     cpu_cap=capped, timeout=900, timing=timing)
     if r.status != "ok":
         last = (r.stderr_tail.strip().splitlines() or [r.status])[-1]
         raise UserError(f"the training step under {profile.name} did not finish ({r.status}: {last})")
@@ -102,12 +110,14 @@ def probe_ms(argv_for: Callable[[int, Path], list[str]], profile: DeviceProfile,
                         "(cgroups need root; a board at least as fast as this core is run unscaled)")
     result = json.loads(out.read_text())
     ms = result["summary"]["ms_per_step"]
+    if capped and r.timing == "cpu":
+        return result["cpu"]["board_ms_per_step"], result["cpu_ms_per_step"]
     return (ms["mean"] if capped else ms["p50"]), result["cpu_ms_per_step"]
 
 
 def check_train(profile: DeviceProfile, method: str, bundle: Path, python: str, env: dict[str, str], host: HostSpeed,
                 work: Path, runs: int = 3, steps: int = 30, mode: str = "auto",
-                say: Callable[[str], None] | None = None) -> TrainCheck:
+                say: Callable[[str], None] | None = None, timing: str = "quota") -> TrainCheck:
     """`runs` free, one-thread and many-thread runs of `bundle`'s step under `profile`, interleaved (free, one,
     many, free, ...) so a slow minute here touches every kind alike."""
     def argv_for(threads: int, out: Path) -> list[str]:
@@ -119,11 +129,11 @@ def check_train(profile: DeviceProfile, method: str, bundle: Path, python: str, 
     free, one, many, one_cpu, many_cpu = [], [], [], [], []
     for k in range(runs):
         free.append(probe_ms(argv_for, profile, host, out, 1, False, mode, env)[0])
-        ms, cpu = probe_ms(argv_for, profile, host, out, 1, True, mode, env)
+        ms, cpu = probe_ms(argv_for, profile, host, out, 1, True, mode, env, timing)
         one.append(ms)
         one_cpu.append(cpu)
         if profile.threads > 1:
-            ms, cpu = probe_ms(argv_for, profile, host, out, profile.threads, True, mode, env)
+            ms, cpu = probe_ms(argv_for, profile, host, out, profile.threads, True, mode, env, timing)
             many.append(ms)
             many_cpu.append(cpu)
         if say:
@@ -133,7 +143,7 @@ def check_train(profile: DeviceProfile, method: str, bundle: Path, python: str, 
     return TrainCheck(profile.name, method, profile.threads, round(min(free), 4), round(expected, 3),
                       [round(v, 3) for v in one], [round(v, 3) for v in many],
                       profile.thread_speedup(profile.threads), [round(v, 4) for v in one_cpu],
-                      [round(v, 4) for v in many_cpu])
+                      [round(v, 4) for v in many_cpu], timing)
 
 
 TRAIN_HEADER = ["profile", "method", "expected ms (1 thread)", "1 thread: median ms (spread)", "ratio",

@@ -12,6 +12,14 @@ How the profile is imposed (result.emulation says which path ran):
           count reserved-but-untouched address space such as thread stacks and allocator arenas and reject jobs
           that fit), CPU affinity, thread counts. Times are this machine's, not the device's (time_scaled False).
   native  the profile is this machine (`host`, or measuring on the real board): thread counts only.
+timing="cpu" keeps the memory cap and cores but no CPU quota, and runs the job on one thread at this machine's
+speed; it hands the child one board core's share of a CPU here times the board's thread speed-up (QUOTA_ENV), so
+`edge-ft train` turns its CPU time into the board's time (edge_ft.device.board_time): the board's threads are
+credited with the profile's thread_scaling instead of run. Four unthrottled threads on fewer CPUs here wait for
+each other in ways the board's four cores do not, and their CPU time moved 1.5x between runs; one thread's moves
+by a few percent. It needs no cgroup (rlimit mode is timed too), takes this machine's time instead of the
+board's, and leaves out what throttling adds to the work (cold caches after every throttled gap); wall times are
+this machine's. timing="quota" (the default here) paces the job, its threads included, as described above.
 In every mode the thread variables below are set before the child starts, so numpy's BLAS, OpenMP and the trainer's
 onnxruntime session (EDGE_FT_THREADS -> intra_op_num_threads) size their pools for the device; in every confined
 mode those pools also sleep when idle instead of spinning (NO_SPIN_ENV).
@@ -31,7 +39,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
 
-from edge_ft.contracts import MEMORY_BUDGET_ENV, QUOTA_ENV
+from edge_ft.contracts import MEMORY_BUDGET_ENV, QUOTA_ENV, TIMING_ENV, TIMINGS
 from edge_ft.device.board_time import Quota
 from edge_ft.device.ort_api import SPINNING_ENV
 from edge_ft.emulation import lifetime
@@ -73,12 +81,14 @@ class ConfinedResult:
     memory_limit_bytes: int | None  # the cap imposed (None: native)
     cpus: list[int] | None  # CPUs the job was allowed on (None: all)
     threads: int  # thread count given to BLAS/OpenMP/onnxruntime
-    cpu_quota: float | None  # share of one CPU here that each thread may use (None: uncapped)
-    total_quota: float | None  # share of one CPU here the whole job may use (None: uncapped)
+    cpu_quota: float | None  # share of one CPU here one board core stands for: each thread's cap (timing quota) or
+    # the divisor of a thread's CPU time (timing cpu); None: neither
+    total_quota: float | None  # the same for the whole job (the board's threads together)
     quota_efficiency: float | None  # measured work per CPU-second under the quota; the quota was raised by 1/it
     host_speed: float  # this machine's core vs the reference core, used to scale the quota
     host_speed_source: str  # measured | cached | given | reference
-    time_scaled: bool  # wall time approximates the device's (a CPU quota was applied)
+    time_scaled: bool  # its step times stand for the device's: by a CPU quota (timing quota) or CPU time (timing cpu)
+    timing: str | None  # "quota" | "cpu" (contracts.TIMINGS) when time-scaled, else None
     # What the CPU quota held back (cgroup mode; None otherwise): seconds the job was stopped by its cap (added up
     # over the CPUs it ran on), thread-seconds its threads were stopped by their own one-core caps, CFS periods.
     throttled_seconds: float | None = None
@@ -123,7 +133,8 @@ def plan_cpus(profile: DeviceProfile) -> list[int]:
 def run_confined(argv: list[str], profile: DeviceProfile, env: dict[str, str] | None = None,
                  timeout: float | None = None, *, mode: str = "auto", threads: int | None = None,
                  host: HostSpeed | None = None, cwd: str | os.PathLike[str] | None = None,
-                 sample_interval: float = 0.02, tail_chars: int = 4000, cpu_cap: bool = True) -> ConfinedResult:
+                 sample_interval: float = 0.02, tail_chars: int = 4000, cpu_cap: bool = True,
+                 timing: str = "quota") -> ConfinedResult:
     """Run `argv` under `profile`'s limits and measure it.
 
     mode: auto (native for native profiles, else cgroup, else rlimit) | cgroup | rlimit | native.
@@ -131,8 +142,9 @@ def run_confined(argv: list[str], profile: DeviceProfile, env: dict[str, str] | 
     host: this machine's speed (HostSpeed.resolve(): cached or measured); None treats this machine as the
     reference core with no throttling correction, so a profile's cpu_speed is its share of a CPU here.
     cpu_cap=False: the profile's memory cap, cores and threads, this machine's speed (see confine).
+    timing: "quota" paces the job; "cpu" times it by its CPU time (see the module's docstring).
     """
-    conf = confine(profile, env, mode=mode, threads=threads, host=host, cpu_cap=cpu_cap)
+    conf = confine(profile, env, mode=mode, threads=threads, host=host, cpu_cap=cpu_cap, timing=timing)
     try:
         run = _run_and_watch(conf.command(argv), conf.env, cwd, timeout, conf.job, sample_interval, tail_chars)
     finally:
@@ -156,6 +168,7 @@ class Confinement:
     efficiency: float | None  # the throttling correction the quota was raised by
     host: HostSpeed  # this machine's speed the quotas were scaled by
     notes: list[str]  # caveats about this emulation
+    timed_by: Quota | None = None  # timing cpu: the shares the child's CPU time is scaled by (no cap applied)
 
     def command(self, argv: list[str]) -> list[str]:
         """argv prefixed by the entry program that applies the limits before the job's first instruction."""
@@ -167,21 +180,33 @@ class Confinement:
 
     def fields(self) -> dict[str, Any]:
         """The ConfinedResult fields that describe the confinement."""
-        scaled = self.job is not None and self.thread_share is not None
+        timing, shares = None, self.timed_by
+        if self.job is not None and self.thread_share is not None:
+            timing, shares = "quota", Quota(self.thread_share, self.total_share or self.thread_share)
+        elif shares is not None:
+            timing = "cpu"
+        paced = timing == "quota"
         return dict(emulation=self.mode, threads=self.threads, cpus=self.cpus,
                     memory_limit_bytes=self.memory_limit_bytes,
-                    cpu_quota=self.thread_share if scaled else None, total_quota=self.total_share if scaled else None,
-                    quota_efficiency=self.efficiency if scaled else None, host_speed=self.host.speed,
-                    host_speed_source=self.host.source, time_scaled=scaled, notes=list(self.notes))
+                    cpu_quota=shares.thread if shares else None, total_quota=shares.job if shares else None,
+                    quota_efficiency=self.efficiency if paced else None, host_speed=self.host.speed,
+                    host_speed_source=self.host.source, time_scaled=timing is not None, timing=timing,
+                    notes=list(self.notes))
 
 
 def confine(profile: DeviceProfile, env: dict[str, str] | None = None, *, mode: str = "auto",
-            threads: int | None = None, host: HostSpeed | None = None, cpu_cap: bool = True) -> Confinement:
+            threads: int | None = None, host: HostSpeed | None = None, cpu_cap: bool = True,
+            timing: str = "quota") -> Confinement:
     """Create the limits for one job under `profile` (see run_confined); the caller starts the child with
     `command(argv)` and `env`, and calls `remove()` when it has ended. cpu_cap=False keeps memory, cores and
-    thread counts but lifts the CPU quota (times are then this machine's)."""
+    thread counts but lifts the CPU quota (times are then this machine's); timing="cpu" lifts it too and hands the
+    child the shares its CPU time is scaled by."""
     if mode not in MODES:
         raise UserError(f"unknown emulation mode {mode!r}: choose one of {', '.join(MODES)}")
+    if timing not in TIMINGS:
+        raise UserError(f"unknown timing {timing!r}: choose one of {', '.join(TIMINGS)}")
+    by_cpu = timing == "cpu" and cpu_cap
+    cpu_cap = cpu_cap and not by_cpu
     host = host or HostSpeed.reference()
     threads = threads or profile.threads
     notes: list[str] = []
@@ -202,9 +227,17 @@ def confine(profile: DeviceProfile, env: dict[str, str] | None = None, *, mode: 
             notes.append(f"cgroups unavailable ({e}); fell back to rlimit: memory cap via RLIMIT_DATA, "
                          "times are this machine's")
             mode = "rlimit"
+    timed_by = None
+    if by_cpu and mode != "native":  # one thread here stands for the board's threads together (module docstring)
+        speedup = profile.thread_speedup(threads)
+        timed_by, threads = Quota(share * speedup, share * speedup), 1
     if job is not None and cpu_cap:
         assert cpus is not None  # a cgroup job has its cores
         notes += _cgroup_notes(profile, share, total_share, cpus, threads)
+    elif timed_by is not None:
+        notes.append(f"timed by CPU time: one thread at this machine's speed; its steps' CPU time over {share:.3g} of "
+                     f"a CPU per board core, {timed_by.thread / share:.2f}x for the board's {profile.threads} threads "
+                     "(thread_scaling), is the board's time; its wall time is this machine's")
     elif job is not None and share < 1:
         notes.append("CPU quota lifted: memory cap, cores and threads are the device's, times are this machine's")
     elif mode == "rlimit" and share < 1:
@@ -216,14 +249,17 @@ def confine(profile: DeviceProfile, env: dict[str, str] | None = None, *, mode: 
     child_env.update(EDGE_FT_PROFILE=profile.name, EDGE_FT_EMULATION=mode)
     child_env[MEMORY_BUDGET_ENV] = str(profile.budget_bytes)  # the feature cache sizes itself against it
     child_env.pop(QUOTA_ENV, None)
+    child_env.pop(TIMING_ENV, None)
     if job is not None and thread_share is not None and total_share is not None:  # time-scaled: see board_time
         child_env[QUOTA_ENV] = Quota(thread_share, total_share).env_value()
+    elif timed_by is not None:
+        child_env[QUOTA_ENV], child_env[TIMING_ENV] = timed_by.env_value(), "cpu"
     if mode != "native":
         for var, value in NO_SPIN_ENV.items():  # a caller's own choice (EDGE_FT_ORT_SPINNING=1 ...) stands
             child_env.setdefault(var, value)
     return Confinement(mode, job, spec, child_env, cpus, threads,
                        None if mode == "native" else profile.budget_bytes, thread_share, total_share, efficiency,
-                       host, notes)
+                       host, notes, timed_by)
 
 
 def _cgroup_notes(profile: DeviceProfile, share: float, total_share: float | None, cpus: list[int],

@@ -15,6 +15,7 @@ METHODS=${EDGE_FT_CI_METHODS:-probe-cached,lora}             # one short method 
 ENGINES=${EDGE_FT_CI_ENGINES:-ort-step}                      # the engine every board runs
 STEPS=${EDGE_FT_CI_STEPS:-60}                                # optimizer steps per run
 MODE=${EDGE_FT_CI_MODE:-auto}                                # auto: cgroup when root may write cgroups, else rlimit
+TIMING=${EDGE_FT_CI_TIMING:-cpu}                             # cpu: board time from CPU time (no root); quota: paced
 BASE=${EDGE_FT_CI_BASE:-}                                    # base weights (empty: pretrain once into $OUT/prep)
 PRETRAIN_EPOCHS=${EDGE_FT_CI_PRETRAIN_EPOCHS:-}              # when pretraining here (empty: the recipe's)
 BASELINE=${EDGE_FT_CI_BASELINE:-}                            # an earlier results.jsonl to compare with (optional)
@@ -28,6 +29,7 @@ $PROFILE:*:accuracy>=0.5"}
 EXTRA_GATES=${EDGE_FT_CI_EXTRA_GATES:-}                      # more gates, one per line, added to the above
 
 args=(bench --profiles "$PROFILE" --methods "$METHODS" --engines "$ENGINES" --steps "$STEPS" --mode "$MODE"
+      --timing "$TIMING"
       --results "$OUT/results.jsonl" --junit "$OUT/gates.xml" --summary "$OUT/summary.md")
 while IFS= read -r gate; do
     if [ -n "$gate" ]; then args+=(--assert "$gate"); fi
