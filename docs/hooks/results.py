@@ -80,8 +80,10 @@ def steady_page(folder: Path) -> str:
              "the narrative is on [Device profiles and emulation](../emulation.md#steady-step-times).", "",
              f"- **machine**: {meta['machine']}; host speed {meta['host_speed']}",
              f"- **versions**: {versions}", f"- **command**: `{meta['command']}` (`--parallel 4` for the par4 sets)",
-             "- **columns**: ms/step is the mean under the quota; the last column divides each run's ms/step by its "
-             "CPU-seconds (steady when only the work's CPU cost moved)", ""]
+             "- **columns**: ms/step is the mean under the quota (timed by CPU time: the mean wall time here, scaled "
+             "by the run's board time over its wall time); the next-to-last column divides each run's ms/step by its "
+             "CPU-seconds (steady when only the work's CPU cost moved); the last is the board time the report, "
+             "recommend and gates read, which the run-pair lines below compare", ""]
     for (prefix, mode), paths in sorted(sets.items(), key=lambda item: list(meta["sets"]).index(item[0][0])
                                         if item[0][0] in meta["sets"] else 99):
         records = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]

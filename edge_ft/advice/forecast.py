@@ -289,7 +289,8 @@ def sweep_seconds(preds: list[BenchRecord], profile: DeviceProfile, repeats: int
     machine's speed: the board's time x its share here), quota-limited ones side by side as the sweep runs them
     (edge_ft.bench.sweep.parallel_width, before the throttling correction). None when a run's length is unknown.
     Preparation (pretraining, exports) and a first host-speed calibration come on top."""
-    from edge_ft.bench.sweep import CPU_TIMED_REPEATS, MAX_PARALLEL, NATIVE_REPEATS
+    from edge_ft.bench.sweep import MAX_PARALLEL, NATIVE_REPEATS
+    from edge_ft.contracts import CPU_TIMED_REPEATS
     from edge_ft.emulation.emulate import usable_cpus
 
     jobs = [p["job_seconds"] for p in preds]

@@ -24,7 +24,7 @@ from edge_ft.bench.measure import LABELS, Job, SweepSettings, measure
 from edge_ft.bench.prepare import Prepared, prepare_in_child
 from edge_ft.bench.records import BenchRecord, append_record, latest, read_records, step_ms
 from edge_ft.checkpoint import base_sha256, default_base
-from edge_ft.contracts import ENGINES
+from edge_ft.contracts import CPU_TIMED_REPEATS, ENGINES
 from edge_ft.emulation import lifetime
 from edge_ft.emulation.emulate import plan_cpus, usable_cpus
 from edge_ft.emulation.hostspeed import HostSpeed
@@ -157,7 +157,6 @@ def repeated(job: Job) -> bool:
 
 
 NATIVE_REPEATS = 3
-CPU_TIMED_REPEATS = 5  # cheap (this machine's speed), and a cell may time only ~0.1 s of steps (docs/emulation.md)
 
 
 def _in_rounds(jobs: list[Job], once: Callable[[Job], BenchRecord], repeats: int) -> Iterator[list[BenchRecord]]:
