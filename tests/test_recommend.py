@@ -168,6 +168,12 @@ def test_compared_runs_that_differ_get_one_warning_line(tmp_path, capsys):
     board = load_profile(ZERO)
     alike = recommend(zero_records(), board, TASK)
     assert alike.mixed == [] and not any("warning" in line for line in alike.lines)
+    cpu_timed = zero_records()  # the ORT runs timed by CPU time ran one thread standing for the board's four
+    for r in cpu_timed:
+        if r["engine"] != "torch":
+            r.update(timing="cpu", threads=1)
+    assert recommend(cpu_timed, board, TASK).mixed == []
+    assert recommend([{**r, "timing": None} for r in cpu_timed], board, TASK).mixed[0]["field"] == "threads"
     records = zero_records()
     short = next(r for r in records if (r["label"], r["engine"]) == ("lora", "ort-step"))
     short["settings"] = dict(short["settings"], epochs=1, batch=64)

@@ -114,6 +114,9 @@ def test_a_memory_cap_stops_the_batch_search_where_the_budget_ends(swept):
     for r in records:
         assert all(k in r for k in REQUIRED) and r["accuracy"] is None and r["emulation"] == "cgroup"
         assert r["status"] == "ok" and r["fits"] and r["batch"] == 8 and r["ms_per_step_mean"] > 0
+        # timed by CPU time (bench's default): one thread, the board time of its median step, the means scaled alike
+        assert (r["timing"], r["threads"], r["time_scaled"]) == ("cpu", 1, True) and r["board_ms_per_step"] > 0
+        assert r["board_scale"] == pytest.approx(r["board_ms_per_step"] / r["wall_ms_per_step"], rel=1e-3)
         assert r["total_params"] == 23_756 + (2 * (64 + 12) if r["method"] == "lora" else 0)  # + lora_A, lora_B
         assert r["flops_per_step"] > 0
         lo, hi = r["max_fitting_batch"], r["first_failing_batch"]

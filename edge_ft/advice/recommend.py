@@ -156,7 +156,8 @@ COMPARED = (
     ("seed", "seed", lambda r: _setting(r, "seed")),
     ("lora", "LoRA rank/alpha", lambda r: f"r={_setting(r, 'rank')}, alpha={_setting(r, 'alpha'):g}"
      if r["method"] == "lora" and _setting(r, "rank") else None),
-    ("threads", "threads", lambda r: r.get("threads")),
+    # a run timed by CPU time ran one thread standing for the board's (edge_ft.emulation.emulate): not a difference
+    ("threads", "threads", lambda r: None if r.get("timing") == "cpu" else r.get("threads")),
     ("emulation", "emulation mode", lambda r: r.get("emulation")),
     ("host_speed", "host speed", lambda r: None if r.get("native") else host_speed_of(r)),
     ("base", "base weights", lambda r: (r.get("base_sha256") or "")[:12] or None),

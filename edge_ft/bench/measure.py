@@ -247,8 +247,10 @@ def board_clock_fields(record: BenchRecord) -> BenchRecord:
         v = record.get(key)
         return None if v is None else round(float(cast(float, v)) * f, 4)
 
-    return {"board_scale": round(f, 4),
-            "epochs": [{**e, "seconds": round(e["seconds"] * f, 4)} for e in record["epochs"]],
+    scaled_record: BenchRecord = {"board_scale": round(f, 4)}
+    if "epochs" in record:  # task runs; a per-model probe has none
+        scaled_record["epochs"] = [{**e, "seconds": round(e["seconds"] * f, 4)} for e in record["epochs"]]
+    return {**scaled_record,
             "ms_per_step_p50": scaled("ms_per_step_p50"), "ms_per_step_p95": scaled("ms_per_step_p95"),
             "ms_per_step_mean": scaled("ms_per_step_mean"), "epoch_seconds_mean": scaled("epoch_seconds_mean"),
             "epoch_seconds_later": scaled("epoch_seconds_later"),

@@ -6,8 +6,9 @@ the largest batch that still fits the board's memory budget (`edge-ft bench --mo
 
 Every figure comes from `python -m edge_ft.device.step_probe` (numpy + onnxruntime, the device interpreter) on
 synthetic inputs of the model's real shape, each run a child process confined to the board:
-  timed run  the board's full emulation (memory cap, cores, threads, CPU quota): `steps` timed steps after
-             `warmup`, at `batch` -> ms/step (mean under the quota) and peak RSS
+  timed run  the board's emulation (memory cap, cores; timing cpu: one unthrottled thread, the board time of its
+             median step's CPU time, as the sweep's; timing quota: the board's threads under the CPU quota, the mean
+             ms/step): `steps` timed steps after `warmup`, at `batch` -> ms/step and peak RSS
   search     the largest batch that fits: doubling from `batch`, then bisection until the gap is at most 1/8 of
              the fitting batch (or one example), each probe 1 warm-up + 1 step under the board's memory cap,
              cores and threads but this machine's speed (memory does not depend on speed; under the quota one
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import cast
 
-from edge_ft.bench.measure import verdict_fields
+from edge_ft.bench.measure import board_clock_fields, cpu_fields, verdict_fields
 from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES, Prepared, installable, prepare_in_child
 from edge_ft.bench.records import (
     SCHEMA,
@@ -59,6 +60,11 @@ class TradeoffSettings:
     alpha: float = 4.0  # LoRA alpha
     last_k: int = 2  # last-k: conv/linear layers trained, counted back from the output
     host_speed: float = 1.0  # this machine's core vs the reference core (scales the CPU quota)
+    timing: str = "quota"  # how the timed run gets the board's time (contracts.TIMINGS; edge_ft.emulation.emulate)
+
+    def identity(self) -> dict:
+        """What makes two runs comparable; timing only when it is not the quota, so older runs keep their keys."""
+        return {k: v for k, v in asdict(self).items() if k != "timing" or v != "quota"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ class ModelJob:
         from edge_ft.bench.measure import profile_identity
 
         return run_key({"kind": TRADEOFF, "model": self.model, "method": self.method, "engine": ENGINE,
-                        "profile": profile_identity(self.profile), "settings": asdict(self.settings),
+                        "profile": profile_identity(self.profile), "settings": self.settings.identity(),
                         "base": self.base_sha256})
 
     def run_dir(self, root: Path) -> Path:
@@ -138,9 +144,10 @@ def run_probe(job: ModelJob, prep: Prepared, bundle: Path, batch: int, steps: in
     out = job.run_dir(prep.root) / f"probe-b{batch}{'-timed' if timed else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    argv = probe_argv(prep, bundle, batch, steps, warmup, job.profile.threads, out)
+    by_cpu = timed and job.settings.timing == "cpu"  # one thread stands for the board's (emulate's timing cpu)
+    argv = probe_argv(prep, bundle, batch, steps, warmup, 1 if by_cpu else job.profile.threads, out)
     r = run_confined(argv, job.profile, env=prep.child_env(), timeout=opts.timeout, mode=opts.mode,
-                     host=opts.host, cpu_cap=timed)
+                     host=opts.host, cpu_cap=timed, timing=job.settings.timing)
     fields = {"batch": batch, "status": r.status, "exit_code": r.exit_code, "emulation": r.emulation,
               "time_scaled": r.time_scaled, "peak_rss_bytes": r.sampled_rss_bytes,
               "wall_seconds": round(r.wall_seconds, 3), "result": r}
@@ -182,7 +189,10 @@ def measure_model(job: ModelJob, prep: Prepared, bundle: Path, manifest: dict, o
         assert mem["rss_after_imports"] is not None and mem["peak_rss"] is not None  # the step probe measures both
         record.update({"steps": summary["steps"], "ms_per_step_p50": ms["p50"], "ms_per_step_p95": ms["p95"],
                       "ms_per_step_mean": ms["mean"], "rss_after_imports_bytes": round(mem["rss_after_imports"] * MB),
-                      "train_peak_rss_bytes": round(mem["peak_rss"] * MB)})
+                      "train_peak_rss_bytes": round(mem["peak_rss"] * MB), "timing": r.timing,
+                      **cpu_fields(own.get("cpu"))})
+        if r.timing == "cpu":
+            record.update(board_clock_fields(record))
     record.update(verdict_fields(record, p, r, opts.timeout))
     if record["status"] == "timeout":  # no figure for the start batch: the search would only time out again
         record.update({"max_fitting_batch": None, "first_failing_batch": None, "search": []})

@@ -139,7 +139,7 @@ def model_settings(args, host_speed: float):
         raise UserError("--models measures the ort-step engine (the one every board installs); drop --engines")
     return TradeoffSettings(batch=args.batch or 32, steps=args.steps or 5, max_batch=args.max_batch, rank=args.rank,
                             alpha=args.alpha if args.alpha is not None else default_alpha(args.rank),
-                            last_k=args.last_k, host_speed=host_speed)
+                            last_k=args.last_k, host_speed=host_speed, timing=args.timing)
 
 
 def model_methods(args) -> list[str]:
