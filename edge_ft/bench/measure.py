@@ -191,6 +191,7 @@ def base_record(job: Job, prep: Prepared, num_classes: int, r: ConfinedResult, s
         "accuracy": None, "epochs": [], "steps": None,
         "ms_per_step_p50": None, "ms_per_step_p95": None, "ms_per_step_mean": None,
         "cpu_ms_per_step": None, "busiest_thread_ms_per_step": None, "wall_ms_per_step": None,
+        "typical_ms_per_step": None,
         "board_ms_per_step": None,
         "epoch_seconds_mean": None, "epoch_seconds_later": None, "time_to_accuracy_s": None,
         "feature_cache_seconds": None,
@@ -231,7 +232,8 @@ def cpu_fields(cpu: Mapping[str, Any] | None) -> BenchRecord:
     cpu = cpu or {}
     return {"cpu_ms_per_step": cpu.get("ms_per_step"),
             "busiest_thread_ms_per_step": cpu.get("busiest_thread_ms_per_step"),
-            "wall_ms_per_step": cpu.get("wall_ms_per_step"), "board_ms_per_step": cpu.get("board_ms_per_step")}
+            "wall_ms_per_step": cpu.get("wall_ms_per_step"), "typical_ms_per_step": cpu.get("typical_ms_per_step"),
+            "board_ms_per_step": cpu.get("board_ms_per_step")}
 
 
 def board_clock_fields(record: BenchRecord) -> BenchRecord:

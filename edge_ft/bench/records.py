@@ -111,6 +111,7 @@ class BenchRecord(TypedDict, total=False):
     cpu_ms_per_step: float | None  # CPU time of a step, all threads (device engines)
     busiest_thread_ms_per_step: float | None  # the busiest thread's part of it
     wall_ms_per_step: NotRequired[float | None]  # wall time of the same steps (their epochs' step loops)
+    typical_ms_per_step: NotRequired[float | None]  # timing cpu: the median step's CPU time, the board time's basis
     board_ms_per_step: float | None  # on an emulated board: the board's time its CPU time stands for (see step_ms)
     repeats_ms_per_step_p50: list[float | None]  # step_ms of each repetition of a repeated run (the fastest is it)
     wall_seconds: float  # the whole child's wall time

@@ -47,7 +47,7 @@ NUMBER_FIELDS = (
     "ms_per_step_p50", "ms_per_step_p95", "ms_per_step_mean", "epoch_seconds_mean", "epoch_seconds_later",
     "time_to_accuracy_s", "feature_cache_seconds", "wall_seconds", "cpu_seconds", "throttled_seconds",
     "thread_throttled_seconds", "throttled_periods", "periods", "cpu_ms_per_step", "busiest_thread_ms_per_step",
-    "board_ms_per_step", "wall_ms_per_step", "board_scale")
+    "board_ms_per_step", "wall_ms_per_step", "typical_ms_per_step", "board_scale")
 BOOL_FIELDS = ("fits", "time_scaled", "native", "installable_on_device", "cache_features")
 WORD_FIELDS = ("status", "emulation", "timing", "arch", "task", "host_speed_source")
 STEP_TIME = "ms_per_step"  # derived: the step time the report and recommend quote
