@@ -245,21 +245,30 @@ def confine(profile: DeviceProfile, env: dict[str, str] | None = None, *, mode: 
     spec = {"procs": job.entry_files() if job else [],
             "rlimit_data": profile.budget_bytes if mode == "rlimit" else None,
             "cpus": cpus if mode == "rlimit" else None}
+    paced = Quota(thread_share, total_share) if job is not None and thread_share and total_share else None
+    child_env = _child_env(profile, env, mode, threads, paced, timed_by)
+    return Confinement(mode, job, spec, child_env, cpus, threads,
+                       None if mode == "native" else profile.budget_bytes, thread_share, total_share, efficiency,
+                       host, notes, timed_by)
+
+
+def _child_env(profile: DeviceProfile, env: dict[str, str] | None, mode: str, threads: int, paced: Quota | None,
+               timed_by: Quota | None) -> dict[str, str]:
+    """The child's environment: thread counts, the board's name, mode and memory budget, its shares when a quota
+    paces it (`paced`) or its CPU time is scaled (`timed_by`; edge_ft.device.board_time), pools that never spin."""
     child_env = thread_env(threads, env)
     child_env.update(EDGE_FT_PROFILE=profile.name, EDGE_FT_EMULATION=mode)
     child_env[MEMORY_BUDGET_ENV] = str(profile.budget_bytes)  # the feature cache sizes itself against it
-    child_env.pop(QUOTA_ENV, None)
+    child_env.pop(QUOTA_ENV, None)  # a caller's stale value never reaches a child
     child_env.pop(TIMING_ENV, None)
-    if job is not None and thread_share is not None and total_share is not None:  # time-scaled: see board_time
-        child_env[QUOTA_ENV] = Quota(thread_share, total_share).env_value()
+    if paced is not None:
+        child_env[QUOTA_ENV] = paced.env_value()
     elif timed_by is not None:
         child_env[QUOTA_ENV], child_env[TIMING_ENV] = timed_by.env_value(), "cpu"
     if mode != "native":
         for var, value in NO_SPIN_ENV.items():  # a caller's own choice (EDGE_FT_ORT_SPINNING=1 ...) stands
             child_env.setdefault(var, value)
-    return Confinement(mode, job, spec, child_env, cpus, threads,
-                       None if mode == "native" else profile.budget_bytes, thread_share, total_share, efficiency,
-                       host, notes, timed_by)
+    return child_env
 
 
 def _cgroup_notes(profile: DeviceProfile, share: float, total_share: float | None, cpus: list[int],
