@@ -149,8 +149,9 @@ def test_cancelled_bench_keeps_only_finished_runs(tmp_path, bench_folder, base_c
 def test_cancelled_parallel_bench_records_no_run_in_progress(tmp_path, base_checkpoint):
     results = tmp_path / "bench" / "results.jsonl"
     cmd = Command(["bench", "--profiles", "rpi-zero-2w", "--methods", "probe-cached,lora", "--engines",
-                   "ort-training", "--steps", "20", "--parallel", "2", "--host-speed", "1", "--base",
-                   str(base_checkpoint), "--results", str(results), "--quiet"], tmp_path)
+                   "ort-training", "--steps", "20", "--parallel", "2", "--timing", "quota", "--host-speed", "1",
+                   "--base", str(base_checkpoint), "--results", str(results), "--quiet"], tmp_path)
+    # quota-paced runs go side by side; runs timed by CPU time (the default) run one at a time
     cmd.wait_until(lambda: sum("edge_ft.cli train" in cmdline(p) for p in cmd.children()) == 2
                    and len({p.name for p in owned_cgroups(cmd.proc.pid)}) == 2, "two confined runs side by side")
     cmd.cancel(signal.SIGTERM)
