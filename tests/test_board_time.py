@@ -140,6 +140,17 @@ def test_cpu_timing_runs_one_unthrottled_thread_and_hands_it_the_boards_threads_
             conf.remove()
     paced = confine(board, mode="rlimit", host=host)  # the quota's timing without cgroups: not time-scaled
     assert QUOTA_ENV not in paced.env and paced.fields()["timing"] is None
+    # what a job's command line asks for agrees with its confinement: one thread timed by CPU time on a board, the
+    # profile's threads on this machine (native runs are never scaled) and under the quota
+    from edge_ft.emulation.emulate import threads_to_run
+    from edge_ft.emulation.profiles import load_profile
+
+    here = load_profile("host")
+    assert threads_to_run(board, 2, "cpu") == 1 and threads_to_run(board, 2, "quota") == 2
+    assert threads_to_run(board, 2, "cpu", cpu_cap=False) == 2 and threads_to_run(board, 2, "cpu", "native") == 2
+    native = confine(here, host=host, timing="cpu")
+    assert threads_to_run(here, here.threads, "cpu") == native.threads == here.threads
+    assert native.fields()["timing"] is None and QUOTA_ENV not in native.env
 
 
 def test_a_cpu_timed_record_reads_as_the_board_every_time_figure_scaled_alike():

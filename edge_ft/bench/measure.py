@@ -28,7 +28,7 @@ from edge_ft.config import MethodConfig
 from edge_ft.contracts import MB, RESULTS, SWEEP_LABELS
 from edge_ft.costmodel import estimate
 from edge_ft.data.tasks import task_slug
-from edge_ft.emulation.emulate import ConfinedResult, run_confined
+from edge_ft.emulation.emulate import ConfinedResult, run_confined, threads_to_run
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.run_record import read_results, read_summary
@@ -112,9 +112,9 @@ def profile_identity(p: DeviceProfile) -> dict:
     return d if p.native else {**d, "budget_mb": p.budget_mb}
 
 
-def job_argv(job: Job, prep: Prepared, bundle: Path | None, data: Path, run_dir: Path) -> list[str]:
-    # timing cpu runs one thread and credits the board's threads with its thread_scaling (edge_ft.emulation.emulate)
-    s, threads = job.settings, "1" if job.settings.timing_for(job.engine) == "cpu" else str(job.profile.threads)
+def job_argv(job: Job, prep: Prepared, bundle: Path | None, data: Path, run_dir: Path, mode: str = "auto") -> list[str]:
+    s = job.settings
+    threads = str(threads_to_run(job.profile, job.profile.threads, s.timing_for(job.engine), mode))
     python = prep.python_for(job.engine)
     if job.engine == "torch":
         argv = [python, "-m", "edge_ft.cli", "finetune", "--engine", "torch", "--method", job.method,
@@ -141,7 +141,7 @@ def measure(job: Job, prep: Prepared, bundle: Path | None, data: Path, num_class
     """Run the job confined to its profile and return its record (every outcome is a record)."""
     run_dir = job.run_dir(prep.root)
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted earlier left files that are not this run's
-    argv = job_argv(job, prep, bundle, data, run_dir)
+    argv = job_argv(job, prep, bundle, data, run_dir, mode)
     started, spawner_peak = time.time(), own_peak_rss()
     result = run_confined(argv, job.profile, env=prep.child_env(), timeout=timeout, mode=mode, host=host,
                           timing=job.settings.timing_for(job.engine))

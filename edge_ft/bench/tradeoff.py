@@ -41,7 +41,7 @@ from edge_ft.bench.records import (
 )
 from edge_ft.contracts import MB, ORT_STEP
 from edge_ft.emulation import lifetime
-from edge_ft.emulation.emulate import run_confined
+from edge_ft.emulation.emulate import run_confined, threads_to_run
 from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.errors import UserError
 from edge_ft.interpreters import find_device_python
@@ -144,8 +144,8 @@ def run_probe(job: ModelJob, prep: Prepared, bundle: Path, batch: int, steps: in
     out = job.run_dir(prep.root) / f"probe-b{batch}{'-timed' if timed else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    by_cpu = timed and job.settings.timing == "cpu"  # one thread stands for the board's (emulate's timing cpu)
-    argv = probe_argv(prep, bundle, batch, steps, warmup, 1 if by_cpu else job.profile.threads, out)
+    threads = threads_to_run(job.profile, job.profile.threads, job.settings.timing, opts.mode, cpu_cap=timed)
+    argv = probe_argv(prep, bundle, batch, steps, warmup, threads, out)
     r = run_confined(argv, job.profile, env=prep.child_env(), timeout=opts.timeout, mode=opts.mode,
                      host=opts.host, cpu_cap=timed, timing=job.settings.timing)
     fields = {"batch": batch, "status": r.status, "exit_code": r.exit_code, "emulation": r.emulation,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_ft.contracts import CPU_TIMED_REPEATS
-from edge_ft.emulation.emulate import run_confined
+from edge_ft.emulation.emulate import run_confined, threads_to_run
 from edge_ft.emulation.hostspeed import HostSpeed
 from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.errors import UserError
@@ -100,9 +100,9 @@ def probe_ms(argv_for: Callable[[int, Path], list[str]], profile: DeviceProfile,
     """One confined step-probe run: (ms/step, p50 with the cap lifted, the mean under the quota, or the board time
     of its CPU time under timing cpu; its CPU ms/step)."""
     out.unlink(missing_ok=True)
-    ran = 1 if capped and timing == "cpu" else threads  # timing cpu: one thread stands for the board's `threads`
-    r = run_confined(argv_for(ran, out), profile, env=env, mode=mode, threads=threads, host=host,
-                     cpu_cap=capped, timeout=900, timing=timing)
+    argv = argv_for(threads_to_run(profile, threads, timing, mode, cpu_cap=capped), out)
+    r = run_confined(argv, profile, env=env, mode=mode, threads=threads, host=host, cpu_cap=capped, timeout=900,
+                     timing=timing)
     if r.status != "ok":
         last = (r.stderr_tail.strip().splitlines() or [r.status])[-1]
         raise UserError(f"the training step under {profile.name} did not finish ({r.status}: {last})")

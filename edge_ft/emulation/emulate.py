@@ -194,6 +194,14 @@ class Confinement:
                     notes=list(self.notes))
 
 
+def threads_to_run(profile: DeviceProfile, threads: int, timing: str, mode: str = "auto", cpu_cap: bool = True) -> int:
+    """The threads a job confined to `profile` runs (what its command line should ask for): one when timed by CPU
+    time on a board that is not this machine (it stands for the board's `threads`, credited with thread_scaling),
+    else `threads`."""
+    timed_by_cpu = timing == "cpu" and cpu_cap and not profile.native and mode != "native"
+    return 1 if timed_by_cpu else threads
+
+
 def confine(profile: DeviceProfile, env: dict[str, str] | None = None, *, mode: str = "auto",
             threads: int | None = None, host: HostSpeed | None = None, cpu_cap: bool = True,
             timing: str = "quota") -> Confinement:
@@ -230,7 +238,7 @@ def confine(profile: DeviceProfile, env: dict[str, str] | None = None, *, mode: 
     timed_by = None
     if by_cpu and mode != "native":  # one thread here stands for the board's threads together (module docstring)
         speedup = profile.thread_speedup(threads)
-        timed_by, threads = Quota(share * speedup, share * speedup), 1
+        timed_by, threads = Quota(share * speedup, share * speedup), threads_to_run(profile, threads, timing, mode)
     if job is not None and cpu_cap:
         assert cpus is not None  # a cgroup job has its cores
         notes += _cgroup_notes(profile, share, total_share, cpus, threads)
