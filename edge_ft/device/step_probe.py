@@ -51,13 +51,13 @@ def probe(bundle_path: str | Path, batch: int, steps: int, warmup: int = 2, thre
     rss_after_imports = load_runtime(bundle.engine)
     x, y = synthetic_batch(bundle.input_shape, bundle.num_classes, batch, seed)
     lr = bundle.optimizer.lr if lr is None else lr
-    seconds, cpu, losses, cpu0, meter = [], [], [], 0.0, CpuMeter()
+    seconds, cpu, losses, meter = [], [], [], CpuMeter()
     every_step = clock_every_step()  # timed by CPU time: the typical step's counts (edge_ft.device.board_time)
     with PeakRSS(0.005) as peak:
         engine = engine_class(bundle.engine)(bundle, threads=threads)
         for i in range(warmup + steps):
             if i == warmup:
-                cpu0, meter = time.process_time(), meter.start()
+                meter.start()
             t0, c0 = time.perf_counter(), time.process_time() if every_step else 0.0
             loss, _ = engine.train_step(x, y, lr)
             if i >= warmup:
@@ -65,8 +65,8 @@ def probe(bundle_path: str | Path, batch: int, steps: int, warmup: int = 2, thre
                 if every_step:
                     cpu.append(time.process_time() - c0)
             losses.append(loss)
-        cpu_ms = (time.process_time() - cpu0) / steps * 1e3  # all the process's threads
-        used, busiest = meter.stop()
+        used, busiest = meter.stop()  # all the process's threads
+    cpu_ms = used / steps * 1e3
     if not all(np.isfinite(losses)):
         raise UserError(f"{bundle_path}: the step's loss is not finite ({losses}); the bundle is broken")
     # PeakRSS only: ru_maxrss would include the spawner's high-water mark, which Linux carries across fork and exec.
