@@ -69,9 +69,16 @@ def test_plan_refuses_unknown_models_and_methods(tmp_path):
     b = load_profile_file(board(tmp_path, 96))
     with pytest.raises(UserError, match="unknown model 'lenet'"):
         plan_models(["lenet"], ["full"], [b], TradeoffSettings())
-    with pytest.raises(UserError, match="probe-cached"):
-        plan_models(["ds-cnn"], ["probe-cached"], [b], TradeoffSettings())
-    assert len(plan_models(list(MODEL_NAMES), ["full", "probe"], [b], TradeoffSettings())) == 2 * len(MODEL_NAMES)
+    with pytest.raises(UserError, match="bias-cached"):  # bias has no frozen prefix
+        plan_models(["ds-cnn"], ["bias-cached"], [b], TradeoffSettings())
+    jobs = plan_models(list(MODEL_NAMES), ["full", "probe-cached"], [b], TradeoffSettings())
+    assert len(jobs) == 2 * len(MODEL_NAMES)
+    cached = [j for j in jobs if j.label == "probe-cached"]
+    assert all(j.method == "probe" and j.cached for j in cached) and not any(j.cached for j in jobs if j not in cached)
+    # the cache's size is part of a cached label's key only: uncached runs measured before keep theirs
+    small = TradeoffSettings(cache_examples=100)
+    assert cached[0].key != plan_models([cached[0].model], ["probe-cached"], [b], small)[0].key
+    assert jobs[0].key == plan_models([jobs[0].model], ["full"], [b], small)[0].key
 
 
 def test_model_names_are_the_reference_models():
@@ -89,11 +96,11 @@ def test_step_probe_imports_neither_torch_nor_onnx():
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """DS-CNN probe and LoRA (the cheap exports) at batch 8 on a 96 MB board, searched up to batch 512."""
+    """DS-CNN probe, LoRA and cached LoRA (the cheap exports) at batch 8 on a 96 MB board, searched up to 512."""
     root = tmp_path_factory.mktemp("models")
     profile = board(root, BUDGET_MB)
     results = root / "results.jsonl"
-    argv = ["bench", "--models", "ds-cnn", "--methods", "probe,lora", "--profiles", str(profile), "--batch", "8",
+    argv = ["bench", "--models", "ds-cnn", "--methods", "probe,lora,lora-cached", "--profiles", str(profile), "--batch", "8",
             "--steps", "2", "--max-batch", str(MAX_BATCH), "--results", str(results), "--quiet"]
     assert main(argv) == 0
     return root, profile, results, argv
@@ -110,7 +117,7 @@ def _cgroups_work():
 def test_a_memory_cap_stops_the_batch_search_where_the_budget_ends(swept):
     root, _, results, _ = swept
     records = read_records(results, kind=TRADEOFF)
-    assert [r["method"] for r in records] == ["probe", "lora"] and not read_records(results)
+    assert [r["label"] for r in records] == ["probe", "lora", "lora-cached"] and not read_records(results)
     for r in records:
         assert all(k in r for k in REQUIRED) and r["accuracy"] is None and r["emulation"] == "cgroup"
         assert r["status"] == "ok" and r["fits"] and r["batch"] == 8 and r["ms_per_step_mean"] > 0
@@ -118,18 +125,29 @@ def test_a_memory_cap_stops_the_batch_search_where_the_budget_ends(swept):
         assert (r["timing"], r["threads"], r["time_scaled"]) == ("cpu", 1, True) and r["board_ms_per_step"] > 0
         assert r["board_scale"] == pytest.approx(r["board_ms_per_step"] / r["wall_ms_per_step"], rel=1e-3)
         assert r["total_params"] == 23_756 + (2 * (64 + 12) if r["method"] == "lora" else 0)  # + lora_A, lora_B
+        assert r["cache_features"] == (r["label"] == "lora-cached")
         assert r["flops_per_step"] > 0
         lo, hi = r["max_fitting_batch"], r["first_failing_batch"]
-        assert 8 <= lo < hi <= MAX_BATCH and hi - lo <= max(1, lo // 8)  # the cap bites inside the range
+        if r["cache_features"]:  # the prefix's activations are gone from the step: larger batches fit
+            assert hi is None and lo == MAX_BATCH or 8 <= lo < hi <= MAX_BATCH and hi - lo <= max(1, lo // 8)
+        else:
+            assert 8 <= lo < hi <= MAX_BATCH and hi - lo <= max(1, lo // 8)  # the cap bites inside the range
         for p in r["search"]:  # every probe agrees with the bracket, and "fits" means within the budget
             assert p["fits"] == (p["batch"] <= lo)
             assert not p["fits"] or p["peak_rss_bytes"] <= BUDGET_MB * MB
-    probe, lora = records
+    probe, lora, cached = records
     assert (probe["trainable_params"], lora["trainable_params"]) == (780, 2 * (64 + 12))
+    # the cached label trains the same LoRA on a cache of 5000 examples' features (x and W0 x + b: 64 + 12 floats),
+    # which its peak RSS carries; its step runs the head alone
+    assert cached["method"] == "lora" and cached["trainable_params"] == lora["trainable_params"]
+    assert cached["feature_cache"]["examples"] == 5000 and cached["feature_cache"]["in_memory"]
+    assert cached["feature_cache"]["bytes"] == 5000 * (64 + 12) * 4
+    assert cached["flops_per_step"] < lora["flops_per_step"]
+    assert cached["max_fitting_batch"] > lora["max_fitting_batch"]
     # the bundles are cached: a re-run measures nothing and exports nothing
     bundles = sorted((root / "prep" / "models" / "ds-cnn" / "bundles").iterdir())
     mtimes = [(b / "manifest.json").stat().st_mtime for b in bundles]
-    assert main(swept[3]) == 0 and len(read_records(results, kind=TRADEOFF)) == 2
+    assert main(swept[3]) == 0 and len(read_records(results, kind=TRADEOFF)) == 3
     assert [(b / "manifest.json").stat().st_mtime for b in bundles] == mtimes
 
 
@@ -147,9 +165,10 @@ def test_report_and_recommend_per_model(swept, tmp_path, capsys):
     device = load_profile_file(profile)
     rec = recommend_model(records, device, "ds-cnn", Constraints(), batch=8)
     assert rec.choice["method"] == "probe"  # fits, and trains more parameters (780) than LoRA (152)
-    beyond = min(r["first_failing_batch"] for r in records)
+    # beyond what probe and LoRA fit, the cached LoRA (its step keeps no prefix activations) is what is left
+    beyond = max(r["first_failing_batch"] for r in records if not r["cache_features"])
     rec = recommend_model(records, device, "ds-cnn", Constraints(), batch=beyond)
-    assert rec.choice is None or rec.choice["max_fitting_batch"] >= beyond
+    assert rec.choice["label"] == "lora-cached" and rec.choice["max_fitting_batch"] >= beyond
     rec = recommend_model(records, device, "ds-cnn", Constraints(max_rss_mb=lora["peak_rss_bytes"] / MB - 1), batch=8)
     assert all(r["peak_rss_bytes"] <= lora["peak_rss_bytes"] - MB for r in rec.feasible)
     capsys.readouterr()
@@ -158,3 +177,42 @@ def test_report_and_recommend_per_model(swept, tmp_path, capsys):
     assert answer["choice"]["label"] == "probe" and "accuracy is not part" in answer["explanation"][-1]
     assert main(["recommend", "--model", "resnet8", "--profile", str(profile), "--results", str(results)]) == 2
     assert "no per-model measurements of resnet8" in capsys.readouterr().err
+
+
+def _probe(bundle: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    python = DEVICE_PYTHON if DEVICE_PYTHON.exists() else Path(sys.executable)
+    return subprocess.run([str(python), "-m", "edge_ft.device.step_probe", str(bundle), "--batch", "16", "--steps",
+                           "3", "--warmup", "1", "--threads", "1", "--out", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True)
+
+
+def test_step_probe_trains_the_head_on_a_feature_cache_in_memory_or_mapped(tmp_path):
+    from edge_ft.config import MethodConfig, OptimizerConfig
+    from ort_step_support import bundle_path
+
+    bundle = bundle_path(MethodConfig("lora", rank=2, targets=("fc1", "fc2", "fc3")), OptimizerConfig("adamw", lr=0.01))
+    features = json.loads((bundle / "manifest.json").read_text())["features"]["shape"]
+    runs = {}
+    for name, budget in (("memory", []), ("mapped", ["--budget-mb", "1"])):  # 600 x features x 4 B > 0.5 MB
+        done = _probe(bundle, tmp_path / f"{name}.json", "--cache", "600", *budget)
+        assert done.returncode == 0, done.stderr
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    for name, r in runs.items():
+        cache = r["feature_cache"]
+        assert cache["examples"] == 600 and cache["features_shape"] == features
+        assert cache["bytes"] == 600 * features[0] * 4 and cache["in_memory"] == (name == "memory")
+        assert r["method"]["method"] == "lora" and len(r["losses"]) == 4
+    # the same features and batches, kept in memory or in a file: the same steps
+    assert runs["memory"]["losses"] == runs["mapped"]["losses"]
+    done = _probe(bundle, tmp_path / "plain.json")
+    assert done.returncode == 0 and json.loads((tmp_path / "plain.json").read_text())["feature_cache"] is None
+
+
+def test_step_probe_refuses_a_cache_where_there_is_no_prefix(tmp_path):
+    from edge_ft.config import MethodConfig, OptimizerConfig
+    from ort_step_support import bundle_path
+
+    done = _probe(bundle_path(MethodConfig("full"), OptimizerConfig("adamw", lr=0.01)), tmp_path / "p.json",
+                  "--cache", "10")
+    assert done.returncode == 2 and "no frozen prefix to cache" in done.stderr
+    assert done.stderr.count("\n") == 1 and not (tmp_path / "p.json").exists()

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 from edge_ft.advice.recommend import Constraints, Recommendation
 from edge_ft.bench.records import BenchRecord, step_ms
-from edge_ft.bench.tradeoff import fitting_text
+from edge_ft.bench.tradeoff import fitting_text, label
 from edge_ft.contracts import MB
 from edge_ft.emulation.profiles import DeviceProfile
 from edge_ft.reports.format import fmt_ms, mb
 
 
 def model_runs(records: list[BenchRecord], profile: str, model: str) -> list[BenchRecord]:
-    """The latest record per method of `model` on `profile`."""
+    """The latest record per label of `model` on `profile`."""
     out: dict[str, BenchRecord] = {}
     for r in records:
         if r["profile"] == profile and r["model"] == model:
-            out[r["method"]] = r
+            out[label(r)] = r
     return list(out.values())
 
 
@@ -61,7 +61,7 @@ def model_exclusion(r: BenchRecord, profile: DeviceProfile, c: Constraints, batc
 
 
 def describe(r: BenchRecord) -> str:
-    return (f"{r['method']}: {r['trainable_params']:,} of {r['total_params']:,} parameters train, "
+    return (f"{label(r)}: {r['trainable_params']:,} of {r['total_params']:,} parameters train, "
             f"{fmt_ms(r)} ms/step and peak RSS {mb(r['peak_rss_bytes'])} of {r['budget_mb']} MB at batch "
             f"{r['batch']}, largest fitting batch {fitting_text(r)}")
 
@@ -87,10 +87,10 @@ def recommend_model(records: list[BenchRecord], profile: DeviceProfile, model: s
     if rec.choice is None:
         rec.lines = [f"{head} nothing fits."]
     else:
-        rec.lines = [f"{head} {rec.choice['method']} on ort-step (of the methods that fit, it trains the most "
-                     "parameters).", f"  {describe(rec.choice)}"]
+        rec.lines = [f"{head} {label(rec.choice)} on ort-step (of the methods that fit, it trains the most "
+                     "parameters; of equals, the faster step).", f"  {describe(rec.choice)}"]
         rec.lines += [f"  also fits: {describe(r)}" for r in ranked[1:]]
-    rec.lines += [f"  ruled out: {r['method']}: {why}" + (f" ({figure})" if figure else "")
+    rec.lines += [f"  ruled out: {label(r)}: {why}" + (f" ({figure})" if figure else "")
                   for r, _, why, figure in rec.excluded]
     rec.lines.append("  accuracy is not part of these runs (synthetic inputs); compare methods on your data with "
                      "`edge-ft bench --task`.")

@@ -101,6 +101,8 @@ class BenchRecord(TypedDict, total=False):
     epoch_seconds_mean: float | None  # mean epoch time
     epoch_seconds_later: float | None  # mean epoch time without the first (warm-up)
     feature_cache_seconds: float | None  # the one-off feature pass of a cached probe
+    feature_cache: NotRequired[dict[str, Any] | None]  # a cached per-model label's cache: examples, bytes, in_memory,
+    # features_shape, seconds and cpu_seconds of its one-off pass on this machine (edge_ft.device.step_probe)
     trainable_params: int  # parameters that train
     total_params: int  # parameters of the network
     flops_per_step: int  # analytical FLOPs of one training step

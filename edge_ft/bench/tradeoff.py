@@ -14,7 +14,9 @@ synthetic inputs of the model's real shape, each run a child process confined to
              cores and threads but this machine's speed (memory does not depend on speed; under the quota one
              probe of a large batch takes minutes). A probe fits when it finishes and its peak RSS is within the
              budget; an OOM kill at the cap is "does not fit". The search stops at `max_batch`.
-One record per (model, board, method), of kind "tradeoff" (edge_ft.bench.records), in the sweep's results file.
+A cached label (lora-cached, ...) first builds the feature cache of `cache_examples` examples, as `edge-ft train
+--cache` would, and trains its method's head on it: its peak RSS includes the cache, its steps are the head's.
+One record per (model, board, label), of kind "tradeoff" (edge_ft.bench.records), in the sweep's results file.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import cast
 
 from edge_ft.bench.measure import board_clock_fields, cpu_fields, verdict_fields
-from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES, Prepared, installable, prepare_in_child
+from edge_ft.bench.prepare import MODEL_LABELS, MODEL_NAMES, Prepared, installable, prepare_in_child
 from edge_ft.bench.records import (
     SCHEMA,
     TRADEOFF,
@@ -61,30 +63,42 @@ class TradeoffSettings:
     last_k: int = 2  # last-k: conv/linear layers trained, counted back from the output
     host_speed: float = 1.0  # this machine's core vs the reference core (scales the CPU quota)
     timing: str = "quota"  # how the timed run gets the board's time (contracts.TIMINGS; edge_ft.emulation.emulate)
+    cache_examples: int = 5000  # a cached label's feature cache: the training examples it stands for (MNIST 5k)
 
     def identity(self) -> dict:
-        """What makes two runs comparable; timing only when it is not the quota, so older runs keep their keys."""
-        return {k: v for k, v in asdict(self).items() if k != "timing" or v != "quota"}
+        """What makes two runs comparable; timing only when it is not the quota, so older runs keep their keys, and
+        the cache's size only in a cached label's key (ModelJob.key)."""
+        return {k: v for k, v in asdict(self).items()
+                if (k != "timing" or v != "quota") and k != "cache_examples"}
 
 
 @dataclass(frozen=True)
 class ModelJob:
     model: str  # lenet5 | resnet8 | ds-cnn | mobilenet-v1-0.25
-    method: str  # full | probe | bias | lora | last-k
+    label: str  # a key of MODEL_LABELS: full | last-k | bias | lora | probe, or one of them -cached
     profile: DeviceProfile
     settings: TradeoffSettings
     base_sha256: str = ""  # the seeded initialisation the bundle was exported from
 
     @property
+    def method(self) -> str:
+        return MODEL_LABELS[self.label][0]
+
+    @property
+    def cached(self) -> bool:
+        return MODEL_LABELS[self.label][1]
+
+    @property
     def key(self) -> str:
         from edge_ft.bench.measure import profile_identity
 
-        return run_key({"kind": TRADEOFF, "model": self.model, "method": self.method, "engine": ENGINE,
+        cache = {"cache_examples": self.settings.cache_examples} if self.cached else {}
+        return run_key({"kind": TRADEOFF, "model": self.model, "method": self.label, "engine": ENGINE,
                         "profile": profile_identity(self.profile), "settings": self.settings.identity(),
-                        "base": self.base_sha256})
+                        "base": self.base_sha256, **cache})
 
     def run_dir(self, root: Path) -> Path:
-        return root / "runs" / "models" / self.profile.name / self.model / self.method
+        return root / "runs" / "models" / self.profile.name / self.model / self.label
 
 
 def plan_models(models: list[str], methods: list[str], profiles: list[DeviceProfile],
@@ -92,9 +106,9 @@ def plan_models(models: list[str], methods: list[str], profiles: list[DeviceProf
     bad = [m for m in models if m not in MODEL_NAMES]
     if bad:
         raise UserError(f"unknown model {bad[0]!r}: choose from {', '.join(MODEL_NAMES)}")
-    bad = [m for m in methods if m not in MODEL_METHODS]
+    bad = [m for m in methods if m not in MODEL_LABELS]
     if bad:
-        raise UserError(f"method {bad[0]!r} is not measured per model: choose from {', '.join(MODEL_METHODS)}")
+        raise UserError(f"method {bad[0]!r} is not measured per model: choose from {', '.join(MODEL_LABELS)}")
     if settings.max_batch < settings.batch:
         raise UserError(f"--max-batch {settings.max_batch} is below --batch {settings.batch}")
     return [ModelJob(m, method, p, settings) for p in profiles for m in models for method in methods]
@@ -130,10 +144,12 @@ def search_max_batch(fits: Callable[[int], bool], start: int, max_batch: int, kn
     return lo, hi
 
 
-def probe_argv(prep: Prepared, bundle: Path, batch: int, steps: int, warmup: int, threads: int,
+def probe_argv(prep: Prepared, job: ModelJob, bundle: Path, batch: int, steps: int, warmup: int, threads: int,
                out: Path) -> list[str]:
+    cache = ["--cache", str(job.settings.cache_examples), "--budget-mb", str(job.profile.budget_mb)]
     return [prep.device_python, "-m", "edge_ft.device.step_probe", str(bundle), "--batch", str(batch),
-            "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), "--out", str(out)]
+            "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), "--out", str(out),
+            *(cache if job.cached else [])]
 
 
 def run_probe(job: ModelJob, prep: Prepared, bundle: Path, batch: int, steps: int, warmup: int, timed: bool,
@@ -145,7 +161,7 @@ def run_probe(job: ModelJob, prep: Prepared, bundle: Path, batch: int, steps: in
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     threads = threads_to_run(job.profile, job.profile.threads, job.settings.timing, opts.mode, cpu_cap=timed)
-    argv = probe_argv(prep, bundle, batch, steps, warmup, threads, out)
+    argv = probe_argv(prep, job, bundle, batch, steps, warmup, threads, out)
     r = run_confined(argv, job.profile, env=prep.child_env(), timeout=opts.timeout, mode=opts.mode,
                      host=opts.host, cpu_cap=timed, timing=job.settings.timing)
     fields = {"batch": batch, "status": r.status, "exit_code": r.exit_code, "emulation": r.emulation,
@@ -190,7 +206,7 @@ def measure_model(job: ModelJob, prep: Prepared, bundle: Path, manifest: dict, o
         record.update({"steps": summary["steps"], "ms_per_step_p50": ms["p50"], "ms_per_step_p95": ms["p95"],
                       "ms_per_step_mean": ms["mean"], "rss_after_imports_bytes": round(mem["rss_after_imports"] * MB),
                       "train_peak_rss_bytes": round(mem["peak_rss"] * MB), "timing": r.timing,
-                      **cpu_fields(own.get("cpu"))})
+                      "feature_cache": own.get("feature_cache"), **cpu_fields(own.get("cpu"))})
         if r.timing == "cpu":
             record.update(board_clock_fields(record))
     record.update(verdict_fields(record, p, r, opts.timeout))
@@ -223,14 +239,15 @@ def base_model_record(job: ModelJob, manifest: dict, prep: Prepared) -> BenchRec
 
     desc = model_from_manifest(manifest, "manifest")
     cfg = MethodConfig.from_dict(manifest["method"], model=desc)
-    flops = estimate(cfg, job.settings.batch, "adamw").flops
+    flops = estimate(cfg, job.settings.batch, "adamw", cached=job.cached).flops
     counts = count_params(cfg)
     p = job.profile
     return {
         "schema": SCHEMA, "kind": TRADEOFF, "key": job.key, "task": "synthetic", "model": job.model,
         "model_title": desc.title, "input_shape": manifest["input_shape"], "num_classes": manifest["num_classes"],
         "inputs": "synthetic: standard normal inputs of the model's input shape, uniform random labels",
-        "method": job.method, "label": job.method, "engine": ENGINE, "optimizer": "adamw",
+        "method": job.method, "label": job.label, "cache_features": job.cached, "engine": ENGINE,
+        "optimizer": "adamw",
         "profile": p.name, "arch": p.arch, "budget_mb": p.budget_mb, "native": p.native,
         "installable_on_device": installable(ENGINE, p.arch), "settings": asdict(job.settings),
         "base_sha256": job.base_sha256, "accuracy": None, "payload_bytes": None,
@@ -271,7 +288,7 @@ def run_models(jobs: list[ModelJob], results: Path, opts, log=None) -> list[Benc
         finished = len(jobs) - len(todo)
         lifetime.kept_runs(finished, results)
         for job in todo:
-            bar.set_description(f"{job.profile.name} {job.model} {job.method}")
+            bar.set_description(f"{job.profile.name} {job.model} {job.label}")
             folder, _, manifest = bundles[(job.model, job.method)]
             record = measure_model(job, prep, folder, manifest, opts)
             append_record(results, record)
@@ -281,6 +298,11 @@ def run_models(jobs: list[ModelJob], results: Path, opts, log=None) -> list[Benc
             bar.write(model_line(record), file=sys.stderr) if not bar.disable else say(model_line(record))
     by_key = latest(read_records(results, kind=TRADEOFF))
     return [by_key[j.key] for j in jobs if j.key in by_key]
+
+
+def label(r: BenchRecord) -> str:
+    """A per-model record's label (records written before cached labels carry their method)."""
+    return r.get("label") or r["method"]
 
 
 def fitting_text(r: BenchRecord) -> str:
@@ -295,7 +317,7 @@ def fitting_text(r: BenchRecord) -> str:
 def model_line(r: BenchRecord) -> str:
     from edge_ft.reports.format import fmt_ms
 
-    return (f"{r['profile']:<12} {r['model']:<18} {r['method']:<7} batch {r['batch']}: {r['verdict']}, "
+    return (f"{r['profile']:<12} {r['model']:<18} {label(r):<13} batch {r['batch']}: {r['verdict']}, "
             f"{fmt_ms(r)} ms/step; largest fitting batch {fitting_text(r)}")
 
 
@@ -306,6 +328,6 @@ def summarize_models(records: list[BenchRecord]) -> str:
     rows: list[tuple[object, ...]] = [("profile", "model", "method", "trainable", "batch", "ms/step", "peak RSS MB",
                                        "result", "largest fitting batch")]
     for r in records:
-        rows.append((r["profile"], r["model"], r["method"], f"{r['trainable_params']:,}", r["batch"], fmt_ms(r),
+        rows.append((r["profile"], r["model"], label(r), f"{r['trainable_params']:,}", r["batch"], fmt_ms(r),
                      mb(r["peak_rss_bytes"]), short_result(r), fitting_text(r)))
     return text_table(rows)

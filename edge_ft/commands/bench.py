@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES
+from edge_ft.bench.prepare import MODEL_LABELS, MODEL_NAMES
 from edge_ft.commands.argtypes import add_lora_options, int_at_least, positive_float
 from edge_ft.commands.gate import add_gate_options
 from edge_ft.config import default_alpha
@@ -117,14 +117,17 @@ def register(subparsers) -> None:
         "per model (--models)", "With --models the sweep measures, per model x profile x method, the ort-step AdamW "
         "training step on synthetic inputs of the model's real shape (peak RSS, ms/step at --batch, default 32, "
         "over --steps timed steps, default 5) and searches the largest batch that fits the profile's memory budget. "
-        f"--methods then defaults to {','.join(MODEL_METHODS)}; task, engine and training-length options do not "
-        "apply.")
+        f"--methods then defaults to {','.join(MODEL_LABELS)} (-cached: the head trained on a feature cache of "
+        "--cache-examples examples, built first); task, engine and training-length options do not apply.")
     models.add_argument("--models", type=comma_list, default=None, metavar="M1,M2",
                         help=f"models to measure: {', '.join(MODEL_NAMES)} (default: none, the task sweep)")
     models.add_argument("--max-batch", type=int_at_least(1), default=1024, metavar="N",
                         help="largest batch the search tries (default 1024)")
     models.add_argument("--last-k", type=int_at_least(1), default=2, metavar="K",
                         help="last-k: conv/linear layers trained, counted back from the output (default 2)")
+    models.add_argument("--cache-examples", type=int_at_least(1), default=5000, metavar="N",
+                        help="examples in a cached label's feature cache: the training set it stands for "
+                        "(default 5000)")
     add_gate_options(p)
     p.set_defaults(func=handler)
 
@@ -139,11 +142,12 @@ def model_settings(args, host_speed: float):
         raise UserError("--models measures the ort-step engine (the one every board installs); drop --engines")
     return TradeoffSettings(batch=args.batch or 32, steps=args.steps or 5, max_batch=args.max_batch, rank=args.rank,
                             alpha=args.alpha if args.alpha is not None else default_alpha(args.rank),
-                            last_k=args.last_k, host_speed=host_speed, timing=args.timing)
+                            last_k=args.last_k, host_speed=host_speed, timing=args.timing,
+                            cache_examples=args.cache_examples)
 
 
 def model_methods(args) -> list[str]:
-    return list(MODEL_METHODS) if args.methods == comma_list(DEFAULT_METHODS) else args.methods
+    return list(MODEL_LABELS) if args.methods == comma_list(DEFAULT_METHODS) else args.methods
 
 
 def settings_from_args(args, host_speed: float):

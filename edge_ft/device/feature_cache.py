@@ -13,7 +13,7 @@ Cache when that saves prefix runs and the cache fits the budget.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,12 +73,19 @@ def compute(bundle: Bundle, threads: int, x: np.ndarray, into: Path | None = Non
             run: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """features.onnx over all of x (edge_ft.data.npz inputs) -> float32 (N, *features), in memory or, with `into`,
     in a memory-mapped .npy file there. run: a features_runner to reuse (else one is opened)."""
-    shape = (len(x), *features_shape(bundle))
+    chunks = (to_float(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH))
+    return compute_chunks(bundle, threads, len(x), chunks, into, run)
+
+
+def compute_chunks(bundle: Bundle, threads: int, n: int, chunks: Iterable[np.ndarray], into: Path | None = None,
+                   run: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """compute() over n examples handed over in float chunks of EVAL_BATCH (the last one may be shorter)."""
+    shape = (n, *features_shape(bundle))
     out = np.zeros(shape, np.float32) if into is None else np.lib.format.open_memmap(into, "w+", np.float32, shape)
-    if len(x):
+    if n:
         run = run or features_runner(bundle, threads)
-        for i in range(0, len(x), EVAL_BATCH):
-            out[i:i + EVAL_BATCH] = run(to_float(x[i:i + EVAL_BATCH]))
+        for i, chunk in zip(range(0, n, EVAL_BATCH), chunks, strict=True):
+            out[i:i + len(chunk)] = run(chunk)
     return out
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_ft.bench.prepare import MODEL_METHODS, MODEL_NAMES
+from edge_ft.bench.prepare import MODEL_LABELS, MODEL_NAMES
 from edge_ft.bench.records import BenchRecord
-from edge_ft.bench.tradeoff import fitting_text
+from edge_ft.bench.tradeoff import fitting_text, label
 from edge_ft.contracts import MB
 from edge_ft.reports.format import fmt_ms, mb, md_table, short_result
 from edge_ft.reports.plots import pyplot, save_figure
@@ -28,14 +28,24 @@ def _models(records: list[BenchRecord]) -> list[str]:
 
 
 def _ordered(records: list[BenchRecord]) -> list[BenchRecord]:
-    return sorted(records, key=lambda r: (r["profile"], MODEL_METHODS.index(r["method"])))
+    return sorted(records, key=lambda r: (r["profile"], list(MODEL_LABELS).index(label(r))))
+
+
+# How a timed run got the board's time, by TradeoffSettings.timing (edge_ft.emulation.emulate).
+TIMED = {"quota": "memory cap, cores, CPU quota; ms/step is the mean under the quota",
+         "cpu": "memory cap and cores, one thread; ms/step is the board time of the median step's CPU time"}
+
+
+def mflops(flops: float) -> str:
+    """MFLOPs with one decimal, or three for a step below one MFLOP (a cached head's)."""
+    return f"{flops / 1e6:,.1f}" if flops >= 1e6 else f"{flops / 1e6:.3f}"
 
 
 def model_table(records: list[BenchRecord]) -> str:
     rows = []
     for r in _ordered(records):
-        rows.append([r["profile"], r["method"], f"{r['total_params']:,}", f"{r['trainable_params']:,}",
-                     f"{r['flops_per_step'] / 1e6:,.1f}", str(r["batch"]), mb(r["peak_rss_bytes"]), fmt_ms(r),
+        rows.append([r["profile"], label(r), f"{r['total_params']:,}", f"{r['trainable_params']:,}",
+                     mflops(r["flops_per_step"]), str(r["batch"]), mb(r["peak_rss_bytes"]), fmt_ms(r),
                      short_result(r), fitting_text(r), f"{r['budget_mb']}"])
     return md_table(["board", "method", "params", "trainable", "MFLOPs/step", "batch", "peak RSS MB", "ms/step",
                      "result", "largest fitting batch", "budget MB"], rows, text_columns=2)
@@ -49,13 +59,15 @@ def models_section(records: list[BenchRecord], out: Path) -> list[str]:
              f"The ort-step engine's AdamW training step (standard onnxruntime, no torch) on {first['inputs']}; "
              "weights are each network's seeded initialisation (memory and time do not depend on their values). "
              f"Peak RSS and ms/step at batch {s['batch']}: {s['steps']} timed steps after {s['warmup']} warm-up "
-             "steps, each run a child process confined to its board (memory cap, cores, CPU quota; ms/step is the "
-             "mean under the quota). Largest fitting batch: doubling from that batch, then bisection to within "
+             f"steps, each run a child process confined to its board ({TIMED[s.get('timing', 'quota')]}). "
+             "Largest fitting batch: doubling from that batch, then bisection to within "
              f"1/8, up to {s['max_batch']}; each probe one warm-up and one timed step under the board's memory cap, "
              "cores and threads at this machine's speed; a batch fits when the probe finishes within the budget "
              f"(an OOM kill at the cap does not). LoRA: rank {s['rank']} on the linear layers (the classifier of "
-             f"the reference models); last-k: the last {s['last_k']} conv/linear layers. FLOPs per step from the "
-             "cost model at the timed batch.", ""]
+             f"the reference models); last-k: the last {s['last_k']} conv/linear layers. A -cached label trains its "
+             f"method's head on the features of {s.get('cache_examples', 5000)} examples, computed first and kept as "
+             "`edge-ft train --cache` keeps them (its peak RSS includes them). FLOPs per step from the cost model at "
+             "the timed batch.", ""]
     for model in _models(records):
         rows = [r for r in records if r["model"] == model]
         shape = "x".join(map(str, rows[0]["input_shape"]))
@@ -84,9 +96,9 @@ def peak_rss_vs_batch(records: list[BenchRecord], path: Path) -> Path:
             points = [p for p in points if p["peak_rss_bytes"]]
             if not points:
                 continue
-            colour = METHOD_COLOURS[r["method"]]
-            ax.plot([p["batch"] for p in points], [p["peak_rss_bytes"] / MB for p in points], "-", color=colour,
-                    label=r["method"], linewidth=1.2)
+            colour = METHOD_COLOURS[r["method"]]  # a cached label: its method's colour, dashed
+            ax.plot([p["batch"] for p in points], [p["peak_rss_bytes"] / MB for p in points],
+                    "--" if r.get("cache_features") else "-", color=colour, label=label(r), linewidth=1.2)
             for p in points:
                 ax.plot(p["batch"], p["peak_rss_bytes"] / MB, "o" if p["fits"] else "x", color=colour,
                         markersize=4 if p["fits"] else 6)
