@@ -82,6 +82,11 @@ def test_tables_and_discussion(capsys):
     assert "through fc3 and fc2 to reach fc1" in out  # derived from which layers need input gradients
     assert "2b. Limited compute and memory but reasonable accuracy: LoRA." in out
     assert "edge-ft report" in out
+    # ... and the same pair on the cached prefix: the cost model's cached steps, their ratio and LoRA's saving
+    probe, lora = (estimate(cfg, cached=True).flops["total"] for cfg in (MethodConfig("probe"), MethodConfig("lora")))
+    answer = " ".join(out[out.index("2b."):].split())
+    assert f"{probe:,} FLOPs, {lora / probe:.0f}x" in answer and lora / probe > 5
+    assert f"{estimate(MethodConfig('lora')).flops['total'] / lora:.0f}x less than uncached" in answer
 
 
 def test_a_new_class_count_gets_lora_with_a_saved_head(capsys):

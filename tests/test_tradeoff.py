@@ -100,8 +100,8 @@ def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     profile = board(root, BUDGET_MB)
     results = root / "results.jsonl"
-    argv = ["bench", "--models", "ds-cnn", "--methods", "probe,lora,lora-cached", "--profiles", str(profile), "--batch", "8",
-            "--steps", "2", "--max-batch", str(MAX_BATCH), "--results", str(results), "--quiet"]
+    argv = ["bench", "--models", "ds-cnn", "--methods", "probe,lora,lora-cached", "--profiles", str(profile),
+            "--batch", "8", "--steps", "2", "--max-batch", str(MAX_BATCH), "--results", str(results), "--quiet"]
     assert main(argv) == 0
     return root, profile, results, argv
 
@@ -187,8 +187,9 @@ def _probe(bundle: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_step_probe_trains_the_head_on_a_feature_cache_in_memory_or_mapped(tmp_path):
-    from edge_ft.config import MethodConfig, OptimizerConfig
     from ort_step_support import bundle_path
+
+    from edge_ft.config import MethodConfig, OptimizerConfig
 
     bundle = bundle_path(MethodConfig("lora", rank=2, targets=("fc1", "fc2", "fc3")), OptimizerConfig("adamw", lr=0.01))
     features = json.loads((bundle / "manifest.json").read_text())["features"]["shape"]
@@ -209,8 +210,9 @@ def test_step_probe_trains_the_head_on_a_feature_cache_in_memory_or_mapped(tmp_p
 
 
 def test_step_probe_refuses_a_cache_where_there_is_no_prefix(tmp_path):
-    from edge_ft.config import MethodConfig, OptimizerConfig
     from ort_step_support import bundle_path
+
+    from edge_ft.config import MethodConfig, OptimizerConfig
 
     done = _probe(bundle_path(MethodConfig("full"), OptimizerConfig("adamw", lr=0.01)), tmp_path / "p.json",
                   "--cache", "10")

@@ -14,7 +14,7 @@ import textwrap
 from edge_ft.architecture import count_params, lowest_trainable_layer
 from edge_ft.commands.argtypes import add_lora_options, add_method_options, input_shape, int_at_least
 from edge_ft.config import METHODS, OPTIMIZERS, SEED_METHODS, MethodConfig, MethodOptions
-from edge_ft.costmodel import DTYPES, CostEstimate, input_grad_layers, layer_macs
+from edge_ft.costmodel import DTYPES, CostEstimate, estimate, input_grad_layers, layer_macs
 from edge_ft.reports.format import text_table
 
 WIDTH = 110  # prose wraps here; tables are as wide as their columns
@@ -274,13 +274,22 @@ def _lora_cost_driver(lora: CostEstimate) -> str:
     return f"a smaller rank than {lora.config.rank} or fewer targets brings its cost closer to probing's"
 
 
+def cached_comparison(probe: CostEstimate, lora: CostEstimate) -> str:
+    """The same two methods with the frozen prefix cached, as edge-ft train runs them where it pays."""
+    p, lo = (estimate(e.config, e.batch, e.optimizer, e.dtype, cached=True).flops["total"] for e in (probe, lora))
+    return (f"With the frozen prefix cached (`edge-ft train` does it where it pays), both steps shed the frozen "
+            f"forward: LoRA's costs {_mflops(lo)} against probing's {_mflops(p)}, {lo / p:.0f}x, and "
+            f"{lora.flops['total'] / lo:.0f}x less than uncached; on a board the step's fixed cost narrows that ratio "
+            "(`edge-ft bench --methods probe-cached,lora-cached` measures it, `edge-ft recommend` weighs it).")
+
+
 def recommendation(estimates: dict[str, CostEstimate]) -> str:
     """Seed question 2b from the numbers: LoRA if it costs at most CHEAP_ENOUGH x probing, else probing."""
     full, probe, lora = estimates["full"], estimates["probe"], estimates["lora"]
     flops_ratio = lora.flops["total"] / probe.flops["total"]
     memory_ratio = lora.memory["total"] / probe.memory["total"]
     question = "Limited compute and memory but reasonable accuracy: "
-    measured = "Measured accuracies: `edge-ft finetune --all`, then `edge-ft report`."
+    measured = f"{cached_comparison(probe, lora)} Measured accuracies: `edge-ft finetune --all`, then `edge-ft report`."
     if flops_ratio <= CHEAP_ENOUGH and memory_ratio <= CHEAP_ENOUGH:
         return (
             f"{question}LoRA. A LoRA step costs {flops_ratio:.2f}x a probing step in FLOPs and {memory_ratio:.2f}x "
