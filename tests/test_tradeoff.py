@@ -16,6 +16,8 @@ from edge_ft.bench.tradeoff import TradeoffSettings, plan_models, search_max_bat
 from edge_ft.cli import main
 from edge_ft.emulation.profiles import load_profile_file
 from edge_ft.errors import UserError
+from edge_ft.reports.format import fmt_ms
+from edge_ft.reports.tradeoff_report import models_page
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_PYTHON = REPO / ".venv-device" / "bin" / "python"
@@ -161,6 +163,12 @@ def test_report_and_recommend_per_model(swept, tmp_path, capsys):
     png = (tmp_path / "peak_rss_vs_batch.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     records = read_records(results, kind=TRADEOFF)
+    # the docs page sets each cached label beside its method: one row, LoRA, with both step times and the cache
+    page = models_page(records, "results.jsonl", {"cpus": 2, "processor": "test", "command": "bench --models"})
+    lora, cached = (next(r for r in records if r["label"] == name) for name in ("lora", "lora-cached"))
+    row = next(line for line in page.splitlines() if line.startswith("| b96 | ds-cnn |"))
+    assert row.startswith(f"| b96 | ds-cnn | lora | {fmt_ms(lora)} | {fmt_ms(cached)} | ")
+    assert f"| {cached['feature_cache']['bytes'] / MB:.1f} |" in row and "### DSCNN" in page
     lora = next(r for r in records if r["method"] == "lora")
     device = load_profile_file(profile)
     rec = recommend_model(records, device, "ds-cnn", Constraints(), batch=8)

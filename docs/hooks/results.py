@@ -10,6 +10,8 @@ runs it; nothing is written into docs/.
                       (docs/steady/barrier-probe.jsonl, tools/barrier_probe.py) after them
   results/fleet-scale.md  docs/fleet-scale/fleet-scale.json (`edge-ft fleet scale`), its table and plot
                       (edge_ft.fleet.scale_report; the plot, results/fleet_scale.png, is drawn here too)
+  results/models.md   docs/models/rpi-zero-2w.jsonl (`edge-ft bench --models`, every label cached and uncached)
+                      and machine.json beside it (edge_ft.reports.tradeoff_report; its plot too)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from mkdocs.structure.files import File, Files
 
 REPO = Path(__file__).resolve().parents[2]
+MODELS_FILE = "rpi-zero-2w.jsonl"  # docs/models/: the per-model records, machine.json beside them
 
 
 def _tool(name: str):
@@ -116,9 +119,26 @@ def fleet_scale_files(config, docs: Path) -> list[File]:
             File.generated(config, f"results/{PLOT}", content=plot_png(results))]
 
 
+def models_files(config, docs: Path) -> list[File]:
+    """The per-model page (cached and uncached, `edge-ft bench --models`) and its plot from the committed records."""
+    import tempfile
+
+    from edge_ft.bench.records import TRADEOFF, read_records
+    from edge_ft.reports.tradeoff_report import FIGURE, models_page, peak_rss_vs_batch
+
+    source = docs / "models" / MODELS_FILE
+    records = read_records(source, kind=TRADEOFF)
+    machine = json.loads((source.parent / "machine.json").read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        png = peak_rss_vs_batch(records, Path(scratch) / FIGURE).read_bytes()
+    return [File.generated(config, "results/models.md",
+                           content=models_page(records, str(source.relative_to(REPO)), machine)),
+            File.generated(config, f"results/{FIGURE}", content=png)]
+
+
 def on_files(files: Files, config) -> Files:
     docs = Path(config["docs_dir"])
     files.append(File.generated(config, "results/steady.md", content=steady_page(docs / "steady")))
-    for file in fleet_scale_files(config, docs):
+    for file in fleet_scale_files(config, docs) + models_files(config, docs):
         files.append(file)
     return files
