@@ -16,9 +16,12 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import threading
 import types
 from typing import Any
 
+from edge_ft.device.code_pages import release_code_pages
+from edge_ft.device.engines.onnx_wire import one_node_model
 from edge_ft.errors import UserError, install_hint
 
 _ORTMODULE = "onnxruntime.training.ortmodule"
@@ -27,6 +30,25 @@ _TRAINING = "onnxruntime.training"
 # onnxruntime's CPU memory arena, measured on LeNet-5 (README): on is up to 10% faster per step at batch 128 and
 # equal at 32, with no measurable RSS cost at this model size; `edge-ft train --mem-arena off` turns it off.
 _mem_arena = {"default": True}
+# Two memory settings, on by default, measured on LeNet-5 in the device venv (docs/peers.md, "Memory";
+# docs/peers/ort-step-memory-settings.jsonl). Together, peak RSS over RSS after imports at batch 32: full
+# fine-tuning 1.44x -> 1.22x, LoRA 1.38x -> 1.18x, cached heads 1.28-1.30x -> 1.18x; full at batch 256 2.36x ->
+# 1.87x; CPU ms/step unchanged.
+#  * release_code: each session, once built, gives back the onnxruntime code pages its construction touched
+#    (edge_ft.device.code_pages), and the process first pays onnxruntime's one-off setup on a one-node graph and
+#    gives those back too, so the setup's pages and a bundle's session construction are never resident together
+#    (full at batch 32: 1.44x -> 1.25x alone).
+#  * shared_arena: one CPU arena for every InferenceSession of the process (session.use_env_allocators) whose first
+#    region is ARENA_FIRST_REGION. With a session's own arena (a 1 MiB first region, doubling) the first step's
+#    intermediates spread over several regions, and the block onnxruntime's memory pattern plans after that step
+#    fits in none of them: +1.2 MB for full fine-tuning at batch 32, +24 MB at 256. In one large region the freed
+#    intermediates coalesce and the planned block reuses their pages.
+_memory = {"release_code": True, "shared_arena": True, "environment_ready": False}
+# Bytes of address space; only the pages a run touches become resident, plus the arena's bookkeeping (about 1/32 of
+# the region). 8 MiB: full at batch 32 1.21x, at 256 1.96x; 16 MiB: 1.22x, 1.87x; 64 MiB: 1.24x, 1.64x.
+ARENA_FIRST_REGION = 16 << 20
+SHARED_ARENA = "session.use_env_allocators"  # onnxruntime's session config key: use the allocator the env holds
+_environment_lock = threading.Lock()
 LOG_ERRORS_ONLY = 3  # onnxruntime severity: 0 verbose ... 3 error, 4 fatal
 # Whether onnxruntime's idle pool threads spin (its default) or sleep. Spinning buys a little latency when every
 # thread has a core of its own; under a CPU quota shared by the job (an emulated board) every spin is charged to the
@@ -89,6 +111,30 @@ def set_mem_arena(enabled: bool) -> None:
     _mem_arena["default"] = bool(enabled)
 
 
+def set_memory_settings(release_code: bool | None = None, shared_arena: bool | None = None) -> None:
+    """Process-wide, for sessions built after the call (the shared arena only before the first): whether
+    construction-time code pages are given back, whether sessions draw on one shared arena (None: unchanged)."""
+    for key, value in (("release_code", release_code), ("shared_arena", shared_arena)):
+        if value is not None:
+            _memory[key] = bool(value)
+
+
+def prepare_environment() -> None:
+    """Once per process, before its first session: register the shared CPU arena, pay onnxruntime's one-off setup
+    (kernel registries for every operator) on a one-node graph and give its code pages back."""
+    with _environment_lock:  # sessions may be built from several threads: one registration
+        if _memory["environment_ready"]:
+            return
+        ort = import_onnxruntime()
+        if _memory["shared_arena"]:  # max memory, extend strategy, max dead bytes per chunk: -1, onnxruntime's default
+            memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, ARENA_FIRST_REGION, -1))
+        ort.InferenceSession(one_node_model(), session_options(1), providers=["CPUExecutionProvider"])
+        if _memory["release_code"]:
+            release_code_pages()
+        _memory["environment_ready"] = True
+
+
 def spinning_setting() -> str | None:
     """onnxruntime's allow_spinning value from $EDGE_FT_ORT_SPINNING: "0", "1", or None (unset: its default)."""
     text = os.environ.get(SPINNING_ENV, "").strip().lower()
@@ -124,13 +170,21 @@ def session_options(threads: int = 0, mem_arena: bool | None = None, profile_pre
 def inference_session(path: str | os.PathLike[str], threads: int = 0, mem_arena: bool | None = None,
                       profile_prefix: str | None = None, model: bytes | None = None) -> Any:
     """A CPU InferenceSession for a graph (a step graph, features, an inference model): the file at `path`, or
-    `model`, that file's graph as edited in memory (`path` then names it in errors)."""
+    `model`, that file's graph as edited in memory (`path` then names it in errors). With the arena on it draws on
+    the process's shared arena; afterwards onnxruntime's construction-time code pages are given back."""
     ort = import_onnxruntime()
+    prepare_environment()
     options = session_options(threads, mem_arena, profile_prefix)
+    if options.enable_cpu_mem_arena and _memory["shared_arena"]:
+        options.add_session_config_entry(SHARED_ARENA, "1")
     try:
-        return ort.InferenceSession(str(path) if model is None else model, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path) if model is None else model, options,
+                                       providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         if "INVALID_PROTOBUF" in str(e):  # not an ONNX file at all, or cut short in a copy
             raise UserError(f"{path}: corrupt or truncated (onnxruntime cannot parse it as an ONNX model); copy it "
                             "again, or write it again with `edge-ft train` or `edge-ft adapter merge`") from None
         raise UserError(f"{path}: onnxruntime cannot load this model ({str(e).splitlines()[0]})") from None
+    if _memory["release_code"]:
+        release_code_pages()
+    return session

@@ -118,3 +118,16 @@ def with_metadata(model: bytes, props: dict[str, str], prefix: str, source: str 
     for key, value in props.items():  # StringStringEntryProto: key = 1, value = 2
         out += _len_field(14, _len_field(1, key.encode()) + _len_field(2, value.encode()))
     return bytes(out)
+
+
+def one_node_model() -> bytes:
+    """A serialized ModelProto of one Relu on a float tensor of shape (1,), opset 17: the smallest graph a
+    session runs, which pays onnxruntime's once-per-process setup and nothing else."""
+    def value(name: str) -> bytes:  # ValueInfoProto: name = 1, type = 2 (TypeProto.tensor_type = 1: elem_type, shape)
+        shape = _len_field(2, _len_field(1, _varint(1 << 3) + _varint(1)))
+        return _len_field(1, name.encode()) + _len_field(2, _len_field(1, _varint(1 << 3) + _varint(1) + shape))
+
+    node = _len_field(1, b"x") + _len_field(2, b"y") + _len_field(4, b"Relu")  # NodeProto: input, output, op_type
+    graph = _len_field(1, node) + _len_field(2, b"g") + _len_field(11, value("x")) + _len_field(12, value("y"))
+    opset = _len_field(8, _varint(2 << 3) + _varint(17))  # ModelProto.opset_import: OperatorSetIdProto.version = 2
+    return _varint(1 << 3) + _varint(8) + _len_field(7, graph) + opset  # ir_version 8, graph, opset
