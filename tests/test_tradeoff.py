@@ -126,6 +126,7 @@ def test_a_memory_cap_stops_the_batch_search_where_the_budget_ends(swept):
         # timed by CPU time (bench's default): one thread, the board time of its median step, the means scaled alike
         assert (r["timing"], r["threads"], r["time_scaled"]) == ("cpu", 1, True) and r["board_ms_per_step"] > 0
         assert r["board_scale"] == pytest.approx(r["board_ms_per_step"] / r["wall_ms_per_step"], rel=1e-3)
+        assert len(r["repeats_ms_per_step_p50"]) == 5 and r["board_ms_per_step"] == min(r["repeats_ms_per_step_p50"])
         assert r["total_params"] == 23_756 + (2 * (64 + 12) if r["method"] == "lora" else 0)  # + lora_A, lora_B
         assert r["cache_features"] == (r["label"] == "lora-cached")
         assert r["flops_per_step"] > 0
