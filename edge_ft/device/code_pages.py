@@ -13,17 +13,28 @@ written since the file was mapped would be lost. Elsewhere than Linux nothing ha
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import sys
 
 SMAPS = "/proc/self/smaps"
-LIBRARY = "onnxruntime"  # mappings whose file path holds this name: the Python binding and libonnxruntime
 MADV_DONTNEED = 4  # Linux <sys/mman.h>; the same value on every Linux architecture
 _HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 
 
-def code_mappings(library: str = LIBRARY, smaps: str = SMAPS) -> list[tuple[int, int, int, int]]:
-    """(start, end, resident KiB, anonymous KiB) of each executable read-only mapping of `library`'s files."""
+def onnxruntime_folder() -> str | None:
+    """The imported onnxruntime package's folder (its binding and libraries live in it), or None before its import."""
+    module = sys.modules.get("onnxruntime")
+    file = getattr(module, "__file__", None)
+    return os.path.join(os.path.dirname(os.path.realpath(file)), "") if file else None
+
+
+def code_mappings(folder: str | None = None, smaps: str = SMAPS) -> list[tuple[int, int, int, int]]:
+    """(start, end, resident KiB, anonymous KiB) of each executable read-only mapping of a file under `folder`
+    (default: onnxruntime's package folder; none before onnxruntime is imported)."""
+    folder = folder or onnxruntime_folder()
+    if folder is None:
+        return []
     found: list[dict[str, int]] = []
     current: dict[str, int] | None = None
     with open(smaps) as f:
@@ -32,7 +43,7 @@ def code_mappings(library: str = LIBRARY, smaps: str = SMAPS) -> list[tuple[int,
             if header:
                 start, end, perms, path = header.groups()
                 current = None
-                if perms == "r-xp" and library in path:
+                if perms == "r-xp" and path.startswith(folder):
                     current = {"start": int(start, 16), "end": int(end, 16), "Rss": 0, "Anonymous": 0}
                     found.append(current)
             elif current is not None and line.split(":")[0] in ("Rss", "Anonymous"):
@@ -40,13 +51,13 @@ def code_mappings(library: str = LIBRARY, smaps: str = SMAPS) -> list[tuple[int,
     return [(m["start"], m["end"], m["Rss"], m["Anonymous"]) for m in found]
 
 
-def release_code_pages(library: str = LIBRARY) -> int:
-    """Drop `library`'s resident code pages from this process (Linux); the KiB released, 0 where there is no
-    /proc or no madvise."""
+def release_code_pages(folder: str | None = None) -> int:
+    """Drop the resident code pages of the libraries under `folder` (default: onnxruntime's) from this process
+    (Linux); the KiB released, 0 where there is no /proc or no madvise."""
     if not sys.platform.startswith("linux"):
         return 0
     try:
-        mappings = code_mappings(library)
+        mappings = code_mappings(folder)
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
         return 0
