@@ -13,12 +13,16 @@ ENGINES = (TORCH, *BUNDLE_ENGINES)
 # Graph input and output names of every exported graph (training step, inference, features).
 INPUT, LABELS, LR, LOSS, LOGITS, FEATURES = "input", "labels", "lr", "loss", "logits", "features"
 
-# The methods a benchmark sweep measures (bench, demo, recommend, gates): label -> (fine-tuning method, trained on
-# the cached frozen prefix). A cached label trains the same bundle as its method on features computed once.
-SWEEP_LABELS: dict[str, tuple[str, bool]] = {
-    "full": ("full", False), "probe": ("probe", False), "probe-cached": ("probe", True), "lora": ("lora", False),
-    "lora-cached": ("lora", True), "last-k-cached": ("last-k", True),
+# Method labels: label -> (fine-tuning method, trained on the cached frozen prefix), most trained first. A cached
+# label trains the same bundle as its method on features computed once; full and bias have no frozen prefix.
+METHOD_LABELS: dict[str, tuple[str, bool]] = {
+    "full": ("full", False), "last-k": ("last-k", False), "last-k-cached": ("last-k", True), "bias": ("bias", False),
+    "lora": ("lora", False), "lora-cached": ("lora", True), "probe": ("probe", False), "probe-cached": ("probe", True),
 }
+# The methods a benchmark sweep measures (bench, demo, recommend, gates), in its order; a model sweep (bench
+# --models) measures every label.
+SWEEP_LABELS: dict[str, tuple[str, bool]] = {
+    k: METHOD_LABELS[k] for k in ("full", "probe", "probe-cached", "lora", "lora-cached", "last-k-cached")}
 
 MANIFEST = "manifest.json"  # a bundle's description: engine, method, files with their hashes
 RESULTS = "results.json"  # a finished run's figures, written last: its presence marks the run as done

@@ -25,19 +25,13 @@ from pathlib import Path
 
 import edge_ft
 from edge_ft.config import MethodConfig
-from edge_ft.contracts import MANIFEST, ORT_STEP
+from edge_ft.contracts import MANIFEST, METHOD_LABELS, ORT_STEP
 from edge_ft.errors import UserError
 
 LENET5 = "lenet5"
 # Models a sweep can measure: LeNet-5 and edge_ft.host.models.REFERENCE_MODELS (named here without importing torch).
 MODEL_NAMES = (LENET5, "resnet8", "ds-cnn", "mobilenet-v1-0.25")
-# What a model sweep measures, most trained first: label -> (method, trained on the cached frozen prefix), as
-# SWEEP_LABELS; a cached label trains its method's head on a feature cache (edge_ft.device.step_probe --cache).
-# Full and bias have no frozen prefix.
-MODEL_LABELS: dict[str, tuple[str, bool]] = {
-    "full": ("full", False), "last-k": ("last-k", False), "last-k-cached": ("last-k", True), "bias": ("bias", False),
-    "lora": ("lora", False), "lora-cached": ("lora", True), "probe": ("probe", False), "probe-cached": ("probe", True),
-}
+MODEL_LABELS = METHOD_LABELS  # what a model sweep measures: every label, most trained first
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-training-cpu", "onnxruntime-training")  # whichever is installed
 # Wheels that exist per engine: torch publishes x86_64 and aarch64; onnxruntime-training only x86_64 (Linux,
 # Windows); standard onnxruntime x86_64 and aarch64 (not 32-bit ARM).

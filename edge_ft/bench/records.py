@@ -61,7 +61,7 @@ class BenchRecord(TypedDict, total=False):
     key: str  # run_key of what was measured: equal inputs, equal key
     task: str  # canonical task name, a data folder, or "synthetic" (per-model records)
     method: str  # full | probe | lora | bias | last-k
-    label: str  # the sweep's method token, a key of SWEEP_LABELS (a per-model record: its method)
+    label: str  # the method token, a key of SWEEP_LABELS (a per-model record: of METHOD_LABELS; older: its method)
     cache_features: bool  # trained on the cached frozen prefix
     engine: str  # torch | ort-training | ort-step
     settings: dict[str, Any]  # SweepSettings / TradeoffSettings as a dict
