@@ -187,16 +187,16 @@ def timed_run(job: ModelJob, prep: Prepared, bundle: Path, opts) -> tuple[dict, 
     the fastest board time kept, as `bench` keeps its fastest repetition (a slower one waited on the host); each
     repetition's board ms/step comes with it."""
     s = job.settings
-    runs, repeats = [], []
+    runs: list[tuple[dict, dict]] = []
     for _ in range(CPU_TIMED_REPEATS if s.timing == "cpu" else 1):
-        fields, own = run_probe(job, prep, bundle, s.batch, s.steps, s.warmup, True, opts)
-        board = (own.get("cpu") or {}).get("board_ms_per_step")
-        runs.append((board if board is not None else float("inf"), fields, own))
-        repeats.append(board)
-        if fields["status"] != "ok":  # a run that does not fit does not fit faster
+        runs.append(run_probe(job, prep, bundle, s.batch, s.steps, s.warmup, True, opts))
+        if runs[-1][0]["status"] != "ok":  # a run that does not fit does not fit faster
             break
-    _, fields, own = min(runs, key=lambda run: run[0]) if runs[-1][1]["status"] == "ok" else runs[-1]
-    return fields, own, repeats
+    boards: list[float | None] = [(own.get("cpu") or {}).get("board_ms_per_step") for _, own in runs]
+    if runs[-1][0]["status"] != "ok":
+        return *runs[-1], boards
+    fastest = min(zip(boards, runs), key=lambda pair: float("inf") if pair[0] is None else pair[0])
+    return *fastest[1], boards
 
 
 def measure_model(job: ModelJob, prep: Prepared, bundle: Path, manifest: dict, opts) -> BenchRecord:

@@ -148,4 +148,4 @@ def models_page(records: list[BenchRecord], source: str, machine: dict[str, obje
              "Speed-up: uncached ms/step over cached. The cached step is the head's alone; building the cache is a "
              "one-off pass over the examples (the records' `feature_cache`). Peak RSS of a cached run includes the "
              "cache.", ""]
-    return "\n".join(parts + models_section(records, None)[2:])
+    return "\n".join(parts + models_section(records, None))
